@@ -1,0 +1,112 @@
+//! Simulcast layer allocation: which layer each video subscription gets from a
+//! subscriber's bandwidth estimate.
+
+/// One video subscription's input to the allocator.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Demand {
+    /// Highest layer the subscriber asked for.
+    pub max_layer: usize,
+    /// Measured bitrate of each layer in bit/s; `None` when the layer is not being sent.
+    pub rates: [Option<u64>; 3],
+}
+
+impl Demand {
+    fn lowest(&self) -> Option<usize> {
+        (0..3).find(|&l| self.rates[l].is_some())
+    }
+
+    fn next_above(&self, layer: usize) -> Option<usize> {
+        (layer + 1..=self.max_layer.min(2)).find(|&l| self.rates[l].is_some())
+    }
+
+    /// Bitrate of the best layer this subscription may have.
+    pub(crate) fn desired(&self) -> u64 {
+        (0..=self.max_layer.min(2))
+            .rev()
+            .find_map(|l| self.rates[l])
+            .or_else(|| self.lowest().and_then(|l| self.rates[l]))
+            .unwrap_or(0)
+    }
+}
+
+/// Chooses a layer for each subscription within `budget` bit/s.
+///
+/// Every subscription keeps at least its lowest available layer (a frozen tile is
+/// worse than a blurry one); the rest of the budget raises layers one step at a time,
+/// lowest first, so the budget is shared fairly.
+pub(crate) fn allocate(budget: u64, demands: &[Demand]) -> Vec<Option<usize>> {
+    let mut chosen: Vec<Option<usize>> = demands.iter().map(Demand::lowest).collect();
+    let mut used: u64 = chosen
+        .iter()
+        .zip(demands)
+        .filter_map(|(l, d)| l.and_then(|l| d.rates[l]))
+        .sum();
+    loop {
+        let step = chosen
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let l = (*l)?;
+                let up = demands[i].next_above(l)?;
+                let extra = demands[i].rates[up]? - demands[i].rates[l].unwrap_or(0);
+                Some((l, i, up, extra))
+            })
+            .filter(|&(_, _, _, extra)| used + extra <= budget)
+            .min_by_key(|&(l, i, _, _)| (l, i));
+        let Some((_, i, up, extra)) = step else {
+            break;
+        };
+        chosen[i] = Some(up);
+        used += extra;
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIM: [Option<u64>; 3] = [Some(150_000), Some(500_000), Some(1_500_000)];
+
+    fn d(max: usize) -> Demand {
+        Demand {
+            max_layer: max,
+            rates: SIM,
+        }
+    }
+
+    #[test]
+    fn ample_budget_gives_every_subscription_its_maximum() {
+        assert_eq!(
+            allocate(10_000_000, &[d(2), d(1), d(0)]),
+            vec![Some(2), Some(1), Some(0)]
+        );
+    }
+
+    #[test]
+    fn scarce_budget_keeps_everyone_on_the_low_layer() {
+        assert_eq!(allocate(100_000, &[d(2), d(2)]), vec![Some(0), Some(0)]);
+    }
+
+    #[test]
+    fn budget_is_shared_one_step_at_a_time() {
+        // 150k + 150k, then +350k for the first, +350k for the second = 1M.
+        assert_eq!(allocate(1_000_000, &[d(2), d(2)]), vec![Some(1), Some(1)]);
+        assert_eq!(allocate(700_000, &[d(2), d(2)]), vec![Some(1), Some(0)]);
+    }
+
+    #[test]
+    fn layers_not_being_sent_are_skipped() {
+        let demand = Demand {
+            max_layer: 2,
+            rates: [Some(150_000), None, Some(1_500_000)],
+        };
+        assert_eq!(allocate(10_000_000, &[demand]), vec![Some(2)]);
+        let none = Demand {
+            max_layer: 2,
+            rates: [None; 3],
+        };
+        assert_eq!(allocate(10_000_000, &[none]), vec![None]);
+        assert_eq!(demand.desired(), 1_500_000);
+    }
+}

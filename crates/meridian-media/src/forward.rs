@@ -1,0 +1,258 @@
+//! Per-subscription packet rewriting: one outgoing stream stitched from simulcast layers.
+//!
+//! Each simulcast layer has its own SSRC, sequence space, RTP clock offset and VP8
+//! picture ids. A subscriber sees one stream, so on every layer switch the forwarder
+//! rebases sequence number, timestamp and picture id to continue where the previous
+//! layer left off. Switches happen only at a keyframe of the target layer.
+
+use std::time::Instant;
+
+/// One incoming packet as the forwarder sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InPacket {
+    /// Simulcast layer index (0 for a single stream or audio).
+    pub layer: usize,
+    /// Extended sequence number in the layer's own space.
+    pub seq: u64,
+    /// RTP timestamp in the layer's own clock offset.
+    pub ts: u32,
+    /// Whether this packet starts a keyframe (always true for audio).
+    pub keyframe_start: bool,
+    /// VP8 picture id (15-bit), if present.
+    pub picture_id: Option<u16>,
+    /// VP8 TL0PICIDX, if present.
+    pub tl0: Option<u8>,
+    /// Arrival time at the node.
+    pub arrival: Instant,
+}
+
+/// What to write for a forwarded packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OutPacket {
+    pub seq: u64,
+    pub ts: u32,
+    pub picture_id: Option<u16>,
+    pub tl0: Option<u8>,
+    /// True on the first packet after a layer switch.
+    pub switched: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Offsets {
+    seq: u64,
+    ts: u32,
+    pic: u16,
+    tl0: u8,
+    /// First input sequence number of the current layer: older packets are not forwarded.
+    first_in_seq: u64,
+}
+
+/// Rewrites one subscription's packets.
+#[derive(Debug)]
+pub(crate) struct Forwarder {
+    clock_rate: u32,
+    /// Layer currently forwarded.
+    current: Option<usize>,
+    /// Layer the allocator wants; `None` pauses the subscription.
+    target: Option<usize>,
+    offsets: Option<Offsets>,
+    last_out_seq: Option<u64>,
+    last_out_ts: u32,
+    last_out_at: Option<Instant>,
+    last_out_pic: Option<u16>,
+    last_out_tl0: Option<u8>,
+}
+
+const PIC_MASK: u16 = 0x7fff;
+
+impl Forwarder {
+    pub(crate) fn new(clock_rate: u32) -> Self {
+        Forwarder {
+            clock_rate,
+            current: None,
+            target: None,
+            offsets: None,
+            last_out_seq: None,
+            last_out_ts: 0,
+            last_out_at: None,
+            last_out_pic: None,
+            last_out_tl0: None,
+        }
+    }
+
+    pub(crate) fn current(&self) -> Option<usize> {
+        self.current
+    }
+
+    pub(crate) fn target(&self) -> Option<usize> {
+        self.target
+    }
+
+    /// Sets the layer to switch to at its next keyframe.
+    pub(crate) fn set_target(&mut self, target: Option<usize>) {
+        self.target = target;
+        if target.is_none() {
+            self.current = None;
+        }
+    }
+
+    /// Whether the forwarder waits for a keyframe of its target layer.
+    pub(crate) fn wants_keyframe(&self) -> Option<usize> {
+        match (self.target, self.current) {
+            (Some(t), c) if c != Some(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Decides whether to forward `p`, and with which header values.
+    pub(crate) fn handle(&mut self, p: &InPacket) -> Option<OutPacket> {
+        let target = self.target?;
+        let mut switched = false;
+        if self.current != Some(p.layer) {
+            if p.layer != target || !p.keyframe_start {
+                return None;
+            }
+            self.switch_to(p);
+            switched = true;
+        }
+        let off = self.offsets?;
+        if p.seq < off.first_in_seq {
+            // Older than the keyframe we switched at: its frame was never started.
+            return None;
+        }
+        let seq = p.seq.wrapping_add(off.seq);
+        let ts = p.ts.wrapping_add(off.ts);
+        let picture_id = p.picture_id.map(|pic| pic.wrapping_add(off.pic) & PIC_MASK);
+        let tl0 = p.tl0.map(|t| t.wrapping_add(off.tl0));
+        if self.last_out_seq.is_none_or(|last| seq > last) {
+            self.last_out_seq = Some(seq);
+            self.last_out_ts = ts;
+            self.last_out_at = Some(p.arrival);
+            self.last_out_pic = picture_id.or(self.last_out_pic);
+            self.last_out_tl0 = tl0.or(self.last_out_tl0);
+        }
+        Some(OutPacket {
+            seq,
+            ts,
+            picture_id,
+            tl0,
+            switched,
+        })
+    }
+
+    fn switch_to(&mut self, p: &InPacket) {
+        let next_seq = self.last_out_seq.map_or(1, |s| s + 1);
+        let next_ts = match self.last_out_at {
+            Some(at) => {
+                let elapsed = p.arrival.saturating_duration_since(at);
+                let ticks =
+                    (elapsed.as_micros() as u64 * self.clock_rate as u64 / 1_000_000).max(1) as u32;
+                self.last_out_ts.wrapping_add(ticks)
+            }
+            None => p.ts,
+        };
+        let next_pic = self
+            .last_out_pic
+            .map_or(p.picture_id.unwrap_or(0), |x| x.wrapping_add(1) & PIC_MASK);
+        let next_tl0 = self
+            .last_out_tl0
+            .map_or(p.tl0.unwrap_or(0), |x| x.wrapping_add(1));
+        self.offsets = Some(Offsets {
+            seq: next_seq.wrapping_sub(p.seq),
+            ts: next_ts.wrapping_sub(p.ts),
+            pic: next_pic.wrapping_sub(p.picture_id.unwrap_or(0)),
+            tl0: next_tl0.wrapping_sub(p.tl0.unwrap_or(0)),
+            first_in_seq: p.seq,
+        });
+        self.current = Some(p.layer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pkt(layer: usize, seq: u64, ts: u32, key: bool, pic: u16, at: Instant) -> InPacket {
+        InPacket {
+            layer,
+            seq,
+            ts,
+            keyframe_start: key,
+            picture_id: Some(pic),
+            tl0: None,
+            arrival: at,
+        }
+    }
+
+    #[test]
+    fn waits_for_a_keyframe_then_forwards_contiguously() {
+        let t0 = Instant::now();
+        let mut f = Forwarder::new(90_000);
+        assert!(
+            f.handle(&pkt(0, 10, 1000, true, 5, t0)).is_none(),
+            "no target yet"
+        );
+        f.set_target(Some(0));
+        assert_eq!(f.wants_keyframe(), Some(0));
+        assert!(f.handle(&pkt(0, 11, 1000, false, 5, t0)).is_none());
+        let a = f.handle(&pkt(0, 12, 4000, true, 6, t0)).unwrap();
+        assert!(a.switched);
+        assert_eq!(a.seq, 1);
+        let b = f.handle(&pkt(0, 13, 4000, false, 6, t0)).unwrap();
+        assert_eq!((b.seq, b.ts, b.switched), (2, a.ts, false));
+        assert_eq!(f.wants_keyframe(), None);
+    }
+
+    #[test]
+    fn layer_switch_rebases_seq_timestamp_and_picture_id() {
+        let t0 = Instant::now();
+        let mut f = Forwarder::new(90_000);
+        f.set_target(Some(2));
+        let first = f.handle(&pkt(2, 500, 90_000, true, 100, t0)).unwrap();
+        let last = f.handle(&pkt(2, 501, 93_000, false, 101, t0)).unwrap();
+        f.set_target(Some(0));
+        // Packets of the old layer stop being forwarded only at the new layer's keyframe.
+        assert!(f.handle(&pkt(0, 70, 7_000_000, false, 9000, t0)).is_none());
+        assert!(f.handle(&pkt(2, 502, 96_000, false, 102, t0)).is_some());
+        let t1 = t0 + Duration::from_millis(33);
+        let sw = f.handle(&pkt(0, 71, 7_003_000, true, 9001, t1)).unwrap();
+        assert!(sw.switched);
+        assert_eq!(sw.seq, 4, "continues after the last forwarded packet");
+        assert_eq!(sw.ts, last.ts.wrapping_add(3000 + 2970));
+        assert_eq!(sw.picture_id, Some(103));
+        assert!(f.handle(&pkt(2, 503, 99_000, false, 103, t1)).is_none());
+        assert_eq!(first.seq, 1);
+    }
+
+    #[test]
+    fn late_packets_from_before_the_switch_are_dropped() {
+        let t0 = Instant::now();
+        let mut f = Forwarder::new(90_000);
+        f.set_target(Some(1));
+        f.handle(&pkt(1, 1000, 0, true, 1, t0)).unwrap();
+        assert!(f.handle(&pkt(1, 999, 0, false, 0, t0)).is_none());
+    }
+
+    #[test]
+    fn wraps_picture_id_and_timestamp() {
+        let t0 = Instant::now();
+        let mut f = Forwarder::new(90_000);
+        f.set_target(Some(0));
+        let a = f.handle(&pkt(0, 1, u32::MAX, true, PIC_MASK, t0)).unwrap();
+        let b = f.handle(&pkt(0, 2, 10, false, 0, t0)).unwrap();
+        assert_eq!(a.picture_id, Some(PIC_MASK));
+        assert_eq!(b.picture_id, Some(0));
+        assert_eq!(b.ts, 10);
+    }
+
+    #[test]
+    fn pausing_stops_forwarding() {
+        let t0 = Instant::now();
+        let mut f = Forwarder::new(48_000);
+        f.set_target(Some(0));
+        assert!(f.handle(&pkt(0, 1, 0, true, 0, t0)).is_some());
+        f.set_target(None);
+        assert!(f.handle(&pkt(0, 2, 960, true, 0, t0)).is_none());
+    }
+}

@@ -1,0 +1,1 @@
+//! Shared helpers for Meridian's workspace-level integration tests.
