@@ -281,7 +281,7 @@ impl Pc {
             next_timeout: now,
             remote: None,
             connected: false,
-            dirty: true,
+            dirty: false,
             disconnected_since: None,
         }
     }
@@ -506,8 +506,10 @@ impl Sfu {
         self.last_now = now;
         let id = ParticipantId(self.next_id);
         self.next_id += 1;
-        let publisher = Pc::new(&self.config, now, PcKind::Publisher);
-        let subscriber = Pc::new(&self.config, now, PcKind::Subscriber);
+        let mut publisher = Pc::new(&self.config, now, PcKind::Publisher);
+        let mut subscriber = Pc::new(&self.config, now, PcKind::Subscriber);
+        mark_dirty(&mut self.dirty, id, &mut publisher, PcKind::Publisher);
+        mark_dirty(&mut self.dirty, id, &mut subscriber, PcKind::Subscriber);
         self.by_ufrag
             .insert(publisher.ufrag.clone(), (id, PcKind::Publisher));
         self.by_ufrag

@@ -1,0 +1,277 @@
+//! The node's typed configuration: one struct, a section per subsystem.
+//!
+//! Sources, later ones winning: built-in defaults, a TOML file (`--config`),
+//! environment variables and command-line flags (the binary applies the last two).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct.
+    #[error("invalid config file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        reason: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid setting {field}: {reason}")]
+    Invalid {
+        /// Dotted name of the setting.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Largest config file read, in bytes.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// The whole node configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Identity and storage of this node.
+    pub node: NodeConfig,
+    /// HTTP listener: WebSocket signaling, metrics, health, the web client.
+    pub http: HttpConfig,
+    /// The media UDP socket.
+    pub media: MediaConfig,
+    /// Signaling session limits.
+    pub signaling: SignalingConfig,
+}
+
+/// Identity and storage of this node.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id, unique in its region.
+    pub id: String,
+    /// Region this node serves; tokens naming another region are redirected.
+    pub region: String,
+    /// Signaling URLs of other regions, for redirects (`region = "wss://…"`).
+    pub region_urls: std::collections::BTreeMap<String, String>,
+    /// Directory for keys and the embedded event log.
+    pub data_dir: PathBuf,
+}
+
+/// HTTP listener settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+}
+
+/// Media socket settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// UDP address to bind; one port serves every peer.
+    pub addr: SocketAddr,
+    /// Address advertised to clients when the node sits behind a 1:1 NAT.
+    pub public_ip: Option<IpAddr>,
+}
+
+/// Signaling limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalingConfig {
+    /// Largest message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Sustained messages per second per connection.
+    pub messages_per_second: u32,
+    /// Burst allowance above the sustained rate.
+    pub message_burst: u32,
+    /// Seconds a connection may take to send `join`.
+    pub join_timeout_secs: u64,
+    /// Seconds a connection may stay silent before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds a dropped session is kept for resumption.
+    pub resume_grace_secs: u64,
+    /// Most signaling connections at once.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeConfig::default(),
+            http: HttpConfig {
+                addr: "127.0.0.1:7880".parse().expect("valid literal"),
+            },
+            media: MediaConfig {
+                addr: "127.0.0.1:7882".parse().expect("valid literal"),
+                public_ip: None,
+            },
+            signaling: SignalingConfig::default(),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "node-1".into(),
+            region: "local".into(),
+            region_urls: Default::default(),
+            data_dir: PathBuf::from("meridian-data"),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Config::default().http
+    }
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Config::default().media
+    }
+}
+
+impl Default for SignalingConfig {
+    fn default() -> Self {
+        SignalingConfig {
+            max_message_bytes: meridian_protocol::MAX_MESSAGE_BYTES,
+            messages_per_second: 20,
+            message_burst: 60,
+            join_timeout_secs: 10,
+            idle_timeout_secs: 30,
+            resume_grace_secs: 10,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let read_err = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(read_err)?.len();
+        if len > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                field: "config file",
+                reason: format!("{len} bytes exceeds {MAX_CONFIG_BYTES}"),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.signaling;
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if s.max_message_bytes < 1024 || s.max_message_bytes > 1024 * 1024 {
+            return invalid("signaling.max_message_bytes", "must be 1 KiB ..= 1 MiB");
+        }
+        if s.messages_per_second == 0 || s.message_burst == 0 {
+            return invalid("signaling.messages_per_second", "must be positive");
+        }
+        if s.join_timeout_secs == 0 || s.idle_timeout_secs == 0 {
+            return invalid("signaling.join_timeout_secs", "timeouts must be positive");
+        }
+        if self.node.region.is_empty() || self.node.region.len() > 64 {
+            return invalid("node.region", "must be 1..=64 characters");
+        }
+        if self.media.addr.ip().is_unspecified() && self.media.public_ip.is_none() {
+            return invalid(
+                "media.public_ip",
+                "required when media.addr binds all interfaces: clients need a reachable address",
+            );
+        }
+        Ok(())
+    }
+
+    /// The address advertised in ICE candidates.
+    pub fn candidate_addr(&self, bound: SocketAddr) -> SocketAddr {
+        match self.media.public_ip {
+            Some(ip) => SocketAddr::new(ip, bound.port()),
+            None => bound,
+        }
+    }
+
+    pub(crate) fn resume_grace(&self) -> Duration {
+        Duration::from_secs(self.signaling.resume_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_override_defaults_and_unknown_keys_are_errors() {
+        let dir = std::env::temp_dir().join(format!("meridian-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "[node]\nregion = \"eu\"\n[http]\naddr = \"127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&good).unwrap();
+        assert_eq!(c.node.region, "eu");
+        assert_eq!(c.http.addr.port(), 9);
+        assert_eq!(c.signaling.resume_grace_secs, 10);
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[node]\nregoin = \"eu\"\n").unwrap();
+        let err = Config::from_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("regoin"), "{err}");
+
+        let zero = dir.join("zero.toml");
+        std::fs::write(&zero, "[signaling]\nmessages_per_second = 0\n").unwrap();
+        assert!(matches!(
+            Config::from_file(&zero),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            Config::from_file(&dir.join("missing.toml")),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn binding_all_interfaces_needs_a_public_ip() {
+        let mut c = Config::default();
+        c.media.addr = "0.0.0.0:7882".parse().unwrap();
+        assert!(c.validate().is_err());
+        c.media.public_ip = Some("203.0.113.7".parse().unwrap());
+        c.validate().unwrap();
+        assert_eq!(
+            c.candidate_addr("0.0.0.0:5000".parse().unwrap()),
+            "203.0.113.7:5000".parse().unwrap()
+        );
+    }
+}

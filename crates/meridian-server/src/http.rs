@@ -1,0 +1,86 @@
+//! HTTP endpoints: WebSocket signaling, metrics, health, and the bundled web page.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+
+use crate::NodeState;
+use crate::signal::{Frame, run_session};
+
+pub(crate) fn router(state: NodeState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/meridian.js", get(script))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/signal", get(signal))
+        .with_state(state)
+}
+
+async fn index() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../assets/index.html"),
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../assets/meridian.js"),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<NodeState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&state.registry),
+    )
+}
+
+async fn signal(
+    State(state): State<NodeState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let open = state.metrics.signaling_connections_open.get();
+    if open >= state.config.signaling.max_connections as i64 {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    }
+    tracing::debug!(%peer, "signaling connection");
+    let max = state.config.signaling.max_message_bytes;
+    ws.max_message_size(max + 1024)
+        .max_frame_size(max + 1024)
+        .on_upgrade(move |socket| ws_session(state, socket))
+}
+
+async fn ws_session(state: NodeState, socket: WebSocket) {
+    let (sink, stream) = socket.split();
+    let incoming = stream
+        .take_while(|m| {
+            std::future::ready(m.as_ref().is_ok_and(|m| !matches!(m, Message::Close(_))))
+        })
+        .filter_map(|m| {
+            std::future::ready(match m {
+                Ok(Message::Text(t)) => Some(Frame::Data(t.as_bytes().to_vec())),
+                Ok(Message::Binary(_)) => Some(Frame::Invalid("binary frames are not messages")),
+                _ => None,
+            })
+        });
+    let outgoing = sink
+        .with(|text: String| std::future::ready(Ok::<_, axum::Error>(Message::Text(text.into()))));
+    run_session(state, Box::pin(incoming), Box::pin(outgoing)).await;
+}

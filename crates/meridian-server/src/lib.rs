@@ -1,0 +1,160 @@
+//! A Meridian node: the media run loop around [`meridian_media::Sfu`], WebSocket
+//! signaling speaking [`meridian_protocol`], token checks with [`meridian_auth`],
+//! Prometheus metrics and health endpoints.
+//!
+//! [`Node::start`] binds every socket (port 0 is fine, for tests) and returns the
+//! bound addresses; the node runs until its [`Node`] is shut down or dropped.
+#![deny(missing_docs)]
+
+pub mod config;
+mod http;
+mod media_loop;
+pub mod metrics;
+mod signal;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use meridian_auth::KeySet;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+pub use config::{Config, ConfigError};
+pub use metrics::Metrics;
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The token keys could not be loaded or created.
+    #[error("token keys: {0}")]
+    Keys(#[from] meridian_auth::AuthError),
+}
+
+/// State shared by every signaling session of a node.
+#[derive(Clone)]
+pub(crate) struct NodeState {
+    pub config: Arc<Config>,
+    pub keys: Arc<KeySet>,
+    pub metrics: Metrics,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    pub commands: mpsc::Sender<media_loop::Command>,
+}
+
+/// A running node.
+pub struct Node {
+    /// Address of the HTTP listener (signaling, metrics, health).
+    pub http_addr: SocketAddr,
+    /// Address of the media UDP socket.
+    pub media_addr: SocketAddr,
+    /// The node's metrics.
+    pub metrics: Metrics,
+    shutdown: watch::Sender<bool>,
+    http_task: JoinHandle<()>,
+    media_task: JoinHandle<()>,
+}
+
+impl Node {
+    /// Binds the node's sockets and starts serving.
+    pub async fn start(config: Config) -> Result<Node, NodeError> {
+        config.validate()?;
+        let keys = KeySet::load_or_create(&config.node.data_dir.join("keys"))?;
+        Self::start_with_keys(config, keys).await
+    }
+
+    /// Like [`Node::start`], with the token keys given.
+    pub async fn start_with_keys(config: Config, keys: KeySet) -> Result<Node, NodeError> {
+        config.validate()?;
+        let socket =
+            UdpSocket::bind(config.media.addr)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    what: "media UDP socket",
+                    addr: config.media.addr,
+                    source,
+                })?;
+        let media_addr = socket.local_addr().map_err(|source| NodeError::Bind {
+            what: "media UDP socket",
+            addr: config.media.addr,
+            source,
+        })?;
+        let listener = TcpListener::bind(config.http.addr)
+            .await
+            .map_err(|source| NodeError::Bind {
+                what: "HTTP listener",
+                addr: config.http.addr,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+            what: "HTTP listener",
+            addr: config.http.addr,
+            source,
+        })?;
+        let metrics = Metrics::default();
+        let (commands, command_rx) = mpsc::channel(4096);
+        let candidate = config.candidate_addr(media_addr);
+        let media = media_loop::MediaLoop::new(
+            Arc::new(socket),
+            candidate,
+            metrics.clone(),
+            config.resume_grace(),
+        );
+        let media_task = tokio::spawn(media.run(command_rx));
+        let state = NodeState {
+            config: Arc::new(config),
+            keys: Arc::new(keys),
+            registry: Arc::new(metrics.registry()),
+            metrics: metrics.clone(),
+            commands,
+        };
+        let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let app = http::router(state);
+        let http_task = tokio::spawn(async move {
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("HTTP server failed: {e}");
+            }
+        });
+        info!(%http_addr, %media_addr, %candidate, "meridian node started");
+        Ok(Node {
+            http_addr,
+            media_addr,
+            metrics,
+            shutdown,
+            http_task,
+            media_task,
+        })
+    }
+
+    /// Stops accepting connections and ends the node's tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.media_task.abort();
+        let _ = self.http_task.await;
+    }
+
+    /// Waits until the node stops by itself (it does not, unless a task fails).
+    pub async fn wait(self) {
+        let _ = self.media_task.await;
+    }
+}

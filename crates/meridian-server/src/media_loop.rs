@@ -1,0 +1,518 @@
+//! The media run loop: owns the Sans-IO [`Sfu`], the UDP socket and the room's
+//! signaling sessions, and moves time, datagrams and commands between them.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_media::{MediaError, ParticipantId, PcKind, Sfu, SfuConfig, SfuEvent, TrackId};
+use meridian_protocol::{ClientMessage, ErrorCode, ParticipantInfo, ServerMessage};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// Largest datagram read; anything longer is truncated and then refused by the core.
+const MAX_DATAGRAM: usize = 2048;
+/// Datagrams handled per wake-up before timers and commands get a turn.
+const RECV_BATCH: usize = 256;
+/// Messages queued towards one client before it counts as too slow.
+pub(crate) const SESSION_QUEUE: usize = 256;
+
+/// What a session is allowed to do (from its token).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Grants {
+    pub publish: bool,
+    pub subscribe: bool,
+}
+
+/// Requests from signaling sessions to the loop.
+pub(crate) enum Command {
+    Join {
+        room: String,
+        identity: String,
+        name: Option<String>,
+        grants: Grants,
+        auto_subscribe: bool,
+        resume: Option<String>,
+        tx: mpsc::Sender<ServerMessage>,
+        reply: oneshot::Sender<Result<(ParticipantId, u64), (ErrorCode, String)>>,
+    },
+    Message {
+        participant: ParticipantId,
+        msg: ClientMessage,
+    },
+    /// The session's transport closed; `generation` tells stale detaches apart.
+    Detach {
+        participant: ParticipantId,
+        generation: u64,
+    },
+}
+
+struct Session {
+    room: String,
+    identity: String,
+    name: Option<String>,
+    grants: Grants,
+    resume: String,
+    tx: Option<mpsc::Sender<ServerMessage>>,
+    generation: u64,
+    detached_at: Option<Instant>,
+}
+
+pub(crate) struct MediaLoop {
+    sfu: Sfu,
+    socket: Arc<UdpSocket>,
+    sessions: HashMap<ParticipantId, Session>,
+    resume_index: HashMap<String, ParticipantId>,
+    metrics: Metrics,
+    grace: Duration,
+    next_generation: u64,
+}
+
+impl MediaLoop {
+    pub(crate) fn new(
+        socket: Arc<UdpSocket>,
+        candidate: SocketAddr,
+        metrics: Metrics,
+        grace: Duration,
+    ) -> MediaLoop {
+        MediaLoop {
+            sfu: Sfu::new(SfuConfig::new(candidate), Instant::now()),
+            socket,
+            sessions: HashMap::new(),
+            resume_index: HashMap::new(),
+            metrics,
+            grace,
+            next_generation: 1,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.sfu.poll_timeout());
+            tokio::select! {
+                biased;
+                ready = self.socket.readable() => {
+                    if let Err(e) = ready {
+                        warn!("media socket failed: {e}");
+                        return;
+                    }
+                    self.receive_batch(&mut buf);
+                }
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else {
+                        info!("media loop stopping");
+                        return;
+                    };
+                    self.handle_command(cmd);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.sfu.handle_timeout(Instant::now());
+                }
+                _ = housekeeping.tick() => {
+                    self.housekeeping(Instant::now());
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    fn receive_batch(&mut self, buf: &mut [u8]) {
+        for _ in 0..RECV_BATCH {
+            match self.socket.try_recv_from(buf) {
+                Ok((n, source)) => {
+                    let now = Instant::now();
+                    self.sfu.handle_datagram(now, source, &buf[..n]);
+                    if now >= self.sfu.poll_timeout() {
+                        self.sfu.handle_timeout(now);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                // ICMP errors for earlier sends surface here on Linux: ignore.
+                Err(e) => debug!("media recv: {e}"),
+            }
+        }
+    }
+
+    /// Sends queued datagrams and delivers core events to sessions.
+    async fn flush(&mut self) {
+        while let Some(t) = self.sfu.poll_transmit() {
+            match self.socket.try_send_to(&t.contents, t.destination) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
+                        debug!("media send: {e}");
+                    }
+                }
+                Err(e) => debug!("media send to {}: {e}", t.destination),
+            }
+        }
+        while let Some(event) = self.sfu.poll_event() {
+            self.handle_sfu_event(event);
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let expired: Vec<ParticipantId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.detached_at.is_some_and(|at| now - at >= self.grace))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            info!(participant = %id, "resume grace over; removing participant");
+            self.remove(id, now);
+        }
+        let stats = self.sfu.stats().clone();
+        self.metrics.observe(
+            &stats,
+            self.sfu.participant_count(),
+            self.sfu.room_count(),
+            self.sfu.outbound_video_tracks(),
+        );
+    }
+
+    fn send(&mut self, id: ParticipantId, msg: ServerMessage) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let Some(tx) = &s.tx else {
+            return;
+        };
+        if let ServerMessage::Error { code, .. } = &msg {
+            self.metrics
+                .signaling_errors
+                .get_or_create(&crate::metrics::CodeLabel {
+                    code: code.as_str(),
+                })
+                .inc();
+        }
+        if tx.try_send(msg).is_err() {
+            warn!(participant = %id, "session queue full or closed; detaching");
+            s.tx = None;
+            s.detached_at.get_or_insert(Instant::now());
+        }
+    }
+
+    fn broadcast(&mut self, room: &str, except: Option<ParticipantId>, msg: ServerMessage) {
+        for id in self.sfu.room_participants(room) {
+            if Some(id) != except {
+                self.send(id, msg.clone());
+            }
+        }
+    }
+
+    fn participant_info(&self, id: ParticipantId) -> Option<ParticipantInfo> {
+        let s = self.sessions.get(&id)?;
+        let pid = id.to_string();
+        Some(ParticipantInfo {
+            participant_id: pid.clone(),
+            identity: s.identity.clone(),
+            name: s.name.clone(),
+            tracks: self
+                .sfu
+                .room_tracks(&s.room)
+                .into_iter()
+                .filter(|t| t.participant_id == pid)
+                .collect(),
+        })
+    }
+
+    fn remove(&mut self, id: ParticipantId, now: Instant) {
+        let Some(s) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.resume_index.remove(&s.resume);
+        self.sfu.remove_participant(now, id);
+        self.broadcast(
+            &s.room,
+            Some(id),
+            ServerMessage::ParticipantLeft {
+                participant_id: id.to_string(),
+            },
+        );
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Join {
+                room,
+                identity,
+                name,
+                grants,
+                auto_subscribe,
+                resume,
+                tx,
+                reply,
+            } => {
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                if let Some(token) = resume {
+                    let found = self.resume_index.get(&token).copied().filter(|id| {
+                        self.sessions
+                            .get(id)
+                            .is_some_and(|s| s.identity == identity && s.room == room)
+                    });
+                    let Some(id) = found else {
+                        let _ = reply.send(Err((
+                            ErrorCode::ResumeFailed,
+                            "unknown or expired resume token".into(),
+                        )));
+                        return;
+                    };
+                    let s = self.sessions.get_mut(&id).expect("found above");
+                    s.tx = Some(tx);
+                    s.generation = generation;
+                    s.detached_at = None;
+                    info!(participant = %id, "session resumed");
+                    let _ = reply.send(Ok((id, generation)));
+                    self.send_joined(id);
+                    return;
+                }
+                let id = self.sfu.add_participant(
+                    now,
+                    &room,
+                    &identity,
+                    auto_subscribe && grants.subscribe,
+                );
+                let resume = random_token();
+                self.resume_index.insert(resume.clone(), id);
+                self.sessions.insert(
+                    id,
+                    Session {
+                        room: room.clone(),
+                        identity,
+                        name,
+                        grants,
+                        resume,
+                        tx: Some(tx),
+                        generation,
+                        detached_at: None,
+                    },
+                );
+                self.metrics.joins.inc();
+                let _ = reply.send(Ok((id, generation)));
+                self.send_joined(id);
+                if let Some(info) = self.participant_info(id) {
+                    self.broadcast(
+                        &room,
+                        Some(id),
+                        ServerMessage::ParticipantJoined { participant: info },
+                    );
+                }
+            }
+            Command::Detach {
+                participant,
+                generation,
+            } => {
+                if let Some(s) = self.sessions.get_mut(&participant) {
+                    if s.generation == generation {
+                        debug!(%participant, "signaling detached; grace period starts");
+                        s.tx = None;
+                        s.detached_at = Some(now);
+                    }
+                }
+            }
+            Command::Message { participant, msg } => {
+                if let Err((code, message)) = self.handle_message(now, participant, msg) {
+                    self.send(participant, ServerMessage::error(code, message));
+                }
+            }
+        }
+    }
+
+    fn send_joined(&mut self, id: ParticipantId) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        let room = s.room.clone();
+        let resume = s.resume.clone();
+        let participants = self
+            .sfu
+            .room_participants(&room)
+            .into_iter()
+            .filter(|p| *p != id)
+            .filter_map(|p| self.participant_info(p))
+            .collect();
+        self.send(
+            id,
+            ServerMessage::Joined {
+                participant_id: id.to_string(),
+                room,
+                participants,
+                resume,
+                resume_grace_secs: self.grace.as_secs(),
+                version: meridian_protocol::PROTOCOL_VERSION,
+            },
+        );
+    }
+
+    fn handle_message(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        msg: ClientMessage,
+    ) -> Result<(), (ErrorCode, String)> {
+        let grants = self
+            .sessions
+            .get(&id)
+            .map(|s| s.grants)
+            .ok_or((ErrorCode::NotJoined, "session is gone".to_string()))?;
+        let track = |s: &str| {
+            s.parse::<TrackId>()
+                .map_err(|_| (ErrorCode::NotFound, format!("no track {s}")))
+        };
+        match msg {
+            ClientMessage::Join { .. } => {
+                return Err((ErrorCode::NotJoined, "already joined".into()));
+            }
+            ClientMessage::Offer { sdp, tracks } => {
+                if !grants.publish {
+                    return Err((ErrorCode::Forbidden, "token lacks the publish grant".into()));
+                }
+                let (sdp, tracks) = self
+                    .sfu
+                    .handle_publisher_offer(now, id, &sdp, tracks)
+                    .map_err(media_error)?;
+                self.send(id, ServerMessage::Answer { sdp, tracks });
+            }
+            ClientMessage::Answer { sdp } => {
+                self.sfu
+                    .handle_subscriber_answer(now, id, &sdp)
+                    .map_err(media_error)?;
+            }
+            ClientMessage::Subscribe { track_ids } => {
+                if !grants.subscribe {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        "token lacks the subscribe grant".into(),
+                    ));
+                }
+                for t in track_ids {
+                    self.sfu
+                        .subscribe(now, id, track(&t)?)
+                        .map_err(media_error)?;
+                }
+            }
+            ClientMessage::Unsubscribe { track_ids } => {
+                for t in track_ids {
+                    self.sfu
+                        .unsubscribe(now, id, track(&t)?)
+                        .map_err(media_error)?;
+                }
+            }
+            ClientMessage::SetLayer {
+                track_id,
+                max_layer,
+            } => {
+                self.sfu
+                    .set_max_layer(now, id, track(&track_id)?, max_layer)
+                    .map_err(media_error)?;
+            }
+            ClientMessage::Mute { track_id, muted } => {
+                self.sfu
+                    .set_muted(now, id, track(&track_id)?, muted)
+                    .map_err(media_error)?;
+            }
+            ClientMessage::Unpublish { track_id } => {
+                self.sfu
+                    .unpublish(now, id, track(&track_id)?)
+                    .map_err(media_error)?;
+            }
+            ClientMessage::Ping { id: ping } => self.send(id, ServerMessage::Pong { id: ping }),
+            ClientMessage::Leave => {
+                self.send(
+                    id,
+                    ServerMessage::Left {
+                        reason: "left".into(),
+                    },
+                );
+                self.remove(id, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_sfu_event(&mut self, event: SfuEvent) {
+        match event {
+            SfuEvent::TrackPublished { room, track } => {
+                let owner = track.participant_id.parse().ok();
+                self.broadcast(&room, owner, ServerMessage::TrackPublished { track });
+            }
+            SfuEvent::TrackUnpublished {
+                room,
+                track_id,
+                participant,
+            } => self.broadcast(
+                &room,
+                Some(participant),
+                ServerMessage::TrackUnpublished {
+                    track_id: track_id.to_string(),
+                },
+            ),
+            SfuEvent::TrackMuted {
+                room,
+                track_id,
+                muted,
+            } => self.broadcast(
+                &room,
+                None,
+                ServerMessage::TrackMuted {
+                    track_id: track_id.to_string(),
+                    muted,
+                },
+            ),
+            SfuEvent::SubscriberOffer {
+                participant,
+                sdp,
+                tracks,
+            } => self.send(participant, ServerMessage::Offer { sdp, tracks }),
+            SfuEvent::LayerChanged {
+                participant,
+                track_id,
+                layer,
+            } => self.send(
+                participant,
+                ServerMessage::LayerChanged {
+                    track_id: track_id.to_string(),
+                    layer,
+                },
+            ),
+            SfuEvent::Disconnected { participant, pc } => {
+                debug!(%participant, ?pc, "media connection lost");
+                if pc == PcKind::Publisher || pc == PcKind::Subscriber {
+                    if let Some(s) = self.sessions.get_mut(&participant) {
+                        if s.tx.is_none() {
+                            s.detached_at.get_or_insert(Instant::now());
+                        }
+                    }
+                }
+            }
+            SfuEvent::Subscribed { .. } | SfuEvent::Connected { .. } => {}
+        }
+    }
+}
+
+fn media_error(e: MediaError) -> (ErrorCode, String) {
+    let code = match &e {
+        MediaError::UnknownParticipant(_) => ErrorCode::NotJoined,
+        MediaError::UnknownTrack(_) => ErrorCode::NotFound,
+        MediaError::InvalidSdp(_) | MediaError::NoPendingOffer => ErrorCode::InvalidSdp,
+        MediaError::Limit(_) => ErrorCode::CapacityExceeded,
+        MediaError::NotAllowed(_) => ErrorCode::Forbidden,
+    };
+    (code, e.to_string())
+}
+
+fn random_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 24] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

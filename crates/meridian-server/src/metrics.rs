@@ -1,0 +1,156 @@
+//! Prometheus metrics of a node.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use meridian_media::SfuStats;
+
+/// Label for dropped datagrams.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why it was dropped.
+    pub reason: &'static str,
+}
+
+/// Label for signaling errors.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The wire error code.
+    pub code: &'static str,
+}
+
+/// Every metric the node exports; cheap to clone (atomics behind `Arc`s).
+#[derive(Clone, Default)]
+pub struct Metrics {
+    /// RTP packets written to subscribers.
+    pub rtp_packets_forwarded: Counter,
+    /// RTP packets received from publishers.
+    pub rtp_packets_received: Counter,
+    /// RTP payload bytes written to subscribers.
+    pub rtp_bytes_forwarded: Counter,
+    /// Datagrams dropped, by reason.
+    pub datagrams_dropped: Family<ReasonLabel, Counter>,
+    /// Keyframe requests sent to publishers.
+    pub keyframe_requests: Counter,
+    /// Simulcast layer switches.
+    pub layer_switches: Counter,
+    /// Video tracks being forwarded to subscribers (the HPA metric).
+    pub outbound_video_tracks: Gauge,
+    /// Participants on the node.
+    pub participants: Gauge,
+    /// Rooms on the node.
+    pub rooms: Gauge,
+    /// Signaling connections opened (its rate drives KEDA).
+    pub signaling_connections: Counter,
+    /// Signaling connections open now.
+    pub signaling_connections_open: Gauge,
+    /// Errors sent to clients, by code.
+    pub signaling_errors: Family<CodeLabel, Counter>,
+    /// Participants joined.
+    pub joins: Counter,
+    last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
+}
+
+impl Metrics {
+    /// A registry holding all of these metrics.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("meridian");
+        r.register(
+            "rtp_packets_forwarded",
+            "RTP packets forwarded to subscribers",
+            self.rtp_packets_forwarded.clone(),
+        );
+        r.register(
+            "rtp_packets_received",
+            "RTP packets received from publishers",
+            self.rtp_packets_received.clone(),
+        );
+        r.register(
+            "rtp_bytes_forwarded",
+            "RTP payload bytes forwarded to subscribers",
+            self.rtp_bytes_forwarded.clone(),
+        );
+        r.register(
+            "datagrams_dropped",
+            "Datagrams dropped, by reason",
+            self.datagrams_dropped.clone(),
+        );
+        r.register(
+            "keyframe_requests",
+            "Keyframe requests sent to publishers",
+            self.keyframe_requests.clone(),
+        );
+        r.register(
+            "layer_switches",
+            "Simulcast layer switches",
+            self.layer_switches.clone(),
+        );
+        r.register(
+            "outbound_video_tracks",
+            "Video tracks being forwarded to subscribers",
+            self.outbound_video_tracks.clone(),
+        );
+        r.register(
+            "participants",
+            "Participants on this node",
+            self.participants.clone(),
+        );
+        r.register("rooms", "Rooms on this node", self.rooms.clone());
+        r.register(
+            "signaling_connections",
+            "Signaling connections opened",
+            self.signaling_connections.clone(),
+        );
+        r.register(
+            "signaling_connections_open",
+            "Signaling connections open now",
+            self.signaling_connections_open.clone(),
+        );
+        r.register(
+            "signaling_errors",
+            "Errors sent to clients, by code",
+            self.signaling_errors.clone(),
+        );
+        r.register("joins", "Participants joined", self.joins.clone());
+        r
+    }
+
+    /// Adds the growth of the media core's counters since the last call.
+    pub(crate) fn observe(&self, s: &SfuStats, participants: usize, rooms: usize, video: usize) {
+        let mut last = self.last.lock().expect("metrics lock is never poisoned");
+        self.rtp_packets_forwarded
+            .inc_by(s.rtp_packets_forwarded - last.rtp_packets_forwarded);
+        self.rtp_packets_received
+            .inc_by(s.rtp_packets_in - last.rtp_packets_in);
+        self.rtp_bytes_forwarded
+            .inc_by(s.rtp_bytes_forwarded - last.rtp_bytes_forwarded);
+        for (reason, now, before) in [
+            ("unrouted", s.datagrams_unrouted, last.datagrams_unrouted),
+            ("malformed", s.datagrams_malformed, last.datagrams_malformed),
+            ("rejected", s.datagrams_rejected, last.datagrams_rejected),
+        ] {
+            self.datagrams_dropped
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(now - before);
+        }
+        self.keyframe_requests
+            .inc_by(s.keyframe_requests - last.keyframe_requests);
+        self.layer_switches
+            .inc_by(s.layer_switches - last.layer_switches);
+        self.participants.set(participants as i64);
+        self.rooms.set(rooms as i64);
+        self.outbound_video_tracks.set(video as i64);
+        *last = s.clone();
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self, registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

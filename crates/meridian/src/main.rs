@@ -1,0 +1,215 @@
+//! `meridian`: run a node, mint access tokens, generate load.
+
+mod loadgen;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use meridian_auth::{Claims, Grants, KeySet};
+use meridian_server::{Config, Node};
+
+/// Meridian: a WebRTC SFU.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an all-in-one node.
+    Serve(ServeArgs),
+    /// Access tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Run N publishers and M subscribers against a node and report what they measured.
+    Loadgen(loadgen::LoadgenArgs),
+}
+
+/// Flags of `meridian serve`; each overrides the config file and has an env variable.
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file (see README for its sections).
+    #[arg(long, env = "MERIDIAN_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP address: WebSocket signaling, web page, metrics, health [default: 127.0.0.1:7880].
+    #[arg(long, env = "MERIDIAN_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// UDP address for all media [default: 127.0.0.1:7882].
+    #[arg(long, env = "MERIDIAN_MEDIA_ADDR")]
+    media_addr: Option<SocketAddr>,
+    /// Address advertised to clients behind a 1:1 NAT.
+    #[arg(long, env = "MERIDIAN_PUBLIC_IP")]
+    public_ip: Option<IpAddr>,
+    /// Directory for keys and data [default: ./meridian-data].
+    #[arg(long, env = "MERIDIAN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Region this node serves [default: local].
+    #[arg(long, env = "MERIDIAN_REGION")]
+    region: Option<String>,
+    /// Node id, unique in the region [default: node-1].
+    #[arg(long, env = "MERIDIAN_NODE_ID")]
+    node_id: Option<String>,
+    /// Seconds a dropped session may resume [default: 10].
+    #[arg(long, env = "MERIDIAN_RESUME_GRACE_SECS")]
+    resume_grace_secs: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a signed access token.
+    Create(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// Room the token admits to.
+    #[arg(long)]
+    room: String,
+    /// Participant identity.
+    #[arg(long)]
+    identity: String,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Allow publishing.
+    #[arg(long)]
+    publish: bool,
+    /// Allow subscribing (default when neither grant is given).
+    #[arg(long)]
+    subscribe: bool,
+    /// Allow admin queries.
+    #[arg(long)]
+    admin: bool,
+    /// Region the token is sticky to.
+    #[arg(long)]
+    region: Option<String>,
+    /// Lifetime, e.g. 1h, 30m.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Key id to sign with (default: the key set's signing key).
+    #[arg(long)]
+    kid: Option<String>,
+    /// Data directory holding `keys/`.
+    #[arg(long, env = "MERIDIAN_DATA_DIR", default_value = "meridian-data")]
+    data_dir: PathBuf,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,str0m=warn,dimpl=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Token(TokenCommand::Create(args)) => token_create(args),
+        Command::Loadgen(args) => rt.block_on(loadgen::run(args)),
+    }
+}
+
+fn serve_config(args: &ServeArgs) -> Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.http_addr {
+        config.http.addr = a;
+    }
+    if let Some(a) = args.media_addr {
+        config.media.addr = a;
+    }
+    if let Some(ip) = args.public_ip {
+        config.media.public_ip = Some(ip);
+    }
+    if let Some(d) = &args.data_dir {
+        config.node.data_dir = d.clone();
+    }
+    if let Some(r) = &args.region {
+        config.node.region = r.clone();
+    }
+    if let Some(n) = &args.node_id {
+        config.node.id = n.clone();
+    }
+    if let Some(g) = args.resume_grace_secs {
+        config.signaling.resume_grace_secs = g;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = serve_config(&args)?;
+    let node = Node::start(config).await?;
+    // One line on stdout that scripts and tests read for the bound addresses.
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening",
+            "http": node.http_addr.to_string(),
+            "media": node.media_addr.to_string(),
+        })
+    );
+    eprintln!(
+        "Meridian is running: open http://{}/?token=<token> (mint one with `meridian token create --room demo --identity me --publish`)",
+        node.http_addr
+    );
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm() => {}
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+fn token_create(args: TokenArgs) -> Result<()> {
+    let keys = KeySet::load_or_create(&args.data_dir.join("keys"))?;
+    let subscribe = args.subscribe || !(args.publish || args.admin);
+    let mut claims = Claims::new(
+        args.identity,
+        args.room,
+        meridian_auth::unix_now(),
+        args.ttl,
+    )
+    .with_grants(Grants {
+        publish: args.publish,
+        subscribe: subscribe || args.publish,
+        admin: args.admin,
+    });
+    if let Some(r) = args.region {
+        claims = claims.with_region(r);
+    }
+    if let Some(n) = args.name {
+        claims = claims.with_name(n);
+    }
+    let token = match args.kid {
+        Some(kid) => keys
+            .signing_key_by_kid(&kid)
+            .with_context(|| format!("no signing key with kid {kid:?}"))?
+            .sign(&claims)?,
+        None => keys.sign(&claims)?,
+    };
+    println!("{token}");
+    Ok(())
+}
