@@ -1,1 +1,166 @@
-//! Shared helpers for Meridian's workspace-level integration tests.
+//! Shared helpers for Meridian's workspace-level integration tests: a node on
+//! loopback with ephemeral ports, and tokens signed by its key.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use meridian_auth::{Claims, Grants, KeySet, SigningKey};
+use meridian_protocol::ServerMessage;
+use meridian_server::{Config, Node};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A node under test and the key its tokens are signed with.
+pub struct TestNode {
+    /// The running node.
+    pub node: Node,
+    /// Keys the node accepts.
+    pub keys: KeySet,
+    /// Its signaling URL.
+    pub url: String,
+}
+
+/// Starts a node on loopback with ephemeral ports; `tune` adjusts the config first.
+pub async fn start_node(tune: impl FnOnce(&mut Config)) -> TestNode {
+    let mut config = Config::default();
+    config.http.addr = "127.0.0.1:0".parse().expect("literal");
+    config.media.addr = "127.0.0.1:0".parse().expect("literal");
+    config.node.region = "local".into();
+    config.node.data_dir = std::env::temp_dir().join(format!(
+        "meridian-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    tune(&mut config);
+    let key = SigningKey::generate(meridian_auth::Algorithm::Es256, "test-1").expect("keygen");
+    let keys = KeySet::new(Some(key), vec![]);
+    let node = Node::start_with_keys(config, keys.clone())
+        .await
+        .expect("node starts");
+    let url = format!("ws://{}/signal", node.http_addr);
+    TestNode { node, keys, url }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+impl TestNode {
+    /// A token for `identity` in `room`.
+    pub fn token(&self, identity: &str, room: &str, publish: bool) -> String {
+        let grants = if publish {
+            Grants::publisher()
+        } else {
+            Grants::subscriber()
+        };
+        let claims = Claims::new(
+            identity,
+            room,
+            meridian_auth::unix_now(),
+            Duration::from_secs(600),
+        )
+        .with_grants(grants);
+        self.keys.sign(&claims).expect("signing")
+    }
+
+    /// Scrapes `/metrics` and returns the value of an unlabelled metric.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = http_get(&format!("http://{}/metrics", self.node.http_addr)).await;
+        body.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.trim().parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("metric {name} missing in:\n{body}"))
+    }
+
+    /// Waits until `name` equals `value` (metrics refresh every 250 ms).
+    pub async fn wait_metric(&self, name: &str, value: f64, timeout: Duration) -> f64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.metric(name).await;
+            if v == value || tokio::time::Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET over TCP (tests need no HTTP client dependency).
+pub async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// A raw signaling connection for protocol-level tests.
+pub struct RawSignal {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl RawSignal {
+    /// Opens a WebSocket to the node.
+    pub async fn connect(url: &str) -> RawSignal {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
+        RawSignal { ws }
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("ws send");
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws.send(Message::binary(data)).await.expect("ws send");
+    }
+
+    /// Next server message, or `None` when the connection closed or 5 s passed.
+    pub async fn recv(&mut self) -> Option<ServerMessage> {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                .await
+                .ok()??;
+            match msg {
+                Ok(Message::Text(t)) => {
+                    return Some(
+                        ServerMessage::decode(t.as_bytes()).expect("server speaks protocol"),
+                    );
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Next `error` message's code, skipping other messages.
+    pub async fn next_error(&mut self) -> Option<meridian_protocol::ErrorCode> {
+        loop {
+            match self.recv().await? {
+                ServerMessage::Error { code, .. } => return Some(code),
+                _ => continue,
+            }
+        }
+    }
+}

@@ -350,7 +350,7 @@ impl Session {
             net_in: config.impairment.clone().map(Netem::new),
             net_out: config.impairment.clone().map(Netem::new),
             publisher: Pc {
-                rtc: new_rtc(now, pub_local, true),
+                rtc: new_rtc(now, pub_local, false),
                 socket: pub_socket,
                 local: pub_local,
                 next_timeout: now,

@@ -33,7 +33,7 @@ use meridian_protocol::{Layer, SubscribedTrack, TrackAnnouncement, TrackInfo, Tr
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, PayloadParams};
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rids};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Ssrc, Vp8Descriptor};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
@@ -303,8 +303,6 @@ struct Participant {
     estimate_bps: Option<u64>,
     /// Publisher connection tracks announced by the client, by mid.
     announced: HashMap<String, TrackAnnouncement>,
-    /// Tracks created by the last publisher offer, for its answer.
-    new_tracks: Vec<TrackId>,
     /// Publisher SSRC → (track, layer) cache.
     ssrc_map: HashMap<Ssrc, (TrackId, usize)>,
 }
@@ -529,7 +527,6 @@ impl Sfu {
                 pending_offer: None,
                 estimate_bps: None,
                 announced: HashMap::new(),
-                new_tracks: Vec::new(),
                 ssrc_map: HashMap::new(),
             },
         );
@@ -610,16 +607,34 @@ impl Sfu {
             .accept_offer(offer)
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
         mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
-        self.process(now);
-        let p = self
-            .participants
-            .get_mut(&id)
-            .expect("participant still present after processing its own offer");
-        let new_tracks = std::mem::take(&mut p.new_tracks);
-        let infos = new_tracks
-            .iter()
-            .filter_map(|t| self.tracks.get(t).map(|tr| tr.info(*t)))
+        // Every receiving media section of the offer is a track of this participant.
+        let mids: Vec<Mid> = sdp
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+            .map(Mid::from)
             .collect();
+        let mut infos = Vec::new();
+        for mid in mids {
+            let p = self
+                .participants
+                .get(&id)
+                .ok_or(MediaError::UnknownParticipant(id))?;
+            let Some(media) = p.publisher.rtc.media(mid) else {
+                continue;
+            };
+            if !media.direction().is_receiving() {
+                continue;
+            }
+            let rids: Vec<String> = match media.rids_rx() {
+                Rids::Specific(rids) => rids.iter().map(|r| r.to_string()).collect(),
+                _ => Vec::new(),
+            };
+            let kind = media.kind();
+            if let Some(track) = self.add_track(id, mid, kind, &rids) {
+                infos.extend(self.tracks.get(&track).map(|t| t.info(track)));
+            }
+        }
+        self.process(now);
         Ok((answer.to_sdp_string(), infos))
     }
 
@@ -1052,7 +1067,14 @@ impl Sfu {
     fn handle_rtc_event(&mut self, now: Instant, id: ParticipantId, kind: PcKind, e: Event) {
         match e {
             Event::RtpPacket(pkt) => self.forward(now, id, pkt),
-            Event::MediaAdded(m) if kind == PcKind::Publisher => self.add_track(id, m),
+            Event::MediaAdded(m) if kind == PcKind::Publisher && m.direction.is_receiving() => {
+                let rids: Vec<String> = m
+                    .simulcast
+                    .iter()
+                    .flat_map(|s| s.recv.iter().map(|l| l.rid.to_string()))
+                    .collect();
+                self.add_track(id, m.mid, m.kind, &rids);
+            }
             Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
                 let track = self.participants.get(&id).and_then(|p| {
                     p.subscriptions
@@ -1128,29 +1150,31 @@ impl Sfu {
         }
     }
 
-    fn add_track(&mut self, id: ParticipantId, m: str0m::media::MediaAdded) {
-        let Some(p) = self.participants.get_mut(&id) else {
-            return;
-        };
+    /// Creates the track for a receiving media section, unless it exists.
+    fn add_track(
+        &mut self,
+        id: ParticipantId,
+        mid: Mid,
+        kind: MediaKind,
+        rids: &[String],
+    ) -> Option<TrackId> {
+        let p = self.participants.get_mut(&id)?;
+        if p.published
+            .iter()
+            .any(|t| self.tracks.get(t).is_some_and(|t| t.mid == mid))
+        {
+            return None;
+        }
         if p.published.len() >= self.config.max_tracks_per_participant {
             warn!(participant = %id, "track limit reached; media section ignored");
-            return;
+            return None;
         }
-        let kind = match m.kind {
+        let kind = match kind {
             MediaKind::Audio => TrackKind::Audio,
             MediaKind::Video => TrackKind::Video,
         };
-        let announced = p.announced.get(&m.mid.to_string());
-        let mut layers: Vec<Layer> = m
-            .simulcast
-            .as_ref()
-            .map(|s| {
-                s.recv
-                    .iter()
-                    .filter_map(|l| Layer::from_rid(&l.rid.to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let announced = p.announced.get(&mid.to_string());
+        let mut layers: Vec<Layer> = rids.iter().filter_map(|r| Layer::from_rid(r)).collect();
         layers.sort();
         let source = announced.map(|a| a.source.clone()).unwrap_or_else(|| {
             match kind {
@@ -1162,12 +1186,11 @@ impl Sfu {
         let track = TrackId(self.next_id);
         self.next_id += 1;
         p.published.push(track);
-        p.new_tracks.push(track);
         let room = p.room.clone();
         let t = Track {
             owner: id,
             room: room.clone(),
-            mid: m.mid,
+            mid,
             kind,
             source,
             layers,
@@ -1198,6 +1221,7 @@ impl Sfu {
                 self.negotiate(other);
             }
         }
+        Some(track)
     }
 
     fn forward(&mut self, now: Instant, publisher: ParticipantId, pkt: RtpPacket) {
