@@ -95,8 +95,8 @@ async function dump(page) {
         if (!p) return null;
         const reports = [];
         (await p.getStats()).forEach((r) => {
-          if (['inbound-rtp', 'outbound-rtp', 'transport', 'candidate-pair', 'local-candidate',
-            'remote-candidate', 'remote-inbound-rtp', 'codec'].includes(r.type)) reports.push(r);
+          if (['inbound-rtp', 'outbound-rtp', 'transport', 'remote-inbound-rtp'].includes(r.type)
+            || (r.type === 'candidate-pair' && r.nominated)) reports.push(r);
         });
         return {
           connectionState: p.connectionState, iceConnectionState: p.iceConnectionState,
@@ -121,11 +121,15 @@ async function dump(page) {
   }
 }
 
+let serverErrMark = 0; // where the current test's server stderr starts
+
 function printDiagnostics(extra) {
   console.log('---- diagnostics ----');
   for (const [k, v] of Object.entries(extra || {})) console.log(`${k}:`, JSON.stringify(v, null, 2));
   console.log('---- browser console ----\n' + consoleLog.join('\n'));
-  console.log('---- server stderr (last 20000 chars) ----\n' + serverErr.slice(-20_000));
+  const err = serverErr.slice(serverErrMark);
+  console.log('---- server stderr during this test (last 20000 chars) ----\n' + err.slice(-20_000));
+  consoleLog.length = 0;
 }
 
 before(async () => {
@@ -167,6 +171,7 @@ after(async () => {
 test('a subscriber decodes video published by another browser', { timeout: 90_000 }, async () => {
   let a;
   let b;
+  serverErrMark = serverErr.length;
   try {
     const pubToken = mintToken('alice', true);
     const subToken = mintToken('bob', false);
@@ -207,6 +212,7 @@ test('a subscriber decodes video published by another browser', { timeout: 90_00
 
 test('an invalid token shows an unauthorized error, not a blank page', { timeout: 30_000 }, async () => {
   let p;
+  serverErrMark = serverErr.length;
   try {
     p = await openPage('C', 'token=not-a-valid-jwt');
     // Wait until the server has answered (error recorded or socket closed), then let any

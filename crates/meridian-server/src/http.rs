@@ -62,8 +62,10 @@ async fn signal(
     }
     tracing::debug!(%peer, "signaling connection");
     let max = state.config.signaling.max_message_bytes;
-    ws.max_message_size(max + 1024)
-        .max_frame_size(max + 1024)
+    // Messages up to twice the limit reach the session and get a typed error;
+    // anything larger closes the connection at the WebSocket layer.
+    ws.max_message_size(2 * max)
+        .max_frame_size(2 * max)
         .on_upgrade(move |socket| ws_session(state, socket))
 }
 
