@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every Meridian test on a fresh machine: installs what the tests need
+# (Chromium, npm packages), starts the local Postgres if it is down, then runs the
+# Rust test suite and the headless-Chromium tests against the real binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-test-deps.sh
+bash scripts/start-postgres.sh
+
+export CARGO_TERM_COLOR=never
+cargo build --locked -p meridian
+cargo test --locked --workspace --no-fail-fast
+
+MERIDIAN_BIN="$PWD/target/debug/meridian" npm --prefix tests/browser test
