@@ -48,7 +48,9 @@ pub(crate) fn allocate(budget: u64, demands: &[Demand]) -> Vec<Option<usize>> {
             .filter_map(|(i, l)| {
                 let l = (*l)?;
                 let up = demands[i].next_above(l)?;
-                let extra = demands[i].rates[up]? - demands[i].rates[l].unwrap_or(0);
+                // A higher layer may measure below a lower one (it started late or
+                // its encoder is bandwidth-limited): raising it then costs nothing.
+                let extra = demands[i].rates[up]?.saturating_sub(demands[i].rates[l].unwrap_or(0));
                 Some((l, i, up, extra))
             })
             .filter(|&(_, _, _, extra)| used + extra <= budget)
@@ -93,6 +95,15 @@ mod tests {
         // 150k + 150k, then +350k for the first, +350k for the second = 1M.
         assert_eq!(allocate(1_000_000, &[d(2), d(2)]), vec![Some(1), Some(1)]);
         assert_eq!(allocate(700_000, &[d(2), d(2)]), vec![Some(1), Some(0)]);
+    }
+
+    #[test]
+    fn a_higher_layer_measuring_below_a_lower_one_does_not_overflow() {
+        let demand = Demand {
+            max_layer: 2,
+            rates: [Some(280_000), Some(110_000), None],
+        };
+        assert_eq!(allocate(300_000, &[demand]), vec![Some(1)]);
     }
 
     #[test]

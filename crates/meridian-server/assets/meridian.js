@@ -27,7 +27,8 @@ export class MeridianClient {
       this.errors.push(String(e));
       this.onStatus('error: ' + e.message, true);
     });
-    this.ws.onclose = () => this.onStatus('signaling closed');
+    // Keep an error on screen: the server closes after a fatal one.
+    this.ws.onclose = () => { if (!this.errors.length) this.onStatus('signaling closed'); };
     this.send({ type: 'join', token: this.token, client: 'meridian.js' });
   }
 

@@ -17,6 +17,7 @@ pub(crate) fn router(state: NodeState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/meridian.js", get(script))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/signal", get(signal))

@@ -153,8 +153,12 @@ impl Node {
         let _ = self.http_task.await;
     }
 
-    /// Waits until the node stops by itself (it does not, unless a task fails).
-    pub async fn wait(self) {
-        let _ = self.media_task.await;
+    /// Resolves if the media loop ends by itself, which only a bug can cause; the
+    /// caller should then exit non-zero rather than keep a node that forwards nothing.
+    pub async fn failed(&mut self) -> String {
+        match (&mut self.media_task).await {
+            Ok(()) => "media loop stopped".to_string(),
+            Err(e) => format!("media loop failed: {e}"),
+        }
     }
 }

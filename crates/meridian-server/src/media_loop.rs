@@ -1,7 +1,7 @@
 //! The media run loop: owns the Sans-IO [`Sfu`], the UDP socket and the room's
 //! signaling sessions, and moves time, datagrams and commands between them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,6 +71,8 @@ pub(crate) struct MediaLoop {
     metrics: Metrics,
     grace: Duration,
     next_generation: u64,
+    /// Datagrams the socket refused for now (send buffer full).
+    blocked: VecDeque<meridian_media::Transmit>,
 }
 
 impl MediaLoop {
@@ -88,6 +90,7 @@ impl MediaLoop {
             metrics,
             grace,
             next_generation: 1,
+            blocked: VecDeque::new(),
         }
     }
 
@@ -128,7 +131,15 @@ impl MediaLoop {
             match self.socket.try_recv_from(buf) {
                 Ok((n, source)) => {
                     let now = Instant::now();
+                    let forwarded = self.sfu.stats().rtp_packets_forwarded;
                     self.sfu.handle_datagram(now, source, &buf[..n]);
+                    // Send what this datagram caused at once: a packet waits for no other.
+                    self.send_ready();
+                    if self.sfu.stats().rtp_packets_forwarded > forwarded {
+                        self.metrics
+                            .forward_latency
+                            .observe(now.elapsed().as_secs_f64());
+                    }
                     if now >= self.sfu.poll_timeout() {
                         self.sfu.handle_timeout(now);
                     }
@@ -140,17 +151,32 @@ impl MediaLoop {
         }
     }
 
-    /// Sends queued datagrams and delivers core events to sessions.
-    async fn flush(&mut self) {
-        while let Some(t) = self.sfu.poll_transmit() {
+    /// Sends the core's datagrams without waiting; what the socket cannot take now
+    /// waits in `blocked` for [`MediaLoop::flush`].
+    fn send_ready(&mut self) {
+        while self.blocked.is_empty() {
+            let Some(t) = self.sfu.poll_transmit() else {
+                return;
+            };
             match self.socket.try_send_to(&t.contents, t.destination) {
                 Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
-                        debug!("media send: {e}");
-                    }
-                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.blocked.push_back(t),
                 Err(e) => debug!("media send to {}: {e}", t.destination),
+            }
+        }
+    }
+
+    /// Sends queued datagrams and delivers core events to sessions.
+    async fn flush(&mut self) {
+        while let Some(t) = self.blocked.pop_front() {
+            if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
+                debug!("media send: {e}");
+            }
+        }
+        self.send_ready();
+        while let Some(t) = self.sfu.poll_transmit() {
+            if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
+                debug!("media send: {e}");
             }
         }
         while let Some(event) = self.sfu.poll_event() {

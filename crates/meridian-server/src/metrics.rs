@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use meridian_media::SfuStats;
@@ -23,7 +24,7 @@ pub struct CodeLabel {
 }
 
 /// Every metric the node exports; cheap to clone (atomics behind `Arc`s).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
     /// RTP packets written to subscribers.
     pub rtp_packets_forwarded: Counter,
@@ -51,7 +52,32 @@ pub struct Metrics {
     pub signaling_errors: Family<CodeLabel, Counter>,
     /// Participants joined.
     pub joins: Counter,
+    /// Time from a datagram's arrival to its forwarded copies being sent.
+    pub forward_latency: Histogram,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            rtp_packets_forwarded: Counter::default(),
+            rtp_packets_received: Counter::default(),
+            rtp_bytes_forwarded: Counter::default(),
+            datagrams_dropped: Family::default(),
+            keyframe_requests: Counter::default(),
+            layer_switches: Counter::default(),
+            outbound_video_tracks: Gauge::default(),
+            participants: Gauge::default(),
+            rooms: Gauge::default(),
+            signaling_connections: Counter::default(),
+            signaling_connections_open: Gauge::default(),
+            signaling_errors: Family::default(),
+            joins: Counter::default(),
+            // 10 µs … ~20 ms.
+            forward_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 12)),
+            last: Default::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -115,6 +141,11 @@ impl Metrics {
             self.signaling_errors.clone(),
         );
         r.register("joins", "Participants joined", self.joins.clone());
+        r.register(
+            "forward_latency_seconds",
+            "Time from a datagram's arrival to its forwarded copies being sent",
+            self.forward_latency.clone(),
+        );
         r
     }
 

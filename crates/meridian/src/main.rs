@@ -151,7 +151,7 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = serve_config(&args)?;
-    let node = Node::start(config).await?;
+    let mut node = Node::start(config).await?;
     // One line on stdout that scripts and tests read for the bound addresses.
     println!(
         "{}",
@@ -168,6 +168,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm() => {}
+        why = node.failed() => anyhow::bail!(why),
     }
     tracing::info!("shutting down");
     node.shutdown().await;
