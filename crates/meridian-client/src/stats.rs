@@ -92,6 +92,26 @@ impl ClientStats {
             .count()
     }
 
+    /// What was measured after `earlier` (a snapshot of the same client): counters
+    /// become differences and sample lists keep only the newer samples.
+    pub fn since(&self, earlier: &ClientStats) -> ClientStats {
+        let mut out = self.clone();
+        for (id, t) in out.tracks.iter_mut() {
+            let Some(e) = earlier.tracks.get(id) else {
+                continue;
+            };
+            t.frames -= e.frames.min(t.frames);
+            t.keyframes -= e.keyframes.min(t.keyframes);
+            t.frames_missing -= e.frames_missing.min(t.frames_missing);
+            t.freezes -= e.freezes.min(t.freezes);
+            t.packets -= e.packets.min(t.packets);
+            t.bytes -= e.bytes.min(t.bytes);
+            t.latency_ms.drain(..e.latency_ms.len().min(t.latency_ms.len()));
+            t.jitter_ms.drain(..e.jitter_ms.len().min(t.jitter_ms.len()));
+        }
+        out
+    }
+
     pub(crate) fn on_frame(
         &mut self,
         track: &str,

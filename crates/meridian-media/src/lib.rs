@@ -380,6 +380,8 @@ impl Track {
 const DEFAULT_LAYER_BPS: [u64; 3] = [150_000, 500_000, 1_500_000];
 const AUDIO_BPS: u64 = 50_000;
 const RATE_WINDOW: Duration = Duration::from_millis(500);
+/// How often every subscriber's layers are reconsidered as layer rates change.
+const REALLOCATE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The Sans-IO SFU: see the crate documentation.
 pub struct Sfu {
@@ -395,6 +397,7 @@ pub struct Sfu {
     dirty: Vec<(ParticipantId, PcKind)>,
     stats: SfuStats,
     last_now: Instant,
+    last_realloc: Instant,
 }
 
 impl Sfu {
@@ -413,6 +416,7 @@ impl Sfu {
             dirty: Vec::new(),
             stats: SfuStats::default(),
             last_now: now,
+            last_realloc: now,
         }
     }
 
@@ -833,10 +837,13 @@ impl Sfu {
                 }
             }
         }
-        // Reallocate layers as measured rates change.
-        let ids: Vec<ParticipantId> = self.participants.keys().copied().collect();
-        for id in ids {
-            self.reallocate(id, now);
+        // Reallocate layers as measured rates change (estimates also trigger it).
+        if now.saturating_duration_since(self.last_realloc) >= REALLOCATE_INTERVAL {
+            self.last_realloc = now;
+            let ids: Vec<ParticipantId> = self.participants.keys().copied().collect();
+            for id in ids {
+                self.reallocate(id, now);
+            }
         }
         self.process(now);
     }

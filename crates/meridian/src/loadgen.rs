@@ -27,9 +27,13 @@ pub struct LoadgenArgs {
     /// Room name prefix.
     #[arg(long, default_value = "load")]
     room_prefix: String,
-    /// How long to measure after everyone joined.
+    /// How long to measure, after the warm-up.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Time after everyone joined before measuring starts (join and first-frame
+    /// times are always measured from the start).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
     /// Data directory whose `keys/` mint tokens (the server's own dev key).
     #[arg(long, env = "MERIDIAN_DATA_DIR", default_value = "meridian-data")]
     data_dir: PathBuf,
@@ -164,12 +168,19 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
                 .with_context(|| format!("subscriber {i}"))?,
         );
     }
+    // Connection set-up and the first keyframes are not steady state: measure after.
+    tokio::time::sleep(args.warmup).await;
+    let at_warmup: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
     let started = Instant::now();
     tokio::time::sleep(args.duration).await;
     let elapsed = started.elapsed();
 
     let pub_stats: Vec<ClientStats> = publishers.iter().map(Client::stats).collect();
-    let sub_stats: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
+    let sub_stats: Vec<ClientStats> = subscribers
+        .iter()
+        .zip(&at_warmup)
+        .map(|(c, w)| c.stats().since(w))
+        .collect();
     for c in publishers.into_iter().chain(subscribers) {
         let _ = c.leave().await;
     }

@@ -1,0 +1,58 @@
+//! One publisher, three subscribers: every subscriber gets audio and video, and the
+//! first video frame each one decodes is a keyframe.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, MediaConfig};
+use meridian_media::SfuEvent;
+
+#[test]
+fn every_subscriber_gets_audio_and_video_starting_at_a_keyframe() {
+    let mut h = Harness::new();
+    let publisher = h.add_publisher("room", "alice", MediaConfig::default());
+    let subs: Vec<usize> = (0..3)
+        .map(|i| h.add_subscriber("room", &format!("sub{i}")))
+        .collect();
+    assert_eq!(h.sfu.participant_count(), 4);
+    assert_eq!(h.sfu.room_count(), 1);
+    h.connect(Duration::from_secs(5));
+    let connected_at = h.elapsed();
+    h.run_for(Duration::from_secs(2));
+
+    let sent = h.clients[publisher].sent;
+    assert!(sent[3] >= 90, "publisher sent audio: {sent:?}");
+    for &s in &subs {
+        let c = &h.clients[s];
+        let video: Vec<_> = c.video_frames().collect();
+        let audio: Vec<_> = c.audio_frames().collect();
+        assert!(
+            video.len() >= 50,
+            "subscriber {s} got {} video frames (connected at {connected_at:?})",
+            video.len()
+        );
+        assert!(audio.len() >= 80, "subscriber {s} got {} audio frames", audio.len());
+        assert!(
+            video[0].header.keyframe,
+            "first video frame of subscriber {s} is a keyframe: {:?}",
+            video[0].header
+        );
+        // Frames arrive in order, without gaps, from one layer at a time.
+        for w in video.windows(2) {
+            assert!(w[1].header.seq > w[0].header.seq, "video frames in order");
+            assert!(w[1].contiguous, "no gap in video: {:?}", w[1].header);
+        }
+        // Every subscriber was offered both tracks.
+        assert_eq!(c.sub_tracks.len(), 2, "two media sections");
+    }
+    let connected = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, SfuEvent::Connected { .. }))
+        .count();
+    assert_eq!(connected, 4, "publisher + 3 subscriber connections");
+    let st = h.sfu.stats();
+    assert!(st.rtp_packets_forwarded > 0);
+    assert_eq!(st.datagrams_unrouted + st.datagrams_malformed + st.datagrams_rejected, 0, "{st:?}");
+}
