@@ -347,8 +347,8 @@ impl Session {
         let pub_local = pub_socket.local_addr()?;
         let sub_local = sub_socket.local_addr()?;
         Ok(Session {
-            net_in: config.impairment.clone().map(Netem::new),
-            net_out: config.impairment.clone().map(Netem::new),
+            net_in: config.impairment.map(Netem::new),
+            net_out: config.impairment.map(Netem::new),
             publisher: Pc {
                 rtc: new_rtc(now, pub_local, false),
                 socket: pub_socket,
@@ -426,7 +426,7 @@ impl Session {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Send(m)) => self.out_queue.push(m),
                     Some(Command::Impair(c)) => {
-                        self.net_in = c.clone().map(Netem::new);
+                        self.net_in = c.map(Netem::new);
                         self.net_out = c.map(Netem::new);
                     }
                     Some(Command::Leave) => {
@@ -434,11 +434,10 @@ impl Session {
                         // Wait briefly for `left`.
                         let _ = tokio::time::timeout(Duration::from_secs(2), async {
                             while let Some(Ok(m)) = stream.next().await {
-                                if let Message::Text(t) = m {
-                                    if matches!(ServerMessage::decode(t.as_bytes()), Ok(ServerMessage::Left { .. })) {
+                                if let Message::Text(t) = m
+                                    && matches!(ServerMessage::decode(t.as_bytes()), Ok(ServerMessage::Left { .. })) {
                                         break;
                                     }
-                                }
                             }
                         }).await;
                         return Ok(());

@@ -141,7 +141,7 @@ impl VideoSource {
         let single = self.layers.len() == 1;
         let fps = (Duration::from_secs(1).as_secs_f64() / self.interval.as_secs_f64()).max(1.0);
         for l in &mut self.layers {
-            let periodic = self.seq % self.keyframe_interval as u64 == 0;
+            let periodic = self.seq.is_multiple_of(self.keyframe_interval as u64);
             let keyframe = periodic || l.force_keyframe;
             let bps = self.bitrates[l.layer.index()];
             let mut size = (bps as f64 / 8.0 / fps) as usize;

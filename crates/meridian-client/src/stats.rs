@@ -137,11 +137,10 @@ impl ClientStats {
             t.layer_history.push(h.layer);
             t.last_layer = Some(h.layer);
         }
-        if let Some(last) = t.last_seq {
-            if h.seq > last + 1 {
+        if let Some(last) = t.last_seq
+            && h.seq > last + 1 {
                 t.frames_missing += h.seq - last - 1;
             }
-        }
         if t.last_seq.is_none_or(|l| h.seq > l) {
             t.last_seq = Some(h.seq);
         }

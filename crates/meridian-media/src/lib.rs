@@ -666,13 +666,12 @@ impl Sfu {
         // Bind each negotiated media section to its outgoing stream.
         let mut wanted = Vec::new();
         for (track, sub) in p.subscriptions.iter_mut() {
-            if let (Some(mid), None) = (sub.mid, sub.out_ssrc) {
-                if let Some(tx) = p.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None) {
+            if let (Some(mid), None) = (sub.mid, sub.out_ssrc)
+                && let Some(tx) = p.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None) {
                     sub.out_ssrc = Some(tx.ssrc());
                     sub.active = true;
                     wanted.push(*track);
                 }
-            }
         }
         self.negotiate(id);
         for track in wanted {
@@ -785,7 +784,7 @@ impl Sfu {
         track: TrackId,
     ) -> Result<(), MediaError> {
         self.last_now = now;
-        if !self.tracks.get(&track).is_some_and(|t| t.owner == id) {
+        if self.tracks.get(&track).is_none_or(|t| t.owner != id) {
             return Err(MediaError::UnknownTrack(track));
         }
         self.remove_track(track);
@@ -1003,14 +1002,13 @@ impl Sfu {
             owner.ssrc_map.retain(|_, (tr, _)| *tr != track);
         }
         for sub_id in &t.subscribers {
-            if let Some(p) = self.participants.get_mut(sub_id) {
-                if let Some(sub) = p.subscriptions.remove(&track) {
+            if let Some(p) = self.participants.get_mut(sub_id)
+                && let Some(sub) = p.subscriptions.remove(&track) {
                     p.to_add.retain(|x| *x != track);
                     if let Some(mid) = sub.mid {
                         p.to_stop.push(mid);
                     }
                 }
-            }
         }
         self.events.push_back(SfuEvent::TrackUnpublished {
             room: t.room.clone(),
@@ -1245,7 +1243,6 @@ impl Sfu {
                     return;
                 };
                 let (mid, rid) = (rx.mid(), rx.rid());
-                drop(api);
                 let layer = rid
                     .and_then(|r| Layer::from_rid(&r.to_string()))
                     .map_or(0, Layer::index);
@@ -1389,7 +1386,6 @@ impl Sfu {
                 continue;
             };
             tx.write_rtp(write);
-            drop(api);
             self.stats.rtp_packets_forwarded += 1;
             self.stats.rtp_bytes_forwarded += pkt.payload.len() as u64;
             mark_dirty(

@@ -338,13 +338,12 @@ impl MediaLoop {
                 participant,
                 generation,
             } => {
-                if let Some(s) = self.sessions.get_mut(&participant) {
-                    if s.generation == generation {
+                if let Some(s) = self.sessions.get_mut(&participant)
+                    && s.generation == generation {
                         debug!(%participant, "signaling detached; grace period starts");
                         s.tx = None;
                         s.detached_at = Some(now);
                     }
-                }
             }
             Command::Message { participant, msg } => {
                 if let Err((code, message)) = self.handle_message(now, participant, msg) {
@@ -513,13 +512,11 @@ impl MediaLoop {
             ),
             SfuEvent::Disconnected { participant, pc } => {
                 debug!(%participant, ?pc, "media connection lost");
-                if pc == PcKind::Publisher || pc == PcKind::Subscriber {
-                    if let Some(s) = self.sessions.get_mut(&participant) {
-                        if s.tx.is_none() {
+                if (pc == PcKind::Publisher || pc == PcKind::Subscriber)
+                    && let Some(s) = self.sessions.get_mut(&participant)
+                        && s.tx.is_none() {
                             s.detached_at.get_or_insert(Instant::now());
                         }
-                    }
-                }
             }
             SfuEvent::Subscribed { .. } | SfuEvent::Connected { .. } => {}
         }

@@ -150,7 +150,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         let mut c = ClientConfig::new(&args.url, token(format!("pub-{i}"), room, true)?);
         c.auto_subscribe = false;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
-        c.impairment = impairment.clone();
+        c.impairment = impairment;
         publishers.push(
             Client::join(c)
                 .await
@@ -161,7 +161,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     for i in 0..args.subscribers {
         let room = format!("{}-{}", args.room_prefix, i % rooms);
         let mut c = ClientConfig::subscriber(&args.url, token(format!("sub-{i}"), room, false)?);
-        c.impairment = impairment.clone();
+        c.impairment = impairment;
         subscribers.push(
             Client::join(c)
                 .await
