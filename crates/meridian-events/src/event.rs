@@ -1,0 +1,224 @@
+//! The event vocabulary and the recorded-event envelope.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Schema version written with every new event. Older versions are upcast on read
+/// (see [`crate::upcast`]).
+pub const CURRENT_SCHEMA_VERSION: u32 = 1;
+
+/// The stream name of a room: `room:<name>`.
+pub fn room_stream(room: &str) -> String {
+    format!("room:{room}")
+}
+
+/// The stream name of a media node: `node:<id>`.
+pub fn node_stream(node: &str) -> String {
+    format!("node:{node}")
+}
+
+/// Kind of media a track carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackKind {
+    /// An audio track.
+    Audio,
+    /// A video track.
+    Video,
+}
+
+/// Why a participant left a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveReason {
+    /// The participant asked to leave.
+    Left,
+    /// The participant's connection timed out and was not resumed.
+    Timeout,
+    /// An admin removed the participant.
+    Kicked,
+    /// The room was closed while the participant was in it.
+    RoomClosed,
+    /// The participant moved to another node (drain or failover) and will rejoin there.
+    Migrated,
+    /// Any other reason, in words.
+    Other(String),
+}
+
+/// A change of room or node state, named in the past tense.
+///
+/// Serialized as a flat JSON object tagged by `"type"`, e.g.
+/// `{"type":"ParticipantJoined","participant_id":"p1","identity":"alice","name":"Alice"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    /// The room was opened (first join or an explicit create).
+    RoomOpened,
+    /// The room was closed; no one can join it any more.
+    RoomClosed,
+    /// The room was placed on a media node; `epoch` increases with every placement so a
+    /// node that lost the room can tell its ownership is stale.
+    RoomPlaced {
+        /// The node now hosting the room.
+        node: String,
+        /// Placement epoch, starting at 1.
+        epoch: u64,
+    },
+    /// A participant joined the room.
+    ParticipantJoined {
+        /// Id of the participant's session in this room.
+        participant_id: String,
+        /// Authenticated identity (the token's subject).
+        identity: String,
+        /// Display name.
+        name: String,
+    },
+    /// A participant left the room.
+    ParticipantLeft {
+        /// Id of the participant's session in this room.
+        participant_id: String,
+        /// Why they left.
+        reason: LeaveReason,
+    },
+    /// A participant published a track.
+    TrackPublished {
+        /// Id of the track.
+        track_id: String,
+        /// The publishing participant.
+        participant_id: String,
+        /// Audio or video.
+        kind: TrackKind,
+        /// Simulcast layers by RTP stream id (rid), empty when not simulcast.
+        layers: Vec<String>,
+        /// Codec name, e.g. `VP8`, `H264`, `opus`.
+        codec: String,
+    },
+    /// A track was unpublished by its owner (or because its owner left).
+    TrackUnpublished {
+        /// Id of the track.
+        track_id: String,
+        /// The participant that had published it.
+        participant_id: String,
+    },
+    /// A participant subscribed to a track.
+    Subscribed {
+        /// The subscribing participant.
+        participant_id: String,
+        /// The track subscribed to.
+        track_id: String,
+    },
+    /// A participant unsubscribed from a track.
+    Unsubscribed {
+        /// The subscribing participant.
+        participant_id: String,
+        /// The track.
+        track_id: String,
+    },
+    /// A subscriber chose a preferred simulcast layer for a track.
+    PreferredLayerSet {
+        /// The subscribing participant.
+        participant_id: String,
+        /// The track.
+        track_id: String,
+        /// The preferred layer (a rid of the track).
+        layer: String,
+    },
+    /// A publisher muted a track.
+    TrackMuted {
+        /// The track.
+        track_id: String,
+    },
+    /// A publisher unmuted a track.
+    TrackUnmuted {
+        /// The track.
+        track_id: String,
+    },
+    /// A node acquired its liveness lease.
+    NodeLeaseAcquired {
+        /// The node.
+        node: String,
+        /// When the lease runs out unless renewed.
+        expires_at: DateTime<Utc>,
+    },
+    /// A node renewed its liveness lease.
+    NodeLeaseRenewed {
+        /// The node.
+        node: String,
+        /// When the renewed lease runs out.
+        expires_at: DateTime<Utc>,
+    },
+    /// A node's lease ran out; its rooms may be taken over.
+    NodeLeaseExpired {
+        /// The node.
+        node: String,
+        /// When the lease had run out.
+        expires_at: DateTime<Utc>,
+    },
+}
+
+impl Event {
+    /// The event's type name, as stored in the `event_type` column and the `"type"` tag.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::RoomOpened => "RoomOpened",
+            Event::RoomClosed => "RoomClosed",
+            Event::RoomPlaced { .. } => "RoomPlaced",
+            Event::ParticipantJoined { .. } => "ParticipantJoined",
+            Event::ParticipantLeft { .. } => "ParticipantLeft",
+            Event::TrackPublished { .. } => "TrackPublished",
+            Event::TrackUnpublished { .. } => "TrackUnpublished",
+            Event::Subscribed { .. } => "Subscribed",
+            Event::Unsubscribed { .. } => "Unsubscribed",
+            Event::PreferredLayerSet { .. } => "PreferredLayerSet",
+            Event::TrackMuted { .. } => "TrackMuted",
+            Event::TrackUnmuted { .. } => "TrackUnmuted",
+            Event::NodeLeaseAcquired { .. } => "NodeLeaseAcquired",
+            Event::NodeLeaseRenewed { .. } => "NodeLeaseRenewed",
+            Event::NodeLeaseExpired { .. } => "NodeLeaseExpired",
+        }
+    }
+
+    /// The participant the event is about, if any.
+    pub fn participant_id(&self) -> Option<&str> {
+        match self {
+            Event::ParticipantJoined { participant_id, .. }
+            | Event::ParticipantLeft { participant_id, .. }
+            | Event::TrackPublished { participant_id, .. }
+            | Event::TrackUnpublished { participant_id, .. }
+            | Event::Subscribed { participant_id, .. }
+            | Event::Unsubscribed { participant_id, .. }
+            | Event::PreferredLayerSet { participant_id, .. } => Some(participant_id),
+            _ => None,
+        }
+    }
+
+    /// The JSON payload as stored (and hashed).
+    pub fn to_json(&self) -> String {
+        // Serializing this enum cannot fail: every field is a string, number, list or
+        // timestamp, and there are no maps with non-string keys.
+        serde_json::to_string(self).expect("Event serializes to JSON")
+    }
+}
+
+/// An event as recorded in the region log: the envelope around an [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// The stream, e.g. `room:<name>` or `node:<id>`.
+    pub stream: String,
+    /// Sequence within the stream, starting at 1, without gaps.
+    pub sequence: u64,
+    /// Region-wide position, starting at 1, without gaps; the order of the hash chain.
+    pub position: u64,
+    /// When the store recorded the event (microsecond precision).
+    pub recorded_at: DateTime<Utc>,
+    /// Who caused it: a participant identity, a node id or an admin.
+    pub actor: String,
+    /// Schema version the payload was written with.
+    pub schema_version: u32,
+    /// The event itself, upcast to the current schema.
+    pub event: Event,
+    /// This record's hash (hex SHA-256), see [`crate::chain`].
+    pub hash: String,
+    /// The previous record's hash in the region log (hex), or [`crate::GENESIS_HASH`].
+    pub prev_hash: String,
+}

@@ -1,0 +1,276 @@
+//! Event log benchmark: append latency and throughput at 1, 16 and 256 concurrent room
+//! streams, replay rate, and room rebuild time with and without a snapshot.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/tmp/target-log cargo run --release -p meridian-store \
+//!     --example bench_append -- [--backend postgres|sqlite|both] [--seconds 5]
+//! ```
+//! Postgres: `MERIDIAN_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
+//! the run uses a schema of its own and drops it at the end.
+
+use std::time::{Duration, Instant};
+
+use meridian_events::{Event, TrackKind};
+use meridian_store::{ExpectedVersion, NewEvent, Store};
+use sqlx::Connection;
+
+fn event(i: u64) -> NewEvent {
+    if i % 4 == 3 {
+        NewEvent::new(
+            format!("user{i}"),
+            Event::TrackPublished {
+                track_id: format!("t{i}"),
+                participant_id: format!("p{}", i - 1),
+                kind: TrackKind::Video,
+                layers: vec!["q".into(), "h".into(), "f".into()],
+                codec: "VP8".into(),
+            },
+        )
+    } else {
+        NewEvent::new(
+            format!("user{i}"),
+            Event::ParticipantJoined {
+                participant_id: format!("p{i}"),
+                identity: format!("user{i}"),
+                name: format!("User number {i}"),
+            },
+        )
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+async fn appends(store: &Store, label: &str, streams: usize, per_append: usize, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let store = store.clone();
+        let stream = format!("room:{label}-{streams}x{per_append}-{s}");
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut version = 0u64;
+            while Instant::now() < deadline {
+                let batch = (0..per_append as u64).map(|k| event(version + k)).collect();
+                let t = Instant::now();
+                let r = store
+                    .append(&stream, ExpectedVersion::Exact(version), batch)
+                    .await
+                    .expect("append");
+                lat.push(t.elapsed());
+                version = r.last().map_or(version, |e| e.sequence);
+            }
+            (lat, version)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut events = 0u64;
+    for t in tasks {
+        let (l, v) = t.await.expect("task");
+        lat.extend(l);
+        events += v;
+    }
+    let elapsed = started.elapsed();
+    lat.sort_unstable();
+    println!(
+        "| {label} | {streams} | {per_append} | {} | {} | {} | {} | {:.0} |",
+        lat.len(),
+        ms(pct(&lat, 0.50)),
+        ms(pct(&lat, 0.99)),
+        ms(*lat.last().unwrap_or(&Duration::ZERO)),
+        events as f64 / elapsed.as_secs_f64()
+    );
+}
+
+/// Open loop: each of `streams` rooms appends one event every `period`, as live rooms
+/// do, so the latency is that of a realistic load rather than of a saturated writer.
+async fn paced(store: &Store, label: &str, streams: usize, period: Duration, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let store = store.clone();
+        let stream = format!("room:{label}-paced{streams}x{}-{s}", period.as_millis());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(period.mul_f64(s as f64 / streams as f64)).await;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut lat = Vec::new();
+            let mut version = 0u64;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let t = Instant::now();
+                let r = store
+                    .append(
+                        &stream,
+                        ExpectedVersion::Exact(version),
+                        vec![event(version)],
+                    )
+                    .await
+                    .expect("append");
+                lat.push(t.elapsed());
+                version = r.last().map_or(version, |e| e.sequence);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    lat.sort_unstable();
+    println!(
+        "| {label} | {streams} | {:.0} | {} | {} | {} | {} |",
+        streams as f64 / period.as_secs_f64(),
+        lat.len(),
+        ms(pct(&lat, 0.50)),
+        ms(pct(&lat, 0.99)),
+        ms(*lat.last().unwrap_or(&Duration::ZERO)),
+    );
+}
+
+async fn replay(store: &Store, label: &str) {
+    let stream = format!("room:{label}-replay");
+    let mut version = 0;
+    while version < 10_000 {
+        let batch = (0..1000).map(|k| event(version + k)).collect();
+        let r = store
+            .append(&stream, ExpectedVersion::Exact(version), batch)
+            .await
+            .expect("append");
+        version = r.last().map_or(version, |e| e.sequence);
+    }
+    // Warm up, then take the median of 5 runs of each.
+    let _ = store.replay_room(&stream).await.expect("replay");
+    let mut full = Vec::new();
+    let mut read_only = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let state = store.replay_room(&stream).await.expect("replay");
+        full.push(t.elapsed());
+        assert_eq!(state.version, 10_000);
+        let t = Instant::now();
+        let events = store.read_stream(&stream, 1, 10_000).await.expect("read");
+        read_only.push(t.elapsed());
+        assert_eq!(events.len(), 10_000);
+    }
+    full.sort_unstable();
+    read_only.sort_unstable();
+    // JSON decoding alone, for the breakdown.
+    let payloads: Vec<String> = (0..10_000).map(|i| event(i).event.to_json()).collect();
+    let t = Instant::now();
+    for p in &payloads {
+        let _ = meridian_events::decode_event(1, p).expect("decode");
+    }
+    let decode = t.elapsed();
+    let full_med = full[2];
+    // Snapshot at 9,900, so a rebuild folds the last 100 events on top of it.
+    let head = store.read_stream(&stream, 1, 9_900).await.expect("read");
+    let snap_state = meridian_events::RoomState::from_events(&head);
+    store
+        .save_snapshot(
+            &stream,
+            snap_state.version,
+            &serde_json::to_value(&snap_state).expect("json"),
+        )
+        .await
+        .expect("snapshot");
+    let mut snap = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let state = store.load_room(&stream).await.expect("load");
+        snap.push(t.elapsed());
+        assert_eq!(state.version, 10_000);
+    }
+    snap.sort_unstable();
+    println!(
+        "| {label} | {:.0} | {} | {} | {} | {} |",
+        10_000.0 / full_med.as_secs_f64(),
+        ms(read_only[2]),
+        ms(decode),
+        ms(full_med),
+        ms(snap[2]),
+    );
+}
+
+async fn verify(store: &Store, label: &str) {
+    let t = Instant::now();
+    let r = store.verify_chain().await.expect("verify");
+    let e = t.elapsed();
+    assert!(r.is_ok());
+    println!(
+        "{label}: verify_chain over {} events: {} ms ({:.0} events/s)",
+        r.checked,
+        ms(e),
+        r.checked as f64 / e.as_secs_f64()
+    );
+}
+
+async fn bench(store: &Store, label: &str, secs: u64) {
+    println!("\n### {label}\n");
+    println!(
+        "| backend | streams | events/append | appends | p50 ms | p99 ms | max ms | events/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for streams in [1, 16, 256] {
+        appends(store, label, streams, 1, secs).await;
+    }
+    appends(store, label, 16, 10, secs).await;
+    println!("\n| backend | streams | offered events/s | appends | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|");
+    paced(store, label, 16, Duration::from_millis(100), secs).await;
+    paced(store, label, 256, Duration::from_millis(100), secs).await;
+    paced(store, label, 256, Duration::from_millis(25), secs).await;
+    println!(
+        "\n| backend | replay events/s (read+fold) | read 10k ms | of which JSON decode ms | full rebuild 10k ms | snapshot+100 rebuild ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    replay(store, label).await;
+    println!();
+    verify(store, label).await;
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let backend = arg("--backend").unwrap_or_else(|| "both".into());
+    let secs: u64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(5);
+    let url = std::env::var("MERIDIAN_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+
+    if backend == "postgres" || backend == "both" {
+        let schema = format!("bench_{:08x}", std::process::id());
+        let store = Store::connect_with_schema(&url, &schema)
+            .await
+            .expect("Postgres reachable");
+        bench(&store, "postgres", secs).await;
+        store.close().await;
+        let mut c = sqlx::PgConnection::connect(&url).await.expect("admin");
+        sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .execute(&mut c)
+            .await
+            .expect("drop schema");
+    }
+    if backend == "sqlite" || backend == "both" {
+        let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+        let store = Store::open_embedded(&dir).await.expect("sqlite");
+        bench(&store, "sqlite", secs).await;
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

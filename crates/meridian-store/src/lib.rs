@@ -1,0 +1,652 @@
+//! Meridian's event store: the region log, in Postgres or embedded SQLite.
+//!
+//! One [`Store`] type, chosen at construction ([`Store::connect`] with a
+//! `postgres://` or `sqlite://` URL, or [`Store::open_embedded`] with a data
+//! directory), serves both backends through `sqlx` with the same semantics:
+//!
+//! * **Append** ([`Store::append`]) with optimistic concurrency per stream
+//!   ([`ExpectedVersion`]); a mismatch is [`StoreError::Conflict`] and nothing is
+//!   written. An append is acknowledged only after its transaction committed
+//!   (Postgres default commit; SQLite WAL with `synchronous=FULL`).
+//! * **Group commit**: appends go to one writer task per store, which takes every
+//!   append waiting in its queue into one transaction. Each transaction locks the
+//!   single-row `log_head` table first, so region positions and the hash chain are
+//!   assigned without gaps or forks even with several processes on one Postgres.
+//! * **Hash chain**: each row stores `prev_hash` and `hash` (see
+//!   [`meridian_events::chain`]); [`Store::verify_chain`] recomputes it and names the
+//!   first bad position.
+//! * **Tailing**: [`Store::read_all`] from a position and [`Store::wait_for_new`]
+//!   (Postgres LISTEN/NOTIFY, in-process wake-ups, polling as a fallback).
+//! * **Snapshots** bound replay time ([`Store::save_snapshot`], [`Store::load_room`]).
+//! * **Auditor queries** by stream, identity and time range ([`Store::query`]).
+//!
+//! Migrations live in the top-level `migrations/{postgres,sqlite}` and are embedded and
+//! run at connect.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod error;
+mod pg;
+mod row;
+mod sqlite;
+mod writer;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use meridian_events::{Event, RecordedEvent, RoomState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use error::StoreError;
+
+/// Largest event payload (its JSON), in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Most events in one append.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Most rows one read or query returns.
+pub const MAX_QUERY_LIMIT: usize = 10_000;
+/// Longest stream name or actor, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// What the caller believes the stream's last sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream holds (no concurrency check).
+    Any,
+    /// The stream must be empty.
+    NoStream,
+    /// The stream's last sequence must be exactly this (0 means empty).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    fn accepts(self, actual: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == 0,
+            ExpectedVersion::Exact(v) => actual == v,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// An event to append, with who caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Participant identity, node id or admin that caused the event.
+    pub actor: String,
+    /// The event.
+    pub event: Event,
+}
+
+impl NewEvent {
+    /// An event caused by `actor`.
+    pub fn new(actor: impl Into<String>, event: Event) -> Self {
+        Self {
+            actor: actor.into(),
+            event,
+        }
+    }
+}
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendKind {
+    /// A regional Postgres.
+    Postgres,
+    /// The embedded SQLite file.
+    Sqlite,
+}
+
+/// The head of the region log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogHead {
+    /// Position of the last event (0 when empty).
+    pub position: u64,
+    /// Hash of the last event ([`meridian_events::GENESIS_HASH`] when empty).
+    pub hash: String,
+}
+
+/// A stored snapshot of a stream's folded state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The stream.
+    pub stream: String,
+    /// The last sequence folded into `state`.
+    pub sequence: u64,
+    /// The state as JSON.
+    pub state: serde_json::Value,
+    /// When it was saved.
+    pub saved_at: DateTime<Utc>,
+}
+
+/// Summary of one stream, for listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// The stream name.
+    pub stream: String,
+    /// Its last sequence (= number of events).
+    pub last_sequence: u64,
+    /// Time of its first event.
+    pub first_at: DateTime<Utc>,
+    /// Time of its last event.
+    pub last_at: DateTime<Utc>,
+}
+
+/// An auditor's filter over the log; all set filters must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditQuery {
+    /// Only this stream.
+    pub stream: Option<String>,
+    /// Only events whose actor is this identity, or that concern a participant who
+    /// joined with this identity (same stream and participant id).
+    pub identity: Option<String>,
+    /// Only events recorded at or after this time.
+    pub from: Option<DateTime<Utc>>,
+    /// Only events recorded before this time.
+    pub to: Option<DateTime<Utc>>,
+    /// Only events of this type (e.g. `ParticipantJoined`).
+    pub event_type: Option<String>,
+    /// Only events after this position (pagination cursor; 0 = from the start).
+    pub after_position: u64,
+    /// Most rows to return (at most [`MAX_QUERY_LIMIT`]).
+    pub limit: usize,
+}
+
+/// Why a chain check failed at a position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BreakKind {
+    /// The position is missing (a row was deleted or renumbered).
+    Missing,
+    /// The row's fields do not hash to its stored hash (it was edited).
+    HashMismatch,
+    /// The row's `prev_hash` is not the previous row's hash (reordered or replaced).
+    PrevHashMismatch,
+    /// The head table disagrees with the last row (tail rows deleted or head edited).
+    HeadMismatch,
+}
+
+impl fmt::Display for BreakKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BreakKind::Missing => "missing row",
+            BreakKind::HashMismatch => "hash does not match contents",
+            BreakKind::PrevHashMismatch => "prev_hash does not match previous row",
+            BreakKind::HeadMismatch => "log head does not match last row",
+        })
+    }
+}
+
+/// The first place where the chain is broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainBreak {
+    /// The first bad position.
+    pub position: u64,
+    /// What is wrong there.
+    pub kind: BreakKind,
+}
+
+/// Result of [`Store::verify_chain`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Rows checked before stopping.
+    pub checked: u64,
+    /// The log head as stored.
+    pub head: LogHead,
+    /// The first break, or `None` when the whole chain verifies.
+    pub first_break: Option<ChainBreak>,
+}
+
+impl VerifyReport {
+    /// Whether the chain verified end to end.
+    pub fn is_ok(&self) -> bool {
+        self.first_break.is_none()
+    }
+}
+
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Postgres(pg::Pg),
+    Sqlite(sqlite::Lite),
+}
+
+/// The region event log. Cheap to clone; all clones share one pool and one writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    writer: mpsc::Sender<writer::Pending>,
+    head_rx: watch::Receiver<u64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish()
+    }
+}
+
+/// Options of a connection; see [`Store::connect_with_options`].
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Postgres schema to use (created if missing); `None` uses the URL's search path.
+    pub schema: Option<String>,
+    /// Most pooled connections.
+    pub max_connections: u32,
+    /// How long to wait for a connection before failing with
+    /// [`StoreError::Unavailable`].
+    pub acquire_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            schema: None,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Store {
+    /// Connect to `postgres://…` or `sqlite://path?mode=rwc` and run the migrations.
+    ///
+    /// A database that cannot be reached gives [`StoreError::Unavailable`] at once;
+    /// see [`Store::connect_with_retry`] to wait for it.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Self::connect_with_options(url, ConnectOptions::default()).await
+    }
+
+    /// Connect to Postgres with `schema` as search path (created if missing), so tests
+    /// and tenants can isolate their log. For SQLite URLs the schema is ignored.
+    pub async fn connect_with_schema(url: &str, schema: &str) -> Result<Store, StoreError> {
+        Self::connect_with_options(
+            url,
+            ConnectOptions {
+                schema: Some(schema.to_owned()),
+                ..ConnectOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Connect, retrying up to `attempts` times with `backoff` doubling between
+    /// attempts (capped at 30 s) while the database is unavailable. Other errors (bad
+    /// URL, failed migration) return at once.
+    pub async fn connect_with_retry(
+        url: &str,
+        attempts: u32,
+        backoff: Duration,
+    ) -> Result<Store, StoreError> {
+        let mut delay = backoff;
+        let mut attempt = 1;
+        loop {
+            match Self::connect(url).await {
+                Err(e) if e.is_retryable() && attempt < attempts => {
+                    tracing::warn!(attempt, error = %e, "event store unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Connect with explicit [`ConnectOptions`].
+    pub async fn connect_with_options(
+        url: &str,
+        options: ConnectOptions,
+    ) -> Result<Store, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let (pg, listener) = pg::Pg::connect(url, &options).await?;
+            Self::start(Backend::Postgres(pg), listener).await
+        } else if url.starts_with("sqlite:") {
+            let lite = sqlite::Lite::connect(url, &options).await?;
+            Self::start(Backend::Sqlite(lite), None).await
+        } else {
+            Err(StoreError::InvalidInput(
+                "database URL must start with postgres://, postgresql:// or sqlite:".into(),
+            ))
+        }
+    }
+
+    /// Open (creating if needed) the embedded SQLite log `events.db` in `data_dir`.
+    pub async fn open_embedded(data_dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let dir = data_dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::InvalidInput(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("events.db");
+        let lite = sqlite::Lite::open_path(&path, &ConnectOptions::default()).await?;
+        Self::start(Backend::Sqlite(lite), None).await
+    }
+
+    async fn start(
+        backend: Backend,
+        listener: Option<pg::ListenerSetup>,
+    ) -> Result<Store, StoreError> {
+        let head = match &backend {
+            Backend::Postgres(p) => p.head().await?,
+            Backend::Sqlite(s) => s.head().await?,
+        };
+        let (head_tx, head_rx) = watch::channel(head.position);
+        let head_tx = Arc::new(head_tx);
+        let (tx, rx) = mpsc::channel(4096);
+        let mut tasks = vec![tokio::spawn(writer::run(
+            backend.clone(),
+            rx,
+            Arc::clone(&head_tx),
+        ))];
+        if let Some(l) = listener {
+            tasks.push(tokio::spawn(l.run(head_tx)));
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                backend,
+                writer: tx,
+                head_rx,
+                tasks,
+            }),
+        })
+    }
+
+    /// Which database this store runs on.
+    pub fn backend(&self) -> BackendKind {
+        match self.inner.backend {
+            Backend::Postgres(_) => BackendKind::Postgres,
+            Backend::Sqlite(_) => BackendKind::Sqlite,
+        }
+    }
+
+    /// Close the pool; later calls fail with [`StoreError::Closed`] or
+    /// [`StoreError::Unavailable`].
+    pub async fn close(&self) {
+        match &self.inner.backend {
+            Backend::Postgres(p) => p.pool.close().await,
+            Backend::Sqlite(s) => s.pool.close().await,
+        }
+    }
+
+    /// Append `events` to `stream` atomically if the stream is at `expected`.
+    ///
+    /// Returns the recorded events (sequence, position, time, hashes) once they are
+    /// durable. On [`StoreError::Conflict`] nothing was written. Limits: at most
+    /// [`MAX_BATCH_EVENTS`] events, payloads of at most [`MAX_PAYLOAD_BYTES`].
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let pending = writer::prepare(stream, expected, events)?;
+        let Some((pending, rx)) = pending else {
+            return Ok(Vec::new());
+        };
+        self.inner
+            .writer
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Read up to `limit` events of `stream` with sequence ≥ `from_sequence`, in order.
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        from_sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        check_limit(limit)?;
+        let rows = match &self.inner.backend {
+            Backend::Postgres(p) => p.read_stream(stream, from_sequence, limit).await?,
+            Backend::Sqlite(s) => s.read_stream(stream, from_sequence, limit).await?,
+        };
+        rows.into_iter().map(row::RawRow::into_recorded).collect()
+    }
+
+    /// Read up to `limit` events of the whole log with position ≥ `from_position`.
+    pub async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        check_limit(limit)?;
+        let rows = self.raw_page(from_position, limit).await?;
+        rows.into_iter().map(row::RawRow::into_recorded).collect()
+    }
+
+    async fn raw_page(&self, from: u64, limit: usize) -> Result<Vec<row::RawRow>, StoreError> {
+        match &self.inner.backend {
+            Backend::Postgres(p) => p.read_all(from, limit).await,
+            Backend::Sqlite(s) => s.read_all(from, limit).await,
+        }
+    }
+
+    /// The head of the log (last position and hash).
+    pub async fn head(&self) -> Result<LogHead, StoreError> {
+        match &self.inner.backend {
+            Backend::Postgres(p) => p.head().await,
+            Backend::Sqlite(s) => s.head().await,
+        }
+    }
+
+    /// Wait until the log holds an event after `position`, or `timeout` passes.
+    /// Returns the head position seen last (equal to `position` or lower on timeout).
+    ///
+    /// Wakes on appends by this process at once, on other Postgres writers through
+    /// LISTEN/NOTIFY, and otherwise polls (250 ms), so a lost notification only delays.
+    pub async fn wait_for_new(&self, position: u64, timeout: Duration) -> Result<u64, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.inner.head_rx.clone();
+        rx.mark_unchanged();
+        loop {
+            let head = self.head().await?.position;
+            if head > position {
+                return Ok(head);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(head);
+            }
+            let step = (deadline - now).min(Duration::from_millis(250));
+            // A timeout just means "poll again"; a closed channel means the writer
+            // stopped.
+            if let Ok(Err(_)) = tokio::time::timeout(step, rx.changed()).await {
+                return Err(StoreError::Closed);
+            }
+        }
+    }
+
+    /// Save (or replace with a newer one) the snapshot of `stream` at `sequence`.
+    pub async fn save_snapshot(
+        &self,
+        stream: &str,
+        sequence: u64,
+        state: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        check_name("stream", stream)?;
+        let state = state.to_string();
+        match &self.inner.backend {
+            Backend::Postgres(p) => p.save_snapshot(stream, sequence, &state).await,
+            Backend::Sqlite(s) => s.save_snapshot(stream, sequence, &state).await,
+        }
+    }
+
+    /// The latest snapshot of `stream`, if any.
+    pub async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        match &self.inner.backend {
+            Backend::Postgres(p) => p.load_snapshot(stream).await,
+            Backend::Sqlite(s) => s.load_snapshot(stream).await,
+        }
+    }
+
+    /// Rebuild a room's state by full replay of its stream.
+    pub async fn replay_room(&self, stream: &str) -> Result<RoomState, StoreError> {
+        self.fold_from(stream, RoomState::default()).await
+    }
+
+    /// Rebuild a room's state from its latest snapshot plus the events after it (full
+    /// replay when there is no usable snapshot).
+    pub async fn load_room(&self, stream: &str) -> Result<RoomState, StoreError> {
+        let snapshot = match &self.inner.backend {
+            Backend::Postgres(p) => p.load_snapshot_text(stream).await?,
+            Backend::Sqlite(s) => s.load_snapshot_text(stream).await?,
+        };
+        // Parsed straight into the state (no intermediate JSON value); a snapshot that
+        // does not parse or disagrees with its sequence is ignored, not an error.
+        let start = snapshot
+            .and_then(|(sequence, text)| {
+                serde_json::from_str::<RoomState>(&text)
+                    .ok()
+                    .filter(|st| i64::try_from(st.version).ok() == Some(sequence))
+            })
+            .unwrap_or_default();
+        self.fold_from(stream, start).await
+    }
+
+    /// Fold a room's state and save it as the stream's snapshot; returns the state.
+    pub async fn snapshot_room(&self, stream: &str) -> Result<RoomState, StoreError> {
+        let state = self.load_room(stream).await?;
+        let json = serde_json::to_value(&state)
+            .map_err(|e| StoreError::InvalidInput(format!("state does not serialize: {e}")))?;
+        self.save_snapshot(stream, state.version, &json).await?;
+        Ok(state)
+    }
+
+    async fn fold_from(&self, stream: &str, mut state: RoomState) -> Result<RoomState, StoreError> {
+        // Pages of MAX_QUERY_LIMIT rows: measured faster than streaming row by row
+        // (sqlx-sqlite hands streamed rows over one at a time from its worker thread).
+        loop {
+            let page = self
+                .read_stream(stream, state.version + 1, MAX_QUERY_LIMIT)
+                .await?;
+            let done = page.len() < MAX_QUERY_LIMIT;
+            for e in &page {
+                state.apply(e);
+            }
+            if done {
+                return Ok(state);
+            }
+        }
+    }
+
+    /// All streams whose name starts with `prefix` (e.g. `"room:"`; `""` for all).
+    pub async fn streams(&self, prefix: &str) -> Result<Vec<StreamInfo>, StoreError> {
+        match &self.inner.backend {
+            Backend::Postgres(p) => p.streams(prefix).await,
+            Backend::Sqlite(s) => s.streams(prefix).await,
+        }
+    }
+
+    /// Events matching an auditor's [`AuditQuery`], in position order.
+    pub async fn query(&self, q: &AuditQuery) -> Result<Vec<RecordedEvent>, StoreError> {
+        check_limit(q.limit)?;
+        let rows = match &self.inner.backend {
+            Backend::Postgres(p) => p.query(q).await?,
+            Backend::Sqlite(s) => s.query(q).await?,
+        };
+        rows.into_iter().map(row::RawRow::into_recorded).collect()
+    }
+
+    /// Walk the whole chain from position 1: check positions are contiguous, each
+    /// `prev_hash` is the previous row's hash, each hash matches the row's contents and
+    /// the head matches the last row. Names the first bad position.
+    pub async fn verify_chain(&self) -> Result<VerifyReport, StoreError> {
+        let head = self.head().await?;
+        let mut prev_hash = meridian_events::GENESIS_HASH.to_owned();
+        let mut expected = 1u64;
+        let mut checked = 0u64;
+        let report = |checked, position, kind| VerifyReport {
+            checked,
+            head: head.clone(),
+            first_break: Some(ChainBreak { position, kind }),
+        };
+        loop {
+            let page = self.raw_page(expected, MAX_QUERY_LIMIT).await?;
+            let done = page.len() < MAX_QUERY_LIMIT;
+            for r in &page {
+                if r.position != expected {
+                    return Ok(report(checked, expected, BreakKind::Missing));
+                }
+                if r.prev_hash != prev_hash {
+                    return Ok(report(checked, expected, BreakKind::PrevHashMismatch));
+                }
+                let computed = meridian_events::chain_hash(&prev_hash, &r.hash_input());
+                if computed != r.hash {
+                    return Ok(report(checked, expected, BreakKind::HashMismatch));
+                }
+                prev_hash = computed;
+                expected += 1;
+                checked += 1;
+            }
+            if done {
+                break;
+            }
+        }
+        let last = expected - 1;
+        if head.position > last {
+            return Ok(report(checked, last + 1, BreakKind::Missing));
+        }
+        if head.position != last || head.hash != prev_hash {
+            return Ok(report(
+                checked,
+                head.position.max(1),
+                BreakKind::HeadMismatch,
+            ));
+        }
+        Ok(VerifyReport {
+            checked,
+            head,
+            first_break: None,
+        })
+    }
+}
+
+fn check_limit(limit: usize) -> Result<(), StoreError> {
+    if limit > MAX_QUERY_LIMIT {
+        return Err(StoreError::InvalidInput(format!(
+            "limit {limit} is above {MAX_QUERY_LIMIT}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_name(what: &str, value: &str) -> Result<(), StoreError> {
+    if value.is_empty() || value.len() > MAX_NAME_LEN || value.chars().any(char::is_control) {
+        return Err(StoreError::InvalidInput(format!(
+            "{what} must be 1..={MAX_NAME_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A reply channel for one append (used by the writer).
+pub(crate) type Reply = oneshot::Sender<Result<Vec<RecordedEvent>, StoreError>>;

@@ -1,0 +1,303 @@
+//! The embedded SQLite backend (one machine, no database server).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use chrono::Utc;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+
+use crate::error::is_unique_violation;
+use crate::row::{RawRow, parse_sqlite_time, sqlite_time, to_i64, to_u64, truncate_micros};
+use crate::writer::{CommitError, Pending, Plan, VersionCache, cached_conflicts, plan};
+use crate::{AuditQuery, ConnectOptions, LogHead, Snapshot, StoreError, StreamInfo};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+const COLUMNS: &str = "position, stream, sequence, recorded_at, actor, schema_version, \
+                       event_type, payload, prev_hash, hash";
+
+#[derive(Clone)]
+pub(crate) struct Lite {
+    pub pool: SqlitePool,
+}
+
+impl Lite {
+    pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Lite, StoreError> {
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::InvalidInput(format!("bad SQLite URL: {e}")))?;
+        Self::open(connect, options).await
+    }
+
+    pub async fn open_path(path: &Path, options: &ConnectOptions) -> Result<Lite, StoreError> {
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true);
+        Self::open(connect, options).await
+    }
+
+    async fn open(
+        connect: SqliteConnectOptions,
+        options: &ConnectOptions,
+    ) -> Result<Lite, StoreError> {
+        // WAL + synchronous=FULL: a commit is on disk when it returns, readers never
+        // block the writer. The busy timeout covers other processes (audit CLI).
+        let connect = connect
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.clamp(1, 8))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Lite { pool })
+    }
+
+    pub async fn head(&self) -> Result<LogHead, StoreError> {
+        let (position, hash): (i64, String) =
+            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(LogHead {
+            position: to_u64(position, position, "head position")?,
+            hash,
+        })
+    }
+
+    /// Versions of `streams` as of now (call holding the write lock).
+    async fn versions(
+        tx: &mut sqlx::SqliteConnection,
+        streams: &[String],
+        into: &mut HashMap<String, u64>,
+    ) -> Result<(), StoreError> {
+        for s in streams {
+            let v: Option<i64> =
+                sqlx::query_scalar("SELECT max(sequence) FROM events WHERE stream = ?1")
+                    .bind(s)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            into.insert(s.clone(), to_u64(v.unwrap_or(0), 0, "sequence")?);
+        }
+        Ok(())
+    }
+
+    pub async fn commit(
+        &self,
+        batch: &[Pending],
+        cache: &mut VersionCache,
+    ) -> Result<Plan, CommitError> {
+        let mut tx = self.pool.begin().await?;
+        // Write first so the transaction holds SQLite's write lock before it reads the
+        // head: no other writer can slip in between read and insert.
+        sqlx::query("UPDATE log_head SET position = position WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let (position, hash): (i64, String) =
+            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        let head = LogHead {
+            position: to_u64(position, position, "head position")?,
+            hash,
+        };
+        let (mut versions, missing) = cache.lookup(batch);
+        Self::versions(&mut tx, &missing, &mut versions).await?;
+        let now = truncate_micros(Utc::now());
+        let mut plan = plan(head.clone(), &versions, batch, now);
+        let recheck = cached_conflicts(batch, &plan, &missing);
+        if !recheck.is_empty() {
+            Self::versions(&mut tx, &recheck, &mut versions).await?;
+            plan = crate::writer::plan(head, &versions, batch, now);
+        }
+        if plan.rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(plan);
+        }
+        for r in &plan.rows {
+            let inserted = sqlx::query(
+                "INSERT INTO events (position, stream, sequence, recorded_at, actor, \
+                 schema_version, event_type, payload, prev_hash, hash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .bind(to_i64(r.position)?)
+            .bind(&r.stream)
+            .bind(to_i64(r.sequence)?)
+            .bind(sqlite_time(r.recorded_at))
+            .bind(&r.actor)
+            .bind(i64::from(r.schema_version))
+            .bind(&r.event_type)
+            .bind(&r.payload)
+            .bind(&r.prev_hash)
+            .bind(&r.hash)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = inserted {
+                // Under the write lock a duplicate means a stale cached version.
+                if is_unique_violation(&e) {
+                    return Err(CommitError::StaleCache);
+                }
+                return Err(e.into());
+            }
+        }
+        sqlx::query("UPDATE log_head SET position = ?1, hash = ?2 WHERE id = 1")
+            .bind(to_i64(plan.head.position)?)
+            .bind(&plan.head.hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit()
+            .await
+            .map_err(|e| CommitError::Store(crate::error::classify(e, true)))?;
+        Ok(plan)
+    }
+
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RawRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM events WHERE stream = ?1 AND sequence >= ?2 \
+             ORDER BY sequence LIMIT ?3"
+        ))
+        .bind(stream)
+        .bind(to_i64(from)?)
+        .bind(to_i64(limit as u64)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(raw).collect()
+    }
+
+    pub async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RawRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"
+        ))
+        .bind(to_i64(from)?)
+        .bind(to_i64(limit as u64)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(raw).collect()
+    }
+
+    pub async fn query(&self, q: &AuditQuery) -> Result<Vec<RawRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM events WHERE position > ?1 \
+             AND (?2 IS NULL OR stream = ?2) \
+             AND (?3 IS NULL OR actor = ?3 OR (stream, json_extract(payload, '$.participant_id')) IN \
+                  (SELECT j.stream, json_extract(j.payload, '$.participant_id') FROM events j \
+                   WHERE j.event_type = 'ParticipantJoined' \
+                   AND json_extract(j.payload, '$.identity') = ?3)) \
+             AND (?4 IS NULL OR recorded_at >= ?4) \
+             AND (?5 IS NULL OR recorded_at < ?5) \
+             AND (?6 IS NULL OR event_type = ?6) \
+             ORDER BY position LIMIT ?7"
+        ))
+        .bind(to_i64(q.after_position)?)
+        .bind(q.stream.as_deref())
+        .bind(q.identity.as_deref())
+        .bind(q.from.map(sqlite_time))
+        .bind(q.to.map(sqlite_time))
+        .bind(q.event_type.as_deref())
+        .bind(to_i64(q.limit as u64)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(raw).collect()
+    }
+
+    pub async fn streams(&self, prefix: &str) -> Result<Vec<StreamInfo>, StoreError> {
+        let rows: Vec<(String, i64, String, String)> = sqlx::query_as(
+            "SELECT stream, max(sequence), min(recorded_at), max(recorded_at) FROM events \
+             WHERE substr(stream, 1, length(?1)) = ?1 GROUP BY stream ORDER BY stream",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(stream, seq, first_at, last_at)| {
+                Ok(StreamInfo {
+                    stream,
+                    last_sequence: to_u64(seq, 0, "sequence")?,
+                    first_at: parse_sqlite_time(&first_at, 0)?,
+                    last_at: parse_sqlite_time(&last_at, 0)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn save_snapshot(
+        &self,
+        stream: &str,
+        sequence: u64,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO snapshots (stream, sequence, state, saved_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence, \
+             state = excluded.state, saved_at = excluded.saved_at \
+             WHERE excluded.sequence >= snapshots.sequence",
+        )
+        .bind(stream)
+        .bind(to_i64(sequence)?)
+        .bind(state)
+        .bind(sqlite_time(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The snapshot's sequence and JSON text, unparsed.
+    pub async fn load_snapshot_text(
+        &self,
+        stream: &str,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT sequence, state FROM snapshots WHERE stream = ?1")
+                .bind(stream)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        let row: Option<(i64, String, String)> =
+            sqlx::query_as("SELECT sequence, state, saved_at FROM snapshots WHERE stream = ?1")
+                .bind(stream)
+                .fetch_optional(&self.pool)
+                .await?;
+        let row = match row {
+            Some((seq, state, saved_at)) => Some((seq, state, parse_sqlite_time(&saved_at, 0)?)),
+            None => None,
+        };
+        crate::pg::snapshot(stream, row)
+    }
+}
+
+/// Decode a row selected with [`COLUMNS`] (by index: the hot path of replay).
+fn raw(row: &SqliteRow) -> Result<RawRow, StoreError> {
+    let position: i64 = row.try_get(0)?;
+    let sequence: i64 = row.try_get(2)?;
+    let schema_version: i64 = row.try_get(5)?;
+    let recorded_at: String = row.try_get(3)?;
+    Ok(RawRow {
+        position: to_u64(position, position, "position")?,
+        stream: row.try_get(1)?,
+        sequence: to_u64(sequence, position, "sequence")?,
+        recorded_at: parse_sqlite_time(&recorded_at, position)?,
+        actor: row.try_get(4)?,
+        schema_version: u32::try_from(schema_version).map_err(|_| StoreError::Corrupt {
+            position: to_u64(position, position, "position").unwrap_or(0),
+            reason: "schema version out of range".into(),
+        })?,
+        event_type: row.try_get(6)?,
+        payload: row.try_get(7)?,
+        prev_hash: row.try_get(8)?,
+        hash: row.try_get(9)?,
+    })
+}
