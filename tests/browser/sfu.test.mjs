@@ -31,7 +31,7 @@ function log(...args) { console.log('[e2e]', ...args); }
 async function startServer() {
   dataDir = mkdtempSync(path.join(tmpdir(), 'meridian-e2e-'));
   server = spawn(BIN, ['serve', '--data-dir', dataDir,
-    '--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0'], {
+    '--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0'], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
   });

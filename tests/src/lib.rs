@@ -24,6 +24,7 @@ pub async fn start_node(tune: impl FnOnce(&mut Config)) -> TestNode {
     let mut config = Config::default();
     config.http.addr = "127.0.0.1:0".parse().expect("literal");
     config.media.addr = "127.0.0.1:0".parse().expect("literal");
+    config.webtransport.addr = "127.0.0.1:0".parse().expect("literal");
     config.node.region = "local".into();
     config.node.data_dir = std::env::temp_dir().join(format!(
         "meridian-test-{}-{}",
@@ -61,6 +62,13 @@ impl TestNode {
         )
         .with_grants(grants);
         self.keys.sign(&claims).expect("signing")
+    }
+
+    /// The node's WebTransport endpoint, as its HTTP listener publishes it.
+    pub async fn wt_endpoint(&self) -> meridian_client::WebTransportEndpoint {
+        meridian_client::webtransport_endpoint(&self.node.http_addr.to_string())
+            .await
+            .expect("certificate hashes published")
     }
 
     /// Scrapes `/metrics` and returns the value of an unlabelled metric.
@@ -160,6 +168,122 @@ impl RawSignal {
             match self.recv().await? {
                 ServerMessage::Error { code, .. } => return Some(code),
                 _ => continue,
+            }
+        }
+    }
+}
+
+/// A raw WebTransport signaling connection for protocol-level tests.
+pub struct RawWt {
+    /// The WebTransport session.
+    pub connection: wtransport::Connection,
+    stream: Option<(wtransport::SendStream, wtransport::RecvStream)>,
+    _endpoint: wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+}
+
+impl RawWt {
+    /// Opens a WebTransport session to the node without opening a stream.
+    pub async fn session(ep: &meridian_client::WebTransportEndpoint) -> RawWt {
+        let config = wtransport::ClientConfig::builder()
+            .with_bind_address("127.0.0.1:0".parse().expect("literal"))
+            .with_server_certificate_hashes(
+                ep.certificate_hashes
+                    .iter()
+                    .map(|h| wtransport::tls::Sha256Digest::new(*h)),
+            )
+            .build();
+        let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
+        let connection = tokio::time::timeout(Duration::from_secs(5), endpoint.connect(&ep.url))
+            .await
+            .expect("connect in time")
+            .expect("wt connect");
+        RawWt {
+            connection,
+            stream: None,
+            _endpoint: endpoint,
+        }
+    }
+
+    /// Opens a session and its one bidirectional signaling stream.
+    pub async fn connect(ep: &meridian_client::WebTransportEndpoint) -> RawWt {
+        let mut wt = RawWt::session(ep).await;
+        let stream = wt
+            .connection
+            .open_bi()
+            .await
+            .expect("open bi")
+            .await
+            .expect("bi opened");
+        wt.stream = Some(stream);
+        wt
+    }
+
+    fn stream(&mut self) -> &mut (wtransport::SendStream, wtransport::RecvStream) {
+        self.stream.as_mut().expect("stream opened")
+    }
+
+    /// Writes raw bytes on the stream (no framing added).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream().0.write_all(bytes).await.expect("wt write");
+    }
+
+    /// Writes one length-prefixed message.
+    pub async fn send_text(&mut self, text: &str) {
+        let mut frame = (text.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(text.as_bytes());
+        self.send_raw(&frame).await;
+    }
+
+    /// Next server message, or `None` when the stream ended or 5 s passed.
+    pub async fn recv(&mut self) -> Option<ServerMessage> {
+        let recv = &mut self.stream().1;
+        let read = async {
+            let mut prefix = [0u8; 4];
+            recv.read_exact(&mut prefix).await.ok()?;
+            let len = u32::from_be_bytes(prefix) as usize;
+            assert!(len <= 1024 * 1024, "server frame of {len} bytes");
+            let mut body = vec![0u8; len];
+            recv.read_exact(&mut body).await.ok()?;
+            Some(ServerMessage::decode(&body).expect("server speaks protocol"))
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Next `error` message's code, skipping other messages.
+    pub async fn next_error(&mut self) -> Option<meridian_protocol::ErrorCode> {
+        loop {
+            match self.recv().await? {
+                ServerMessage::Error { code, .. } => return Some(code),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Whether the node ends the stream (or the session) within `timeout`.
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut buf = [0u8; 1024];
+            let step = async {
+                match self.stream.as_mut() {
+                    Some((_, recv)) => !matches!(recv.read(&mut buf).await, Ok(Some(_))),
+                    None => {
+                        self.connection.closed().await;
+                        true
+                    }
+                }
+            };
+            match tokio::time::timeout(left, step).await {
+                Ok(true) => return true,
+                Ok(false) => continue,
+                Err(_) => return false,
             }
         }
     }

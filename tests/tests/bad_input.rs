@@ -28,7 +28,12 @@ fn stun_with_unknown_ufrag() -> Vec<u8> {
 }
 
 async fn frames(c: &Client) -> u64 {
-    c.stats().tracks.values().filter(|t| t.video).map(|t| t.frames).sum()
+    c.stats()
+        .tracks
+        .values()
+        .filter(|t| t.video)
+        .map(|t| t.frames)
+        .sum()
 }
 
 async fn joined(t: &TestNode, identity: &str) -> RawSignal {
@@ -54,9 +59,12 @@ async fn garbage_on_every_edge_leaves_other_sessions_untouched() {
     let _publisher = Client::join(ClientConfig::new(&t.url, t.token("pub", "bad", true)))
         .await
         .expect("publisher joins");
-    let viewer = Client::join(ClientConfig::subscriber(&t.url, t.token("viewer", "bad", false)))
-        .await
-        .expect("viewer joins");
+    let viewer = Client::join(ClientConfig::subscriber(
+        &t.url,
+        t.token("viewer", "bad", false),
+    ))
+    .await
+    .expect("viewer joins");
     viewer
         .wait_for(Duration::from_secs(20), |s| s.video_tracks_with(10) == 1)
         .await
@@ -87,7 +95,11 @@ async fn garbage_on_every_edge_leaves_other_sessions_untouched() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(t.metric(unrouted).await >= 100.0, "garbage is counted");
-    assert!(t.metric(r#"meridian_datagrams_dropped_total{reason="malformed"}"#).await >= 1.0);
+    assert!(
+        t.metric(r#"meridian_datagrams_dropped_total{reason="malformed"}"#)
+            .await
+            >= 1.0
+    );
 
     // Signaling: every kind of bad message gets its code.
     let mut s = RawSignal::connect(&t.url).await;
@@ -101,26 +113,46 @@ async fn garbage_on_every_edge_leaves_other_sessions_untouched() {
     assert_eq!(s.next_error().await, Some(ErrorCode::MalformedMessage));
     s.send_binary(vec![1, 2, 3]).await;
     assert_eq!(s.next_error().await, Some(ErrorCode::MalformedMessage));
-    s.send_text(&" ".repeat(meridian_protocol::MAX_MESSAGE_BYTES + 100)).await;
+    s.send_text(&" ".repeat(meridian_protocol::MAX_MESSAGE_BYTES + 100))
+        .await;
     assert_eq!(s.next_error().await, Some(ErrorCode::MessageTooLarge));
 
     let mut s = joined(&t, "sdp").await;
-    s.send_text(&ClientMessage::Offer { sdp: "v=0 garbage".into(), tracks: vec![] }.encode())
+    s.send_text(
+        &ClientMessage::Offer {
+            sdp: "v=0 garbage".into(),
+            tracks: vec![],
+        }
+        .encode(),
+    )
+    .await;
+    assert_eq!(s.next_error().await, Some(ErrorCode::InvalidSdp));
+    s.send_text(&ClientMessage::Answer { sdp: "v=0".into() }.encode())
         .await;
     assert_eq!(s.next_error().await, Some(ErrorCode::InvalidSdp));
-    s.send_text(&ClientMessage::Answer { sdp: "v=0".into() }.encode()).await;
-    assert_eq!(s.next_error().await, Some(ErrorCode::InvalidSdp));
-    s.send_text(&ClientMessage::Subscribe { track_ids: vec!["TR_99999".into()] }.encode())
-        .await;
+    s.send_text(
+        &ClientMessage::Subscribe {
+            track_ids: vec!["TR_99999".into()],
+        }
+        .encode(),
+    )
+    .await;
     assert_eq!(s.next_error().await, Some(ErrorCode::NotFound));
-    s.send_text(&ClientMessage::Subscribe { track_ids: vec!["nonsense".into()] }.encode())
-        .await;
+    s.send_text(
+        &ClientMessage::Subscribe {
+            track_ids: vec!["nonsense".into()],
+        }
+        .encode(),
+    )
+    .await;
     assert_eq!(s.next_error().await, Some(ErrorCode::NotFound));
 
     // A flood above the rate limit is refused with its code.
     let mut flood = joined(&t, "flood").await;
     for i in 0..200 {
-        flood.send_text(&ClientMessage::Ping { id: i }.encode()).await;
+        flood
+            .send_text(&ClientMessage::Ping { id: i }.encode())
+            .await;
     }
     assert_eq!(flood.next_error().await, Some(ErrorCode::RateLimited));
 
@@ -128,7 +160,12 @@ async fn garbage_on_every_edge_leaves_other_sessions_untouched() {
     let before = frames(&viewer).await;
     viewer
         .wait_for(Duration::from_secs(5), |s| {
-            s.tracks.values().filter(|t| t.video).map(|t| t.frames).sum::<u64>() > before + 20
+            s.tracks
+                .values()
+                .filter(|t| t.video)
+                .map(|t| t.frames)
+                .sum::<u64>()
+                > before + 20
         })
         .await
         .expect("media keeps flowing for everyone else");
@@ -141,11 +178,21 @@ async fn bad_tokens_are_refused_with_unauthorized() {
     let now = meridian_auth::unix_now();
     let expired = t
         .keys
-        .sign(&Claims::new("late", "r", now - 7200, Duration::from_secs(60)))
+        .sign(&Claims::new(
+            "late",
+            "r",
+            now - 7200,
+            Duration::from_secs(60),
+        ))
         .unwrap();
-    let stranger = KeySet::new(Some(SigningKey::generate(Algorithm::Es256, "test-1").unwrap()), vec![]);
+    let stranger = KeySet::new(
+        Some(SigningKey::generate(Algorithm::Es256, "test-1").unwrap()),
+        vec![],
+    );
     let forged = stranger
-        .sign(&Claims::new("eve", "r", now, Duration::from_secs(60)).with_grants(Grants::publisher()))
+        .sign(
+            &Claims::new("eve", "r", now, Duration::from_secs(60)).with_grants(Grants::publisher()),
+        )
         .unwrap();
     for (what, token) in [
         ("expired", expired),
@@ -157,7 +204,10 @@ async fn bad_tokens_are_refused_with_unauthorized() {
             Err(ClientError::Refused { code, .. }) => {
                 assert_eq!(code, ErrorCode::Unauthorized, "{what}");
             }
-            other => panic!("{what} token: expected unauthorized, got {:?}", other.map(|_| ())),
+            other => panic!(
+                "{what} token: expected unauthorized, got {:?}",
+                other.map(|_| ())
+            ),
         }
     }
     // A subscriber-only token cannot publish.
@@ -174,8 +224,14 @@ async fn bad_tokens_are_refused_with_unauthorized() {
     )
     .await;
     assert!(matches!(s.recv().await, Some(ServerMessage::Joined { .. })));
-    s.send_text(&ClientMessage::Offer { sdp: "v=0".into(), tracks: vec![] }.encode())
-        .await;
+    s.send_text(
+        &ClientMessage::Offer {
+            sdp: "v=0".into(),
+            tracks: vec![],
+        }
+        .encode(),
+    )
+    .await;
     assert_eq!(s.next_error().await, Some(ErrorCode::Forbidden));
     t.node.shutdown().await;
 }

@@ -53,6 +53,21 @@ pub struct Config {
     pub media: MediaConfig,
     /// Signaling session limits.
     pub signaling: SignalingConfig,
+    /// WebTransport signaling listener (QUIC, UDP).
+    pub webtransport: WebTransportConfig,
+}
+
+/// WebTransport signaling listener settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebTransportConfig {
+    /// UDP address to listen on for WebTransport (HTTP/3) sessions; port 0 picks one.
+    pub addr: SocketAddr,
+    /// PEM certificate chain; without it (and `tls_key`) the node generates a
+    /// self-signed development certificate at start and publishes its hash.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Identity and storage of this node.
@@ -119,7 +134,18 @@ impl Default for Config {
                 public_ip: None,
             },
             signaling: SignalingConfig::default(),
+            webtransport: WebTransportConfig {
+                addr: "127.0.0.1:7881".parse().expect("valid literal"),
+                tls_cert: None,
+                tls_key: None,
+            },
         }
+    }
+}
+
+impl Default for WebTransportConfig {
+    fn default() -> Self {
+        Config::default().webtransport
     }
 }
 
@@ -200,6 +226,12 @@ impl Config {
         }
         if s.join_timeout_secs == 0 || s.idle_timeout_secs == 0 {
             return invalid("signaling.join_timeout_secs", "timeouts must be positive");
+        }
+        if self.webtransport.tls_cert.is_some() != self.webtransport.tls_key.is_some() {
+            return invalid(
+                "webtransport.tls_cert",
+                "tls_cert and tls_key must be given together",
+            );
         }
         if self.node.region.is_empty() || self.node.region.len() > 64 {
             return invalid("node.region", "must be 1..=64 characters");

@@ -21,6 +21,10 @@ pub(crate) fn router(state: NodeState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/signal", get(signal))
+        .route(
+            "/webtransport/certificate-hashes",
+            get(webtransport_certificate_hashes),
+        )
         .with_state(state)
 }
 
@@ -49,6 +53,46 @@ async fn metrics(State(state): State<NodeState>) -> impl IntoResponse {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.metrics.render(&state.registry),
+    )
+}
+
+/// Where the WebTransport listener is and, for a self-signed development
+/// certificate, its SHA-256 (base64 of the raw digest) for `serverCertificateHashes`.
+async fn webtransport_certificate_hashes(
+    State(state): State<NodeState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    use base64::Engine as _;
+    let wt = &state.webtransport;
+    let host = if wt.addr.ip().is_unspecified() {
+        // Bound to every interface: name the host the page itself was loaded from.
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.rsplit_once(':').map_or(Some(h), |(host, _)| Some(host)))
+            .map(str::to_string)
+            .unwrap_or_else(|| "127.0.0.1".into())
+    } else if wt.addr.is_ipv6() {
+        format!("[{}]", wt.addr.ip())
+    } else {
+        wt.addr.ip().to_string()
+    };
+    let hashes: Vec<_> = wt
+        .hashes()
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "algorithm": "sha-256",
+                "value": base64::engine::general_purpose::STANDARD.encode(h),
+            })
+        })
+        .collect();
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(serde_json::json!({
+            "url": format!("https://{host}:{}{}", wt.addr.port(), crate::webtransport::PATH),
+            "hashes": hashes,
+        })),
     )
 }
 

@@ -11,12 +11,14 @@ mod http;
 mod media_loop;
 pub mod metrics;
 mod signal;
+mod webtransport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use meridian_auth::KeySet;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -40,6 +42,9 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The WebTransport certificate could not be loaded or generated.
+    #[error("WebTransport certificate: {0}")]
+    Certificate(String),
     /// The token keys could not be loaded or created.
     #[error("token keys: {0}")]
     Keys(#[from] meridian_auth::AuthError),
@@ -53,6 +58,7 @@ pub(crate) struct NodeState {
     pub metrics: Metrics,
     pub registry: Arc<prometheus_client::registry::Registry>,
     pub commands: mpsc::Sender<media_loop::Command>,
+    pub webtransport: webtransport::Advert,
 }
 
 /// A running node.
@@ -61,11 +67,15 @@ pub struct Node {
     pub http_addr: SocketAddr,
     /// Address of the media UDP socket.
     pub media_addr: SocketAddr,
+    /// Address of the WebTransport signaling listener (UDP).
+    pub wt_addr: SocketAddr,
     /// The node's metrics.
     pub metrics: Metrics,
     shutdown: watch::Sender<bool>,
     http_task: JoinHandle<()>,
-    media_task: JoinHandle<()>,
+    wt_task: JoinHandle<()>,
+    media_task: oneshot::Receiver<String>,
+    commands: mpsc::Sender<media_loop::Command>,
 }
 
 impl Node {
@@ -79,14 +89,13 @@ impl Node {
     /// Like [`Node::start`], with the token keys given.
     pub async fn start_with_keys(config: Config, keys: KeySet) -> Result<Node, NodeError> {
         config.validate()?;
-        let socket =
-            UdpSocket::bind(config.media.addr)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    what: "media UDP socket",
-                    addr: config.media.addr,
-                    source,
-                })?;
+        let socket = std::net::UdpSocket::bind(config.media.addr)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .map_err(|source| NodeError::Bind {
+                what: "media UDP socket",
+                addr: config.media.addr,
+                source,
+            })?;
         let media_addr = socket.local_addr().map_err(|source| NodeError::Bind {
             what: "media UDP socket",
             addr: config.media.addr,
@@ -104,24 +113,56 @@ impl Node {
             addr: config.http.addr,
             source,
         })?;
+        let wt_listener = webtransport::bind(&config).await?;
+        let wt_addr = wt_listener.advert().addr;
         let metrics = Metrics::default();
         let (commands, command_rx) = mpsc::channel(4096);
         let candidate = config.candidate_addr(media_addr);
-        let media = media_loop::MediaLoop::new(
-            Arc::new(socket),
-            candidate,
-            metrics.clone(),
-            config.resume_grace(),
-        );
-        let media_task = tokio::spawn(media.run(command_rx));
+        // The media loop gets a thread and a single-threaded runtime of its own: every
+        // datagram is handled where it was read, with no cross-thread wake-ups.
+        let (media_done, media_task) = oneshot::channel();
+        let (grace, loop_metrics) = (config.resume_grace(), metrics.clone());
+        std::thread::Builder::new()
+            .name("meridian-media".into())
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a current-thread runtime can always be built");
+                    rt.block_on(async move {
+                        let socket = tokio::net::UdpSocket::from_std(socket)
+                            .expect("a non-blocking UDP socket registers with the runtime");
+                        media_loop::MediaLoop::new(Arc::new(socket), candidate, loop_metrics, grace)
+                            .run(command_rx)
+                            .await
+                    })
+                }));
+                let why = match result {
+                    Ok(()) => "media loop stopped".to_string(),
+                    Err(_) => "media loop panicked".to_string(),
+                };
+                let _ = media_done.send(why);
+            })
+            .map_err(|source| NodeError::Bind {
+                what: "media thread",
+                addr: media_addr,
+                source,
+            })?;
         let state = NodeState {
             config: Arc::new(config),
             keys: Arc::new(keys),
             registry: Arc::new(metrics.registry()),
             metrics: metrics.clone(),
-            commands,
+            commands: commands.clone(),
+            webtransport: wt_listener.advert(),
         };
         let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let wt_task = tokio::spawn(webtransport::serve(
+            wt_listener,
+            state.clone(),
+            shutdown.subscribe(),
+        ));
         let app = http::router(state);
         let http_task = tokio::spawn(async move {
             let serve = axum::serve(
@@ -135,30 +176,33 @@ impl Node {
                 tracing::error!("HTTP server failed: {e}");
             }
         });
-        info!(%http_addr, %media_addr, %candidate, "meridian node started");
+        info!(%http_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
         Ok(Node {
             http_addr,
             media_addr,
+            wt_addr,
             metrics,
             shutdown,
             http_task,
+            wt_task,
             media_task,
+            commands,
         })
     }
 
     /// Stops accepting connections and ends the node's tasks.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        self.media_task.abort();
+        let _ = self.commands.send(media_loop::Command::Shutdown).await;
         let _ = self.http_task.await;
+        let _ = self.wt_task.await;
     }
 
     /// Resolves if the media loop ends by itself, which only a bug can cause; the
     /// caller should then exit non-zero rather than keep a node that forwards nothing.
     pub async fn failed(&mut self) -> String {
-        match (&mut self.media_task).await {
-            Ok(()) => "media loop stopped".to_string(),
-            Err(e) => format!("media loop failed: {e}"),
-        }
+        (&mut self.media_task)
+            .await
+            .unwrap_or_else(|_| "media thread ended".to_string())
     }
 }

@@ -45,6 +45,8 @@ pub(crate) enum Command {
         participant: ParticipantId,
         msg: ClientMessage,
     },
+    /// The node is shutting down.
+    Shutdown,
     /// The session's transport closed; `generation` tells stale detaches apart.
     Detach {
         participant: ParticipantId,
@@ -109,7 +111,7 @@ impl MediaLoop {
                     self.receive_batch(&mut buf);
                 }
                 cmd = commands.recv() => {
-                    let Some(cmd) = cmd else {
+                    let Some(cmd) = cmd.filter(|c| !matches!(c, Command::Shutdown)) else {
                         info!("media loop stopping");
                         return;
                     };
@@ -334,16 +336,18 @@ impl MediaLoop {
                     );
                 }
             }
+            Command::Shutdown => {}
             Command::Detach {
                 participant,
                 generation,
             } => {
                 if let Some(s) = self.sessions.get_mut(&participant)
-                    && s.generation == generation {
-                        debug!(%participant, "signaling detached; grace period starts");
-                        s.tx = None;
-                        s.detached_at = Some(now);
-                    }
+                    && s.generation == generation
+                {
+                    debug!(%participant, "signaling detached; grace period starts");
+                    s.tx = None;
+                    s.detached_at = Some(now);
+                }
             }
             Command::Message { participant, msg } => {
                 if let Err((code, message)) = self.handle_message(now, participant, msg) {
@@ -514,9 +518,10 @@ impl MediaLoop {
                 debug!(%participant, ?pc, "media connection lost");
                 if (pc == PcKind::Publisher || pc == PcKind::Subscriber)
                     && let Some(s) = self.sessions.get_mut(&participant)
-                        && s.tx.is_none() {
-                            s.detached_at.get_or_insert(Instant::now());
-                        }
+                    && s.tx.is_none()
+                {
+                    s.detached_at.get_or_insert(Instant::now());
+                }
             }
             SfuEvent::Subscribed { .. } | SfuEvent::Connected { .. } => {}
         }

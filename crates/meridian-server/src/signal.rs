@@ -22,6 +22,9 @@ pub(crate) enum Frame {
     Data(Vec<u8>),
     /// A frame that is not a message (binary where text is expected, …).
     Invalid(&'static str),
+    /// A message announced (by a length prefix) as this many bytes, over the limit;
+    /// the transport did not read it.
+    TooLarge(usize),
 }
 
 /// Token bucket bounding messages per connection.
@@ -134,6 +137,11 @@ where
             Frame::Data(b) => b,
             Frame::Invalid(why) => {
                 let _ = tx.try_send(error(ErrorCode::MalformedMessage, why.into()));
+                continue;
+            }
+            Frame::TooLarge(len) => {
+                let e = DecodeError::TooLarge(len);
+                let _ = tx.try_send(error(e.code(), e.to_string()));
                 continue;
             }
         };
