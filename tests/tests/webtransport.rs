@@ -282,3 +282,44 @@ async fn time_to_joined_per_transport() {
     }
     t.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_are_served_instead_of_a_generated_one() {
+    let identity = wtransport::Identity::self_signed(["127.0.0.1", "localhost"]).unwrap();
+    let dir = std::env::temp_dir().join(format!("meridian-wt-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    identity
+        .certificate_chain()
+        .store_pemfile(&cert)
+        .await
+        .unwrap();
+    identity
+        .private_key()
+        .store_secret_pemfile(&key)
+        .await
+        .unwrap();
+    let hash = *identity.certificate_chain().as_slice()[0].hash().as_ref();
+
+    let mut half = meridian_server::Config::default();
+    half.webtransport.tls_cert = Some(cert.clone());
+    assert!(half.validate().is_err(), "a certificate needs its key");
+
+    let t = start_node(|c| {
+        c.webtransport.tls_cert = Some(cert.clone());
+        c.webtransport.tls_key = Some(key.clone());
+    })
+    .await;
+    let mut ep = t.wt_endpoint().await;
+    assert!(
+        ep.certificate_hashes.is_empty(),
+        "no hash is published for configured certificates"
+    );
+    // No CA signed this one: trust it by its hash to see that it is the one served.
+    ep.certificate_hashes = vec![hash];
+    let mut s = RawWt::connect(&ep).await;
+    s.send_text(&join_message(&t, "prod", "prod")).await;
+    assert!(matches!(s.recv().await, Some(ServerMessage::Joined { .. })));
+    t.node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod media;
+mod signal;
 mod stats;
 
 use std::collections::HashMap;
@@ -20,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use meridian_protocol::{
     ClientMessage, ErrorCode, Layer, ServerMessage, TrackAnnouncement, TrackKind,
 };
@@ -32,11 +32,24 @@ use str0m_netem::{Netem, NetemConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
 pub use media::{FrameHeader, now_micros};
+pub use signal::{WebTransportEndpoint, webtransport_endpoint};
 pub use stats::{ClientStats, TrackStats};
+
+use signal::Signal;
+
+/// How a client reaches the node's signaling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket text frames; [`ClientConfig::url`] is `ws://HOST:PORT/signal`.
+    #[default]
+    WebSocket,
+    /// One WebTransport bidirectional stream of length-prefixed messages;
+    /// [`ClientConfig::url`] is `https://HOST:PORT/signal`.
+    WebTransport,
+}
 
 /// Errors of a client session.
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +87,14 @@ pub enum ClientError {
 /// What a client publishes and how it behaves.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// Signaling URL, e.g. `ws://127.0.0.1:7880/signal`.
+    /// Signaling URL, e.g. `ws://127.0.0.1:7880/signal` (WebSocket) or
+    /// `https://127.0.0.1:7881/signal` (WebTransport).
     pub url: String,
+    /// The signaling transport.
+    pub transport: Transport,
+    /// WebTransport only: SHA-256 digests of the node's self-signed certificate
+    /// (empty: verify it against the system's roots).
+    pub server_certificate_hashes: Vec<[u8; 32]>,
     /// Access token.
     pub token: String,
     /// Publish a synthetic Opus track.
@@ -105,6 +124,8 @@ impl ClientConfig {
     pub fn new(url: impl Into<String>, token: impl Into<String>) -> Self {
         ClientConfig {
             url: url.into(),
+            transport: Transport::WebSocket,
+            server_certificate_hashes: Vec::new(),
             token: token.into(),
             publish_audio: true,
             publish_video: true,
@@ -116,6 +137,16 @@ impl ClientConfig {
             bind_ip: "127.0.0.1".parse().expect("valid literal"),
             impairment: None,
             join_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The same client over WebTransport to `endpoint`.
+    pub fn over_webtransport(self, endpoint: WebTransportEndpoint) -> Self {
+        ClientConfig {
+            url: endpoint.url,
+            transport: Transport::WebTransport,
+            server_certificate_hashes: endpoint.certificate_hashes,
+            ..self
         }
     }
 
@@ -148,14 +179,9 @@ impl Client {
     /// Connects, joins, starts publishing and subscribing; returns once `joined` arrived.
     pub async fn join(config: ClientConfig) -> Result<Client, ClientError> {
         let started = Instant::now();
-        let (ws, _) = tokio::time::timeout(
-            config.join_timeout,
-            tokio_tungstenite::connect_async(config.url.as_str()),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout("signaling connection"))?
-        .map_err(|e| ClientError::Signaling(e.to_string()))?;
-        let (mut sink, mut stream) = ws.split();
+        let mut signal = tokio::time::timeout(config.join_timeout, Signal::connect(&config))
+            .await
+            .map_err(|_| ClientError::Timeout("signaling connection"))??;
         let join = ClientMessage::Join {
             token: config.token.clone(),
             resume: None,
@@ -163,23 +189,16 @@ impl Client {
             auto_subscribe: config.auto_subscribe,
             client: Some("meridian-client".into()),
         };
-        sink.send(Message::text(join.encode()))
-            .await
-            .map_err(|e| ClientError::Signaling(e.to_string()))?;
+        signal.send(&join).await?;
         let deadline = tokio::time::Instant::now() + config.join_timeout;
         let joined = loop {
-            let msg = tokio::time::timeout_at(deadline, stream.next())
+            let msg = tokio::time::timeout_at(deadline, signal.recv())
                 .await
-                .map_err(|_| ClientError::Timeout("joined"))?;
-            let Some(Ok(Message::Text(text))) = msg else {
-                match msg {
-                    Some(Ok(_)) => continue,
-                    _ => return Err(ClientError::Signaling("closed before joined".into())),
-                }
+                .map_err(|_| ClientError::Timeout("joined"))??;
+            let Some(msg) = msg else {
+                return Err(ClientError::Signaling("closed before joined".into()));
             };
-            match ServerMessage::decode(text.as_bytes())
-                .map_err(|e| ClientError::Signaling(e.to_string()))?
-            {
+            match msg {
                 j @ ServerMessage::Joined { .. } => break j,
                 ServerMessage::Error { code, message } => {
                     return Err(ClientError::Refused { code, message });
@@ -210,7 +229,7 @@ impl Client {
             stats.clone(),
             msg_tx,
         )?;
-        let task = tokio::spawn(session.run(sink, stream, command_rx));
+        let task = tokio::spawn(session.run(signal, command_rx));
         Ok(Client {
             stats,
             commands,
@@ -373,18 +392,11 @@ impl Session {
         })
     }
 
-    async fn run<S, R>(
+    async fn run(
         mut self,
-        mut sink: S,
-        mut stream: R,
+        mut signal: Signal,
         mut commands: mpsc::Receiver<Command>,
-    ) -> Result<(), ClientError>
-    where
-        S: futures_util::Sink<Message> + Unpin,
-        S::Error: std::fmt::Display,
-        R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
-            + Unpin,
-    {
+    ) -> Result<(), ClientError> {
         if self.config.publish_audio || self.config.publish_video {
             self.offer_publications()?;
         }
@@ -393,26 +405,20 @@ impl Session {
         let mut ping = tokio::time::interval(Duration::from_secs(5));
         let mut ping_id = 0;
         loop {
-            for msg in self.out_queue.drain(..) {
-                sink.send(Message::text(msg.encode()))
-                    .await
-                    .map_err(|e| ClientError::Signaling(e.to_string()))?;
+            for msg in std::mem::take(&mut self.out_queue) {
+                signal.send(&msg).await?;
             }
             self.drain(Instant::now());
             let deadline = tokio::time::Instant::from_std(self.next_deadline());
             tokio::select! {
-                msg = stream.next() => {
-                    match msg {
-                        Some(Ok(Message::Text(text))) => {
-                            let msg = ServerMessage::decode(text.as_bytes())
-                                .map_err(|e| ClientError::Signaling(e.to_string()))?;
-                            if let ServerMessage::Left { .. } = msg {
-                                return Ok(());
-                            }
-                            self.handle_server(msg)?;
+                msg = signal.recv() => {
+                    match msg? {
+                        Some(ServerMessage::Left { .. }) => {
+                            signal.close().await;
+                            return Ok(());
                         }
-                        Some(Ok(_)) => {}
-                        _ => return Err(ClientError::Signaling("signaling closed".into())),
+                        Some(msg) => self.handle_server(msg)?,
+                        None => return Err(ClientError::Signaling("signaling closed".into())),
                     }
                 }
                 r = self.publisher.socket.recv_from(&mut buf_pub) => {
@@ -430,16 +436,16 @@ impl Session {
                         self.net_out = c.map(Netem::new);
                     }
                     Some(Command::Leave) => {
-                        let _ = sink.send(Message::text(ClientMessage::Leave.encode())).await;
+                        let _ = signal.send(&ClientMessage::Leave).await;
                         // Wait briefly for `left`.
                         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                            while let Some(Ok(m)) = stream.next().await {
-                                if let Message::Text(t) = m
-                                    && matches!(ServerMessage::decode(t.as_bytes()), Ok(ServerMessage::Left { .. })) {
-                                        break;
-                                    }
+                            while let Ok(Some(m)) = signal.recv().await {
+                                if matches!(m, ServerMessage::Left { .. }) {
+                                    break;
+                                }
                             }
                         }).await;
+                        signal.close().await;
                         return Ok(());
                     }
                     Some(Command::Drop) | None => return Ok(()),

@@ -106,8 +106,10 @@ impl ClientStats {
             t.freezes -= e.freezes.min(t.freezes);
             t.packets -= e.packets.min(t.packets);
             t.bytes -= e.bytes.min(t.bytes);
-            t.latency_ms.drain(..e.latency_ms.len().min(t.latency_ms.len()));
-            t.jitter_ms.drain(..e.jitter_ms.len().min(t.jitter_ms.len()));
+            t.latency_ms
+                .drain(..e.latency_ms.len().min(t.latency_ms.len()));
+            t.jitter_ms
+                .drain(..e.jitter_ms.len().min(t.jitter_ms.len()));
         }
         out
     }
@@ -138,9 +140,10 @@ impl ClientStats {
             t.last_layer = Some(h.layer);
         }
         if let Some(last) = t.last_seq
-            && h.seq > last + 1 {
-                t.frames_missing += h.seq - last - 1;
-            }
+            && h.seq > last + 1
+        {
+            t.frames_missing += h.seq - last - 1;
+        }
         if t.last_seq.is_none_or(|l| h.seq > l) {
             t.last_seq = Some(h.seq);
         }

@@ -239,7 +239,9 @@ pub struct SfuStats {
     pub datagrams_unrouted: u64,
     /// Datagrams dropped because they were not STUN, DTLS, RTP or RTCP.
     pub datagrams_malformed: u64,
-    /// Datagrams a peer connection refused (bad SRTP, bad STUN integrity, …).
+    /// Datagrams a peer connection returned an error for. (str0m drops SRTP that fails
+    /// authentication and STUN with a bad MESSAGE-INTEGRITY silently; those are not
+    /// counted here.)
     pub datagrams_rejected: u64,
     /// Keyframe requests sent to publishers.
     pub keyframe_requests: u64,
@@ -380,6 +382,10 @@ impl Track {
 const DEFAULT_LAYER_BPS: [u64; 3] = [150_000, 500_000, 1_500_000];
 const AUDIO_BPS: u64 = 50_000;
 const RATE_WINDOW: Duration = Duration::from_millis(500);
+/// Packets kept per outgoing stream to answer NACKs.
+const RTX_CACHE_PACKETS: usize = 512;
+/// How old a packet may be and still be resent.
+const RTX_CACHE_AGE: Duration = Duration::from_secs(1);
 /// How often every subscriber's layers are reconsidered as layer rates change.
 const REALLOCATE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -667,11 +673,15 @@ impl Sfu {
         let mut wanted = Vec::new();
         for (track, sub) in p.subscriptions.iter_mut() {
             if let (Some(mid), None) = (sub.mid, sub.out_ssrc)
-                && let Some(tx) = p.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None) {
-                    sub.out_ssrc = Some(tx.ssrc());
-                    sub.active = true;
-                    wanted.push(*track);
-                }
+                && let Some(tx) = p.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None)
+            {
+                // 1 s of history answers NACKs on any usable path and keeps a
+                // subscriber's memory small (str0m's default keeps 3 s).
+                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(0.15));
+                sub.out_ssrc = Some(tx.ssrc());
+                sub.active = true;
+                wanted.push(*track);
+            }
         }
         self.negotiate(id);
         for track in wanted {
@@ -804,8 +814,7 @@ impl Sfu {
             self.stats.datagrams_malformed += 1;
             return;
         };
-        let route = self.route(source, contents);
-        let Some((id, kind)) = route else {
+        let Some((id, kind, stun)) = self.route(source, contents) else {
             self.stats.datagrams_unrouted += 1;
             trace!(%source, "unrouted datagram");
             return;
@@ -819,7 +828,20 @@ impl Sfu {
             self.stats.datagrams_rejected += 1;
         }
         mark_dirty(&mut self.dirty, id, pc, kind);
+        let queued = self.transmits.len();
         self.process(now);
+        // str0m answers only checks whose MESSAGE-INTEGRITY matches the connection's ICE
+        // password: an answer to `source` proves it is the peer, so media may come from
+        // there. A forged check gets no answer and moves nothing.
+        if stun
+            && self
+                .transmits
+                .iter()
+                .skip(queued)
+                .any(|t| t.destination == source)
+        {
+            self.bind_address(id, kind, source);
+        }
     }
 
     /// Advances time: call at (or after) [`Sfu::poll_timeout`].
@@ -870,24 +892,33 @@ impl Sfu {
 
     // ----- internals -----
 
-    fn route(&mut self, source: SocketAddr, contents: &[u8]) -> Option<(ParticipantId, PcKind)> {
-        // STUN: the USERNAME attribute names our ufrag; a successful check moves the
-        // peer's address to this connection.
+    /// Finds the connection a datagram belongs to. STUN names it by the USERNAME's ufrag
+    /// (and reports `true`: the address may move once str0m verifies the check); any
+    /// other datagram by its source address.
+    fn route(&self, source: SocketAddr, contents: &[u8]) -> Option<(ParticipantId, PcKind, bool)> {
         if contents.first().is_some_and(|b| *b < 2) {
             let msg = str0m::ice::StunMessage::parse(contents).ok()?;
             let (local, _remote) = msg.split_username()?;
-            let route = *self.by_ufrag.get(local)?;
-            let p = self.participants.get_mut(&route.0)?;
-            let pc = p.pc_mut(route.1);
-            if pc.remote != Some(source) {
-                if let Some(old) = pc.remote.replace(source) {
-                    self.by_addr.remove(&old);
-                }
-                self.by_addr.insert(source, route);
-            }
-            return Some(route);
+            let (id, kind) = *self.by_ufrag.get(local)?;
+            return Some((id, kind, true));
         }
-        self.by_addr.get(&source).copied()
+        self.by_addr
+            .get(&source)
+            .map(|(id, kind)| (*id, *kind, false))
+    }
+
+    /// Points `source` at a connection whose ICE check from there str0m accepted.
+    fn bind_address(&mut self, id: ParticipantId, kind: PcKind, source: SocketAddr) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let pc = p.pc_mut(kind);
+        if pc.remote != Some(source) {
+            if let Some(old) = pc.remote.replace(source) {
+                self.by_addr.remove(&old);
+            }
+            self.by_addr.insert(source, (id, kind));
+        }
     }
 
     fn subscribe_inner(&mut self, id: ParticipantId, track: TrackId) -> Result<(), MediaError> {
@@ -1003,12 +1034,13 @@ impl Sfu {
         }
         for sub_id in &t.subscribers {
             if let Some(p) = self.participants.get_mut(sub_id)
-                && let Some(sub) = p.subscriptions.remove(&track) {
-                    p.to_add.retain(|x| *x != track);
-                    if let Some(mid) = sub.mid {
-                        p.to_stop.push(mid);
-                    }
+                && let Some(sub) = p.subscriptions.remove(&track)
+            {
+                p.to_add.retain(|x| *x != track);
+                if let Some(mid) = sub.mid {
+                    p.to_stop.push(mid);
                 }
+            }
         }
         self.events.push_back(SfuEvent::TrackUnpublished {
             room: t.room.clone(),

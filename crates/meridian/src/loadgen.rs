@@ -15,6 +15,10 @@ pub struct LoadgenArgs {
     /// Signaling URL of the node.
     #[arg(long, default_value = "ws://127.0.0.1:7880/signal")]
     url: String,
+    /// Signaling transport: `ws` (WebSocket at `--url`) or `wt` (WebTransport; its
+    /// address and certificate hash are asked from the HTTP listener of `--url`).
+    #[arg(long, default_value = "ws", value_parser = ["ws", "wt"])]
+    transport: String,
     /// Publishing clients (audio + simulcast video each).
     #[arg(long, default_value_t = 1)]
     publishers: usize,
@@ -126,6 +130,18 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         bail!("--layer-kbps takes three numbers");
     }
     let rooms = args.rooms.max(1);
+    let webtransport = match args.transport.as_str() {
+        "wt" => Some(
+            meridian_client::webtransport_endpoint(&args.url)
+                .await
+                .with_context(|| format!("asking {} for its WebTransport endpoint", args.url))?,
+        ),
+        _ => None,
+    };
+    let transport = |c: ClientConfig| match &webtransport {
+        Some(ep) => c.over_webtransport(ep.clone()),
+        None => c,
+    };
     let token = |identity: String, room: String, publish: bool| -> Result<String> {
         let mut c = Claims::new(
             identity,
@@ -147,7 +163,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let mut publishers = Vec::new();
     for i in 0..args.publishers {
         let room = format!("{}-{}", args.room_prefix, i % rooms);
-        let mut c = ClientConfig::new(&args.url, token(format!("pub-{i}"), room, true)?);
+        let mut c = transport(ClientConfig::new(
+            &args.url,
+            token(format!("pub-{i}"), room, true)?,
+        ));
         c.auto_subscribe = false;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
         c.impairment = impairment;
@@ -160,7 +179,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let mut subscribers = Vec::new();
     for i in 0..args.subscribers {
         let room = format!("{}-{}", args.room_prefix, i % rooms);
-        let mut c = ClientConfig::subscriber(&args.url, token(format!("sub-{i}"), room, false)?);
+        let mut c = transport(ClientConfig::subscriber(
+            &args.url,
+            token(format!("sub-{i}"), room, false)?,
+        ));
         c.impairment = impairment;
         subscribers.push(
             Client::join(c)
@@ -245,6 +267,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         }
     };
     let summary = serde_json::json!({
+        "transport": args.transport,
         "publishers": args.publishers,
         "subscribers": args.subscribers,
         "rooms": rooms,

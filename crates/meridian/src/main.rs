@@ -42,6 +42,16 @@ struct ServeArgs {
     /// UDP address for all media [default: 127.0.0.1:7882].
     #[arg(long, env = "MERIDIAN_MEDIA_ADDR")]
     media_addr: Option<SocketAddr>,
+    /// UDP address for WebTransport signaling [default: 127.0.0.1:7881].
+    #[arg(long, env = "MERIDIAN_WT_ADDR")]
+    wt_addr: Option<SocketAddr>,
+    /// PEM certificate chain for WebTransport (default: a generated self-signed
+    /// development certificate, its hash at /webtransport/certificate-hashes).
+    #[arg(long, env = "MERIDIAN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "MERIDIAN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Address advertised to clients behind a 1:1 NAT.
     #[arg(long, env = "MERIDIAN_PUBLIC_IP")]
     public_ip: Option<IpAddr>,
@@ -130,6 +140,13 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     if let Some(a) = args.media_addr {
         config.media.addr = a;
     }
+    if let Some(a) = args.wt_addr {
+        config.webtransport.addr = a;
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.webtransport.tls_cert = Some(cert.clone());
+        config.webtransport.tls_key = Some(key.clone());
+    }
     if let Some(ip) = args.public_ip {
         config.media.public_ip = Some(ip);
     }
@@ -159,6 +176,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             "event": "listening",
             "http": node.http_addr.to_string(),
             "media": node.media_addr.to_string(),
+            "wt": node.wt_addr.to_string(),
         })
     );
     eprintln!(

@@ -41,17 +41,20 @@ pub struct FrameHeader {
     pub layer: u8,
     /// Whether the frame is a keyframe.
     pub keyframe: bool,
+    /// Virtual send time, microseconds since the harness started.
+    pub sent_us: u64,
 }
 
 impl FrameHeader {
     /// Finds and reads the header in a received frame.
     pub fn parse(frame: &[u8]) -> Option<FrameHeader> {
         let at = frame.windows(4).take(16).position(|w| w == MAGIC)?;
-        let b = frame.get(at + 4..at + 14)?;
+        let b = frame.get(at + 4..at + 22)?;
         Some(FrameHeader {
             seq: u64::from_be_bytes(b[0..8].try_into().ok()?),
             layer: b[8],
             keyframe: b[9] == 1,
+            sent_us: u64::from_be_bytes(b[10..18].try_into().ok()?),
         })
     }
 
@@ -60,6 +63,7 @@ impl FrameHeader {
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.push(self.layer);
         out.push(self.keyframe as u8);
+        out.extend_from_slice(&self.sent_us.to_be_bytes());
     }
 }
 
@@ -123,6 +127,9 @@ pub struct Frame {
     pub header: FrameHeader,
     /// str0m's `contiguous` flag (false after an unrecovered gap).
     pub contiguous: bool,
+    /// Virtual time from the publisher's write to this frame's arrival (the node's
+    /// pacing and any impairment; no network delay otherwise).
+    pub latency: Duration,
 }
 
 /// One peer connection of a client.
@@ -222,6 +229,10 @@ impl Client {
 pub struct Profile {
     /// Wall time inside `Sfu` calls including draining their output.
     pub sfu_time: Duration,
+    /// Thread CPU time inside the same calls (when `cpu` is set).
+    pub sfu_cpu: Duration,
+    /// Also measure thread CPU time (two extra syscalls per call).
+    pub cpu: bool,
     /// Number of timed `Sfu` calls.
     pub calls: u64,
     /// Per RTP datagram: from `handle_datagram` to the end of draining its output.
@@ -296,6 +307,11 @@ impl Harness {
     /// Runs `f` on the core and drains its transmits and events, timing both when
     /// profiling. Returns the time spent.
     fn drive<R>(&mut self, f: impl FnOnce(&mut Sfu, Instant) -> R) -> (R, Duration) {
+        let cpu0 = self
+            .profile
+            .as_ref()
+            .filter(|p| p.cpu)
+            .map(|_| cpu_time::ThreadTime::now());
         let t0 = Instant::now();
         let r = f(&mut self.sfu, self.now);
         while let Some(t) = self.sfu.poll_transmit() {
@@ -308,6 +324,9 @@ impl Harness {
         if let Some(p) = &mut self.profile {
             p.sfu_time += spent;
             p.calls += 1;
+            if let Some(c) = cpu0 {
+                p.sfu_cpu += c.elapsed();
+            }
         }
         (r, spent)
     }
@@ -315,7 +334,12 @@ impl Harness {
     fn new_client(&mut self, id: ParticipantId) -> usize {
         let n = self.next_host;
         self.next_host += 1;
-        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, (1 + n / 250) as u8, (n % 250) as u8 + 1));
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            10,
+            0,
+            (1 + n / 250) as u8,
+            (n % 250) as u8 + 1,
+        ));
         let pub_addr = SocketAddr::new(ip, 10_000);
         let sub_addr = SocketAddr::new(ip, 20_000);
         let idx = self.clients.len();
@@ -426,7 +450,13 @@ impl Harness {
     }
 
     /// Impairs the datagrams between the node and one peer connection.
-    pub fn impair(&mut self, idx: usize, publisher: bool, down: Option<NetemConfig>, up: Option<NetemConfig>) {
+    pub fn impair(
+        &mut self,
+        idx: usize,
+        publisher: bool,
+        down: Option<NetemConfig>,
+        up: Option<NetemConfig>,
+    ) {
         let c = &mut self.clients[idx];
         let pc = if publisher {
             &mut c.publisher
@@ -536,10 +566,8 @@ impl Harness {
                 moved = true;
                 let rtp = is_rtp(&data);
                 let (_, spent) = self.drive(|s, now| s.handle_datagram(now, source, &data));
-                if rtp {
-                    if let Some(p) = &mut self.profile {
-                        p.rtp_latencies.push(spent);
-                    }
+                if rtp && let Some(p) = &mut self.profile {
+                    p.rtp_latencies.push(spent);
                 }
             }
             while let Some(t) = self.to_peer.pop_front() {
@@ -573,35 +601,34 @@ impl Harness {
             sdp,
             tracks,
         } = &e
+            && let Some(&idx) = self.by_id.get(participant)
         {
-            if let Some(&idx) = self.by_id.get(participant) {
-                let c = &mut self.clients[idx];
-                c.offers.push(
-                    tracks
-                        .iter()
-                        .filter_map(|t| t.track_id.parse().ok())
-                        .collect(),
-                );
-                if self.auto_answer && c.alive {
-                    for t in tracks {
-                        if let Ok(track) = t.track_id.parse() {
-                            c.sub_tracks.insert(Mid::from(t.mid.as_str()), track);
-                        }
+            let c = &mut self.clients[idx];
+            c.offers.push(
+                tracks
+                    .iter()
+                    .filter_map(|t| t.track_id.parse().ok())
+                    .collect(),
+            );
+            if self.auto_answer && c.alive {
+                for t in tracks {
+                    if let Ok(track) = t.track_id.parse() {
+                        c.sub_tracks.insert(Mid::from(t.mid.as_str()), track);
                     }
-                    let offer = SdpOffer::from_sdp_string(sdp).expect("the node's offer parses");
-                    let answer = c
-                        .subscriber
-                        .rtc
-                        .sdp_api()
-                        .accept_offer(offer)
-                        .expect("the node's offer is acceptable")
-                        .to_sdp_string();
-                    let id = *participant;
-                    self.poll_peer(idx, false);
-                    self.drive(|s, now| s.handle_subscriber_answer(now, id, &answer))
-                        .0
-                        .expect("the node accepts the answer");
                 }
+                let offer = SdpOffer::from_sdp_string(sdp).expect("the node's offer parses");
+                let answer = c
+                    .subscriber
+                    .rtc
+                    .sdp_api()
+                    .accept_offer(offer)
+                    .expect("the node's offer is acceptable")
+                    .to_sdp_string();
+                let id = *participant;
+                self.poll_peer(idx, false);
+                self.drive(|s, now| s.handle_subscriber_answer(now, id, &answer))
+                    .0
+                    .expect("the node accepts the answer");
             }
         }
         if self.keep_events {
@@ -621,6 +648,7 @@ impl Harness {
 
     fn poll_peer(&mut self, idx: usize, publisher: bool) {
         let now = self.now;
+        let start = self.start;
         for _ in 0..PUMP_BOUND {
             let c = &mut self.clients[idx];
             let pc = pc_of(c, publisher);
@@ -670,6 +698,9 @@ impl Harness {
                                 video,
                                 header,
                                 contiguous: d.contiguous,
+                                latency: now.saturating_duration_since(
+                                    start + Duration::from_micros(header.sent_us),
+                                ),
                             });
                         }
                     }
@@ -681,6 +712,7 @@ impl Harness {
 
     fn write_media(&mut self, idx: usize) {
         let now = self.now;
+        let sent_us = now.saturating_duration_since(self.start).as_micros() as u64;
         let c = &mut self.clients[idx];
         let Some(s) = &mut c.source else {
             return;
@@ -689,86 +721,88 @@ impl Harness {
             return;
         }
         let rtc = &mut c.publisher.rtc;
-        if let Some(mid) = s.audio_mid {
-            if now >= s.next_audio {
-                while s.next_audio <= now {
-                    s.next_audio += Duration::from_millis(20);
-                }
-                let pt = rtc
-                    .codec_config()
-                    .find(|p| p.spec().codec == Codec::Opus)
-                    .map(|p| p.pt());
-                let elapsed = now.saturating_duration_since(s.started);
-                let rtp = MediaTime::new(
-                    elapsed.as_micros() as u64 * 48 / 1000,
-                    Frequency::FORTY_EIGHT_KHZ,
-                );
-                let mut frame = vec![0xfc];
-                FrameHeader {
-                    seq: s.audio_seq,
-                    layer: 0,
-                    keyframe: true,
-                }
-                .write(&mut frame);
-                frame.resize(80, 0);
-                if let (Some(pt), Some(w)) = (pt, rtc.writer(mid)) {
-                    if w.write(pt, now, rtp, frame).is_ok() {
-                        c.sent[3] += 1;
-                    }
-                }
-                s.audio_seq += 1;
+        if let Some(mid) = s.audio_mid
+            && now >= s.next_audio
+        {
+            while s.next_audio <= now {
+                s.next_audio += Duration::from_millis(20);
             }
+            let pt = rtc
+                .codec_config()
+                .find(|p| p.spec().codec == Codec::Opus)
+                .map(|p| p.pt());
+            let elapsed = now.saturating_duration_since(s.started);
+            let rtp = MediaTime::new(
+                elapsed.as_micros() as u64 * 48 / 1000,
+                Frequency::FORTY_EIGHT_KHZ,
+            );
+            let mut frame = vec![0xfc];
+            FrameHeader {
+                seq: s.audio_seq,
+                layer: 0,
+                keyframe: true,
+                sent_us,
+            }
+            .write(&mut frame);
+            frame.resize(80, 0);
+            if let (Some(pt), Some(w)) = (pt, rtc.writer(mid))
+                && w.write(pt, now, rtp, frame).is_ok()
+            {
+                c.sent[3] += 1;
+            }
+            s.audio_seq += 1;
         }
-        if let Some(mid) = s.video_mid {
-            if now >= s.next_video {
-                let interval = Duration::from_secs(1) / s.config.fps.max(1);
-                while s.next_video <= now {
-                    s.next_video += interval;
-                }
-                let pt = rtc
-                    .codec_config()
-                    .find(|p| p.spec().codec == Codec::Vp8)
-                    .map(|p| p.pt());
-                let elapsed = now.saturating_duration_since(s.started);
-                let rtp = MediaTime::from_90khz(elapsed.as_micros() as u64 * 9 / 100);
-                let layers: Vec<Option<Layer>> = if s.config.layers.is_empty() {
-                    vec![None]
-                } else {
-                    s.config.layers.iter().copied().map(Some).collect()
-                };
-                for layer in layers {
-                    let li = layer.map_or(2, Layer::index);
-                    let keyframe = s.video_seq % s.config.keyframe_interval.max(1) == 0
-                        || s.force_keyframe[li];
-                    let mut size =
-                        (s.config.layer_bitrates[li] / 8 / u64::from(s.config.fps.max(1))) as usize;
-                    if keyframe {
-                        size *= 3;
-                    }
-                    let frame = vp8_frame(
-                        FrameHeader {
-                            seq: s.video_seq,
-                            layer: li as u8,
-                            keyframe,
-                        },
-                        size.clamp(64, 60_000),
-                    );
-                    let (Some(pt), Some(w)) = (pt, rtc.writer(mid)) else {
-                        continue;
-                    };
-                    let w = match layer {
-                        Some(l) => w.rid(l.rid().into()),
-                        None => w,
-                    };
-                    if w.write(pt, now, rtp, frame).is_ok() {
-                        c.sent[li] += 1;
-                        if keyframe {
-                            s.force_keyframe[li] = false;
-                        }
-                    }
-                }
-                s.video_seq += 1;
+        if let Some(mid) = s.video_mid
+            && now >= s.next_video
+        {
+            let interval = Duration::from_secs(1) / s.config.fps.max(1);
+            while s.next_video <= now {
+                s.next_video += interval;
             }
+            let pt = rtc
+                .codec_config()
+                .find(|p| p.spec().codec == Codec::Vp8)
+                .map(|p| p.pt());
+            let elapsed = now.saturating_duration_since(s.started);
+            let rtp = MediaTime::from_90khz(elapsed.as_micros() as u64 * 9 / 100);
+            let layers: Vec<Option<Layer>> = if s.config.layers.is_empty() {
+                vec![None]
+            } else {
+                s.config.layers.iter().copied().map(Some).collect()
+            };
+            for layer in layers {
+                let li = layer.map_or(2, Layer::index);
+                let keyframe =
+                    s.video_seq % s.config.keyframe_interval.max(1) == 0 || s.force_keyframe[li];
+                let mut size =
+                    (s.config.layer_bitrates[li] / 8 / u64::from(s.config.fps.max(1))) as usize;
+                if keyframe {
+                    size *= 3;
+                }
+                let frame = vp8_frame(
+                    FrameHeader {
+                        seq: s.video_seq,
+                        layer: li as u8,
+                        keyframe,
+                        sent_us,
+                    },
+                    size.clamp(64, 60_000),
+                );
+                let (Some(pt), Some(w)) = (pt, rtc.writer(mid)) else {
+                    continue;
+                };
+                let w = match layer {
+                    Some(l) => w.rid(l.rid().into()),
+                    None => w,
+                };
+                if w.write(pt, now, rtp, frame).is_ok() {
+                    c.sent[li] += 1;
+                    if keyframe {
+                        s.force_keyframe[li] = false;
+                    }
+                }
+            }
+            s.video_seq += 1;
         }
         self.poll_peer(idx, true);
     }
