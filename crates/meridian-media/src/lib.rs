@@ -678,6 +678,9 @@ impl Sfu {
                 // 1 s of history answers NACKs on any usable path and keeps a
                 // subscriber's memory small (str0m's default keeps 3 s).
                 tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(0.15));
+                // The publisher already paced these packets; a second pacer here only
+                // adds latency. Layer choice keeps the rate within the estimate.
+                tx.set_unpaced(true);
                 sub.out_ssrc = Some(tx.ssrc());
                 sub.active = true;
                 wanted.push(*track);
