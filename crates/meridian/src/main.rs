@@ -28,6 +28,8 @@ enum Command {
     Token(TokenCommand),
     /// Run N publishers and M subscribers against a node and report what they measured.
     Loadgen(loadgen::LoadgenArgs),
+    /// Query and verify the region's event log (rooms, history, participant, range, export, verify).
+    Audit(meridian_audit::AuditArgs),
 }
 
 /// Flags of `meridian serve`; each overrides the config file and has an env variable.
@@ -126,6 +128,10 @@ fn main() -> Result<()> {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Token(TokenCommand::Create(args)) => token_create(args),
         Command::Loadgen(args) => rt.block_on(loadgen::run(args)),
+        Command::Audit(args) => {
+            let code = rt.block_on(audit(args))?;
+            std::process::exit(code);
+        }
     }
 }
 
@@ -200,6 +206,14 @@ async fn sigterm() {
         }
         Err(_) => std::future::pending().await,
     }
+}
+
+async fn audit(args: meridian_audit::AuditArgs) -> Result<i32> {
+    let store = args.open_store().await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let outcome = meridian_audit::run(&args.command, &store, &mut out).await?;
+    std::io::Write::flush(&mut out)?;
+    Ok(outcome.exit_code())
 }
 
 fn token_create(args: TokenArgs) -> Result<()> {
