@@ -53,6 +53,10 @@ pub struct LoadgenArgs {
     /// Impair every client's traffic, e.g. `delay=200ms,jitter=20ms,loss=2%`.
     #[arg(long)]
     impair: Option<String>,
+    /// Whose traffic `--impair` applies to: `all` clients (media then crosses two
+    /// impaired hops), only `subscribers`, or only `publishers`.
+    #[arg(long, default_value = "all", value_parser = ["all", "subscribers", "publishers"])]
+    impair_who: String,
     /// Seed of the impairment.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -169,7 +173,11 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         ));
         c.auto_subscribe = false;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
-        c.impairment = impairment;
+        if args.impair_who != "subscribers" {
+            if args.impair_who != "publishers" {
+            c.impairment = impairment;
+        }
+        }
         publishers.push(
             Client::join(c)
                 .await
@@ -273,6 +281,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "rooms": rooms,
         "duration_s": elapsed.as_secs_f64(),
         "impairment": args.impair,
+        "impaired": args.impair.as_ref().map(|_| args.impair_who.clone()),
         "tracks_expected": tracks_expected,
         "tracks_received": tracks_received,
         "packets_received": packets_received,
