@@ -146,14 +146,19 @@ impl KeySet {
         else {
             return Err(AuthError::Malformed);
         };
-        // Shape first: every part must be non-empty canonical base64url, so that
-        // garbage is `Malformed` whatever the key lookup would say.
-        for part in [payload, signature] {
-            if part.is_empty() || URL_SAFE_NO_PAD.decode(part).is_err() {
-                return Err(AuthError::Malformed);
-            }
+        // Shape first: every part must be canonical base64url, so that garbage is
+        // `Malformed` whatever the key lookup would say. The signature may be empty
+        // only so that an unsigned `alg: none` token is named for what it is.
+        if payload.is_empty()
+            || URL_SAFE_NO_PAD.decode(payload).is_err()
+            || URL_SAFE_NO_PAD.decode(signature).is_err()
+        {
+            return Err(AuthError::Malformed);
         }
         let (alg, kid) = parse_header(header)?;
+        if signature.is_empty() {
+            return Err(AuthError::Malformed);
+        }
         let key = self
             .verifying
             .get(&kid)
