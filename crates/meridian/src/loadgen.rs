@@ -174,9 +174,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         c.auto_subscribe = false;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
         if args.impair_who != "subscribers" {
-            if args.impair_who != "publishers" {
             c.impairment = impairment;
-        }
         }
         publishers.push(
             Client::join(c)
@@ -191,7 +189,9 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             &args.url,
             token(format!("sub-{i}"), room, false)?,
         ));
-        c.impairment = impairment;
+        if args.impair_who != "publishers" {
+            c.impairment = impairment;
+        }
         subscribers.push(
             Client::join(c)
                 .await
