@@ -27,15 +27,6 @@ fn stun_with_unknown_ufrag() -> Vec<u8> {
     msg
 }
 
-async fn frames(c: &Client) -> u64 {
-    c.stats()
-        .tracks
-        .values()
-        .filter(|t| t.video)
-        .map(|t| t.frames)
-        .sum()
-}
-
 async fn joined(t: &TestNode, identity: &str) -> RawSignal {
     let mut s = RawSignal::connect(&t.url).await;
     s.send_text(
@@ -157,16 +148,9 @@ async fn garbage_on_every_edge_leaves_other_sessions_untouched() {
     assert_eq!(flood.next_error().await, Some(ErrorCode::RateLimited));
 
     // The viewer kept receiving throughout.
-    let before = frames(&viewer).await;
+    let before = viewer.stats().video_frames();
     viewer
-        .wait_for(Duration::from_secs(5), |s| {
-            s.tracks
-                .values()
-                .filter(|t| t.video)
-                .map(|t| t.frames)
-                .sum::<u64>()
-                > before + 20
-        })
+        .wait_for(Duration::from_secs(5), |s| s.video_frames() > before + 20)
         .await
         .expect("media keeps flowing for everyone else");
     t.node.shutdown().await;

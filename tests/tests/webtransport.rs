@@ -27,15 +27,6 @@ async fn joined(t: &TestNode, identity: &str) -> RawWt {
     }
 }
 
-fn video_frames(c: &Client) -> u64 {
-    c.stats()
-        .tracks
-        .values()
-        .filter(|t| t.video)
-        .map(|t| t.frames)
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_hashes_are_published() {
     let t = start_node(|_| {}).await;
@@ -189,16 +180,9 @@ async fn bad_input_over_webtransport_gets_error_codes_and_spares_others() {
     );
 
     // The viewer kept receiving throughout.
-    let before = video_frames(&viewer);
+    let before = viewer.stats().video_frames();
     viewer
-        .wait_for(Duration::from_secs(5), |s| {
-            s.tracks
-                .values()
-                .filter(|t| t.video)
-                .map(|t| t.frames)
-                .sum::<u64>()
-                > before + 20
-        })
+        .wait_for(Duration::from_secs(5), |s| s.video_frames() > before + 20)
         .await
         .expect("media keeps flowing for everyone else");
     // And new sessions still join over both transports.

@@ -84,6 +84,15 @@ impl ClientStats {
             .count()
     }
 
+    /// Video frames received over all tracks.
+    pub fn video_frames(&self) -> u64 {
+        self.tracks
+            .values()
+            .filter(|t| t.video)
+            .map(|t| t.frames)
+            .sum()
+    }
+
     /// Audio tracks that delivered at least `frames` frames.
     pub fn audio_tracks_with(&self, frames: u64) -> usize {
         self.tracks
