@@ -339,16 +339,15 @@ struct Session {
     out_queue: Vec<ClientMessage>,
 }
 
-fn new_rtc(now: Instant, local: SocketAddr, bwe: bool) -> Rtc {
-    let mut b = Rtc::builder()
+/// A client connection. The publisher side sends unpaced, as a synthetic source with
+/// fixed layer rates has nothing to adapt (str0m's pacer would only add latency).
+fn new_rtc(now: Instant, local: SocketAddr) -> Rtc {
+    let mut rtc = Rtc::builder()
         .clear_codecs()
         .enable_opus(true, false)
         .enable_vp8(true)
-        .set_stats_interval(Some(Duration::from_secs(1)));
-    if bwe {
-        b = b.enable_bwe(Some(str0m::bwe::Bitrate::kbps(2500)));
-    }
-    let mut rtc = b.build(now);
+        .set_stats_interval(Some(Duration::from_secs(1)))
+        .build(now);
     rtc.add_local_candidate(Candidate::host(local, "udp").expect("valid host candidate"));
     rtc
 }
@@ -369,13 +368,13 @@ impl Session {
             net_in: config.impairment.map(Netem::new),
             net_out: config.impairment.map(Netem::new),
             publisher: Pc {
-                rtc: new_rtc(now, pub_local, false),
+                rtc: new_rtc(now, pub_local),
                 socket: pub_socket,
                 local: pub_local,
                 next_timeout: now,
             },
             subscriber: Pc {
-                rtc: new_rtc(now, sub_local, false),
+                rtc: new_rtc(now, sub_local),
                 socket: sub_socket,
                 local: sub_local,
                 next_timeout: now,

@@ -130,8 +130,6 @@ pub struct SfuConfig {
     pub max_tracks_per_participant: usize,
     /// Most subscriptions one participant may hold.
     pub max_subscriptions_per_participant: usize,
-    /// Time without ICE connectivity after which a connection counts as lost.
-    pub ice_disconnect_grace: Duration,
 }
 
 impl SfuConfig {
@@ -143,7 +141,6 @@ impl SfuConfig {
             initial_estimate_bps: 1_000_000,
             max_tracks_per_participant: 8,
             max_subscriptions_per_participant: 256,
-            ice_disconnect_grace: Duration::from_secs(5),
         }
     }
 }
@@ -256,7 +253,6 @@ struct Pc {
     remote: Option<SocketAddr>,
     connected: bool,
     dirty: bool,
-    disconnected_since: Option<Instant>,
 }
 
 impl Pc {
@@ -284,7 +280,6 @@ impl Pc {
             remote: None,
             connected: false,
             dirty: false,
-            disconnected_since: None,
         }
     }
 }
@@ -1157,21 +1152,12 @@ impl Sfu {
                     return;
                 };
                 let pc = p.pc_mut(kind);
-                match state {
-                    IceConnectionState::Disconnected => {
-                        pc.disconnected_since.get_or_insert(now);
-                        if pc.connected {
-                            pc.connected = false;
-                            self.events.push_back(SfuEvent::Disconnected {
-                                participant: id,
-                                pc: kind,
-                            });
-                        }
-                    }
-                    IceConnectionState::Connected | IceConnectionState::Completed => {
-                        pc.disconnected_since = None;
-                    }
-                    _ => {}
+                if state == IceConnectionState::Disconnected && pc.connected {
+                    pc.connected = false;
+                    self.events.push_back(SfuEvent::Disconnected {
+                        participant: id,
+                        pc: kind,
+                    });
                 }
             }
             Event::Closed => {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meridian_media::{MediaError, ParticipantId, PcKind, Sfu, SfuConfig, SfuEvent, TrackId};
+use meridian_media::{MediaError, ParticipantId, Sfu, SfuConfig, SfuEvent, TrackId};
 use meridian_protocol::{ClientMessage, ErrorCode, ParticipantInfo, ServerMessage};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -516,8 +516,8 @@ impl MediaLoop {
             ),
             SfuEvent::Disconnected { participant, pc } => {
                 debug!(%participant, ?pc, "media connection lost");
-                if (pc == PcKind::Publisher || pc == PcKind::Subscriber)
-                    && let Some(s) = self.sessions.get_mut(&participant)
+                // Without signaling either, the participant is gone unless it resumes.
+                if let Some(s) = self.sessions.get_mut(&participant)
                     && s.tx.is_none()
                 {
                     s.detached_at.get_or_insert(Instant::now());
