@@ -17,6 +17,8 @@ pub struct TestNode {
     pub keys: KeySet,
     /// Its signaling URL.
     pub url: String,
+    /// Its data directory (keys, embedded event log).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Starts a node on loopback with ephemeral ports; `tune` adjusts the config first.
@@ -32,13 +34,19 @@ pub async fn start_node(tune: impl FnOnce(&mut Config)) -> TestNode {
         rand_suffix()
     ));
     tune(&mut config);
+    let data_dir = config.node.data_dir.clone();
     let key = SigningKey::generate(meridian_auth::Algorithm::Es256, "test-1").expect("keygen");
     let keys = KeySet::new(Some(key), vec![]);
     let node = Node::start_with_keys(config, keys.clone())
         .await
         .expect("node starts");
     let url = format!("ws://{}/signal", node.http_addr);
-    TestNode { node, keys, url }
+    TestNode {
+        node,
+        keys,
+        url,
+        data_dir,
+    }
 }
 
 fn rand_suffix() -> u64 {

@@ -82,6 +82,9 @@ pub struct NodeConfig {
     pub region_urls: std::collections::BTreeMap<String, String>,
     /// Directory for keys and the embedded event log.
     pub data_dir: PathBuf,
+    /// The region's event log (`postgres://…`); the embedded SQLite log under
+    /// `data_dir` when unset.
+    pub database_url: Option<String>,
 }
 
 /// HTTP listener settings.
@@ -156,6 +159,7 @@ impl Default for NodeConfig {
             region: "local".into(),
             region_urls: Default::default(),
             data_dir: PathBuf::from("meridian-data"),
+            database_url: None,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 mod http;
 mod media_loop;
 pub mod metrics;
+mod outbox;
 mod signal;
 mod webtransport;
 
@@ -48,6 +49,9 @@ pub enum NodeError {
     /// The token keys could not be loaded or created.
     #[error("token keys: {0}")]
     Keys(#[from] meridian_auth::AuthError),
+    /// The event log could not be opened.
+    #[error("event log: {0}")]
+    Store(#[from] meridian_store::StoreError),
 }
 
 /// State shared by every signaling session of a node.
@@ -120,6 +124,12 @@ impl Node {
         let candidate = config.candidate_addr(media_addr);
         // The media loop gets a thread and a single-threaded runtime of its own: every
         // datagram is handled where it was read, with no cross-thread wake-ups.
+        let store = match &config.node.database_url {
+            Some(url) => meridian_store::Store::connect(url).await?,
+            None => meridian_store::Store::open_embedded(&config.node.data_dir).await?,
+        };
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        tokio::spawn(outbox::run(store, outbox_rx, metrics.clone()));
         let (media_done, media_task) = oneshot::channel();
         let (grace, loop_metrics) = (config.resume_grace(), metrics.clone());
         std::thread::Builder::new()
@@ -133,9 +143,15 @@ impl Node {
                     rt.block_on(async move {
                         let socket = tokio::net::UdpSocket::from_std(socket)
                             .expect("a non-blocking UDP socket registers with the runtime");
-                        media_loop::MediaLoop::new(Arc::new(socket), candidate, loop_metrics, grace)
-                            .run(command_rx)
-                            .await
+                        media_loop::MediaLoop::new(
+                            Arc::new(socket),
+                            candidate,
+                            loop_metrics,
+                            grace,
+                            outbox,
+                        )
+                        .run(command_rx)
+                        .await
                     })
                 }));
                 let why = match result {

@@ -14,6 +14,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::outbox::Outbound;
+use meridian_events::{Event, LeaveReason};
+use meridian_protocol::TrackKind;
+use meridian_store::NewEvent;
 
 /// Largest datagram read; anything longer is truncated and then refused by the core.
 const MAX_DATAGRAM: usize = 2048;
@@ -75,6 +79,10 @@ pub(crate) struct MediaLoop {
     next_generation: u64,
     /// Datagrams the socket refused for now (send buffer full).
     blocked: VecDeque<meridian_media::Transmit>,
+    /// Messages and room events leaving the node, in order (see `outbox`).
+    outbox: mpsc::UnboundedSender<Outbound>,
+    /// Set while core events are being handled, so handling one does not recurse.
+    draining: bool,
 }
 
 impl MediaLoop {
@@ -83,6 +91,7 @@ impl MediaLoop {
         candidate: SocketAddr,
         metrics: Metrics,
         grace: Duration,
+        outbox: mpsc::UnboundedSender<Outbound>,
     ) -> MediaLoop {
         MediaLoop {
             sfu: Sfu::new(SfuConfig::new(candidate), Instant::now()),
@@ -93,6 +102,8 @@ impl MediaLoop {
             grace,
             next_generation: 1,
             blocked: VecDeque::new(),
+            outbox,
+            draining: false,
         }
     }
 
@@ -181,9 +192,7 @@ impl MediaLoop {
                 debug!("media send: {e}");
             }
         }
-        while let Some(event) = self.sfu.poll_event() {
-            self.handle_sfu_event(event);
-        }
+        self.drain_sfu_events();
     }
 
     fn housekeeping(&mut self, now: Instant) {
@@ -195,7 +204,7 @@ impl MediaLoop {
             .collect();
         for id in expired {
             info!(participant = %id, "resume grace over; removing participant");
-            self.remove(id, now);
+            self.remove(id, now, LeaveReason::Timeout);
         }
         let stats = self.sfu.stats().clone();
         self.metrics.observe(
@@ -204,6 +213,37 @@ impl MediaLoop {
             self.sfu.room_count(),
             self.sfu.outbound_video_tracks(),
         );
+    }
+
+    /// Handles the core's pending events (each records its room event first).
+    fn drain_sfu_events(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        while let Some(event) = self.sfu.poll_event() {
+            self.handle_sfu_event(event);
+        }
+        self.draining = false;
+    }
+
+    /// Queues room events for the log; messages queued later wait until they are stored.
+    fn record(&mut self, room: &str, actor: &str, events: Vec<Event>) {
+        if room.is_empty() {
+            return;
+        }
+        let stream = meridian_events::room_stream(room);
+        let events = events
+            .into_iter()
+            .map(|e| NewEvent::new(actor, e))
+            .collect();
+        let _ = self.outbox.send(Outbound::Append { stream, events });
+    }
+
+    fn identity_of(&self, id: ParticipantId) -> String {
+        self.sessions
+            .get(&id)
+            .map_or_else(|| id.to_string(), |s| s.identity.clone())
     }
 
     fn send(&mut self, id: ParticipantId, msg: ServerMessage) {
@@ -221,11 +261,15 @@ impl MediaLoop {
                 })
                 .inc();
         }
-        if tx.try_send(msg).is_err() {
-            warn!(participant = %id, "session queue full or closed; detaching");
+        if tx.is_closed() {
             s.tx = None;
             s.detached_at.get_or_insert(Instant::now());
+            return;
         }
+        let _ = self.outbox.send(Outbound::Deliver {
+            tx: tx.clone(),
+            msg,
+        });
     }
 
     fn broadcast(&mut self, room: &str, except: Option<ParticipantId>, msg: ServerMessage) {
@@ -252,12 +296,20 @@ impl MediaLoop {
         })
     }
 
-    fn remove(&mut self, id: ParticipantId, now: Instant) {
-        let Some(s) = self.sessions.remove(&id) else {
-            return;
-        };
+    /// Removes a participant, records why, and tells its room; returns its session.
+    fn remove(&mut self, id: ParticipantId, now: Instant, reason: LeaveReason) -> Option<Session> {
+        let s = self.sessions.remove(&id)?;
         self.resume_index.remove(&s.resume);
         self.sfu.remove_participant(now, id);
+        self.drain_sfu_events();
+        let mut events = vec![Event::ParticipantLeft {
+            participant_id: id.to_string(),
+            reason,
+        }];
+        if self.sfu.room_participants(&s.room).is_empty() {
+            events.push(Event::RoomClosed);
+        }
+        self.record(&s.room, &s.identity, events);
         self.broadcast(
             &s.room,
             Some(id),
@@ -265,6 +317,7 @@ impl MediaLoop {
                 participant_id: id.to_string(),
             },
         );
+        Some(s)
     }
 
     fn handle_command(&mut self, cmd: Command) {
@@ -304,6 +357,7 @@ impl MediaLoop {
                     self.send_joined(id);
                     return;
                 }
+                let new_room = self.sfu.room_participants(&room).is_empty();
                 let id = self.sfu.add_participant(
                     now,
                     &room,
@@ -326,6 +380,20 @@ impl MediaLoop {
                     },
                 );
                 self.metrics.joins.inc();
+                let mut events = Vec::new();
+                if new_room {
+                    events.push(Event::RoomOpened);
+                }
+                let (identity, name) = {
+                    let s = &self.sessions[&id];
+                    (s.identity.clone(), s.name.clone().unwrap_or_default())
+                };
+                events.push(Event::ParticipantJoined {
+                    participant_id: id.to_string(),
+                    identity: identity.clone(),
+                    name,
+                });
+                self.record(&room, &identity, events);
                 let _ = reply.send(Ok((id, generation)));
                 self.send_joined(id);
                 if let Some(info) = self.participant_info(id) {
@@ -410,6 +478,9 @@ impl MediaLoop {
                     .sfu
                     .handle_publisher_offer(now, id, &sdp, tracks)
                     .map_err(media_error)?;
+                // The publications are recorded (and announced) before the answer
+                // acknowledges them.
+                self.drain_sfu_events();
                 self.send(id, ServerMessage::Answer { sdp, tracks });
             }
             ClientMessage::Answer { sdp } => {
@@ -435,6 +506,15 @@ impl MediaLoop {
                     self.sfu
                         .unsubscribe(now, id, track(&t)?)
                         .map_err(media_error)?;
+                    let (room, actor) = self.room_and_identity(id);
+                    self.record(
+                        &room,
+                        &actor,
+                        vec![Event::Unsubscribed {
+                            participant_id: id.to_string(),
+                            track_id: t,
+                        }],
+                    );
                 }
             }
             ClientMessage::SetLayer {
@@ -444,6 +524,20 @@ impl MediaLoop {
                 self.sfu
                     .set_max_layer(now, id, track(&track_id)?, max_layer)
                     .map_err(media_error)?;
+                let (room, actor) = self.room_and_identity(id);
+                let layer = serde_json::to_value(max_layer)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                self.record(
+                    &room,
+                    &actor,
+                    vec![Event::PreferredLayerSet {
+                        participant_id: id.to_string(),
+                        track_id,
+                        layer,
+                    }],
+                );
             }
             ClientMessage::Mute { track_id, muted } => {
                 self.sfu
@@ -457,13 +551,13 @@ impl MediaLoop {
             }
             ClientMessage::Ping { id: ping } => self.send(id, ServerMessage::Pong { id: ping }),
             ClientMessage::Leave => {
-                self.send(
-                    id,
-                    ServerMessage::Left {
+                if let Some(Session { tx: Some(tx), .. }) = self.remove(id, now, LeaveReason::Left)
+                {
+                    let msg = ServerMessage::Left {
                         reason: "left".into(),
-                    },
-                );
-                self.remove(id, now);
+                    };
+                    let _ = self.outbox.send(Outbound::Deliver { tx, msg });
+                }
             }
         }
         Ok(())
@@ -472,32 +566,72 @@ impl MediaLoop {
     fn handle_sfu_event(&mut self, event: SfuEvent) {
         match event {
             SfuEvent::TrackPublished { room, track } => {
-                let owner = track.participant_id.parse().ok();
+                let owner: Option<ParticipantId> = track.participant_id.parse().ok();
+                let actor = owner.map(|o| self.identity_of(o)).unwrap_or_default();
+                let kind = match track.kind {
+                    TrackKind::Audio => meridian_events::TrackKind::Audio,
+                    TrackKind::Video => meridian_events::TrackKind::Video,
+                };
+                let codec = match track.kind {
+                    TrackKind::Audio => "opus",
+                    TrackKind::Video => "video",
+                };
+                self.record(
+                    &room,
+                    &actor,
+                    vec![Event::TrackPublished {
+                        track_id: track.track_id.clone(),
+                        participant_id: track.participant_id.clone(),
+                        kind,
+                        layers: track.layers.iter().map(|l| l.rid().to_string()).collect(),
+                        codec: codec.into(),
+                    }],
+                );
                 self.broadcast(&room, owner, ServerMessage::TrackPublished { track });
             }
             SfuEvent::TrackUnpublished {
                 room,
                 track_id,
                 participant,
-            } => self.broadcast(
-                &room,
-                Some(participant),
-                ServerMessage::TrackUnpublished {
-                    track_id: track_id.to_string(),
-                },
-            ),
+            } => {
+                let actor = self.identity_of(participant);
+                self.record(
+                    &room,
+                    &actor,
+                    vec![Event::TrackUnpublished {
+                        track_id: track_id.to_string(),
+                        participant_id: participant.to_string(),
+                    }],
+                );
+                self.broadcast(
+                    &room,
+                    Some(participant),
+                    ServerMessage::TrackUnpublished {
+                        track_id: track_id.to_string(),
+                    },
+                )
+            }
             SfuEvent::TrackMuted {
                 room,
                 track_id,
                 muted,
-            } => self.broadcast(
-                &room,
-                None,
-                ServerMessage::TrackMuted {
-                    track_id: track_id.to_string(),
-                    muted,
-                },
-            ),
+            } => {
+                let track = track_id.to_string();
+                let event = if muted {
+                    Event::TrackMuted { track_id: track }
+                } else {
+                    Event::TrackUnmuted { track_id: track }
+                };
+                self.record(&room, "", vec![event]);
+                self.broadcast(
+                    &room,
+                    None,
+                    ServerMessage::TrackMuted {
+                        track_id: track_id.to_string(),
+                        muted,
+                    },
+                )
+            }
             SfuEvent::SubscriberOffer {
                 participant,
                 sdp,
@@ -523,8 +657,31 @@ impl MediaLoop {
                     s.detached_at.get_or_insert(Instant::now());
                 }
             }
-            SfuEvent::Subscribed { .. } | SfuEvent::Connected { .. } => {}
+            SfuEvent::Subscribed {
+                participant,
+                track_id,
+            } => {
+                let (room, actor) = self.room_and_identity(participant);
+                self.record(
+                    &room,
+                    &actor,
+                    vec![Event::Subscribed {
+                        participant_id: participant.to_string(),
+                        track_id: track_id.to_string(),
+                    }],
+                );
+            }
+            SfuEvent::Connected { .. } => {}
         }
+    }
+}
+
+impl MediaLoop {
+    fn room_and_identity(&self, id: ParticipantId) -> (String, String) {
+        self.sessions
+            .get(&id)
+            .map(|s| (s.room.clone(), s.identity.clone()))
+            .unwrap_or_default()
     }
 }
 

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub joins: Counter,
     /// Time from a datagram's arrival to its forwarded copies being sent.
     pub forward_latency: Histogram,
+    /// Room events stored in the event log.
+    pub events_appended: Counter,
+    /// Failed appends to the event log (each is retried).
+    pub event_log_errors: Counter,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -75,6 +79,8 @@ impl Default for Metrics {
             joins: Counter::default(),
             // 10 µs … ~20 ms.
             forward_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 12)),
+            events_appended: Counter::default(),
+            event_log_errors: Counter::default(),
             last: Default::default(),
         }
     }
@@ -141,6 +147,16 @@ impl Metrics {
             self.signaling_errors.clone(),
         );
         r.register("joins", "Participants joined", self.joins.clone());
+        r.register(
+            "events_appended",
+            "Room events stored in the event log",
+            self.events_appended.clone(),
+        );
+        r.register(
+            "event_log_errors",
+            "Failed appends to the event log (each is retried)",
+            self.event_log_errors.clone(),
+        );
         r.register(
             "forward_latency_seconds",
             "Time from a datagram's arrival to its forwarded copies being sent",

@@ -60,6 +60,9 @@ struct ServeArgs {
     /// Directory for keys and data [default: ./meridian-data].
     #[arg(long, env = "MERIDIAN_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The region's event log, `postgres://…` [default: SQLite under --data-dir].
+    #[arg(long, env = "MERIDIAN_DATABASE_URL")]
+    database_url: Option<String>,
     /// Region this node serves [default: local].
     #[arg(long, env = "MERIDIAN_REGION")]
     region: Option<String>,
@@ -161,6 +164,9 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(r) = &args.region {
         config.node.region = r.clone();
+    }
+    if let Some(u) = &args.database_url {
+        config.node.database_url = Some(u.clone());
     }
     if let Some(n) = &args.node_id {
         config.node.id = n.clone();

@@ -1,0 +1,126 @@
+//! The running node writes every room change to the event log before acknowledging
+//! it: joins, publications, subscriptions, layer preferences and leaves, on SQLite and
+//! on the local Postgres.
+
+use std::time::Duration;
+
+use meridian_client::{Client, ClientConfig};
+use meridian_events::Event;
+use meridian_protocol::Layer;
+use meridian_store::Store;
+use meridian_tests::{TestNode, start_node};
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn a_call(t: &TestNode, room: &str) {
+    let publisher = Client::join(ClientConfig::new(&t.url, t.token("alice", room, true)))
+        .await
+        .expect("publisher joins");
+    let mut subs = Vec::new();
+    for who in ["bob", "carol"] {
+        let c = ClientConfig::subscriber(&t.url, t.token(who, room, false));
+        subs.push(Client::join(c).await.expect("subscriber joins"));
+    }
+    for s in &subs {
+        s.wait_for(Duration::from_secs(20), |st| st.video_tracks_with(5) == 1)
+            .await
+            .expect("media flows");
+    }
+    let video = subs[0]
+        .stats()
+        .tracks
+        .iter()
+        .find(|(_, t)| t.video)
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    subs[0].set_max_layer(&video, Layer::Low).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for s in subs {
+        s.leave().await.expect("leave");
+    }
+    publisher.leave().await.expect("leave");
+}
+
+async fn check_history(store: &Store, room: &str) {
+    let events: Vec<(String, Event)> = store
+        .read_stream(&meridian_events::room_stream(room), 1, 1000)
+        .await
+        .expect("read the room's stream")
+        .into_iter()
+        .map(|e| (e.actor, e.event))
+        .collect();
+    let count = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|(_, e)| f(e)).count();
+    assert!(
+        matches!(events.first(), Some((_, Event::RoomOpened))),
+        "{events:#?}"
+    );
+    assert!(
+        matches!(events.last(), Some((_, Event::RoomClosed))),
+        "{events:#?}"
+    );
+    for who in ["alice", "bob", "carol"] {
+        assert_eq!(
+            count(&|e| matches!(e, Event::ParticipantJoined { identity, .. } if identity == who)),
+            1,
+            "{who} joined once: {events:#?}"
+        );
+    }
+    assert_eq!(count(&|e| matches!(e, Event::TrackPublished { .. })), 2);
+    assert_eq!(count(&|e| matches!(e, Event::Subscribed { .. })), 4);
+    assert_eq!(
+        count(&|e| matches!(e, Event::PreferredLayerSet { layer, .. } if layer == "low")),
+        1
+    );
+    assert_eq!(count(&|e| matches!(e, Event::TrackUnpublished { .. })), 2);
+    assert_eq!(count(&|e| matches!(e, Event::ParticipantLeft { .. })), 3);
+    // A participant's publication comes after its join, its leave after both.
+    let pos = |f: &dyn Fn(&(String, Event)) -> bool| events.iter().position(f).unwrap();
+    let joined = pos(&|(a, e)| a == "alice" && matches!(e, Event::ParticipantJoined { .. }));
+    let published = pos(&|(a, e)| a == "alice" && matches!(e, Event::TrackPublished { .. }));
+    let left = pos(&|(a, e)| a == "alice" && matches!(e, Event::ParticipantLeft { .. }));
+    assert!(joined < published && published < left, "{events:#?}");
+    let report = store.verify_chain().await.expect("verify");
+    assert!(report.first_break.is_none(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_log_holds_every_change_of_a_call() {
+    let t = start_node(|_| {}).await;
+    let dir = t.data_dir.clone();
+    a_call(&t, "logged").await;
+    // Everything acknowledged is stored: read it back through a second handle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let store = Store::open_embedded(&dir)
+        .await
+        .expect("open the node's log");
+    check_history(&store, "logged").await;
+    t.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_log_holds_every_change_of_a_call() {
+    let schema = format!(
+        "meridian_node_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    );
+    let store = Store::connect_with_schema(PG, &schema)
+        .await
+        .expect("Postgres at 127.0.0.1:5432 (scripts/start-postgres.sh starts it)");
+    let url = format!("{PG}?options=-csearch_path%3D{schema}");
+    let t = start_node(|c| c.node.database_url = Some(url.clone())).await;
+    a_call(&t, "logged-pg").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    check_history(&store, "logged-pg").await;
+    t.node.shutdown().await;
+    store.close().await;
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(PG).await.expect("connect");
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&mut c)
+        .await
+        .expect("drop the test's schema");
+}
