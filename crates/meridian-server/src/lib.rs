@@ -65,6 +65,22 @@ pub(crate) struct NodeState {
     pub webtransport: webtransport::Advert,
 }
 
+/// Admits audit API requests whose bearer token is a valid access token with the
+/// `admin` grant.
+struct TokenAdmin(Arc<KeySet>);
+
+impl meridian_audit::AdminCheck for TokenAdmin {
+    fn check_admin(&self, bearer_token: &str) -> Result<(), String> {
+        let claims = self
+            .0
+            .verify(bearer_token, meridian_auth::unix_now())
+            .map_err(|e| e.code().to_string())?;
+        claims
+            .require(meridian_auth::Grant::Admin)
+            .map_err(|e| e.code().to_string())
+    }
+}
+
 /// A running node.
 pub struct Node {
     /// Address of the HTTP listener (signaling, metrics, health).
@@ -129,7 +145,7 @@ impl Node {
             None => meridian_store::Store::open_embedded(&config.node.data_dir).await?,
         };
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
-        tokio::spawn(outbox::run(store, outbox_rx, metrics.clone()));
+        tokio::spawn(outbox::run(store.clone(), outbox_rx, metrics.clone()));
         let (media_done, media_task) = oneshot::channel();
         let (grace, loop_metrics) = (config.resume_grace(), metrics.clone());
         std::thread::Builder::new()
@@ -179,7 +195,8 @@ impl Node {
             state.clone(),
             shutdown.subscribe(),
         ));
-        let app = http::router(state);
+        let admin = Arc::new(TokenAdmin(state.keys.clone()));
+        let app = http::router(state).merge(meridian_audit::router(store, admin));
         let http_task = tokio::spawn(async move {
             let serve = axum::serve(
                 listener,
