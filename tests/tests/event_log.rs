@@ -181,3 +181,75 @@ async fn the_audit_api_answers_admin_tokens_only() {
     assert_eq!(status, 200, "{body}");
     t.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_rides_out_a_postgres_connection_drop() {
+    let schema = format!(
+        "meridian_drop_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    );
+    let store = Store::connect_with_schema(PG, &schema)
+        .await
+        .expect("Postgres at 127.0.0.1:5432 (scripts/start-postgres.sh starts it)");
+    // A name of its own, so that only this node's connections are killed.
+    let url = format!("{PG}?options=-csearch_path%3D{schema}&application_name={schema}");
+    let t = start_node(|c| c.node.database_url = Some(url.clone())).await;
+    let first = Client::join(ClientConfig::subscriber(
+        &t.url,
+        t.token("before", "drop", false),
+    ))
+    .await
+    .expect("join before the drop");
+    // Kill every connection the node holds to the log.
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(PG).await.expect("connect");
+    let killed: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = '{schema}'"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate the node's connections");
+    assert!(killed >= 1, "the node holds connections to the log");
+    // Joins after the drop are acknowledged only once stored, and all are stored.
+    let mut ids = vec![first.stats().participant_id];
+    for i in 0..3 {
+        let c = Client::join(ClientConfig::subscriber(
+            &t.url,
+            t.token(&format!("after{i}"), "drop", false),
+        ))
+        .await
+        .expect("join after the drop");
+        ids.push(c.stats().participant_id);
+    }
+    let store = Store::connect_with_schema(PG, &schema)
+        .await
+        .expect("reconnect");
+    let joined: Vec<String> = store
+        .read_stream(&meridian_events::room_stream("drop"), 1, 1000)
+        .await
+        .expect("read")
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::ParticipantJoined { participant_id, .. } => Some(participant_id),
+            _ => None,
+        })
+        .collect();
+    for id in &ids {
+        assert!(
+            joined.contains(id),
+            "acknowledged join {id} is stored: {joined:?}"
+        );
+    }
+    assert!(store.verify_chain().await.unwrap().first_break.is_none());
+    t.node.shutdown().await;
+    store.close().await;
+    let mut c = sqlx::PgConnection::connect(PG).await.expect("connect");
+    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&mut c)
+        .await;
+}

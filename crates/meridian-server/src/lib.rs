@@ -141,7 +141,16 @@ impl Node {
         // The media loop gets a thread and a single-threaded runtime of its own: every
         // datagram is handled where it was read, with no cross-thread wake-ups.
         let store = match &config.node.database_url {
-            Some(url) => meridian_store::Store::connect(url).await?,
+            // A region's database may come up after its nodes: retry for a while, then
+            // fail with the store's error.
+            Some(url) => {
+                meridian_store::Store::connect_with_retry(
+                    url,
+                    6,
+                    std::time::Duration::from_millis(500),
+                )
+                .await?
+            }
             None => meridian_store::Store::open_embedded(&config.node.data_dir).await?,
         };
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
