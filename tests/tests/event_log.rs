@@ -226,9 +226,6 @@ async fn the_node_rides_out_a_postgres_connection_drop() {
         .expect("join after the drop");
         ids.push(c.stats().participant_id);
     }
-    let store = Store::connect_with_schema(PG, &schema)
-        .await
-        .expect("reconnect");
     let joined: Vec<String> = store
         .read_stream(&meridian_events::room_stream("drop"), 1, 1000)
         .await
