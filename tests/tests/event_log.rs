@@ -12,6 +12,34 @@ use meridian_tests::{TestNode, start_node};
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// A Postgres schema of the test's own, its store, and the node URL that uses it
+/// (with the schema as `application_name`, so the test can find the node's connections).
+async fn pg_schema(prefix: &str) -> (String, Store, String) {
+    let schema = format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    );
+    let store = Store::connect_with_schema(PG, &schema)
+        .await
+        .expect("Postgres at 127.0.0.1:5432 (scripts/start-postgres.sh starts it)");
+    let url = format!("{PG}?options=-csearch_path%3D{schema}&application_name={schema}");
+    (schema, store, url)
+}
+
+async fn drop_schema(schema: &str, store: Store) {
+    use sqlx::Connection;
+    store.close().await;
+    let mut c = sqlx::PgConnection::connect(PG).await.expect("connect");
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&mut c)
+        .await
+        .expect("drop the test's schema");
+}
+
 async fn a_call(t: &TestNode, room: &str) {
     let publisher = Client::join(ClientConfig::new(&t.url, t.token("alice", room, true)))
         .await
@@ -99,30 +127,13 @@ async fn the_embedded_log_holds_every_change_of_a_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_log_holds_every_change_of_a_call() {
-    let schema = format!(
-        "meridian_node_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros()
-    );
-    let store = Store::connect_with_schema(PG, &schema)
-        .await
-        .expect("Postgres at 127.0.0.1:5432 (scripts/start-postgres.sh starts it)");
-    let url = format!("{PG}?options=-csearch_path%3D{schema}");
+    let (schema, store, url) = pg_schema("meridian_node").await;
     let t = start_node(|c| c.node.database_url = Some(url.clone())).await;
     a_call(&t, "logged-pg").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     check_history(&store, "logged-pg").await;
     t.node.shutdown().await;
-    store.close().await;
-    use sqlx::Connection;
-    let mut c = sqlx::PgConnection::connect(PG).await.expect("connect");
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&mut c)
-        .await
-        .expect("drop the test's schema");
+    drop_schema(&schema, store).await;
 }
 
 /// GET with an optional bearer token; returns (status code, body).
@@ -184,19 +195,7 @@ async fn the_audit_api_answers_admin_tokens_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_rides_out_a_postgres_connection_drop() {
-    let schema = format!(
-        "meridian_drop_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros()
-    );
-    let store = Store::connect_with_schema(PG, &schema)
-        .await
-        .expect("Postgres at 127.0.0.1:5432 (scripts/start-postgres.sh starts it)");
-    // A name of its own, so that only this node's connections are killed.
-    let url = format!("{PG}?options=-csearch_path%3D{schema}&application_name={schema}");
+    let (schema, store, url) = pg_schema("meridian_drop").await;
     let t = start_node(|c| c.node.database_url = Some(url.clone())).await;
     let first = Client::join(ClientConfig::subscriber(
         &t.url,
@@ -244,9 +243,5 @@ async fn the_node_rides_out_a_postgres_connection_drop() {
     }
     assert!(store.verify_chain().await.unwrap().first_break.is_none());
     t.node.shutdown().await;
-    store.close().await;
-    let mut c = sqlx::PgConnection::connect(PG).await.expect("connect");
-    let _ = sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&mut c)
-        .await;
+    drop_schema(&schema, store).await;
 }
