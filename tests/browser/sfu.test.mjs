@@ -5,58 +5,24 @@
 // Env: MERIDIAN_BIN (default ../../target/debug/meridian), CHROMIUM (default /usr/bin/chromium)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync, existsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { checkPrerequisites, startMeridian, launchChromium } from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-const BIN = path.resolve(HERE, process.env.MERIDIAN_BIN || '../../target/debug/meridian');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const ARTIFACTS = path.join(HERE, 'artifacts');
 const FRAMES_TIMEOUT_MS = 30_000;
 
-let dataDir;
-let server;
-let serverErr = '';
+let node;
 let httpAddr;
 let browser;
 const consoleLog = [];
 
 function log(...args) { console.log('[e2e]', ...args); }
 
-async function startServer() {
-  dataDir = mkdtempSync(path.join(tmpdir(), 'meridian-e2e-'));
-  server = spawn(BIN, ['serve', '--data-dir', dataDir,
-    '--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
-  });
-  server.stderr.setEncoding('utf8');
-  server.stderr.on('data', (d) => { serverErr += d; });
-  const lines = createInterface({ input: server.stdout });
-  const listening = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('server did not print its listening line in 15 s')), 15_000);
-    server.once('error', (e) => { clearTimeout(timer); reject(e); });
-    server.once('exit', (code) => { clearTimeout(timer); reject(new Error(`server exited early with ${code}`)); });
-    lines.on('line', (line) => {
-      try {
-        const msg = JSON.parse(line);
-        if (msg.event === 'listening') { clearTimeout(timer); resolve(msg); }
-      } catch { /* not JSON: ignore */ }
-    });
-  });
-  httpAddr = listening.http;
-  log('server listening', JSON.stringify(listening));
-}
-
 function mintToken(identity, publish) {
-  const args = ['token', 'create', '--data-dir', dataDir, '--room', 'e2e', '--identity', identity];
-  if (publish) args.push('--publish', '--subscribe');
-  return execFileSync(BIN, args, { encoding: 'utf8', timeout: 10_000 }).trim();
+  return publish ? node.token('e2e', identity, '--publish', '--subscribe') : node.token('e2e', identity);
 }
 
 async function openPage(name, query) {
@@ -127,51 +93,34 @@ function printDiagnostics(extra) {
   console.log('---- diagnostics ----');
   for (const [k, v] of Object.entries(extra || {})) console.log(`${k}:`, JSON.stringify(v, null, 2));
   console.log('---- browser console ----\n' + consoleLog.join('\n'));
-  const err = serverErr.slice(serverErrMark);
+  const err = node.stderr().slice(serverErrMark);
   console.log('---- server stderr during this test (last 20000 chars) ----\n' + err.slice(-20_000));
   consoleLog.length = 0;
 }
 
 before(async () => {
-  if (!existsSync(BIN)) throw new Error(`meridian binary not found at ${BIN} (cargo build -p meridian, or set MERIDIAN_BIN)`);
-  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found: run scripts/install-test-deps.sh`);
+  checkPrerequisites();
   mkdirSync(ARTIFACTS, { recursive: true });
-  await startServer();
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    timeout: 30_000,
-    args: [
-      '--use-fake-device-for-media-stream',
-      '--use-fake-ui-for-media-stream',
-      '--allow-loopback-in-peer-connection',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  node = await startMeridian('meridian-e2e');
+  httpAddr = node.listening.http;
+  log('server listening', JSON.stringify(node.listening));
+  browser = await launchChromium([
+    '--use-fake-device-for-media-stream',
+    '--use-fake-ui-for-media-stream',
+    '--allow-loopback-in-peer-connection',
+  ]);
   log('chromium', browser.version());
 });
 
 after(async () => {
   if (browser) await browser.close().catch(() => {});
-  if (server && server.exitCode === null) {
-    server.kill('SIGTERM');
-    await new Promise((r) => {
-      const t = setTimeout(() => { server.kill('SIGKILL'); r(); }, 5_000);
-      server.once('exit', () => { clearTimeout(t); r(); });
-    });
-  }
-  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+  if (node) await node.stop();
 });
 
 test('a subscriber decodes video published by another browser', { timeout: 90_000 }, async () => {
   let a;
   let b;
-  serverErrMark = serverErr.length;
+  serverErrMark = node.stderr().length;
   try {
     const pubToken = mintToken('alice', true);
     const subToken = mintToken('bob', false);
@@ -212,7 +161,7 @@ test('a subscriber decodes video published by another browser', { timeout: 90_00
 
 test('an invalid token shows an unauthorized error, not a blank page', { timeout: 30_000 }, async () => {
   let p;
-  serverErrMark = serverErr.length;
+  serverErrMark = node.stderr().length;
   try {
     p = await openPage('C', 'token=not-a-valid-jwt');
     // Wait until the server has answered (error recorded or socket closed), then let any

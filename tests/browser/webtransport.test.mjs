@@ -6,86 +6,31 @@
 // Env: MERIDIAN_BIN (default ../../target/debug/meridian), CHROMIUM (default /usr/bin/chromium)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { checkPrerequisites, startMeridian, launchChromium } from './harness.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const BIN = path.resolve(HERE, process.env.MERIDIAN_BIN || '../../target/debug/meridian');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-
-let dataDir;
-let server;
-let serverErr = '';
+let node;
 let listening;
 let browser;
 const consoleLog = [];
 
 function log(...args) { console.log('[wt-e2e]', ...args); }
 
-async function startServer() {
-  dataDir = mkdtempSync(path.join(tmpdir(), 'meridian-wt-e2e-'));
-  server = spawn(BIN, ['serve', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0',
-    '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
-  });
-  server.stderr.setEncoding('utf8');
-  server.stderr.on('data', (d) => { serverErr += d; });
-  const lines = createInterface({ input: server.stdout });
-  listening = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('server did not print its listening line in 15 s')), 15_000);
-    server.once('error', (e) => { clearTimeout(timer); reject(e); });
-    server.once('exit', (code) => { clearTimeout(timer); reject(new Error(`server exited early with ${code}`)); });
-    lines.on('line', (line) => {
-      try {
-        const msg = JSON.parse(line);
-        if (msg.event === 'listening') { clearTimeout(timer); resolve(msg); }
-      } catch { /* not JSON: ignore */ }
-    });
-  });
-  log('server listening', JSON.stringify(listening));
-}
-
 function mintToken(identity) {
-  return execFileSync(BIN, ['token', 'create', '--data-dir', dataDir, '--room', 'wt-e2e',
-    '--identity', identity, '--subscribe'], { encoding: 'utf8', timeout: 10_000 }).trim();
+  return node.token('wt-e2e', identity, '--subscribe');
 }
 
 before(async () => {
-  if (!existsSync(BIN)) throw new Error(`meridian binary not found at ${BIN} (cargo build -p meridian, or set MERIDIAN_BIN)`);
-  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found: run scripts/install-test-deps.sh`);
-  await startServer();
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    timeout: 30_000,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  checkPrerequisites();
+  node = await startMeridian('meridian-wt-e2e');
+  listening = node.listening;
+  log('server listening', JSON.stringify(listening));
+  browser = await launchChromium();
   log('chromium', browser.version());
 });
 
 after(async () => {
   if (browser) await browser.close().catch(() => {});
-  if (server && server.exitCode === null) {
-    server.kill('SIGTERM');
-    await new Promise((r) => {
-      const t = setTimeout(() => { server.kill('SIGKILL'); r(); }, 5_000);
-      server.once('exit', () => { clearTimeout(t); r(); });
-    });
-  }
-  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+  if (node) await node.stop();
 });
 
 async function openPage() {
@@ -99,7 +44,7 @@ async function openPage() {
 
 function diagnostics() {
   console.log('---- browser console ----\n' + consoleLog.join('\n'));
-  console.log('---- server stderr (last 10000 chars) ----\n' + serverErr.slice(-10_000));
+  console.log('---- server stderr (last 10000 chars) ----\n' + node.stderr().slice(-10_000));
 }
 
 // Runs in the page: join over WebTransport with length-prefixed JSON on one stream.

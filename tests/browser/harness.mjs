@@ -1,0 +1,83 @@
+// Shared set-up of the browser tests: the real `meridian serve` on ephemeral ports with a
+// fresh data directory, tokens minted by the binary with that directory's key, and
+// Debian's Chromium launched headless with the flags WebRTC on loopback needs.
+// Env: MERIDIAN_BIN (default ../../target/debug/meridian), CHROMIUM (default /usr/bin/chromium)
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createInterface } from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+export const BIN = path.resolve(HERE, process.env.MERIDIAN_BIN || '../../target/debug/meridian');
+export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+/** Fails with a clear message when the binary or the browser is missing. */
+export function checkPrerequisites() {
+  if (!existsSync(BIN)) throw new Error(`meridian binary not found at ${BIN} (cargo build -p meridian, or set MERIDIAN_BIN)`);
+  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found: run scripts/install-test-deps.sh`);
+}
+
+/**
+ * Starts `meridian serve` and resolves once it printed its listening line.
+ * Returns `{ listening, stderr(), token(room, identity, ...flags), stop() }`.
+ */
+export async function startMeridian(prefix) {
+  const dataDir = mkdtempSync(path.join(tmpdir(), `${prefix}-`));
+  const server = spawn(BIN, ['serve', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0',
+    '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
+  });
+  let stderr = '';
+  server.stderr.setEncoding('utf8');
+  server.stderr.on('data', (d) => { stderr += d; });
+  const lines = createInterface({ input: server.stdout });
+  const listening = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('server did not print its listening line in 15 s')), 15_000);
+    server.once('error', (e) => { clearTimeout(timer); reject(e); });
+    server.once('exit', (code) => { clearTimeout(timer); reject(new Error(`server exited early with ${code}`)); });
+    lines.on('line', (line) => {
+      try {
+        const msg = JSON.parse(line);
+        if (msg.event === 'listening') { clearTimeout(timer); resolve(msg); }
+      } catch { /* not JSON: ignore */ }
+    });
+  });
+  return {
+    listening,
+    stderr: () => stderr,
+    token: (room, identity, ...flags) => execFileSync(BIN, ['token', 'create', '--data-dir', dataDir,
+      '--room', room, '--identity', identity, ...flags], { encoding: 'utf8', timeout: 10_000 }).trim(),
+    async stop() {
+      if (server.exitCode === null) {
+        server.kill('SIGTERM');
+        await new Promise((r) => {
+          const t = setTimeout(() => { server.kill('SIGKILL'); r(); }, 5_000);
+          server.once('exit', () => { clearTimeout(t); r(); });
+        });
+      }
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Launches headless Chromium; `extraArgs` add to the flags every test needs. */
+export function launchChromium(extraArgs = []) {
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    timeout: 30_000,
+    args: [
+      ...extraArgs,
+      '--no-sandbox',
+      '--disable-gpu',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+}
