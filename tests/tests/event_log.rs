@@ -78,8 +78,13 @@ async fn check_history(store: &Store, room: &str) {
         .map(|e| (e.actor, e.event))
         .collect();
     let count = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|(_, e)| f(e)).count();
+    // The first join places the room on the node (epoch 1), then opens it.
     assert!(
-        matches!(events.first(), Some((_, Event::RoomOpened))),
+        matches!(events.first(), Some((actor, Event::RoomPlaced { node, epoch: 1 })) if actor == node),
+        "{events:#?}"
+    );
+    assert!(
+        matches!(events.get(1), Some((_, Event::RoomOpened))),
         "{events:#?}"
     );
     assert!(

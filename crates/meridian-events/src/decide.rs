@@ -250,6 +250,7 @@ pub fn decide(state: &RoomState, command: &Command) -> Result<Vec<Event>, Domain
                 participant_id: participant_id.clone(),
                 identity: identity.clone(),
                 name: name.clone(),
+                resume_hash: None,
             });
             Ok(out)
         }

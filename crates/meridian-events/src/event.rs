@@ -72,6 +72,10 @@ pub enum Event {
         identity: String,
         /// Display name.
         name: String,
+        /// SHA-256 (hex) of the participant's resume token, so any node of the region
+        /// can take a resume after a failover; the token itself is never stored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_hash: Option<String>,
     },
     /// A participant left the room.
     ParticipantLeft {

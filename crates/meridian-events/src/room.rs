@@ -16,6 +16,9 @@ pub struct Participant {
     pub name: String,
     /// Tracks this participant subscribes to, with the preferred layer if one was set.
     pub subscriptions: BTreeMap<String, Option<String>>,
+    /// SHA-256 (hex) of the participant's resume token, if recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_hash: Option<String>,
 }
 
 /// A published track.
@@ -95,6 +98,7 @@ impl RoomState {
                 participant_id,
                 identity,
                 name,
+                resume_hash,
             } => {
                 self.participants.insert(
                     participant_id.clone(),
@@ -102,6 +106,7 @@ impl RoomState {
                         identity: identity.clone(),
                         name: name.clone(),
                         subscriptions: BTreeMap::new(),
+                        resume_hash: resume_hash.clone(),
                     },
                 );
             }

@@ -96,6 +96,7 @@ mod tests {
             participant_id: "p1".into(),
             identity: "alice".into(),
             name: "Alice".into(),
+            resume_hash: None,
         };
         assert_eq!(decode_event(1, &e.to_json()).expect("decodes"), e);
     }
@@ -108,7 +109,8 @@ mod tests {
             Event::ParticipantJoined {
                 participant_id: "p1".into(),
                 identity: "alice".into(),
-                name: "alice".into()
+                name: "alice".into(),
+                resume_hash: None,
             }
         );
     }

@@ -51,6 +51,7 @@ fn joined(p: &str, identity: &str) -> Event {
         participant_id: p.into(),
         identity: identity.into(),
         name: identity.to_uppercase(),
+        resume_hash: None,
     }
 }
 

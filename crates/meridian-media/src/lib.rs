@@ -130,6 +130,9 @@ pub struct SfuConfig {
     pub max_tracks_per_participant: usize,
     /// Most subscriptions one participant may hold.
     pub max_subscriptions_per_participant: usize,
+    /// First participant and track id this core hands out. Nodes of a region seed it
+    /// differently so ids stay unique in a room's log across nodes and restarts.
+    pub first_id: u64,
 }
 
 impl SfuConfig {
@@ -141,6 +144,7 @@ impl SfuConfig {
             initial_estimate_bps: 1_000_000,
             max_tracks_per_participant: 8,
             max_subscriptions_per_participant: 256,
+            first_id: 1,
         }
     }
 }
@@ -404,6 +408,7 @@ pub struct Sfu {
 impl Sfu {
     /// A core with no rooms.
     pub fn new(config: SfuConfig, now: Instant) -> Sfu {
+        let first_id = config.first_id.max(1);
         Sfu {
             config,
             participants: HashMap::new(),
@@ -411,7 +416,7 @@ impl Sfu {
             rooms: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
-            next_id: 1,
+            next_id: first_id,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             dirty: Vec::new(),
@@ -506,9 +511,38 @@ impl Sfu {
         identity: &str,
         auto_subscribe: bool,
     ) -> ParticipantId {
-        self.last_now = now;
         let id = ParticipantId(self.next_id);
         self.next_id += 1;
+        self.insert_participant(now, id, room, identity, auto_subscribe);
+        id
+    }
+
+    /// Adds a participant under an id it had before (restored from a room's log after a
+    /// failover), with new peer connections.
+    pub fn restore_participant(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        room: &str,
+        identity: &str,
+        auto_subscribe: bool,
+    ) -> Result<(), MediaError> {
+        if self.participants.contains_key(&id) {
+            return Err(MediaError::NotAllowed("participant id in use"));
+        }
+        self.insert_participant(now, id, room, identity, auto_subscribe);
+        Ok(())
+    }
+
+    fn insert_participant(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        room: &str,
+        identity: &str,
+        auto_subscribe: bool,
+    ) {
+        self.last_now = now;
         let mut publisher = Pc::new(&self.config, now, PcKind::Publisher);
         let mut subscriber = Pc::new(&self.config, now, PcKind::Subscriber);
         mark_dirty(&mut self.dirty, id, &mut publisher, PcKind::Publisher);
@@ -551,7 +585,6 @@ impl Sfu {
             self.negotiate(id);
         }
         self.process(now);
-        id
     }
 
     /// Removes a participant: its tracks are unpublished, its subscriptions and
@@ -1209,8 +1242,18 @@ impl Sfu {
             }
             .to_string()
         });
-        let track = TrackId(self.next_id);
-        self.next_id += 1;
+        // A restored publisher asks for its earlier id (the node checked it is its own).
+        let track = match announced
+            .and_then(|a| a.track_id.as_deref())
+            .and_then(|t| t.parse::<TrackId>().ok())
+            .filter(|t| !self.tracks.contains_key(t))
+        {
+            Some(t) => t,
+            None => {
+                self.next_id += 1;
+                TrackId(self.next_id - 1)
+            }
+        };
         p.published.push(track);
         let room = p.room.clone();
         let t = Track {

@@ -112,6 +112,11 @@ pub enum ServerMessage {
         resume_grace_secs: u64,
         /// Protocol version of the node.
         version: u32,
+        /// True when this node rebuilt the participant from the room's event log
+        /// (failover or drain): the client must create new peer connections,
+        /// re-publish with its earlier track ids and answer the node's new offer.
+        #[serde(default)]
+        restored: bool,
     },
     /// SDP answer for the publisher connection.
     Answer {
@@ -172,6 +177,16 @@ pub enum ServerMessage {
         region: String,
         /// Signaling URL of that region.
         url: String,
+    },
+    /// The node hands this session over (drain, or it lost the room): reconnect to
+    /// `url`, or to another node of the region when absent, and join with the resume
+    /// token. The node closes the connection after sending it.
+    Migrate {
+        /// Signaling URL of the node that now hosts the room, if known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        /// Why: `drain` (the node is stopping) or `fenced` (the node lost the room).
+        reason: String,
     },
     /// A request failed, or the connection is about to close.
     Error {
@@ -251,6 +266,11 @@ pub struct TrackAnnouncement {
     /// Simulcast layers sent, by rid; empty for a single stream.
     #[serde(default)]
     pub layers: Vec<Layer>,
+    /// The track id this section had before a failover (from the earlier `answer`), so
+    /// a restored publisher keeps its track ids; honoured only for the participant's
+    /// own tracks recorded in the room's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_id: Option<String>,
 }
 
 /// A published track as the room sees it.
@@ -327,6 +347,9 @@ pub enum ErrorCode {
     Timeout,
     /// The node failed internally; the client may retry.
     Internal,
+    /// The node cannot take the session now (it drains, or the region's log is
+    /// unreachable); try another node of the region.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -346,6 +369,7 @@ impl ErrorCode {
             ErrorCode::CapacityExceeded => "capacity_exceeded",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

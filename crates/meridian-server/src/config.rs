@@ -55,6 +55,36 @@ pub struct Config {
     pub signaling: SignalingConfig,
     /// WebTransport signaling listener (QUIC, UDP).
     pub webtransport: WebTransportConfig,
+    /// Membership of the region: leases, placement, failover and drain.
+    pub cluster: ClusterConfig,
+}
+
+/// How nodes of one region (one event log) share rooms and take over from each other.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Signaling URL clients use to reach this node (redirects and `migrate` carry
+    /// it); default `ws://<http addr>/signal`.
+    pub advertise_url: Option<String>,
+    /// Milliseconds between lease renewals (and checks of other nodes' leases).
+    pub lease_period_ms: u64,
+    /// Milliseconds a lease lasts without renewal: a dead node is noticed this long
+    /// after its last renewal.
+    pub lease_ttl_ms: u64,
+    /// Seconds a draining node (SIGTERM) waits for its participants to move before it
+    /// exits anyway.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            advertise_url: None,
+            lease_period_ms: 100,
+            lease_ttl_ms: 500,
+            drain_timeout_secs: 30,
+        }
+    }
 }
 
 /// WebTransport signaling listener settings.
@@ -142,6 +172,7 @@ impl Default for Config {
                 tls_cert: None,
                 tls_key: None,
             },
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -240,6 +271,29 @@ impl Config {
         if self.node.region.is_empty() || self.node.region.len() > 64 {
             return invalid("node.region", "must be 1..=64 characters");
         }
+        let c = &self.cluster;
+        if c.lease_period_ms < 10 || c.lease_ttl_ms < 2 * c.lease_period_ms {
+            return invalid(
+                "cluster.lease_ttl_ms",
+                "lease_period_ms must be at least 10 and lease_ttl_ms at least twice it",
+            );
+        }
+        if c.lease_ttl_ms > 600_000 || c.drain_timeout_secs > 3600 {
+            return invalid(
+                "cluster.lease_ttl_ms",
+                "at most 600000 ms (drain_timeout_secs at most 3600)",
+            );
+        }
+        if self.node.id.is_empty()
+            || self.node.id.len() > 64
+            || !self
+                .node
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return invalid("node.id", "must be 1..=64 of [A-Za-z0-9._-]");
+        }
         if self.media.addr.ip().is_unspecified() && self.media.public_ip.is_none() {
             return invalid(
                 "media.public_ip",
@@ -255,6 +309,14 @@ impl Config {
             Some(ip) => SocketAddr::new(ip, bound.port()),
             None => bound,
         }
+    }
+
+    /// The signaling URL other nodes send this node's clients to.
+    pub fn advertise_url(&self, http: SocketAddr) -> String {
+        self.cluster
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{http}/signal"))
     }
 
     pub(crate) fn resume_grace(&self) -> Duration {

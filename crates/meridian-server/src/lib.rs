@@ -6,6 +6,7 @@
 //! bound addresses; the node runs until its [`Node`] is shut down or dropped.
 #![deny(missing_docs)]
 
+mod cluster;
 pub mod config;
 mod http;
 mod media_loop;
@@ -63,6 +64,7 @@ pub(crate) struct NodeState {
     pub registry: Arc<prometheus_client::registry::Registry>,
     pub commands: mpsc::Sender<media_loop::Command>,
     pub webtransport: webtransport::Advert,
+    pub cluster: Arc<cluster::Cluster>,
 }
 
 /// Admits audit API requests whose bearer token is a valid access token with the
@@ -96,6 +98,9 @@ pub struct Node {
     wt_task: JoinHandle<()>,
     media_task: oneshot::Receiver<String>,
     commands: mpsc::Sender<media_loop::Command>,
+    cluster: Arc<cluster::Cluster>,
+    cluster_task: JoinHandle<()>,
+    drain_timeout: std::time::Duration,
 }
 
 impl Node {
@@ -154,7 +159,31 @@ impl Node {
             None => meridian_store::Store::open_embedded(&config.node.data_dir).await?,
         };
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
-        tokio::spawn(outbox::run(store.clone(), outbox_rx, metrics.clone()));
+        let fences = cluster::Fences::default();
+        let context = outbox::Context {
+            node: config.node.id.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            fences: fences.clone(),
+            commands: commands.clone(),
+        };
+        tokio::spawn(outbox::run(context, outbox_rx));
+        let cluster = cluster::Cluster::start(
+            cluster::ClusterParams {
+                node: config.node.id.clone(),
+                region: config.node.region.clone(),
+                url: config.advertise_url(http_addr),
+                period: std::time::Duration::from_millis(config.cluster.lease_period_ms),
+                ttl: std::time::Duration::from_millis(config.cluster.lease_ttl_ms),
+            },
+            store.clone(),
+            fences,
+            commands.clone(),
+            outbox.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let drain_timeout = std::time::Duration::from_secs(config.cluster.drain_timeout_secs);
         let (media_done, media_task) = oneshot::channel();
         let (grace, loop_metrics) = (config.resume_grace(), metrics.clone());
         std::thread::Builder::new()
@@ -197,8 +226,10 @@ impl Node {
             metrics: metrics.clone(),
             commands: commands.clone(),
             webtransport: wt_listener.advert(),
+            cluster: cluster.clone(),
         };
         let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let cluster_task = tokio::spawn(cluster.clone().run(shutdown.subscribe()));
         let wt_task = tokio::spawn(webtransport::serve(
             wt_listener,
             state.clone(),
@@ -229,7 +260,17 @@ impl Node {
             wt_task,
             media_task,
             commands,
+            cluster,
+            cluster_task,
+            drain_timeout,
         })
+    }
+
+    /// Drains the node (what SIGTERM does): it stops taking rooms, hands every room to
+    /// another node of the region and tells the clients to move, within the configured
+    /// drain timeout. Returns true when every participant left in time.
+    pub async fn drain(&self) -> bool {
+        self.cluster.drain(self.drain_timeout).await
     }
 
     /// Stops accepting connections and ends the node's tasks.
@@ -238,6 +279,7 @@ impl Node {
         let _ = self.commands.send(media_loop::Command::Shutdown).await;
         let _ = self.http_task.await;
         let _ = self.wt_task.await;
+        let _ = self.cluster_task.await;
     }
 
     /// Resolves if the media loop ends by itself, which only a bug can cause; the

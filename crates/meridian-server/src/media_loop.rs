@@ -1,7 +1,7 @@
 //! The media run loop: owns the Sans-IO [`Sfu`], the UDP socket and the room's
 //! signaling sessions, and moves time, datagrams and commands between them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::outbox::Outbound;
-use meridian_events::{Event, LeaveReason};
+use meridian_events::{Event, LeaveReason, RoomState};
 use meridian_protocol::TrackKind;
 use meridian_store::NewEvent;
 
@@ -56,6 +56,27 @@ pub(crate) enum Command {
         participant: ParticipantId,
         generation: u64,
     },
+    /// This node now hosts `room`, whose log says `state`: its participants wait
+    /// (for the resume grace) to come back with their resume tokens.
+    Restore { room: String, state: RoomState },
+    /// Another node hosts `room` now: tell its clients to move (to `url` if known) and
+    /// forget it without recording anything.
+    RoomLost {
+        room: String,
+        url: Option<String>,
+        reason: String,
+    },
+    /// How many sessions the node holds.
+    Count { reply: oneshot::Sender<usize> },
+}
+
+/// What the room's log says a participant had, before it came back to this node.
+#[derive(Default)]
+struct Logged {
+    /// Its tracks recorded as published (it may re-publish them under these ids).
+    tracks: HashSet<String>,
+    /// Its recorded subscriptions, with preferred layers, restored as tracks reappear.
+    subscriptions: BTreeMap<String, Option<String>>,
 }
 
 struct Session {
@@ -63,10 +84,17 @@ struct Session {
     identity: String,
     name: Option<String>,
     grants: Grants,
+    /// The resume token (empty for a restored session until it resumes).
     resume: String,
+    /// SHA-256 (hex) of the resume token, as recorded in the log.
+    resume_hash: String,
     tx: Option<mpsc::Sender<ServerMessage>>,
     generation: u64,
     detached_at: Option<Instant>,
+    /// Restored from the log and not resumed yet: no media connections exist.
+    dormant: bool,
+    /// State taken from the log: re-creating it records nothing new.
+    logged: Logged,
 }
 
 pub(crate) struct MediaLoop {
@@ -83,6 +111,8 @@ pub(crate) struct MediaLoop {
     outbox: mpsc::UnboundedSender<Outbound>,
     /// Set while core events are being handled, so handling one does not recurse.
     draining: bool,
+    /// A room being forgotten (lost to another node): its events are not recorded.
+    forgetting: Option<String>,
 }
 
 impl MediaLoop {
@@ -93,8 +123,12 @@ impl MediaLoop {
         grace: Duration,
         outbox: mpsc::UnboundedSender<Outbound>,
     ) -> MediaLoop {
+        let mut config = SfuConfig::new(candidate);
+        // Ids must stay unique within a room's log across nodes and restarts: each
+        // process starts at a random multiple of 2^20.
+        config.first_id = (u64::from(rand::random::<u32>()) << 20) | 1;
         MediaLoop {
-            sfu: Sfu::new(SfuConfig::new(candidate), Instant::now()),
+            sfu: Sfu::new(config, Instant::now()),
             socket,
             sessions: HashMap::new(),
             resume_index: HashMap::new(),
@@ -104,6 +138,7 @@ impl MediaLoop {
             blocked: VecDeque::new(),
             outbox,
             draining: false,
+            forgetting: None,
         }
     }
 
@@ -229,7 +264,7 @@ impl MediaLoop {
 
     /// Queues room events for the log; messages queued later wait until they are stored.
     fn record(&mut self, room: &str, actor: &str, events: Vec<Event>) {
-        if room.is_empty() {
+        if room.is_empty() || self.forgetting.as_deref() == Some(room) {
             return;
         }
         let stream = meridian_events::room_stream(room);
@@ -299,14 +334,14 @@ impl MediaLoop {
     /// Removes a participant, records why, and tells its room; returns its session.
     fn remove(&mut self, id: ParticipantId, now: Instant, reason: LeaveReason) -> Option<Session> {
         let s = self.sessions.remove(&id)?;
-        self.resume_index.remove(&s.resume);
+        self.resume_index.remove(&s.resume_hash);
         self.sfu.remove_participant(now, id);
         self.drain_sfu_events();
         let mut events = vec![Event::ParticipantLeft {
             participant_id: id.to_string(),
             reason,
         }];
-        if self.sfu.room_participants(&s.room).is_empty() {
+        if !self.sessions.values().any(|o| o.room == s.room) {
             events.push(Event::RoomClosed);
         }
         self.record(&s.room, &s.identity, events);
@@ -336,7 +371,7 @@ impl MediaLoop {
                 let generation = self.next_generation;
                 self.next_generation += 1;
                 if let Some(token) = resume {
-                    let found = self.resume_index.get(&token).copied().filter(|id| {
+                    let found = self.resume_index.get(&sha256_hex(&token)).copied().filter(|id| {
                         self.sessions
                             .get(id)
                             .is_some_and(|s| s.identity == identity && s.room == room)
@@ -352,12 +387,37 @@ impl MediaLoop {
                     s.tx = Some(tx);
                     s.generation = generation;
                     s.detached_at = None;
-                    info!(participant = %id, "session resumed");
+                    s.resume = token;
+                    let restored = std::mem::take(&mut s.dormant);
+                    if restored {
+                        // Rebuilt from the log on this node: new media connections.
+                        s.grants = grants;
+                        let subscribe = auto_subscribe && grants.subscribe;
+                        if let Err(e) =
+                            self.sfu
+                                .restore_participant(now, id, &room, &identity, subscribe)
+                        {
+                            let _ = reply.send(Err((ErrorCode::Internal, e.to_string())));
+                            return;
+                        }
+                        self.metrics.participants_restored.inc();
+                    }
+                    info!(participant = %id, restored, "session resumed");
                     let _ = reply.send(Ok((id, generation)));
-                    self.send_joined(id);
+                    self.send_joined(id, restored);
+                    if restored {
+                        self.resubscribe(now, id, None);
+                        if let Some(info) = self.participant_info(id) {
+                            self.broadcast(
+                                &room,
+                                Some(id),
+                                ServerMessage::ParticipantJoined { participant: info },
+                            );
+                        }
+                    }
                     return;
                 }
-                let new_room = self.sfu.room_participants(&room).is_empty();
+                let new_room = !self.sessions.values().any(|s| s.room == room);
                 let id = self.sfu.add_participant(
                     now,
                     &room,
@@ -365,7 +425,8 @@ impl MediaLoop {
                     auto_subscribe && grants.subscribe,
                 );
                 let resume = random_token();
-                self.resume_index.insert(resume.clone(), id);
+                let resume_hash = sha256_hex(&resume);
+                self.resume_index.insert(resume_hash.clone(), id);
                 self.sessions.insert(
                     id,
                     Session {
@@ -374,9 +435,12 @@ impl MediaLoop {
                         name,
                         grants,
                         resume,
+                        resume_hash: resume_hash.clone(),
                         tx: Some(tx),
                         generation,
                         detached_at: None,
+                        dormant: false,
+                        logged: Logged::default(),
                     },
                 );
                 self.metrics.joins.inc();
@@ -392,10 +456,11 @@ impl MediaLoop {
                     participant_id: id.to_string(),
                     identity: identity.clone(),
                     name,
+                    resume_hash: Some(resume_hash),
                 });
                 self.record(&room, &identity, events);
                 let _ = reply.send(Ok((id, generation)));
-                self.send_joined(id);
+                self.send_joined(id, false);
                 if let Some(info) = self.participant_info(id) {
                     self.broadcast(
                         &room,
@@ -405,6 +470,36 @@ impl MediaLoop {
                 }
             }
             Command::Shutdown => {}
+            Command::Restore { room, state } => self.restore(now, &room, state),
+            Command::RoomLost { room, url, reason } => {
+                self.forgetting = Some(room.clone());
+                let gone: Vec<ParticipantId> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.room == room)
+                    .map(|(id, _)| *id)
+                    .collect();
+                info!(%room, participants = gone.len(), %reason, "room moved to another node");
+                for id in gone {
+                    let Some(s) = self.sessions.remove(&id) else {
+                        continue;
+                    };
+                    self.resume_index.remove(&s.resume_hash);
+                    self.sfu.remove_participant(now, id);
+                    self.drain_sfu_events();
+                    if let Some(tx) = s.tx {
+                        let msg = ServerMessage::Migrate {
+                            url: url.clone(),
+                            reason: reason.clone(),
+                        };
+                        let _ = self.outbox.send(Outbound::Deliver { tx, msg });
+                    }
+                }
+                self.forgetting = None;
+            }
+            Command::Count { reply } => {
+                let _ = reply.send(self.sessions.len());
+            }
             Command::Detach {
                 participant,
                 generation,
@@ -425,7 +520,96 @@ impl MediaLoop {
         }
     }
 
-    fn send_joined(&mut self, id: ParticipantId) {
+    /// Creates a waiting session for every participant of a room taken over from the
+    /// log; each comes back with its resume token within the grace period or is
+    /// recorded as timed out.
+    fn restore(&mut self, now: Instant, room: &str, state: RoomState) {
+        let mut restored = 0;
+        for (pid, p) in state.participants {
+            let Ok(id) = pid.parse::<ParticipantId>() else {
+                warn!(participant = %pid, "participant id from the log does not parse; skipped");
+                continue;
+            };
+            if self.sessions.contains_key(&id) {
+                continue;
+            }
+            let tracks = state
+                .tracks
+                .iter()
+                .filter(|(_, t)| t.participant_id == pid)
+                .map(|(t, _)| t.clone())
+                .collect();
+            let resume_hash = p.resume_hash.unwrap_or_default();
+            if !resume_hash.is_empty() {
+                self.resume_index.insert(resume_hash.clone(), id);
+            }
+            self.sessions.insert(
+                id,
+                Session {
+                    room: room.to_string(),
+                    identity: p.identity,
+                    name: (!p.name.is_empty()).then_some(p.name),
+                    grants: Grants {
+                        publish: false,
+                        subscribe: false,
+                    },
+                    resume: String::new(),
+                    resume_hash,
+                    tx: None,
+                    generation: 0,
+                    detached_at: Some(now),
+                    dormant: true,
+                    logged: Logged {
+                        tracks,
+                        subscriptions: p.subscriptions,
+                    },
+                },
+            );
+            restored += 1;
+        }
+        info!(%room, participants = restored, epoch = state.epoch, "room restored from the log");
+    }
+
+    /// Subscribes a restored participant again to its logged subscriptions whose
+    /// tracks exist (only to `only` when given), with its preferred layers.
+    fn resubscribe(&mut self, now: Instant, id: ParticipantId, only: Option<&str>) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        if s.dormant {
+            return;
+        }
+        let wanted: Vec<(String, Option<String>)> = s
+            .logged
+            .subscriptions
+            .iter()
+            .filter(|(t, _)| only.is_none_or(|o| o == t.as_str()))
+            .map(|(t, l)| (t.clone(), l.clone()))
+            .collect();
+        let present: HashSet<String> = self
+            .sfu
+            .room_tracks(&s.room)
+            .into_iter()
+            .map(|t| t.track_id)
+            .collect();
+        for (track, layer) in wanted {
+            if !present.contains(&track) {
+                continue;
+            }
+            let Ok(t) = track.parse::<TrackId>() else {
+                continue;
+            };
+            // Already subscribed (auto-subscribe) is fine.
+            let _ = self.sfu.subscribe(now, id, t);
+            if let Some(layer) = layer
+                .and_then(|l| serde_json::from_value(serde_json::Value::String(l)).ok())
+            {
+                let _ = self.sfu.set_max_layer(now, id, t, layer);
+            }
+        }
+    }
+
+    fn send_joined(&mut self, id: ParticipantId, restored: bool) {
         let Some(s) = self.sessions.get(&id) else {
             return;
         };
@@ -447,6 +631,7 @@ impl MediaLoop {
                 resume,
                 resume_grace_secs: self.grace.as_secs(),
                 version: meridian_protocol::PROTOCOL_VERSION,
+                restored,
             },
         );
     }
@@ -470,9 +655,20 @@ impl MediaLoop {
             ClientMessage::Join { .. } => {
                 return Err((ErrorCode::NotJoined, "already joined".into()));
             }
-            ClientMessage::Offer { sdp, tracks } => {
+            ClientMessage::Offer { sdp, mut tracks } => {
                 if !grants.publish {
                     return Err((ErrorCode::Forbidden, "token lacks the publish grant".into()));
+                }
+                // Earlier track ids are honoured only for this participant's own
+                // logged tracks.
+                let own = self.sessions.get(&id).map(|s| &s.logged.tracks);
+                for t in &mut tracks {
+                    if t.track_id
+                        .as_ref()
+                        .is_some_and(|x| !own.is_some_and(|o| o.contains(x)))
+                    {
+                        t.track_id = None;
+                    }
                 }
                 let (sdp, tracks) = self
                     .sfu
@@ -568,6 +764,24 @@ impl MediaLoop {
             SfuEvent::TrackPublished { room, track } => {
                 let owner: Option<ParticipantId> = track.participant_id.parse().ok();
                 let actor = owner.map(|o| self.identity_of(o)).unwrap_or_default();
+                let now = Instant::now();
+                // Subscriptions recorded before a failover come back with the track.
+                let waiting: Vec<ParticipantId> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.room == room && s.logged.subscriptions.contains_key(&track.track_id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in waiting {
+                    self.resubscribe(now, id, Some(&track.track_id));
+                }
+                let republished = owner
+                    .and_then(|o| self.sessions.get_mut(&o))
+                    .is_some_and(|s| s.logged.tracks.remove(&track.track_id));
+                if republished {
+                    self.broadcast(&room, owner, ServerMessage::TrackPublished { track });
+                    return;
+                }
                 let kind = match track.kind {
                     TrackKind::Audio => meridian_events::TrackKind::Audio,
                     TrackKind::Video => meridian_events::TrackKind::Video,
@@ -661,6 +875,15 @@ impl MediaLoop {
                 participant,
                 track_id,
             } => {
+                let logged = self.sessions.get_mut(&participant).is_some_and(|s| {
+                    s.logged
+                        .subscriptions
+                        .remove(&track_id.to_string())
+                        .is_some()
+                });
+                if logged {
+                    return;
+                }
                 let (room, actor) = self.room_and_identity(participant);
                 self.record(
                     &room,
@@ -694,6 +917,14 @@ fn media_error(e: MediaError) -> (ErrorCode, String) {
         MediaError::NotAllowed(_) => ErrorCode::Forbidden,
     };
     (code, e.to_string())
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn random_token() -> String {

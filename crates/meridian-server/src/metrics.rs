@@ -58,6 +58,18 @@ pub struct Metrics {
     pub events_appended: Counter,
     /// Failed appends to the event log (each is retried).
     pub event_log_errors: Counter,
+    /// Appends the log refused because another node took the room over (fencing).
+    pub events_fenced: Counter,
+    /// Rooms this node took over from a dead node or adopted after a handover.
+    pub rooms_taken_over: Counter,
+    /// Rooms this node lost (fenced) or handed over (drain).
+    pub rooms_released: Counter,
+    /// Joins redirected to the node hosting the room.
+    pub redirects: Counter,
+    /// Participants rebuilt from the log that came back (resume on a new node).
+    pub participants_restored: Counter,
+    /// Whether this node is draining (1) or serving (0).
+    pub draining: Gauge,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -81,6 +93,12 @@ impl Default for Metrics {
             forward_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 12)),
             events_appended: Counter::default(),
             event_log_errors: Counter::default(),
+            events_fenced: Counter::default(),
+            rooms_taken_over: Counter::default(),
+            rooms_released: Counter::default(),
+            redirects: Counter::default(),
+            participants_restored: Counter::default(),
+            draining: Gauge::default(),
             last: Default::default(),
         }
     }
@@ -131,6 +149,36 @@ impl Metrics {
             self.participants.clone(),
         );
         r.register("rooms", "Rooms on this node", self.rooms.clone());
+        r.register(
+            "events_fenced",
+            "Appends refused because another node took the room over",
+            self.events_fenced.clone(),
+        );
+        r.register(
+            "rooms_taken_over",
+            "Rooms taken over from a dead node or adopted after a handover",
+            self.rooms_taken_over.clone(),
+        );
+        r.register(
+            "rooms_released",
+            "Rooms lost to another node or handed over",
+            self.rooms_released.clone(),
+        );
+        r.register(
+            "redirects",
+            "Joins redirected to the node hosting the room",
+            self.redirects.clone(),
+        );
+        r.register(
+            "participants_restored",
+            "Participants rebuilt from the log that resumed on this node",
+            self.participants_restored.clone(),
+        );
+        r.register(
+            "draining",
+            "1 while the node drains",
+            self.draining.clone(),
+        );
         r.register(
             "signaling_connections",
             "Signaling connections opened",

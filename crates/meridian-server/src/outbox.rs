@@ -9,10 +9,14 @@
 
 use std::time::Duration;
 
+use meridian_events::Event;
 use meridian_protocol::ServerMessage;
-use meridian_store::{ExpectedVersion, NewEvent, Store};
-use tokio::sync::mpsc;
+use meridian_store::{ExpectedVersion, NewEvent, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
+
+use crate::cluster::{Fence, Fences};
+use crate::media_loop::Command;
 
 /// One item leaving the node, in order.
 pub(crate) enum Outbound {
@@ -26,6 +30,24 @@ pub(crate) enum Outbound {
         tx: mpsc::Sender<ServerMessage>,
         msg: ServerMessage,
     },
+    /// Place a hosted room on `node` (drain), after the room's queued events; replies
+    /// whether the placement was stored.
+    Handover {
+        stream: String,
+        node: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// What the outbox needs besides the store.
+pub(crate) struct Context {
+    /// This node's id (the actor of handovers).
+    pub node: String,
+    pub store: Store,
+    pub metrics: crate::Metrics,
+    pub fences: Fences,
+    /// Tells the media loop when a room was lost to another node.
+    pub commands: mpsc::Sender<Command>,
 }
 
 /// Most events merged into one append.
@@ -35,11 +57,7 @@ const MAX_BATCH: usize = 500;
 const DELIVERY_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs until every sender is gone.
-pub(crate) async fn run(
-    store: Store,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-    metrics: crate::Metrics,
-) {
+pub(crate) async fn run(cx: Context, mut rx: mpsc::UnboundedReceiver<Outbound>) {
     let mut queue = Vec::new();
     while rx.recv_many(&mut queue, 1024).await > 0 {
         let mut items = queue.drain(..).peekable();
@@ -55,7 +73,14 @@ pub(crate) async fn run(
                             events.extend(more);
                         }
                     }
-                    append(&store, &stream, events, &metrics).await;
+                    append(&cx, &stream, events).await;
+                }
+                Outbound::Handover {
+                    stream,
+                    node,
+                    reply,
+                } => {
+                    let _ = reply.send(handover(&cx, &stream, node).await);
                 }
                 Outbound::Deliver { tx, msg } => {
                     if tx.try_send(msg.clone()).is_err()
@@ -71,26 +96,130 @@ pub(crate) async fn run(
     }
 }
 
-async fn append(store: &Store, stream: &str, events: Vec<NewEvent>, metrics: &crate::Metrics) {
+/// Appends a room's events with the version this node expects (its fence); a
+/// conflict means another node placed the room since: the events are refused and the
+/// media loop lets the room go.
+async fn append(cx: &Context, stream: &str, events: Vec<NewEvent>) {
+    let expected = match cx.fences.get(stream) {
+        Some(Fence::Held { version, .. }) => ExpectedVersion::Exact(version),
+        Some(Fence::Released) => {
+            cx.metrics.events_fenced.inc_by(events.len() as u64);
+            debug!(stream, "room hosted elsewhere now; events dropped");
+            return;
+        }
+        None => ExpectedVersion::Any,
+    };
+    if let Err(actual) = write(cx, stream, expected, &events).await {
+        cx.metrics.events_fenced.inc_by(events.len() as u64);
+        lost(cx, stream, actual).await;
+    }
+}
+
+/// Appends `RoomPlaced { node }` with the next epoch: the room moves to `node`.
+async fn handover(cx: &Context, stream: &str, node: String) -> bool {
+    let Some(Fence::Held { epoch, version }) = cx.fences.get(stream) else {
+        return false;
+    };
+    let event = NewEvent::new(
+        cx.node.clone(),
+        Event::RoomPlaced {
+            node,
+            epoch: epoch + 1,
+        },
+    );
+    let ok = write(cx, stream, ExpectedVersion::Exact(version), &[event])
+        .await
+        .is_ok();
+    cx.fences.set(stream, Fence::Released);
+    ok
+}
+
+async fn lost(cx: &Context, stream: &str, actual: u64) {
+    warn!(
+        stream,
+        actual, "another node placed this room; this node's writes are refused"
+    );
+    cx.fences.set(stream, Fence::Released);
+    cx.metrics.rooms_released.inc();
+    let room = stream.strip_prefix("room:").unwrap_or(stream).to_string();
+    let _ = cx
+        .commands
+        .send(Command::RoomLost {
+            room,
+            url: None,
+            reason: "fenced".into(),
+        })
+        .await;
+}
+
+/// Appends until stored, retrying while the log is unreachable. On a conflict with an
+/// exact version: `Ok` if this very batch landed already (the connection dropped
+/// during an earlier COMMIT), else `Err(actual version)`.
+async fn write(
+    cx: &Context,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<(), u64> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match store
-            .append(stream, ExpectedVersion::Any, events.clone())
-            .await
-        {
+        let error = match cx.store.append(stream, expected, events.to_vec()).await {
             Ok(recorded) => {
-                metrics.events_appended.inc_by(recorded.len() as u64);
-                return;
+                cx.metrics.events_appended.inc_by(recorded.len() as u64);
+                advance(cx, stream, expected, events.len());
+                return Ok(());
             }
-            Err(e) => {
-                metrics.event_log_errors.inc();
-                warn!(
-                    stream,
-                    "event log append failed, retrying in {backoff:?}: {e}"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+            Err(StoreError::Conflict { actual, .. }) => {
+                let ExpectedVersion::Exact(version) = expected else {
+                    return Err(actual);
+                };
+                match landed(&cx.store, stream, version, events).await {
+                    Ok(true) => {
+                        advance(cx, stream, expected, events.len());
+                        return Ok(());
+                    }
+                    Ok(false) => return Err(actual),
+                    Err(e) => e,
+                }
             }
-        }
+            Err(e) => e,
+        };
+        cx.metrics.event_log_errors.inc();
+        warn!(
+            stream,
+            "event log append failed, retrying in {backoff:?}: {error}"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+fn advance(cx: &Context, stream: &str, expected: ExpectedVersion, appended: usize) {
+    if let (ExpectedVersion::Exact(version), Some(Fence::Held { epoch, .. })) =
+        (expected, cx.fences.get(stream))
+    {
+        cx.fences.set(
+            stream,
+            Fence::Held {
+                version: version + appended as u64,
+                epoch,
+            },
+        );
+    }
+}
+
+/// Whether the events right after `version` are exactly `events` (same actor and
+/// event), i.e. an earlier attempt whose outcome was unknown did commit.
+async fn landed(
+    store: &Store,
+    stream: &str,
+    version: u64,
+    events: &[NewEvent],
+) -> Result<bool, StoreError> {
+    let stored = store.read_stream(stream, version + 1, events.len()).await?;
+    Ok(stored.len() == events.len()
+        && stored
+            .iter()
+            .zip(events)
+            .all(|(r, e)| r.actor == e.actor && r.event == e.event))
 }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::NodeState;
+use crate::cluster::Placement;
 use crate::media_loop::{Command, Grants, SESSION_QUEUE};
 
 /// An incoming transport frame.
@@ -69,7 +70,9 @@ where
         while let Some(msg) = rx.recv().await {
             let last = matches!(
                 msg,
-                ServerMessage::Left { .. } | ServerMessage::Redirect { .. }
+                ServerMessage::Left { .. }
+                    | ServerMessage::Redirect { .. }
+                    | ServerMessage::Migrate { .. }
             ) || matches!(
                 msg,
                 ServerMessage::Error {
@@ -77,7 +80,8 @@ where
                         | ErrorCode::Timeout
                         | ErrorCode::RateLimited
                         | ErrorCode::UnsupportedVersion
-                        | ErrorCode::ResumeFailed,
+                        | ErrorCode::ResumeFailed
+                        | ErrorCode::Unavailable,
                     ..
                 }
             );
@@ -249,6 +253,17 @@ async fn join(
             ErrorCode::Forbidden,
             "an admin token for every room cannot join a room",
         ));
+    }
+    // The room lives on one node of the region: place it here or send the client on.
+    match state.cluster.place(&claims.room, resume.is_some()).await {
+        Ok(Placement::Local) => {}
+        Ok(Placement::Elsewhere(url)) => {
+            return Err(ServerMessage::Redirect {
+                region: state.cluster.region().to_string(),
+                url,
+            });
+        }
+        Err(e) => return Err(ServerMessage::error(ErrorCode::Unavailable, e.to_string())),
     }
     let (reply, answer) = oneshot::channel();
     let cmd = Command::Join {

@@ -33,6 +33,7 @@ fn event(i: u64) -> NewEvent {
                 participant_id: format!("p{i}"),
                 identity: format!("user{i}"),
                 name: format!("User number {i}"),
+                resume_hash: None,
             },
         )
     }

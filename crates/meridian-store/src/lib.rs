@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod lease;
 mod pg;
 mod row;
 mod sqlite;
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use error::StoreError;
+pub use lease::{NodeLease, Placement};
 
 /// Largest event payload (its JSON), in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -627,6 +629,158 @@ impl Store {
             head,
             first_break: None,
         })
+    }
+
+    /// Take (or take back) `node`'s lease until `expires_at`; returns the new
+    /// incarnation, which every renewal must present.
+    pub async fn acquire_lease(
+        &self,
+        node: &str,
+        region: &str,
+        url: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<String, StoreError> {
+        check_name("node", node)?;
+        check_name("region", region)?;
+        check_name("url", url)?;
+        // Unique per process start: the time in nanoseconds and the process id.
+        let incarnation = format!(
+            "{:x}-{:x}",
+            Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+            std::process::id()
+        );
+        match &self.inner.backend {
+            Backend::Postgres(p) => {
+                sqlx::query(lease::sql::ACQUIRE)
+                    .bind(node)
+                    .bind(region)
+                    .bind(url)
+                    .bind(&incarnation)
+                    .bind(expires_at.timestamp_micros())
+                    .execute(&p.pool)
+                    .await?;
+            }
+            Backend::Sqlite(s) => {
+                sqlx::query(lease::sql::ACQUIRE)
+                    .bind(node)
+                    .bind(region)
+                    .bind(url)
+                    .bind(&incarnation)
+                    .bind(expires_at.timestamp_micros())
+                    .execute(&s.pool)
+                    .await?;
+            }
+        }
+        Ok(incarnation)
+    }
+
+    /// Extend `node`'s lease to `expires_at` (and set its draining flag). Returns false
+    /// when the lease is no longer this incarnation's: it was declared expired (and the
+    /// node's rooms may have been taken over) or another process took the node id.
+    pub async fn renew_lease(
+        &self,
+        node: &str,
+        incarnation: &str,
+        expires_at: DateTime<Utc>,
+        draining: bool,
+    ) -> Result<bool, StoreError> {
+        let rows = match &self.inner.backend {
+            Backend::Postgres(p) => sqlx::query(lease::sql::RENEW)
+                .bind(expires_at.timestamp_micros())
+                .bind(draining)
+                .bind(node)
+                .bind(incarnation)
+                .execute(&p.pool)
+                .await?
+                .rows_affected(),
+            Backend::Sqlite(s) => sqlx::query(lease::sql::RENEW)
+                .bind(expires_at.timestamp_micros())
+                .bind(draining)
+                .bind(node)
+                .bind(incarnation)
+                .execute(&s.pool)
+                .await?
+                .rows_affected(),
+        };
+        Ok(rows == 1)
+    }
+
+    /// Every lease on record, live or not, by node id.
+    pub async fn leases(&self) -> Result<Vec<NodeLease>, StoreError> {
+        let rows: Vec<lease::LeaseRow> = match &self.inner.backend {
+            Backend::Postgres(p) => sqlx::query_as(lease::sql::LIST).fetch_all(&p.pool).await?,
+            Backend::Sqlite(s) => sqlx::query_as(lease::sql::LIST).fetch_all(&s.pool).await?,
+        };
+        rows.into_iter().map(lease::lease).collect()
+    }
+
+    /// Declare `node`'s lease (that incarnation) expired if it ran out before `now`:
+    /// deletes it and returns true for exactly one caller, which may then take the
+    /// node's rooms over.
+    pub async fn expire_lease(
+        &self,
+        node: &str,
+        incarnation: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let rows = match &self.inner.backend {
+            Backend::Postgres(p) => sqlx::query(lease::sql::EXPIRE)
+                .bind(node)
+                .bind(incarnation)
+                .bind(now.timestamp_micros())
+                .execute(&p.pool)
+                .await?
+                .rows_affected(),
+            Backend::Sqlite(s) => sqlx::query(lease::sql::EXPIRE)
+                .bind(node)
+                .bind(incarnation)
+                .bind(now.timestamp_micros())
+                .execute(&s.pool)
+                .await?
+                .rows_affected(),
+        };
+        Ok(rows == 1)
+    }
+
+    /// Give the lease up (clean shutdown).
+    pub async fn release_lease(&self, node: &str, incarnation: &str) -> Result<(), StoreError> {
+        match &self.inner.backend {
+            Backend::Postgres(p) => {
+                sqlx::query(lease::sql::RELEASE)
+                    .bind(node)
+                    .bind(incarnation)
+                    .execute(&p.pool)
+                    .await?;
+            }
+            Backend::Sqlite(s) => {
+                sqlx::query(lease::sql::RELEASE)
+                    .bind(node)
+                    .bind(incarnation)
+                    .execute(&s.pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The latest placement of every room ever placed.
+    pub async fn placements(&self) -> Result<Vec<Placement>, StoreError> {
+        let rows: Vec<(String, i64, String)> = match &self.inner.backend {
+            Backend::Postgres(p) => {
+                sqlx::query_as(lease::sql::PLACEMENTS_PG)
+                    .fetch_all(&p.pool)
+                    .await?
+            }
+            Backend::Sqlite(s) => {
+                sqlx::query_as(lease::sql::PLACEMENTS_SQLITE)
+                    .fetch_all(&s.pool)
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .filter_map(|(stream, seq, payload)| lease::placement(stream, seq, &payload))
+            .collect())
     }
 }
 

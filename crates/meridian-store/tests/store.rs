@@ -151,6 +151,7 @@ async fn limits_are_enforced(h: &Harness) {
             participant_id: "p".into(),
             identity: "x".into(),
             name: "n".repeat(70 * 1024),
+            resume_hash: None,
         },
     );
     assert!(matches!(

@@ -72,6 +72,18 @@ struct ServeArgs {
     /// Seconds a dropped session may resume [default: 10].
     #[arg(long, env = "MERIDIAN_RESUME_GRACE_SECS")]
     resume_grace_secs: Option<u64>,
+    /// Signaling URL other nodes send this node's clients to [default: ws://<http addr>/signal].
+    #[arg(long, env = "MERIDIAN_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// Milliseconds between lease renewals [default: 100].
+    #[arg(long, env = "MERIDIAN_LEASE_PERIOD_MS")]
+    lease_period_ms: Option<u64>,
+    /// Milliseconds a lease lasts without renewal (failure detection time) [default: 500].
+    #[arg(long, env = "MERIDIAN_LEASE_TTL_MS")]
+    lease_ttl_ms: Option<u64>,
+    /// Seconds SIGTERM waits for participants to move before exiting [default: 30].
+    #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT")]
+    drain_timeout: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +186,18 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     if let Some(g) = args.resume_grace_secs {
         config.signaling.resume_grace_secs = g;
     }
+    if let Some(u) = &args.advertise_url {
+        config.cluster.advertise_url = Some(u.clone());
+    }
+    if let Some(p) = args.lease_period_ms {
+        config.cluster.lease_period_ms = p;
+    }
+    if let Some(t) = args.lease_ttl_ms {
+        config.cluster.lease_ttl_ms = t;
+    }
+    if let Some(t) = args.drain_timeout {
+        config.cluster.drain_timeout_secs = t;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -195,10 +219,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
         "Meridian is running: open http://{}/?token=<token> (mint one with `meridian token create --room demo --identity me --publish`)",
         node.http_addr
     );
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm() => {}
+    let drain = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = sigterm() => true,
         why = node.failed() => anyhow::bail!(why),
+    };
+    if drain {
+        // SIGTERM (Kubernetes stopping the pod): move everyone to other nodes first.
+        tracing::info!("draining");
+        let started = std::time::Instant::now();
+        let emptied = node.drain().await;
+        tracing::info!(
+            emptied,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drain finished"
+        );
     }
     tracing::info!("shutting down");
     node.shutdown().await;

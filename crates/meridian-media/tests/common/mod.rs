@@ -377,6 +377,7 @@ impl Harness {
                 kind: TrackKind::Audio,
                 source: "microphone".into(),
                 layers: vec![],
+                track_id: None,
             });
             mid
         });
@@ -394,6 +395,7 @@ impl Harness {
                 kind: TrackKind::Video,
                 source: "camera".into(),
                 layers: media.layers.clone(),
+                track_id: None,
             });
             mid
         });

@@ -184,6 +184,7 @@ pub fn join(p: &str, identity: &str) -> NewEvent {
             participant_id: p.into(),
             identity: identity.into(),
             name: identity.to_uppercase(),
+            resume_hash: None,
         },
     )
 }

@@ -1,0 +1,518 @@
+//! Membership of a region: this node's lease, room placement, takeover of a dead
+//! node's rooms, and drain.
+//!
+//! Every node of a region shares one event log. A node holds a lease (a row renewed
+//! every `lease_period_ms`); a room is hosted by the node named in its latest
+//! `RoomPlaced` event. The node keeps, per hosted room, the stream version it expects
+//! ([`Fences`]): the outbox appends with that exact version, so once another node has
+//! placed the room elsewhere every late write of this node is refused by the store
+//! and the node lets the room go. Two nodes therefore never both write a room.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use meridian_events::{Event, RoomState, node_stream, room_stream};
+use meridian_store::{ExpectedVersion, NewEvent, NodeLease, Store, StoreError};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::media_loop::Command;
+use crate::metrics::Metrics;
+use crate::outbox::Outbound;
+
+/// What this node knows of a room it hosts or hosted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// Hosted here: the room stream is at `version`, placed with `epoch`.
+    Held { version: u64, epoch: u64 },
+    /// Another node hosts it now; this node's writes to it are dropped.
+    Released,
+}
+
+/// Per-room fences, shared by the outbox (which advances them) and the cluster.
+#[derive(Clone, Default)]
+pub(crate) struct Fences(Arc<Mutex<HashMap<String, Fence>>>);
+
+impl Fences {
+    pub(crate) fn get(&self, stream: &str) -> Option<Fence> {
+        self.lock().get(stream).copied()
+    }
+
+    pub(crate) fn set(&self, stream: &str, fence: Fence) {
+        self.lock().insert(stream.to_string(), fence);
+    }
+
+    /// Streams of the rooms hosted here.
+    pub(crate) fn held(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, f)| matches!(f, Fence::Held { .. }))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fence>> {
+        // The map is only read and written in short sections that cannot panic.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where a join should be served.
+#[derive(Debug)]
+pub(crate) enum Placement {
+    /// This node hosts the room.
+    Local,
+    /// Another live node hosts it: send the client to this signaling URL.
+    Elsewhere(String),
+}
+
+/// Why a room could not be placed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PlaceError {
+    /// The node drains and no other node can take the room.
+    #[error("node is draining and no other node of the region is available")]
+    Draining,
+    /// Placement kept racing with other nodes.
+    #[error("room placement is contended; retry")]
+    Contended,
+    /// The event log failed.
+    #[error("event log: {0}")]
+    Store(#[from] StoreError),
+}
+
+struct LeaseState {
+    incarnation: String,
+    /// Leases as last read from the log.
+    leases: Vec<NodeLease>,
+    /// Since when renewals have succeeded without a break.
+    healthy_since: Option<Instant>,
+    draining: bool,
+}
+
+/// This node's view of its region.
+pub(crate) struct Cluster {
+    store: Store,
+    node: String,
+    region: String,
+    url: String,
+    period: Duration,
+    ttl: Duration,
+    fences: Fences,
+    commands: mpsc::Sender<Command>,
+    outbox: mpsc::UnboundedSender<Outbound>,
+    metrics: Metrics,
+    lease: Mutex<LeaseState>,
+    /// Serialises placement decisions on this node.
+    placing: tokio::sync::Mutex<()>,
+}
+
+/// Settings of [`Cluster::start`].
+pub(crate) struct ClusterParams {
+    pub node: String,
+    pub region: String,
+    pub url: String,
+    pub period: Duration,
+    pub ttl: Duration,
+}
+
+/// Attempts at placing one room before giving up.
+const PLACE_ATTEMPTS: usize = 5;
+
+impl Cluster {
+    /// Takes this node's lease (recording it) and returns the cluster handle.
+    pub(crate) async fn start(
+        params: ClusterParams,
+        store: Store,
+        fences: Fences,
+        commands: mpsc::Sender<Command>,
+        outbox: mpsc::UnboundedSender<Outbound>,
+        metrics: Metrics,
+    ) -> Result<Arc<Cluster>, StoreError> {
+        let cluster = Cluster {
+            store,
+            node: params.node,
+            region: params.region,
+            url: params.url,
+            period: params.period,
+            ttl: params.ttl,
+            fences,
+            commands,
+            outbox,
+            metrics,
+            lease: Mutex::new(LeaseState {
+                incarnation: String::new(),
+                leases: Vec::new(),
+                healthy_since: None,
+                draining: false,
+            }),
+            placing: tokio::sync::Mutex::new(()),
+        };
+        cluster.acquire().await?;
+        Ok(Arc::new(cluster))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node's region.
+    pub(crate) fn region(&self) -> &str {
+        &self.region
+    }
+
+    async fn acquire(&self) -> Result<(), StoreError> {
+        let expires_at = Utc::now() + self.ttl;
+        let incarnation = self
+            .store
+            .acquire_lease(&self.node, &self.region, &self.url, expires_at)
+            .await?;
+        self.store
+            .append(
+                &node_stream(&self.node),
+                ExpectedVersion::Any,
+                vec![NewEvent::new(
+                    &self.node,
+                    Event::NodeLeaseAcquired {
+                        node: self.node.clone(),
+                        expires_at,
+                    },
+                )],
+            )
+            .await?;
+        info!(node = %self.node, %incarnation, "lease acquired");
+        let mut s = self.state();
+        s.incarnation = incarnation;
+        s.healthy_since = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Renews the lease and watches the other nodes' leases until `shutdown`; then
+    /// gives the lease up.
+    pub(crate) async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            self.tick().await;
+        }
+        let incarnation = self.state().incarnation.clone();
+        if let Err(e) = self.store.release_lease(&self.node, &incarnation).await {
+            warn!("could not release the lease: {e}");
+        }
+    }
+
+    async fn tick(&self) {
+        let now = Utc::now();
+        let (incarnation, draining) = {
+            let s = self.state();
+            (s.incarnation.clone(), s.draining)
+        };
+        match self
+            .store
+            .renew_lease(&self.node, &incarnation, now + self.ttl, draining)
+            .await
+        {
+            Ok(true) => {
+                self.state().healthy_since.get_or_insert_with(Instant::now);
+            }
+            Ok(false) => {
+                warn!(node = %self.node, "lease lost: another node declared it expired; releasing every room");
+                self.release_all("fenced").await;
+                self.state().healthy_since = None;
+                if let Err(e) = self.acquire().await {
+                    warn!("could not take a new lease: {e}");
+                }
+                return;
+            }
+            Err(e) => {
+                warn!("lease renewal failed: {e}");
+                self.state().healthy_since = None;
+                return;
+            }
+        }
+        let leases = match self.store.leases().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("reading leases failed: {e}");
+                return;
+            }
+        };
+        let expired: Vec<NodeLease> = leases
+            .iter()
+            .filter(|l| l.node != self.node && !l.is_live(now))
+            .cloned()
+            .collect();
+        // Only a node that has itself been renewing for a whole lease term declares
+        // others dead: after a log outage every node needs one term to renew again.
+        let trusted = {
+            let mut s = self.state();
+            s.leases = leases;
+            s.healthy_since.is_some_and(|t| t.elapsed() >= self.ttl) && !s.draining
+        };
+        if !trusted {
+            return;
+        }
+        for dead in expired {
+            match self
+                .store
+                .expire_lease(&dead.node, &dead.incarnation, now)
+                .await
+            {
+                Ok(true) => {
+                    warn!(node = %dead.node, "lease expired; taking its rooms over");
+                    let event = Event::NodeLeaseExpired {
+                        node: dead.node.clone(),
+                        expires_at: dead.expires_at,
+                    };
+                    let stream = node_stream(&dead.node);
+                    let append = self.store.append(
+                        &stream,
+                        ExpectedVersion::Any,
+                        vec![NewEvent::new(&self.node, event)],
+                    );
+                    if let Err(e) = append.await {
+                        warn!("recording the expiry failed: {e}");
+                    }
+                    self.take_over(&dead.node).await;
+                }
+                Ok(false) => {}
+                Err(e) => warn!("expiring {} failed: {e}", dead.node),
+            }
+        }
+    }
+
+    /// Claims every occupied room placed on `dead`.
+    async fn take_over(&self, dead: &str) {
+        let placements = match self.store.placements().await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("reading placements failed: {e}");
+                return;
+            }
+        };
+        for p in placements.into_iter().filter(|p| p.node == dead) {
+            let _guard = self.placing.lock().await;
+            let result = async {
+                let state = self.store.load_room(&p.stream).await?;
+                if state.node.as_deref() != Some(dead) || state.participants.is_empty() {
+                    return Ok(false);
+                }
+                self.claim(&p.stream, state).await
+            };
+            match result.await {
+                Ok(true) => info!(stream = %p.stream, from = dead, "room taken over"),
+                Ok(false) => {}
+                Err(e) => warn!(stream = %p.stream, "takeover failed: {e}"),
+            }
+        }
+    }
+
+    /// Places `state`'s room on this node (a new epoch) if the stream is still at
+    /// `state.version`; on success the media loop restores the room.
+    async fn claim(&self, stream: &str, state: RoomState) -> Result<bool, StoreError> {
+        let epoch = state.epoch + 1;
+        let placed = Event::RoomPlaced {
+            node: self.node.clone(),
+            epoch,
+        };
+        let result = self
+            .store
+            .append(
+                stream,
+                ExpectedVersion::Exact(state.version),
+                vec![NewEvent::new(&self.node, placed)],
+            )
+            .await;
+        match result {
+            Ok(recorded) => {
+                let version = recorded.last().map_or(state.version + 1, |r| r.sequence);
+                self.host(stream, version, epoch, state).await;
+                Ok(true)
+            }
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn host(&self, stream: &str, version: u64, epoch: u64, state: RoomState) {
+        self.fences.set(stream, Fence::Held { version, epoch });
+        if !state.participants.is_empty() {
+            self.metrics.rooms_taken_over.inc();
+        }
+        let room = stream.strip_prefix("room:").unwrap_or(stream).to_string();
+        let _ = self.commands.send(Command::Restore { room, state }).await;
+    }
+
+    /// Decides where a join for `room` is served, placing the room on this node when
+    /// it is unplaced or its node is dead. `resuming` joins (a client coming back from
+    /// a node it lost) wait up to one lease term for the hosting node to be declared
+    /// dead before they are sent back to it.
+    pub(crate) async fn place(&self, room: &str, resuming: bool) -> Result<Placement, PlaceError> {
+        let stream = room_stream(room);
+        let _guard = self.placing.lock().await;
+        let mut waited = false;
+        for _ in 0..PLACE_ATTEMPTS {
+            if self.state().draining {
+                return self.elsewhere().ok_or(PlaceError::Draining);
+            }
+            if let Some(Fence::Held { .. }) = self.fences.get(&stream) {
+                return Ok(Placement::Local);
+            }
+            let state = self.store.load_room(&stream).await?;
+            match state.node.clone() {
+                Some(n) if n == self.node => {
+                    // Placed here (a handover, or this node restarted): adopt it.
+                    let (version, epoch) = (state.version, state.epoch);
+                    self.host(&stream, version, epoch, state).await;
+                    return Ok(Placement::Local);
+                }
+                Some(n) => {
+                    if let Some(url) = self.live_url(&n) {
+                        if !resuming || waited {
+                            self.metrics.redirects.inc();
+                            return Ok(Placement::Elsewhere(url));
+                        }
+                        waited = true;
+                        if self.wait_for_death(&n).await {
+                            self.metrics.redirects.inc();
+                            return Ok(Placement::Elsewhere(url));
+                        }
+                        continue;
+                    }
+                }
+                None => {}
+            }
+            if self.claim(&stream, state).await? {
+                return Ok(Placement::Local);
+            }
+        }
+        Err(PlaceError::Contended)
+    }
+
+    /// Waits up to one lease term (plus two periods) for `node`'s lease to run out;
+    /// returns true if it is still live.
+    async fn wait_for_death(&self, node: &str) -> bool {
+        let deadline = Instant::now() + self.ttl + 2 * self.period;
+        while Instant::now() < deadline {
+            tokio::time::sleep(self.period / 2).await;
+            match self.store.leases().await {
+                Ok(leases) => {
+                    let now = Utc::now();
+                    if !leases.iter().any(|l| l.node == node && l.is_live(now)) {
+                        return false;
+                    }
+                    self.state().leases = leases;
+                }
+                Err(e) => warn!("reading leases failed: {e}"),
+            }
+        }
+        true
+    }
+
+    fn live_url(&self, node: &str) -> Option<String> {
+        let now = Utc::now();
+        self.state()
+            .leases
+            .iter()
+            .find(|l| l.node == node && l.is_live(now))
+            .map(|l| l.url.clone())
+    }
+
+    /// Another live, serving node of the region, if any.
+    fn elsewhere(&self) -> Option<Placement> {
+        self.targets().first().map(|l| {
+            self.metrics.redirects.inc();
+            Placement::Elsewhere(l.url.clone())
+        })
+    }
+
+    fn targets(&self) -> Vec<NodeLease> {
+        let now = Utc::now();
+        self.state()
+            .leases
+            .iter()
+            .filter(|l| l.node != self.node && l.is_live(now) && !l.draining)
+            .cloned()
+            .collect()
+    }
+
+    /// Lets every hosted room go and moves its clients (after a lost lease).
+    async fn release_all(&self, reason: &str) {
+        for stream in self.fences.held() {
+            self.fences.set(&stream, Fence::Released);
+            self.metrics.rooms_released.inc();
+            let room = stream.strip_prefix("room:").unwrap_or(&stream).to_string();
+            let _ = self
+                .commands
+                .send(Command::RoomLost {
+                    room,
+                    url: None,
+                    reason: reason.to_string(),
+                })
+                .await;
+        }
+    }
+
+    /// Stops taking rooms, hands each hosted room to another live node (a placement
+    /// event) and tells its clients to move there. Returns once the node has no
+    /// participants left or `timeout` passed; true if it emptied in time.
+    pub(crate) async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.state().draining = true;
+        self.metrics.draining.set(1);
+        match self.store.leases().await {
+            Ok(leases) => self.state().leases = leases,
+            Err(e) => warn!("reading leases failed: {e}"),
+        }
+        let targets = self.targets();
+        let _guard = self.placing.lock().await;
+        for (i, stream) in self.fences.held().into_iter().enumerate() {
+            let room = stream.strip_prefix("room:").unwrap_or(&stream).to_string();
+            let url = match targets.get(i % targets.len().max(1)) {
+                Some(target) => {
+                    let (reply, done) = oneshot::channel();
+                    let handover = Outbound::Handover {
+                        stream: stream.clone(),
+                        node: target.node.clone(),
+                        reply,
+                    };
+                    let moved = self.outbox.send(handover).is_ok()
+                        && tokio::time::timeout_at(deadline, done)
+                            .await
+                            .is_ok_and(|r| r.unwrap_or(false));
+                    moved.then(|| target.url.clone())
+                }
+                None => None,
+            };
+            info!(%room, to = ?url, "draining room");
+            self.fences.set(&stream, Fence::Released);
+            self.metrics.rooms_released.inc();
+            let _ = self
+                .commands
+                .send(Command::RoomLost {
+                    room,
+                    url,
+                    reason: "drain".into(),
+                })
+                .await;
+        }
+        loop {
+            let (reply, count) = oneshot::channel();
+            if self.commands.send(Command::Count { reply }).await.is_err() {
+                return true;
+            }
+            if count.await.unwrap_or(0) == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
