@@ -1,0 +1,210 @@
+//! A region on loopback for failover tests: several `meridian serve` processes sharing
+//! one Postgres schema (a fresh one per test), with one key directory so every node
+//! accepts the same tokens.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use meridian_auth::{Claims, Grants, KeySet};
+use meridian_events::{RecordedEvent, RoomState, room_stream};
+use meridian_store::Store;
+
+/// The machine's Postgres (started by `scripts/start-postgres.sh`).
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// One node process.
+pub struct NodeProc {
+    pub id: String,
+    pub child: Child,
+    pub http: String,
+    /// Its WebSocket signaling URL.
+    pub url: String,
+}
+
+impl NodeProc {
+    /// Sends a signal by name (`KILL`, `STOP`, `CONT`, `TERM`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{sig} {}", self.child.id());
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Nodes of one region and their log.
+pub struct Region {
+    pub schema: String,
+    pub store: Store,
+    pub data_dir: PathBuf,
+    pub keys: KeySet,
+    pub nodes: Vec<NodeProc>,
+    extra_args: Vec<String>,
+}
+
+impl Region {
+    /// A fresh schema and `n` nodes (`node-a`, `node-b`, …) with `extra` flags.
+    pub async fn start(name: &str, n: usize, extra: &[&str]) -> Region {
+        let schema = format!(
+            "{name}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_millis()
+        );
+        let store = Store::connect_with_schema(PG_URL, &schema)
+            .await
+            .expect("Postgres is running (scripts/start-postgres.sh)");
+        let data_dir = std::env::temp_dir().join(format!("meridian-{schema}"));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let keys = KeySet::load_or_create(&data_dir.join("keys")).expect("keys");
+        let mut region = Region {
+            schema,
+            store,
+            data_dir,
+            keys,
+            nodes: Vec::new(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..n {
+            let id = format!("node-{}", (b'a' + i as u8) as char);
+            let node = region.spawn(&id);
+            region.nodes.push(node);
+        }
+        region
+    }
+
+    /// The database URL the nodes use: the schema as search path and as
+    /// `application_name`, so a test can find (and kill) the nodes' connections.
+    pub fn database_url(&self) -> String {
+        format!(
+            "{PG_URL}?options=-csearch_path%3D{0}&application_name={0}",
+            self.schema
+        )
+    }
+
+    /// Starts one node process and waits for its listening line.
+    pub fn spawn(&self, id: &str) -> NodeProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--media-addr"])
+            .args(["127.0.0.1:0", "--wt-addr", "127.0.0.1:0", "--node-id", id])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--database-url")
+            .arg(self.database_url())
+            .args(&self.extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("meridian serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("listening line");
+        let listening: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
+        let http = listening["http"].as_str().expect("http addr").to_string();
+        NodeProc {
+            id: id.to_string(),
+            child,
+            url: format!("ws://{http}/signal"),
+            http,
+        }
+    }
+
+    /// Every node's signaling URL, in node order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url.clone()).collect()
+    }
+
+    /// A token for `identity` in `room`.
+    pub fn token(&self, identity: &str, room: &str, publish: bool) -> String {
+        let grants = if publish {
+            Grants::publisher()
+        } else {
+            Grants::subscriber()
+        };
+        let claims = Claims::new(
+            identity,
+            room,
+            meridian_auth::unix_now(),
+            Duration::from_secs(600),
+        )
+        .with_grants(grants);
+        self.keys.sign(&claims).expect("token")
+    }
+
+    /// A room's whole stream.
+    pub async fn history(&self, room: &str) -> Vec<RecordedEvent> {
+        self.store
+            .read_stream(&room_stream(room), 1, 10_000)
+            .await
+            .expect("read the room's stream")
+    }
+
+    /// A room's state folded from the log.
+    pub async fn room(&self, room: &str) -> RoomState {
+        self.store
+            .replay_room(&room_stream(room))
+            .await
+            .expect("replay")
+    }
+
+    /// Drops the schema.
+    pub async fn cleanup(self) {
+        let schema = self.schema.clone();
+        self.store.close().await;
+        drop(self.nodes);
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        sqlx_drop(&schema).await;
+    }
+}
+
+/// Drops the test's schema.
+async fn sqlx_drop(schema: &str) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(PG_URL)
+        .await
+        .expect("Postgres is running");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&mut c)
+        .await
+        .expect("drop the test's schema");
+}
+
+/// What a room's state says, without where it is hosted: the part a failover must keep.
+pub fn membership(state: &RoomState) -> RoomState {
+    RoomState {
+        version: 0,
+        node: None,
+        epoch: 0,
+        ..state.clone()
+    }
+}
