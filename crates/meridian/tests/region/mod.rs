@@ -128,8 +128,8 @@ impl Region {
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
             .expect("listening line");
-        let listening: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
+        let listening: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
         let http = listening["http"].as_str().expect("http addr").to_string();
         NodeProc {
             id: id.to_string(),
