@@ -6,15 +6,30 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use meridian_auth::{Algorithm, Claims, Grants, KeySet, SigningKey};
-use meridian_client::{Client, ClientConfig, ClientStats};
+use meridian_client::{Client, ClientConfig, ClientStats, ReconnectPolicy};
 use str0m_netem::{NetemConfig, Probability, RandomLoss};
 
 /// Flags of `meridian loadgen`.
 #[derive(Args)]
 pub struct LoadgenArgs {
-    /// Signaling URL of the node.
+    /// Signaling URL of the node (ignored when `--nodes` is given).
     #[arg(long, default_value = "ws://127.0.0.1:7880/signal")]
     url: String,
+    /// Signaling URLs of the region's nodes, comma-separated: clients' first joins are
+    /// spread over them round robin, and each client fails over through the whole list
+    /// (starting after its own node). With `--transport wt`, each entry names a node's
+    /// HTTP listener, as `--url` does.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Do not reconnect: a client that loses its node stops.
+    #[arg(long)]
+    no_reconnect: bool,
+    /// How often clients ping their node.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    ping_interval: Duration,
+    /// Silence from a node after which its clients count it as lost and reconnect.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    ping_timeout: Duration,
     /// Signaling transport: `ws` (WebSocket at `--url`) or `wt` (WebTransport; its
     /// address and certificate hash are asked from the HTTP listener of `--url`).
     #[arg(long, default_value = "ws", value_parser = ["ws", "wt"])]
@@ -134,17 +149,51 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         bail!("--layer-kbps takes three numbers");
     }
     let rooms = args.rooms.max(1);
-    let webtransport = match args.transport.as_str() {
-        "wt" => Some(
-            meridian_client::webtransport_endpoint(&args.url)
-                .await
-                .with_context(|| format!("asking {} for its WebTransport endpoint", args.url))?,
-        ),
-        _ => None,
+    let nodes: Vec<String> = if args.nodes.is_empty() {
+        vec![args.url.clone()]
+    } else {
+        args.nodes
+            .iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect()
     };
-    let transport = |c: ClientConfig| match &webtransport {
-        Some(ep) => c.over_webtransport(ep.clone()),
-        None => c,
+    if nodes.is_empty() {
+        bail!("--nodes names no node");
+    }
+    let mut webtransport = Vec::new();
+    if args.transport == "wt" {
+        for node in &nodes {
+            webtransport.push(
+                meridian_client::webtransport_endpoint(node)
+                    .await
+                    .with_context(|| format!("asking {node} for its WebTransport endpoint"))?,
+            );
+        }
+    }
+    let policy = ReconnectPolicy {
+        enabled: !args.no_reconnect,
+        ping_interval: args.ping_interval,
+        ping_timeout: args.ping_timeout,
+        ..ReconnectPolicy::default()
+    };
+    // Client `i` (publishers first, then subscribers) joins node `i % nodes` first and
+    // fails over through the others in order after it.
+    let transport = |c: ClientConfig, i: usize| {
+        let c = ClientConfig {
+            reconnect: policy.clone(),
+            ..c
+        };
+        if webtransport.is_empty() {
+            let n = nodes.len();
+            ClientConfig {
+                url: nodes[i % n].clone(),
+                fallback_urls: (1..n).map(|k| nodes[(i + k) % n].clone()).collect(),
+                ..c
+            }
+        } else {
+            c.over_webtransport_nodes(&webtransport, i)
+        }
     };
     let token = |identity: String, room: String, publish: bool| -> Result<String> {
         let mut c = Claims::new(
@@ -167,10 +216,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let mut publishers = Vec::new();
     for i in 0..args.publishers {
         let room = format!("{}-{}", args.room_prefix, i % rooms);
-        let mut c = transport(ClientConfig::new(
-            &args.url,
-            token(format!("pub-{i}"), room, true)?,
-        ));
+        let mut c = transport(
+            ClientConfig::new(&args.url, token(format!("pub-{i}"), room, true)?),
+            i,
+        );
         c.auto_subscribe = false;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
         if args.impair_who != "subscribers" {
@@ -185,10 +234,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let mut subscribers = Vec::new();
     for i in 0..args.subscribers {
         let room = format!("{}-{}", args.room_prefix, i % rooms);
-        let mut c = transport(ClientConfig::subscriber(
-            &args.url,
-            token(format!("sub-{i}"), room, false)?,
-        ));
+        let mut c = transport(
+            ClientConfig::subscriber(&args.url, token(format!("sub-{i}"), room, false)?),
+            args.publishers + i,
+        );
         if args.impair_who != "publishers" {
             c.impairment = impairment;
         }
@@ -206,12 +255,19 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let elapsed = started.elapsed();
 
     let pub_stats: Vec<ClientStats> = publishers.iter().map(Client::stats).collect();
-    let sub_stats: Vec<ClientStats> = subscribers
+    let sub_full: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
+    let sub_stats: Vec<ClientStats> = sub_full
         .iter()
         .zip(&at_warmup)
-        .map(|(c, w)| c.stats().since(w))
+        .map(|(c, w)| c.since(w))
         .collect();
+    // Failovers are counted over the whole run, warm-up included.
+    let failover = Failover::of(pub_stats.iter().chain(&sub_full));
+    let mut clients_failed = 0usize;
     for c in publishers.into_iter().chain(subscribers) {
+        if !c.is_running() {
+            clients_failed += 1;
+        }
         let _ = c.leave().await;
     }
 
@@ -297,6 +353,22 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "join_ms_p95": percentile(&joins, 0.95),
         "first_frame_ms_p50": percentile(&first_frames, 0.50),
         "first_frame_ms_p95": percentile(&first_frames, 0.95),
+        "nodes": nodes,
+        "reconnect": !args.no_reconnect,
+        "clients_failed": clients_failed,
+        "losses": failover.losses,
+        "reconnects": failover.reconnects,
+        "restored_resumes": failover.restored_resumes,
+        "fresh_rejoins": failover.fresh_rejoins,
+        "reconnect_attempts": failover.attempts,
+        "redirects": failover.redirects,
+        "loss_to_joined_ms_p50": percentile(&failover.to_joined, 0.50),
+        "loss_to_joined_ms_p95": percentile(&failover.to_joined, 0.95),
+        "loss_to_joined_ms_max": failover.to_joined.last().copied().unwrap_or(0.0),
+        "loss_to_media_ms_p50": percentile(&failover.to_media, 0.50),
+        "loss_to_media_ms_p95": percentile(&failover.to_media, 0.95),
+        "loss_to_media_ms_max": failover.to_media.last().copied().unwrap_or(0.0),
+        "media_not_restored": failover.media_not_restored,
     });
     println!(
         "loadgen: {} publishers, {} subscribers in {} room(s) for {:.1}s{}",
@@ -332,10 +404,77 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         percentile(&first_frames, 0.5),
         percentile(&first_frames, 0.95)
     );
+    if failover.losses > 0 || clients_failed > 0 {
+        println!(
+            "  failover          {} losses, {} reconnects ({} restored, {} fresh), {} clients failed",
+            failover.losses,
+            failover.reconnects,
+            failover.restored_resumes,
+            failover.fresh_rejoins,
+            clients_failed
+        );
+        println!(
+            "  loss to joined ms p50 {:.1}  p95 {:.1}  max {:.1}",
+            percentile(&failover.to_joined, 0.5),
+            percentile(&failover.to_joined, 0.95),
+            failover.to_joined.last().copied().unwrap_or(0.0)
+        );
+        println!(
+            "  loss to media ms  p50 {:.1}  p95 {:.1}  max {:.1}   ({} subscriber reconnects without media yet)",
+            percentile(&failover.to_media, 0.5),
+            percentile(&failover.to_media, 0.95),
+            failover.to_media.last().copied().unwrap_or(0.0),
+            failover.media_not_restored
+        );
+    }
     if args.json {
         println!("{summary}");
     }
     Ok(())
+}
+
+/// Reconnection figures summed over clients.
+#[derive(Debug, Default)]
+struct Failover {
+    losses: u64,
+    reconnects: u64,
+    restored_resumes: u64,
+    fresh_rejoins: u64,
+    attempts: u64,
+    redirects: u64,
+    /// Loss → `joined`, ms, sorted.
+    to_joined: Vec<f64>,
+    /// Loss → first media frame, ms, sorted (receiving clients only).
+    to_media: Vec<f64>,
+    /// Reconnections of receiving clients (ones that had received media) after which
+    /// no media arrived before the end.
+    media_not_restored: u64,
+}
+
+impl Failover {
+    fn of<'a>(stats: impl Iterator<Item = &'a ClientStats>) -> Failover {
+        let mut f = Failover::default();
+        for s in stats {
+            f.losses += s.losses;
+            f.reconnects += s.reconnects;
+            f.restored_resumes += s.restored_resumes;
+            f.fresh_rejoins += s.fresh_rejoins;
+            f.attempts += s.reconnect_attempts;
+            f.redirects += s.redirects;
+            f.to_joined.extend(s.loss_to_joined_ms());
+            f.to_media.extend(s.loss_to_media_ms());
+            if s.last_frame_at.is_some() {
+                f.media_not_restored += s
+                    .reconnect_history
+                    .iter()
+                    .filter(|r| r.media_ms.is_none())
+                    .count() as u64;
+            }
+        }
+        f.to_joined = sorted(std::mem::take(&mut f.to_joined));
+        f.to_media = sorted(std::mem::take(&mut f.to_media));
+        f
+    }
 }
 
 #[cfg(test)]
@@ -348,6 +487,66 @@ mod tests {
         assert!(parse_impairment("delay=fast", 1).is_err());
         assert!(parse_impairment("loss=200%", 1).is_err());
         assert!(parse_impairment("warp=9", 1).is_err());
+    }
+
+    #[test]
+    fn nodes_flag_takes_a_comma_list() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: LoadgenArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "loadgen",
+            "--nodes",
+            "ws://a/signal,ws://b/signal",
+            "--ping-timeout",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.nodes, ["ws://a/signal", "ws://b/signal"]);
+        assert_eq!(cli.args.ping_timeout, Duration::from_secs(2));
+        assert!(!cli.args.no_reconnect);
+        let default = <Cli as clap::Parser>::try_parse_from(["loadgen"]).unwrap();
+        assert!(default.args.nodes.is_empty());
+    }
+
+    #[test]
+    fn failover_figures_sum_over_clients() {
+        use meridian_client::{LossReason, ReconnectRecord, RejoinKind};
+        let record = |joined: Option<f64>, media: Option<f64>| ReconnectRecord {
+            reason: LossReason::PingTimeout,
+            lost_at: Instant::now(),
+            from_url: "a".into(),
+            to_url: joined.map(|_| "b".into()),
+            kind: joined.map(|_| RejoinKind::Restored),
+            attempts: 1,
+            joined_ms: joined,
+            media_ms: media,
+        };
+        let receiver = ClientStats {
+            losses: 2,
+            reconnects: 2,
+            restored_resumes: 2,
+            reconnect_attempts: 3,
+            last_frame_at: Some(Instant::now()),
+            reconnect_history: vec![record(Some(300.0), Some(500.0)), record(Some(100.0), None)],
+            ..Default::default()
+        };
+        let publisher = ClientStats {
+            losses: 1,
+            reconnects: 1,
+            fresh_rejoins: 1,
+            reconnect_attempts: 1,
+            reconnect_history: vec![record(Some(200.0), None)],
+            ..Default::default()
+        };
+        let f = Failover::of([&receiver, &publisher].into_iter());
+        assert_eq!((f.losses, f.reconnects), (3, 3));
+        assert_eq!((f.restored_resumes, f.fresh_rejoins, f.attempts), (2, 1, 4));
+        assert_eq!(f.to_joined, [100.0, 200.0, 300.0]);
+        assert_eq!(f.to_media, [500.0]);
+        assert_eq!(f.media_not_restored, 1, "only receivers count");
     }
 
     #[test]

@@ -8,67 +8,7 @@ use std::time::{Duration, Instant};
 
 use meridian_client::{Client, ClientConfig, ClientStats};
 use meridian_events::Event;
-use region::{Region, membership};
-
-/// A participant of a test room.
-struct Member {
-    room: String,
-    identity: String,
-    client: Client,
-}
-
-/// Light media so two cores carry 24 debug-build clients and three nodes.
-fn light(config: ClientConfig) -> ClientConfig {
-    ClientConfig {
-        layer_bitrates: [40_000, 80_000, 160_000],
-        fps: 15,
-        keyframe_interval: 45,
-        ..config
-    }
-}
-
-/// `rooms` rooms of `publishers` + `subscribers`, all joining through `first`, with
-/// every node of the region to fail over to.
-async fn populate(
-    region: &Region,
-    first: usize,
-    rooms: usize,
-    publishers: usize,
-    subscribers: usize,
-) -> Vec<Member> {
-    let urls = region.urls();
-    let mut members = Vec::new();
-    for r in 0..rooms {
-        let room = format!("room-{r}");
-        for i in 0..publishers + subscribers {
-            let publish = i < publishers;
-            let identity = format!("{}-{r}-{i}", if publish { "pub" } else { "sub" });
-            let token = region.token(&identity, &room, publish);
-            let config = if publish {
-                ClientConfig::new(&urls[first], token)
-            } else {
-                ClientConfig::subscriber(&urls[first], token)
-            };
-            let config = light(config).with_fallback_urls(urls.clone());
-            let client = Client::join(config).await.expect("joins");
-            members.push(Member {
-                room: room.clone(),
-                identity,
-                client,
-            });
-        }
-    }
-    members
-}
-
-/// Video tracks each member should receive: every publisher but itself.
-fn expected_tracks(m: &Member, publishers: usize) -> usize {
-    if m.identity.starts_with("pub") {
-        publishers - 1
-    } else {
-        publishers
-    }
-}
+use region::{Member, Region, expected_tracks, light, membership, populate};
 
 async fn all_receive(members: &[Member], publishers: usize, what: &str) {
     for m in members {

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use meridian_auth::{Claims, Grants, KeySet};
+use meridian_client::{Client, ClientConfig};
 use meridian_events::{RecordedEvent, RoomState, room_stream};
 use meridian_store::Store;
 
@@ -111,8 +112,29 @@ impl Region {
 
     /// Starts one node process and waits for its listening line.
     pub fn spawn(&self, id: &str) -> NodeProc {
+        self.spawn_at(id, "127.0.0.1:0")
+    }
+
+    /// Replaces node `i` (killed before) by a new process with the same id and HTTP
+    /// address, so clients' node lists stay valid.
+    pub fn restart(&mut self, i: usize) {
+        let (id, http) = (self.nodes[i].id.clone(), self.nodes[i].http.clone());
+        let _ = self.nodes[i].child.kill();
+        let _ = self.nodes[i].child.wait();
+        self.nodes[i] = self.spawn_at(&id, &http);
+    }
+
+    /// Node `id`'s index.
+    pub fn index_of(&self, id: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    fn spawn_at(&self, id: &str, http: &str) -> NodeProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--media-addr"])
+            .args(["serve", "--http-addr", http, "--media-addr"])
             .args(["127.0.0.1:0", "--wt-addr", "127.0.0.1:0", "--node-id", id])
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -206,5 +228,68 @@ pub fn membership(state: &RoomState) -> RoomState {
         node: None,
         epoch: 0,
         ..state.clone()
+    }
+}
+
+/// A participant of a test room.
+pub struct Member {
+    /// Its room.
+    pub room: String,
+    /// Its identity.
+    pub identity: String,
+    /// The client.
+    pub client: Client,
+}
+
+/// Light media so two cores carry 24 debug-build clients and three nodes.
+pub fn light(config: ClientConfig) -> ClientConfig {
+    ClientConfig {
+        layer_bitrates: [40_000, 80_000, 160_000],
+        fps: 15,
+        keyframe_interval: 45,
+        ..config
+    }
+}
+
+/// `rooms` rooms of `publishers` + `subscribers`, all joining through `first`, with
+/// every node of the region to fail over to.
+pub async fn populate(
+    region: &Region,
+    first: usize,
+    rooms: usize,
+    publishers: usize,
+    subscribers: usize,
+) -> Vec<Member> {
+    let urls = region.urls();
+    let mut members = Vec::new();
+    for r in 0..rooms {
+        let room = format!("room-{r}");
+        for i in 0..publishers + subscribers {
+            let publish = i < publishers;
+            let identity = format!("{}-{r}-{i}", if publish { "pub" } else { "sub" });
+            let token = region.token(&identity, &room, publish);
+            let config = if publish {
+                ClientConfig::new(&urls[first], token)
+            } else {
+                ClientConfig::subscriber(&urls[first], token)
+            };
+            let config = light(config).with_fallback_urls(urls.clone());
+            let client = Client::join(config).await.expect("joins");
+            members.push(Member {
+                room: room.clone(),
+                identity,
+                client,
+            });
+        }
+    }
+    members
+}
+
+/// Video tracks each member should receive: every publisher but itself.
+pub fn expected_tracks(m: &Member, publishers: usize) -> usize {
+    if m.identity.starts_with("pub") {
+        publishers - 1
+    } else {
+        publishers
     }
 }
