@@ -10,19 +10,28 @@
 //! Each client runs as one tokio task with two UDP sockets (publisher and subscriber
 //! connections). An optional seeded network emulator ([`str0m_netem`]) impairs the
 //! client's own traffic in both directions.
+//!
+//! The client rides out the loss of its node ([`ReconnectPolicy`], on by default): when
+//! signaling closes or fails without `left`, the node sends `migrate`, or the node goes
+//! silent, it reconnects (to the `migrate` URL, else to the next of the region's nodes
+//! in [`ClientConfig::node_urls`]) with backoff and jitter, and joins with its resume
+//! token; see [`Client`] for what each answer leads to.
 #![deny(missing_docs)]
 
 mod media;
+mod reconnect;
 mod signal;
 mod stats;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meridian_protocol::{
-    ClientMessage, ErrorCode, Layer, ServerMessage, TrackAnnouncement, TrackKind,
+    ClientMessage, ErrorCode, Layer, ServerMessage, TrackAnnouncement, TrackInfo, TrackKind,
 };
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::{Direction, KeyframeRequest, MediaKind, Mid, Simulcast, SimulcastLayer};
@@ -32,13 +41,23 @@ use str0m_netem::{Netem, NetemConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use media::{FrameHeader, now_micros};
+pub use reconnect::ReconnectPolicy;
 pub use signal::{WebTransportEndpoint, webtransport_endpoint};
-pub use stats::{ClientStats, TrackStats};
+pub use stats::{
+    ClientStats, LossReason, MAX_RECONNECT_RECORDS, ReconnectRecord, RejoinKind, TrackStats,
+};
 
-use signal::Signal;
+use reconnect::{Jitter, UrlRotation};
+use signal::{Signal, Target};
+
+/// Most messages waited through for `joined` on one connection.
+const MAX_MESSAGES_BEFORE_JOINED: usize = 64;
+
+/// Most client messages held while the client is reconnecting.
+const MAX_HELD_MESSAGES: usize = 256;
 
 /// How a client reaches the node's signaling.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,7 +84,8 @@ pub enum ClientError {
         /// Explanation.
         message: String,
     },
-    /// The node redirected the client to another region.
+    /// The node redirected the client to another region (returned by
+    /// [`Client::join`] when reconnection is disabled or too many redirects followed).
     #[error("redirected to region {region} at {url}")]
     Redirected {
         /// Region.
@@ -82,19 +102,41 @@ pub enum ClientError {
     /// No `joined` within the join timeout.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// The client lost its node and could not join again within the
+    /// [`ReconnectPolicy`]'s attempts or time; the client's task ends with it.
+    #[error("gave up reconnecting after {attempts} attempts in {elapsed:?}: {last_error}")]
+    ReconnectFailed {
+        /// Connection attempts made since the loss.
+        attempts: u32,
+        /// Time since the loss.
+        elapsed: Duration,
+        /// What the last attempt failed with.
+        last_error: String,
+    },
 }
 
 /// What a client publishes and how it behaves.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// Signaling URL, e.g. `ws://127.0.0.1:7880/signal` (WebSocket) or
-    /// `https://127.0.0.1:7881/signal` (WebTransport).
+    /// `https://127.0.0.1:7881/signal` (WebTransport). The first join goes here; it is
+    /// also the first of [`node_urls`](Self::node_urls).
     pub url: String,
-    /// The signaling transport.
+    /// The signaling transport of [`url`](Self::url). Reconnections pick the transport
+    /// from each URL's scheme (`ws://`, `wss://`: WebSocket; `https://`: WebTransport)
+    /// and fall back to this one.
     pub transport: Transport,
     /// WebTransport only: SHA-256 digests of the node's self-signed certificate
-    /// (empty: verify it against the system's roots).
+    /// (empty: verify it against the system's roots). With several nodes, put every
+    /// node's digests here (a certificate matching any one is accepted), e.g. with
+    /// [`over_webtransport_nodes`](Self::over_webtransport_nodes).
     pub server_certificate_hashes: Vec<[u8; 32]>,
+    /// The region's other signaling URLs, tried after [`url`](Self::url) when the
+    /// client loses its node (round robin, starting after the node lost). May contain
+    /// `url` itself and duplicates; both are ignored.
+    pub fallback_urls: Vec<String>,
+    /// When and how to reconnect after losing the node.
+    pub reconnect: ReconnectPolicy,
     /// Access token.
     pub token: String,
     /// Publish a synthetic Opus track.
@@ -115,7 +157,7 @@ pub struct ClientConfig {
     pub bind_ip: std::net::IpAddr,
     /// Impairment applied to the client's traffic in both directions.
     pub impairment: Option<NetemConfig>,
-    /// How long to wait for `joined`.
+    /// How long to wait for `joined` on the first join.
     pub join_timeout: Duration,
 }
 
@@ -126,6 +168,8 @@ impl ClientConfig {
             url: url.into(),
             transport: Transport::WebSocket,
             server_certificate_hashes: Vec::new(),
+            fallback_urls: Vec::new(),
+            reconnect: ReconnectPolicy::default(),
             token: token.into(),
             publish_audio: true,
             publish_video: true,
@@ -150,12 +194,77 @@ impl ClientConfig {
         }
     }
 
+    /// The same client over WebTransport to a region's nodes: the first join goes to
+    /// `endpoints[first % len]`, the others become [`fallback_urls`](Self::fallback_urls)
+    /// in order after it, and every node's certificate digests are trusted. Unchanged
+    /// when `endpoints` is empty.
+    pub fn over_webtransport_nodes(self, endpoints: &[WebTransportEndpoint], first: usize) -> Self {
+        if endpoints.is_empty() {
+            return self;
+        }
+        let n = endpoints.len();
+        let mut hashes: Vec<[u8; 32]> = Vec::new();
+        for h in endpoints.iter().flat_map(|e| &e.certificate_hashes) {
+            if !hashes.contains(h) {
+                hashes.push(*h);
+            }
+        }
+        ClientConfig {
+            url: endpoints[first % n].url.clone(),
+            transport: Transport::WebTransport,
+            server_certificate_hashes: hashes,
+            fallback_urls: (1..n)
+                .map(|k| endpoints[(first + k) % n].url.clone())
+                .collect(),
+            ..self
+        }
+    }
+
+    /// The same client with the region's other signaling URLs to fail over to.
+    pub fn with_fallback_urls<I, S>(self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientConfig {
+            fallback_urls: urls.into_iter().map(Into::into).collect(),
+            ..self
+        }
+    }
+
+    /// The same client with reconnection disabled: a loss ends its task with an error.
+    pub fn without_reconnect(self) -> Self {
+        ClientConfig {
+            reconnect: ReconnectPolicy::disabled(),
+            ..self
+        }
+    }
+
+    /// Every signaling URL in trying order: [`url`](Self::url), then
+    /// [`fallback_urls`](Self::fallback_urls) without duplicates or empty entries.
+    /// After losing the URL at index `i` the client tries `i + 1` (wrapping).
+    pub fn node_urls(&self) -> Vec<String> {
+        UrlRotation::new(&self.url, &self.fallback_urls)
+            .urls()
+            .to_vec()
+    }
+
     /// A client that only receives.
     pub fn subscriber(url: impl Into<String>, token: impl Into<String>) -> Self {
         ClientConfig {
             publish_audio: false,
             publish_video: false,
             ..ClientConfig::new(url, token)
+        }
+    }
+
+    fn join_message(&self, resume: Option<String>) -> ClientMessage {
+        ClientMessage::Join {
+            token: self.token.clone(),
+            resume,
+            version: meridian_protocol::PROTOCOL_VERSION,
+            auto_subscribe: self.auto_subscribe,
+            client: Some("meridian-client".into()),
         }
     }
 }
@@ -168,6 +277,22 @@ enum Command {
 }
 
 /// A running client; dropping it disconnects abruptly.
+///
+/// After a loss of its node (see [`ReconnectPolicy`]) the client's task reconnects by
+/// itself and joins with its resume token, while its media sockets keep running:
+/// - `joined{restored: false}`: the node kept the participant; the peer connections
+///   carry on ([`RejoinKind::Resumed`]).
+/// - `joined{restored: true}`: a node rebuilt the participant from the event log; the
+///   client creates new peer connections on the same sockets, re-publishes with its
+///   earlier track ids and answers the node's new offer; same participant id
+///   ([`RejoinKind::Restored`]).
+/// - `error{resume_failed}`: the client joins again without resume, as a new
+///   participant with new peer connections ([`RejoinKind::Fresh`]).
+/// - `redirect` or `migrate{url}` while (re)connecting: it connects to that URL next.
+///
+/// Every reconnection is counted and timed in [`ClientStats`]; frame counts and
+/// latency samples go on across them. When the policy's attempts or time run out the
+/// task ends with [`ClientError::ReconnectFailed`] ([`Client::is_running`] turns false).
 pub struct Client {
     stats: Arc<Mutex<ClientStats>>,
     commands: mpsc::Sender<Command>,
@@ -177,44 +302,54 @@ pub struct Client {
 
 impl Client {
     /// Connects, joins, starts publishing and subscribing; returns once `joined` arrived.
+    ///
+    /// The first join goes to [`ClientConfig::url`] only, within
+    /// [`ClientConfig::join_timeout`]; with reconnection enabled it follows up to
+    /// [`ReconnectPolicy::max_redirects`] `redirect`s (or `migrate{url}`s).
     pub async fn join(config: ClientConfig) -> Result<Client, ClientError> {
         let started = Instant::now();
-        let mut signal = tokio::time::timeout(config.join_timeout, Signal::connect(&config))
-            .await
-            .map_err(|_| ClientError::Timeout("signaling connection"))??;
-        let join = ClientMessage::Join {
-            token: config.token.clone(),
-            resume: None,
-            version: meridian_protocol::PROTOCOL_VERSION,
-            auto_subscribe: config.auto_subscribe,
-            client: Some("meridian-client".into()),
-        };
-        signal.send(&join).await?;
-        let deadline = tokio::time::Instant::now() + config.join_timeout;
-        let joined = loop {
-            let msg = tokio::time::timeout_at(deadline, signal.recv())
-                .await
-                .map_err(|_| ClientError::Timeout("joined"))??;
-            let Some(msg) = msg else {
-                return Err(ClientError::Signaling("closed before joined".into()));
-            };
-            match msg {
-                j @ ServerMessage::Joined { .. } => break j,
-                ServerMessage::Error { code, message } => {
+        let mut url = config.url.clone();
+        let mut redirects = 0u64;
+        let (signal, joined) = loop {
+            let outcome = attempt(
+                Target::new(&config, &url),
+                config.join_message(None),
+                config.join_timeout,
+                config.join_timeout,
+            )
+            .await;
+            let next = match outcome {
+                Attempt::Joined { signal, joined } => break (signal, joined),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Refused { code, message } => {
                     return Err(ClientError::Refused { code, message });
                 }
-                ServerMessage::Redirect { region, url } => {
-                    return Err(ClientError::Redirected { region, url });
+                Attempt::ResumeFailed => {
+                    return Err(ClientError::Refused {
+                        code: ErrorCode::ResumeFailed,
+                        message: "resume failed on a join without resume".into(),
+                    });
                 }
-                _ => continue,
+                Attempt::Redirect { region, url } => (region, Some(url)),
+                Attempt::Migrate { url } => ("migrate".to_string(), url),
+            };
+            let (region, Some(next)) = next else {
+                return Err(ClientError::Signaling("migrate before joined".into()));
+            };
+            if !config.reconnect.enabled || redirects >= u64::from(config.reconnect.max_redirects) {
+                return Err(ClientError::Redirected { region, url: next });
             }
-        };
-        let ServerMessage::Joined { participant_id, .. } = joined else {
-            unreachable!("loop breaks only on joined");
+            if started.elapsed() >= config.join_timeout {
+                return Err(ClientError::Timeout("joined"));
+            }
+            redirects += 1;
+            url = next;
         };
         let stats = Arc::new(Mutex::new(ClientStats {
-            participant_id: participant_id.clone(),
+            participant_id: joined.participant_id.clone(),
             join_ms: started.elapsed().as_secs_f64() * 1000.0,
+            url: url.clone(),
+            redirects,
             ..Default::default()
         }));
         let pub_socket = UdpSocket::bind(SocketAddr::new(config.bind_ip, 0)).await?;
@@ -224,6 +359,8 @@ impl Client {
         let session = Session::new(
             config,
             started,
+            url,
+            joined,
             pub_socket,
             sub_socket,
             stats.clone(),
@@ -246,7 +383,15 @@ impl Client {
             .clone()
     }
 
-    /// Sends a protocol message (subscribe, set_layer, mute, …).
+    /// Whether the client's task still runs: false after `left`, [`leave`](Self::leave),
+    /// or an error that ended it (e.g. [`ClientError::ReconnectFailed`]).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Sends a protocol message (subscribe, set_layer, mute, …). While the client is
+    /// reconnecting the message is held (up to a bound) and sent once joined again;
+    /// offers and answers are dropped when the peer connections are replaced.
     pub async fn send(&self, msg: ClientMessage) {
         let _ = self.commands.send(Command::Send(msg)).await;
     }
@@ -285,7 +430,9 @@ impl Client {
         }
     }
 
-    /// Leaves the room politely and waits for the session to end.
+    /// Leaves the room politely and waits for the session to end. While reconnecting
+    /// there is no node to tell: the task just ends (the node drops the participant
+    /// after its resume grace). Returns the error the task ended with, if it had.
     pub async fn leave(self) -> Result<(), ClientError> {
         let _ = self.commands.send(Command::Leave).await;
         match tokio::time::timeout(Duration::from_secs(5), self.task).await {
@@ -295,11 +442,100 @@ impl Client {
         }
     }
 
-    /// Drops the signaling connection and media sockets without leaving.
+    /// Drops the signaling connection and media sockets without leaving (no
+    /// reconnection follows).
     pub async fn disconnect(self) {
         let _ = self.commands.send(Command::Drop).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
     }
+}
+
+/// What a `joined` said that the client keeps.
+#[derive(Debug)]
+struct Joined {
+    participant_id: String,
+    resume: String,
+    restored: bool,
+}
+
+/// How one connection attempt ended.
+enum Attempt {
+    Joined { signal: Signal, joined: Joined },
+    Redirect { region: String, url: String },
+    Migrate { url: Option<String> },
+    ResumeFailed,
+    Refused { code: ErrorCode, message: String },
+    Failed(ClientError),
+}
+
+/// Opens a signaling connection to `target`, sends `join` and waits for the answer.
+async fn attempt(
+    target: Target,
+    join: ClientMessage,
+    connect_timeout: Duration,
+    join_timeout: Duration,
+) -> Attempt {
+    let mut signal = match tokio::time::timeout(connect_timeout, Signal::connect(&target)).await {
+        Err(_) => return Attempt::Failed(ClientError::Timeout("signaling connection")),
+        Ok(Err(e)) => return Attempt::Failed(e),
+        Ok(Ok(s)) => s,
+    };
+    let deadline = tokio::time::Instant::now() + join_timeout;
+    match tokio::time::timeout_at(deadline, signal.send(&join)).await {
+        Err(_) => return Attempt::Failed(ClientError::Timeout("sending join")),
+        Ok(Err(e)) => return Attempt::Failed(e),
+        Ok(Ok(())) => {}
+    }
+    for _ in 0..MAX_MESSAGES_BEFORE_JOINED {
+        let msg = match tokio::time::timeout_at(deadline, signal.recv()).await {
+            Err(_) => return Attempt::Failed(ClientError::Timeout("joined")),
+            Ok(Err(e)) => return Attempt::Failed(e),
+            Ok(Ok(None)) => {
+                return Attempt::Failed(ClientError::Signaling("closed before joined".into()));
+            }
+            Ok(Ok(Some(msg))) => msg,
+        };
+        match msg {
+            ServerMessage::Joined {
+                participant_id,
+                resume,
+                restored,
+                ..
+            } => {
+                return Attempt::Joined {
+                    signal,
+                    joined: Joined {
+                        participant_id,
+                        resume,
+                        restored,
+                    },
+                };
+            }
+            ServerMessage::Error {
+                code: ErrorCode::ResumeFailed,
+                ..
+            } => return Attempt::ResumeFailed,
+            ServerMessage::Error { code, message } => return Attempt::Refused { code, message },
+            ServerMessage::Redirect { region, url } => return Attempt::Redirect { region, url },
+            ServerMessage::Migrate { url, .. } => return Attempt::Migrate { url },
+            _ => continue,
+        }
+    }
+    Attempt::Failed(ClientError::Signaling(
+        "too many messages before joined".into(),
+    ))
+}
+
+/// Refusals that another node or a later attempt will not change.
+fn refusal_is_final(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unauthorized
+            | ErrorCode::Forbidden
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::MalformedMessage
+            | ErrorCode::MessageTooLarge
+    )
 }
 
 /// A datagram in flight through the emulator.
@@ -323,6 +559,53 @@ struct Pc {
     next_timeout: Instant,
 }
 
+impl Pc {
+    /// A new peer connection on the same socket.
+    fn renew(&mut self, now: Instant) {
+        self.rtc = new_rtc(now, self.local);
+        self.next_timeout = now;
+    }
+}
+
+/// The signaling side of a session: connected, or trying to join again.
+enum Link {
+    Up(Signal),
+    Down(Box<Reconnecting>),
+}
+
+/// One reconnection in progress.
+struct Reconnecting {
+    /// When the loss was detected.
+    lost_at: Instant,
+    /// URL of the attempt in flight.
+    url: String,
+    /// The attempt in flight resumes (false after `resume_failed`).
+    resume: bool,
+    /// Attempts started since the loss.
+    attempts: u32,
+    /// Failed attempts since the loss (the backoff exponent).
+    failures: u32,
+    /// The attempt in flight: a delay, then [`attempt`]. Replaced as soon as it
+    /// resolves (a finished future is never polled again).
+    future: Pin<Box<dyn Future<Output = Attempt> + Send>>,
+}
+
+enum LinkEvent {
+    Message(Result<Option<ServerMessage>, ClientError>),
+    Attempt(Attempt),
+}
+
+impl Link {
+    /// The next server message, or the outcome of the reconnection attempt in flight.
+    /// Cancel-safe: `Signal::recv` is, and the attempt future stays stored.
+    async fn next(&mut self) -> LinkEvent {
+        match self {
+            Link::Up(signal) => LinkEvent::Message(signal.recv().await),
+            Link::Down(r) => LinkEvent::Attempt(r.future.as_mut().await),
+        }
+    }
+}
+
 struct Session {
     config: ClientConfig,
     started: Instant,
@@ -337,6 +620,17 @@ struct Session {
     net_in: Option<Netem<Datagram>>,
     net_out: Option<Netem<Datagram>>,
     out_queue: Vec<ClientMessage>,
+    /// The region's signaling URLs and where the client is among them.
+    rotation: UrlRotation,
+    /// The URL of the current (or last) signaling connection.
+    url: String,
+    participant_id: String,
+    resume_token: String,
+    /// The client's own tracks as the last `answer` named them.
+    published: Vec<TrackInfo>,
+    /// Last sign of life from the node (a message, or a datagram if the policy says so).
+    last_heard: Instant,
+    jitter: Jitter,
 }
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
@@ -352,10 +646,29 @@ fn new_rtc(now: Instant, local: SocketAddr) -> Rtc {
     rtc
 }
 
+/// Socket errors that a UDP receive may report for an earlier send (ICMP), not a
+/// broken socket: the node may be gone, which the signaling side handles.
+fn transient_socket_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | HostUnreachable
+            | NetworkUnreachable
+            | Interrupted
+            | WouldBlock
+    )
+}
+
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         config: ClientConfig,
         started: Instant,
+        url: String,
+        joined: Joined,
         pub_socket: UdpSocket,
         sub_socket: UdpSocket,
         stats: Arc<Mutex<ClientStats>>,
@@ -364,6 +677,9 @@ impl Session {
         let now = Instant::now();
         let pub_local = pub_socket.local_addr()?;
         let sub_local = sub_socket.local_addr()?;
+        let mut rotation = UrlRotation::new(&config.url, &config.fallback_urls);
+        rotation.used(&url);
+        let seed = now_micros() ^ (u64::from(pub_local.port()) << 32) ^ u64::from(sub_local.port());
         Ok(Session {
             net_in: config.impairment.map(Netem::new),
             net_out: config.impairment.map(Netem::new),
@@ -388,54 +704,137 @@ impl Session {
             stats,
             notify,
             out_queue: Vec::new(),
+            rotation,
+            url,
+            participant_id: joined.participant_id,
+            resume_token: joined.resume,
+            published: Vec::new(),
+            last_heard: now,
+            jitter: Jitter::new(seed),
         })
+    }
+
+    fn publishes(&self) -> bool {
+        self.config.publish_audio || self.config.publish_video
     }
 
     async fn run(
         mut self,
-        mut signal: Signal,
+        signal: Signal,
         mut commands: mpsc::Receiver<Command>,
     ) -> Result<(), ClientError> {
-        if self.config.publish_audio || self.config.publish_video {
-            self.offer_publications()?;
+        if self.publishes() {
+            self.offer_publications(false)?;
         }
+        let mut link = Link::Up(signal);
         let mut buf_pub = vec![0u8; 2048];
         let mut buf_sub = vec![0u8; 2048];
-        let mut ping = tokio::time::interval(Duration::from_secs(5));
+        let mut ping = tokio::time::interval(
+            self.config
+                .reconnect
+                .ping_interval
+                .max(Duration::from_millis(10)),
+        );
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ping_id = 0;
         loop {
-            for msg in std::mem::take(&mut self.out_queue) {
-                signal.send(&msg).await?;
+            if let Link::Up(signal) = &mut link
+                && !self.out_queue.is_empty()
+            {
+                let limit = self
+                    .config
+                    .reconnect
+                    .ping_timeout
+                    .max(Duration::from_millis(100));
+                let mut failed = None;
+                for msg in std::mem::take(&mut self.out_queue) {
+                    match tokio::time::timeout(limit, signal.send(&msg)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                        Err(_) => {
+                            failed = Some("send timed out".to_string());
+                            break;
+                        }
+                    }
+                }
+                if let Some(why) = failed {
+                    link = self.lose(LossReason::Failed, None, &why)?;
+                    continue;
+                }
             }
             self.drain(Instant::now());
             let deadline = tokio::time::Instant::from_std(self.next_deadline());
             tokio::select! {
-                msg = signal.recv() => {
-                    match msg? {
-                        Some(ServerMessage::Left { .. }) => {
+                event = link.next() => match event {
+                    LinkEvent::Message(Ok(Some(ServerMessage::Left { reason }))) => {
+                        debug!("left: {reason}");
+                        if let Link::Up(signal) = link {
                             signal.close().await;
-                            return Ok(());
                         }
-                        Some(msg) => self.handle_server(msg)?,
-                        None => return Err(ClientError::Signaling("signaling closed".into())),
+                        return Ok(());
                     }
-                }
-                r = self.publisher.socket.recv_from(&mut buf_pub) => {
-                    let (n, from) = r?;
-                    self.incoming(true, from, buf_pub[..n].to_vec());
-                }
-                r = self.subscriber.socket.recv_from(&mut buf_sub) => {
-                    let (n, from) = r?;
-                    self.incoming(false, from, buf_sub[..n].to_vec());
-                }
+                    LinkEvent::Message(Ok(Some(ServerMessage::Migrate { url, reason }))) => {
+                        info!("node {} migrates the session ({reason}) to {url:?}", self.url);
+                        link = self.lose(LossReason::Migrate, url, &format!("migrate: {reason}"))?;
+                    }
+                    LinkEvent::Message(Ok(Some(ServerMessage::Redirect { region, url }))) => {
+                        link = self.lose(
+                            LossReason::Migrate,
+                            Some(url),
+                            &format!("redirect to region {region}"),
+                        )?;
+                    }
+                    LinkEvent::Message(Ok(Some(msg))) => {
+                        self.last_heard = Instant::now();
+                        self.handle_server(msg)?;
+                    }
+                    LinkEvent::Message(Ok(None)) => {
+                        link = self.lose(LossReason::Closed, None, "signaling closed")?;
+                    }
+                    LinkEvent::Message(Err(e)) => {
+                        link = self.lose(LossReason::Failed, None, &e.to_string())?;
+                    }
+                    LinkEvent::Attempt(outcome) => {
+                        let Link::Down(r) = link else {
+                            unreachable!("attempts run only while down");
+                        };
+                        link = self.attempted(*r, outcome)?;
+                    }
+                },
+                r = self.publisher.socket.recv_from(&mut buf_pub) => match r {
+                    Ok((n, from)) => self.incoming(true, from, buf_pub[..n].to_vec()),
+                    Err(e) if transient_socket_error(&e) => debug!("publisher socket: {e}"),
+                    Err(e) => return Err(e.into()),
+                },
+                r = self.subscriber.socket.recv_from(&mut buf_sub) => match r {
+                    Ok((n, from)) => self.incoming(false, from, buf_sub[..n].to_vec()),
+                    Err(e) if transient_socket_error(&e) => debug!("subscriber socket: {e}"),
+                    Err(e) => return Err(e.into()),
+                },
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Send(m)) => self.out_queue.push(m),
+                    Some(Command::Send(m)) => {
+                        if self.out_queue.len() < MAX_HELD_MESSAGES {
+                            self.out_queue.push(m);
+                        } else {
+                            warn!("client message dropped: {} held while reconnecting", MAX_HELD_MESSAGES);
+                        }
+                    }
                     Some(Command::Impair(c)) => {
                         self.net_in = c.map(Netem::new);
                         self.net_out = c.map(Netem::new);
                     }
                     Some(Command::Leave) => {
-                        let _ = signal.send(&ClientMessage::Leave).await;
+                        let Link::Up(mut signal) = link else {
+                            return Ok(());
+                        };
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            signal.send(&ClientMessage::Leave),
+                        )
+                        .await;
                         // Wait briefly for `left`.
                         let _ = tokio::time::timeout(Duration::from_secs(2), async {
                             while let Ok(Some(m)) = signal.recv().await {
@@ -450,14 +849,255 @@ impl Session {
                     Some(Command::Drop) | None => return Ok(()),
                 },
                 _ = ping.tick() => {
-                    ping_id += 1;
-                    self.out_queue.push(ClientMessage::Ping { id: ping_id });
+                    if matches!(link, Link::Up(_)) {
+                        let silent = self.last_heard.elapsed();
+                        if self.config.reconnect.enabled
+                            && silent > self.config.reconnect.ping_timeout
+                        {
+                            let why = format!("nothing from the node for {silent:?}");
+                            link = self.lose(LossReason::PingTimeout, None, &why)?;
+                        } else {
+                            ping_id += 1;
+                            self.out_queue.push(ClientMessage::Ping { id: ping_id });
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.tick(Instant::now()).await;
                 }
             }
         }
+    }
+
+    /// The node is lost: start reconnecting (to `to`, else the next node), or end the
+    /// task when the policy says not to.
+    fn lose(
+        &mut self,
+        reason: LossReason,
+        to: Option<String>,
+        why: &str,
+    ) -> Result<Link, ClientError> {
+        if !self.config.reconnect.enabled {
+            return Err(ClientError::Signaling(why.to_string()));
+        }
+        warn!("lost node {} ({reason:?}): {why}", self.url);
+        let now = Instant::now();
+        {
+            let mut s = self.stats.lock().expect("stats lock never poisoned");
+            s.losses += 1;
+            if s.reconnect_history.len() < stats::MAX_RECONNECT_RECORDS {
+                s.reconnect_history.push(ReconnectRecord {
+                    reason,
+                    lost_at: now,
+                    from_url: self.url.clone(),
+                    to_url: None,
+                    kind: None,
+                    attempts: 0,
+                    joined_ms: None,
+                    media_ms: None,
+                });
+            }
+        }
+        self.notify.send_modify(|n| *n += 1);
+        self.out_queue
+            .retain(|m| !matches!(m, ClientMessage::Ping { .. }));
+        let url = to.unwrap_or_else(|| self.rotation.next_after(&self.url));
+        let delay = self.config.reconnect.backoff(0, self.jitter.next_u64());
+        let mut r = Reconnecting {
+            lost_at: now,
+            url: String::new(),
+            resume: true,
+            attempts: 0,
+            failures: 0,
+            future: Box::pin(async { Attempt::Failed(ClientError::Timeout("never polled")) }),
+        };
+        self.start_attempt(&mut r, url, delay);
+        Ok(Link::Down(Box::new(r)))
+    }
+
+    /// Starts the next attempt of `r`: after `delay`, connect to `url` and join.
+    fn start_attempt(&mut self, r: &mut Reconnecting, url: String, delay: Duration) {
+        let policy = &self.config.reconnect;
+        let remaining = policy
+            .max_duration
+            .saturating_sub(r.lost_at.elapsed())
+            .max(Duration::from_millis(1));
+        let target = Target::new(&self.config, &url);
+        let join = self
+            .config
+            .join_message(r.resume.then(|| self.resume_token.clone()));
+        let connect_timeout = policy.connect_timeout.min(remaining);
+        let join_timeout = policy.join_timeout.min(remaining);
+        debug!(
+            "reconnect attempt {} to {url} in {delay:?} (resume: {})",
+            r.attempts + 1,
+            r.resume
+        );
+        r.future = Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            attempt(target, join, connect_timeout, join_timeout).await
+        });
+        r.url = url;
+        r.attempts += 1;
+        let mut s = self.stats.lock().expect("stats lock never poisoned");
+        s.reconnect_attempts += 1;
+        if let Some(rec) = s.reconnect_history.last_mut()
+            && rec.lost_at == r.lost_at
+        {
+            rec.attempts = r.attempts;
+        }
+    }
+
+    /// A reconnection attempt ended: up again, or the next attempt, or give up.
+    fn attempted(&mut self, mut r: Reconnecting, outcome: Attempt) -> Result<Link, ClientError> {
+        let (next, delay, error) = match outcome {
+            Attempt::Joined { signal, joined } => {
+                self.rejoined(&r, joined)?;
+                return Ok(Link::Up(signal));
+            }
+            Attempt::Redirect { region, url } => {
+                self.stats.lock().expect("stats lock").redirects += 1;
+                let why = format!("redirected to region {region} at {url}");
+                (url, Duration::ZERO, why)
+            }
+            Attempt::Migrate { url: Some(url) } => {
+                self.stats.lock().expect("stats lock").redirects += 1;
+                let why = format!("migrated to {url}");
+                (url, Duration::ZERO, why)
+            }
+            Attempt::ResumeFailed => {
+                // The participant is gone: the same node, without resume.
+                r.resume = false;
+                (r.url.clone(), Duration::ZERO, "resume failed".to_string())
+            }
+            Attempt::Refused { code, message } if refusal_is_final(code) => {
+                return Err(ClientError::Refused { code, message });
+            }
+            Attempt::Migrate { url: None } => {
+                r.failures += 1;
+                let delay = self.backoff(r.failures);
+                let next = self.rotation.next_after(&r.url);
+                (next, delay, format!("{} migrated without a target", r.url))
+            }
+            Attempt::Refused { code, message } => {
+                r.failures += 1;
+                let delay = self.backoff(r.failures);
+                let next = self.rotation.next_after(&r.url);
+                (
+                    next,
+                    delay,
+                    format!("{} refused: {code:?}: {message}", r.url),
+                )
+            }
+            Attempt::Failed(e) => {
+                r.failures += 1;
+                let delay = self.backoff(r.failures);
+                let next = self.rotation.next_after(&r.url);
+                (next, delay, format!("{}: {e}", r.url))
+            }
+        };
+        let policy = &self.config.reconnect;
+        let elapsed = r.lost_at.elapsed();
+        if r.attempts >= policy.max_attempts || elapsed + delay >= policy.max_duration {
+            return Err(ClientError::ReconnectFailed {
+                attempts: r.attempts,
+                elapsed,
+                last_error: error,
+            });
+        }
+        debug!("reconnect attempt failed: {error}");
+        self.start_attempt(&mut r, next, delay);
+        Ok(Link::Down(Box::new(r)))
+    }
+
+    fn backoff(&mut self, failures: u32) -> Duration {
+        self.config
+            .reconnect
+            .backoff(failures, self.jitter.next_u64())
+    }
+
+    /// `joined` again after a loss: carry on, or rebuild the peer connections.
+    fn rejoined(&mut self, r: &Reconnecting, joined: Joined) -> Result<(), ClientError> {
+        let now = Instant::now();
+        let kind = if !r.resume || joined.participant_id != self.participant_id {
+            RejoinKind::Fresh
+        } else if joined.restored {
+            RejoinKind::Restored
+        } else {
+            RejoinKind::Resumed
+        };
+        info!(
+            "joined again at {} as {} ({kind:?}) after {:?}",
+            r.url,
+            joined.participant_id,
+            r.lost_at.elapsed()
+        );
+        self.url = r.url.clone();
+        self.rotation.used(&r.url);
+        self.last_heard = now;
+        self.resume_token = joined.resume;
+        self.participant_id = joined.participant_id;
+        match kind {
+            RejoinKind::Resumed => {}
+            RejoinKind::Restored => {
+                self.out_queue.retain(|m| {
+                    !matches!(
+                        m,
+                        ClientMessage::Offer { .. } | ClientMessage::Answer { .. }
+                    )
+                });
+                self.rebuild(true)?;
+            }
+            RejoinKind::Fresh => {
+                self.out_queue.clear();
+                self.published.clear();
+                self.rebuild(false)?;
+            }
+        }
+        {
+            let mut s = self.stats.lock().expect("stats lock never poisoned");
+            s.reconnects += 1;
+            match kind {
+                RejoinKind::Resumed => {}
+                RejoinKind::Restored => s.restored_resumes += 1,
+                RejoinKind::Fresh => {
+                    s.fresh_rejoins += 1;
+                    s.published.clear();
+                }
+            }
+            s.participant_id = self.participant_id.clone();
+            s.url = self.url.clone();
+            if let Some(rec) = s.reconnect_history.last_mut()
+                && rec.lost_at == r.lost_at
+            {
+                rec.to_url = Some(r.url.clone());
+                rec.kind = Some(kind);
+                rec.attempts = r.attempts;
+                rec.joined_ms =
+                    Some(now.saturating_duration_since(r.lost_at).as_secs_f64() * 1000.0);
+            }
+        }
+        self.notify.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// New peer connections on the same sockets; re-publishes (with the earlier track
+    /// ids when `carry_ids`). The node sends a new subscriber offer by itself.
+    fn rebuild(&mut self, carry_ids: bool) -> Result<(), ClientError> {
+        let now = Instant::now();
+        self.publisher.renew(now);
+        self.subscriber.renew(now);
+        self.pending_pub = None;
+        self.sub_tracks.clear();
+        {
+            let mut s = self.stats.lock().expect("stats lock never poisoned");
+            s.publisher_connected = false;
+            s.subscriber_connected = false;
+        }
+        if self.publishes() {
+            self.offer_publications(carry_ids)?;
+        }
+        Ok(())
     }
 
     fn pc(&mut self, publisher: bool) -> &mut Pc {
@@ -470,6 +1110,9 @@ impl Session {
 
     fn incoming(&mut self, publisher: bool, from: SocketAddr, data: Vec<u8>) {
         let now = Instant::now();
+        if self.config.reconnect.media_keeps_alive {
+            self.last_heard = now;
+        }
         match &mut self.net_in {
             Some(net) => net.handle_input(str0m_netem::Input::Packet(
                 now,
@@ -632,7 +1275,10 @@ impl Session {
         self.poll(now, true);
     }
 
-    fn offer_publications(&mut self) -> Result<(), ClientError> {
+    /// Offers the client's publications on the publisher connection. With
+    /// `carry_ids` (a restored session) each announcement names the track id it had
+    /// before; existing sources move to the new media sections and go on counting.
+    fn offer_publications(&mut self, carry_ids: bool) -> Result<(), ClientError> {
         let mut api = self.publisher.rtc.sdp_api();
         let mut tracks = Vec::new();
         let mut video_mid = None;
@@ -645,6 +1291,7 @@ impl Session {
                 kind: TrackKind::Audio,
                 source: "microphone".into(),
                 layers: vec![],
+                track_id: None,
             });
         }
         if self.config.publish_video {
@@ -662,25 +1309,37 @@ impl Session {
                 kind: TrackKind::Video,
                 source: "camera".into(),
                 layers: self.config.layers.clone(),
+                track_id: None,
             });
         }
         let (offer, pending) = api
             .apply()
             .ok_or_else(|| ClientError::Rtc("nothing to offer".into()))?;
+        if carry_ids {
+            reconnect::carry_track_ids(&mut tracks, &self.published);
+        }
         self.pending_pub = Some(pending);
         let now = Instant::now();
         if let Some(mid) = video_mid {
-            self.video = Some(media::VideoSource::new(
-                mid,
-                self.config.layers.clone(),
-                self.config.layer_bitrates,
-                self.config.fps,
-                self.config.keyframe_interval,
-                now,
-            ));
+            match &mut self.video {
+                Some(v) => v.move_to(mid),
+                None => {
+                    self.video = Some(media::VideoSource::new(
+                        mid,
+                        self.config.layers.clone(),
+                        self.config.layer_bitrates,
+                        self.config.fps,
+                        self.config.keyframe_interval,
+                        now,
+                    ))
+                }
+            }
         }
         if let Some(mid) = audio_mid {
-            self.audio = Some(media::AudioSource::new(mid, now));
+            match &mut self.audio {
+                Some(a) => a.move_to(mid),
+                None => self.audio = Some(media::AudioSource::new(mid, now)),
+            }
         }
         self.out_queue.push(ClientMessage::Offer {
             sdp: offer.to_sdp_string(),
@@ -705,6 +1364,7 @@ impl Session {
                     .sdp_api()
                     .accept_answer(pending, answer)
                     .map_err(|e| ClientError::Rtc(e.to_string()))?;
+                self.published = tracks.clone();
                 self.stats.lock().expect("stats lock").published = tracks;
                 self.poll(now, true);
             }
@@ -733,5 +1393,65 @@ impl Session {
         }
         self.notify.send_modify(|n| *n += 1);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_urls_start_at_url_and_drop_duplicates() {
+        let c = ClientConfig::new("ws://b/signal", "t").with_fallback_urls([
+            "ws://a/signal",
+            "ws://b/signal",
+            "ws://c/signal",
+        ]);
+        assert_eq!(
+            c.node_urls(),
+            ["ws://b/signal", "ws://a/signal", "ws://c/signal"]
+        );
+        assert!(c.reconnect.enabled, "reconnection is on by default");
+        assert!(!c.without_reconnect().reconnect.enabled);
+    }
+
+    #[test]
+    fn webtransport_nodes_trust_every_certificate() {
+        let ep = |u: &str, h: u8| WebTransportEndpoint {
+            url: u.into(),
+            certificate_hashes: vec![[h; 32]],
+        };
+        let eps = [
+            ep("https://a/signal", 1),
+            ep("https://b/signal", 2),
+            ep("https://c/signal", 1),
+        ];
+        let c = ClientConfig::new("ws://x/signal", "t").over_webtransport_nodes(&eps, 4);
+        assert_eq!(c.url, "https://b/signal");
+        assert_eq!(c.transport, Transport::WebTransport);
+        assert_eq!(c.fallback_urls, ["https://c/signal", "https://a/signal"]);
+        assert_eq!(c.server_certificate_hashes, vec![[1; 32], [2; 32]]);
+        let same = ClientConfig::new("ws://x/signal", "t").over_webtransport_nodes(&[], 0);
+        assert_eq!(same.url, "ws://x/signal");
+    }
+
+    #[test]
+    fn final_refusals_end_reconnection() {
+        assert!(refusal_is_final(ErrorCode::Unauthorized));
+        assert!(refusal_is_final(ErrorCode::Forbidden));
+        assert!(!refusal_is_final(ErrorCode::CapacityExceeded));
+        assert!(!refusal_is_final(ErrorCode::Internal));
+        assert!(!refusal_is_final(ErrorCode::Timeout));
+    }
+
+    #[test]
+    fn socket_errors_from_a_gone_peer_are_not_fatal() {
+        use std::io::{Error, ErrorKind};
+        assert!(transient_socket_error(&Error::from(
+            ErrorKind::ConnectionRefused
+        )));
+        assert!(!transient_socket_error(&Error::from(
+            ErrorKind::PermissionDenied
+        )));
     }
 }

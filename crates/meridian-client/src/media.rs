@@ -116,6 +116,13 @@ impl VideoSource {
         }
     }
 
+    /// Moves the source to a new media section (a new publisher connection after a
+    /// restore): the frame counter goes on, every layer starts with a keyframe.
+    pub(crate) fn move_to(&mut self, mid: Mid) {
+        self.mid = mid;
+        self.request_keyframe(None);
+    }
+
     pub(crate) fn request_keyframe(&mut self, layer: Option<Layer>) {
         for l in &mut self.layers {
             if layer.is_none() || layer == Some(l.layer) {
@@ -189,6 +196,11 @@ impl AudioSource {
             started: now,
             next_frame: now,
         }
+    }
+
+    /// Moves the source to a new media section; the frame counter goes on.
+    pub(crate) fn move_to(&mut self, mid: Mid) {
+        self.mid = mid;
     }
 
     pub(crate) fn write_due(&mut self, now: Instant, rtc: &mut Rtc) {

@@ -109,30 +109,64 @@ fn signaling<E: std::fmt::Display>(e: E) -> ClientError {
     ClientError::Signaling(e.to_string())
 }
 
+/// Where and how to open one signaling connection (owned, so a reconnection attempt
+/// can run as a `'static` future next to the media loop).
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    pub(crate) url: String,
+    pub(crate) transport: Transport,
+    pub(crate) certificate_hashes: Vec<[u8; 32]>,
+    pub(crate) bind_ip: IpAddr,
+}
+
+impl Target {
+    /// `url` with the transport its scheme names (`https://` is WebTransport, `ws://`
+    /// and `wss://` WebSocket), else the config's transport; the config's certificate
+    /// hashes (every node's, for WebTransport).
+    pub(crate) fn new(config: &ClientConfig, url: &str) -> Target {
+        Target {
+            url: url.to_string(),
+            transport: transport_for(url).unwrap_or(config.transport),
+            certificate_hashes: config.server_certificate_hashes.clone(),
+            bind_ip: config.bind_ip,
+        }
+    }
+}
+
+/// The transport a signaling URL's scheme implies, if it implies one.
+pub(crate) fn transport_for(url: &str) -> Option<Transport> {
+    let scheme = url.split_once("://")?.0.to_ascii_lowercase();
+    match scheme.as_str() {
+        "ws" | "wss" => Some(Transport::WebSocket),
+        "https" => Some(Transport::WebTransport),
+        _ => None,
+    }
+}
+
 impl Signal {
-    /// Connects with the config's transport.
-    pub(crate) async fn connect(config: &ClientConfig) -> Result<Signal, ClientError> {
-        match config.transport {
+    /// Connects to the target.
+    pub(crate) async fn connect(target: &Target) -> Result<Signal, ClientError> {
+        match target.transport {
             Transport::WebSocket => {
-                let (ws, _) = tokio_tungstenite::connect_async(config.url.as_str())
+                let (ws, _) = tokio_tungstenite::connect_async(target.url.as_str())
                     .await
                     .map_err(signaling)?;
                 Ok(Signal::WebSocket(Box::new(ws)))
             }
             Transport::WebTransport => {
-                let any = match config.bind_ip {
+                let any = match target.bind_ip {
                     IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                     IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 };
                 let builder =
                     wtransport::ClientConfig::builder().with_bind_address(SocketAddr::new(any, 0));
-                let wt_config = if config.server_certificate_hashes.is_empty() {
+                let wt_config = if target.certificate_hashes.is_empty() {
                     builder.with_native_certs().build()
                 } else {
                     builder
                         .with_server_certificate_hashes(
-                            config
-                                .server_certificate_hashes
+                            target
+                                .certificate_hashes
                                 .iter()
                                 .map(|h| wtransport::tls::Sha256Digest::new(*h)),
                         )
@@ -140,7 +174,7 @@ impl Signal {
                 };
                 let endpoint = wtransport::Endpoint::client(wt_config)?;
                 let connection = endpoint
-                    .connect(config.url.as_str())
+                    .connect(target.url.as_str())
                     .await
                     .map_err(signaling)?;
                 let (send, recv) = connection
@@ -249,5 +283,20 @@ mod tests {
             parse_endpoint(r#"{"url":"x","hashes":[{"algorithm":"sha-256","value":"AQI="}]}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_scheme_names_the_transport() {
+        assert_eq!(
+            transport_for("ws://127.0.0.1:7880/signal"),
+            Some(Transport::WebSocket)
+        );
+        assert_eq!(transport_for("WSS://h/signal"), Some(Transport::WebSocket));
+        assert_eq!(
+            transport_for("https://127.0.0.1:7881/signal"),
+            Some(Transport::WebTransport)
+        );
+        assert_eq!(transport_for("http://h/"), None);
+        assert_eq!(transport_for("garbage"), None);
     }
 }

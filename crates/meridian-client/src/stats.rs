@@ -11,6 +11,58 @@ use crate::media::{FrameHeader, now_micros};
 /// Most latency and jitter samples kept per track.
 const MAX_SAMPLES: usize = 20_000;
 
+/// Most reconnection records kept (the counters go on counting).
+pub const MAX_RECONNECT_RECORDS: usize = 1_000;
+
+/// Why the client considered its node lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// The signaling connection closed without `left`.
+    Closed,
+    /// The signaling connection failed (read or write error, or a write that hung).
+    Failed,
+    /// The node sent `migrate` (or `redirect` while connected).
+    Migrate,
+    /// Nothing from the node for the policy's `ping_timeout`.
+    PingTimeout,
+}
+
+/// How the client got back into the room after a loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejoinKind {
+    /// `joined{restored: false}`: the node still had the participant; the peer
+    /// connections were kept.
+    Resumed,
+    /// `joined{restored: true}`: a node rebuilt the participant from the event log;
+    /// new peer connections, publications re-announced with their earlier track ids.
+    Restored,
+    /// The resume token was refused (`resume_failed`): joined again as a new
+    /// participant with new peer connections.
+    Fresh,
+}
+
+/// One loss of the node and what followed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReconnectRecord {
+    /// Why the node counted as lost.
+    pub reason: LossReason,
+    /// When the loss was detected.
+    pub lost_at: Instant,
+    /// Signaling URL that was lost.
+    pub from_url: String,
+    /// Signaling URL the client joined again at (`None` until it did).
+    pub to_url: Option<String>,
+    /// How the client got back (`None` until `joined`).
+    pub kind: Option<RejoinKind>,
+    /// Connection attempts made (1 when the first attempt succeeded).
+    pub attempts: u32,
+    /// Time from detecting the loss to `joined`, ms.
+    pub joined_ms: Option<f64>,
+    /// Time from detecting the loss to the first media frame received after that
+    /// `joined` (any track), ms; stays `None` for a client that receives nothing.
+    pub media_ms: Option<f64>,
+}
+
 /// Per received track.
 #[derive(Clone, Debug, Default)]
 pub struct TrackStats {
@@ -73,6 +125,25 @@ pub struct ClientStats {
     pub errors: Vec<String>,
     /// Keyframe requests received from the node.
     pub keyframe_requests: u64,
+    /// Signaling URL the client is connected (or last connected) to.
+    pub url: String,
+    /// Losses of the node detected (closed, failed, `migrate`, ping timeout).
+    pub losses: u64,
+    /// Successful reconnections of every kind (`joined` again after a loss):
+    /// `reconnects = resumed + restored_resumes + fresh_rejoins`.
+    pub reconnects: u64,
+    /// Reconnections the node answered with `joined{restored: true}`.
+    pub restored_resumes: u64,
+    /// Reconnections that fell back to a fresh join after `resume_failed`.
+    pub fresh_rejoins: u64,
+    /// Connection attempts made while reconnecting (successful or not).
+    pub reconnect_attempts: u64,
+    /// `redirect`s followed (first join and reconnections).
+    pub redirects: u64,
+    /// One record per loss, oldest first; the first [`MAX_RECONNECT_RECORDS`] only.
+    pub reconnect_history: Vec<ReconnectRecord>,
+    /// When the last media frame (any track) was received.
+    pub last_frame_at: Option<Instant>,
 }
 
 impl ClientStats {
@@ -101,10 +172,50 @@ impl ClientStats {
             .count()
     }
 
+    /// Whether a media frame (any track) arrived after `t`.
+    pub fn received_media_after(&self, t: Instant) -> bool {
+        self.last_frame_at.is_some_and(|l| l > t)
+    }
+
+    /// Loss → `joined` times of the finished reconnections, ms.
+    pub fn loss_to_joined_ms(&self) -> Vec<f64> {
+        self.reconnect_history
+            .iter()
+            .filter_map(|r| r.joined_ms)
+            .collect()
+    }
+
+    /// Loss → first media frame times of the reconnections after which media arrived, ms.
+    pub fn loss_to_media_ms(&self) -> Vec<f64> {
+        self.reconnect_history
+            .iter()
+            .filter_map(|r| r.media_ms)
+            .collect()
+    }
+
+    /// The client is currently between a loss and the next `joined`.
+    pub fn reconnecting(&self) -> bool {
+        self.losses > self.reconnects
+    }
+
     /// What was measured after `earlier` (a snapshot of the same client): counters
-    /// become differences and sample lists keep only the newer samples.
+    /// become differences and sample lists keep only the newer samples (reconnection
+    /// records: those that started after `earlier`, or were unfinished in it).
     pub fn since(&self, earlier: &ClientStats) -> ClientStats {
         let mut out = self.clone();
+        out.losses -= earlier.losses.min(out.losses);
+        out.reconnects -= earlier.reconnects.min(out.reconnects);
+        out.restored_resumes -= earlier.restored_resumes.min(out.restored_resumes);
+        out.fresh_rejoins -= earlier.fresh_rejoins.min(out.fresh_rejoins);
+        out.reconnect_attempts -= earlier.reconnect_attempts.min(out.reconnect_attempts);
+        out.redirects -= earlier.redirects.min(out.redirects);
+        let unfinished = earlier
+            .reconnect_history
+            .last()
+            .is_some_and(|r| r.joined_ms.is_none());
+        let skip = earlier.reconnect_history.len() - usize::from(unfinished);
+        out.reconnect_history
+            .drain(..skip.min(out.reconnect_history.len()));
         for (id, t) in out.tracks.iter_mut() {
             let Some(e) = earlier.tracks.get(id) else {
                 continue;
@@ -131,6 +242,13 @@ impl ClientStats {
         since_start_ms: f64,
     ) {
         let video = data.params.spec().codec.is_video();
+        self.last_frame_at = Some(now);
+        if let Some(r) = self.reconnect_history.last_mut()
+            && r.joined_ms.is_some()
+            && r.media_ms.is_none()
+        {
+            r.media_ms = Some(now.saturating_duration_since(r.lost_at).as_secs_f64() * 1000.0);
+        }
         if video && self.first_frame_ms.is_none() {
             self.first_frame_ms = Some(since_start_ms);
         }
@@ -194,5 +312,58 @@ impl ClientStats {
             ServerMessage::Error { code, .. } => self.errors.push(code.as_str().to_string()),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record(lost_at: Instant, joined: Option<f64>, media: Option<f64>) -> ReconnectRecord {
+        ReconnectRecord {
+            reason: LossReason::Closed,
+            lost_at,
+            from_url: "a".into(),
+            to_url: None,
+            kind: None,
+            attempts: 1,
+            joined_ms: joined,
+            media_ms: media,
+        }
+    }
+
+    #[test]
+    fn reconnection_figures_and_since() {
+        let t0 = Instant::now();
+        let mut earlier = ClientStats {
+            losses: 2,
+            reconnects: 1,
+            reconnect_attempts: 3,
+            reconnect_history: vec![record(t0, Some(10.0), Some(20.0)), record(t0, None, None)],
+            ..Default::default()
+        };
+        assert!(earlier.reconnecting());
+        let mut now = earlier.clone();
+        now.reconnects = 3;
+        now.losses = 3;
+        now.reconnect_history[1].joined_ms = Some(30.0);
+        now.reconnect_history.push(record(t0, Some(5.0), Some(7.0)));
+        assert!(!now.reconnecting());
+        assert_eq!(now.loss_to_joined_ms(), [10.0, 30.0, 5.0]);
+        assert_eq!(now.loss_to_media_ms(), [20.0, 7.0]);
+        let d = now.since(&earlier);
+        assert_eq!((d.losses, d.reconnects, d.reconnect_attempts), (1, 2, 0));
+        assert_eq!(
+            d.loss_to_joined_ms(),
+            [30.0, 5.0],
+            "the unfinished one stays"
+        );
+        earlier.reconnect_history.clear();
+        assert_eq!(now.since(&earlier).reconnect_history.len(), 3);
+        assert!(!now.received_media_after(t0));
+        now.last_frame_at = Some(t0 + Duration::from_millis(1));
+        assert!(now.received_media_after(t0));
+        assert!(!now.received_media_after(t0 + Duration::from_secs(1)));
     }
 }
