@@ -112,8 +112,7 @@ async fn main() {
                 .skip(if room == "room-0" { placed_before } else { 0 });
             if let Some(p) = placed
                 .filter(|e| matches!(e.event, Event::RoomPlaced { .. }))
-                .filter(|e| SystemTime::from(e.recorded_at) > killed_wall)
-                .last()
+                .rfind(|e| SystemTime::from(e.recorded_at) > killed_wall)
             {
                 let ms = SystemTime::from(p.recorded_at)
                     .duration_since(killed_wall)
