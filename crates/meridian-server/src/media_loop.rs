@@ -43,6 +43,8 @@ pub(crate) enum Command {
         auto_subscribe: bool,
         resume: Option<String>,
         tx: mpsc::Sender<ServerMessage>,
+        /// Notified to make the session close its signaling transport (admin hook).
+        close: Arc<tokio::sync::Notify>,
         reply: oneshot::Sender<Result<(ParticipantId, u64), (ErrorCode, String)>>,
     },
     Message {
@@ -51,6 +53,12 @@ pub(crate) enum Command {
     },
     /// The node is shutting down.
     Shutdown,
+    /// Close a participant's signaling transport (admin hook); the participant stays
+    /// for the resume grace like after any drop. Replies whether it had one open.
+    CloseSignaling {
+        participant: ParticipantId,
+        reply: oneshot::Sender<bool>,
+    },
     /// The session's transport closed; `generation` tells stale detaches apart.
     Detach {
         participant: ParticipantId,
@@ -65,6 +73,8 @@ struct Session {
     grants: Grants,
     resume: String,
     tx: Option<mpsc::Sender<ServerMessage>>,
+    /// Wakes the attached signaling session to close its transport.
+    close: Arc<tokio::sync::Notify>,
     generation: u64,
     detached_at: Option<Instant>,
 }
@@ -331,6 +341,7 @@ impl MediaLoop {
                 auto_subscribe,
                 resume,
                 tx,
+                close,
                 reply,
             } => {
                 let generation = self.next_generation;
@@ -350,6 +361,7 @@ impl MediaLoop {
                     };
                     let s = self.sessions.get_mut(&id).expect("found above");
                     s.tx = Some(tx);
+                    s.close = close;
                     s.generation = generation;
                     s.detached_at = None;
                     info!(participant = %id, "session resumed");
@@ -375,6 +387,7 @@ impl MediaLoop {
                         grants,
                         resume,
                         tx: Some(tx),
+                        close,
                         generation,
                         detached_at: None,
                     },
@@ -405,6 +418,17 @@ impl MediaLoop {
                 }
             }
             Command::Shutdown => {}
+            Command::CloseSignaling { participant, reply } => {
+                let open = match self.sessions.get(&participant) {
+                    Some(s) if s.tx.is_some() => {
+                        info!(%participant, "closing signaling on request");
+                        s.close.notify_one();
+                        true
+                    }
+                    _ => false,
+                };
+                let _ = reply.send(open);
+            }
             Command::Detach {
                 participant,
                 generation,

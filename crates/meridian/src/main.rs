@@ -72,6 +72,13 @@ struct ServeArgs {
     /// Seconds a dropped session may resume [default: 10].
     #[arg(long, env = "MERIDIAN_RESUME_GRACE_SECS")]
     resume_grace_secs: Option<u64>,
+    /// Folder of the built web client served at `/` [default: web-client/dist when it exists].
+    #[arg(long, env = "MERIDIAN_WEB_ROOT")]
+    web_root: Option<PathBuf>,
+    /// Development mode: `POST /dev/token` mints short-lived tokens for anyone who can
+    /// reach the HTTP address (the page then offers a "join as" form). Local use only.
+    #[arg(long, env = "MERIDIAN_DEV")]
+    dev: bool,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +181,12 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     if let Some(g) = args.resume_grace_secs {
         config.signaling.resume_grace_secs = g;
     }
+    if let Some(w) = &args.web_root {
+        config.http.web_root = Some(w.clone());
+    }
+    if args.dev {
+        config.http.dev = true;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -191,10 +204,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
             "wt": node.wt_addr.to_string(),
         })
     );
-    eprintln!(
-        "Meridian is running: open http://{}/?token=<token> (mint one with `meridian token create --room demo --identity me --publish`)",
-        node.http_addr
-    );
+    if node.dev {
+        eprintln!(
+            "Meridian is running in dev mode: open http://{}/ and join with any name",
+            node.http_addr
+        );
+    } else {
+        eprintln!(
+            "Meridian is running: open http://{}/?token=<token> (mint one with `meridian token create --room demo --identity me --publish`)",
+            node.http_addr
+        );
+    }
+    if node.web_root.is_none() {
+        eprintln!(
+            "The web client is not built: run `npm ci && npm run build` in web-client/ (or scripts/run.sh), or pass --web-root"
+        );
+    }
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm() => {}
