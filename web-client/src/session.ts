@@ -151,8 +151,15 @@ export class Session {
         sig.close();
         return { kind: 'redirect', url: outcome.url };
       }
+      const j = outcome.joined;
+      const sameParticipant = resume !== undefined && j.participant_id === this.participantId;
+      // New peer connections for a restored or a new participant, before the node's
+      // first subscriber offer (queued in `sig`) is handled.
+      if (j.restored || !sameParticipant) this.resetMedia();
+      this.participantId = j.participant_id;
+      this.room = j.room;
       this.attach(sig);
-      return { kind: 'joined', joined: outcome.joined };
+      return { kind: 'joined', joined: j };
     } catch (e) {
       sig.close();
       if (e instanceof SignalingError) {
@@ -206,9 +213,6 @@ export class Session {
   }
 
   private onJoined(joined: JoinedMessage, _target: NodeTarget, resumed: boolean): void {
-    const sameParticipant = resumed && joined.participant_id === this.participantId;
-    this.participantId = joined.participant_id;
-    this.room = joined.room;
     this.others = new Map(joined.participants.map((p) => [p.participant_id, p]));
     this.view.participants([...this.others.values()]);
     this.startPing();
@@ -218,20 +222,21 @@ export class Session {
         this.view.notice(`media set-up failed: ${e instanceof Error ? e.message : String(e)}`);
       });
     if (joined.restored) {
-      // A new node rebuilt us from the event log: new peer connections, same track ids.
+      // A new node rebuilt us from the event log: new peer connections (reset in
+      // `attempt`), the tracks re-announced with their previous ids.
       this.restoredCount++;
-      this.resetMedia();
       if (this.opts.publish) void ok(this.publish(true));
-    } else if (sameParticipant) {
-      // Resumed on the same node: the media connections carry on.
+    } else if (resumed) {
+      // Resumed on the same node: the media connections carry on (a publisher
+      // connection that never came up or failed is offered again).
       this.resumedCount++;
-      if (this.pub && ['failed', 'closed'].includes(this.pub.connectionState)) {
-        this.resetMedia();
-        if (this.opts.publish) void ok(this.publish(false));
+      if (this.opts.publish && (!this.pub || ['failed', 'closed'].includes(this.pub.connectionState))) {
+        this.pub?.close();
+        this.pub = null;
+        void ok(this.publish(false));
       }
     } else {
       // A fresh participant (first join, or the resume token had expired).
-      if (this.pub || this.sub) this.resetMedia();
       this.own.clear();
       if (this.opts.publish) void ok(this.publish(false));
     }

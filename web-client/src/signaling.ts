@@ -36,18 +36,36 @@ interface Pending<T> {
   timer: ReturnType<typeof setTimeout>;
 }
 
+/** Events kept while no handler is attached. */
+const MAX_QUEUED_EVENTS = 256;
+
 /** Error codes that answer a pending publisher offer. */
 const OFFER_ERRORS = new Set(['invalid_sdp', 'forbidden', 'capacity_exceeded', 'message_too_large', 'not_found']);
 
 /** One signaling session over one transport. */
 export class SignalingClient {
-  /** Unsolicited node messages (room events, subscriber offers, migrate, left, errors). */
-  onevent: (msg: ServerMessage) => void = () => {};
+  /**
+   * Unsolicited node messages (room events, subscriber offers, migrate, left, errors).
+   * Until a handler is set they are queued (bounded), so nothing sent right after
+   * `joined` — often in the same WebTransport read — is lost.
+   */
+  get onevent(): ((msg: ServerMessage) => void) | undefined {
+    return this.handler;
+  }
+  set onevent(h: ((msg: ServerMessage) => void) | undefined) {
+    this.handler = h;
+    if (!h) return;
+    const queued = this.queue;
+    this.queue = [];
+    for (const m of queued) h(m);
+  }
   /** The transport ended (once). */
   onclose: (reason: string) => void = () => {};
   /** Messages that could not be decoded (ignored after reporting). */
   onprotocolerror: (e: ProtocolError) => void = () => {};
 
+  private handler: ((msg: ServerMessage) => void) | undefined;
+  private queue: ServerMessage[] = [];
   private join?: Pending<JoinOutcome>;
   private offers: Pending<{ sdp: string; tracks: TrackInfo[] }>[] = [];
   private pings = new Map<number, Pending<number> & { sent: number }>();
@@ -197,7 +215,8 @@ export class SignalingClient {
       default:
         break;
     }
-    this.onevent(msg);
+    if (this.handler) this.handler(msg);
+    else if (this.queue.length < MAX_QUEUED_EVENTS) this.queue.push(msg);
   }
 
   private ended(reason: string): void {

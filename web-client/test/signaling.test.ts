@@ -58,6 +58,18 @@ describe('SignalingClient', () => {
     t.deliver({ type: 'error', code: 'rate_limited', message: 'slow down' });
     expect(events).toEqual(['participant_left', 'migrate', 'error']);
   });
+  it('queues events that arrive with joined until a handler is attached', async () => {
+    const t = new FakeTransport();
+    const c = new SignalingClient(t);
+    const p = c.joinRoom('tok');
+    t.deliver(joined);
+    t.deliver({ type: 'offer', sdp: 'o', tracks: [] });
+    await p;
+    const events: string[] = [];
+    c.onevent = (m) => events.push(m.type);
+    t.deliver({ type: 'participant_left', participant_id: 'PA_3' });
+    expect(events).toEqual(['offer', 'participant_left']);
+  });
   it('reports undecodable messages without throwing', () => {
     const t = new FakeTransport();
     const c = new SignalingClient(t);
