@@ -182,7 +182,11 @@ async fn dev_token(
     if !field_ok(&req.identity) {
         return bad(format!("identity must be 1..={DEV_FIELD_BYTES} bytes"));
     }
-    if req.name.as_deref().is_some_and(|n| n.len() > DEV_FIELD_BYTES) {
+    if req
+        .name
+        .as_deref()
+        .is_some_and(|n| n.len() > DEV_FIELD_BYTES)
+    {
         return bad(format!("name must be at most {DEV_FIELD_BYTES} bytes"));
     }
     let mut claims = meridian_auth::Claims::new(
@@ -369,7 +373,10 @@ mod tests {
             web_path("/assets/index-1.js"),
             Some(PathBuf::from("assets/index-1.js"))
         );
-        assert_eq!(web_path("/assets/"), Some(PathBuf::from("assets/index.html")));
+        assert_eq!(
+            web_path("/assets/"),
+            Some(PathBuf::from("assets/index.html"))
+        );
         for bad in [
             "/../secret",
             "/assets/../../x",
@@ -392,9 +399,6 @@ mod tests {
             content_type(Path::new("a/b.js")),
             "text/javascript; charset=utf-8"
         );
-        assert_eq!(
-            content_type(Path::new("noext")),
-            "application/octet-stream"
-        );
+        assert_eq!(content_type(Path::new("noext")), "application/octet-stream");
     }
 }

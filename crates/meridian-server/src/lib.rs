@@ -207,7 +207,9 @@ impl Node {
         }
         let dev = config.http.dev;
         if dev {
-            tracing::warn!("dev mode: POST /dev/token mints tokens for anyone who can reach the HTTP address");
+            tracing::warn!(
+                "dev mode: POST /dev/token mints tokens for anyone who can reach the HTTP address"
+            );
         }
         let state = NodeState {
             web_root: web_root.as_deref().map(Arc::from),
