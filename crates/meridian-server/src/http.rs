@@ -90,7 +90,7 @@ fn content_type(path: &Path) -> &'static str {
 /// Serves the built web client; `/` falls back to a page saying how to build it.
 async fn web_file(State(state): State<NodeState>, method: Method, uri: Uri) -> Response {
     if method != Method::GET && method != Method::HEAD {
-        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
     }
     let not_found = || (StatusCode::NOT_FOUND, "not found\n").into_response();
     let Some(rel) = web_path(uri.path()) else {

@@ -646,7 +646,18 @@ impl MediaLoop {
                 } else {
                     Event::TrackUnmuted { track_id: track }
                 };
-                self.record(&room, "", vec![event]);
+                // The actor is the track's publisher: the log refuses an empty actor
+                // (and an outbox retrying a refused append holds back every later message).
+                let actor = self
+                    .sfu
+                    .room_tracks(&room)
+                    .into_iter()
+                    .find(|t| t.track_id == track_id.to_string())
+                    .and_then(|t| t.participant_id.parse::<ParticipantId>().ok())
+                    .map(|p| self.identity_of(p))
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| "node".to_string());
+                self.record(&room, &actor, vec![event]);
                 self.broadcast(
                     &room,
                     None,
