@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the browser end-to-end test (tests/browser) needs, idempotently:
 #   - Debian's chromium at /usr/bin/chromium (apt-get update only when installing)
-#   - tests/browser/node_modules via `npm ci`, redone when package-lock.json changes
+#   - tests/browser/node_modules and web-client/node_modules via `npm ci`, each redone
+#     when its package-lock.json changes
 # Never downloads a browser build of its own. Fast (< 2 s) when all is installed.
 set -euo pipefail
 
@@ -29,11 +30,13 @@ if ! command -v npm >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
-STAMP="$BROWSER_DIR/node_modules/.lockfile.sha256"
-WANT="$(sha256sum "$BROWSER_DIR/package-lock.json" | cut -d' ' -f1)"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "install-test-deps: npm ci in tests/browser"
-  (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
-  echo "$WANT" > "$STAMP"
-fi
+for DIR in "$BROWSER_DIR" "$ROOT/web-client"; do
+  STAMP="$DIR/node_modules/.lockfile.sha256"
+  WANT="$(sha256sum "$DIR/package-lock.json" | cut -d' ' -f1)"
+  if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "install-test-deps: npm ci in ${DIR#"$ROOT"/}"
+    (cd "$DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$WANT" > "$STAMP"
+  fi
+done
 echo "install-test-deps: ok (chromium: $(/usr/bin/chromium --version 2>/dev/null | head -1), node $(node --version))"

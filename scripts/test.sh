@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Meridian test on a fresh machine: installs what the tests need
 # (Chromium, npm packages), starts the local Postgres if it is down, then runs the
-# Rust test suite and the headless-Chromium tests against the real binary.
+# Rust test suite, the web client's unit tests (vitest) and build, and the
+# headless-Chromium tests against the real binary serving that build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,5 +12,7 @@ bash scripts/start-postgres.sh
 export CARGO_TERM_COLOR=never
 cargo build --locked -p meridian
 cargo test --locked --workspace --no-fail-fast
+
+(cd web-client && npm test && npm run build)
 
 MERIDIAN_BIN="$PWD/target/debug/meridian" npm --prefix tests/browser test

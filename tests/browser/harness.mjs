@@ -1,7 +1,9 @@
 // Shared set-up of the browser tests: the real `meridian serve` on ephemeral ports with a
 // fresh data directory, tokens minted by the binary with that directory's key, and
 // Debian's Chromium launched headless with the flags WebRTC on loopback needs.
-// Env: MERIDIAN_BIN (default ../../target/debug/meridian), CHROMIUM (default /usr/bin/chromium)
+// The node serves the built web client from ../../web-client/dist (scripts/test.sh builds it).
+// Env: MERIDIAN_BIN (default ../../target/debug/meridian), CHROMIUM (default /usr/bin/chromium),
+// MERIDIAN_WEB_ROOT (default ../../web-client/dist)
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -13,6 +15,7 @@ import { chromium } from 'playwright-core';
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const BIN = path.resolve(HERE, process.env.MERIDIAN_BIN || '../../target/debug/meridian');
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+export const WEB_ROOT = path.resolve(HERE, process.env.MERIDIAN_WEB_ROOT || '../../web-client/dist');
 
 /** Fails with a clear message when the binary or the browser is missing. */
 export function checkPrerequisites() {
@@ -20,14 +23,22 @@ export function checkPrerequisites() {
   if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found: run scripts/install-test-deps.sh`);
 }
 
+/** Fails with a clear message when the web client is not built. */
+export function checkWebClient() {
+  if (!existsSync(path.join(WEB_ROOT, 'index.html'))) {
+    throw new Error(`web client not built at ${WEB_ROOT} (cd web-client && npm ci && npm run build)`);
+  }
+}
+
 /**
  * Starts `meridian serve` and resolves once it printed its listening line.
  * Returns `{ listening, stderr(), token(room, identity, ...flags), stop() }`.
+ * `extraArgs` add flags (e.g. `--dev`, `--resume-grace-secs 20`).
  */
-export async function startMeridian(prefix) {
+export async function startMeridian(prefix, extraArgs = []) {
   const dataDir = mkdtempSync(path.join(tmpdir(), `${prefix}-`));
   const server = spawn(BIN, ['serve', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0',
-    '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0'], {
+    '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0', '--web-root', WEB_ROOT, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
   });

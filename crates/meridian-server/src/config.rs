@@ -123,6 +123,30 @@ pub struct NodeConfig {
 pub struct HttpConfig {
     /// Address to listen on.
     pub addr: SocketAddr,
+    /// Folder of the built web client (`web-client/dist`), served at `/`. Unset: that
+    /// folder relative to the working directory when it exists, else a page saying how
+    /// to build it.
+    pub web_root: Option<PathBuf>,
+    /// Development mode: `POST /dev/token` mints short-lived tokens with the node's key
+    /// for anyone who can reach the HTTP address. Never enable it on a shared network.
+    pub dev: bool,
+}
+
+/// Where the web client is looked for when `http.web_root` is unset.
+pub const DEFAULT_WEB_ROOT: &str = "web-client/dist";
+
+impl HttpConfig {
+    /// The web client folder to serve: `web_root` when set, else [`DEFAULT_WEB_ROOT`]
+    /// when it holds an `index.html`; `None` means "not built".
+    pub fn resolved_web_root(&self) -> Option<PathBuf> {
+        match &self.web_root {
+            Some(p) => Some(p.clone()),
+            None => {
+                let p = PathBuf::from(DEFAULT_WEB_ROOT);
+                p.join("index.html").is_file().then_some(p)
+            }
+        }
+    }
 }
 
 /// Media socket settings.
@@ -161,6 +185,8 @@ impl Default for Config {
             node: NodeConfig::default(),
             http: HttpConfig {
                 addr: "127.0.0.1:7880".parse().expect("valid literal"),
+                web_root: None,
+                dev: false,
             },
             media: MediaConfig {
                 addr: "127.0.0.1:7882".parse().expect("valid literal"),

@@ -1,22 +1,25 @@
-//! HTTP endpoints: WebSocket signaling, metrics, health, and the bundled web page.
+//! HTTP endpoints: WebSocket signaling, metrics, health, the web client (static files
+//! from `http.web_root`), the dev-mode token endpoint and the admin signaling-close hook.
 
 use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
 
 use crate::NodeState;
+use crate::media_loop::Command;
 use crate::signal::{Frame, run_session};
 
 pub(crate) fn router(state: NodeState) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/meridian.js", get(script))
+    let mut router = Router::new()
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -25,21 +28,248 @@ pub(crate) fn router(state: NodeState) -> Router {
             "/webtransport/certificate-hashes",
             get(webtransport_certificate_hashes),
         )
-        .with_state(state)
+        .route(
+            "/admin/participants/{participant_id}/close-signaling",
+            post(close_signaling),
+        );
+    if state.config.http.dev {
+        router = router.route(
+            "/dev/token",
+            get(dev_info)
+                .post(dev_token)
+                .layer(DefaultBodyLimit::max(DEV_BODY_BYTES)),
+        );
+    }
+    router.fallback(web_file).with_state(state)
 }
 
-async fn index() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("../assets/index.html"),
-    )
+/// Page served at `/` when the web client is not built.
+const NOT_BUILT_PAGE: &str = include_str!("../assets/not-built.html");
+/// Largest static file served, in bytes.
+const MAX_STATIC_BYTES: u64 = 32 * 1024 * 1024;
+/// Longest request path looked up on disk.
+const MAX_PATH_BYTES: usize = 512;
+
+/// A relative path under the web root for a request path, or `None` when it could
+/// leave the root (`..`, absolute or hidden components, backslashes) or is too long.
+fn web_path(request_path: &str) -> Option<PathBuf> {
+    if request_path.len() > MAX_PATH_BYTES || request_path.contains('\\') {
+        return None;
+    }
+    let rel = request_path.trim_start_matches('/');
+    let rel = if rel.is_empty() || rel.ends_with('/') {
+        format!("{rel}index.html")
+    } else {
+        rel.to_string()
+    };
+    let path = PathBuf::from(&rel);
+    let clean = path.components().all(|c| match c {
+        Component::Normal(s) => !s.to_string_lossy().starts_with('.'),
+        _ => false,
+    });
+    clean.then_some(path)
 }
 
-async fn script() -> impl IntoResponse {
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" | "map" => "application/json",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "ico" => "image/x-icon",
+        "webp" => "image/webp",
+        "woff2" => "font/woff2",
+        "txt" => "text/plain; charset=utf-8",
+        "wasm" => "application/wasm",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Serves the built web client; `/` falls back to a page saying how to build it.
+async fn web_file(State(state): State<NodeState>, method: Method, uri: Uri) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
+    let not_found = || (StatusCode::NOT_FOUND, "not found\n").into_response();
+    let Some(rel) = web_path(uri.path()) else {
+        return not_found();
+    };
+    let is_index = rel == Path::new("index.html");
+    let not_built = || {
+        (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            NOT_BUILT_PAGE,
+        )
+            .into_response()
+    };
+    let Some(root) = state.web_root.as_deref() else {
+        return if is_index { not_built() } else { not_found() };
+    };
+    let path = root.join(&rel);
+    match tokio::fs::metadata(&path).await {
+        Ok(m) if m.is_file() && m.len() <= MAX_STATIC_BYTES => {}
+        _ => return if is_index { not_built() } else { not_found() },
+    }
+    let Ok(body) = tokio::fs::read(&path).await else {
+        return not_found();
+    };
+    // Vite names assets by content hash: they never change; the page itself may.
+    let cache = if rel.starts_with("assets") {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
     (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        include_str!("../assets/meridian.js"),
+        [
+            (header::CONTENT_TYPE, content_type(&rel)),
+            (header::CACHE_CONTROL, cache),
+        ],
+        body,
     )
+        .into_response()
+}
+
+/// Largest `POST /dev/token` body.
+const DEV_BODY_BYTES: usize = 4096;
+/// Lifetime of a dev-mode token; the page asks for a fresh one when it reconnects.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// Longest room, identity or name accepted by `/dev/token`.
+const DEV_FIELD_BYTES: usize = 128;
+
+/// `GET /dev/token`: present only in dev mode, so the page knows it may mint tokens.
+async fn dev_info() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "dev": true, "ttl_secs": DEV_TOKEN_TTL.as_secs() }))
+}
+
+/// Body of `POST /dev/token`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenRequest {
+    room: String,
+    identity: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default = "default_true")]
+    publish: bool,
+    #[serde(default = "default_true")]
+    subscribe: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `POST /dev/token` (dev mode only): a short-lived token signed with the node's key.
+async fn dev_token(
+    State(state): State<NodeState>,
+    body: Result<axum::Json<DevTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let bad = |why: String| (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response();
+    let axum::Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad(e.body_text()),
+    };
+    let field_ok = |s: &str| !s.trim().is_empty() && s.len() <= DEV_FIELD_BYTES;
+    if !field_ok(&req.room) || req.room == meridian_auth::ANY_ROOM {
+        return bad(format!("room must be 1..={DEV_FIELD_BYTES} bytes"));
+    }
+    if !field_ok(&req.identity) {
+        return bad(format!("identity must be 1..={DEV_FIELD_BYTES} bytes"));
+    }
+    if req
+        .name
+        .as_deref()
+        .is_some_and(|n| n.len() > DEV_FIELD_BYTES)
+    {
+        return bad(format!("name must be at most {DEV_FIELD_BYTES} bytes"));
+    }
+    let mut claims = meridian_auth::Claims::new(
+        req.identity.trim(),
+        req.room.trim(),
+        meridian_auth::unix_now(),
+        DEV_TOKEN_TTL,
+    )
+    .with_grants(meridian_auth::Grants {
+        publish: req.publish,
+        subscribe: req.subscribe || req.publish,
+        admin: false,
+    })
+    .with_region(state.config.node.region.clone());
+    if let Some(name) = req.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+        claims = claims.with_name(name);
+    }
+    if let Err(e) = claims.validate() {
+        return bad(e.to_string());
+    }
+    match state.keys.sign(&claims) {
+        Ok(token) => (
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(serde_json::json!({
+                "token": token,
+                "expires_in_secs": DEV_TOKEN_TTL.as_secs(),
+            })),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot sign: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /admin/participants/{id}/close-signaling` (bearer token with the `admin`
+/// grant): closes that participant's signaling transport as a network drop would. The
+/// participant stays for the resume grace, so its client can resume; used by tests
+/// and operators to exercise reconnects.
+async fn close_signaling(
+    State(state): State<NodeState>,
+    axum::extract::Path(participant_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let allowed = state
+        .keys
+        .verify(token, meridian_auth::unix_now())
+        .map_err(|e| e.code().to_string())
+        .and_then(|c| {
+            c.require(meridian_auth::Grant::Admin)
+                .map_err(|e| e.code().to_string())
+        });
+    if let Err(code) = allowed {
+        return (StatusCode::UNAUTHORIZED, format!("{code}\n")).into_response();
+    }
+    let Ok(participant) = participant_id.parse::<meridian_media::ParticipantId>() else {
+        return (StatusCode::NOT_FOUND, "no such participant\n").into_response();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if state
+        .commands
+        .send(Command::CloseSignaling { participant, reply })
+        .await
+        .is_err()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
+    }
+    match answer.await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            "no such participant with open signaling\n",
+        )
+            .into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response(),
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -60,7 +290,7 @@ async fn metrics(State(state): State<NodeState>) -> impl IntoResponse {
 /// certificate, its SHA-256 (base64 of the raw digest) for `serverCertificateHashes`.
 async fn webtransport_certificate_hashes(
     State(state): State<NodeState>,
-    headers: axum::http::HeaderMap,
+    headers: HeaderMap,
 ) -> impl IntoResponse {
     use base64::Engine as _;
     let wt = &state.webtransport;
@@ -130,4 +360,45 @@ async fn ws_session(state: NodeState, socket: WebSocket) {
     let outgoing = sink
         .with(|text: String| std::future::ready(Ok::<_, axum::Error>(Message::Text(text.into()))));
     run_session(state, Box::pin(incoming), Box::pin(outgoing)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn web_paths_stay_under_the_root() {
+        assert_eq!(web_path("/"), Some(PathBuf::from("index.html")));
+        assert_eq!(
+            web_path("/assets/index-1.js"),
+            Some(PathBuf::from("assets/index-1.js"))
+        );
+        assert_eq!(
+            web_path("/assets/"),
+            Some(PathBuf::from("assets/index.html"))
+        );
+        for bad in [
+            "/../secret",
+            "/assets/../../x",
+            "/.env",
+            "/a/.git/config",
+            "/a\\..\\b",
+        ] {
+            assert_eq!(web_path(bad), None, "{bad}");
+        }
+        assert_eq!(web_path(&format!("/{}", "a".repeat(MAX_PATH_BYTES))), None);
+    }
+
+    #[test]
+    fn content_types_follow_extensions() {
+        assert_eq!(
+            content_type(Path::new("index.html")),
+            "text/html; charset=utf-8"
+        );
+        assert_eq!(
+            content_type(Path::new("a/b.js")),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(content_type(Path::new("noext")), "application/octet-stream");
+    }
 }

@@ -65,6 +65,8 @@ pub(crate) struct NodeState {
     pub commands: mpsc::Sender<media_loop::Command>,
     pub webtransport: webtransport::Advert,
     pub cluster: Arc<cluster::Cluster>,
+    /// The web client folder served at `/`; `None`: not built (a page says how).
+    pub web_root: Option<std::sync::Arc<std::path::Path>>,
 }
 
 /// Admits audit API requests whose bearer token is a valid access token with the
@@ -93,6 +95,10 @@ pub struct Node {
     pub wt_addr: SocketAddr,
     /// The node's metrics.
     pub metrics: Metrics,
+    /// Whether dev mode (`POST /dev/token`) is on.
+    pub dev: bool,
+    /// The web client folder served at `/`, `None` when it is not built.
+    pub web_root: Option<std::path::PathBuf>,
     shutdown: watch::Sender<bool>,
     http_task: JoinHandle<()>,
     wt_task: JoinHandle<()>,
@@ -219,7 +225,23 @@ impl Node {
                 addr: media_addr,
                 source,
             })?;
+        let web_root = config.http.resolved_web_root();
+        match &web_root {
+            Some(root) if !root.join("index.html").is_file() => tracing::warn!(
+                root = %root.display(),
+                "web root has no index.html; `/` shows how to build the web client"
+            ),
+            Some(root) => info!(root = %root.display(), "serving the web client"),
+            None => info!("web client not built; `/` shows how to build it"),
+        }
+        let dev = config.http.dev;
+        if dev {
+            tracing::warn!(
+                "dev mode: POST /dev/token mints tokens for anyone who can reach the HTTP address"
+            );
+        }
         let state = NodeState {
+            web_root: web_root.as_deref().map(Arc::from),
             config: Arc::new(config),
             keys: Arc::new(keys),
             registry: Arc::new(metrics.registry()),
@@ -255,6 +277,8 @@ impl Node {
             media_addr,
             wt_addr,
             metrics,
+            dev,
+            web_root,
             shutdown,
             http_task,
             wt_task,

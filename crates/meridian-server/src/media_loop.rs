@@ -43,6 +43,8 @@ pub(crate) enum Command {
         auto_subscribe: bool,
         resume: Option<String>,
         tx: mpsc::Sender<ServerMessage>,
+        /// Notified to make the session close its signaling transport (admin hook).
+        close: Arc<tokio::sync::Notify>,
         reply: oneshot::Sender<Result<(ParticipantId, u64), (ErrorCode, String)>>,
     },
     Message {
@@ -51,6 +53,12 @@ pub(crate) enum Command {
     },
     /// The node is shutting down.
     Shutdown,
+    /// Close a participant's signaling transport (admin hook); the participant stays
+    /// for the resume grace like after any drop. Replies whether it had one open.
+    CloseSignaling {
+        participant: ParticipantId,
+        reply: oneshot::Sender<bool>,
+    },
     /// The session's transport closed; `generation` tells stale detaches apart.
     Detach {
         participant: ParticipantId,
@@ -89,6 +97,8 @@ struct Session {
     /// SHA-256 (hex) of the resume token, as recorded in the log.
     resume_hash: String,
     tx: Option<mpsc::Sender<ServerMessage>>,
+    /// Wakes the attached signaling session to close its transport.
+    close: Arc<tokio::sync::Notify>,
     generation: u64,
     detached_at: Option<Instant>,
     /// Restored from the log and not resumed yet: no media connections exist.
@@ -366,6 +376,7 @@ impl MediaLoop {
                 auto_subscribe,
                 resume,
                 tx,
+                close,
                 reply,
             } => {
                 let generation = self.next_generation;
@@ -385,6 +396,7 @@ impl MediaLoop {
                     };
                     let s = self.sessions.get_mut(&id).expect("found above");
                     s.tx = Some(tx);
+                    s.close = close;
                     s.generation = generation;
                     s.detached_at = None;
                     s.resume = token;
@@ -437,6 +449,7 @@ impl MediaLoop {
                         resume,
                         resume_hash: resume_hash.clone(),
                         tx: Some(tx),
+                        close,
                         generation,
                         detached_at: None,
                         dormant: false,
@@ -500,6 +513,17 @@ impl MediaLoop {
             Command::Count { reply } => {
                 let _ = reply.send(self.sessions.len());
             }
+            Command::CloseSignaling { participant, reply } => {
+                let open = match self.sessions.get(&participant) {
+                    Some(s) if s.tx.is_some() => {
+                        info!(%participant, "closing signaling on request");
+                        s.close.notify_one();
+                        true
+                    }
+                    _ => false,
+                };
+                let _ = reply.send(open);
+            }
             Command::Detach {
                 participant,
                 generation,
@@ -555,6 +579,7 @@ impl MediaLoop {
                     },
                     resume: String::new(),
                     resume_hash,
+                    close: Arc::default(),
                     tx: None,
                     generation: 0,
                     detached_at: Some(now),
@@ -836,7 +861,18 @@ impl MediaLoop {
                 } else {
                     Event::TrackUnmuted { track_id: track }
                 };
-                self.record(&room, "", vec![event]);
+                // The actor is the track's publisher: the log refuses an empty actor
+                // (and an outbox retrying a refused append holds back every later message).
+                let actor = self
+                    .sfu
+                    .room_tracks(&room)
+                    .into_iter()
+                    .find(|t| t.track_id == track_id.to_string())
+                    .and_then(|t| t.participant_id.parse::<ParticipantId>().ok())
+                    .map(|p| self.identity_of(p))
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| "node".to_string());
+                self.record(&room, &actor, vec![event]);
                 self.broadcast(
                     &room,
                     None,

@@ -102,6 +102,7 @@ where
     let join_deadline = Instant::now() + Duration::from_secs(cfg.join_timeout_secs);
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let mut joined: Option<(meridian_media::ParticipantId, u64)> = None;
+    let close = std::sync::Arc::new(tokio::sync::Notify::new());
     let error = |code: ErrorCode, message: String| ServerMessage::error(code, message);
 
     loop {
@@ -111,6 +112,10 @@ where
         };
         let frame = tokio::select! {
             f = incoming.next() => f,
+            _ = close.notified() => {
+                debug!("signaling closed by the node");
+                break;
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 let what = if joined.is_none() { "no join within the join timeout" } else { "connection idle too long" };
                 let _ = tx.send(error(ErrorCode::Timeout, what.into())).await;
@@ -185,7 +190,16 @@ where
                         .await;
                     break;
                 }
-                match join(&state, token, resume, auto_subscribe, tx.clone()).await {
+                match join(
+                    &state,
+                    token,
+                    resume,
+                    auto_subscribe,
+                    tx.clone(),
+                    close.clone(),
+                )
+                .await
+                {
                     Ok(j) => joined = Some(j),
                     Err(msg) => {
                         let _ = tx.send(msg).await;
@@ -233,6 +247,7 @@ async fn join(
     resume: Option<String>,
     auto_subscribe: bool,
     tx: mpsc::Sender<ServerMessage>,
+    close: std::sync::Arc<tokio::sync::Notify>,
 ) -> Result<(meridian_media::ParticipantId, u64), ServerMessage> {
     let claims = state
         .keys
@@ -277,6 +292,7 @@ async fn join(
         auto_subscribe,
         resume,
         tx,
+        close,
         reply,
     };
     let internal = || ServerMessage::error(ErrorCode::Internal, "node is shutting down");

@@ -84,6 +84,13 @@ struct ServeArgs {
     /// Seconds SIGTERM waits for participants to move before exiting [default: 30].
     #[arg(long, env = "MERIDIAN_DRAIN_TIMEOUT")]
     drain_timeout: Option<u64>,
+    /// Folder of the built web client served at `/` [default: web-client/dist when it exists].
+    #[arg(long, env = "MERIDIAN_WEB_ROOT")]
+    web_root: Option<PathBuf>,
+    /// Development mode: `POST /dev/token` mints short-lived tokens for anyone who can
+    /// reach the HTTP address (the page then offers a "join as" form). Local use only.
+    #[arg(long, env = "MERIDIAN_DEV")]
+    dev: bool,
 }
 
 #[derive(Subcommand)]
@@ -198,6 +205,12 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     if let Some(t) = args.drain_timeout {
         config.cluster.drain_timeout_secs = t;
     }
+    if let Some(w) = &args.web_root {
+        config.http.web_root = Some(w.clone());
+    }
+    if args.dev {
+        config.http.dev = true;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -215,10 +228,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
             "wt": node.wt_addr.to_string(),
         })
     );
-    eprintln!(
-        "Meridian is running: open http://{}/?token=<token> (mint one with `meridian token create --room demo --identity me --publish`)",
-        node.http_addr
-    );
+    if node.dev {
+        eprintln!(
+            "Meridian is running in dev mode: open http://{}/ and join with any name",
+            node.http_addr
+        );
+    } else {
+        eprintln!(
+            "Meridian is running: open http://{}/?token=<token> (mint one with `meridian token create --room demo --identity me --publish`)",
+            node.http_addr
+        );
+    }
+    if node.web_root.is_none() {
+        eprintln!(
+            "The web client is not built: run `npm ci && npm run build` in web-client/ (or scripts/run.sh), or pass --web-root"
+        );
+    }
     let drain = tokio::select! {
         _ = tokio::signal::ctrl_c() => false,
         _ = sigterm() => true,

@@ -1,0 +1,54 @@
+// Page settings from the address: `?token=`, `?transport=auto|wt|ws`, `?nodes=url1,url2`,
+// `?publish=0`, and for the dev form `?room=`, `?name=`. Pure.
+import { type NodeTarget, type TransportMode, targetFromUrl } from './transport';
+
+/** Largest token accepted from the address or the paste box (the node's bound). */
+export const MAX_TOKEN_BYTES = 4096;
+/** Most node URLs taken from `?nodes=`. */
+export const MAX_NODES = 8;
+
+/** What the page was asked to do. */
+export interface PageConfig {
+  token?: string;
+  transport: TransportMode;
+  nodes: NodeTarget[];
+  publish: boolean;
+  room: string;
+  name: string;
+  /** Problems with the parameters, shown to the user. */
+  warnings: string[];
+}
+
+/** Parses `location.search` against the page's own origin. */
+export function parseConfig(search: string, pageOrigin: string): PageConfig {
+  const q = new URLSearchParams(search);
+  const warnings: string[] = [];
+  const t = (q.get('transport') ?? 'auto').toLowerCase();
+  let transport: TransportMode = 'auto';
+  if (t === 'ws' || t === 'websocket') transport = 'ws';
+  else if (t === 'wt' || t === 'webtransport') transport = 'wt';
+  else if (t !== 'auto') warnings.push(`unknown transport ${JSON.stringify(t)}; using auto`);
+  const nodes: NodeTarget[] = [];
+  for (const raw of (q.get('nodes') ?? '').split(',').map((s) => s.trim()).filter(Boolean).slice(0, MAX_NODES)) {
+    try {
+      nodes.push(targetFromUrl(raw));
+    } catch {
+      warnings.push(`ignoring node URL ${JSON.stringify(raw)}`);
+    }
+  }
+  if (nodes.length === 0) nodes.push({ httpOrigin: pageOrigin });
+  let token = q.get('token')?.trim() || undefined;
+  if (token && token.length > MAX_TOKEN_BYTES) {
+    warnings.push(`the token is longer than ${MAX_TOKEN_BYTES} bytes`);
+    token = undefined;
+  }
+  return {
+    token,
+    transport,
+    nodes,
+    publish: q.get('publish') !== '0',
+    room: (q.get('room') ?? 'demo').slice(0, 128),
+    name: (q.get('name') ?? '').slice(0, 128),
+    warnings,
+  };
+}
