@@ -770,7 +770,8 @@ impl MediaLoop {
                     .unpublish(now, id, track(&track_id)?)
                     .map_err(media_error)?;
             }
-            ClientMessage::Ping { id: ping } => self.send(id, ServerMessage::Pong { id: ping }),
+            // Answered by the signaling session itself.
+            ClientMessage::Ping { .. } => {}
             ClientMessage::Leave => {
                 if let Some(Session { tx: Some(tx), .. }) = self.remove(id, now, LeaveReason::Left)
                 {

@@ -182,6 +182,13 @@ async fn write(
                     Err(e) => e,
                 }
             }
+            // A batch the store refuses as such (a bug, not an outage) would block every
+            // later message if retried: it is dropped, loudly.
+            Err(StoreError::InvalidInput(why)) => {
+                cx.metrics.event_log_errors.inc();
+                tracing::error!(stream, "event log refused a batch; dropped: {why}");
+                return Ok(());
+            }
             Err(e) => e,
         };
         cx.metrics.event_log_errors.inc();

@@ -210,6 +210,11 @@ where
             (None, _) => {
                 let _ = tx.try_send(error(ErrorCode::NotJoined, "send join first".into()));
             }
+            // Answered here, not through the outbox: a pong proves the node is alive even
+            // while the log is unreachable and acknowledgements wait.
+            (Some(_), ClientMessage::Ping { id }) => {
+                let _ = tx.try_send(ServerMessage::Pong { id });
+            }
             (Some((participant, _)), msg) => {
                 let leave = matches!(msg, ClientMessage::Leave);
                 if state
