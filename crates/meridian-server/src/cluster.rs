@@ -157,6 +157,11 @@ impl Cluster {
         self.lease.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the node drains (takes no new sessions).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.state().draining
+    }
+
     /// The node's region.
     pub(crate) fn region(&self) -> &str {
         &self.region

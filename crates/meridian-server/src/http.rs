@@ -272,8 +272,14 @@ async fn close_signaling(
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 while the node takes sessions; 503 once it drains, so a load balancer stops
+/// sending it new clients.
+async fn healthz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
+    if state.cluster.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
 }
 
 async fn metrics(State(state): State<NodeState>) -> impl IntoResponse {
