@@ -382,11 +382,15 @@ impl MediaLoop {
                 let generation = self.next_generation;
                 self.next_generation += 1;
                 if let Some(token) = resume {
-                    let found = self.resume_index.get(&sha256_hex(&token)).copied().filter(|id| {
-                        self.sessions
-                            .get(id)
-                            .is_some_and(|s| s.identity == identity && s.room == room)
-                    });
+                    let found = self
+                        .resume_index
+                        .get(&sha256_hex(&token))
+                        .copied()
+                        .filter(|id| {
+                            self.sessions
+                                .get(id)
+                                .is_some_and(|s| s.identity == identity && s.room == room)
+                        });
                     let Some(id) = found else {
                         let _ = reply.send(Err((
                             ErrorCode::ResumeFailed,
@@ -405,9 +409,9 @@ impl MediaLoop {
                         // Rebuilt from the log on this node: new media connections.
                         s.grants = grants;
                         let subscribe = auto_subscribe && grants.subscribe;
-                        if let Err(e) =
-                            self.sfu
-                                .restore_participant(now, id, &room, &identity, subscribe)
+                        if let Err(e) = self
+                            .sfu
+                            .restore_participant(now, id, &room, &identity, subscribe)
                         {
                             let _ = reply.send(Err((ErrorCode::Internal, e.to_string())));
                             return;
@@ -626,8 +630,8 @@ impl MediaLoop {
             };
             // Already subscribed (auto-subscribe) is fine.
             let _ = self.sfu.subscribe(now, id, t);
-            if let Some(layer) = layer
-                .and_then(|l| serde_json::from_value(serde_json::Value::String(l)).ok())
+            if let Some(layer) =
+                layer.and_then(|l| serde_json::from_value(serde_json::Value::String(l)).ok())
             {
                 let _ = self.sfu.set_max_layer(now, id, t, layer);
             }
@@ -795,7 +799,9 @@ impl MediaLoop {
                 let waiting: Vec<ParticipantId> = self
                     .sessions
                     .iter()
-                    .filter(|(_, s)| s.room == room && s.logged.subscriptions.contains_key(&track.track_id))
+                    .filter(|(_, s)| {
+                        s.room == room && s.logged.subscriptions.contains_key(&track.track_id)
+                    })
                     .map(|(id, _)| *id)
                     .collect();
                 for id in waiting {

@@ -174,11 +174,7 @@ impl Metrics {
             "Participants rebuilt from the log that resumed on this node",
             self.participants_restored.clone(),
         );
-        r.register(
-            "draining",
-            "1 while the node drains",
-            self.draining.clone(),
-        );
+        r.register("draining", "1 while the node drains", self.draining.clone());
         r.register(
             "signaling_connections",
             "Signaling connections opened",
