@@ -10,6 +10,10 @@ use meridian_client::{Client, ClientConfig, ClientStats};
 use meridian_events::Event;
 use region::{Member, Region, expected_tracks, light, membership, populate};
 
+/// One region at a time: each test runs several node processes and many clients, and
+/// two cores carry them better in turn.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn all_receive(members: &[Member], publishers: usize, what: &str) {
     for m in members {
         let want = expected_tracks(m, publishers);
@@ -64,6 +68,7 @@ fn rooms(members: &[Member]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_hosting_node_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     const PUBLISHERS: usize = 2;
     let region = Region::start("failover_kill", 3, &[]).await;
     let members = populate(&region, 0, 4, PUBLISHERS, 4).await;
@@ -128,6 +133,7 @@ async fn sigkill_of_the_hosting_node_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_node_is_fenced_out_of_the_room_it_lost() {
+    let _serial = SERIAL.lock().await;
     let region = Region::start("failover_pause", 2, &["--resume-grace-secs", "3"]).await;
     let members = populate(&region, 0, 1, 1, 2).await;
     all_receive(&members, 1, "before the pause").await;
@@ -194,6 +200,7 @@ async fn a_paused_node_is_fenced_out_of_the_room_it_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_every_participant_to_another_node() {
+    let _serial = SERIAL.lock().await;
     let mut region = Region::start("failover_drain", 2, &["--drain-timeout", "10"]).await;
     let members = populate(&region, 0, 2, 1, 2).await;
     all_receive(&members, 1, "before the drain").await;
@@ -248,6 +255,7 @@ async fn sigterm_drains_every_participant_to_another_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_ride_out_their_log_connections_being_killed() {
+    let _serial = SERIAL.lock().await;
     let region = Region::start("failover_pgkill", 2, &[]).await;
     let members = populate(&region, 0, 1, 1, 2).await;
     all_receive(&members, 1, "before the log outage").await;
