@@ -211,7 +211,7 @@ impl Cluster {
         }
     }
 
-    async fn tick(&self) {
+    async fn tick(self: &Arc<Self>) {
         let now = Utc::now();
         let (incarnation, draining) = {
             let s = self.state();
@@ -283,7 +283,10 @@ impl Cluster {
                     if let Err(e) = append.await {
                         warn!("recording the expiry failed: {e}");
                     }
-                    self.take_over(&dead.node).await;
+                    // In a task of its own: renewing this node's lease must not wait
+                    // for many rooms to be replayed.
+                    let this = self.clone();
+                    tokio::spawn(async move { this.take_over(&dead.node).await });
                 }
                 Ok(false) => {}
                 Err(e) => warn!("expiring {} failed: {e}", dead.node),
