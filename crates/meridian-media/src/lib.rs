@@ -470,6 +470,14 @@ impl Sfu {
         tracks
     }
 
+    /// The tracks a participant subscribes to.
+    pub fn subscriptions_of(&self, participant: ParticipantId) -> Vec<TrackId> {
+        self.participants
+            .get(&participant)
+            .map(|p| p.subscriptions.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Participants in `room`.
     pub fn room_participants(&self, room: &str) -> Vec<ParticipantId> {
         self.rooms.get(room).cloned().unwrap_or_default()

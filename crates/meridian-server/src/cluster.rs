@@ -362,9 +362,9 @@ impl Cluster {
     /// dead before they are sent back to it.
     pub(crate) async fn place(&self, room: &str, resuming: bool) -> Result<Placement, PlaceError> {
         let stream = room_stream(room);
-        let _guard = self.placing.lock().await;
         let mut waited = false;
         for _ in 0..PLACE_ATTEMPTS {
+            let guard = self.placing.lock().await;
             if self.state().draining {
                 return self.elsewhere().ok_or(PlaceError::Draining);
             }
@@ -380,15 +380,23 @@ impl Cluster {
                     return Ok(Placement::Local);
                 }
                 Some(n) => {
-                    if let Some(url) = self.live_url(&n) {
-                        if !resuming || waited {
+                    if let Some(lease) = self.live_lease(&n) {
+                        // A node that renewed within the last few periods is alive:
+                        // send the client there. A resuming client that finds its room
+                        // on a node gone quiet waits (without holding up other joins)
+                        // for that node to be declared dead.
+                        let quiet = lease.expires_at - Utc::now()
+                            < chrono::TimeDelta::from_std(self.ttl.saturating_sub(3 * self.period))
+                                .unwrap_or_default();
+                        if !resuming || waited || !quiet {
                             self.metrics.redirects.inc();
-                            return Ok(Placement::Elsewhere(url));
+                            return Ok(Placement::Elsewhere(lease.url));
                         }
+                        drop(guard);
                         waited = true;
                         if self.wait_for_death(&n).await {
                             self.metrics.redirects.inc();
-                            return Ok(Placement::Elsewhere(url));
+                            return Ok(Placement::Elsewhere(lease.url));
                         }
                         continue;
                     }
@@ -422,13 +430,13 @@ impl Cluster {
         true
     }
 
-    fn live_url(&self, node: &str) -> Option<String> {
+    fn live_lease(&self, node: &str) -> Option<NodeLease> {
         let now = Utc::now();
         self.state()
             .leases
             .iter()
             .find(|l| l.node == node && l.is_live(now))
-            .map(|l| l.url.clone())
+            .cloned()
     }
 
     /// Another live, serving node of the region, if any.

@@ -103,6 +103,9 @@ struct Session {
     detached_at: Option<Instant>,
     /// Restored from the log and not resumed yet: no media connections exist.
     dormant: bool,
+    /// Resumed as restored, but no media connection came up since: a client that
+    /// resumes again (it never saw `joined`) is told `restored` again.
+    restored_pending: bool,
     /// State taken from the log: re-creating it records nothing new.
     logged: Logged,
 }
@@ -398,6 +401,27 @@ impl MediaLoop {
                         )));
                         return;
                     };
+                    // Restored here but the client never connected its media (it gave up
+                    // waiting for `joined`): start its media over, as restored again.
+                    let redo = self.sessions.get(&id).is_some_and(|s| s.restored_pending)
+                        && !self
+                            .sfu
+                            .room_tracks(&room)
+                            .iter()
+                            .any(|t| t.participant_id == id.to_string());
+                    if redo {
+                        let subscribed = self.sfu.subscriptions_of(id);
+                        if let Some(s) = self.sessions.get_mut(&id) {
+                            for t in subscribed {
+                                s.logged.subscriptions.entry(t.to_string()).or_insert(None);
+                            }
+                            s.dormant = true;
+                        }
+                        self.forgetting = Some(room.clone());
+                        self.sfu.remove_participant(now, id);
+                        self.drain_sfu_events();
+                        self.forgetting = None;
+                    }
                     let s = self.sessions.get_mut(&id).expect("found above");
                     s.tx = Some(tx);
                     s.close = close;
@@ -405,6 +429,7 @@ impl MediaLoop {
                     s.detached_at = None;
                     s.resume = token;
                     let restored = std::mem::take(&mut s.dormant);
+                    s.restored_pending = restored;
                     if restored {
                         // Rebuilt from the log on this node: new media connections.
                         s.grants = grants;
@@ -457,6 +482,7 @@ impl MediaLoop {
                         generation,
                         detached_at: None,
                         dormant: false,
+                        restored_pending: false,
                         logged: Logged::default(),
                     },
                 );
@@ -588,6 +614,7 @@ impl MediaLoop {
                     generation: 0,
                     detached_at: Some(now),
                     dormant: true,
+                    restored_pending: false,
                     logged: Logged {
                         tracks,
                         subscriptions: p.subscriptions,
@@ -937,7 +964,11 @@ impl MediaLoop {
                     }],
                 );
             }
-            SfuEvent::Connected { .. } => {}
+            SfuEvent::Connected { participant, .. } => {
+                if let Some(s) = self.sessions.get_mut(&participant) {
+                    s.restored_pending = false;
+                }
+            }
         }
     }
 }
