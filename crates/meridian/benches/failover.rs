@@ -26,7 +26,12 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn percentiles(name: &str, mut v: Vec<f64>) {
+fn percentiles(name: &str, v: Vec<f64>) {
+    let missing = v.iter().filter(|x| x.is_nan()).count();
+    if missing > 0 {
+        println!("{name:<44} {missing} participants without a sample");
+    }
+    let mut v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {
         println!("{name:<44} no samples");
         return;
@@ -45,7 +50,7 @@ fn percentiles(name: &str, mut v: Vec<f64>) {
 /// Waits until every member got media again after `since`; returns each one's
 /// kill→media time in ms, or the members that never recovered.
 async fn recovered(
-    members: &[Member],
+    members: &[&Member],
     since: Instant,
     before: &[ClientStats],
 ) -> Result<Vec<(f64, ClientStats)>, String> {
@@ -60,7 +65,23 @@ async fn recovered(
                     && (want == 0 || s.received_media_after(since))
             })
             .await
-            .map_err(|_| format!("{} did not recover", m.identity))?;
+            .map_err(|s| {
+                format!(
+                    "{} did not recover: losses {} reconnects {} before {} media after {} pub {} sub {} url {} published {:?} rooms tracks {:?} last {:?} frames {:?}",
+                    m.identity,
+                    s.losses,
+                    s.reconnects,
+                    b.reconnects,
+                    s.received_media_after(since),
+                    s.publisher_connected,
+                    s.subscriber_connected,
+                    s.url,
+                    s.published.iter().map(|t| &t.track_id).collect::<Vec<_>>(),
+                    s.room_tracks,
+                    s.reconnect_history.last(),
+                    s.tracks.iter().map(|(k, t)| (k, t.frames)).collect::<Vec<_>>()
+                )
+            })?;
         // Loss noticed, then media again (a publisher that receives nothing: joined).
         let rec = s.reconnect_history.last();
         let back = rec.and_then(|r| if want == 0 { r.joined_ms } else { r.media_ms });
@@ -73,6 +94,18 @@ async fn recovered(
     Ok(out)
 }
 
+/// The members whose room is hosted on `node` now (rooms can sit on different nodes
+/// after earlier takeovers).
+async fn hosted_on<'a>(region: &Region, members: &'a [Member], node: &str) -> Vec<&'a Member> {
+    let mut out = Vec::new();
+    for m in members {
+        if region.room(&m.room).await.node.as_deref() == Some(node) {
+            out.push(m);
+        }
+    }
+    out
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let kills = env("KILLS", 20);
@@ -81,15 +114,18 @@ async fn main() {
     let members = populate(&region, 0, 4, PUBLISHERS, 4).await;
     let (mut to_media, mut detect, mut takeover, mut rejoin) = (vec![], vec![], vec![], vec![]);
     let mut failures = 0;
+    let mut hosted = Vec::new();
     for k in 0..kills {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let host = region.room("room-0").await.node.expect("room-0 is placed");
         let i = region.index_of(&host);
-        let before: Vec<ClientStats> = members.iter().map(|m| m.client.stats()).collect();
+        let affected = hosted_on(&region, &members, &host).await;
+        hosted.push(affected.len() as f64);
+        let before: Vec<ClientStats> = affected.iter().map(|m| m.client.stats()).collect();
         let placed_before = region.history("room-0").await.len();
         let (killed_at, killed_wall) = (Instant::now(), SystemTime::now());
         region.nodes[i].signal("KILL");
-        match recovered(&members, killed_at, &before).await {
+        match recovered(&affected, killed_at, &before).await {
             Ok(r) => {
                 for (ms, s) in &r {
                     to_media.push(*ms);
@@ -124,9 +160,10 @@ async fn main() {
         eprintln!("kill {}/{kills}: {host} killed and restarted", k + 1);
     }
     println!(
-        "\nfailover: {kills} SIGKILLs of the hosting node, {} participants, {failures} failed",
+        "\nfailover: {kills} SIGKILLs of the node hosting room-0, {} participants, {failures} kills with a participant not back in 30 s",
         members.len()
     );
+    percentiles("participants on the killed node", hosted);
     percentiles("kill → media again, every participant", to_media);
     percentiles("kill → client notices the loss", detect);
     percentiles("kill → room placed on a survivor (takeover)", takeover);
@@ -137,7 +174,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let host = region.room("room-0").await.node.expect("placed");
         let i = region.index_of(&host);
-        let before: Vec<ClientStats> = members.iter().map(|m| m.client.stats()).collect();
+        let affected = hosted_on(&region, &members, &host).await;
+        let before: Vec<ClientStats> = affected.iter().map(|m| m.client.stats()).collect();
         let started = Instant::now();
         region.nodes[i].signal("TERM");
         let code = region.nodes[i].wait_exit(Duration::from_secs(35));
@@ -145,7 +183,7 @@ async fn main() {
         if code != Some(0) {
             eprintln!("drain of {host}: exit {code:?}");
         }
-        if let Err(e) = recovered(&members, started, &before).await {
+        if let Err(e) = recovered(&affected, started, &before).await {
             eprintln!("after drain: {e}");
         }
         region.restart(i);
