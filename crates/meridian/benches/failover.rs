@@ -27,6 +27,10 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn percentiles(name: &str, v: Vec<f64>) {
+    stats(name, v, "ms")
+}
+
+fn stats(name: &str, v: Vec<f64>, unit: &str) {
     let missing = v.iter().filter(|x| x.is_nan()).count();
     if missing > 0 {
         println!("{name:<44} {missing} participants without a sample");
@@ -39,8 +43,9 @@ fn percentiles(name: &str, v: Vec<f64>) {
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "{name:<44} n={:<4} p50 {:>7.0} ms  p95 {:>7.0} ms  max {:>7.0} ms",
+        "{name:<44} n={:<4} min {:>6.0}  p50 {:>6.0}  p95 {:>6.0}  max {:>6.0} {unit}",
         v.len(),
+        v[0],
         at(0.5),
         at(0.95),
         v[v.len() - 1]
@@ -163,7 +168,7 @@ async fn main() {
         "\nfailover: {kills} SIGKILLs of the node hosting room-0, {} participants, {failures} kills with a participant not back in 30 s",
         members.len()
     );
-    percentiles("participants on the killed node", hosted);
+    stats("participants on the killed node", hosted, "participants");
     percentiles("kill → media again, every participant", to_media);
     percentiles("kill → client notices the loss", detect);
     percentiles("kill → room placed on a survivor (takeover)", takeover);
