@@ -35,8 +35,9 @@ export function checkWebClient() {
  * Returns `{ listening, stderr(), token(room, identity, ...flags), stop() }`.
  * `extraArgs` add flags (e.g. `--dev`, `--resume-grace-secs 20`).
  */
-export async function startMeridian(prefix, extraArgs = []) {
-  const dataDir = mkdtempSync(path.join(tmpdir(), `${prefix}-`));
+export async function startMeridian(prefix, extraArgs = [], { dataDir: sharedDir } = {}) {
+  // Nodes of one region share a data directory (their token keys); it is not removed.
+  const dataDir = sharedDir ?? mkdtempSync(path.join(tmpdir(), `${prefix}-`));
   const server = spawn(BIN, ['serve', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0',
     '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0', '--web-root', WEB_ROOT, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -62,6 +63,8 @@ export async function startMeridian(prefix, extraArgs = []) {
     stderr: () => stderr,
     token: (room, identity, ...flags) => execFileSync(BIN, ['token', 'create', '--data-dir', dataDir,
       '--room', room, '--identity', identity, ...flags], { encoding: 'utf8', timeout: 10_000 }).trim(),
+    /** Sends `signal` (e.g. 'SIGKILL') to the node process. */
+    kill(signal) { server.kill(signal); },
     async stop() {
       if (server.exitCode === null) {
         server.kill('SIGTERM');
@@ -70,7 +73,7 @@ export async function startMeridian(prefix, extraArgs = []) {
           server.once('exit', () => { clearTimeout(t); r(); });
         });
       }
-      rmSync(dataDir, { recursive: true, force: true });
+      if (!sharedDir) rmSync(dataDir, { recursive: true, force: true });
     },
   };
 }
