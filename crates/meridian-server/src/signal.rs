@@ -52,6 +52,10 @@ impl RateLimit {
     }
 }
 
+/// How long, and for how many frames, a closing session keeps reading its client.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_FRAMES: usize = 1024;
+
 /// Violations of the rate limit after which the connection is closed.
 const MAX_RATE_VIOLATIONS: u32 = 50;
 
@@ -243,6 +247,17 @@ where
     }
     drop(tx);
     let _ = writer.await;
+    // Read (and drop) what the client still sends for a moment before the transport is
+    // dropped: closing a TCP socket with unread input resets it, and the reset can
+    // destroy the last message (an error saying why) before the client reads it.
+    let _ = tokio::time::timeout(LINGER, async {
+        for _ in 0..LINGER_FRAMES {
+            if incoming.next().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await;
     state.metrics.signaling_connections_open.dec();
 }
 
