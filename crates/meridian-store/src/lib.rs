@@ -225,6 +225,23 @@ pub(crate) enum Backend {
     Sqlite(sqlite::Lite),
 }
 
+/// Runs one sqlx expression, written once, on the store's pool (`$pool` is bound to
+/// the Postgres or the SQLite pool): for SQL both backends share.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.inner.backend {
+            Backend::Postgres(p) => {
+                let $pool = &p.pool;
+                $body
+            }
+            Backend::Sqlite(s) => {
+                let $pool = &s.pool;
+                $body
+            }
+        }
+    };
+}
+
 /// The region event log. Cheap to clone; all clones share one pool and one writer.
 #[derive(Clone)]
 pub struct Store {
@@ -649,28 +666,16 @@ impl Store {
             Utc::now().timestamp_nanos_opt().unwrap_or_default(),
             std::process::id()
         );
-        match &self.inner.backend {
-            Backend::Postgres(p) => {
-                sqlx::query(lease::sql::ACQUIRE)
-                    .bind(node)
-                    .bind(region)
-                    .bind(url)
-                    .bind(&incarnation)
-                    .bind(expires_at.timestamp_micros())
-                    .execute(&p.pool)
-                    .await?;
-            }
-            Backend::Sqlite(s) => {
-                sqlx::query(lease::sql::ACQUIRE)
-                    .bind(node)
-                    .bind(region)
-                    .bind(url)
-                    .bind(&incarnation)
-                    .bind(expires_at.timestamp_micros())
-                    .execute(&s.pool)
-                    .await?;
-            }
-        }
+        on_pool!(self, pool => {
+            sqlx::query(lease::sql::ACQUIRE)
+                .bind(node)
+                .bind(region)
+                .bind(url)
+                .bind(&incarnation)
+                .bind(expires_at.timestamp_micros())
+                .execute(pool)
+                .await?;
+        });
         Ok(incarnation)
     }
 
@@ -684,33 +689,21 @@ impl Store {
         expires_at: DateTime<Utc>,
         draining: bool,
     ) -> Result<bool, StoreError> {
-        let rows = match &self.inner.backend {
-            Backend::Postgres(p) => sqlx::query(lease::sql::RENEW)
-                .bind(expires_at.timestamp_micros())
-                .bind(draining)
-                .bind(node)
-                .bind(incarnation)
-                .execute(&p.pool)
-                .await?
-                .rows_affected(),
-            Backend::Sqlite(s) => sqlx::query(lease::sql::RENEW)
-                .bind(expires_at.timestamp_micros())
-                .bind(draining)
-                .bind(node)
-                .bind(incarnation)
-                .execute(&s.pool)
-                .await?
-                .rows_affected(),
-        };
+        let rows = on_pool!(self, pool => sqlx::query(lease::sql::RENEW)
+            .bind(expires_at.timestamp_micros())
+            .bind(draining)
+            .bind(node)
+            .bind(incarnation)
+            .execute(pool)
+            .await?
+            .rows_affected());
         Ok(rows == 1)
     }
 
     /// Every lease on record, live or not, by node id.
     pub async fn leases(&self) -> Result<Vec<NodeLease>, StoreError> {
-        let rows: Vec<lease::LeaseRow> = match &self.inner.backend {
-            Backend::Postgres(p) => sqlx::query_as(lease::sql::LIST).fetch_all(&p.pool).await?,
-            Backend::Sqlite(s) => sqlx::query_as(lease::sql::LIST).fetch_all(&s.pool).await?,
-        };
+        let rows: Vec<lease::LeaseRow> =
+            on_pool!(self, pool => sqlx::query_as(lease::sql::LIST).fetch_all(pool).await?);
         rows.into_iter().map(lease::lease).collect()
     }
 
@@ -723,60 +716,36 @@ impl Store {
         incarnation: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let rows = match &self.inner.backend {
-            Backend::Postgres(p) => sqlx::query(lease::sql::EXPIRE)
-                .bind(node)
-                .bind(incarnation)
-                .bind(now.timestamp_micros())
-                .execute(&p.pool)
-                .await?
-                .rows_affected(),
-            Backend::Sqlite(s) => sqlx::query(lease::sql::EXPIRE)
-                .bind(node)
-                .bind(incarnation)
-                .bind(now.timestamp_micros())
-                .execute(&s.pool)
-                .await?
-                .rows_affected(),
-        };
+        let rows = on_pool!(self, pool => sqlx::query(lease::sql::EXPIRE)
+            .bind(node)
+            .bind(incarnation)
+            .bind(now.timestamp_micros())
+            .execute(pool)
+            .await?
+            .rows_affected());
         Ok(rows == 1)
     }
 
     /// Give the lease up (clean shutdown).
     pub async fn release_lease(&self, node: &str, incarnation: &str) -> Result<(), StoreError> {
-        match &self.inner.backend {
-            Backend::Postgres(p) => {
-                sqlx::query(lease::sql::RELEASE)
-                    .bind(node)
-                    .bind(incarnation)
-                    .execute(&p.pool)
-                    .await?;
-            }
-            Backend::Sqlite(s) => {
-                sqlx::query(lease::sql::RELEASE)
-                    .bind(node)
-                    .bind(incarnation)
-                    .execute(&s.pool)
-                    .await?;
-            }
-        }
+        on_pool!(self, pool => {
+            sqlx::query(lease::sql::RELEASE)
+                .bind(node)
+                .bind(incarnation)
+                .execute(pool)
+                .await?;
+        });
         Ok(())
     }
 
     /// The latest placement of every room ever placed.
     pub async fn placements(&self) -> Result<Vec<Placement>, StoreError> {
-        let rows: Vec<(String, i64, String)> = match &self.inner.backend {
-            Backend::Postgres(p) => {
-                sqlx::query_as(lease::sql::PLACEMENTS_PG)
-                    .fetch_all(&p.pool)
-                    .await?
-            }
-            Backend::Sqlite(s) => {
-                sqlx::query_as(lease::sql::PLACEMENTS_SQLITE)
-                    .fetch_all(&s.pool)
-                    .await?
-            }
+        let sql = match self.backend() {
+            BackendKind::Postgres => lease::sql::PLACEMENTS_PG,
+            BackendKind::Sqlite => lease::sql::PLACEMENTS_SQLITE,
         };
+        let rows: Vec<(String, i64, String)> =
+            on_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await?);
         Ok(rows
             .into_iter()
             .filter_map(|(stream, seq, payload)| lease::placement(stream, seq, &payload))
