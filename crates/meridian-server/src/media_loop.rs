@@ -344,12 +344,19 @@ impl MediaLoop {
         })
     }
 
-    /// Removes a participant, records why, and tells its room; returns its session.
-    fn remove(&mut self, id: ParticipantId, now: Instant, reason: LeaveReason) -> Option<Session> {
+    /// Drops a participant's session, resume index entry and media state; records
+    /// nothing by itself (the core's events are handled as usual).
+    fn drop_session(&mut self, id: ParticipantId, now: Instant) -> Option<Session> {
         let s = self.sessions.remove(&id)?;
         self.resume_index.remove(&s.resume_hash);
         self.sfu.remove_participant(now, id);
         self.drain_sfu_events();
+        Some(s)
+    }
+
+    /// Removes a participant, records why, and tells its room; returns its session.
+    fn remove(&mut self, id: ParticipantId, now: Instant, reason: LeaveReason) -> Option<Session> {
+        let s = self.drop_session(id, now)?;
         let mut events = vec![Event::ParticipantLeft {
             participant_id: id.to_string(),
             reason,
@@ -524,12 +531,9 @@ impl MediaLoop {
                     .collect();
                 info!(%room, participants = gone.len(), %reason, "room moved to another node");
                 for id in gone {
-                    let Some(s) = self.sessions.remove(&id) else {
+                    let Some(s) = self.drop_session(id, now) else {
                         continue;
                     };
-                    self.resume_index.remove(&s.resume_hash);
-                    self.sfu.remove_participant(now, id);
-                    self.drain_sfu_events();
                     if let Some(tx) = s.tx {
                         let msg = ServerMessage::Migrate {
                             url: url.clone(),
