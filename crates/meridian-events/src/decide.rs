@@ -33,6 +33,9 @@ pub enum Command {
         identity: String,
         /// Display name.
         name: String,
+        /// SHA-256 (hex) of the participant's resume token, recorded so any node of
+        /// the region can take the resume after a failover.
+        resume_hash: Option<String>,
     },
     /// A participant leaves; its tracks are unpublished first.
     Leave {
@@ -229,6 +232,7 @@ pub fn decide(state: &RoomState, command: &Command) -> Result<Vec<Event>, Domain
             participant_id,
             identity,
             name,
+            resume_hash,
         } => {
             check("participant_id", participant_id)?;
             check("identity", identity)?;
@@ -238,19 +242,22 @@ pub fn decide(state: &RoomState, command: &Command) -> Result<Vec<Event>, Domain
                     reason: format!("longer than {MAX_FIELD_LEN} bytes"),
                 });
             }
-            open(state)?;
+            if let Some(h) = resume_hash {
+                check("resume_hash", h)?;
+            }
             if state.participants.contains_key(participant_id) {
                 return Err(DomainError::DuplicateParticipant(participant_id.clone()));
             }
             let mut out = Vec::with_capacity(2);
-            if !state.opened {
+            // A room opens on its first join, and a closed room opens again.
+            if !state.opened || state.closed {
                 out.push(Event::RoomOpened);
             }
             out.push(Event::ParticipantJoined {
                 participant_id: participant_id.clone(),
                 identity: identity.clone(),
                 name: name.clone(),
-                resume_hash: None,
+                resume_hash: resume_hash.clone(),
             });
             Ok(out)
         }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Schema version written with every new event. Older versions are upcast on read
 /// (see [`crate::upcast`]).
-pub const CURRENT_SCHEMA_VERSION: u32 = 1;
+pub const CURRENT_SCHEMA_VERSION: u32 = 2;
 
 /// The stream name of a room: `room:<name>`.
 pub fn room_stream(room: &str) -> String {
@@ -41,6 +41,8 @@ pub enum LeaveReason {
     RoomClosed,
     /// The participant moved to another node (drain or failover) and will rejoin there.
     Migrated,
+    /// The same identity joined the room again; the newer session replaced this one.
+    Replaced,
     /// Any other reason, in words.
     Other(String),
 }

@@ -49,6 +49,7 @@ pub fn upcast(mut version: u32, mut value: Value) -> Value {
     while version < CURRENT_SCHEMA_VERSION {
         value = match version {
             0 => upcast_v0_to_v1(value),
+            1 => upcast_v1_to_v2(value),
             _ => value,
         };
         version += 1;
@@ -85,6 +86,35 @@ fn upcast_v0_to_v1(mut value: Value) -> Value {
     value
 }
 
+/// Version 1 as the node wrote it recorded `PreferredLayerSet.layer` as a layer name
+/// (`low`, `medium`, `high`) where the vocabulary says a rid (`q`, `h`, `f`), and
+/// `TrackPublished.codec` as `video` for every video track: the codec was not recorded,
+/// so those rows read as `unknown`.
+fn upcast_v1_to_v2(mut value: Value) -> Value {
+    let Some(obj) = value.as_object_mut() else {
+        return value;
+    };
+    let kind = obj.get("type").and_then(Value::as_str).map(str::to_owned);
+    match kind.as_deref() {
+        Some("PreferredLayerSet") => {
+            let rid = match obj.get("layer").and_then(Value::as_str) {
+                Some("low") => Some("q"),
+                Some("medium") => Some("h"),
+                Some("high") => Some("f"),
+                _ => None,
+            };
+            if let Some(rid) = rid {
+                obj.insert("layer".into(), Value::from(rid));
+            }
+        }
+        Some("TrackPublished") if obj.get("codec").and_then(Value::as_str) == Some("video") => {
+            obj.insert("codec".into(), Value::from("unknown"));
+        }
+        _ => {}
+    }
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,7 +128,37 @@ mod tests {
             name: "Alice".into(),
             resume_hash: None,
         };
-        assert_eq!(decode_event(1, &e.to_json()).expect("decodes"), e);
+        assert_eq!(
+            decode_event(CURRENT_SCHEMA_VERSION, &e.to_json()).expect("decodes"),
+            e
+        );
+    }
+
+    #[test]
+    fn v1_layer_names_become_rids_and_video_codec_unknown() {
+        let layer =
+            r#"{"type":"PreferredLayerSet","participant_id":"p","track_id":"t","layer":"low"}"#;
+        let Event::PreferredLayerSet { layer, .. } = decode_event(1, layer).expect("upcasts")
+        else {
+            panic!("wrong event");
+        };
+        assert_eq!(layer, "q");
+        let rid = r#"{"type":"PreferredLayerSet","participant_id":"p","track_id":"t","layer":"f"}"#;
+        let Event::PreferredLayerSet { layer, .. } = decode_event(1, rid).expect("upcasts") else {
+            panic!("wrong event");
+        };
+        assert_eq!(layer, "f");
+        let published = r#"{"type":"TrackPublished","track_id":"t","participant_id":"p","kind":"video","layers":["q"],"codec":"video"}"#;
+        let Event::TrackPublished { codec, .. } = decode_event(1, published).expect("upcasts")
+        else {
+            panic!("wrong event");
+        };
+        assert_eq!(codec, "unknown");
+        let opus = r#"{"type":"TrackPublished","track_id":"a","participant_id":"p","kind":"audio","layers":[],"codec":"opus"}"#;
+        let Event::TrackPublished { codec, .. } = decode_event(1, opus).expect("upcasts") else {
+            panic!("wrong event");
+        };
+        assert_eq!(codec, "opus");
     }
 
     #[test]

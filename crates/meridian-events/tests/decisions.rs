@@ -70,6 +70,7 @@ fn join(p: &str, identity: &str) -> Command {
         participant_id: p.into(),
         identity: identity.into(),
         name: identity.to_uppercase(),
+        resume_hash: None,
     }
 }
 
@@ -97,10 +98,31 @@ fn duplicate_participant_is_refused() {
 }
 
 #[test]
-fn join_of_closed_room_is_refused() {
-    given(&[Event::RoomOpened, Event::RoomClosed])
+fn join_of_closed_room_opens_it_again() {
+    let state = given(&[Event::RoomOpened, Event::RoomClosed])
         .when(join("p1", "alice"))
-        .then_error(DomainError::RoomClosed);
+        .then(&[Event::RoomOpened, joined("p1", "alice")]);
+    assert!(state.is_open());
+}
+
+#[test]
+fn join_records_the_resume_hash() {
+    given(&[])
+        .when(Command::Join {
+            participant_id: "p1".into(),
+            identity: "alice".into(),
+            name: String::new(),
+            resume_hash: Some("ab12".into()),
+        })
+        .then(&[
+            Event::RoomOpened,
+            Event::ParticipantJoined {
+                participant_id: "p1".into(),
+                identity: "alice".into(),
+                name: String::new(),
+                resume_hash: Some("ab12".into()),
+            },
+        ]);
 }
 
 #[test]

@@ -167,6 +167,8 @@ pub enum SfuEvent {
         room: String,
         /// The track.
         track: TrackInfo,
+        /// The negotiated codec, as str0m names it (`opus`, `VP8`, `H264`, …).
+        codec: String,
     },
     /// A track is gone; tell everyone in `room`.
     TrackUnpublished {
@@ -676,7 +678,8 @@ impl Sfu {
                 _ => Vec::new(),
             };
             let kind = media.kind();
-            if let Some(track) = self.add_track(id, mid, kind, &rids) {
+            let codec = primary_codec(&p.publisher.rtc, media.remote_pts());
+            if let Some(track) = self.add_track(id, mid, kind, &rids, codec) {
                 infos.extend(self.tracks.get(&track).map(|t| t.info(track)));
             }
         }
@@ -1149,7 +1152,18 @@ impl Sfu {
                     .iter()
                     .flat_map(|s| s.recv.iter().map(|l| l.rid.to_string()))
                     .collect();
-                self.add_track(id, m.mid, m.kind, &rids);
+                let codec = self.participants.get(&id).map_or_else(
+                    || "unknown".to_string(),
+                    |p| {
+                        let pts = p
+                            .publisher
+                            .rtc
+                            .media(m.mid)
+                            .map(|md| md.remote_pts().to_vec());
+                        primary_codec(&p.publisher.rtc, pts.as_deref().unwrap_or(&[]))
+                    },
+                );
+                self.add_track(id, m.mid, m.kind, &rids, codec);
             }
             Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
                 let track = self.participants.get(&id).and_then(|p| {
@@ -1224,6 +1238,7 @@ impl Sfu {
         mid: Mid,
         kind: MediaKind,
         rids: &[String],
+        codec: String,
     ) -> Option<TrackId> {
         let p = self.participants.get_mut(&id)?;
         if p.published
@@ -1282,6 +1297,7 @@ impl Sfu {
         self.events.push_back(SfuEvent::TrackPublished {
             room: room.clone(),
             track: info,
+            codec,
         });
         let others: Vec<ParticipantId> = self
             .rooms
@@ -1626,4 +1642,15 @@ fn mark_dirty(
         pc.dirty = true;
         dirty.push((id, kind));
     }
+}
+
+/// The media codec the remote side prefers among the negotiated payload types of a
+/// media section (repair and redundancy formats skipped).
+fn primary_codec(rtc: &Rtc, remote_pts: &[Pt]) -> String {
+    remote_pts
+        .iter()
+        .filter_map(|pt| rtc.codec_config().iter().find(|p| p.pt() == *pt))
+        .map(|p| p.spec().codec)
+        .find(|c| !matches!(c, Codec::Rtx | Codec::Red | Codec::Null | Codec::Unknown))
+        .map_or_else(|| "unknown".to_string(), |c| c.to_string())
 }

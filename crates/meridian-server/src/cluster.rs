@@ -8,7 +8,6 @@
 //! placed the room elsewhere every late write of this node is refused by the store
 //! and the node lets the room go. Two nodes therefore never both write a room.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,46 +17,8 @@ use meridian_store::{ExpectedVersion, NewEvent, NodeLease, Store, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::media_loop::Command;
+use crate::mailbox::{Command, Fence, Fences, Outbound, OutboxTx};
 use crate::metrics::Metrics;
-use crate::outbox::Outbound;
-
-/// What this node knows of a room it hosts or hosted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Fence {
-    /// Hosted here: the room stream is at `version`, placed with `epoch`.
-    Held { version: u64, epoch: u64 },
-    /// Another node hosts it now; this node's writes to it are dropped.
-    Released,
-}
-
-/// Per-room fences, shared by the outbox (which advances them) and the cluster.
-#[derive(Clone, Default)]
-pub(crate) struct Fences(Arc<Mutex<HashMap<String, Fence>>>);
-
-impl Fences {
-    pub(crate) fn get(&self, stream: &str) -> Option<Fence> {
-        self.lock().get(stream).copied()
-    }
-
-    pub(crate) fn set(&self, stream: &str, fence: Fence) {
-        self.lock().insert(stream.to_string(), fence);
-    }
-
-    /// Streams of the rooms hosted here.
-    pub(crate) fn held(&self) -> Vec<String> {
-        self.lock()
-            .iter()
-            .filter(|(_, f)| matches!(f, Fence::Held { .. }))
-            .map(|(s, _)| s.clone())
-            .collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fence>> {
-        // The map is only read and written in short sections that cannot panic.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// Where a join should be served.
 #[derive(Debug)]
@@ -101,7 +62,7 @@ pub(crate) struct Cluster {
     ttl: Duration,
     fences: Fences,
     commands: mpsc::Sender<Command>,
-    outbox: mpsc::UnboundedSender<Outbound>,
+    outbox: OutboxTx,
     metrics: Metrics,
     lease: Mutex<LeaseState>,
     /// Serialises placement decisions on this node.
@@ -127,7 +88,7 @@ impl Cluster {
         store: Store,
         fences: Fences,
         commands: mpsc::Sender<Command>,
-        outbox: mpsc::UnboundedSender<Outbound>,
+        outbox: OutboxTx,
         metrics: Metrics,
     ) -> Result<Arc<Cluster>, StoreError> {
         let cluster = Cluster {
@@ -322,7 +283,7 @@ impl Cluster {
 
     /// Places `state`'s room on this node (a new epoch) if the stream is still at
     /// `state.version`; on success the media loop restores the room.
-    async fn claim(&self, stream: &str, state: RoomState) -> Result<bool, StoreError> {
+    async fn claim(&self, stream: &str, mut state: RoomState) -> Result<bool, StoreError> {
         let epoch = state.epoch + 1;
         let placed = Event::RoomPlaced {
             node: self.node.clone(),
@@ -333,12 +294,15 @@ impl Cluster {
             .append(
                 stream,
                 ExpectedVersion::Exact(state.version),
-                vec![NewEvent::new(&self.node, placed)],
+                vec![NewEvent::new(&self.node, placed.clone())],
             )
             .await;
         match result {
             Ok(recorded) => {
                 let version = recorded.last().map_or(state.version + 1, |r| r.sequence);
+                // The controller decides on the state the log now has.
+                state.apply_event(&placed);
+                state.version = version;
                 self.host(stream, version, epoch, state).await;
                 Ok(true)
             }
@@ -497,7 +461,7 @@ impl Cluster {
                         node: target.node.clone(),
                         reply,
                     };
-                    let moved = self.outbox.send(handover).is_ok()
+                    let moved = self.outbox.send(handover)
                         && tokio::time::timeout_at(deadline, done)
                             .await
                             .is_ok_and(|r| r.unwrap_or(false));

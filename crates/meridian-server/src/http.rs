@@ -15,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
 use crate::NodeState;
-use crate::media_loop::Command;
+use crate::mailbox::Command;
 use crate::signal::{Frame, run_session};
 
 pub(crate) fn router(state: NodeState) -> Router {

@@ -9,6 +9,7 @@
 mod cluster;
 pub mod config;
 mod http;
+mod mailbox;
 mod media_loop;
 pub mod metrics;
 mod outbox;
@@ -62,7 +63,7 @@ pub(crate) struct NodeState {
     pub keys: Arc<KeySet>,
     pub metrics: Metrics,
     pub registry: Arc<prometheus_client::registry::Registry>,
-    pub commands: mpsc::Sender<media_loop::Command>,
+    pub commands: mpsc::Sender<mailbox::Command>,
     pub webtransport: webtransport::Advert,
     pub cluster: Arc<cluster::Cluster>,
     /// The web client folder served at `/`; `None`: not built (a page says how).
@@ -103,7 +104,7 @@ pub struct Node {
     http_task: JoinHandle<()>,
     wt_task: JoinHandle<()>,
     media_task: oneshot::Receiver<String>,
-    commands: mpsc::Sender<media_loop::Command>,
+    commands: mpsc::Sender<mailbox::Command>,
     cluster: Arc<cluster::Cluster>,
     cluster_task: JoinHandle<()>,
     drain_timeout: std::time::Duration,
@@ -164,8 +165,8 @@ impl Node {
             }
             None => meridian_store::Store::open_embedded(&config.node.data_dir).await?,
         };
-        let (outbox, outbox_rx) = mpsc::unbounded_channel();
-        let fences = cluster::Fences::default();
+        let (outbox, outbox_rx) = mailbox::outbox();
+        let fences = mailbox::Fences::default();
         let context = outbox::Context {
             node: config.node.id.clone(),
             store: store.clone(),
@@ -191,7 +192,12 @@ impl Node {
         .await?;
         let drain_timeout = std::time::Duration::from_secs(config.cluster.drain_timeout_secs);
         let (media_done, media_task) = oneshot::channel();
-        let (grace, loop_metrics) = (config.resume_grace(), metrics.clone());
+        let controller = meridian_room::ControllerConfig {
+            sfu: meridian_media::SfuConfig::new(candidate),
+            resume_grace: config.resume_grace(),
+            seed: rand::random(),
+        };
+        let loop_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("meridian-media".into())
             .spawn(move || {
@@ -205,9 +211,8 @@ impl Node {
                             .expect("a non-blocking UDP socket registers with the runtime");
                         media_loop::MediaLoop::new(
                             Arc::new(socket),
-                            candidate,
+                            controller,
                             loop_metrics,
-                            grace,
                             outbox,
                         )
                         .run(command_rx)
@@ -300,7 +305,7 @@ impl Node {
     /// Stops accepting connections and ends the node's tasks.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.commands.send(media_loop::Command::Shutdown).await;
+        let _ = self.commands.send(mailbox::Command::Shutdown).await;
         let _ = self.http_task.await;
         let _ = self.wt_task.await;
         let _ = self.cluster_task.await;

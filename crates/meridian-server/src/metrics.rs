@@ -70,6 +70,12 @@ pub struct Metrics {
     pub participants_restored: Counter,
     /// Whether this node is draining (1) or serving (0).
     pub draining: Gauge,
+    /// Items (room events, client messages) queued in the outbox and not yet handled.
+    pub outbox_queue: Gauge,
+    /// Sessions closed because their message queue was full (the client did not read).
+    pub sessions_too_slow: Counter,
+    /// Older sessions replaced by a new join of the same identity in the same room.
+    pub sessions_replaced: Counter,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -99,6 +105,9 @@ impl Default for Metrics {
             redirects: Counter::default(),
             participants_restored: Counter::default(),
             draining: Gauge::default(),
+            outbox_queue: Gauge::default(),
+            sessions_too_slow: Counter::default(),
+            sessions_replaced: Counter::default(),
             last: Default::default(),
         }
     }
@@ -175,6 +184,21 @@ impl Metrics {
             self.participants_restored.clone(),
         );
         r.register("draining", "1 while the node drains", self.draining.clone());
+        r.register(
+            "outbox_queue",
+            "Room events and client messages queued in the outbox",
+            self.outbox_queue.clone(),
+        );
+        r.register(
+            "sessions_too_slow",
+            "Sessions closed because they did not read their messages",
+            self.sessions_too_slow.clone(),
+        );
+        r.register(
+            "sessions_replaced",
+            "Sessions replaced by a newer join of the same identity",
+            self.sessions_replaced.clone(),
+        );
         r.register(
             "signaling_connections",
             "Signaling connections opened",

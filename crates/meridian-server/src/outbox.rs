@@ -1,43 +1,28 @@
 //! The node's outbox: every message to a client and every room event leave through it,
-//! in order, so that a change is in the event log before any message acknowledges it.
+//! so that a change is in the event log before any message acknowledges it.
 //!
 //! The media loop never waits for the database: it queues [`Outbound`] items and goes
-//! on forwarding media. This task appends queued events (consecutive ones for the same
-//! room in one append), then delivers the messages queued after them. While the log is
-//! unreachable it retries with backoff and holds every later message back: the node
-//! never acknowledges a change it did not store.
+//! on forwarding media. The outbox keeps one *lane* per room stream: a task that
+//! appends the room's queued events (consecutive ones in one append) and then delivers
+//! the messages queued after them. Lanes of different rooms run side by side, so their
+//! appends meet in the store's group commit and a message waits only for its own room's
+//! batch. While the log is unreachable a lane retries with backoff and holds its later
+//! messages back: the node never acknowledges a change it did not store.
+//!
+//! Deliveries never wait on a client: a session whose queue is full is closed (it is
+//! too slow to keep up with its room) and counted.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use meridian_events::Event;
-use meridian_protocol::ServerMessage;
 use meridian_store::{ExpectedVersion, NewEvent, Store, StoreError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::cluster::{Fence, Fences};
-use crate::media_loop::Command;
-
-/// One item leaving the node, in order.
-pub(crate) enum Outbound {
-    /// Events of one room stream to append.
-    Append {
-        stream: String,
-        events: Vec<NewEvent>,
-    },
-    /// A message for one session.
-    Deliver {
-        tx: mpsc::Sender<ServerMessage>,
-        msg: ServerMessage,
-    },
-    /// Place a hosted room on `node` (drain), after the room's queued events; replies
-    /// whether the placement was stored.
-    Handover {
-        stream: String,
-        node: String,
-        reply: oneshot::Sender<bool>,
-    },
-}
+use crate::mailbox::{Command, Fence, Fences, Outbound, OutboxRx, SessionSink};
 
 /// What the outbox needs besides the store.
 pub(crate) struct Context {
@@ -52,59 +37,134 @@ pub(crate) struct Context {
 
 /// Most events merged into one append.
 const MAX_BATCH: usize = 500;
-/// How long a delivery waits for a slow session before the message is dropped (the
-/// session's idle timeout then closes it).
-const DELIVERY_WAIT: Duration = Duration::from_secs(1);
+/// A lane unused for this long ends (a new one starts on demand).
+const LANE_IDLE: Duration = Duration::from_secs(5);
 
-/// Runs until every sender is gone.
-pub(crate) async fn run(cx: Context, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+/// One room stream's queue and the count of its items not handled yet.
+struct Lane {
+    tx: mpsc::UnboundedSender<Outbound>,
+    pending: Arc<AtomicUsize>,
+    last_used: Instant,
+}
+
+/// Runs until every sender is gone; lanes then finish what they hold.
+pub(crate) async fn run(cx: Context, mut rx: OutboxRx) {
+    let cx = Arc::new(cx);
+    let mut lanes: HashMap<String, Lane> = HashMap::new();
+    let mut sweep = tokio::time::interval(LANE_IDLE);
     let mut queue = Vec::new();
-    while rx.recv_many(&mut queue, 1024).await > 0 {
-        let mut items = queue.drain(..).peekable();
-        while let Some(item) = items.next() {
-            match item {
-                Outbound::Append { stream, mut events } => {
-                    // Merge the appends to the same room that follow directly.
-                    while let Some(Outbound::Append { stream: next, .. }) = items.peek() {
-                        if *next != stream || events.len() >= MAX_BATCH {
-                            break;
-                        }
-                        if let Some(Outbound::Append { events: more, .. }) = items.next() {
-                            events.extend(more);
-                        }
-                    }
-                    append(&cx, &stream, events).await;
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut queue, 1024) => {
+                if n == 0 {
+                    return;
                 }
-                Outbound::Handover {
-                    stream,
-                    node,
-                    reply,
-                } => {
-                    let _ = reply.send(handover(&cx, &stream, node).await);
-                }
-                Outbound::Deliver { tx, msg } => {
-                    if tx.try_send(msg.clone()).is_err()
-                        && tokio::time::timeout(DELIVERY_WAIT, tx.send(msg))
-                            .await
-                            .is_err()
-                    {
-                        debug!("session did not take a message in time; dropped");
-                    }
+                for item in queue.drain(..) {
+                    let lane = lanes
+                        .entry(item.stream().to_string())
+                        .or_insert_with(|| spawn_lane(cx.clone()));
+                    lane.pending.fetch_add(1, Ordering::Relaxed);
+                    lane.last_used = Instant::now();
+                    let _ = lane.tx.send(item);
                 }
             }
+            // A lane ends only once it has handled everything it was given, so the next
+            // lane of its stream never overtakes it.
+            _ = sweep.tick() => lanes.retain(|_, l| {
+                l.pending.load(Ordering::Relaxed) > 0 || l.last_used.elapsed() < LANE_IDLE
+            }),
         }
     }
 }
 
-/// Appends a room's events with the version this node expects (its fence); a
-/// conflict means another node placed the room since: the events are refused and the
-/// media loop lets the room go.
-async fn append(cx: &Context, stream: &str, events: Vec<NewEvent>) {
+fn spawn_lane(cx: Arc<Context>) -> Lane {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pending = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(lane(cx, rx, pending.clone()));
+    Lane {
+        tx,
+        pending,
+        last_used: Instant::now(),
+    }
+}
+
+/// Handles one room stream's items in order, until its sender is dropped.
+async fn lane(
+    cx: Arc<Context>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    pending: Arc<AtomicUsize>,
+) {
+    let mut items = Vec::new();
+    while rx.recv_many(&mut items, 1024).await > 0 {
+        let n = items.len();
+        handle(&cx, std::mem::take(&mut items)).await;
+        pending.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+async fn handle(cx: &Context, items: Vec<Outbound>) {
+    let mut items = items.into_iter().peekable();
+    while let Some(item) = items.next() {
+        match item {
+            Outbound::Append {
+                stream,
+                epoch,
+                mut events,
+            } => {
+                // Merge the appends of the same placement that follow directly.
+                while let Some(Outbound::Append { epoch: next, .. }) = items.peek() {
+                    if *next != epoch || events.len() >= MAX_BATCH {
+                        break;
+                    }
+                    if let Some(Outbound::Append { events: more, .. }) = items.next() {
+                        events.extend(more);
+                    }
+                }
+                append(cx, &stream, epoch, events).await;
+            }
+            Outbound::Handover {
+                stream,
+                node,
+                reply,
+            } => {
+                let _ = reply.send(handover(cx, &stream, node).await);
+            }
+            Outbound::Deliver { to, msg, .. } => deliver(cx, &to, msg),
+            Outbound::Close { to, .. } => to.close.notify_one(),
+        }
+    }
+}
+
+/// Hands a message to a session without waiting: a session whose queue is full cannot
+/// keep up and is closed (it may resume once it reads again).
+fn deliver(cx: &Context, to: &SessionSink, msg: meridian_protocol::ServerMessage) {
+    match to.tx.try_send(msg) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            cx.metrics.sessions_too_slow.inc();
+            debug!("session queue full; closing the slow session");
+            to.close.notify_one();
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// Appends a room's events with the version this node expects (its fence). Events
+/// decided under another placement epoch than the one held now, or for a room hosted
+/// elsewhere, are dropped; a conflict means another node placed the room since: the
+/// events are refused and the media loop lets the room go.
+async fn append(cx: &Context, stream: &str, epoch: u64, events: Vec<NewEvent>) {
     let expected = match cx.fences.get(stream) {
-        Some(Fence::Held { version, .. }) => ExpectedVersion::Exact(version),
-        Some(Fence::Released) => {
+        Some(Fence::Held {
+            version,
+            epoch: held,
+        }) if held == epoch => ExpectedVersion::Exact(version),
+        Some(_) => {
             cx.metrics.events_fenced.inc_by(events.len() as u64);
-            debug!(stream, "room hosted elsewhere now; events dropped");
+            debug!(
+                stream,
+                epoch, "events of a placement this node no longer holds; dropped"
+            );
             return;
         }
         None => ExpectedVersion::Any,

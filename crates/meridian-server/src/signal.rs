@@ -15,7 +15,7 @@ use tracing::debug;
 
 use crate::NodeState;
 use crate::cluster::Placement;
-use crate::media_loop::{Command, Grants, SESSION_QUEUE};
+use crate::mailbox::{Command, Grants, SESSION_QUEUE, SessionSink};
 
 /// An incoming transport frame.
 pub(crate) enum Frame {
@@ -301,7 +301,7 @@ async fn join(
         Err(e) => return Err(ServerMessage::error(ErrorCode::Unavailable, e.to_string())),
     }
     let (reply, answer) = oneshot::channel();
-    let cmd = Command::Join {
+    let request = meridian_room::JoinRequest {
         room: claims.room.clone(),
         identity: claims.sub.clone(),
         name: claims.name.clone(),
@@ -311,16 +311,19 @@ async fn join(
         },
         auto_subscribe,
         resume,
-        tx,
-        close,
-        reply,
+        session: SessionSink { tx, close },
     };
     let internal = || ServerMessage::error(ErrorCode::Internal, "node is shutting down");
-    state.commands.send(cmd).await.map_err(|_| internal())?;
-    answer
+    state
+        .commands
+        .send(Command::Join { request, reply })
+        .await
+        .map_err(|_| internal())?;
+    let joined = answer
         .await
         .map_err(|_| internal())?
-        .map_err(|(code, msg)| ServerMessage::error(code, msg))
+        .map_err(|r| ServerMessage::error(r.code, r.message))?;
+    Ok((joined.participant, joined.generation))
 }
 
 fn auth_error(e: AuthError) -> ServerMessage {

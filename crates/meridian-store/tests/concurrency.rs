@@ -41,6 +41,7 @@ async fn appender(
                     participant_id: format!("p{who}-{k}-{m}"),
                     identity: format!("user{who}"),
                     name: format!("User {who}"),
+                    resume_hash: None,
                 };
                 for e in decide(&scratch, &cmd).expect("join is valid") {
                     scratch.apply_event(&e);

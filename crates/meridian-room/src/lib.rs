@@ -1,0 +1,1089 @@
+//! The room controller: the state machine between signaling, the media core and the
+//! room event log.
+//!
+//! A [`Controller`] owns the media core ([`Sfu`]), the signaling sessions of the rooms
+//! a node hosts, their resume tokens and, per room, the log's view of it
+//! ([`RoomState`]). It is Sans-IO in the manner of `str0m::Rtc` and
+//! `quinn_proto::Connection`: the driver hands it time and input
+//! ([`Controller::handle_join`], [`Controller::handle_message`],
+//! [`Controller::handle_datagram`], [`Controller::handle_timeout`], …) and takes what it
+//! produced ([`Controller::poll_output`] for log appends and client messages,
+//! [`Controller::poll_transmit`] for datagrams, [`Controller::poll_timeout`] for when to
+//! call again). It holds no socket, clock, task or channel, so every rule here is tested
+//! with virtual time.
+//!
+//! Every change of a room is decided against the room's state
+//! ([`meridian_events::decide`]) before it is queued for the log, so the log only ever
+//! holds events its fold accepts; a message that acknowledges a change is queued after
+//! the change, and the driver delivers it only once the change is stored.
+//!
+//! `S` is the driver's handle on one signaling connection (a channel sender, or a test's
+//! mailbox): the controller stores it and hands it back in [`Output::Deliver`] and
+//! [`Output::Close`].
+#![deny(missing_docs)]
+
+mod session;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meridian_events::{Command as Decision, DomainError, Event, LeaveReason, RoomState};
+use meridian_media::{
+    MediaError, ParticipantId, Sfu, SfuConfig, SfuEvent, SfuStats, TrackId, Transmit,
+};
+use meridian_protocol::{ClientMessage, ErrorCode, Layer, ParticipantInfo, ServerMessage};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tracing::{debug, info, warn};
+
+use session::{Logged, Session};
+
+/// What a session may do, from its token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grants {
+    /// May publish tracks.
+    pub publish: bool,
+    /// May subscribe to tracks.
+    pub subscribe: bool,
+}
+
+/// A client asking to enter a room (its token already verified, the room placed here).
+#[derive(Debug)]
+pub struct JoinRequest<S> {
+    /// Room name.
+    pub room: String,
+    /// Authenticated identity (the token's subject).
+    pub identity: String,
+    /// Display name from the token.
+    pub name: Option<String>,
+    /// What the token allows.
+    pub grants: Grants,
+    /// Subscribe to every track of the room without asking.
+    pub auto_subscribe: bool,
+    /// Resume token from an earlier `joined`.
+    pub resume: Option<String>,
+    /// The driver's handle on the client's signaling connection.
+    pub session: S,
+}
+
+/// A join that succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The participant, new or resumed.
+    pub participant: ParticipantId,
+    /// Tells this attachment of the participant apart from earlier ones (see
+    /// [`Controller::handle_detach`]).
+    pub generation: u64,
+}
+
+/// A refused request: the code and message the client gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Explanation.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Something the driver must do, in the order produced.
+#[derive(Debug)]
+pub enum Output<S> {
+    /// Append these events to the room's stream. Every later output of the same room
+    /// waits until they are stored.
+    Append {
+        /// Room name (the stream is [`meridian_events::room_stream`] of it).
+        room: String,
+        /// The placement epoch the events were decided under: a driver that hosts the
+        /// room under another epoch now must drop them.
+        epoch: u64,
+        /// Who caused them (an identity, or the node).
+        actor: String,
+        /// The events, decided against the room's state.
+        events: Vec<Event>,
+    },
+    /// Send a message to one client.
+    Deliver {
+        /// The room the message belongs to (for ordering behind its appends).
+        room: String,
+        /// The client's connection.
+        to: S,
+        /// The message.
+        msg: ServerMessage,
+    },
+    /// Close a client's signaling connection after what was queued for it.
+    Close {
+        /// The room.
+        room: String,
+        /// The client's connection.
+        to: S,
+    },
+}
+
+/// Tunables of the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// The media core's settings.
+    pub sfu: SfuConfig,
+    /// How long a participant whose signaling dropped may come back with its resume
+    /// token before it is recorded as gone.
+    pub resume_grace: Duration,
+    /// Seed of the generator for resume tokens and ids (a random one in production,
+    /// fixed in tests).
+    pub seed: u64,
+}
+
+/// Counters of the controller, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControllerStats {
+    /// New participants admitted.
+    pub joins: u64,
+    /// Participants rebuilt from the log that came back.
+    pub participants_restored: u64,
+    /// Older sessions replaced by a new join of the same identity.
+    pub sessions_replaced: u64,
+    /// Changes the room's state refused (not recorded).
+    pub decisions_refused: u64,
+}
+
+/// The room controller (see the crate docs).
+pub struct Controller<S> {
+    sfu: Sfu,
+    sessions: HashMap<ParticipantId, Session<S>>,
+    /// Resume token hash → participant.
+    resume_index: HashMap<String, ParticipantId>,
+    /// The log's view of each room with sessions here.
+    rooms: HashMap<String, RoomState>,
+    /// When detached participants' grace runs out.
+    expiries: BTreeSet<(Instant, ParticipantId)>,
+    grace: Duration,
+    next_generation: u64,
+    rng: StdRng,
+    outputs: VecDeque<Output<S>>,
+    /// A room being forgotten (lost to another node): nothing of it is recorded.
+    forgetting: Option<String>,
+    /// Set while core events are handled, so handling one does not recurse.
+    in_events: bool,
+    stats: ControllerStats,
+}
+
+impl<S: Clone> Controller<S> {
+    /// A controller with an empty media core, at `now`.
+    pub fn new(config: ControllerConfig, now: Instant) -> Controller<S> {
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let mut sfu = config.sfu;
+        // Ids stay unique within a room's log across nodes and restarts: each controller
+        // starts at a random multiple of 2^20.
+        sfu.first_id = (u64::from(rng.random::<u32>()) << 20) | 1;
+        Controller {
+            sfu: Sfu::new(sfu, now),
+            sessions: HashMap::new(),
+            resume_index: HashMap::new(),
+            rooms: HashMap::new(),
+            expiries: BTreeSet::new(),
+            grace: config.resume_grace,
+            next_generation: 1,
+            rng,
+            outputs: VecDeque::new(),
+            forgetting: None,
+            in_events: false,
+            stats: ControllerStats::default(),
+        }
+    }
+
+    /// The media core, for statistics.
+    pub fn sfu(&self) -> &Sfu {
+        &self.sfu
+    }
+
+    /// The controller's counters.
+    pub fn stats(&self) -> &ControllerStats {
+        &self.stats
+    }
+
+    /// The media core's counters.
+    pub fn sfu_stats(&self) -> &SfuStats {
+        self.sfu.stats()
+    }
+
+    /// Sessions held, attached, detached or waiting to be resumed.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The log's view of a room hosted here.
+    pub fn room_state(&self, room: &str) -> Option<&RoomState> {
+        self.rooms.get(room)
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output<S>> {
+        self.outputs.pop_front()
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.sfu.poll_transmit()
+    }
+
+    /// When [`Controller::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Instant {
+        let media = self.sfu.poll_timeout();
+        match self.expiries.first() {
+            Some((at, _)) => media.min(*at),
+            None => media,
+        }
+    }
+
+    /// Advances time: the media core's timers and resume-grace expiries.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.sfu.poll_timeout() {
+            self.sfu.handle_timeout(now);
+        }
+        while let Some(&(at, id)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            info!(participant = %id, "resume grace over; removing participant");
+            self.remove(id, now, LeaveReason::Timeout);
+        }
+        self.drain_sfu_events(now);
+    }
+
+    /// A media datagram arrived on the node's socket.
+    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, contents: &[u8]) {
+        self.sfu.handle_datagram(now, source, contents);
+        self.drain_sfu_events(now);
+    }
+
+    /// A client asks to enter its room, or to resume a session with its resume token.
+    pub fn handle_join(&mut self, now: Instant, req: JoinRequest<S>) -> Result<Joined, Refusal> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let result = match req.resume.clone() {
+            Some(token) => self.resume(now, req, token, generation),
+            None => self.join(now, req, generation),
+        };
+        self.drain_sfu_events(now);
+        result
+    }
+
+    /// A message from a joined client. A refusal is sent to the client as an `error`.
+    pub fn handle_message(&mut self, now: Instant, participant: ParticipantId, msg: ClientMessage) {
+        if let Err(refusal) = self.message(now, participant, msg) {
+            self.send(
+                participant,
+                ServerMessage::error(refusal.code, refusal.message),
+            );
+        }
+        self.drain_sfu_events(now);
+    }
+
+    /// The signaling connection of `generation` closed: the participant may resume
+    /// within the grace. A stale generation (the client already came back) is ignored.
+    pub fn handle_detach(&mut self, now: Instant, participant: ParticipantId, generation: u64) {
+        if self
+            .sessions
+            .get(&participant)
+            .is_some_and(|s| s.generation == generation && s.session.is_some())
+        {
+            debug!(%participant, "signaling detached; grace period starts");
+            if let Some(s) = self.sessions.get_mut(&participant) {
+                s.session = None;
+            }
+            self.start_grace(participant, now);
+        }
+    }
+
+    /// Closes a participant's signaling connection (an admin request); it stays for the
+    /// grace like after any drop. Returns whether it had one open.
+    pub fn close_signaling(&mut self, participant: ParticipantId) -> bool {
+        let Some(s) = self.sessions.get(&participant) else {
+            return false;
+        };
+        let Some(to) = s.session.clone() else {
+            return false;
+        };
+        info!(%participant, "closing signaling on request");
+        self.outputs.push_back(Output::Close {
+            room: s.room.clone(),
+            to,
+        });
+        true
+    }
+
+    /// This node now hosts `room`, whose log says `state` (a takeover, a handover or a
+    /// first placement): its participants wait, for the grace, to come back with their
+    /// resume tokens.
+    pub fn handle_restore(&mut self, now: Instant, room: &str, state: RoomState) {
+        let mut restored = 0;
+        for (pid, p) in &state.participants {
+            let Ok(id) = pid.parse::<ParticipantId>() else {
+                warn!(participant = %pid, "participant id from the log does not parse; skipped");
+                continue;
+            };
+            if self.sessions.contains_key(&id) {
+                continue;
+            }
+            let tracks = state
+                .tracks
+                .iter()
+                .filter(|(_, t)| &t.participant_id == pid)
+                .map(|(t, _)| t.clone())
+                .collect();
+            let resume_hash = p.resume_hash.clone().unwrap_or_default();
+            if !resume_hash.is_empty() {
+                self.resume_index.insert(resume_hash.clone(), id);
+            }
+            let mut s = Session::dormant(room, &p.identity, &p.name, resume_hash);
+            s.logged = Logged {
+                tracks,
+                subscriptions: p.subscriptions.clone(),
+            };
+            self.sessions.insert(id, s);
+            self.start_grace(id, now);
+            restored += 1;
+        }
+        if restored > 0 {
+            info!(%room, participants = restored, epoch = state.epoch, "room restored from the log");
+        } else {
+            debug!(%room, epoch = state.epoch, "room placed here");
+        }
+        self.rooms.insert(room.to_string(), state);
+    }
+
+    /// Another node hosts `room` now: its clients are told to move (to `url` when
+    /// known) and the room is forgotten here without recording anything.
+    pub fn handle_room_lost(
+        &mut self,
+        now: Instant,
+        room: &str,
+        url: Option<String>,
+        reason: &str,
+    ) {
+        self.forgetting = Some(room.to_string());
+        let gone: Vec<ParticipantId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.room == room)
+            .map(|(id, _)| *id)
+            .collect();
+        info!(%room, participants = gone.len(), %reason, "room moved to another node");
+        for id in gone {
+            let Some(s) = self.drop_session(id, now) else {
+                continue;
+            };
+            if let Some(to) = s.session {
+                let msg = ServerMessage::Migrate {
+                    url: url.clone(),
+                    reason: reason.to_string(),
+                };
+                self.outputs.push_back(Output::Deliver {
+                    room: room.to_string(),
+                    to,
+                    msg,
+                });
+            }
+        }
+        self.rooms.remove(room);
+        self.forgetting = None;
+    }
+
+    fn start_grace(&mut self, id: ParticipantId, now: Instant) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && s.detached_at.is_none()
+        {
+            s.detached_at = Some(now);
+            self.expiries.insert((now + self.grace, id));
+        }
+    }
+
+    fn end_grace(&mut self, id: ParticipantId) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && let Some(at) = s.detached_at.take()
+        {
+            self.expiries.remove(&(at + self.grace, id));
+        }
+    }
+
+    fn join(
+        &mut self,
+        now: Instant,
+        req: JoinRequest<S>,
+        generation: u64,
+    ) -> Result<Joined, Refusal> {
+        let JoinRequest {
+            room,
+            identity,
+            name,
+            grants,
+            auto_subscribe,
+            session,
+            ..
+        } = req;
+        self.replace_identity(now, &room, &identity);
+        let id =
+            self.sfu
+                .add_participant(now, &room, &identity, auto_subscribe && grants.subscribe);
+        let resume = self.random_token();
+        let resume_hash = sha256_hex(&resume);
+        let decision = Decision::Join {
+            participant_id: id.to_string(),
+            identity: identity.clone(),
+            name: name.clone().unwrap_or_default(),
+            resume_hash: Some(resume_hash.clone()),
+        };
+        if let Err(e) = self.decide(&room, &identity, decision) {
+            self.sfu.remove_participant(now, id);
+            return Err(Refusal::new(ErrorCode::Forbidden, e.to_string()));
+        }
+        self.resume_index.insert(resume_hash.clone(), id);
+        let s = Session {
+            name,
+            grants,
+            resume,
+            session: Some(session),
+            generation,
+            dormant: false,
+            ..Session::dormant(&room, &identity, "", resume_hash)
+        };
+        self.sessions.insert(id, s);
+        self.stats.joins += 1;
+        self.send_joined(id, false);
+        self.announce_joined(id);
+        Ok(Joined {
+            participant: id,
+            generation,
+        })
+    }
+
+    /// The same identity joining a room again replaces its older session there: the
+    /// older client is told why and its participant leaves.
+    fn replace_identity(&mut self, now: Instant, room: &str, identity: &str) {
+        let older: Vec<ParticipantId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.room == room && s.identity == identity)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in older {
+            info!(participant = %id, %identity, "replaced by a new session of the same identity");
+            self.stats.sessions_replaced += 1;
+            if let Some(Session {
+                session: Some(to), ..
+            }) = self.remove(id, now, LeaveReason::Replaced)
+            {
+                let msg = ServerMessage::Left {
+                    reason: "replaced".into(),
+                };
+                self.outputs.push_back(Output::Deliver {
+                    room: room.to_string(),
+                    to: to.clone(),
+                    msg,
+                });
+                self.outputs.push_back(Output::Close {
+                    room: room.to_string(),
+                    to,
+                });
+            }
+        }
+    }
+
+    fn resume(
+        &mut self,
+        now: Instant,
+        req: JoinRequest<S>,
+        token: String,
+        generation: u64,
+    ) -> Result<Joined, Refusal> {
+        let found = self
+            .resume_index
+            .get(&sha256_hex(&token))
+            .copied()
+            .filter(|id| {
+                self.sessions
+                    .get(id)
+                    .is_some_and(|s| s.identity == req.identity && s.room == req.room)
+            });
+        let Some(id) = found else {
+            return Err(Refusal::new(
+                ErrorCode::ResumeFailed,
+                "unknown or expired resume token",
+            ));
+        };
+        let room = req.room;
+        // Restored here but the client never connected its media (it gave up waiting
+        // for `joined`): start its media over, as restored again.
+        let redo = self.sessions.get(&id).is_some_and(|s| s.restored_pending)
+            && !self
+                .sfu
+                .room_tracks(&room)
+                .iter()
+                .any(|t| t.participant_id == id.to_string());
+        if redo {
+            let subscribed = self.sfu.subscriptions_of(id);
+            if let Some(s) = self.sessions.get_mut(&id) {
+                for t in subscribed {
+                    s.logged.subscriptions.entry(t.to_string()).or_insert(None);
+                }
+                s.dormant = true;
+            }
+            self.forgetting = Some(room.clone());
+            self.sfu.remove_participant(now, id);
+            self.drain_sfu_events(now);
+            self.forgetting = None;
+        }
+        self.end_grace(id);
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Err(Refusal::new(ErrorCode::ResumeFailed, "session is gone"));
+        };
+        // The resume token rotates: the one just used is spent.
+        let old_hash = std::mem::take(&mut s.resume_hash);
+        let restored = std::mem::take(&mut s.dormant);
+        s.session = Some(req.session);
+        s.generation = generation;
+        s.restored_pending = restored;
+        s.grants = if restored { req.grants } else { s.grants };
+        self.resume_index.remove(&old_hash);
+        let token = self.random_token();
+        let hash = sha256_hex(&token);
+        self.resume_index.insert(hash.clone(), id);
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.resume = token;
+            s.resume_hash = hash;
+        }
+        if restored {
+            // Rebuilt from the log on this node: new media connections.
+            let subscribe = req.auto_subscribe && req.grants.subscribe;
+            if let Err(e) = self
+                .sfu
+                .restore_participant(now, id, &room, &req.identity, subscribe)
+            {
+                return Err(Refusal::new(ErrorCode::Internal, e.to_string()));
+            }
+            self.stats.participants_restored += 1;
+        }
+        info!(participant = %id, restored, "session resumed");
+        self.send_joined(id, restored);
+        if restored {
+            self.resubscribe(now, id, None);
+            self.announce_joined(id);
+        }
+        Ok(Joined {
+            participant: id,
+            generation,
+        })
+    }
+
+    fn random_token(&mut self) -> String {
+        let bytes: [u8; 24] = self.rng.random();
+        hex(&bytes)
+    }
+
+    /// Decides `decision` against the room's state; the resulting events (possibly
+    /// none, for a change that changes nothing) are applied and queued for the log.
+    fn decide(
+        &mut self,
+        room: &str,
+        actor: &str,
+        decision: Decision,
+    ) -> Result<usize, DomainError> {
+        if self.forgetting.as_deref() == Some(room) {
+            return Ok(0);
+        }
+        let state = self.rooms.entry(room.to_string()).or_default();
+        let events = match meridian_events::decide(state, &decision) {
+            Ok(events) => events,
+            Err(e) => {
+                self.stats.decisions_refused += 1;
+                return Err(e);
+            }
+        };
+        for e in &events {
+            state.apply_event(e);
+        }
+        let n = events.len();
+        if n > 0 {
+            self.outputs.push_back(Output::Append {
+                room: room.to_string(),
+                epoch: state.epoch,
+                actor: if actor.is_empty() { "node" } else { actor }.to_string(),
+                events,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Decides a change the media core already made; a refusal means the log knew it
+    /// already (a restored participant re-creating its state) and is only logged.
+    fn record(&mut self, room: &str, actor: &str, decision: Decision) -> bool {
+        match self.decide(room, actor, decision) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                debug!(%room, "not recorded: {e}");
+                false
+            }
+        }
+    }
+
+    fn identity_of(&self, id: ParticipantId) -> String {
+        self.sessions
+            .get(&id)
+            .map_or_else(|| id.to_string(), |s| s.identity.clone())
+    }
+
+    fn send(&mut self, id: ParticipantId, msg: ServerMessage) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        let Some(to) = s.session.clone() else {
+            return;
+        };
+        self.outputs.push_back(Output::Deliver {
+            room: s.room.clone(),
+            to,
+            msg,
+        });
+    }
+
+    fn broadcast(&mut self, room: &str, except: Option<ParticipantId>, msg: ServerMessage) {
+        for id in self.sfu.room_participants(room) {
+            if Some(id) != except {
+                self.send(id, msg.clone());
+            }
+        }
+    }
+
+    fn participant_info(&self, id: ParticipantId) -> Option<ParticipantInfo> {
+        let s = self.sessions.get(&id)?;
+        let pid = id.to_string();
+        Some(ParticipantInfo {
+            participant_id: pid.clone(),
+            identity: s.identity.clone(),
+            name: s.name.clone(),
+            tracks: self
+                .sfu
+                .room_tracks(&s.room)
+                .into_iter()
+                .filter(|t| t.participant_id == pid)
+                .collect(),
+        })
+    }
+
+    fn announce_joined(&mut self, id: ParticipantId) {
+        if let Some(info) = self.participant_info(id) {
+            let room = self.sessions[&id].room.clone();
+            self.broadcast(
+                &room,
+                Some(id),
+                ServerMessage::ParticipantJoined { participant: info },
+            );
+        }
+    }
+
+    fn send_joined(&mut self, id: ParticipantId, restored: bool) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        let room = s.room.clone();
+        let resume = s.resume.clone();
+        let participants = self
+            .sfu
+            .room_participants(&room)
+            .into_iter()
+            .filter(|p| *p != id)
+            .filter_map(|p| self.participant_info(p))
+            .collect();
+        self.send(
+            id,
+            ServerMessage::Joined {
+                participant_id: id.to_string(),
+                room,
+                participants,
+                resume,
+                resume_grace_secs: self.grace.as_secs(),
+                version: meridian_protocol::PROTOCOL_VERSION,
+                restored,
+            },
+        );
+    }
+
+    /// Drops a participant's session, resume index entry and media state; records
+    /// nothing by itself (the core's events are handled as usual).
+    fn drop_session(&mut self, id: ParticipantId, now: Instant) -> Option<Session<S>> {
+        self.end_grace(id);
+        let s = self.sessions.remove(&id)?;
+        self.resume_index.remove(&s.resume_hash);
+        self.sfu.remove_participant(now, id);
+        self.drain_sfu_events(now);
+        Some(s)
+    }
+
+    /// Removes a participant, records why, and tells its room; returns its session.
+    fn remove(
+        &mut self,
+        id: ParticipantId,
+        now: Instant,
+        reason: LeaveReason,
+    ) -> Option<Session<S>> {
+        let s = self.drop_session(id, now)?;
+        let leave = Decision::Leave {
+            participant_id: id.to_string(),
+            reason,
+        };
+        self.record(&s.room, &s.identity, leave);
+        if !self.sessions.values().any(|o| o.room == s.room) {
+            self.record(&s.room, &s.identity, Decision::Close);
+        }
+        self.broadcast(
+            &s.room,
+            Some(id),
+            ServerMessage::ParticipantLeft {
+                participant_id: id.to_string(),
+            },
+        );
+        Some(s)
+    }
+
+    /// Subscribes a restored participant again to its logged subscriptions whose
+    /// tracks exist (only to `only` when given), with its preferred layers.
+    fn resubscribe(&mut self, now: Instant, id: ParticipantId, only: Option<&str>) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        if s.dormant {
+            return;
+        }
+        let wanted: Vec<(String, Option<String>)> = s
+            .logged
+            .subscriptions
+            .iter()
+            .filter(|(t, _)| only.is_none_or(|o| o == t.as_str()))
+            .map(|(t, l)| (t.clone(), l.clone()))
+            .collect();
+        let present: HashSet<String> = self
+            .sfu
+            .room_tracks(&s.room)
+            .into_iter()
+            .map(|t| t.track_id)
+            .collect();
+        for (track, layer) in wanted {
+            if !present.contains(&track) {
+                continue;
+            }
+            let Ok(t) = track.parse::<TrackId>() else {
+                continue;
+            };
+            // Already subscribed (auto-subscribe) is fine.
+            let _ = self.sfu.subscribe(now, id, t);
+            if let Some(layer) = layer.as_deref().and_then(Layer::from_rid) {
+                let _ = self.sfu.set_max_layer(now, id, t, layer);
+            }
+        }
+    }
+
+    fn message(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        msg: ClientMessage,
+    ) -> Result<(), Refusal> {
+        let (grants, room, actor) = self
+            .sessions
+            .get(&id)
+            .map(|s| (s.grants, s.room.clone(), s.identity.clone()))
+            .ok_or(Refusal::new(ErrorCode::NotJoined, "session is gone"))?;
+        let track = |s: &str| {
+            s.parse::<TrackId>()
+                .map_err(|_| Refusal::new(ErrorCode::NotFound, format!("no track {s}")))
+        };
+        match msg {
+            ClientMessage::Join { .. } => {
+                return Err(Refusal::new(ErrorCode::NotJoined, "already joined"));
+            }
+            ClientMessage::Offer { sdp, mut tracks } => {
+                if !grants.publish {
+                    return Err(Refusal::new(
+                        ErrorCode::Forbidden,
+                        "token lacks the publish grant",
+                    ));
+                }
+                // Earlier track ids are honoured only for this participant's own logged
+                // tracks.
+                let own = self.sessions.get(&id).map(|s| &s.logged.tracks);
+                for t in &mut tracks {
+                    if t.track_id
+                        .as_ref()
+                        .is_some_and(|x| !own.is_some_and(|o| o.contains(x)))
+                    {
+                        t.track_id = None;
+                    }
+                }
+                let (sdp, tracks) = self
+                    .sfu
+                    .handle_publisher_offer(now, id, &sdp, tracks)
+                    .map_err(media_refusal)?;
+                // The publications are recorded (and announced) before the answer
+                // acknowledges them.
+                self.drain_sfu_events(now);
+                self.send(id, ServerMessage::Answer { sdp, tracks });
+            }
+            ClientMessage::Answer { sdp } => {
+                self.sfu
+                    .handle_subscriber_answer(now, id, &sdp)
+                    .map_err(media_refusal)?;
+            }
+            ClientMessage::Subscribe { track_ids } => {
+                if !grants.subscribe {
+                    return Err(Refusal::new(
+                        ErrorCode::Forbidden,
+                        "token lacks the subscribe grant",
+                    ));
+                }
+                for t in track_ids {
+                    self.sfu
+                        .subscribe(now, id, track(&t)?)
+                        .map_err(media_refusal)?;
+                }
+            }
+            ClientMessage::Unsubscribe { track_ids } => {
+                for t in track_ids {
+                    self.sfu
+                        .unsubscribe(now, id, track(&t)?)
+                        .map_err(media_refusal)?;
+                    let decision = Decision::Unsubscribe {
+                        participant_id: id.to_string(),
+                        track_id: t,
+                    };
+                    self.record(&room, &actor, decision);
+                }
+            }
+            ClientMessage::SetLayer {
+                track_id,
+                max_layer,
+            } => {
+                self.sfu
+                    .set_max_layer(now, id, track(&track_id)?, max_layer)
+                    .map_err(media_refusal)?;
+                let decision = Decision::SetPreferredLayer {
+                    participant_id: id.to_string(),
+                    track_id,
+                    layer: max_layer.rid().to_string(),
+                };
+                self.record(&room, &actor, decision);
+            }
+            ClientMessage::Mute { track_id, muted } => {
+                self.sfu
+                    .set_muted(now, id, track(&track_id)?, muted)
+                    .map_err(media_refusal)?;
+            }
+            ClientMessage::Unpublish { track_id } => {
+                self.sfu
+                    .unpublish(now, id, track(&track_id)?)
+                    .map_err(media_refusal)?;
+            }
+            // Answered by the signaling session itself.
+            ClientMessage::Ping { .. } => {}
+            ClientMessage::Leave => {
+                if let Some(Session {
+                    session: Some(to), ..
+                }) = self.remove(id, now, LeaveReason::Left)
+                {
+                    let msg = ServerMessage::Left {
+                        reason: "left".into(),
+                    };
+                    self.outputs.push_back(Output::Deliver { room, to, msg });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the media core's pending events (each records its room event first).
+    fn drain_sfu_events(&mut self, now: Instant) {
+        if self.in_events {
+            return;
+        }
+        self.in_events = true;
+        while let Some(event) = self.sfu.poll_event() {
+            self.handle_sfu_event(now, event);
+        }
+        self.in_events = false;
+    }
+
+    fn handle_sfu_event(&mut self, now: Instant, event: SfuEvent) {
+        match event {
+            SfuEvent::TrackPublished { room, track, codec } => {
+                let owner: Option<ParticipantId> = track.participant_id.parse().ok();
+                let actor = owner.map(|o| self.identity_of(o)).unwrap_or_default();
+                // Subscriptions recorded before a failover come back with the track.
+                let waiting: Vec<ParticipantId> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| {
+                        s.room == room && s.logged.subscriptions.contains_key(&track.track_id)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in waiting {
+                    self.resubscribe(now, id, Some(&track.track_id));
+                }
+                // A restored publisher re-publishing under its logged id records nothing.
+                let republished = owner
+                    .and_then(|o| self.sessions.get_mut(&o))
+                    .is_some_and(|s| s.logged.tracks.remove(&track.track_id));
+                if !republished {
+                    let kind = match track.kind {
+                        meridian_protocol::TrackKind::Audio => meridian_events::TrackKind::Audio,
+                        meridian_protocol::TrackKind::Video => meridian_events::TrackKind::Video,
+                    };
+                    let decision = Decision::Publish {
+                        participant_id: track.participant_id.clone(),
+                        track_id: track.track_id.clone(),
+                        kind,
+                        layers: track.layers.iter().map(|l| l.rid().to_string()).collect(),
+                        codec,
+                    };
+                    self.record(&room, &actor, decision);
+                }
+                self.broadcast(&room, owner, ServerMessage::TrackPublished { track });
+            }
+            SfuEvent::TrackUnpublished {
+                room,
+                track_id,
+                participant,
+            } => {
+                let actor = self.identity_of(participant);
+                let decision = Decision::Unpublish {
+                    participant_id: participant.to_string(),
+                    track_id: track_id.to_string(),
+                };
+                self.record(&room, &actor, decision);
+                self.broadcast(
+                    &room,
+                    Some(participant),
+                    ServerMessage::TrackUnpublished {
+                        track_id: track_id.to_string(),
+                    },
+                )
+            }
+            SfuEvent::TrackMuted {
+                room,
+                track_id,
+                muted,
+            } => {
+                let track = track_id.to_string();
+                let owner = self
+                    .rooms
+                    .get(&room)
+                    .and_then(|r| r.tracks.get(&track))
+                    .map(|t| t.participant_id.clone())
+                    .unwrap_or_default();
+                let actor = owner
+                    .parse::<ParticipantId>()
+                    .map(|p| self.identity_of(p))
+                    .unwrap_or_default();
+                let decision = Decision::SetMuted {
+                    participant_id: owner,
+                    track_id: track.clone(),
+                    muted,
+                };
+                // Only a change is recorded and announced (a repeated mute is neither).
+                if self.record(&room, &actor, decision) {
+                    self.broadcast(
+                        &room,
+                        None,
+                        ServerMessage::TrackMuted {
+                            track_id: track,
+                            muted,
+                        },
+                    );
+                }
+            }
+            SfuEvent::SubscriberOffer {
+                participant,
+                sdp,
+                tracks,
+            } => self.send(participant, ServerMessage::Offer { sdp, tracks }),
+            SfuEvent::LayerChanged {
+                participant,
+                track_id,
+                layer,
+            } => self.send(
+                participant,
+                ServerMessage::LayerChanged {
+                    track_id: track_id.to_string(),
+                    layer,
+                },
+            ),
+            SfuEvent::Disconnected { participant, pc } => {
+                debug!(%participant, ?pc, "media connection lost");
+                // Without signaling either, the participant is gone unless it resumes.
+                if self
+                    .sessions
+                    .get(&participant)
+                    .is_some_and(|s| s.session.is_none())
+                {
+                    self.start_grace(participant, now);
+                }
+            }
+            SfuEvent::Subscribed {
+                participant,
+                track_id,
+            } => {
+                let track = track_id.to_string();
+                if let Some(s) = self.sessions.get_mut(&participant) {
+                    s.logged.subscriptions.remove(&track);
+                }
+                let Some((room, actor)) = self
+                    .sessions
+                    .get(&participant)
+                    .map(|s| (s.room.clone(), s.identity.clone()))
+                else {
+                    return;
+                };
+                let decision = Decision::Subscribe {
+                    participant_id: participant.to_string(),
+                    track_id: track,
+                };
+                self.record(&room, &actor, decision);
+            }
+            SfuEvent::Connected { participant, .. } => {
+                if let Some(s) = self.sessions.get_mut(&participant) {
+                    s.restored_pending = false;
+                }
+            }
+        }
+    }
+}
+
+fn media_refusal(e: MediaError) -> Refusal {
+    let code = match &e {
+        MediaError::UnknownParticipant(_) => ErrorCode::NotJoined,
+        MediaError::UnknownTrack(_) => ErrorCode::NotFound,
+        MediaError::InvalidSdp(_) | MediaError::NoPendingOffer => ErrorCode::InvalidSdp,
+        MediaError::Limit(_) => ErrorCode::CapacityExceeded,
+        MediaError::NotAllowed(_) => ErrorCode::Forbidden,
+    };
+    Refusal::new(code, e.to_string())
+}
+
+/// SHA-256 of a resume token, hex: what the log records instead of the token.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(text.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

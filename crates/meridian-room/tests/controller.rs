@@ -1,0 +1,730 @@
+//! The room controller under virtual time: joins, resume within and after the grace,
+//! restore from a room's log with the old track ids, a room lost to another node
+//! (fenced or drained), identity replacement, no-op changes, and the rule that the log
+//! only receives events its fold accepts.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use meridian_events::{Event, LeaveReason, RoomState};
+use meridian_media::{ParticipantId, SfuConfig};
+use meridian_protocol::{
+    ClientMessage, ErrorCode, Layer, ServerMessage, TrackAnnouncement, TrackKind,
+};
+use meridian_room::{Controller, ControllerConfig, Grants, JoinRequest, Joined, Output};
+use str0m::Rtc;
+use str0m::media::{Direction, MediaKind, Simulcast, SimulcastLayer};
+
+const NODE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 5000);
+const GRACE: Duration = Duration::from_secs(10);
+
+/// A client connection: the controller hands it back in outputs.
+type Conn = u32;
+
+/// The controller plus what it produced, split by kind, under a virtual clock.
+struct World {
+    c: Controller<Conn>,
+    now: Instant,
+    /// Appended events per room, in order, with their epoch.
+    log: BTreeMap<String, Vec<(u64, Event)>>,
+    /// Messages per connection, in order.
+    inbox: BTreeMap<Conn, Vec<ServerMessage>>,
+    closed: Vec<Conn>,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let now = Instant::now();
+        let config = ControllerConfig {
+            sfu: SfuConfig::new(NODE),
+            resume_grace: GRACE,
+            seed,
+        };
+        World {
+            c: Controller::new(config, now),
+            now,
+            log: BTreeMap::new(),
+            inbox: BTreeMap::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    /// Moves every output into the log, the inboxes and the closed list.
+    fn collect(&mut self) {
+        while let Some(out) = self.c.poll_output() {
+            match out {
+                Output::Append {
+                    room,
+                    epoch,
+                    events,
+                    actor,
+                } => {
+                    assert!(!actor.is_empty(), "every event has an actor");
+                    let stream = self.log.entry(room).or_default();
+                    stream.extend(events.into_iter().map(|e| (epoch, e)));
+                }
+                Output::Deliver { to, msg, .. } => self.inbox.entry(to).or_default().push(msg),
+                Output::Close { to, .. } => self.closed.push(to),
+            }
+        }
+        while self.c.poll_transmit().is_some() {}
+    }
+
+    fn join(
+        &mut self,
+        room: &str,
+        identity: &str,
+        conn: Conn,
+        resume: Option<String>,
+    ) -> Result<Joined, ErrorCode> {
+        let req = JoinRequest {
+            room: room.into(),
+            identity: identity.into(),
+            name: Some(identity.to_uppercase()),
+            grants: Grants {
+                publish: true,
+                subscribe: true,
+            },
+            auto_subscribe: true,
+            resume,
+            session: conn,
+        };
+        let r = self.c.handle_join(self.now, req);
+        self.collect();
+        r.map_err(|e| e.code)
+    }
+
+    fn send(&mut self, p: ParticipantId, msg: ClientMessage) {
+        self.c.handle_message(self.now, p, msg);
+        self.collect();
+    }
+
+    /// Advances virtual time in steps, firing every due timeout.
+    fn advance(&mut self, by: Duration) {
+        let end = self.now + by;
+        for _ in 0..100_000 {
+            let next = self.c.poll_timeout().min(end);
+            self.now = next.max(self.now);
+            self.c.handle_timeout(self.now);
+            self.collect();
+            if self.now >= end {
+                return;
+            }
+        }
+        panic!("timeouts did not converge");
+    }
+
+    fn events(&self, room: &str) -> Vec<Event> {
+        self.log
+            .get(room)
+            .map(|v| v.iter().map(|(_, e)| e.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn messages(&self, conn: Conn) -> &[ServerMessage] {
+        self.inbox.get(&conn).map_or(&[], Vec::as_slice)
+    }
+
+    fn resume_token(&self, conn: Conn) -> String {
+        self.messages(conn)
+            .iter()
+            .rev()
+            .find_map(|m| match m {
+                ServerMessage::Joined { resume, .. } => Some(resume.clone()),
+                _ => None,
+            })
+            .expect("the connection was told it joined")
+    }
+
+    /// The room's log folded, checked against the controller's own view.
+    fn folded(&self, room: &str) -> RoomState {
+        let mut state = RoomState::default();
+        for e in self.events(room) {
+            state.apply_event(&e);
+        }
+        state
+    }
+}
+
+/// A publisher's offer with Opus and VP8 simulcast, as a browser would send it.
+fn publisher_offer(
+    now: Instant,
+    track_ids: [Option<String>; 2],
+) -> (String, Vec<TrackAnnouncement>) {
+    let mut rtc = Rtc::builder()
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .build(now);
+    let mut api = rtc.sdp_api();
+    let audio = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let mut simulcast = Simulcast::new();
+    for l in Layer::ALL {
+        simulcast.add_send_layer(SimulcastLayer::new(l.rid()));
+    }
+    let video = api.add_media(
+        MediaKind::Video,
+        Direction::SendOnly,
+        None,
+        None,
+        Some(simulcast),
+    );
+    let (offer, _pending) = api.apply().expect("an offer with two sections");
+    let [audio_id, video_id] = track_ids;
+    let tracks = vec![
+        TrackAnnouncement {
+            mid: audio.to_string(),
+            kind: TrackKind::Audio,
+            source: "microphone".into(),
+            layers: vec![],
+            track_id: audio_id,
+        },
+        TrackAnnouncement {
+            mid: video.to_string(),
+            kind: TrackKind::Video,
+            source: "camera".into(),
+            layers: Layer::ALL.to_vec(),
+            track_id: video_id,
+        },
+    ];
+    (offer.to_sdp_string(), tracks)
+}
+
+fn answer_tracks(msgs: &[ServerMessage]) -> Vec<String> {
+    msgs.iter()
+        .rev()
+        .find_map(|m| match m {
+            ServerMessage::Answer { tracks, .. } => {
+                Some(tracks.iter().map(|t| t.track_id.clone()).collect())
+            }
+            _ => None,
+        })
+        .expect("an answer")
+}
+
+fn publish(w: &mut World, p: ParticipantId, conn: Conn, ids: [Option<String>; 2]) -> Vec<String> {
+    let (sdp, tracks) = publisher_offer(w.now, ids);
+    w.send(p, ClientMessage::Offer { sdp, tracks });
+    answer_tracks(w.messages(conn))
+}
+
+/// A room as the log holds it after a node hosted alice (publishing two tracks) and
+/// bob (subscribed to both, preferring the low layer of the video), then died.
+fn logged_room(seed: u64) -> (RoomState, String, String, Vec<String>) {
+    let mut w = World::new(seed);
+    let alice = w
+        .join("r", "alice", 1, None)
+        .expect("alice joins")
+        .participant;
+    let bob = w.join("r", "bob", 2, None).expect("bob joins").participant;
+    let tracks = publish(&mut w, alice, 1, [None, None]);
+    w.send(
+        bob,
+        ClientMessage::SetLayer {
+            track_id: tracks[1].clone(),
+            max_layer: Layer::Low,
+        },
+    );
+    let mut state = w.folded("r");
+    state.apply_event(&Event::RoomPlaced {
+        node: "b".into(),
+        epoch: 2,
+    });
+    (state, w.resume_token(1), w.resume_token(2), tracks)
+}
+
+#[test]
+fn join_records_before_acknowledging_and_tells_the_room() {
+    let mut w = World::new(1);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    assert_eq!(a.generation, 1);
+    let events = w.events("r");
+    assert!(matches!(events[0], Event::RoomOpened));
+    let Event::ParticipantJoined {
+        identity,
+        resume_hash,
+        ..
+    } = &events[1]
+    else {
+        panic!("joined event, got {events:?}");
+    };
+    assert_eq!(identity, "alice");
+    assert_eq!(
+        resume_hash.as_deref(),
+        Some(meridian_room::sha256_hex(&w.resume_token(1)).as_str()),
+        "the log holds the hash of the resume token, never the token"
+    );
+    let b = w.join("r", "bob", 2, None).expect("joins");
+    assert!(
+        w.messages(1)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::ParticipantJoined { participant } if participant.participant_id == b.participant.to_string()))
+    );
+    // Bob's `joined` lists alice.
+    let ServerMessage::Joined { participants, .. } = &w.messages(2)[0] else {
+        panic!("joined first");
+    };
+    assert_eq!(participants.len(), 1);
+}
+
+#[test]
+fn resume_within_the_grace_keeps_the_participant_and_rotates_the_token() {
+    let mut w = World::new(2);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let token = w.resume_token(1);
+    w.c.handle_detach(w.now, a.participant, a.generation);
+    w.advance(GRACE - Duration::from_millis(100));
+    let again = w
+        .join("r", "alice", 7, Some(token.clone()))
+        .expect("resumes");
+    assert_eq!(again.participant, a.participant);
+    assert!(again.generation > a.generation);
+    let ServerMessage::Joined {
+        restored, resume, ..
+    } = &w.messages(7)[0]
+    else {
+        panic!("joined");
+    };
+    assert!(!restored);
+    assert_ne!(*resume, token, "a resume token is spent once used");
+    // Past the old grace deadline nothing happens: the participant is attached.
+    w.advance(GRACE);
+    assert_eq!(
+        w.events("r").len(),
+        2,
+        "no leave recorded: {:?}",
+        w.events("r")
+    );
+    // The spent token no longer works.
+    w.c.handle_detach(w.now, again.participant, again.generation);
+    assert_eq!(
+        w.join("r", "alice", 8, Some(token)),
+        Err(ErrorCode::ResumeFailed)
+    );
+}
+
+#[test]
+fn a_stale_detach_does_not_start_the_grace() {
+    let mut w = World::new(3);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let token = w.resume_token(1);
+    w.c.handle_detach(w.now, a.participant, a.generation);
+    let again = w.join("r", "alice", 2, Some(token)).expect("resumes");
+    // The first connection's detach arrives late.
+    w.c.handle_detach(w.now, a.participant, a.generation);
+    w.advance(GRACE * 2);
+    assert_eq!(w.c.session_count(), 1);
+    assert_eq!(again.participant, a.participant);
+}
+
+#[test]
+fn after_the_grace_the_participant_has_left_and_cannot_resume() {
+    let mut w = World::new(4);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let b = w.join("r", "bob", 2, None).expect("joins");
+    let token = w.resume_token(1);
+    w.c.handle_detach(w.now, a.participant, a.generation);
+    w.advance(GRACE + Duration::from_millis(1));
+    assert!(w.events("r").contains(&Event::ParticipantLeft {
+        participant_id: a.participant.to_string(),
+        reason: LeaveReason::Timeout,
+    }));
+    assert!(
+        w.messages(2)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == a.participant.to_string()))
+    );
+    assert_eq!(
+        w.join("r", "alice", 3, Some(token)),
+        Err(ErrorCode::ResumeFailed)
+    );
+    // The last one out closes the room.
+    w.c.handle_detach(w.now, b.participant, b.generation);
+    w.advance(GRACE + Duration::from_millis(1));
+    assert_eq!(w.events("r").last(), Some(&Event::RoomClosed));
+    assert_eq!(w.c.session_count(), 0);
+}
+
+#[test]
+fn restore_from_the_log_then_republish_under_the_old_track_ids_records_nothing_new() {
+    let (state, alice_token, bob_token, tracks) = logged_room(5);
+    let mut w = World::new(6);
+    w.c.handle_restore(w.now, "r", state.clone());
+    assert_eq!(w.c.session_count(), 2, "both wait as dormant sessions");
+    let alice: ParticipantId = state
+        .participants
+        .iter()
+        .find(|(_, p)| p.identity == "alice")
+        .map(|(id, _)| id.parse().expect("id"))
+        .expect("alice in the log");
+    let bob: ParticipantId = state
+        .participants
+        .iter()
+        .find(|(_, p)| p.identity == "bob")
+        .map(|(id, _)| id.parse().expect("id"))
+        .expect("bob in the log");
+    let a = w
+        .join("r", "alice", 11, Some(alice_token))
+        .expect("alice resumes");
+    assert_eq!(
+        a.participant, alice,
+        "same participant id as before the failover"
+    );
+    assert!(matches!(
+        w.messages(11)[0],
+        ServerMessage::Joined { restored: true, .. }
+    ));
+    let b = w
+        .join("r", "bob", 12, Some(bob_token))
+        .expect("bob resumes");
+    assert_eq!(b.participant, bob);
+    let again = publish(
+        &mut w,
+        alice,
+        11,
+        [Some(tracks[0].clone()), Some(tracks[1].clone())],
+    );
+    assert_eq!(again, tracks, "the old track ids are kept");
+    assert!(
+        w.events("r").is_empty(),
+        "restoring records nothing: {:?}",
+        w.events("r")
+    );
+    // Bob is subscribed again, and his preferred layer came back with the track.
+    let subs = w.c.sfu().subscriptions_of(bob);
+    assert_eq!(subs.len(), 2, "bob's subscriptions are restored");
+    let view = w.c.room_state("r").expect("room hosted");
+    assert_eq!(view.participants, state.participants);
+    assert_eq!(view.tracks, state.tracks);
+}
+
+#[test]
+fn track_ids_of_other_participants_are_not_honoured() {
+    let (state, _alice_token, bob_token, tracks) = logged_room(7);
+    let mut w = World::new(8);
+    w.c.handle_restore(w.now, "r", state);
+    let b = w
+        .join("r", "bob", 12, Some(bob_token))
+        .expect("bob resumes");
+    let got = publish(
+        &mut w,
+        b.participant,
+        12,
+        [Some(tracks[0].clone()), Some(tracks[1].clone())],
+    );
+    assert!(
+        got.iter().all(|t| !tracks.contains(t)),
+        "bob cannot take alice's ids"
+    );
+    let published = w
+        .events("r")
+        .iter()
+        .filter(|e| matches!(e, Event::TrackPublished { .. }))
+        .count();
+    assert_eq!(published, 2, "bob's new tracks are recorded");
+}
+
+#[test]
+fn restored_participants_that_never_return_leave_after_the_grace() {
+    let (state, _, bob_token, _) = logged_room(9);
+    let mut w = World::new(10);
+    w.c.handle_restore(w.now, "r", state);
+    w.join("r", "bob", 12, Some(bob_token))
+        .expect("bob resumes");
+    w.advance(GRACE + Duration::from_millis(1));
+    let events = w.events("r");
+    // Alice's tracks go first, then alice; bob stays, so the room stays open.
+    assert!(matches!(
+        events.last(),
+        Some(Event::ParticipantLeft {
+            reason: LeaveReason::Timeout,
+            ..
+        })
+    ));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::TrackUnpublished { .. }))
+            .count(),
+        2
+    );
+    assert_eq!(w.c.session_count(), 1);
+}
+
+#[test]
+fn a_fenced_room_is_dropped_and_its_clients_migrate_without_recording() {
+    let mut w = World::new(11);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    w.join("r", "bob", 2, None).expect("joins");
+    w.join("other", "carol", 3, None).expect("joins");
+    publish(&mut w, a.participant, 1, [None, None]);
+    let before: usize = w.log.values().map(Vec::len).sum();
+    w.c.handle_room_lost(w.now, "r", None, "fenced");
+    w.collect();
+    let after: usize = w.log.values().map(Vec::len).sum();
+    assert_eq!(before, after, "nothing recorded for a room this node lost");
+    for conn in [1, 2] {
+        assert_eq!(
+            w.messages(conn).last(),
+            Some(&ServerMessage::Migrate {
+                url: None,
+                reason: "fenced".into()
+            })
+        );
+    }
+    assert!(!matches!(
+        w.messages(3).last(),
+        Some(ServerMessage::Migrate { .. })
+    ));
+    assert_eq!(
+        w.c.session_count(),
+        1,
+        "only the other room's session is left"
+    );
+    assert!(w.c.room_state("r").is_none());
+    // Timers of the dropped participants fire nothing later.
+    w.advance(GRACE * 2);
+    assert_eq!(w.log.values().map(Vec::len).sum::<usize>(), after);
+}
+
+#[test]
+fn drain_hands_the_room_over_and_the_target_restores_it() {
+    let mut a_node = World::new(12);
+    let alice = a_node.join("r", "alice", 1, None).expect("joins");
+    let token = a_node.resume_token(1);
+    a_node
+        .c
+        .handle_room_lost(a_node.now, "r", Some("ws://b/signal".into()), "drain");
+    a_node.collect();
+    assert_eq!(
+        a_node.messages(1).last(),
+        Some(&ServerMessage::Migrate {
+            url: Some("ws://b/signal".into()),
+            reason: "drain".into()
+        })
+    );
+    assert_eq!(a_node.c.session_count(), 0);
+    // The target adopts the room from the log (as `place` does) and alice comes back.
+    let mut state = a_node.folded("r");
+    state.apply_event(&Event::RoomPlaced {
+        node: "b".into(),
+        epoch: 2,
+    });
+    let mut b_node = World::new(13);
+    b_node.c.handle_restore(b_node.now, "r", state);
+    let back = b_node
+        .join("r", "alice", 5, Some(token))
+        .expect("resumes on b");
+    assert_eq!(back.participant, alice.participant);
+    assert!(matches!(
+        b_node.messages(5)[0],
+        ServerMessage::Joined { restored: true, .. }
+    ));
+    // Events the target records carry the epoch it hosts the room under.
+    b_node.send(back.participant, ClientMessage::Leave);
+    assert!(b_node.log["r"].iter().all(|(epoch, _)| *epoch == 2));
+}
+
+#[test]
+fn the_same_identity_joining_again_replaces_the_older_session() {
+    let mut w = World::new(14);
+    let first = w.join("r", "alice", 1, None).expect("joins");
+    w.join("r", "bob", 2, None).expect("joins");
+    let second = w.join("r", "alice", 3, None).expect("joins again");
+    assert_ne!(first.participant, second.participant);
+    assert_eq!(
+        w.messages(1).last(),
+        Some(&ServerMessage::Left {
+            reason: "replaced".into()
+        })
+    );
+    assert_eq!(w.closed, vec![1], "the older connection is closed");
+    assert!(w.events("r").contains(&Event::ParticipantLeft {
+        participant_id: first.participant.to_string(),
+        reason: LeaveReason::Replaced,
+    }));
+    assert_eq!(w.c.stats().sessions_replaced, 1);
+    // Bob sees one alice, not two.
+    let alices =
+        w.c.room_state("r")
+            .expect("hosted")
+            .participants
+            .values()
+            .filter(|p| p.identity == "alice")
+            .count();
+    assert_eq!(alices, 1);
+    // Same identity in another room is another session.
+    w.join("elsewhere", "alice", 4, None)
+        .expect("joins another room");
+    assert_eq!(w.c.stats().sessions_replaced, 1);
+}
+
+#[test]
+fn repeated_layer_preferences_and_mutes_record_once() {
+    let mut w = World::new(15);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let b = w.join("r", "bob", 2, None).expect("joins");
+    let tracks = publish(&mut w, a.participant, 1, [None, None]);
+    let before = w.events("r").len();
+    for _ in 0..20 {
+        w.send(
+            b.participant,
+            ClientMessage::SetLayer {
+                track_id: tracks[1].clone(),
+                max_layer: Layer::Medium,
+            },
+        );
+        w.send(
+            a.participant,
+            ClientMessage::Mute {
+                track_id: tracks[0].clone(),
+                muted: true,
+            },
+        );
+    }
+    let new: Vec<Event> = w.events("r")[before..].to_vec();
+    assert_eq!(
+        new,
+        vec![
+            Event::PreferredLayerSet {
+                participant_id: b.participant.to_string(),
+                track_id: tracks[1].clone(),
+                layer: "h".into(),
+            },
+            Event::TrackMuted {
+                track_id: tracks[0].clone()
+            },
+        ],
+        "the layer is recorded as a rid, and repeats are not recorded"
+    );
+    let mutes = w
+        .messages(2)
+        .iter()
+        .filter(|m| matches!(m, ServerMessage::TrackMuted { .. }))
+        .count();
+    assert_eq!(mutes, 1, "a repeated mute is not announced again");
+}
+
+#[test]
+fn every_event_written_folds_to_the_controllers_view() {
+    // A busy room: joins, publications with codecs, subscriptions, layers, mutes,
+    // unpublish, leave, a timeout, a replacement, and the room closing and reopening.
+    let mut w = World::new(16);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let b = w.join("r", "bob", 2, None).expect("joins");
+    let tracks = publish(&mut w, a.participant, 1, [None, None]);
+    w.send(
+        b.participant,
+        ClientMessage::SetLayer {
+            track_id: tracks[1].clone(),
+            max_layer: Layer::High,
+        },
+    );
+    w.send(
+        a.participant,
+        ClientMessage::Mute {
+            track_id: tracks[1].clone(),
+            muted: true,
+        },
+    );
+    w.send(
+        b.participant,
+        ClientMessage::Unsubscribe {
+            track_ids: vec![tracks[0].clone()],
+        },
+    );
+    w.send(
+        a.participant,
+        ClientMessage::Unpublish {
+            track_id: tracks[0].clone(),
+        },
+    );
+    w.join("r", "bob", 3, None).expect("bob again");
+    w.send(a.participant, ClientMessage::Leave);
+    let codecs: Vec<String> = w
+        .events("r")
+        .iter()
+        .filter_map(|e| match e {
+            Event::TrackPublished { codec, .. } => Some(codec.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(codecs, vec!["opus", "VP8"], "real codec names are recorded");
+    assert_eq!(
+        &w.folded("r"),
+        w.c.room_state("r").expect("hosted"),
+        "the log's fold equals what the controller decided on"
+    );
+    // Every event kind the controller writes replays through decisions too: each
+    // event, decided from the fold so far, is one the rules accept.
+    let kinds: std::collections::BTreeSet<&str> =
+        w.events("r").iter().map(|e| e.event_type()).collect();
+    for k in [
+        "RoomOpened",
+        "ParticipantJoined",
+        "TrackPublished",
+        "Subscribed",
+        "Unsubscribed",
+        "PreferredLayerSet",
+        "TrackMuted",
+        "TrackUnpublished",
+        "ParticipantLeft",
+    ] {
+        assert!(kinds.contains(k), "{k} written in this run: {kinds:?}");
+    }
+}
+
+#[test]
+fn a_closed_room_opens_again_on_the_next_join() {
+    let mut w = World::new(17);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    w.send(a.participant, ClientMessage::Leave);
+    assert_eq!(w.events("r").last(), Some(&Event::RoomClosed));
+    assert_eq!(
+        w.messages(1).last(),
+        Some(&ServerMessage::Left {
+            reason: "left".into()
+        })
+    );
+    w.join("r", "bob", 2, None).expect("joins the closed room");
+    let events = w.events("r");
+    assert!(matches!(events[events.len() - 2], Event::RoomOpened));
+    assert!(w.folded("r").is_open());
+}
+
+#[test]
+fn refused_requests_get_an_error_with_a_code() {
+    let mut w = World::new(18);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    w.send(
+        a.participant,
+        ClientMessage::Unpublish {
+            track_id: "not-a-track".into(),
+        },
+    );
+    assert!(matches!(
+        w.messages(1).last(),
+        Some(ServerMessage::Error {
+            code: ErrorCode::NotFound,
+            ..
+        })
+    ));
+    w.send(
+        a.participant,
+        ClientMessage::Offer {
+            sdp: "v=0 garbage".into(),
+            tracks: vec![],
+        },
+    );
+    assert!(matches!(
+        w.messages(1).last(),
+        Some(ServerMessage::Error {
+            code: ErrorCode::InvalidSdp,
+            ..
+        })
+    ));
+    // Unknown participants (a message racing a leave) get `not_joined`, nothing panics.
+    w.c.handle_message(w.now, ParticipantId(999), ClientMessage::Leave);
+    w.collect();
+}

@@ -1,0 +1,193 @@
+//! The messages between the node's tasks: signaling sessions, the media loop, the
+//! outbox and the cluster. A leaf module: it imports none of them, so they depend on it
+//! and not on each other.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use meridian_events::RoomState;
+use meridian_media::ParticipantId;
+use meridian_protocol::ServerMessage;
+use meridian_room::{JoinRequest, Joined, Refusal};
+use meridian_store::NewEvent;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+pub(crate) use meridian_room::Grants;
+
+/// Messages queued towards one client; a client that lets more pile up is too slow and
+/// is disconnected.
+pub(crate) const SESSION_QUEUE: usize = 256;
+
+/// The node's handle on one signaling connection.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionSink {
+    /// Messages for the client, written by the session's writer task.
+    pub tx: mpsc::Sender<ServerMessage>,
+    /// Wakes the session to close its transport.
+    pub close: Arc<Notify>,
+}
+
+/// Requests to the media loop.
+pub(crate) enum Command {
+    /// A client with a verified token enters its room (placed on this node).
+    Join {
+        request: JoinRequest<SessionSink>,
+        reply: oneshot::Sender<Result<Joined, Refusal>>,
+    },
+    /// A message from a joined client.
+    Message {
+        participant: ParticipantId,
+        msg: meridian_protocol::ClientMessage,
+    },
+    /// The node is shutting down.
+    Shutdown,
+    /// Close a participant's signaling transport (admin hook); replies whether it had
+    /// one open.
+    CloseSignaling {
+        participant: ParticipantId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// The session's transport closed; `generation` tells stale detaches apart.
+    Detach {
+        participant: ParticipantId,
+        generation: u64,
+    },
+    /// This node now hosts `room`, whose log says `state`.
+    Restore { room: String, state: RoomState },
+    /// Another node hosts `room` now: move its clients (to `url` if known), forget it.
+    RoomLost {
+        room: String,
+        url: Option<String>,
+        reason: String,
+    },
+    /// How many sessions the node holds.
+    Count { reply: oneshot::Sender<usize> },
+}
+
+/// One item leaving the node through the outbox, in order within its room stream.
+pub(crate) enum Outbound {
+    /// Events of one room stream to append, decided under placement `epoch`.
+    Append {
+        stream: String,
+        epoch: u64,
+        events: Vec<NewEvent>,
+    },
+    /// A message for one session, sent once the stream's earlier appends are stored.
+    Deliver {
+        stream: String,
+        to: SessionSink,
+        msg: ServerMessage,
+    },
+    /// Close one session's transport after what was queued before.
+    Close { stream: String, to: SessionSink },
+    /// Place a hosted room on `node` (drain), after the room's queued events; replies
+    /// whether the placement was stored.
+    Handover {
+        stream: String,
+        node: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+impl Outbound {
+    /// The room stream whose order the item keeps.
+    pub(crate) fn stream(&self) -> &str {
+        match self {
+            Outbound::Append { stream, .. }
+            | Outbound::Deliver { stream, .. }
+            | Outbound::Close { stream, .. }
+            | Outbound::Handover { stream, .. } => stream,
+        }
+    }
+}
+
+/// The sending side of the outbox: never blocks, and counts what is queued so the media
+/// loop can refuse new joins while the log is far behind.
+#[derive(Clone)]
+pub(crate) struct OutboxTx {
+    tx: mpsc::UnboundedSender<Outbound>,
+    depth: Arc<AtomicUsize>,
+}
+
+/// The receiving side of the outbox.
+pub(crate) struct OutboxRx {
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    depth: Arc<AtomicUsize>,
+}
+
+/// A new outbox queue.
+pub(crate) fn outbox() -> (OutboxTx, OutboxRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let depth = Arc::new(AtomicUsize::new(0));
+    (
+        OutboxTx {
+            tx,
+            depth: depth.clone(),
+        },
+        OutboxRx { rx, depth },
+    )
+}
+
+impl OutboxTx {
+    /// Queues an item; false when the outbox is gone (the node stops).
+    pub(crate) fn send(&self, item: Outbound) -> bool {
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(item).is_err() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Items queued and not yet taken by a room lane.
+    pub(crate) fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+}
+
+impl OutboxRx {
+    /// Receives up to `limit` items into `buf`; 0 when every sender is gone.
+    pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Outbound>, limit: usize) -> usize {
+        let n = self.rx.recv_many(buf, limit).await;
+        self.depth.fetch_sub(n, Ordering::Relaxed);
+        n
+    }
+}
+
+/// What this node knows of a room it hosts or hosted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// Hosted here: the room stream is at `version`, placed with `epoch`.
+    Held { version: u64, epoch: u64 },
+    /// Another node hosts it now; this node's writes to it are dropped.
+    Released,
+}
+
+/// Per-room fences, shared by the outbox (which advances them) and the cluster.
+#[derive(Clone, Default)]
+pub(crate) struct Fences(Arc<Mutex<HashMap<String, Fence>>>);
+
+impl Fences {
+    pub(crate) fn get(&self, stream: &str) -> Option<Fence> {
+        self.lock().get(stream).copied()
+    }
+
+    pub(crate) fn set(&self, stream: &str, fence: Fence) {
+        self.lock().insert(stream.to_string(), fence);
+    }
+
+    /// Streams of the rooms hosted here.
+    pub(crate) fn held(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, f)| matches!(f, Fence::Held { .. }))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fence>> {
+        // The map is only read and written in short sections that cannot panic.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
