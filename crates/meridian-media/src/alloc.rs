@@ -9,7 +9,7 @@ use str0m::bwe::Bitrate;
 use tracing::trace;
 
 use crate::pc::mark_dirty;
-use crate::rate::AUDIO_BPS;
+use crate::rate::{AUDIO_BPS, available_rates};
 use crate::{ParticipantId, PcKind, Sfu};
 
 /// One video subscription's input to the allocator.
@@ -96,7 +96,7 @@ impl Sfu {
             ids.push(*track);
             demands.push(Demand {
                 max_layer: sub.max_layer,
-                rates: t.available_rates(now),
+                rates: available_rates(&t.rates, now),
             });
         }
         // Audio subscriptions always forward.

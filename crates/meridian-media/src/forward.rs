@@ -15,7 +15,6 @@ use str0m::format::Codec;
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Vp8Descriptor};
 
 use crate::pc::mark_dirty;
-use crate::rate::RATE_WINDOW;
 use crate::{ParticipantId, PcKind, Sfu, SfuEvent, keyframe};
 
 /// One incoming packet as the forwarder sees it.
@@ -212,25 +211,7 @@ impl Sfu {
         let Some(t) = self.tracks.get_mut(&track_id) else {
             return;
         };
-        // Layer rate measurement.
-        let rate = &mut t.rates[layer];
-        rate.ssrc = Some(ssrc);
-        rate.last_packet = Some(now);
-        rate.window_bytes += pkt.payload.len() as u64 + 40;
-        match rate.window_start {
-            Some(start) if now.saturating_duration_since(start) >= RATE_WINDOW => {
-                let secs = now.saturating_duration_since(start).as_secs_f64();
-                let bps = (rate.window_bytes as f64 * 8.0 / secs) as u64;
-                rate.bps = Some(match rate.bps {
-                    Some(old) => (old * 3 + bps) / 4,
-                    None => bps,
-                });
-                rate.window_start = Some(now);
-                rate.window_bytes = 0;
-            }
-            None => rate.window_start = Some(now),
-            _ => {}
-        }
+        t.rates[layer].record(now, ssrc, pkt.payload.len());
         if t.muted || t.subscribers.is_empty() {
             return;
         }
