@@ -192,9 +192,9 @@ pub struct SfuStats {
     pub datagrams_unrouted: u64,
     /// Datagrams dropped because they were not STUN, DTLS, RTP or RTCP.
     pub datagrams_malformed: u64,
-    /// Datagrams a peer connection returned an error for. (str0m drops SRTP that fails
-    /// authentication and STUN with a bad MESSAGE-INTEGRITY silently; those are not
-    /// counted here.)
+    /// Datagrams a peer connection returned an error for, and ICE checks from an
+    /// address another connection holds. (str0m drops SRTP that fails authentication
+    /// and STUN with a bad MESSAGE-INTEGRITY silently; those are not counted here.)
     pub datagrams_rejected: u64,
     /// Keyframe requests sent to publishers.
     pub keyframe_requests: u64,
@@ -339,6 +339,11 @@ impl Sfu {
             trace!(%source, "unrouted datagram");
             return;
         };
+        if stun && self.held_by_other(now, id, kind, source) {
+            self.stats.datagrams_rejected += 1;
+            trace!(participant = %id, ?kind, %source, "check from an address another connection holds");
+            return;
+        }
         let Some(p) = self.participants.get_mut(&id) else {
             self.stats.datagrams_unrouted += 1;
             return;
@@ -351,8 +356,9 @@ impl Sfu {
         let queued = self.transmits.len();
         self.process(now);
         // str0m answers only checks whose MESSAGE-INTEGRITY matches the connection's ICE
-        // password: an answer to `source` proves it is the peer, so media may come from
-        // there. A forged check gets no answer and moves nothing.
+        // password: an answer to `source` proves the sender knows it, so media may come
+        // from there (see `demux` for why that alone is not enough). A forged check gets
+        // no answer and moves nothing.
         if stun
             && self
                 .transmits
@@ -360,7 +366,7 @@ impl Sfu {
                 .skip(queued)
                 .any(|t| t.destination == source)
         {
-            self.bind_address(id, kind, source);
+            self.bind_address(now, id, kind, source);
         }
     }
 

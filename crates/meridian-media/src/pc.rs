@@ -23,7 +23,10 @@ pub(crate) struct Pc {
     pub(crate) rtc: Rtc,
     pub(crate) ufrag: String,
     pub(crate) next_timeout: Instant,
+    /// The address media is taken from (bound by a verified ICE check).
     pub(crate) remote: Option<SocketAddr>,
+    /// When the last verified ICE check from `remote` arrived.
+    pub(crate) last_check: Option<Instant>,
     pub(crate) connected: bool,
     pub(crate) dirty: bool,
 }
@@ -51,6 +54,7 @@ impl Pc {
             ufrag,
             next_timeout: now,
             remote: None,
+            last_check: None,
             connected: false,
             dirty: false,
         }

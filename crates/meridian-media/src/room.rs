@@ -37,6 +37,13 @@ pub(crate) struct Participant {
 }
 
 impl Participant {
+    pub(crate) fn pc(&self, kind: PcKind) -> &Pc {
+        match kind {
+            PcKind::Publisher => &self.publisher,
+            PcKind::Subscriber => &self.subscriber,
+        }
+    }
+
     pub(crate) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
         match kind {
             PcKind::Publisher => &mut self.publisher,
@@ -175,7 +182,12 @@ impl Sfu {
         };
         for pc in [&mut p.publisher, &mut p.subscriber] {
             self.by_ufrag.remove(&pc.ufrag);
-            if let Some(addr) = pc.remote {
+            if let Some(addr) = pc.remote
+                && self
+                    .by_addr
+                    .get(&addr)
+                    .is_some_and(|(owner, _)| *owner == id)
+            {
                 self.by_addr.remove(&addr);
             }
             pc.rtc.disconnect();
