@@ -90,6 +90,19 @@ impl Forwarder {
         }
     }
 
+    /// Continues the outgoing stream `previous` wrote (a reused media section): the
+    /// next packet forwarded is rebased like a layer switch, so sequence number,
+    /// timestamp and picture id go on from where `previous` stopped.
+    pub(crate) fn continue_after(&mut self, previous: &Forwarder) {
+        self.last_out_seq = previous.last_out_seq;
+        self.last_out_ts = previous.last_out_ts;
+        self.last_out_at = previous.last_out_at;
+        self.last_out_pic = previous.last_out_pic;
+        self.last_out_tl0 = previous.last_out_tl0;
+        self.current = None;
+        self.offsets = None;
+    }
+
     pub(crate) fn current(&self) -> Option<usize> {
         self.current
     }

@@ -8,6 +8,7 @@ use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::media::{Direction, MediaKind, Mid, Rids};
 
 use crate::pc::mark_dirty;
+use crate::room::IdleSection;
 use crate::{MediaError, ParticipantId, PcKind, Sfu, SfuEvent};
 
 /// Packets kept per outgoing stream to answer NACKs.
@@ -32,8 +33,19 @@ impl Sfu {
             .ok_or(MediaError::UnknownParticipant(id))?;
         let offer =
             SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        let mids: Vec<Mid> = sdp
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+            .map(Mid::from)
+            .collect();
+        // Announcements are kept only for this offer's sections without a track yet, so
+        // they cannot pile up across offers.
+        let in_offer = |mid: &str| mids.iter().any(|m| m.to_string() == mid);
+        p.announced.retain(|mid, _| in_offer(mid));
         for a in announced {
-            p.announced.insert(a.mid.clone(), a);
+            if in_offer(&a.mid) {
+                p.announced.insert(a.mid.clone(), a);
+            }
         }
         let answer = p
             .publisher
@@ -43,11 +55,6 @@ impl Sfu {
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
         mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
         // Every receiving media section of the offer is a track of this participant.
-        let mids: Vec<Mid> = sdp
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("a=mid:"))
-            .map(Mid::from)
-            .collect();
         let mut infos = Vec::new();
         for mid in mids {
             let p = self
@@ -68,6 +75,15 @@ impl Sfu {
             if let Some(track) = self.add_track(id, mid, kind, &rids) {
                 infos.extend(self.tracks.get(&track).map(|t| t.info(track)));
             }
+        }
+        if let Some(p) = self.participants.get_mut(&id) {
+            let tracks = &self.tracks;
+            let published = &p.published;
+            p.announced.retain(|mid, _| {
+                !published
+                    .iter()
+                    .any(|t| tracks.get(t).is_some_and(|t| t.mid.to_string() == *mid))
+            });
         }
         self.process(now);
         Ok((answer.to_sdp_string(), infos))
@@ -128,9 +144,25 @@ impl Sfu {
         if p.pending_offer.is_some() || (p.to_add.is_empty() && p.to_stop.is_empty()) {
             return;
         }
+        // Ended subscriptions' sections go inactive rather than stopped: a stopped
+        // section stays in every later offer, so churn would grow the session without
+        // bound. Inactive ones are handed to new subscriptions of the same kind.
+        let released: Vec<IdleSection> = p
+            .to_stop
+            .drain(..)
+            .filter_map(|(mid, forwarder)| {
+                let kind = p.subscriber.rtc.media(mid)?.kind();
+                Some(IdleSection {
+                    mid,
+                    kind,
+                    forwarder,
+                })
+            })
+            .collect();
         let mut api = p.subscriber.rtc.sdp_api();
-        for mid in p.to_stop.drain(..) {
-            api.stop_media(mid);
+        for section in released {
+            api.set_direction(section.mid, Direction::Inactive);
+            p.idle.push(section);
         }
         for track in p.to_add.drain(..) {
             let (Some(t), Some(sub)) = (self.tracks.get(&track), p.subscriptions.get_mut(&track))
@@ -141,6 +173,13 @@ impl Sfu {
                 TrackKind::Audio => MediaKind::Audio,
                 TrackKind::Video => MediaKind::Video,
             };
+            if let Some(i) = p.idle.iter().position(|s| s.kind == kind) {
+                let section = p.idle.swap_remove(i);
+                api.set_direction(section.mid, Direction::SendOnly);
+                sub.forwarder.continue_after(&section.forwarder);
+                sub.mid = Some(section.mid);
+                continue;
+            }
             let mid = api.add_media(
                 kind,
                 Direction::SendOnly,
@@ -173,5 +212,78 @@ impl Sfu {
             sdp: offer.to_sdp_string(),
             tracks,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use meridian_protocol::TrackAnnouncement;
+    use str0m::Rtc;
+    use str0m::change::SdpAnswer;
+
+    use super::*;
+    use crate::SfuConfig;
+
+    fn announcement(mid: &str) -> TrackAnnouncement {
+        TrackAnnouncement {
+            mid: mid.to_string(),
+            kind: TrackKind::Audio,
+            source: "microphone".into(),
+            layers: vec![],
+            track_id: None,
+        }
+    }
+
+    /// Issue 17 item 6: announcements sent with publisher offers used to be kept
+    /// forever (one per published section, plus any for sections the offer did not
+    /// have). Through 50 publish/unpublish cycles, with a bogus announcement in every
+    /// offer, none is left behind.
+    #[test]
+    fn announcements_do_not_pile_up_through_publish_churn() {
+        let addr: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let now = Instant::now();
+        let mut sfu = Sfu::new(SfuConfig::new(addr), now);
+        let id = sfu.add_participant(now, "room", "alice", false);
+        let mut client = Rtc::builder()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .build(now);
+        for cycle in 0..50 {
+            let mut api = client.sdp_api();
+            let mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+            let (offer, pending) = api.apply().expect("a new section is a change");
+            let (answer, infos) = sfu
+                .handle_publisher_offer(
+                    now,
+                    id,
+                    &offer.to_sdp_string(),
+                    vec![
+                        announcement(&mid.to_string()),
+                        announcement(&format!("bogus{cycle}")),
+                    ],
+                )
+                .expect("the node accepts the offer");
+            client
+                .sdp_api()
+                .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
+                .expect("the node's answer is acceptable");
+            assert_eq!(infos.len(), 1, "cycle {cycle}: one track published");
+            let track = infos[0].track_id.parse().expect("a track id");
+            sfu.unpublish(now, id, track).expect("the track is alice's");
+            let mut api = client.sdp_api();
+            api.stop_media(mid);
+            let (offer, pending) = api.apply().expect("stopping a section is a change");
+            let (answer, _) = sfu
+                .handle_publisher_offer(now, id, &offer.to_sdp_string(), vec![])
+                .expect("the node accepts the offer");
+            client
+                .sdp_api()
+                .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
+                .expect("the node's answer is acceptable");
+            let kept = sfu.participants[&id].announced.len();
+            assert_eq!(kept, 0, "cycle {cycle}: {kept} announcements kept");
+        }
     }
 }

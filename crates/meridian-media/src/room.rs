@@ -26,8 +26,12 @@ pub(crate) struct Participant {
     pub(crate) subscriptions: HashMap<TrackId, Subscription>,
     /// Subscriptions made but not yet in a sent offer.
     pub(crate) to_add: Vec<TrackId>,
-    /// Media sections to stop at the next offer.
-    pub(crate) to_stop: Vec<Mid>,
+    /// Media sections of ended subscriptions, to set inactive at the next offer (with
+    /// their forwarder, so a reuse continues the stream).
+    pub(crate) to_stop: Vec<(Mid, Forwarder)>,
+    /// Inactive media sections of the subscriber connection, reused by new
+    /// subscriptions of the same kind before any section is added.
+    pub(crate) idle: Vec<IdleSection>,
     pub(crate) pending_offer: Option<SdpPendingOffer>,
     pub(crate) estimate_bps: Option<u64>,
     /// Publisher connection tracks announced by the client, by mid.
@@ -50,6 +54,14 @@ impl Participant {
             PcKind::Subscriber => &mut self.subscriber,
         }
     }
+}
+
+/// A subscriber media section no subscription uses.
+pub(crate) struct IdleSection {
+    pub(crate) mid: Mid,
+    pub(crate) kind: MediaKind,
+    /// The forwarder of the subscription that used it last.
+    pub(crate) forwarder: Forwarder,
 }
 
 pub(crate) struct Subscription {
@@ -149,6 +161,7 @@ impl Sfu {
                 subscriptions: HashMap::new(),
                 to_add: Vec::new(),
                 to_stop: Vec::new(),
+                idle: Vec::new(),
                 pending_offer: None,
                 estimate_bps: None,
                 announced: HashMap::new(),
@@ -242,7 +255,7 @@ impl Sfu {
             .ok_or(MediaError::UnknownTrack(track))?;
         p.to_add.retain(|t| *t != track);
         if let Some(mid) = sub.mid {
-            p.to_stop.push(mid);
+            p.to_stop.push((mid, sub.forwarder));
         }
         if let Some(t) = self.tracks.get_mut(&track) {
             t.subscribers.retain(|s| *s != id);
@@ -386,7 +399,7 @@ impl Sfu {
             {
                 p.to_add.retain(|x| *x != track);
                 if let Some(mid) = sub.mid {
-                    p.to_stop.push(mid);
+                    p.to_stop.push((mid, sub.forwarder));
                 }
             }
         }
