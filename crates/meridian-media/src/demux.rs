@@ -9,9 +9,16 @@
 //! [`ADDRESS_HELD_FOR`]), checks from there for any other connection are dropped
 //! before str0m sees them. Otherwise a participant could replay its own valid check
 //! from a victim's IP:port and take the victim's media.
+//!
+//! A check is also refused when the same transaction was verified from another
+//! address (one of the connection's last [`RECENT_CHECKS`]): a client retransmits a
+//! check from where it sent it, so such a copy is a replay, which would otherwise
+//! move the connection, and make str0m nominate the replayer's address.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use str0m::ice::TransId;
 
 use crate::{ParticipantId, PcKind, Sfu};
 
@@ -19,25 +26,47 @@ use crate::{ParticipantId, PcKind, Sfu};
 /// Clients check at least every few seconds (str0m every ~3 s, browsers every ~5 s
 /// for consent freshness, RFC 7675), so a live connection renews it well within this.
 pub(crate) const ADDRESS_HELD_FOR: Duration = Duration::from_secs(15);
+/// Verified checks remembered per connection, to refuse their replays from elsewhere
+/// (clients check every 1–3 s once connected, so this covers a minute or more).
+pub(crate) const RECENT_CHECKS: usize = 64;
 
 impl Sfu {
     /// Finds the connection a datagram belongs to. STUN names it by the USERNAME's ufrag
-    /// (and reports `true`: the address may move once str0m verifies the check); any
-    /// other datagram by its source address.
+    /// (and reports its transaction: the address may move once str0m verifies the
+    /// check); any other datagram by its source address.
     pub(crate) fn route(
         &self,
         source: SocketAddr,
         contents: &[u8],
-    ) -> Option<(ParticipantId, PcKind, bool)> {
+    ) -> Option<(ParticipantId, PcKind, Option<TransId>)> {
         if contents.first().is_some_and(|b| *b < 2) {
             let msg = str0m::ice::StunMessage::parse(contents).ok()?;
             let (local, _remote) = msg.split_username()?;
             let (id, kind) = *self.by_ufrag.get(local)?;
-            return Some((id, kind, true));
+            return Some((id, kind, Some(msg.trans_id())));
         }
         self.by_addr
             .get(&source)
-            .map(|(id, kind)| (*id, *kind, false))
+            .map(|(id, kind)| (*id, *kind, None))
+    }
+
+    /// Whether a check for (`id`, `kind`) from `source` must not reach str0m: the
+    /// address is held by another connection, or the transaction is a replay.
+    pub(crate) fn refuses_check(
+        &self,
+        now: Instant,
+        id: ParticipantId,
+        kind: PcKind,
+        trans_id: TransId,
+        source: SocketAddr,
+    ) -> bool {
+        let replayed = self.participants.get(&id).is_some_and(|p| {
+            p.pc(kind)
+                .recent_checks
+                .iter()
+                .any(|(t, from)| *t == trans_id && *from != source)
+        });
+        replayed || self.held_by_other(now, id, kind, source)
     }
 
     /// Whether `source` is held by a connection other than (`id`, `kind`): bound to it,
@@ -64,13 +93,15 @@ impl Sfu {
         })
     }
 
-    /// Points `source` at a connection whose ICE check from there str0m answered, and
-    /// renews the hold. The caller has checked that no other connection holds it.
+    /// Points `source` at a connection whose ICE check from there str0m answered,
+    /// renews the hold and remembers the transaction. The caller has checked that the
+    /// check is not refused.
     pub(crate) fn bind_address(
         &mut self,
         now: Instant,
         id: ParticipantId,
         kind: PcKind,
+        trans_id: TransId,
         source: SocketAddr,
     ) {
         let Some(p) = self.participants.get_mut(&id) else {
@@ -78,6 +109,10 @@ impl Sfu {
         };
         let pc = p.pc_mut(kind);
         pc.last_check = Some(now);
+        if pc.recent_checks.len() >= RECENT_CHECKS {
+            pc.recent_checks.pop_front();
+        }
+        pc.recent_checks.push_back((trans_id, source));
         if pc.remote == Some(source) && self.by_addr.get(&source) == Some(&(id, kind)) {
             return;
         }

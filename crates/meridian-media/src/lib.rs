@@ -192,9 +192,10 @@ pub struct SfuStats {
     pub datagrams_unrouted: u64,
     /// Datagrams dropped because they were not STUN, DTLS, RTP or RTCP.
     pub datagrams_malformed: u64,
-    /// Datagrams a peer connection returned an error for, and ICE checks from an
-    /// address another connection holds. (str0m drops SRTP that fails authentication
-    /// and STUN with a bad MESSAGE-INTEGRITY silently; those are not counted here.)
+    /// Datagrams a peer connection returned an error for, and ICE checks refused (from
+    /// an address another connection holds, or replayed from elsewhere). (str0m drops
+    /// SRTP that fails authentication and STUN with a bad MESSAGE-INTEGRITY silently;
+    /// those are not counted here.)
     pub datagrams_rejected: u64,
     /// Keyframe requests sent to publishers.
     pub keyframe_requests: u64,
@@ -334,14 +335,16 @@ impl Sfu {
             self.stats.datagrams_malformed += 1;
             return;
         };
-        let Some((id, kind, stun)) = self.route(source, contents) else {
+        let Some((id, kind, check)) = self.route(source, contents) else {
             self.stats.datagrams_unrouted += 1;
             trace!(%source, "unrouted datagram");
             return;
         };
-        if stun && self.held_by_other(now, id, kind, source) {
+        if let Some(trans_id) = check
+            && self.refuses_check(now, id, kind, trans_id, source)
+        {
             self.stats.datagrams_rejected += 1;
-            trace!(participant = %id, ?kind, %source, "check from an address another connection holds");
+            trace!(participant = %id, ?kind, %source, "check refused (address held, or replayed)");
             return;
         }
         let Some(p) = self.participants.get_mut(&id) else {
@@ -359,14 +362,14 @@ impl Sfu {
         // password: an answer to `source` proves the sender knows it, so media may come
         // from there (see `demux` for why that alone is not enough). A forged check gets
         // no answer and moves nothing.
-        if stun
+        if let Some(trans_id) = check
             && self
                 .transmits
                 .iter()
                 .skip(queued)
                 .any(|t| t.destination == source)
         {
-            self.bind_address(now, id, kind, source);
+            self.bind_address(now, id, kind, trans_id, source);
         }
     }
 

@@ -1,10 +1,12 @@
 //! The peer wrapper: one `str0m::Rtc` per connection, and how the core drains it
 //! (transmits, timeouts, events) after every input.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::{Bitrate, BweKind};
+use str0m::ice::TransId;
 use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
 use tracing::warn;
 
@@ -27,6 +29,8 @@ pub(crate) struct Pc {
     pub(crate) remote: Option<SocketAddr>,
     /// When the last verified ICE check from `remote` arrived.
     pub(crate) last_check: Option<Instant>,
+    /// The latest verified checks: transaction and source.
+    pub(crate) recent_checks: VecDeque<(TransId, SocketAddr)>,
     pub(crate) connected: bool,
     pub(crate) dirty: bool,
 }
@@ -55,6 +59,7 @@ impl Pc {
             next_timeout: now,
             remote: None,
             last_check: None,
+            recent_checks: VecDeque::new(),
             connected: false,
             dirty: false,
         }

@@ -86,6 +86,46 @@ fn a_check_for_another_connection_cannot_take_a_live_address() {
     );
 }
 
+/// The same attack with fresh checks: the attacker's own peer sends every datagram
+/// with the victim's source address (its str0m makes a new transaction per check,
+/// so this is not a replay). The address stays the victim's.
+#[test]
+fn a_peer_forging_the_victims_address_cannot_take_it() {
+    let mut h = Harness::new();
+    let victim = h.add_publisher("room", "victim", MediaConfig::default());
+    let attacker = h.add_publisher(
+        "room",
+        "mallory",
+        MediaConfig {
+            video: false,
+            ..MediaConfig::default()
+        },
+    );
+    let sub = h.add_subscriber("room", "sub");
+    h.connect(Duration::from_secs(5));
+    h.run_for(Duration::from_millis(500));
+    let track = h.clients[victim]
+        .track(TrackKind::Video)
+        .expect("the victim publishes video");
+    let victim_addr = h.clients[victim].publisher.addr;
+    let rejected_before = h.sfu.stats().datagrams_rejected;
+
+    // Only the source is forged: the node's replies to that address reach the victim.
+    h.clients[attacker].publisher.nat = Some(victim_addr);
+    let mark = h.clients[sub].frames.len();
+    h.run_for(Duration::from_secs(3));
+    let frames = frames_of(&h, sub, track, mark);
+    let st = h.sfu.stats().clone();
+    assert!(
+        st.datagrams_rejected > rejected_before,
+        "the forged checks were refused: {st:?}"
+    );
+    assert!(
+        frames >= 85,
+        "the victim's video kept flowing: {frames} frames in 3 s, {st:?}"
+    );
+}
+
 /// A client's NAT mapping changes: its next verified check moves the connection to
 /// the new address and media follows (nothing else held that address).
 #[test]
@@ -147,5 +187,35 @@ fn a_silent_connections_address_can_be_taken_once_its_hold_lapses() {
     assert!(
         frames >= 55,
         "the publisher's video follows it to the lapsed address: {frames} frames in 2 s"
+    );
+}
+
+/// A copy of a publisher's verified check, replayed from an address nobody holds (an
+/// eavesdropper's), does not move the connection: the transaction was verified from
+/// the publisher's address. (Found by `malformed.rs`: a check with a flipped
+/// FINGERPRINT bit still verifies.)
+#[test]
+fn a_replayed_check_does_not_move_the_connection() {
+    let mut h = Harness::new();
+    let publisher = h.add_publisher("room", "alice", MediaConfig::default());
+    let sub = h.add_subscriber("room", "sub");
+    h.connect(Duration::from_secs(5));
+    let track = h.clients[publisher]
+        .track(TrackKind::Video)
+        .expect("alice publishes video");
+    let pub_addr = h.clients[publisher].publisher.addr;
+    let check = capture_check(&mut h, pub_addr);
+    h.run_for(Duration::from_millis(300));
+
+    let eavesdropper: SocketAddr = "10.9.9.9:4000".parse().unwrap();
+    let rejected_before = h.sfu.stats().datagrams_rejected;
+    let mark = h.clients[sub].frames.len();
+    h.inject(eavesdropper, &check);
+    h.run_for(Duration::from_secs(2));
+    let frames = frames_of(&h, sub, track, mark);
+    assert_eq!(h.sfu.stats().datagrams_rejected - rejected_before, 1);
+    assert!(
+        frames >= 55,
+        "the publisher's video kept flowing: {frames} frames in 2 s"
     );
 }
