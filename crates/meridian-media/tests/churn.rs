@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{Harness, MediaConfig};
 use meridian_media::SfuEvent;
 use meridian_protocol::TrackKind;
+use str0m::change::SdpOffer;
 
 /// Publish/unpublish cycles the subscriber lives through (issue 17 item 6 saw its
 /// answers pass 64 KB after 22).
@@ -80,4 +81,125 @@ fn publish_unpublish_churn_reuses_media_sections() {
         sections <= 4,
         "media sections are reused: {sections} after {CYCLES} cycles"
     );
+}
+
+/// Answers the subscriber's latest offer by hand (while `auto_answer` is off).
+fn answer_by_hand(h: &mut Harness, sub: usize) {
+    let id = h.clients[sub].id;
+    let (sdp, tracks) = h
+        .events
+        .iter()
+        .rev()
+        .find_map(|(_, e)| match e {
+            SfuEvent::SubscriberOffer {
+                participant,
+                sdp,
+                tracks,
+            } if *participant == id => Some((sdp.clone(), tracks.clone())),
+            _ => None,
+        })
+        .expect("an offer is pending");
+    let c = &mut h.clients[sub];
+    for t in &tracks {
+        c.sub_tracks
+            .insert(t.mid.as_str().into(), t.track_id.parse().expect("track id"));
+    }
+    let offer = SdpOffer::from_sdp_string(&sdp).expect("the node's offer parses");
+    let answer = c
+        .subscriber
+        .rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .expect("the node's offer is acceptable")
+        .to_sdp_string();
+    let now = h.now;
+    h.sfu
+        .handle_subscriber_answer(now, id, &answer)
+        .expect("the node accepts the answer");
+}
+
+/// A track ends and another of the same kinds starts while an offer is outstanding:
+/// the next offer stops and reuses the same sections at once, and the new tracks
+/// flow through them without a gap.
+#[test]
+fn a_section_released_and_reused_in_one_offer_carries_the_new_track() {
+    let mut h = Harness::new();
+    let sub = h.add_subscriber("room", "sub");
+    let first = h.add_publisher("room", "first", MediaConfig::default());
+    h.connect(Duration::from_secs(5));
+    h.run_for(Duration::from_millis(300));
+    let sub_id = h.clients[sub].id;
+    let sections_before = last_offer(&h, sub_id)
+        .expect("offered")
+        .lines()
+        .filter(|l| l.starts_with("m="))
+        .count();
+
+    h.auto_answer = false;
+    // An unanswered offer (for `pending`'s tracks) holds the next changes back.
+    let pending = h.add_publisher(
+        "room",
+        "pending",
+        MediaConfig {
+            video: false,
+            ..MediaConfig::default()
+        },
+    );
+    h.remove(first);
+    let second = h.add_publisher("room", "second", MediaConfig::default());
+    let offers_before = h.clients[sub].offers.len();
+    answer_by_hand(&mut h, sub);
+    h.run_for(Duration::from_millis(5));
+    assert_eq!(
+        h.clients[sub].offers.len(),
+        offers_before + 1,
+        "the held-back changes are offered once the answer arrives"
+    );
+    let sections = last_offer(&h, sub_id)
+        .expect("offered")
+        .lines()
+        .filter(|l| l.starts_with("m="))
+        .count();
+    assert_eq!(
+        sections,
+        sections_before + 1,
+        "only `pending`'s audio adds a section; `second` reuses `first`'s"
+    );
+    answer_by_hand(&mut h, sub);
+    h.auto_answer = true;
+
+    for (publisher, kind) in [
+        (second, TrackKind::Video),
+        (second, TrackKind::Audio),
+        (pending, TrackKind::Audio),
+    ] {
+        let track = h.clients[publisher].track(kind).expect("published");
+        let mark = h.clients[sub].frames.len();
+        let flowing = h.run_until(Duration::from_secs(3), |h| {
+            h.clients[sub].frames[mark..]
+                .iter()
+                .filter(|f| f.track == Some(track))
+                .count()
+                >= 10
+        });
+        assert!(
+            flowing,
+            "{kind:?} of participant {publisher} reaches the subscriber"
+        );
+        let frames: Vec<_> = h.clients[sub].frames[mark..]
+            .iter()
+            .filter(|f| f.track == Some(track))
+            .collect();
+        // str0m's VP8 depacketizer may flag the first frame of the new source (a
+        // keyframe, so decodable); after it, no frame may be missing.
+        assert!(
+            frames[0].contiguous || (kind == TrackKind::Video && frames[0].header.keyframe),
+            "{kind:?} of participant {publisher} starts cleanly: {:?}",
+            frames[0]
+        );
+        assert!(
+            frames[1..].iter().all(|f| f.contiguous),
+            "{kind:?} of participant {publisher} arrives without gaps"
+        );
+    }
 }
