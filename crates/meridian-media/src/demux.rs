@@ -30,6 +30,13 @@ pub(crate) const ADDRESS_HELD_FOR: Duration = Duration::from_secs(15);
 /// (clients check every 1–3 s once connected, so this covers a minute or more).
 pub(crate) const RECENT_CHECKS: usize = 64;
 
+/// Whether `datagram` is a STUN answer to transaction `trans_id`.
+pub(crate) fn answers(datagram: &[u8], trans_id: TransId) -> bool {
+    datagram.first().is_some_and(|b| *b < 2)
+        && str0m::ice::StunMessage::parse(datagram)
+            .is_ok_and(|m| !m.is_binding_request() && m.trans_id() == trans_id)
+}
+
 impl Sfu {
     /// Finds the connection a datagram belongs to. STUN names it by the USERNAME's ufrag
     /// (and reports its transaction: the address may move once str0m verifies the

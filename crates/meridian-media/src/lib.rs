@@ -359,15 +359,15 @@ impl Sfu {
         let queued = self.transmits.len();
         self.process(now);
         // str0m answers only checks whose MESSAGE-INTEGRITY matches the connection's ICE
-        // password: an answer to `source` proves the sender knows it, so media may come
-        // from there (see `demux` for why that alone is not enough). A forged check gets
-        // no answer and moves nothing.
+        // password: its answer to `source` (same transaction) proves the sender knows it,
+        // so media may come from there (see `demux` for why that alone is not enough).
+        // A forged check gets no answer and moves nothing.
         if let Some(trans_id) = check
             && self
                 .transmits
                 .iter()
                 .skip(queued)
-                .any(|t| t.destination == source)
+                .any(|t| t.destination == source && demux::answers(&t.contents, trans_id))
         {
             self.bind_address(now, id, kind, trans_id, source);
         }
