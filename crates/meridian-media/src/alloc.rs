@@ -1,5 +1,16 @@
 //! Simulcast layer allocation: which layer each video subscription gets from a
-//! subscriber's bandwidth estimate.
+//! subscriber's bandwidth estimate, and `Sfu::reallocate`, which applies it to a
+//! subscriber's forwarders.
+
+use std::time::Instant;
+
+use meridian_protocol::TrackKind;
+use str0m::bwe::Bitrate;
+use tracing::trace;
+
+use crate::pc::mark_dirty;
+use crate::rate::{AUDIO_BPS, available_rates};
+use crate::{ParticipantId, PcKind, Sfu};
 
 /// One video subscription's input to the allocator.
 #[derive(Clone, Copy, Debug)]
@@ -62,6 +73,76 @@ pub(crate) fn allocate(budget: u64, demands: &[Demand]) -> Vec<Option<usize>> {
         used += extra;
     }
     chosen
+}
+
+impl Sfu {
+    /// Chooses layers for a subscriber's video subscriptions from its estimate.
+    pub(crate) fn reallocate(&mut self, id: ParticipantId, now: Instant) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let estimate = p.estimate_bps.unwrap_or(self.config.initial_estimate_bps);
+        let mut ids = Vec::new();
+        let mut demands = Vec::new();
+        let mut audio = 0;
+        for (track, sub) in p.subscriptions.iter() {
+            let Some(t) = self.tracks.get(track) else {
+                continue;
+            };
+            if t.kind == TrackKind::Audio {
+                audio += AUDIO_BPS;
+                continue;
+            }
+            ids.push(*track);
+            demands.push(Demand {
+                max_layer: sub.max_layer,
+                rates: available_rates(&t.rates, now),
+            });
+        }
+        // Audio subscriptions always forward.
+        for (track, sub) in p.subscriptions.iter_mut() {
+            if self
+                .tracks
+                .get(track)
+                .is_some_and(|t| t.kind == TrackKind::Audio)
+                && sub.forwarder.target().is_none()
+            {
+                sub.forwarder.set_target(Some(0));
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let chosen = allocate(estimate.saturating_sub(audio), &demands);
+        let desired: u64 = demands.iter().map(Demand::desired).sum::<u64>() + audio;
+        // Let the estimator probe towards what the subscriptions could use.
+        p.subscriber.rtc.bwe().set_bitrate(
+            Bitrate::bps(desired.min(estimate).max(100_000)),
+            Bitrate::bps(desired.max(300_000)),
+        );
+        let mut keyframes = Vec::new();
+        for (track, layer) in ids.into_iter().zip(chosen) {
+            let Some(sub) = p.subscriptions.get_mut(&track) else {
+                continue;
+            };
+            let layer = match layer {
+                Some(l) => Some(l),
+                // Nothing is being sent yet: aim at the lowest layer that may come.
+                None => sub.forwarder.target().or(Some(0)),
+            };
+            if sub.forwarder.target() != layer {
+                trace!(participant = %id, track = %track, ?layer, "layer target");
+                sub.forwarder.set_target(layer);
+                if let Some(l) = layer {
+                    keyframes.push((track, l));
+                }
+            }
+        }
+        mark_dirty(&mut self.dirty, id, &mut p.subscriber, PcKind::Subscriber);
+        for (track, layer) in keyframes {
+            self.request_layer_keyframe(track, layer, now, false);
+        }
+    }
 }
 
 #[cfg(test)]

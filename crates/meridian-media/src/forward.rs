@@ -4,8 +4,18 @@
 //! picture ids. A subscriber sees one stream, so on every layer switch the forwarder
 //! rebases sequence number, timestamp and picture id to continue where the previous
 //! layer left off. Switches happen only at a keyframe of the target layer.
+//!
+//! `Sfu::forward` is the packet path around it: a publisher's RTP packet is mapped to
+//! its track and layer, measured, and written to every subscriber's outgoing stream.
 
 use std::time::Instant;
+
+use meridian_protocol::{Layer, TrackKind};
+use str0m::format::Codec;
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Vp8Descriptor};
+
+use crate::pc::mark_dirty;
+use crate::{ParticipantId, PcKind, Sfu, SfuEvent, keyframe};
 
 /// One incoming packet as the forwarder sees it.
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +88,19 @@ impl Forwarder {
             last_out_pic: None,
             last_out_tl0: None,
         }
+    }
+
+    /// Continues the outgoing stream `previous` wrote (a reused media section): the
+    /// next packet forwarded is rebased like a layer switch, so sequence number,
+    /// timestamp and picture id go on from where `previous` stopped.
+    pub(crate) fn continue_after(&mut self, previous: &Forwarder) {
+        self.last_out_seq = previous.last_out_seq;
+        self.last_out_ts = previous.last_out_ts;
+        self.last_out_at = previous.last_out_at;
+        self.last_out_pic = previous.last_out_pic;
+        self.last_out_tl0 = previous.last_out_tl0;
+        self.current = None;
+        self.offsets = None;
     }
 
     pub(crate) fn current(&self) -> Option<usize> {
@@ -165,6 +188,174 @@ impl Forwarder {
             first_in_seq: p.seq,
         });
         self.current = Some(p.layer);
+    }
+}
+
+impl Sfu {
+    pub(crate) fn forward(&mut self, now: Instant, publisher: ParticipantId, pkt: RtpPacket) {
+        self.stats.rtp_packets_in += 1;
+        let Some(p) = self.participants.get_mut(&publisher) else {
+            return;
+        };
+        let ssrc = pkt.header.ssrc;
+        let (track_id, layer) = match p.ssrc_map.get(&ssrc) {
+            Some(x) => *x,
+            None => {
+                let mut api = p.publisher.rtc.direct_api();
+                let Some(rx) = api.stream_rx(&ssrc) else {
+                    return;
+                };
+                let (mid, rid) = (rx.mid(), rx.rid());
+                let layer = rid
+                    .and_then(|r| Layer::from_rid(&r.to_string()))
+                    .map_or(0, Layer::index);
+                let Some(track) = p
+                    .published
+                    .iter()
+                    .copied()
+                    .find(|t| self.tracks.get(t).is_some_and(|t| t.mid == mid))
+                else {
+                    return;
+                };
+                p.ssrc_map.insert(ssrc, (track, layer));
+                (track, layer)
+            }
+        };
+        let Some(t) = self.tracks.get_mut(&track_id) else {
+            return;
+        };
+        t.rates[layer].record(now, ssrc, pkt.payload.len());
+        if t.muted || t.subscribers.is_empty() {
+            return;
+        }
+        let pt = pkt.header.payload_type;
+        let params = match t.pt_params.iter().find(|(x, _)| *x == pt) {
+            Some((_, params)) => *params,
+            None => {
+                let Some(params) = p
+                    .publisher
+                    .rtc
+                    .codec_config()
+                    .find(|c| c.pt() == pt)
+                    .copied()
+                else {
+                    return;
+                };
+                t.pt_params.push((pt, params));
+                params
+            }
+        };
+        let codec = params.spec().codec;
+        let video = t.kind == TrackKind::Video;
+        let vp8 = if codec == Codec::Vp8 {
+            Vp8Descriptor::parse(&pkt.payload).ok()
+        } else {
+            None
+        };
+        let keyframe_start = !video
+            || vp8.map_or_else(
+                || keyframe::starts_keyframe(codec, &pkt.payload),
+                |d| d.starts_keyframe(&pkt.payload),
+            );
+        let input = InPacket {
+            layer,
+            seq: *pkt.seq_no,
+            ts: pkt.header.timestamp,
+            keyframe_start,
+            picture_id: vp8.and_then(|d| d.picture_id()),
+            tl0: vp8.and_then(|d| d.tl0_pic_idx()),
+            arrival: pkt.timestamp,
+        };
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            video_orientation: pkt.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        for sub_id in &t.subscribers {
+            let Some(sp) = self.participants.get_mut(sub_id) else {
+                continue;
+            };
+            let Some(sub) = sp.subscriptions.get_mut(&track_id) else {
+                continue;
+            };
+            let (true, Some(out_ssrc)) = (sub.active, sub.out_ssrc) else {
+                continue;
+            };
+            let Some(out) = sub.forwarder.handle(&input) else {
+                continue;
+            };
+            if out.switched {
+                self.stats.layer_switches += 1;
+                self.events.push_back(SfuEvent::LayerChanged {
+                    participant: *sub_id,
+                    track_id,
+                    layer: Some(Layer::ALL[layer]),
+                });
+            }
+            let out_pt = match sub.pt_map.iter().find(|(i, _)| *i == pt) {
+                Some((_, o)) => *o,
+                None => {
+                    let Some(o) = sp.subscriber.rtc.codec_config().match_params(params) else {
+                        continue;
+                    };
+                    let o = o.pt();
+                    sub.pt_map.push((pt, o));
+                    o
+                }
+            };
+            let mut write = RtpWrite::new(
+                out_pt,
+                SeqNo::from(out.seq),
+                out.ts,
+                pkt.timestamp,
+                pkt.payload.clone(),
+            )
+            .marker(pkt.header.marker)
+            .ext_vals(ext.clone())
+            .nackable(video);
+            if let Some(d) = vp8 {
+                let mut patch = d.patch();
+                if let Some(pic) = out.picture_id {
+                    patch = patch.picture_id(pic);
+                }
+                if let Some(tl0) = out.tl0 {
+                    patch = patch.tl0_pic_idx(tl0);
+                }
+                if let Ok(patch) = patch.build() {
+                    write = write.vp8_patch(patch);
+                }
+            }
+            let mut api = sp.subscriber.rtc.direct_api();
+            let Some(tx) = api.stream_tx(&out_ssrc) else {
+                continue;
+            };
+            tx.write_rtp(write);
+            self.stats.rtp_packets_forwarded += 1;
+            self.stats.rtp_bytes_forwarded += pkt.payload.len() as u64;
+            mark_dirty(
+                &mut self.dirty,
+                *sub_id,
+                &mut sp.subscriber,
+                PcKind::Subscriber,
+            );
+        }
+        // A subscriber waits for a keyframe on some layer: ask once per interval.
+        let waiting: Vec<usize> = t
+            .subscribers
+            .iter()
+            .filter_map(|s| {
+                self.participants
+                    .get(s)?
+                    .subscriptions
+                    .get(&track_id)?
+                    .forwarder
+                    .wants_keyframe()
+            })
+            .collect();
+        for layer in waiting {
+            self.request_layer_keyframe(track_id, layer, now, false);
+        }
     }
 }
 

@@ -1,7 +1,15 @@
-//! Keyframe detection on RTP payloads, per codec.
+//! Keyframes: detection on RTP payloads, per codec, and requests (PLI) to a track's
+//! publisher, rate-limited per layer.
 
+use std::time::Instant;
+
+use meridian_protocol::TrackKind;
 use str0m::format::Codec;
+use str0m::media::KeyframeRequestKind;
 use str0m::rtp::Vp8Descriptor;
+
+use crate::pc::mark_dirty;
+use crate::{PcKind, Sfu, TrackId};
 
 /// Whether `payload` (an RTP payload, no header) starts a keyframe of `codec`.
 pub fn starts_keyframe(codec: Codec, payload: &[u8]) -> bool {
@@ -41,6 +49,76 @@ fn h264_starts_keyframe(payload: &[u8]) -> bool {
             .get(1)
             .is_some_and(|fu| fu & 0x80 != 0 && is_key(fu & 0x1f)),
         t => is_key(t),
+    }
+}
+
+impl Sfu {
+    /// Asks the publisher of `track` for a keyframe on every layer some subscriber waits for.
+    pub(crate) fn request_keyframe_for(&mut self, track: TrackId, now: Instant, force: bool) {
+        let Some(t) = self.tracks.get(&track) else {
+            return;
+        };
+        if t.kind != TrackKind::Video {
+            return;
+        }
+        let mut layers: Vec<usize> = t
+            .subscribers
+            .iter()
+            .filter_map(|s| {
+                let f = &self
+                    .participants
+                    .get(s)?
+                    .subscriptions
+                    .get(&track)?
+                    .forwarder;
+                f.wants_keyframe().or(f.current())
+            })
+            .collect();
+        layers.sort();
+        layers.dedup();
+        for layer in layers {
+            self.request_layer_keyframe(track, layer, now, force);
+        }
+    }
+
+    pub(crate) fn request_layer_keyframe(
+        &mut self,
+        track: TrackId,
+        layer: usize,
+        now: Instant,
+        force: bool,
+    ) {
+        let interval = self.config.keyframe_request_interval;
+        let Some(t) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        let rate = &mut t.rates[layer];
+        let Some(ssrc) = rate.ssrc else {
+            return;
+        };
+        let recent = rate
+            .last_keyframe_request
+            .is_some_and(|at| now.saturating_duration_since(at) < interval);
+        if recent && !force {
+            return;
+        }
+        if recent && force && rate.last_keyframe_request == Some(now) {
+            return;
+        }
+        rate.last_keyframe_request = Some(now);
+        let Some(p) = self.participants.get_mut(&t.owner) else {
+            return;
+        };
+        if let Some(rx) = p.publisher.rtc.direct_api().stream_rx(&ssrc) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            self.stats.keyframe_requests += 1;
+            mark_dirty(
+                &mut self.dirty,
+                t.owner,
+                &mut p.publisher,
+                PcKind::Publisher,
+            );
+        }
     }
 }
 

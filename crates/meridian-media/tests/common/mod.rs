@@ -145,6 +145,8 @@ pub struct PeerPc {
     pub down: Option<Netem<Vec<u8>>>,
     /// Impairment of datagrams from this peer to the node.
     pub up: Option<Netem<Vec<u8>>>,
+    /// The address the node sees, when a NAT maps `addr` elsewhere.
+    pub nat: Option<SocketAddr>,
 }
 
 impl PeerPc {
@@ -163,7 +165,13 @@ impl PeerPc {
             connected: false,
             down: None,
             up: None,
+            nat: None,
         }
+    }
+
+    /// The address the node sees this peer's datagrams come from.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.nat.unwrap_or(self.addr)
     }
 }
 
@@ -259,6 +267,11 @@ pub struct Harness {
     pub profile: Option<Profile>,
     /// When false, events are not kept in `events` (benchmarks).
     pub keep_events: bool,
+    /// When set, every STUN datagram a peer sends to the node is copied into
+    /// `captured_stun` with its source (to replay it from elsewhere).
+    pub capture_stun: bool,
+    /// STUN datagrams peers sent to the node while `capture_stun` was set.
+    pub captured_stun: Vec<(SocketAddr, Vec<u8>)>,
     by_addr: HashMap<SocketAddr, (usize, bool)>,
     by_id: HashMap<ParticipantId, usize>,
     to_sfu: VecDeque<(SocketAddr, Vec<u8>)>,
@@ -290,6 +303,8 @@ impl Harness {
             auto_answer: true,
             profile: None,
             keep_events: true,
+            capture_stun: false,
+            captured_stun: Vec::new(),
             by_addr: HashMap::new(),
             by_id: HashMap::new(),
             to_sfu: VecDeque::new(),
@@ -475,6 +490,16 @@ impl Harness {
         self.pump();
     }
 
+    /// Puts one of a client's peer connections behind a NAT mapping that just changed
+    /// to `addr`: from now on the node sees its datagrams come from there, and the
+    /// node's datagrams to there reach it (its own local address stays the same).
+    pub fn move_peer(&mut self, idx: usize, publisher: bool, addr: SocketAddr) {
+        let pc = pc_of(&mut self.clients[idx], publisher);
+        self.by_addr.remove(&pc.public_addr());
+        pc.nat = Some(addr);
+        self.by_addr.insert(addr, (idx, publisher));
+    }
+
     /// Every connection of every live client is connected.
     pub fn all_connected(&self) -> bool {
         self.clients.iter().filter(|c| c.alive).all(|c| {
@@ -540,7 +565,7 @@ impl Harness {
                 }
                 for publisher in [true, false] {
                     let pc = pc_of(&mut self.clients[idx], publisher);
-                    let from = pc.addr;
+                    let from = pc.public_addr();
                     if let Some(net) = &mut pc.up {
                         net.handle_input(str0m_netem::Input::Timeout(now));
                         while let Some(out) = net.poll_output() {
@@ -566,6 +591,9 @@ impl Harness {
             }
             while let Some((source, data)) = self.to_sfu.pop_front() {
                 moved = true;
+                if self.capture_stun && data.first().is_some_and(|b| *b < 2) {
+                    self.captured_stun.push((source, data.clone()));
+                }
                 let rtp = is_rtp(&data);
                 let (_, spent) = self.drive(|s, now| s.handle_datagram(now, source, &data));
                 if rtp && let Some(p) = &mut self.profile {
@@ -668,7 +696,7 @@ impl Harness {
                 }
                 Output::Transmit(t) => {
                     let data: Vec<u8> = t.contents.into();
-                    let from = pc.addr;
+                    let from = pc.public_addr();
                     match &mut pc.up {
                         Some(net) => net.handle_input(str0m_netem::Input::Packet(now, data)),
                         None => self.to_sfu.push_back((from, data)),

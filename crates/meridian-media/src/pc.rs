@@ -1,0 +1,244 @@
+//! The peer wrapper: one `str0m::Rtc` per connection, and how the core drains it
+//! (transmits, timeouts, events) after every input.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::bwe::{Bitrate, BweKind};
+use str0m::ice::TransId;
+use str0m::media::Pt;
+use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
+use tracing::warn;
+
+use crate::{ParticipantId, Sfu, SfuConfig, SfuEvent, TrackId, Transmit};
+
+/// Which of a participant's two peer connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PcKind {
+    /// Carries media from the client to the node; the client offers.
+    Publisher,
+    /// Carries media from the node to the client; the node offers.
+    Subscriber,
+}
+
+pub(crate) struct Pc {
+    pub(crate) rtc: Rtc,
+    pub(crate) ufrag: String,
+    pub(crate) next_timeout: Instant,
+    /// The address media is taken from (bound by a verified ICE check).
+    pub(crate) remote: Option<SocketAddr>,
+    /// When the last verified ICE check from `remote` arrived.
+    pub(crate) last_check: Option<Instant>,
+    /// The latest verified checks: transaction and source.
+    pub(crate) recent_checks: VecDeque<(TransId, SocketAddr)>,
+    pub(crate) connected: bool,
+    pub(crate) dirty: bool,
+}
+
+impl Pc {
+    pub(crate) fn new(config: &SfuConfig, now: Instant, kind: PcKind) -> Pc {
+        let mut builder = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true)
+            .set_stats_interval(None);
+        if kind == PcKind::Subscriber {
+            builder = builder.enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)));
+        }
+        let mut rtc = builder.build(now);
+        let candidate = Candidate::host(config.candidate_addr, "udp")
+            .expect("a host candidate from a socket address is always valid");
+        rtc.add_local_candidate(candidate);
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        Pc {
+            rtc,
+            ufrag,
+            next_timeout: now,
+            remote: None,
+            last_check: None,
+            recent_checks: VecDeque::new(),
+            connected: false,
+            dirty: false,
+        }
+    }
+}
+
+impl Sfu {
+    /// Drains every touched connection until nothing is left to do.
+    pub(crate) fn process(&mut self, now: Instant) {
+        let mut events = Vec::new();
+        // Each round may touch other connections (forwarding, keyframe requests);
+        // the bound guards against a feedback loop between them.
+        let bound = 8 * (2 * self.participants.len() + 8);
+        for _ in 0..bound {
+            let Some((id, kind)) = self.dirty.pop() else {
+                return;
+            };
+            let Some(p) = self.participants.get_mut(&id) else {
+                continue;
+            };
+            let pc = p.pc_mut(kind);
+            pc.dirty = false;
+            loop {
+                match pc.rtc.poll_output() {
+                    Ok(Output::Timeout(t)) => {
+                        pc.next_timeout = t;
+                        break;
+                    }
+                    Ok(Output::Transmit(t)) => self.transmits.push_back(Transmit {
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    }),
+                    Ok(Output::Event(e)) => events.push(e),
+                    Err(e) => {
+                        warn!(participant = %id, ?kind, "connection failed: {e}");
+                        pc.next_timeout = now + Duration::from_secs(3600);
+                        if pc.connected {
+                            pc.connected = false;
+                            self.events.push_back(SfuEvent::Disconnected {
+                                participant: id,
+                                pc: kind,
+                            });
+                        }
+                        break;
+                    }
+                }
+            }
+            for e in events.drain(..) {
+                self.handle_rtc_event(now, id, kind, e);
+            }
+        }
+        if !self.dirty.is_empty() {
+            warn!(left = self.dirty.len(), "processing bound reached");
+        }
+    }
+
+    pub(crate) fn handle_rtc_event(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        kind: PcKind,
+        e: Event,
+    ) {
+        match e {
+            Event::RtpPacket(pkt) => self.forward(now, id, pkt),
+            Event::MediaAdded(m) if kind == PcKind::Publisher && m.direction.is_receiving() => {
+                let rids: Vec<String> = m
+                    .simulcast
+                    .iter()
+                    .flat_map(|s| s.recv.iter().map(|l| l.rid.to_string()))
+                    .collect();
+                let codec = self.participants.get(&id).map_or_else(
+                    || "unknown".to_string(),
+                    |p| {
+                        let pts = p
+                            .publisher
+                            .rtc
+                            .media(m.mid)
+                            .map(|md| md.remote_pts().to_vec());
+                        primary_codec(&p.publisher.rtc, pts.as_deref().unwrap_or(&[]))
+                    },
+                );
+                self.add_track(id, m.mid, m.kind, &rids, codec);
+            }
+            Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
+                let track = self.participants.get(&id).and_then(|p| {
+                    p.subscriptions
+                        .iter()
+                        .find(|(_, s)| s.mid == Some(req.mid))
+                        .map(|(t, _)| *t)
+                });
+                if let Some(track) = track {
+                    self.request_keyframe_for(track, now, false);
+                }
+            }
+            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. })
+            | Event::EgressBitrateEstimate(BweKind::Remb { estimate, .. }) => {
+                if let Some(p) = self.participants.get_mut(&id) {
+                    p.estimate_bps = Some(estimate.as_u64());
+                }
+                self.reallocate(id, now);
+            }
+            Event::Connected => {
+                if let Some(p) = self.participants.get_mut(&id) {
+                    p.pc_mut(kind).connected = true;
+                }
+                self.events.push_back(SfuEvent::Connected {
+                    participant: id,
+                    pc: kind,
+                });
+                if kind == PcKind::Subscriber {
+                    let tracks: Vec<TrackId> = self
+                        .participants
+                        .get(&id)
+                        .map(|p| p.subscriptions.keys().copied().collect())
+                        .unwrap_or_default();
+                    for t in tracks {
+                        self.request_keyframe_for(t, now, true);
+                    }
+                }
+            }
+            Event::IceConnectionStateChange(state) => {
+                let Some(p) = self.participants.get_mut(&id) else {
+                    return;
+                };
+                let pc = p.pc_mut(kind);
+                if state == IceConnectionState::Disconnected && pc.connected {
+                    pc.connected = false;
+                    self.events.push_back(SfuEvent::Disconnected {
+                        participant: id,
+                        pc: kind,
+                    });
+                }
+            }
+            Event::Closed => {
+                if let Some(p) = self.participants.get_mut(&id) {
+                    let pc = p.pc_mut(kind);
+                    if pc.connected {
+                        pc.connected = false;
+                        self.events.push_back(SfuEvent::Disconnected {
+                            participant: id,
+                            pc: kind,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+pub(crate) fn mark_dirty(
+    dirty: &mut Vec<(ParticipantId, PcKind)>,
+    id: ParticipantId,
+    pc: &mut Pc,
+    kind: PcKind,
+) {
+    if !pc.dirty {
+        pc.dirty = true;
+        dirty.push((id, kind));
+    }
+}
+
+/// The media codec the remote side prefers among the negotiated payload types of a
+/// media section (repair and redundancy formats skipped).
+pub(crate) fn primary_codec(rtc: &Rtc, remote_pts: &[Pt]) -> String {
+    remote_pts
+        .iter()
+        .filter_map(|pt| rtc.codec_config().iter().find(|p| p.pt() == *pt))
+        .map(|p| p.spec().codec)
+        .find(|c| {
+            !matches!(
+                c,
+                str0m::format::Codec::Rtx
+                    | str0m::format::Codec::Red
+                    | str0m::format::Codec::Null
+                    | str0m::format::Codec::Unknown
+            )
+        })
+        .map_or_else(|| "unknown".to_string(), |c| c.to_string())
+}

@@ -1,0 +1,501 @@
+//! Room bookkeeping: rooms, participants, published tracks and subscriptions, and the
+//! commands that change them.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use meridian_protocol::{Layer, TrackAnnouncement, TrackInfo, TrackKind};
+use str0m::change::SdpPendingOffer;
+use str0m::format::PayloadParams;
+use str0m::media::{MediaKind, Mid, Pt};
+use str0m::rtp::Ssrc;
+use tracing::{debug, warn};
+
+use crate::forward::Forwarder;
+use crate::pc::{Pc, mark_dirty};
+use crate::rate::LayerRate;
+use crate::{MediaError, ParticipantId, PcKind, Sfu, SfuEvent, TrackId};
+
+pub(crate) struct Participant {
+    pub(crate) room: String,
+    pub(crate) identity: String,
+    pub(crate) auto_subscribe: bool,
+    pub(crate) publisher: Pc,
+    pub(crate) subscriber: Pc,
+    pub(crate) published: Vec<TrackId>,
+    pub(crate) subscriptions: HashMap<TrackId, Subscription>,
+    /// Subscriptions made but not yet in a sent offer.
+    pub(crate) to_add: Vec<TrackId>,
+    /// Media sections of ended subscriptions, to set inactive at the next offer (with
+    /// their forwarder, so a reuse continues the stream).
+    pub(crate) to_stop: Vec<(Mid, Forwarder)>,
+    /// Inactive media sections of the subscriber connection, reused by new
+    /// subscriptions of the same kind before any section is added.
+    pub(crate) idle: Vec<IdleSection>,
+    pub(crate) pending_offer: Option<SdpPendingOffer>,
+    pub(crate) estimate_bps: Option<u64>,
+    /// Publisher connection tracks announced by the client, by mid.
+    pub(crate) announced: HashMap<String, TrackAnnouncement>,
+    /// Publisher SSRC → (track, layer) cache.
+    pub(crate) ssrc_map: HashMap<Ssrc, (TrackId, usize)>,
+}
+
+impl Participant {
+    pub(crate) fn pc(&self, kind: PcKind) -> &Pc {
+        match kind {
+            PcKind::Publisher => &self.publisher,
+            PcKind::Subscriber => &self.subscriber,
+        }
+    }
+
+    pub(crate) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
+        match kind {
+            PcKind::Publisher => &mut self.publisher,
+            PcKind::Subscriber => &mut self.subscriber,
+        }
+    }
+}
+
+/// A subscriber media section no subscription uses.
+pub(crate) struct IdleSection {
+    pub(crate) mid: Mid,
+    pub(crate) kind: MediaKind,
+    /// The forwarder of the subscription that used it last.
+    pub(crate) forwarder: Forwarder,
+}
+
+pub(crate) struct Subscription {
+    pub(crate) mid: Option<Mid>,
+    pub(crate) out_ssrc: Option<Ssrc>,
+    pub(crate) max_layer: usize,
+    pub(crate) forwarder: Forwarder,
+    pub(crate) pt_map: Vec<(Pt, Pt)>,
+    pub(crate) active: bool,
+}
+
+pub(crate) struct Track {
+    pub(crate) owner: ParticipantId,
+    pub(crate) room: String,
+    pub(crate) mid: Mid,
+    pub(crate) kind: TrackKind,
+    pub(crate) source: String,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) muted: bool,
+    pub(crate) subscribers: Vec<ParticipantId>,
+    pub(crate) rates: [LayerRate; 3],
+    pub(crate) pt_params: Vec<(Pt, PayloadParams)>,
+}
+
+impl Track {
+    pub(crate) fn info(&self, id: TrackId) -> TrackInfo {
+        TrackInfo {
+            track_id: id.to_string(),
+            participant_id: self.owner.to_string(),
+            mid: self.mid.to_string(),
+            kind: self.kind,
+            source: self.source.clone(),
+            layers: self.layers.clone(),
+            muted: self.muted,
+        }
+    }
+}
+
+impl Sfu {
+    /// Adds a participant to `room` (created on first use) and returns its id.
+    pub fn add_participant(
+        &mut self,
+        now: Instant,
+        room: &str,
+        identity: &str,
+        auto_subscribe: bool,
+    ) -> ParticipantId {
+        let id = ParticipantId(self.next_id);
+        self.next_id += 1;
+        self.insert_participant(now, id, room, identity, auto_subscribe);
+        id
+    }
+
+    /// Adds a participant under an id it had before (restored from a room's log after a
+    /// failover), with new peer connections.
+    pub fn restore_participant(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        room: &str,
+        identity: &str,
+        auto_subscribe: bool,
+    ) -> Result<(), MediaError> {
+        if self.participants.contains_key(&id) {
+            return Err(MediaError::NotAllowed("participant id in use"));
+        }
+        self.insert_participant(now, id, room, identity, auto_subscribe);
+        Ok(())
+    }
+
+    pub(crate) fn insert_participant(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        room: &str,
+        identity: &str,
+        auto_subscribe: bool,
+    ) {
+        self.last_now = now;
+        let mut publisher = Pc::new(&self.config, now, PcKind::Publisher);
+        let mut subscriber = Pc::new(&self.config, now, PcKind::Subscriber);
+        mark_dirty(&mut self.dirty, id, &mut publisher, PcKind::Publisher);
+        mark_dirty(&mut self.dirty, id, &mut subscriber, PcKind::Subscriber);
+        self.by_ufrag
+            .insert(publisher.ufrag.clone(), (id, PcKind::Publisher));
+        self.by_ufrag
+            .insert(subscriber.ufrag.clone(), (id, PcKind::Subscriber));
+        self.participants.insert(
+            id,
+            Participant {
+                room: room.to_string(),
+                identity: identity.to_string(),
+                auto_subscribe,
+                publisher,
+                subscriber,
+                published: Vec::new(),
+                subscriptions: HashMap::new(),
+                to_add: Vec::new(),
+                to_stop: Vec::new(),
+                idle: Vec::new(),
+                pending_offer: None,
+                estimate_bps: None,
+                announced: HashMap::new(),
+                ssrc_map: HashMap::new(),
+            },
+        );
+        self.rooms.entry(room.to_string()).or_default().push(id);
+        debug!(participant = %id, room, "participant added");
+        if auto_subscribe {
+            let existing: Vec<TrackId> = self
+                .tracks
+                .iter()
+                .filter(|(_, t)| t.room == room)
+                .map(|(id, _)| *id)
+                .collect();
+            for track in existing {
+                // Tracks of the same room are always subscribable by a newcomer.
+                let _ = self.subscribe_inner(id, track);
+            }
+            self.negotiate(id);
+        }
+        self.process(now);
+    }
+
+    /// Removes a participant: its tracks are unpublished, its subscriptions and
+    /// connections freed, and its room dropped when empty.
+    pub fn remove_participant(&mut self, now: Instant, id: ParticipantId) {
+        self.last_now = now;
+        let Some(mut p) = self.participants.remove(&id) else {
+            return;
+        };
+        for pc in [&mut p.publisher, &mut p.subscriber] {
+            self.by_ufrag.remove(&pc.ufrag);
+            if let Some(addr) = pc.remote
+                && self
+                    .by_addr
+                    .get(&addr)
+                    .is_some_and(|(owner, _)| *owner == id)
+            {
+                self.by_addr.remove(&addr);
+            }
+            pc.rtc.disconnect();
+        }
+        for track in p.subscriptions.keys() {
+            if let Some(t) = self.tracks.get_mut(track) {
+                t.subscribers.retain(|s| *s != id);
+            }
+        }
+        for track in p.published.clone() {
+            self.remove_track(track);
+        }
+        if let Some(members) = self.rooms.get_mut(&p.room) {
+            members.retain(|m| *m != id);
+            if members.is_empty() {
+                self.rooms.remove(&p.room);
+            }
+        }
+        debug!(participant = %id, "participant removed");
+        self.process(now);
+    }
+
+    /// Subscribes a participant to a track of its room.
+    pub fn subscribe(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        track: TrackId,
+    ) -> Result<(), MediaError> {
+        self.last_now = now;
+        self.subscribe_inner(id, track)?;
+        self.negotiate(id);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Ends a subscription.
+    pub fn unsubscribe(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        track: TrackId,
+    ) -> Result<(), MediaError> {
+        self.last_now = now;
+        let p = self
+            .participants
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownParticipant(id))?;
+        let sub = p
+            .subscriptions
+            .remove(&track)
+            .ok_or(MediaError::UnknownTrack(track))?;
+        p.to_add.retain(|t| *t != track);
+        if let Some(mid) = sub.mid {
+            p.to_stop.push((mid, sub.forwarder));
+        }
+        if let Some(t) = self.tracks.get_mut(&track) {
+            t.subscribers.retain(|s| *s != id);
+        }
+        self.negotiate(id);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Caps the layer a subscriber receives for a track.
+    pub fn set_max_layer(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        track: TrackId,
+        layer: Layer,
+    ) -> Result<(), MediaError> {
+        self.last_now = now;
+        let sub = self
+            .participants
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownParticipant(id))?
+            .subscriptions
+            .get_mut(&track)
+            .ok_or(MediaError::UnknownTrack(track))?;
+        sub.max_layer = layer.index();
+        self.reallocate(id, now);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Mutes or unmutes a participant's own track (muted tracks are not forwarded).
+    pub fn set_muted(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        track: TrackId,
+        muted: bool,
+    ) -> Result<(), MediaError> {
+        self.last_now = now;
+        let t = self
+            .tracks
+            .get_mut(&track)
+            .filter(|t| t.owner == id)
+            .ok_or(MediaError::UnknownTrack(track))?;
+        if t.muted != muted {
+            t.muted = muted;
+            let room = t.room.clone();
+            self.events.push_back(SfuEvent::TrackMuted {
+                room,
+                track_id: track,
+                muted,
+            });
+            if !muted {
+                self.request_keyframe_for(track, now, true);
+            }
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// Stops a participant's own track.
+    pub fn unpublish(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        track: TrackId,
+    ) -> Result<(), MediaError> {
+        self.last_now = now;
+        if self.tracks.get(&track).is_none_or(|t| t.owner != id) {
+            return Err(MediaError::UnknownTrack(track));
+        }
+        self.remove_track(track);
+        self.process(now);
+        Ok(())
+    }
+
+    pub(crate) fn subscribe_inner(
+        &mut self,
+        id: ParticipantId,
+        track: TrackId,
+    ) -> Result<(), MediaError> {
+        let t = self
+            .tracks
+            .get_mut(&track)
+            .ok_or(MediaError::UnknownTrack(track))?;
+        let p = self
+            .participants
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownParticipant(id))?;
+        if t.room != p.room {
+            return Err(MediaError::UnknownTrack(track));
+        }
+        if t.owner == id {
+            return Err(MediaError::NotAllowed(
+                "a participant cannot subscribe to its own track",
+            ));
+        }
+        if p.subscriptions.contains_key(&track) {
+            return Ok(());
+        }
+        if p.subscriptions.len() >= self.config.max_subscriptions_per_participant {
+            return Err(MediaError::Limit("subscriptions per participant"));
+        }
+        let clock = if t.kind == TrackKind::Audio {
+            48_000
+        } else {
+            90_000
+        };
+        p.subscriptions.insert(
+            track,
+            Subscription {
+                mid: None,
+                out_ssrc: None,
+                max_layer: 2,
+                forwarder: Forwarder::new(clock),
+                pt_map: Vec::new(),
+                active: false,
+            },
+        );
+        p.to_add.push(track);
+        t.subscribers.push(id);
+        self.events.push_back(SfuEvent::Subscribed {
+            participant: id,
+            track_id: track,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn remove_track(&mut self, track: TrackId) {
+        let Some(t) = self.tracks.remove(&track) else {
+            return;
+        };
+        if let Some(owner) = self.participants.get_mut(&t.owner) {
+            owner.published.retain(|x| *x != track);
+            owner.ssrc_map.retain(|_, (tr, _)| *tr != track);
+        }
+        for sub_id in &t.subscribers {
+            if let Some(p) = self.participants.get_mut(sub_id)
+                && let Some(sub) = p.subscriptions.remove(&track)
+            {
+                p.to_add.retain(|x| *x != track);
+                if let Some(mid) = sub.mid {
+                    p.to_stop.push((mid, sub.forwarder));
+                }
+            }
+        }
+        self.events.push_back(SfuEvent::TrackUnpublished {
+            room: t.room.clone(),
+            track_id: track,
+            participant: t.owner,
+        });
+        for sub_id in t.subscribers {
+            self.negotiate(sub_id);
+        }
+    }
+
+    /// Creates the track for a receiving media section, unless it exists.
+    pub(crate) fn add_track(
+        &mut self,
+        id: ParticipantId,
+        mid: Mid,
+        kind: MediaKind,
+        rids: &[String],
+        codec: String,
+    ) -> Option<TrackId> {
+        let p = self.participants.get_mut(&id)?;
+        if p.published
+            .iter()
+            .any(|t| self.tracks.get(t).is_some_and(|t| t.mid == mid))
+        {
+            return None;
+        }
+        if p.published.len() >= self.config.max_tracks_per_participant {
+            warn!(participant = %id, "track limit reached; media section ignored");
+            return None;
+        }
+        let kind = match kind {
+            MediaKind::Audio => TrackKind::Audio,
+            MediaKind::Video => TrackKind::Video,
+        };
+        let announced = p.announced.get(&mid.to_string());
+        let mut layers: Vec<Layer> = rids.iter().filter_map(|r| Layer::from_rid(r)).collect();
+        layers.sort();
+        let source = announced.map(|a| a.source.clone()).unwrap_or_else(|| {
+            match kind {
+                TrackKind::Audio => "microphone",
+                TrackKind::Video => "camera",
+            }
+            .to_string()
+        });
+        // A restored publisher asks for its earlier id (the node checked it is its own).
+        let track = match announced
+            .and_then(|a| a.track_id.as_deref())
+            .and_then(|t| t.parse::<TrackId>().ok())
+            .filter(|t| !self.tracks.contains_key(t))
+        {
+            Some(t) => t,
+            None => {
+                self.next_id += 1;
+                TrackId(self.next_id - 1)
+            }
+        };
+        p.published.push(track);
+        let room = p.room.clone();
+        let t = Track {
+            owner: id,
+            room: room.clone(),
+            mid,
+            kind,
+            source,
+            layers,
+            muted: false,
+            subscribers: Vec::new(),
+            rates: [LayerRate::default(); 3],
+            pt_params: Vec::new(),
+        };
+        let info = t.info(track);
+        self.tracks.insert(track, t);
+        debug!(participant = %id, track = %track, "track published");
+        self.events.push_back(SfuEvent::TrackPublished {
+            room: room.clone(),
+            track: info,
+            codec,
+        });
+        let others: Vec<ParticipantId> = self
+            .rooms
+            .get(&room)
+            .map(|m| m.iter().copied().filter(|o| *o != id).collect())
+            .unwrap_or_default();
+        for other in others {
+            if self
+                .participants
+                .get(&other)
+                .is_some_and(|o| o.auto_subscribe)
+                && self.subscribe_inner(other, track).is_ok()
+            {
+                self.negotiate(other);
+            }
+        }
+        Some(track)
+    }
+}
