@@ -99,9 +99,18 @@ async fn check_history(store: &Store, room: &str) {
         );
     }
     assert_eq!(count(&|e| matches!(e, Event::TrackPublished { .. })), 2);
+    // Real codec names, as the vocabulary says (not the track's kind).
+    for codec in ["opus", "VP8"] {
+        assert_eq!(
+            count(&|e| matches!(e, Event::TrackPublished { codec: c, .. } if c == codec)),
+            1,
+            "{codec}: {events:#?}"
+        );
+    }
     assert_eq!(count(&|e| matches!(e, Event::Subscribed { .. })), 4);
     assert_eq!(
-        count(&|e| matches!(e, Event::PreferredLayerSet { layer, .. } if layer == "low")),
+        // Layers are recorded as rids (`q` is the low layer).
+        count(&|e| matches!(e, Event::PreferredLayerSet { layer, .. } if layer == "q")),
         1
     );
     assert_eq!(count(&|e| matches!(e, Event::TrackUnpublished { .. })), 2);

@@ -102,36 +102,82 @@ async fn lane(
     }
 }
 
+/// Events waiting to be appended in one batch, and the messages that wait for them.
+struct Batch {
+    stream: String,
+    epoch: u64,
+    events: Vec<NewEvent>,
+    /// Deliveries and closes queued after (some of) the events.
+    held: Vec<Outbound>,
+}
+
+/// Handles items in order. The appends among them (of one placement, up to
+/// [`MAX_BATCH`] events) go to the store as one batch even with messages queued in
+/// between: each message still leaves only after every event queued before it is
+/// stored, and a run of joins costs one commit instead of one per join.
 async fn handle(cx: &Context, items: Vec<Outbound>) {
-    let mut items = items.into_iter().peekable();
-    while let Some(item) = items.next() {
+    let mut batch: Option<Batch> = None;
+    for item in items {
         match item {
             Outbound::Append {
                 stream,
                 epoch,
-                mut events,
+                events,
             } => {
-                // Merge the appends of the same placement that follow directly.
-                while let Some(Outbound::Append { epoch: next, .. }) = items.peek() {
-                    if *next != epoch || events.len() >= MAX_BATCH {
-                        break;
-                    }
-                    if let Some(Outbound::Append { events: more, .. }) = items.next() {
-                        events.extend(more);
-                    }
+                let n = events.len();
+                if let Some(b) =
+                    batch.take_if(|b| b.epoch != epoch || b.events.len() + n > MAX_BATCH)
+                {
+                    flush(cx, b).await;
                 }
-                append(cx, &stream, epoch, events).await;
+                let b = batch.get_or_insert_with(|| Batch {
+                    stream,
+                    epoch,
+                    events: Vec::new(),
+                    held: Vec::new(),
+                });
+                b.events.extend(events);
             }
             Outbound::Handover {
                 stream,
                 node,
                 reply,
             } => {
+                if let Some(b) = batch.take() {
+                    flush(cx, b).await;
+                }
                 let _ = reply.send(handover(cx, &stream, node).await);
             }
-            Outbound::Deliver { to, msg, .. } => deliver(cx, &to, msg),
-            Outbound::Close { to, .. } => to.close.notify_one(),
+            other => match batch.as_mut() {
+                Some(b) => b.held.push(other),
+                None => release(cx, other),
+            },
         }
+    }
+    if let Some(b) = batch {
+        flush(cx, b).await;
+    }
+}
+
+/// Appends a batch, then lets its messages go; if the events were refused (the room
+/// is hosted elsewhere now) the messages that acknowledge them are dropped, and the
+/// clients hear `migrate` instead.
+async fn flush(cx: &Context, b: Batch) {
+    let stored = append(cx, &b.stream, b.epoch, b.events).await;
+    for item in b.held {
+        match item {
+            Outbound::Deliver { .. } if !stored => {}
+            other => release(cx, other),
+        }
+    }
+}
+
+/// Sends a message or closes a session (items that wait for no append).
+fn release(cx: &Context, item: Outbound) {
+    match item {
+        Outbound::Deliver { to, msg, .. } => deliver(cx, &to, msg),
+        Outbound::Close { to, .. } => to.close.notify_one(),
+        Outbound::Append { .. } | Outbound::Handover { .. } => {}
     }
 }
 
@@ -153,7 +199,7 @@ fn deliver(cx: &Context, to: &SessionSink, msg: meridian_protocol::ServerMessage
 /// decided under another placement epoch than the one held now, or for a room hosted
 /// elsewhere, are dropped; a conflict means another node placed the room since: the
 /// events are refused and the media loop lets the room go.
-async fn append(cx: &Context, stream: &str, epoch: u64, events: Vec<NewEvent>) {
+async fn append(cx: &Context, stream: &str, epoch: u64, events: Vec<NewEvent>) -> bool {
     let expected = match cx.fences.get(stream) {
         Some(Fence::Held {
             version,
@@ -165,13 +211,17 @@ async fn append(cx: &Context, stream: &str, epoch: u64, events: Vec<NewEvent>) {
                 stream,
                 epoch, "events of a placement this node no longer holds; dropped"
             );
-            return;
+            return false;
         }
         None => ExpectedVersion::Any,
     };
-    if let Err(actual) = write(cx, stream, expected, &events).await {
-        cx.metrics.events_fenced.inc_by(events.len() as u64);
-        lost(cx, stream, actual).await;
+    match write(cx, stream, expected, &events).await {
+        Ok(()) => true,
+        Err(actual) => {
+            cx.metrics.events_fenced.inc_by(events.len() as u64);
+            lost(cx, stream, actual).await;
+            false
+        }
     }
 }
 
