@@ -177,9 +177,42 @@ def check_dashboard() -> None:
     print(f"  grafana dashboard: {len(dash['panels'])} panels, {len(rules)} queries parse")
 
 
+def self_test(chart, crds) -> None:
+    """The validators must refuse broken objects: an unknown field in a CRD object, a
+    wrong type in a Kubernetes object, an unknown kind."""
+    docs = render(chart, REGIONS[0], "meridian-selftest")
+    broken = []
+    for d in docs:
+        d = copy.deepcopy(d)
+        if d["kind"] == "ScaledObject":
+            d["spec"]["minReplicas"] = 1  # the field is minReplicaCount
+        elif d["kind"] == "Certificate":
+            d["spec"]["dnsNames"] = "not-a-list"
+        elif d["kind"] == "StatefulSet":
+            d["spec"]["replicas"] = "three"
+        elif d["kind"] == "Cluster":
+            d["spec"]["instances"] = "3"
+        else:
+            continue
+        broken.append(d)
+    broken.append({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+    problems = validate(broken, crds, "self-test")
+    for needle in ["ScaledObject", "Certificate", "StatefulSet", "Cluster", "Widget"]:
+        if not any(needle in p for p in problems):
+            raise Failed(f"self-test: the validators accepted a broken {needle}: {problems}")
+    print(f"  self-test: {len(problems)} problems found in {len(broken)} broken objects, as expected")
+
+
 def main(argv: list[str]) -> int:
     chart = helm.Chart.load(CHART)
     crds = load_crd_schemas()
+    if argv == ["--self-test"]:
+        try:
+            self_test(chart, crds)
+        except Failed as e:
+            print(f"check-deploy: FAILED: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         if argv:
             for i, vf in enumerate(argv):

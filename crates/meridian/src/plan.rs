@@ -19,7 +19,7 @@ pub struct PlanArgs {
     pub regions: Vec<(String, u64)>,
     /// Room size mix, `SIZE:SHARE,…`: the share of users in rooms of each size (shares
     /// add up to 1).
-    #[arg(long, default_value = "2:0.3,4:0.4,8:0.3", value_parser = parse_mix)]
+    #[arg(long, default_value = "2:0.3,4:0.4,8:0.3", value_delimiter = ',', value_parser = parse_mix)]
     pub rooms: Vec<(u32, f64)>,
     /// Publishers per room at most (everyone else only watches).
     #[arg(long, default_value_t = 4)]
