@@ -204,6 +204,14 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
     assert_eq!(groups.len(), 2, "{body}");
     assert_eq!(loaded, 13, "recording and alert rules loaded: {body}");
 
+    // Every node scraped (its counters seen at their value before the load) first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while query(&prom, "sum(up{job=\"meridian\"})").first().map_or(0.0, |s| s.1) != 3.0 {
+        assert!(Instant::now() < deadline, "Prometheus did not scrape the 3 nodes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+
     // Load: 4 publishers and 5 subscribers in 2 rooms, first joins round robin over the
     // three nodes. Room 0 is placed on node-a (pub-0 joins it first), room 1 on node-b
     // (pub-1); clients of a room joining through another node are redirected. Publishers
@@ -258,10 +266,19 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
         let want = expected.iter().find(|e| e.0 == n.id).expect("node").1;
         assert_eq!(own, want, "{} reports {own} outbound video tracks", n.id);
     }
-    // The recording rule the dashboard and KEDA's steady-state trigger use.
-    let sum = query(&prom, "meridian:outbound_video_tracks:sum");
-    assert_eq!(sum.len(), 1, "{sum:?}");
-    assert_eq!(sum[0].1, 10.0, "region total of outbound video tracks");
+    // The recording rule the dashboard uses (evaluated every second: bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sum = query(&prom, "meridian:outbound_video_tracks:sum");
+        if sum.len() == 1 && sum[0].1 == 10.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "region total of outbound video tracks: {sum:?}, want 10"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 
     // KEDA's burst trigger: the chart's joinRateQuery (its namespace matcher empty, as
     // no namespace label exists outside Kubernetes) over the recording rule.
@@ -288,7 +305,9 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
     // extrapolation to the window's edges, a little more), and more than none.
     assert!(
         rate > 0.0 && rate <= joins / 60.0 * 1.5,
-        "join rate {rate} for {joins} joins in the last minute"
+        "join rate {rate} for {joins} joins in the last minute; raw: {:?}; recorded: {:?}",
+        query(&prom, "meridian_joins_total"),
+        query(&prom, "meridian:joins:rate1m"),
     );
     let direct = query(&prom, "sum(increase(meridian_joins_total{job=\"meridian\"}[5m]))");
     assert!(
