@@ -289,7 +289,10 @@ async fn readyz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
     if state.cluster.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if !state.cluster.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "no lease: the event log is unreachable\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no lease: the event log is unreachable\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

@@ -70,7 +70,10 @@ pub fn check_file(path: &Path) -> Result<Config, Problem> {
         return Err(Problem {
             key: None,
             line: None,
-            message: format!("{} bytes is more than the 1 MiB a config file may have", meta.len()),
+            message: format!(
+                "{} bytes is more than the 1 MiB a config file may have",
+                meta.len()
+            ),
         });
     }
     let text = std::fs::read_to_string(path).map_err(|e| Problem {
@@ -181,12 +184,15 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_named_with_its_section_and_line() {
-        let p = check_text("[node]\nregion = \"eu\"\n\n[signaling]\nmax_conections = 5\n")
-            .unwrap_err();
+        let p =
+            check_text("[node]\nregion = \"eu\"\n\n[signaling]\nmax_conections = 5\n").unwrap_err();
         assert_eq!(p.key.as_deref(), Some("signaling.max_conections"));
         assert_eq!(p.line, Some(5));
         assert!(p.message.contains("unknown field"), "{p}");
-        assert!(p.message.contains("max_connections"), "lists the valid keys: {p}");
+        assert!(
+            p.message.contains("max_connections"),
+            "lists the valid keys: {p}"
+        );
     }
 
     #[test]
@@ -216,7 +222,10 @@ mod tests {
         assert!(p.message.starts_with("impossible value"), "{p}");
         let p = check_text("[media]\naddr = \"0.0.0.0:7882\"\n").unwrap_err();
         assert_eq!(p.key.as_deref(), Some("media.public_ip"));
-        assert!(p.to_string().contains("required when media.addr binds all"), "{p}");
+        assert!(
+            p.to_string().contains("required when media.addr binds all"),
+            "{p}"
+        );
     }
 
     #[test]

@@ -170,7 +170,11 @@ fn main() -> Result<()> {
         Command::Loadgen(args) => rt.block_on(loadgen::run(args)),
         Command::Config(ConfigCommand::Check { file }) => {
             match config_check::check_file(&file) {
-                Ok(config) => println!("{}: ok ({})", file.display(), config_check::summary(&config)),
+                Ok(config) => println!(
+                    "{}: ok ({})",
+                    file.display(),
+                    config_check::summary(&config)
+                ),
                 Err(problem) => {
                     eprintln!("{}: {problem}", file.display());
                     std::process::exit(1);

@@ -207,7 +207,10 @@ pub fn plan(a: &PlanArgs) -> Result<Plan, PlanError> {
         return bad("region", "give at least one region".into());
     }
     if a.rooms.is_empty() || a.rooms.iter().any(|&(s, share)| s < 2 || share < 0.0) {
-        return bad("rooms", "sizes must be at least 2, shares not negative".into());
+        return bad(
+            "rooms",
+            "sizes must be at least 2, shares not negative".into(),
+        );
     }
     let total_share: f64 = a.rooms.iter().map(|r| r.1).sum();
     if (total_share - 1.0).abs() > 1e-6 {
@@ -217,7 +220,10 @@ pub fn plan(a: &PlanArgs) -> Result<Plan, PlanError> {
         return bad("cross-region", "a share between 0 and 1".into());
     }
     if a.regions.len() == 1 && a.cross_region > 0.0 {
-        return bad("cross-region", "one region has no cross-region rooms".into());
+        return bad(
+            "cross-region",
+            "one region has no cross-region rooms".into(),
+        );
     }
     if a.max_publishers == 0 {
         return bad("max-publishers", "at least 1".into());
@@ -245,7 +251,10 @@ pub fn plan(a: &PlanArgs) -> Result<Plan, PlanError> {
     let cores_per_track = (video_pps + a.audio_pps) * a.us_per_packet * 1e-6;
     let tracks_per_pod = (a.cores_per_pod * a.cpu_target / cores_per_track).floor() as u64;
     if tracks_per_pod == 0 {
-        return bad("cores-per-pod", "a pod cannot forward one track at this target".into());
+        return bad(
+            "cores-per-pod",
+            "a pod cannot forward one track at this target".into(),
+        );
     }
     let pods_for = |tracks: f64| ((tracks / tracks_per_pod as f64).ceil() as u64).max(a.min_pods);
 
@@ -408,7 +417,11 @@ mod tests {
         // Bytes: per user 3 tracks × (800 + 40) kbit/s down + 1 × (2150 + 40) up
         // = 4710 kbit/s; × 100 users = 471 Mbit/s = 58.875 MB/s; × 3600 × 730 × 0.3.
         let expected = 58.875e6 * 3600.0 * 730.0 * 0.3;
-        assert!(close(p.regions[0].local_bytes, expected), "{}", p.regions[0].local_bytes);
+        assert!(
+            close(p.regions[0].local_bytes, expected),
+            "{}",
+            p.regions[0].local_bytes
+        );
         assert_eq!(p.regions[0].relay_bytes, 0.0);
         // One region: the two deployments are the same, nothing saved.
         assert!(close(p.saving(), 0.0));
@@ -447,7 +460,11 @@ mod tests {
         // multi: down 840 × 0.05 + relay 420 × 0.02 = 42 + 8.4 = 50.4 per user;
         // single: eu down 840 × 0.05 = 42; us (840 + 2190) × 0.15 = 454.5.
         let k = 1000.0 / 8.0 * 3600.0 * 730.0 * 0.3 / 1e9 * 1000.0;
-        assert!(close(p.multi_region_cost, 2.0 * 50.4 * k), "{}", p.multi_region_cost);
+        assert!(
+            close(p.multi_region_cost, 2.0 * 50.4 * k),
+            "{}",
+            p.multi_region_cost
+        );
         assert!(close(p.single_region_cost, (42.0 + 454.5) * k));
         assert!(close(p.saving(), 1.0 - 100.8 / 496.5));
     }
@@ -459,7 +476,11 @@ mod tests {
     fn reproduces_the_articles_figures() {
         let a = args("--region us=10000 --region eu=10000 --region ap=10000 --cross-region 0.45");
         let p = plan(&a).unwrap();
-        assert!((0.65..0.75).contains(&p.locality), "locality {}", p.locality);
+        assert!(
+            (0.65..0.75).contains(&p.locality),
+            "locality {}",
+            p.locality
+        );
         assert!((0.65..0.75).contains(&p.saving()), "saving {}", p.saving());
     }
 
@@ -474,7 +495,10 @@ mod tests {
     #[test]
     fn bad_inputs_name_the_flag() {
         let e = plan(&args("--region eu=10 --rooms 2:0.5,4:0.4")).unwrap_err();
-        assert!(e.to_string().starts_with("--rooms: shares add up to 0.9"), "{e}");
+        assert!(
+            e.to_string().starts_with("--rooms: shares add up to 0.9"),
+            "{e}"
+        );
         let e = plan(&args("--region eu=10 --cross-region 0.2")).unwrap_err();
         assert!(e.to_string().starts_with("--cross-region"), "{e}");
         let e = plan(&args("--region eu=10 --cross-region 0 --cpu-target 1.5")).unwrap_err();

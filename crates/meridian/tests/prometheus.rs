@@ -47,7 +47,10 @@ fn ensure_prometheus() {
             .status()
             .expect("bash runs")
             .success();
-        assert!(ok, "scripts/install-deploy-tools.sh failed to install prometheus");
+        assert!(
+            ok,
+            "scripts/install-deploy-tools.sh failed to install prometheus"
+        );
     }
     assert!(have("prometheus"), "prometheus is not installed");
     assert!(have("promtool"), "promtool is not installed");
@@ -181,7 +184,10 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
                 "--config.file={}",
                 dir.join("prometheus.yml").display()
             ))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={prom}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -206,8 +212,15 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
 
     // Every node scraped (its counters seen at their value before the load) first.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while query(&prom, "sum(up{job=\"meridian\"})").first().map_or(0.0, |s| s.1) != 3.0 {
-        assert!(Instant::now() < deadline, "Prometheus did not scrape the 3 nodes");
+    while query(&prom, "sum(up{job=\"meridian\"})")
+        .first()
+        .map_or(0.0, |s| s.1)
+        != 3.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape the 3 nodes"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -238,7 +251,10 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
     let adapter = repo().join("deploy/prometheus-adapter/values.yaml");
     let hpa_query = yaml_string(&adapter, "metricsQuery")
         .replace("<<.Series>>", "meridian_outbound_video_tracks")
-        .replace("<<.LabelMatchers>>", "job=\"meridian\",pod=~\"node-a|node-b|node-c\"")
+        .replace(
+            "<<.LabelMatchers>>",
+            "job=\"meridian\",pod=~\"node-a|node-b|node-c\"",
+        )
         .replace("<<.GroupBy>>", "pod");
     let per_pod = |q: &str| {
         let mut got: Vec<(String, f64)> = query(&prom, q)
@@ -283,8 +299,7 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
     // KEDA's burst trigger: the chart's joinRateQuery (its namespace matcher empty, as
     // no namespace label exists outside Kubernetes) over the recording rule.
     let values = repo().join("deploy/helm/meridian/values.yaml");
-    let keda_query =
-        yaml_string(&values, "joinRateQuery").replace("{{ .Release.Namespace }}", "");
+    let keda_query = yaml_string(&values, "joinRateQuery").replace("{{ .Release.Namespace }}", "");
     let joins: f64 = region
         .nodes
         .iter()
@@ -309,7 +324,10 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
         query(&prom, "meridian_joins_total"),
         query(&prom, "meridian:joins:rate1m"),
     );
-    let direct = query(&prom, "sum(increase(meridian_joins_total{job=\"meridian\"}[5m]))");
+    let direct = query(
+        &prom,
+        "sum(increase(meridian_joins_total{job=\"meridian\"}[5m]))",
+    );
     assert!(
         (direct[0].1 - joins).abs() <= joins * 0.5,
         "increase over 5 min {} vs {joins} joins",
@@ -352,7 +370,10 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
         if down {
             break;
         }
-        assert!(Instant::now() < deadline, "MeridianNodeDown never fired: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "MeridianNodeDown never fired: {body}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     drop(loadgen);
