@@ -23,6 +23,13 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// Label of the build-info metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// The crate version the binary was built from.
+    pub version: &'static str,
+}
+
 /// Every metric the node exports; cheap to clone (atomics behind `Arc`s).
 #[derive(Clone)]
 pub struct Metrics {
@@ -70,6 +77,8 @@ pub struct Metrics {
     pub participants_restored: Counter,
     /// Whether this node is draining (1) or serving (0).
     pub draining: Gauge,
+    /// Always 1, labelled with the build's version (`meridian_build_info{version}`).
+    pub build_info: Family<VersionLabel, Gauge>,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -99,6 +108,14 @@ impl Default for Metrics {
             redirects: Counter::default(),
             participants_restored: Counter::default(),
             draining: Gauge::default(),
+            build_info: {
+                let f: Family<VersionLabel, Gauge> = Family::default();
+                f.get_or_create(&VersionLabel {
+                    version: env!("CARGO_PKG_VERSION"),
+                })
+                .set(1);
+                f
+            },
             last: Default::default(),
         }
     }
@@ -175,6 +192,11 @@ impl Metrics {
             self.participants_restored.clone(),
         );
         r.register("draining", "1 while the node drains", self.draining.clone());
+        r.register(
+            "build_info",
+            "Always 1; the version label names the build",
+            self.build_info.clone(),
+        );
         r.register(
             "signaling_connections",
             "Signaling connections opened",

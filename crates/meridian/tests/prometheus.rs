@@ -199,6 +199,21 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
         assert!(Instant::now() < deadline, "Prometheus not ready in 30 s");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Every node reports its build.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let builds = query(&prom, "meridian_build_info");
+        let versions: Vec<&str> = builds
+            .iter()
+            .filter(|(_, v)| *v == 1.0)
+            .filter_map(|(m, _)| m["version"].as_str())
+            .collect();
+        if versions == [env!("CARGO_PKG_VERSION"); 3] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "meridian_build_info: {builds:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Every rule of the chart loaded and evaluates.
     let (_, body) = http_get(&prom, "/api/v1/rules").expect("rules");
     let v: serde_json::Value = serde_json::from_str(&body).expect("rules JSON");
