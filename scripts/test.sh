@@ -16,3 +16,7 @@ cargo test --locked --workspace --no-fail-fast
 (cd web-client && npm test && npm run build)
 
 MERIDIAN_BIN="$PWD/target/debug/meridian" npm --prefix tests/browser test
+
+# deploy/: the chart rendered and validated for 1 and 3 regions, rules, image lint; broken values refused.
+bash scripts/check-deploy.sh
+bash deploy/tests/test-check-deploy.sh

@@ -123,6 +123,13 @@ impl Cluster {
         self.state().draining
     }
 
+    /// Whether the node should get new clients: it holds its lease (its last renewal
+    /// reached the log) and does not drain.
+    pub(crate) fn is_ready(&self) -> bool {
+        let s = self.state();
+        s.healthy_since.is_some() && !s.draining
+    }
+
     /// The node's region.
     pub(crate) fn region(&self) -> &str {
         &self.region

@@ -22,6 +22,7 @@ pub(crate) fn router(state: NodeState) -> Router {
     let mut router = Router::new()
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/signal", get(signal))
         .route(
@@ -272,13 +273,28 @@ async fn close_signaling(
     }
 }
 
-/// 200 while the node takes sessions; 503 once it drains, so a load balancer stops
-/// sending it new clients.
+/// Liveness: 200 while the process serves HTTP, draining or not (restarting a
+/// draining node would cut its calls); the body says which.
 async fn healthz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
     if state.cluster.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        (StatusCode::OK, "draining\n")
     } else {
         (StatusCode::OK, "ok\n")
+    }
+}
+
+/// Readiness: 200 while the node holds its lease in the region's log and does not
+/// drain; 503 otherwise, so a load balancer stops sending it new clients.
+async fn readyz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
+    if state.cluster.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !state.cluster.is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no lease: the event log is unreachable\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }
 

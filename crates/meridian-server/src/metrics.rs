@@ -23,6 +23,13 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// Label of the build-info metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// The crate version the binary was built from.
+    pub version: &'static str,
+}
+
 /// Every metric the node exports; cheap to clone (atomics behind `Arc`s).
 #[derive(Clone)]
 pub struct Metrics {
@@ -76,6 +83,8 @@ pub struct Metrics {
     pub sessions_too_slow: Counter,
     /// Older sessions replaced by a new join of the same identity in the same room.
     pub sessions_replaced: Counter,
+    /// Always 1, labelled with the build's version (`meridian_build_info{version}`).
+    pub build_info: Family<VersionLabel, Gauge>,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -108,6 +117,14 @@ impl Default for Metrics {
             outbox_queue: Gauge::default(),
             sessions_too_slow: Counter::default(),
             sessions_replaced: Counter::default(),
+            build_info: {
+                let f: Family<VersionLabel, Gauge> = Family::default();
+                f.get_or_create(&VersionLabel {
+                    version: env!("CARGO_PKG_VERSION"),
+                })
+                .set(1);
+                f
+            },
             last: Default::default(),
         }
     }
@@ -198,6 +215,11 @@ impl Metrics {
             "sessions_replaced",
             "Sessions replaced by a newer join of the same identity",
             self.sessions_replaced.clone(),
+        );
+        r.register(
+            "build_info",
+            "Always 1; the version label names the build",
+            self.build_info.clone(),
         );
         r.register(
             "signaling_connections",

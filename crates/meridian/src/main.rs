@@ -1,6 +1,9 @@
-//! `meridian`: run a node, mint access tokens, generate load.
+//! `meridian`: run a node, mint access tokens, generate load, check a config file,
+//! plan capacity.
 
+mod config_check;
 mod loadgen;
+mod plan;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -30,6 +33,21 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// Query and verify the region's event log (rooms, history, participant, range, export, verify).
     Audit(meridian_audit::AuditArgs),
+    /// Node config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Capacity and cost planner: pods per region, media bytes, egress cost (docs/capacity.md).
+    Plan(plan::PlanArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a TOML config file: names the key and the problem (unknown key, wrong
+    /// type, impossible value); exits 1 when it is not valid.
+    Check {
+        /// The file (see meridian.example.toml).
+        file: PathBuf,
+    },
 }
 
 /// Flags of `meridian serve`; each overrides the config file and has an env variable.
@@ -150,6 +168,25 @@ fn main() -> Result<()> {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Token(TokenCommand::Create(args)) => token_create(args),
         Command::Loadgen(args) => rt.block_on(loadgen::run(args)),
+        Command::Config(ConfigCommand::Check { file }) => {
+            match config_check::check_file(&file) {
+                Ok(config) => println!(
+                    "{}: ok ({})",
+                    file.display(),
+                    config_check::summary(&config)
+                ),
+                Err(problem) => {
+                    eprintln!("{}: {problem}", file.display());
+                    std::process::exit(1);
+                }
+            }
+            Ok(())
+        }
+        Command::Plan(args) => {
+            let p = plan::plan(&args)?;
+            print!("{}", plan::render(&args, &p));
+            Ok(())
+        }
         Command::Audit(args) => {
             let code = rt.block_on(audit(args))?;
             std::process::exit(code);
