@@ -10,6 +10,10 @@ bash scripts/install-test-deps.sh
 bash scripts/start-postgres.sh
 
 export CARGO_TERM_COLOR=never
+# Style, lints and docs first: they fail fast.
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS=-Dwarnings cargo doc --locked --workspace --no-deps
 cargo build --locked -p meridian
 cargo test --locked --workspace --no-fail-fast
 
