@@ -44,13 +44,15 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 pub use media::{FrameHeader, now_micros};
-pub use reconnect::ReconnectPolicy;
+pub use reconnect::{
+    AttemptFailure, AttemptPlan, ReconnectPolicy, Reconnected, Reconnector, Step, refusal_is_final,
+};
 pub use signal::{WebTransportEndpoint, webtransport_endpoint};
 pub use stats::{
     ClientStats, LossReason, MAX_RECONNECT_RECORDS, ReconnectRecord, RejoinKind, TrackStats,
 };
 
-use reconnect::{Jitter, UrlRotation};
+use reconnect::UrlRotation;
 use signal::{Signal, Target};
 
 /// Most messages waited through for `joined` on one connection.
@@ -526,18 +528,6 @@ async fn attempt(
     ))
 }
 
-/// Refusals that another node or a later attempt will not change.
-fn refusal_is_final(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::Unauthorized
-            | ErrorCode::Forbidden
-            | ErrorCode::UnsupportedVersion
-            | ErrorCode::MalformedMessage
-            | ErrorCode::MessageTooLarge
-    )
-}
-
 /// A datagram in flight through the emulator.
 #[derive(Clone)]
 struct Datagram {
@@ -573,20 +563,9 @@ enum Link {
     Down(Box<Reconnecting>),
 }
 
-/// One reconnection in progress.
+/// One reconnection attempt in flight: a delay, then [`attempt`]. Replaced as soon as
+/// it resolves (a finished future is never polled again).
 struct Reconnecting {
-    /// When the loss was detected.
-    lost_at: Instant,
-    /// URL of the attempt in flight.
-    url: String,
-    /// The attempt in flight resumes (false after `resume_failed`).
-    resume: bool,
-    /// Attempts started since the loss.
-    attempts: u32,
-    /// Failed attempts since the loss (the backoff exponent).
-    failures: u32,
-    /// The attempt in flight: a delay, then [`attempt`]. Replaced as soon as it
-    /// resolves (a finished future is never polled again).
     future: Pin<Box<dyn Future<Output = Attempt> + Send>>,
 }
 
@@ -620,17 +599,14 @@ struct Session {
     net_in: Option<Netem<Datagram>>,
     net_out: Option<Netem<Datagram>>,
     out_queue: Vec<ClientMessage>,
-    /// The region's signaling URLs and where the client is among them.
-    rotation: UrlRotation,
-    /// The URL of the current (or last) signaling connection.
-    url: String,
+    /// Which node to try next and when, after a loss; knows the current URL.
+    reconnector: Reconnector,
     participant_id: String,
     resume_token: String,
     /// The client's own tracks as the last `answer` named them.
     published: Vec<TrackInfo>,
     /// Last sign of life from the node (a message, or a datagram if the policy says so).
     last_heard: Instant,
-    jitter: Jitter,
 }
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
@@ -677,9 +653,14 @@ impl Session {
         let now = Instant::now();
         let pub_local = pub_socket.local_addr()?;
         let sub_local = sub_socket.local_addr()?;
-        let mut rotation = UrlRotation::new(&config.url, &config.fallback_urls);
-        rotation.used(&url);
         let seed = now_micros() ^ (u64::from(pub_local.port()) << 32) ^ u64::from(sub_local.port());
+        let reconnector = Reconnector::new(
+            config.reconnect.clone(),
+            &config.url,
+            &config.fallback_urls,
+            &url,
+            seed,
+        );
         Ok(Session {
             net_in: config.impairment.map(Netem::new),
             net_out: config.impairment.map(Netem::new),
@@ -704,13 +685,11 @@ impl Session {
             stats,
             notify,
             out_queue: Vec::new(),
-            rotation,
-            url,
+            reconnector,
             participant_id: joined.participant_id,
             resume_token: joined.resume,
             published: Vec::new(),
             last_heard: now,
-            jitter: Jitter::new(seed),
         })
     }
 
@@ -777,7 +756,7 @@ impl Session {
                         return Ok(());
                     }
                     LinkEvent::Message(Ok(Some(ServerMessage::Migrate { url, reason }))) => {
-                        info!("node {} migrates the session ({reason}) to {url:?}", self.url);
+                        info!("node {} migrates the session ({reason}) to {url:?}", self.reconnector.url());
                         link = self.lose(LossReason::Migrate, url, &format!("migrate: {reason}"))?;
                     }
                     LinkEvent::Message(Ok(Some(ServerMessage::Redirect { region, url }))) => {
@@ -798,10 +777,7 @@ impl Session {
                         link = self.lose(LossReason::Failed, None, &e.to_string())?;
                     }
                     LinkEvent::Attempt(outcome) => {
-                        let Link::Down(r) = link else {
-                            unreachable!("attempts run only while down");
-                        };
-                        link = self.attempted(*r, outcome)?;
+                        link = self.attempted(outcome)?;
                     }
                 },
                 r = self.publisher.socket.recv_from(&mut buf_pub) => match r {
@@ -880,7 +856,7 @@ impl Session {
         if !self.config.reconnect.enabled {
             return Err(ClientError::Signaling(why.to_string()));
         }
-        warn!("lost node {} ({reason:?}): {why}", self.url);
+        warn!("lost node {} ({reason:?}): {why}", self.reconnector.url());
         let now = Instant::now();
         {
             let mut s = self.stats.lock().expect("stats lock never poisoned");
@@ -889,7 +865,7 @@ impl Session {
                 s.reconnect_history.push(ReconnectRecord {
                     reason,
                     lost_at: now,
-                    from_url: self.url.clone(),
+                    from_url: self.reconnector.url().to_string(),
                     to_url: None,
                     kind: None,
                     attempts: 0,
@@ -901,125 +877,85 @@ impl Session {
         self.notify.send_modify(|n| *n += 1);
         self.out_queue
             .retain(|m| !matches!(m, ClientMessage::Ping { .. }));
-        let url = to.unwrap_or_else(|| self.rotation.next_after(&self.url));
-        let delay = self.config.reconnect.backoff(0, self.jitter.next_u64());
-        let mut r = Reconnecting {
-            lost_at: now,
-            url: String::new(),
-            resume: true,
-            attempts: 0,
-            failures: 0,
-            future: Box::pin(async { Attempt::Failed(ClientError::Timeout("never polled")) }),
-        };
-        self.start_attempt(&mut r, url, delay);
-        Ok(Link::Down(Box::new(r)))
+        let step = self.reconnector.lost(now, to);
+        self.step(step)
     }
 
-    /// Starts the next attempt of `r`: after `delay`, connect to `url` and join.
-    fn start_attempt(&mut self, r: &mut Reconnecting, url: String, delay: Duration) {
-        let policy = &self.config.reconnect;
-        let remaining = policy
-            .max_duration
-            .saturating_sub(r.lost_at.elapsed())
-            .max(Duration::from_millis(1));
-        let target = Target::new(&self.config, &url);
+    /// Follows the reconnector's `step`: starts the attempt it plans, or ends the task.
+    fn step(&mut self, step: Step) -> Result<Link, ClientError> {
+        let plan = match step {
+            Step::Attempt(plan) => plan,
+            Step::GiveUp {
+                attempts,
+                elapsed,
+                last_error,
+            } => {
+                return Err(ClientError::ReconnectFailed {
+                    attempts,
+                    elapsed,
+                    last_error,
+                });
+            }
+            Step::Refused { code, message } => return Err(ClientError::Refused { code, message }),
+        };
+        debug!(
+            "reconnect attempt {} to {} in {:?} (resume: {})",
+            plan.number, plan.url, plan.delay, plan.resume
+        );
+        let target = Target::new(&self.config, &plan.url);
         let join = self
             .config
-            .join_message(r.resume.then(|| self.resume_token.clone()));
-        let connect_timeout = policy.connect_timeout.min(remaining);
-        let join_timeout = policy.join_timeout.min(remaining);
-        debug!(
-            "reconnect attempt {} to {url} in {delay:?} (resume: {})",
-            r.attempts + 1,
-            r.resume
-        );
-        r.future = Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            attempt(target, join, connect_timeout, join_timeout).await
+            .join_message(plan.resume.then(|| self.resume_token.clone()));
+        let future = Box::pin(async move {
+            tokio::time::sleep(plan.delay).await;
+            attempt(target, join, plan.connect_timeout, plan.join_timeout).await
         });
-        r.url = url;
-        r.attempts += 1;
+        let lost_at = self.reconnector.lost_at();
         let mut s = self.stats.lock().expect("stats lock never poisoned");
         s.reconnect_attempts += 1;
         if let Some(rec) = s.reconnect_history.last_mut()
-            && rec.lost_at == r.lost_at
+            && Some(rec.lost_at) == lost_at
         {
-            rec.attempts = r.attempts;
+            rec.attempts = plan.number;
         }
+        Ok(Link::Down(Box::new(Reconnecting { future })))
     }
 
     /// A reconnection attempt ended: up again, or the next attempt, or give up.
-    fn attempted(&mut self, mut r: Reconnecting, outcome: Attempt) -> Result<Link, ClientError> {
-        let (next, delay, error) = match outcome {
+    fn attempted(&mut self, outcome: Attempt) -> Result<Link, ClientError> {
+        let failure = match outcome {
             Attempt::Joined { signal, joined } => {
-                self.rejoined(&r, joined)?;
+                self.rejoined(joined)?;
                 return Ok(Link::Up(signal));
             }
             Attempt::Redirect { region, url } => {
                 self.stats.lock().expect("stats lock").redirects += 1;
-                let why = format!("redirected to region {region} at {url}");
-                (url, Duration::ZERO, why)
+                AttemptFailure::Redirect { region, url }
             }
-            Attempt::Migrate { url: Some(url) } => {
-                self.stats.lock().expect("stats lock").redirects += 1;
-                let why = format!("migrated to {url}");
-                (url, Duration::ZERO, why)
+            Attempt::Migrate { url } => {
+                if url.is_some() {
+                    self.stats.lock().expect("stats lock").redirects += 1;
+                }
+                AttemptFailure::Migrate { url }
             }
-            Attempt::ResumeFailed => {
-                // The participant is gone: the same node, without resume.
-                r.resume = false;
-                (r.url.clone(), Duration::ZERO, "resume failed".to_string())
-            }
-            Attempt::Refused { code, message } if refusal_is_final(code) => {
-                return Err(ClientError::Refused { code, message });
-            }
-            Attempt::Migrate { url: None } => {
-                r.failures += 1;
-                let delay = self.backoff(r.failures);
-                let next = self.rotation.next_after(&r.url);
-                (next, delay, format!("{} migrated without a target", r.url))
-            }
-            Attempt::Refused { code, message } => {
-                r.failures += 1;
-                let delay = self.backoff(r.failures);
-                let next = self.rotation.next_after(&r.url);
-                (
-                    next,
-                    delay,
-                    format!("{} refused: {code:?}: {message}", r.url),
-                )
-            }
-            Attempt::Failed(e) => {
-                r.failures += 1;
-                let delay = self.backoff(r.failures);
-                let next = self.rotation.next_after(&r.url);
-                (next, delay, format!("{}: {e}", r.url))
-            }
+            Attempt::ResumeFailed => AttemptFailure::ResumeFailed,
+            Attempt::Refused { code, message } => AttemptFailure::Refused { code, message },
+            Attempt::Failed(e) => AttemptFailure::Failed(e.to_string()),
         };
-        let policy = &self.config.reconnect;
-        let elapsed = r.lost_at.elapsed();
-        if r.attempts >= policy.max_attempts || elapsed + delay >= policy.max_duration {
-            return Err(ClientError::ReconnectFailed {
-                attempts: r.attempts,
-                elapsed,
-                last_error: error,
-            });
-        }
-        debug!("reconnect attempt failed: {error}");
-        self.start_attempt(&mut r, next, delay);
-        Ok(Link::Down(Box::new(r)))
-    }
-
-    fn backoff(&mut self, failures: u32) -> Duration {
-        self.config
-            .reconnect
-            .backoff(failures, self.jitter.next_u64())
+        debug!("reconnect attempt failed: {failure:?}");
+        let step = self.reconnector.failed(Instant::now(), failure);
+        self.step(step)
     }
 
     /// `joined` again after a loss: carry on, or rebuild the peer connections.
-    fn rejoined(&mut self, r: &Reconnecting, joined: Joined) -> Result<(), ClientError> {
+    fn rejoined(&mut self, joined: Joined) -> Result<(), ClientError> {
         let now = Instant::now();
-        let kind = if !r.resume || joined.participant_id != self.participant_id {
+        let Some(r) = self.reconnector.joined() else {
+            return Err(ClientError::Signaling(
+                "joined without a reconnection".into(),
+            ));
+        };
+        let kind = if !r.resumed || joined.participant_id != self.participant_id {
             RejoinKind::Fresh
         } else if joined.restored {
             RejoinKind::Restored
@@ -1032,8 +968,6 @@ impl Session {
             joined.participant_id,
             r.lost_at.elapsed()
         );
-        self.url = r.url.clone();
-        self.rotation.used(&r.url);
         self.last_heard = now;
         self.resume_token = joined.resume;
         self.participant_id = joined.participant_id;
@@ -1066,7 +1000,7 @@ impl Session {
                 }
             }
             s.participant_id = self.participant_id.clone();
-            s.url = self.url.clone();
+            s.url = r.url.clone();
             if let Some(rec) = s.reconnect_history.last_mut()
                 && rec.lost_at == r.lost_at
             {

@@ -1,9 +1,11 @@
-//! The pure parts of reconnection: the policy, backoff with full jitter, the order in
-//! which a region's nodes are tried, and carrying track ids over to a new offer.
+//! Reconnection as a pure state machine ([`Reconnector`]): the policy, backoff with
+//! full jitter, the order in which a region's nodes are tried, when to give up, and
+//! carrying track ids over to a new offer. Time comes in as arguments; the client's
+//! task runs the attempts it asks for, like the web client's `reconnect.ts`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use meridian_protocol::{TrackAnnouncement, TrackInfo};
+use meridian_protocol::{ErrorCode, TrackAnnouncement, TrackInfo};
 
 /// How a client rides out the loss of its signaling connection.
 ///
@@ -166,6 +168,261 @@ impl UrlRotation {
     }
 }
 
+/// How a reconnection attempt failed, as far as the next step cares.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptFailure {
+    /// The node sent `redirect` to another region's URL.
+    Redirect {
+        /// The region that owns the token.
+        region: String,
+        /// Where to connect instead.
+        url: String,
+    },
+    /// The node sent `migrate`, with or without a target.
+    Migrate {
+        /// Where to connect instead, if the node named it.
+        url: Option<String>,
+    },
+    /// The resume token is no longer valid: the next attempt joins afresh.
+    ResumeFailed,
+    /// The node refused the join with `code`.
+    Refused {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The node's message.
+        message: String,
+    },
+    /// No answer: connection refused or closed, a timeout, a transport error.
+    Failed(String),
+}
+
+/// Refusals that another node or a later attempt will not change.
+pub fn refusal_is_final(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unauthorized
+            | ErrorCode::Forbidden
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::MalformedMessage
+            | ErrorCode::MessageTooLarge
+    )
+}
+
+/// One connection attempt for the driver to make.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptPlan {
+    /// Signaling URL to connect to.
+    pub url: String,
+    /// Join with the resume token (false after `resume_failed`).
+    pub resume: bool,
+    /// Wait this long before connecting.
+    pub delay: Duration,
+    /// Longest time to open the signaling connection.
+    pub connect_timeout: Duration,
+    /// Longest time from `join` to `joined`.
+    pub join_timeout: Duration,
+    /// 1-based number of this attempt since the loss.
+    pub number: u32,
+}
+
+/// What the driver does next after a loss or a failed attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Make this attempt.
+    Attempt(AttemptPlan),
+    /// Stop: the policy's attempts or time ran out.
+    GiveUp {
+        /// Attempts made since the loss.
+        attempts: u32,
+        /// Time since the loss.
+        elapsed: Duration,
+        /// Why the last attempt failed.
+        last_error: String,
+    },
+    /// Stop: the node refused in a way no retry changes.
+    Refused {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The node's message.
+        message: String,
+    },
+}
+
+/// A successful reconnection, as the [`Reconnector`] saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reconnected {
+    /// The URL joined.
+    pub url: String,
+    /// The join carried the resume token.
+    pub resumed: bool,
+    /// When the loss was detected.
+    pub lost_at: Instant,
+    /// Attempts made since the loss, the successful one included.
+    pub attempts: u32,
+}
+
+/// One loss being ridden out.
+#[derive(Clone, Debug)]
+struct Cycle {
+    lost_at: Instant,
+    url: String,
+    resume: bool,
+    attempts: u32,
+    failures: u32,
+}
+
+/// The reconnection state machine of a client: given a loss and the outcome of each
+/// attempt, it says which node to try next, when, whether to resume, and when to give
+/// up. It holds no sockets, tasks or clocks.
+#[derive(Clone, Debug)]
+pub struct Reconnector {
+    policy: ReconnectPolicy,
+    rotation: UrlRotation,
+    jitter: Jitter,
+    /// The URL of the current (or last) signaling connection.
+    url: String,
+    cycle: Option<Cycle>,
+}
+
+impl Reconnector {
+    /// A client configured with `first` and `fallbacks`, connected to `connected`;
+    /// `seed` seeds the backoff jitter.
+    pub fn new(
+        policy: ReconnectPolicy,
+        first: &str,
+        fallbacks: &[String],
+        connected: &str,
+        seed: u64,
+    ) -> Self {
+        let mut rotation = UrlRotation::new(first, fallbacks);
+        rotation.used(connected);
+        Reconnector {
+            policy,
+            rotation,
+            jitter: Jitter::new(seed),
+            url: connected.to_string(),
+            cycle: None,
+        }
+    }
+
+    /// The URL of the current (or last) signaling connection.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// When the loss being ridden out was detected, if one is.
+    pub fn lost_at(&self) -> Option<Instant> {
+        self.cycle.as_ref().map(|c| c.lost_at)
+    }
+
+    /// The node was lost at `now`: the first attempt goes to `to` (a `migrate`
+    /// target) or else to the node after the lost one, after a jittered first delay.
+    pub fn lost(&mut self, now: Instant, to: Option<String>) -> Step {
+        let url = to.unwrap_or_else(|| self.rotation.next_after(&self.url));
+        let delay = self.policy.backoff(0, self.jitter.next_u64());
+        let mut cycle = Cycle {
+            lost_at: now,
+            url: String::new(),
+            resume: true,
+            attempts: 0,
+            failures: 0,
+        };
+        let step = self.plan(now, &mut cycle, url, delay);
+        self.cycle = Some(cycle);
+        step
+    }
+
+    /// The attempt in flight failed at `now`: the next attempt, or the end.
+    ///
+    /// Redirects, migrations and `resume_failed` retry at once; other failures back
+    /// off and move on to the next node. A call with no loss in progress is treated
+    /// as a loss of the current node.
+    pub fn failed(&mut self, now: Instant, failure: AttemptFailure) -> Step {
+        let Some(mut cycle) = self.cycle.take() else {
+            return self.lost(now, None);
+        };
+        let (next, delay, error) = match failure {
+            AttemptFailure::Redirect { region, url } => {
+                let why = format!("redirected to region {region} at {url}");
+                (url, Duration::ZERO, why)
+            }
+            AttemptFailure::Migrate { url: Some(url) } => {
+                let why = format!("migrated to {url}");
+                (url, Duration::ZERO, why)
+            }
+            AttemptFailure::ResumeFailed => {
+                cycle.resume = false;
+                (cycle.url.clone(), Duration::ZERO, "resume failed".into())
+            }
+            AttemptFailure::Refused { code, message } if refusal_is_final(code) => {
+                return Step::Refused { code, message };
+            }
+            AttemptFailure::Migrate { url: None } => {
+                let why = format!("{} migrated without a target", cycle.url);
+                self.back_off(&mut cycle, why)
+            }
+            AttemptFailure::Refused { code, message } => {
+                let why = format!("{} refused: {code:?}: {message}", cycle.url);
+                self.back_off(&mut cycle, why)
+            }
+            AttemptFailure::Failed(e) => {
+                let why = format!("{}: {e}", cycle.url);
+                self.back_off(&mut cycle, why)
+            }
+        };
+        let elapsed = now.saturating_duration_since(cycle.lost_at);
+        if cycle.attempts >= self.policy.max_attempts || elapsed + delay >= self.policy.max_duration
+        {
+            return Step::GiveUp {
+                attempts: cycle.attempts,
+                elapsed,
+                last_error: error,
+            };
+        }
+        let step = self.plan(now, &mut cycle, next, delay);
+        self.cycle = Some(cycle);
+        step
+    }
+
+    /// The attempt in flight joined: the loss is over.
+    pub fn joined(&mut self) -> Option<Reconnected> {
+        let cycle = self.cycle.take()?;
+        self.url = cycle.url.clone();
+        self.rotation.used(&cycle.url);
+        Some(Reconnected {
+            url: cycle.url,
+            resumed: cycle.resume,
+            lost_at: cycle.lost_at,
+            attempts: cycle.attempts,
+        })
+    }
+
+    /// A failed attempt that backs off: the next node, after a longer delay.
+    fn back_off(&mut self, cycle: &mut Cycle, why: String) -> (String, Duration, String) {
+        cycle.failures += 1;
+        let delay = self.policy.backoff(cycle.failures, self.jitter.next_u64());
+        (self.rotation.next_after(&cycle.url), delay, why)
+    }
+
+    fn plan(&self, now: Instant, cycle: &mut Cycle, url: String, delay: Duration) -> Step {
+        let remaining = self
+            .policy
+            .max_duration
+            .saturating_sub(now.saturating_duration_since(cycle.lost_at))
+            .max(Duration::from_millis(1));
+        cycle.url = url.clone();
+        cycle.attempts += 1;
+        Step::Attempt(AttemptPlan {
+            url,
+            resume: cycle.resume,
+            delay,
+            connect_timeout: self.policy.connect_timeout.min(remaining),
+            join_timeout: self.policy.join_timeout.min(remaining),
+            number: cycle.attempts,
+        })
+    }
+}
+
 /// Gives each announcement the id its track had before (same kind and source, each
 /// earlier track used once, in order), so a restored publisher keeps its track ids.
 pub(crate) fn carry_track_ids(announcements: &mut [TrackAnnouncement], previous: &[TrackInfo]) {
@@ -305,5 +562,182 @@ mod tests {
         let mut fresh = [ann("a", TrackKind::Audio, "microphone")];
         carry_track_ids(&mut fresh, &[]);
         assert_eq!(fresh[0].track_id, None);
+    }
+
+    fn reconnector(policy: ReconnectPolicy) -> Reconnector {
+        Reconnector::new(policy, "a", &urls(&["b", "c"]), "a", 42)
+    }
+
+    fn plan(step: Step) -> AttemptPlan {
+        match step {
+            Step::Attempt(p) => p,
+            other => panic!("expected an attempt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_loss_tries_the_next_node_and_backs_off_on_each_failure() {
+        let policy = ReconnectPolicy::default();
+        let mut r = reconnector(policy.clone());
+        let t0 = Instant::now();
+        let first = plan(r.lost(t0, None));
+        assert_eq!(
+            (first.url.as_str(), first.resume, first.number),
+            ("b", true, 1)
+        );
+        assert!(first.delay <= policy.backoff_bound(0));
+        assert_eq!(r.lost_at(), Some(t0));
+        let mut now = t0;
+        let mut seen = vec![first.url];
+        for n in 2..=5u32 {
+            now += Duration::from_millis(10);
+            let p = plan(r.failed(now, AttemptFailure::Failed("refused".into())));
+            assert_eq!(p.number, n);
+            assert!(
+                p.delay <= policy.backoff_bound(n - 1),
+                "attempt {n}: {:?}",
+                p.delay
+            );
+            seen.push(p.url);
+        }
+        assert_eq!(
+            seen,
+            urls(&["b", "c", "a", "b", "c"]),
+            "round robin after the lost node"
+        );
+        let done = r.joined().expect("a loss was in progress");
+        assert_eq!(
+            (done.url.as_str(), done.resumed, done.attempts),
+            ("c", true, 5)
+        );
+        assert_eq!(done.lost_at, t0);
+        assert_eq!(r.url(), "c");
+        assert_eq!(r.lost_at(), None);
+        assert_eq!(r.joined(), None, "nothing to finish twice");
+        // The next loss starts after the node now in use.
+        assert_eq!(plan(r.lost(now, None)).url, "a");
+    }
+
+    #[test]
+    fn redirects_migrations_and_resume_failures_retry_at_once() {
+        let mut r = reconnector(ReconnectPolicy::default());
+        let t0 = Instant::now();
+        let p = plan(r.lost(t0, Some("m".into())));
+        assert_eq!(p.url, "m", "a migrate target goes first");
+        let p = plan(r.failed(
+            t0,
+            AttemptFailure::Redirect {
+                region: "eu".into(),
+                url: "eu1".into(),
+            },
+        ));
+        assert_eq!((p.url.as_str(), p.delay), ("eu1", Duration::ZERO));
+        let p = plan(r.failed(t0, AttemptFailure::ResumeFailed));
+        assert_eq!(
+            (p.url.as_str(), p.resume, p.delay),
+            ("eu1", false, Duration::ZERO)
+        );
+        let p = plan(r.failed(
+            t0,
+            AttemptFailure::Migrate {
+                url: Some("x".into()),
+            },
+        ));
+        assert!(!p.resume, "a fresh join stays fresh");
+        let p = plan(r.failed(t0, AttemptFailure::Migrate { url: None }));
+        assert_eq!(
+            p.url, "b",
+            "after a URL outside the list: the one after the last used"
+        );
+        assert!(!r.joined().expect("joined").resumed);
+    }
+
+    #[test]
+    fn final_refusals_stop_and_others_retry() {
+        let mut r = reconnector(ReconnectPolicy::default());
+        let t0 = Instant::now();
+        plan(r.lost(t0, None));
+        let retry = r.failed(
+            t0,
+            AttemptFailure::Refused {
+                code: ErrorCode::CapacityExceeded,
+                message: "full".into(),
+            },
+        );
+        assert!(matches!(retry, Step::Attempt(_)));
+        let stop = r.failed(
+            t0,
+            AttemptFailure::Refused {
+                code: ErrorCode::Unauthorized,
+                message: "expired".into(),
+            },
+        );
+        assert_eq!(
+            stop,
+            Step::Refused {
+                code: ErrorCode::Unauthorized,
+                message: "expired".into()
+            }
+        );
+    }
+
+    #[test]
+    fn gives_up_on_attempts_or_time_and_bounds_timeouts_by_what_remains() {
+        let policy = ReconnectPolicy {
+            max_attempts: 3,
+            ..ReconnectPolicy::default()
+        };
+        let mut r = reconnector(policy);
+        let t0 = Instant::now();
+        plan(r.lost(t0, None));
+        plan(r.failed(t0, AttemptFailure::Failed("x".into())));
+        plan(r.failed(t0, AttemptFailure::Failed("y".into())));
+        match r.failed(
+            t0 + Duration::from_secs(1),
+            AttemptFailure::Failed("z".into()),
+        ) {
+            Step::GiveUp {
+                attempts,
+                elapsed,
+                last_error,
+            } => {
+                assert_eq!(attempts, 3);
+                assert_eq!(elapsed, Duration::from_secs(1));
+                assert!(last_error.ends_with(": z"), "{last_error}");
+            }
+            other => panic!("expected to give up, got {other:?}"),
+        }
+
+        let policy = ReconnectPolicy {
+            max_duration: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            join_timeout: Duration::from_secs(5),
+            ..ReconnectPolicy::default()
+        };
+        let mut r = reconnector(policy);
+        plan(r.lost(t0, None));
+        let late = plan(r.failed(
+            t0 + Duration::from_millis(8500),
+            AttemptFailure::ResumeFailed,
+        ));
+        assert_eq!(late.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(late.join_timeout, Duration::from_millis(1500));
+        let over = r.failed(t0 + Duration::from_secs(10), AttemptFailure::ResumeFailed);
+        assert!(matches!(over, Step::GiveUp { .. }), "{over:?}");
+    }
+
+    #[test]
+    fn same_seed_same_delays() {
+        let delays = |seed| {
+            let mut r = Reconnector::new(ReconnectPolicy::default(), "a", &[], "a", seed);
+            let t0 = Instant::now();
+            let mut d = vec![plan(r.lost(t0, None)).delay];
+            for _ in 0..5 {
+                d.push(plan(r.failed(t0, AttemptFailure::Failed("x".into()))).delay);
+            }
+            d
+        };
+        assert_eq!(delays(1), delays(1));
+        assert_ne!(delays(1), delays(2));
     }
 }
