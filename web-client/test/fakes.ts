@@ -1,4 +1,4 @@
-import type { Transport, TransportKind } from '../src/transport';
+import type { Transport, TransportKind } from '../src/sdk/transport';
 
 /** An in-memory transport: records what the client sends, lets the test answer. */
 export class FakeTransport implements Transport {

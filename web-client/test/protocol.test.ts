@@ -8,7 +8,7 @@ import {
   encodeClientMessage,
   frameMessage,
   layerFromRid,
-} from '../src/protocol';
+} from '../src/sdk/protocol';
 
 describe('encode', () => {
   it('encodes a join with version and resume', () => {
