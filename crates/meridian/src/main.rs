@@ -278,7 +278,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     if node.dev {
         eprintln!(
-            "Meridian is running in dev mode: open http://{}/ and join with any name",
+            "Meridian is running in dev mode: open http://{}/ and join with an identity and a display name",
             node.http_addr
         );
     } else {
