@@ -255,7 +255,6 @@ export class Room {
   }
 
   /** Current connection state. */
-
   get state(): ConnectionState {
     return this.reconnector.state;
   }
@@ -627,11 +626,15 @@ export class Room {
           p.tracks = p.tracks.filter((t) => t.track_id !== m.track.track_id).concat(m.track);
           this.emitParticipants();
         }
+        const waiting = this.pendingRemote.get(m.track.track_id);
+        if (waiting) this.emitRemote(waiting.info, waiting.track);
         break;
       }
       case 'track_unpublished':
         for (const p of this.others.values()) p.tracks = p.tracks.filter((t) => t.track_id !== m.track_id);
+        this.pendingRemote.delete(m.track_id);
         this.emitter.emit('trackUnsubscribed', { trackId: m.track_id });
+        this.emitParticipants();
         break;
       case 'track_muted':
         for (const p of this.others.values()) for (const t of p.tracks) if (t.track_id === m.track_id) t.muted = m.muted;
@@ -728,9 +731,26 @@ export class Room {
 
   private emitRemote(info: SubscribedTrack, track: MediaStreamTrack): void {
     const ti = this.others.get(info.participant_id)?.tracks.find((t) => t.track_id === info.track_id);
-    const source = ti?.source || (track.kind === 'video' ? 'camera' : 'microphone');
+    if (!ti) {
+      // Media before its `track_published`: wait for it to learn the source (a screen
+      // share must not land in the camera's place). Bounded: unknown tracks go out
+      // as they are after a second.
+      this.pendingRemote.set(info.track_id, { info, track });
+      setTimeout(() => {
+        const p = this.pendingRemote.get(info.track_id);
+        if (p && p.track === track) {
+          this.pendingRemote.delete(info.track_id);
+          this.emitter.emit('trackSubscribed', { participantId: info.participant_id, trackId: info.track_id, source: track.kind === 'video' ? 'camera' : 'microphone', track });
+        }
+      }, 1000);
+      return;
+    }
+    this.pendingRemote.delete(info.track_id);
+    const source = ti.source || (track.kind === 'video' ? 'camera' : 'microphone');
     this.emitter.emit('trackSubscribed', { participantId: info.participant_id, trackId: info.track_id, source, track });
   }
+
+  private readonly pendingRemote = new Map<string, { info: SubscribedTrack; track: MediaStreamTrack }>();
 
   private ownerOf(trackId: string): string | undefined {
     for (const p of this.others.values()) if (p.tracks.some((t) => t.track_id === trackId)) return p.participant_id;
