@@ -212,6 +212,19 @@ describe('Room (SDK public API)', () => {
     expect(rec.events.trackUnsubscribed?.map((t) => t.trackId)).toContain('TB_scr');
   });
 
+  it('media that arrives before its track_published waits for it, so a screen share is known as one', async () => {
+    const node = new FakeNode();
+    node.others = [{ participant_id: 'PB_1', identity: 'bob', name: 'Bob', tracks: [] }];
+    const { room, rec } = makeRoom(node, { publish: false });
+    await room.connect();
+    node.last.deliver({ type: 'offer', sdp: 'v=0\r\na=mid:0', tracks: [{ mid: '0', track_id: 'TB_scr', participant_id: 'PB_1' }] });
+    await until(() => node.last.sent.some((m) => (m as Msg).type === 'answer'));
+    expect(rec.events.trackSubscribed ?? []).toHaveLength(0);
+    node.last.deliver({ type: 'track_published', track: { track_id: 'TB_scr', participant_id: 'PB_1', mid: '3', kind: 'video', source: 'screen', layers: [], muted: false } });
+    await tick();
+    expect(rec.events.trackSubscribed?.map((t) => [t.trackId, t.source])).toEqual([['TB_scr', 'screen']]);
+  });
+
   it('shares a screen as a `screen` track on the publisher connection and unpublishes it when stopped', async () => {
     const node = new FakeNode();
     const { room, rtc, rec } = makeRoom(node);
