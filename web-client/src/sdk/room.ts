@@ -57,10 +57,13 @@ export interface RoomEvents {
 
 /** A remote track as delivered by {@link RoomEvents.trackSubscribed}. */
 export interface RemoteTrack {
+  /** The publisher. */
   participantId: string;
+  /** The room-unique track id. */
   trackId: string;
   /** `camera`, `microphone`, `screen`, … as the publisher announced it. */
   source: string;
+  /** The media, ready for a `<video>` or `<audio>` element. */
   track: MediaStreamTrack;
 }
 
@@ -170,17 +173,23 @@ export class Room {
   readonly reconnector: Reconnector;
   /** Transport of the current signaling connection. */
   transportKind: TransportKind | null = null;
+  /** URL of the current signaling connection. */
   transportUrl = '';
+  /** This participant's id in the room (from `joined`). */
   participantId = '';
+  /** The room's name (from `joined`). */
   room = '';
   /** Signaling RTT from ping/pong, ms. */
   signalingRttMs: number | undefined;
+  /** The publisher peer connection (own camera, microphone, screen). */
   pub: RTCPeerConnection | null = null;
+  /** The subscriber peer connection (everyone else's tracks). */
   sub: RTCPeerConnection | null = null;
   /** Errors seen, for tests and diagnostics. */
   readonly errors: string[] = [];
-  /** How many times a session was restored on another node / resumed. */
+  /** How many times the session was restored from the event log (another node). */
   restoredCount = 0;
+  /** How many times the session was resumed with its resume token. */
   resumedCount = 0;
 
   private sig: SignalingClient | null = null;
@@ -593,6 +602,7 @@ export class Room {
     }
   }
 
+  /** Whether the own microphone (`audio`) or camera (`video`) is muted. */
   isMuted(kind: 'audio' | 'video'): boolean {
     return this.ownMuted.get(kind === 'video' ? 'camera' : 'microphone') === true;
   }
