@@ -301,6 +301,7 @@ function onState(r: Room, state: ConnectionState, detail: StateDetail): void {
     badge.hidden = true;
     showStatus(detail.message, cls);
   } else {
+    badge.hidden = true;
     showStatus(detail.message, cls);
   }
 }
