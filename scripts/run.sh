@@ -6,6 +6,7 @@
 #   scripts/run.sh                         # http://127.0.0.1:7880/  (dev mode: join with an identity and a name)
 #   scripts/run.sh --http-addr 0.0.0.0:8080 --public-ip 203.0.113.7
 #   MERIDIAN_NO_DEV=1 scripts/run.sh       # without dev mode: the page asks for a token
+#   MERIDIAN_RUN_PROFILE=debug scripts/run.sh   # a debug build (faster to build, slower media)
 # Keys and the event log go to ./meridian-data (created owner-only, 0700; git-ignored).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,11 +22,16 @@ if stale; then
   echo "run.sh: building the web client (web-client/dist)" >&2
   (cd "$WEB" && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
 fi
-BIN="$ROOT/target/release/meridian"
+PROFILE="${MERIDIAN_RUN_PROFILE:-release}"
+case "$PROFILE" in
+  release) BIN="$ROOT/target/release/meridian"; BUILD=(--release) ;;
+  debug) BIN="$ROOT/target/debug/meridian"; BUILD=() ;;
+  *) echo "run.sh: MERIDIAN_RUN_PROFILE is release or debug" >&2; exit 1 ;;
+esac
 if [ ! -x "$BIN" ]; then
-  echo "run.sh: building Meridian (release). The first build takes several minutes; later runs start at once." >&2
+  echo "run.sh: building Meridian ($PROFILE). The first build takes several minutes; later runs start at once." >&2
 fi
-cargo build --release --quiet -p meridian
+cargo build "${BUILD[@]}" --quiet -p meridian
 DEV=(--dev)
 [ -n "${MERIDIAN_NO_DEV:-}" ] && DEV=()
 # Where the page will be: the --http-addr given (flag or env), else the default.
