@@ -358,8 +358,12 @@ async fn a_vanished_webtransport_client_is_noticed_within_ten_seconds() {
     s.send_text(&join_message(&t, "ghost", "vanish")).await;
     assert!(matches!(s.recv().await, Some(ServerMessage::Joined { .. })));
     assert_eq!(
-        t.wait_metric("meridian_signaling_connections_open", 1.0, Duration::from_secs(3))
-            .await,
+        t.wait_metric(
+            "meridian_signaling_connections_open",
+            1.0,
+            Duration::from_secs(3)
+        )
+        .await,
         1.0
     );
     // Quiet but alive: keep-alives hold the session open past the idle timeout.
@@ -368,7 +372,11 @@ async fn a_vanished_webtransport_client_is_noticed_within_ten_seconds() {
     cut.store(true, std::sync::atomic::Ordering::Relaxed);
     let start = std::time::Instant::now();
     let open = t
-        .wait_metric("meridian_signaling_connections_open", 0.0, Duration::from_secs(15))
+        .wait_metric(
+            "meridian_signaling_connections_open",
+            0.0,
+            Duration::from_secs(15),
+        )
         .await;
     let took = start.elapsed();
     eprintln!("vanished WebTransport client noticed after {took:?}");
