@@ -1,7 +1,8 @@
 // The meeting page (web-client/, on the SDK) in Debian's headless Chromium against the
 // real `meridian serve --dev`, with fake camera and microphone:
 //   (1) the pre-join screen previews the camera and lists the devices; axe finds no
-//       accessibility violation; screenshot docs/screenshots/prejoin.png
+//       accessibility violation; joining works with the keyboard alone; screenshot
+//       docs/screenshots/prejoin.png
 //   (2) three people join through the form; the header shows the name; Alice shares her
 //       screen (the button; getDisplayMedia is a canvas here) and Bob and Carol receive
 //       it as a second video; participant list, per-tile quality; axe on the call;
@@ -169,8 +170,8 @@ test('pre-join preview, three people with a screen share, active speaker, Leave 
     await a.screenshot({ path: path.join(SHOTS, 'prejoin.png') });
     log('pre-join preview plays; screenshot docs/screenshots/prejoin.png');
 
-    // (2) three people, screen share
-    await a.click('#dev-join');
+    // (2) three people, screen share. Alice joins with the keyboard only (Enter submits).
+    await a.locator('#dev-form input[name=name]').press('Enter');
     await connected(a);
     const b = (pages.bob = await openPage('bob', `${base()}/`));
     await joinForm(b, 'standup', 'bob', 'Bob');
@@ -216,15 +217,17 @@ test('pre-join preview, three people with a screen share, active speaker, Leave 
     await c.locator('#participant-list li', { hasText: /Alice.*mic muted/ }).waitFor();
     log('active speaker follows the unmuted microphone: Alice, then Bob');
 
-    // (4) Leave, then Join again without a reload.
-    await b.click('#leave');
+    // (4) Leave, then Join again without a reload, by keyboard: focus moves to "Join again".
+    await b.focus('#leave');
+    await b.keyboard.press('Enter');
     await b.locator('#ended').waitFor({ state: 'visible' });
+    assert.equal(await b.evaluate(() => document.activeElement?.id), 'join-again', 'focus on "Join again"');
     assert.equal(await b.locator('#controls').isVisible(), false, 'the controls go away after Leave');
     await a.waitForFunction(() => document.querySelectorAll('#participant-list li').length === 2);
     // The remaining participants keep receiving each other's media after Bob's sections go.
     await framesGrow(a, 'alice after Bob left');
     await framesGrow(c, 'carol after Bob left');
-    await b.click('#join-again');
+    await b.keyboard.press('Enter');
     await b.locator('#dev-form').waitFor({ state: 'visible' });
     assert.equal(await b.inputValue('#dev-form input[name=room]'), 'standup');
     assert.equal(await b.inputValue('#dev-form input[name=name]'), 'Bob');
