@@ -69,6 +69,7 @@ describe('decode', () => {
   it('describes token errors for people', () => {
     expect(describeError('unauthorized', 'token expired (token_expired)')).toMatch(/expired/);
     expect(describeError('unauthorized', 'bad (token_malformed)')).toMatch(/refused/);
+    expect(describeError('unavailable', 'draining')).toMatch(/cannot take the session now/);
   });
 });
 

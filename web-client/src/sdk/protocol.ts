@@ -218,6 +218,8 @@ export function describeError(code: string, message: string): string {
       return `This page speaks protocol ${PROTOCOL_VERSION}; the node does not (${message}).`;
     case 'resume_failed':
       return `The session could not be resumed (${message}).`;
+    case 'unavailable':
+      return `The node cannot take the session now (it is draining or cannot reach its log); another node is tried (${message}).`;
     default:
       return `${code}: ${message}`;
   }
