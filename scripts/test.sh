@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every Meridian test on a fresh machine: installs what the tests need
-# (Chromium, npm packages), starts the local Postgres if it is down, then runs the
-# Rust test suite, the web client's unit tests (vitest) and build, and the
+# (Debian's chromium, Node.js/npm when missing, the npm packages of web-client/ and
+# tests/browser/, Debian's postgresql when missing; later the deploy tools, see
+# scripts/install-deploy-tools.sh), starts the local Postgres if it is down, then runs
+# the Rust test suite, checks the SDK's generated protocol types against the Rust crate,
+# the web client's unit tests (vitest), build and API reference (typedoc), and the
 # headless-Chromium tests against the real binary serving that build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +19,9 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS=-Dwarnings cargo doc --locked --workspace --no-deps
 cargo build --locked -p meridian
 cargo test --locked --workspace --no-fail-fast
+bash scripts/check-ts-types.sh
 
-(cd web-client && npm test && npm run build)
+(cd web-client && npm test && npm run build && npm run docs)
 
 MERIDIAN_BIN="$PWD/target/debug/meridian" npm --prefix tests/browser test
 

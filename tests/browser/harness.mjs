@@ -35,11 +35,13 @@ export function checkWebClient() {
  * Returns `{ listening, stderr(), token(room, identity, ...flags), stop() }`.
  * `extraArgs` add flags (e.g. `--dev`, `--resume-grace-secs 20`).
  */
-export async function startMeridian(prefix, extraArgs = [], { dataDir: sharedDir } = {}) {
+export async function startMeridian(prefix, extraArgs = [], { dataDir: sharedDir, ports = {} } = {}) {
   // Nodes of one region share a data directory (their token keys); it is not removed.
+  // `ports` ({http, media, wt}) fixes ports, e.g. to restart a node where it was.
   const dataDir = sharedDir ?? mkdtempSync(path.join(tmpdir(), `${prefix}-`));
-  const server = spawn(BIN, ['serve', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0',
-    '--media-addr', '127.0.0.1:0', '--wt-addr', '127.0.0.1:0', '--web-root', WEB_ROOT, ...extraArgs], {
+  const addr = (p) => `127.0.0.1:${p ?? 0}`;
+  const server = spawn(BIN, ['serve', '--data-dir', dataDir, '--http-addr', addr(ports.http),
+    '--media-addr', addr(ports.media), '--wt-addr', addr(ports.wt), '--web-root', WEB_ROOT, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
   });
@@ -93,5 +95,15 @@ export function launchChromium(extraArgs = []) {
       '--disable-component-update',
       '--disable-sync',
     ],
+  });
+}
+
+/** A TCP port free right now on 127.0.0.1 (UDP ports are usually free too). */
+export async function freePort() {
+  const net = await import('node:net');
+  return await new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => resolve(port)); });
   });
 }

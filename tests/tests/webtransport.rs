@@ -307,3 +307,80 @@ async fn certificate_files_are_served_instead_of_a_generated_one() {
     t.node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Forwards UDP between a local port and `target` until `cut` is set, then drops every
+/// datagram both ways, as a network that vanished would.
+async fn udp_relay(
+    target: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    let front = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(target).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let client = std::sync::Arc::new(std::sync::Mutex::new(None::<std::net::SocketAddr>));
+    {
+        let (front, back, cut, client) = (front.clone(), back.clone(), cut.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                if !cut.load(Ordering::Relaxed) {
+                    let _ = back.send(&buf[..n]).await;
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *client.lock().unwrap();
+            if let (Some(to), false) = (to, cut.load(Ordering::Relaxed)) {
+                let _ = front.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    addr
+}
+
+/// A WebTransport client whose network vanishes (no close, no packets) is noticed by
+/// the QUIC idle timeout (8 s, keep-alives every 2 s) about as fast as a WebSocket one,
+/// not after the signaling idle timeout plus 5 s (about 38 s before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_webtransport_client_is_noticed_within_ten_seconds() {
+    let t = start_node(|_| {}).await;
+    let mut ep = t.wt_endpoint().await;
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = udp_relay(t.node.wt_addr, cut.clone()).await;
+    ep.url = format!("https://{relay}/signal");
+    let mut s = RawWt::connect(&ep).await;
+    s.send_text(&join_message(&t, "ghost", "vanish")).await;
+    assert!(matches!(s.recv().await, Some(ServerMessage::Joined { .. })));
+    assert_eq!(
+        t.wait_metric(
+            "meridian_signaling_connections_open",
+            1.0,
+            Duration::from_secs(3)
+        )
+        .await,
+        1.0
+    );
+    // Quiet but alive: keep-alives hold the session open past the idle timeout.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(t.metric("meridian_signaling_connections_open").await, 1.0);
+    cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    let start = std::time::Instant::now();
+    let open = t
+        .wait_metric(
+            "meridian_signaling_connections_open",
+            0.0,
+            Duration::from_secs(15),
+        )
+        .await;
+    let took = start.elapsed();
+    eprintln!("vanished WebTransport client noticed after {took:?}");
+    assert_eq!(open, 0.0, "the session still open after {took:?}");
+    assert!(took < Duration::from_secs(11), "noticed after {took:?}");
+    drop(s);
+}

@@ -1,6 +1,6 @@
 // Page settings from the address: `?token=`, `?transport=auto|wt|ws`, `?nodes=url1,url2`,
 // `?publish=0`, and for the dev form `?room=`, `?name=`. Pure.
-import { type NodeTarget, type TransportMode, targetFromUrl } from './transport';
+import { type NodeTarget, type TransportMode, targetFromUrl } from './sdk/transport';
 
 /** Largest token accepted from the address or the paste box (the node's bound). */
 export const MAX_TOKEN_BYTES = 4096;
@@ -51,4 +51,27 @@ export function parseConfig(search: string, pageOrigin: string): PageConfig {
     name: (q.get('name') ?? '').slice(0, 128),
     warnings,
   };
+}
+
+/** What the page reads from a token's payload (not verified: display only). */
+export interface TokenInfo {
+  identity?: string;
+  name?: string;
+  room?: string;
+}
+
+/** Reads identity (`sub`), display name and room from a JWT's payload, for display; `{}` when unreadable. */
+export function tokenInfo(token: string): TokenInfo {
+  const part = token.split('.')[1];
+  if (!part) return {};
+  try {
+    const b64 = part.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(part.length / 4) * 4, '=');
+    const bin = atob(b64);
+    const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+    const v = JSON.parse(new TextDecoder().decode(bytes)) as Record<string, unknown>;
+    const s = (k: string) => (typeof v[k] === 'string' ? (v[k] as string) : undefined);
+    return { identity: s('sub'), name: s('name'), room: s('room') };
+  } catch {
+    return {};
+  }
 }

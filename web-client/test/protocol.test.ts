@@ -8,7 +8,7 @@ import {
   encodeClientMessage,
   frameMessage,
   layerFromRid,
-} from '../src/protocol';
+} from '../src/sdk/protocol';
 
 describe('encode', () => {
   it('encodes a join with version and resume', () => {
@@ -69,6 +69,7 @@ describe('decode', () => {
   it('describes token errors for people', () => {
     expect(describeError('unauthorized', 'token expired (token_expired)')).toMatch(/expired/);
     expect(describeError('unauthorized', 'bad (token_malformed)')).toMatch(/refused/);
+    expect(describeError('unavailable', 'draining')).toMatch(/cannot take the session now/);
   });
 });
 

@@ -1,10 +1,10 @@
 import { describe, expect, it } from 'vitest';
-import type { JoinedMessage } from '../src/protocol';
-import { type AttemptResult, type ConnectionState, DEFAULT_POLICY, type ReconnectPolicy, Reconnector, backoffDelay } from '../src/reconnect';
-import type { NodeTarget } from '../src/transport';
+import type { JoinedMessage } from '../src/sdk/protocol';
+import { type AttemptResult, type ConnectionState, DEFAULT_POLICY, type ReconnectPolicy, Reconnector, backoffDelay } from '../src/sdk/reconnect';
+import type { NodeTarget } from '../src/sdk/transport';
 
-const joined = (resume: string, extra: Partial<JoinedMessage> = {}): JoinedMessage => ({
-  type: 'joined', participant_id: 'PA_1', room: 'r', participants: [], resume, resume_grace_secs: 10, version: 1, ...extra,
+const joined = (resume: string, extra: Partial<Omit<JoinedMessage, 'type'>> = {}): JoinedMessage => ({
+  type: 'joined', participant_id: 'PA_1', room: 'r', participants: [], resume, resume_grace_secs: 10, version: 1, restored: false, ...extra,
 });
 
 /** A scripted world: each attempt takes the next result; sleeps are recorded, not waited. */

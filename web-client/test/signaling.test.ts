@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { SignalingClient, SignalingError } from '../src/signaling';
+import { SignalingClient, SignalingError } from '../src/sdk/signaling';
 import { FakeTransport } from './fakes';
 
 const joined = { type: 'joined', participant_id: 'PA_1', room: 'r', participants: [], resume: 'R1', resume_grace_secs: 10, version: 1 };

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { summarize } from '../src/stats';
+import { summarize } from '../src/sdk/stats';
 
 describe('stats summary', () => {
   it('sums inbound/outbound, computes bitrate from the previous sample, loss and per-tile layer', () => {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { connectWithFallback, originOfSignalUrl, targetFromUrl, transportOrder, webSocketUrl } from '../src/transport';
-import type { Transport, TransportKind } from '../src/transport';
+import { connectWithFallback, originOfSignalUrl, targetFromUrl, transportOrder, webSocketUrl } from '../src/sdk/transport';
+import type { Transport, TransportKind } from '../src/sdk/transport';
 import { parseConfig } from '../src/config';
 import { FakeTransport } from './fakes';
 

@@ -23,6 +23,11 @@ pub const MAX_TRACKS_PER_MESSAGE: usize = 16;
 pub const MAX_IDS_PER_MESSAGE: usize = 256;
 
 /// Messages a client sends to a node.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
@@ -88,6 +93,7 @@ pub enum ClientMessage {
     /// Liveness probe; answered by `pong` with the same id.
     Ping {
         /// Echoed back.
+        #[cfg_attr(feature = "ts", ts(type = "number"))]
         id: u64,
     },
     /// Leave the room now; the session ends and cannot be resumed.
@@ -95,6 +101,11 @@ pub enum ClientMessage {
 }
 
 /// Messages a node sends to a client.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
@@ -109,6 +120,7 @@ pub enum ServerMessage {
         /// Token to present in a later `join` to resume this session.
         resume: String,
         /// Seconds a dropped session is kept for resumption.
+        #[cfg_attr(feature = "ts", ts(type = "number"))]
         resume_grace_secs: u64,
         /// Protocol version of the node.
         version: u32,
@@ -169,6 +181,7 @@ pub enum ServerMessage {
     /// Answer to `ping`.
     Pong {
         /// The ping's id.
+        #[cfg_attr(feature = "ts", ts(type = "number"))]
         id: u64,
     },
     /// This node does not serve the client: connect to `url` instead.
@@ -203,6 +216,11 @@ pub enum ServerMessage {
 }
 
 /// A simulcast layer, lowest to highest; `rid`s `q`, `h`, `f` as browsers name them.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Layer {
@@ -244,6 +262,11 @@ impl Layer {
 }
 
 /// Kind of media a track carries.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrackKind {
@@ -254,6 +277,11 @@ pub enum TrackKind {
 }
 
 /// What the client says about one sending media section of its offer.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrackAnnouncement {
     /// Media section id in the offer.
@@ -274,6 +302,11 @@ pub struct TrackAnnouncement {
 }
 
 /// A published track as the room sees it.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrackInfo {
     /// Room-unique track id.
@@ -293,6 +326,11 @@ pub struct TrackInfo {
 }
 
 /// Which track a media section of the subscriber connection carries.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SubscribedTrack {
     /// Media section id on the subscriber connection.
@@ -304,6 +342,11 @@ pub struct SubscribedTrack {
 }
 
 /// A participant as the room sees it.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParticipantInfo {
     /// Room-unique participant id.
@@ -318,6 +361,11 @@ pub struct ParticipantInfo {
 }
 
 /// Stable error codes carried by `error` messages.
+#[cfg_attr(
+    feature = "ts",
+    derive(ts_rs::TS),
+    ts(export, export_to = "../../../web-client/src/sdk/generated/")
+)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {

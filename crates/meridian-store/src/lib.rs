@@ -359,7 +359,12 @@ impl Store {
     /// Open (creating if needed) the embedded SQLite log `events.db` in `data_dir`.
     pub async fn open_embedded(data_dir: impl AsRef<Path>) -> Result<Store, StoreError> {
         let dir = data_dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| {
+        // The data dir also holds the token signing keys: owner-only (0700).
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(|e| {
             StoreError::InvalidInput(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
         let path = dir.join("events.db");

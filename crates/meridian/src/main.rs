@@ -15,8 +15,12 @@ use meridian_auth::{Claims, Grants, KeySet};
 use meridian_server::{Config, Node};
 
 /// Meridian: a WebRTC SFU.
+///
+/// Subcommands: serve (run a node), token create (mint an access token), loadgen
+/// (synthetic publishers and subscribers), audit (query and verify the event log),
+/// config check (validate a TOML config file), plan (capacity and cost planner).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,14 +30,14 @@ struct Cli {
 enum Command {
     /// Run an all-in-one node.
     Serve(ServeArgs),
-    /// Access tokens.
+    /// Access tokens: `token create` prints a signed JWT for a room and identity.
     #[command(subcommand)]
     Token(TokenCommand),
     /// Run N publishers and M subscribers against a node and report what they measured.
     Loadgen(loadgen::LoadgenArgs),
     /// Query and verify the region's event log (rooms, history, participant, range, export, verify).
     Audit(meridian_audit::AuditArgs),
-    /// Node config files.
+    /// Node config files: `config check FILE` validates one.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Capacity and cost planner: pods per region, media bytes, egress cost (docs/capacity.md).
@@ -128,13 +132,13 @@ struct TokenArgs {
     /// Display name.
     #[arg(long)]
     name: Option<String>,
-    /// Allow publishing.
+    /// Allow publishing; implies subscribing too (a publisher always sees the room).
     #[arg(long)]
     publish: bool,
-    /// Allow subscribing (default when neither grant is given).
+    /// Allow subscribing only (the grant when neither --publish nor --admin is given).
     #[arg(long)]
     subscribe: bool,
-    /// Allow admin queries.
+    /// Allow admin queries (audit API, close-signaling); alone, it grants no media.
     #[arg(long)]
     admin: bool,
     /// Region the token is sticky to.
@@ -158,6 +162,13 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,str0m=warn,dimpl=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal (not in files, pipes or CI logs), and never
+        // with NO_COLOR set.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -267,7 +278,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     if node.dev {
         eprintln!(
-            "Meridian is running in dev mode: open http://{}/ and join with any name",
+            "Meridian is running in dev mode: open http://{}/ and join with an identity and a display name",
             node.http_addr
         );
     } else {

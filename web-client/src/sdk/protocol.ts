@@ -1,5 +1,29 @@
-// Meridian signaling protocol, version 1 (docs/protocol.md; the authoritative types are
-// `crates/meridian-protocol/src/lib.rs`). Pure: no DOM, no I/O.
+// Meridian signaling protocol, version 1 (docs/protocol.md). The message types are
+// generated from the Rust crate `crates/meridian-protocol` by ts-rs into ./generated/
+// (`cargo test -p meridian-protocol --features ts`; scripts/check-ts-types.sh fails on
+// drift); this module adds the bounds, decoding with checks, and the WebTransport framing.
+// Pure: no DOM, no I/O.
+import type { ClientMessage } from './generated/ClientMessage';
+import type { ErrorCode } from './generated/ErrorCode';
+import type { Layer } from './generated/Layer';
+import type { ParticipantInfo } from './generated/ParticipantInfo';
+import type { ServerMessage } from './generated/ServerMessage';
+import type { SubscribedTrack } from './generated/SubscribedTrack';
+import type { TrackAnnouncement } from './generated/TrackAnnouncement';
+import type { TrackInfo } from './generated/TrackInfo';
+import type { TrackKind } from './generated/TrackKind';
+
+export type {
+  ClientMessage,
+  ErrorCode,
+  Layer,
+  ParticipantInfo,
+  ServerMessage,
+  SubscribedTrack,
+  TrackAnnouncement,
+  TrackInfo,
+  TrackKind,
+};
 
 /** The protocol version this client speaks. */
 export const PROTOCOL_VERSION = 1;
@@ -9,11 +33,6 @@ export const MAX_MESSAGE_BYTES = 64 * 1024;
 export const MAX_INCOMING_BYTES = 1024 * 1024;
 /** Largest number of tracks one `offer` may announce. */
 export const MAX_TRACKS_PER_MESSAGE = 16;
-
-/** A simulcast layer, lowest to highest. */
-export type Layer = 'low' | 'medium' | 'high';
-/** Kind of media. */
-export type TrackKind = 'audio' | 'video';
 
 /** Browser RTP stream ids of the layers: `q`, `h`, `f`. */
 export const LAYER_RIDS: Record<Layer, string> = { low: 'q', medium: 'h', high: 'f' };
@@ -25,107 +44,8 @@ export function layerFromRid(rid: string): Layer | undefined {
   return LAYERS.find((l) => LAYER_RIDS[l] === rid);
 }
 
-/** One sending media section of a publisher offer. */
-export interface TrackAnnouncement {
-  mid: string;
-  kind: TrackKind;
-  source: string;
-  layers: Layer[];
-  /** On a restored session: the id the track had before, so the room keeps it. */
-  track_id?: string;
-}
-
-/** A published track as the room sees it. */
-export interface TrackInfo {
-  track_id: string;
-  participant_id: string;
-  mid: string;
-  kind: TrackKind;
-  source: string;
-  layers: Layer[];
-  muted: boolean;
-}
-
-/** Which track a subscriber media section carries. */
-export interface SubscribedTrack {
-  mid: string;
-  track_id: string;
-  participant_id: string;
-}
-
-/** A participant as the room sees it. */
-export interface ParticipantInfo {
-  participant_id: string;
-  identity: string;
-  name?: string | null;
-  tracks: TrackInfo[];
-}
-
-/** Stable error codes of `error` messages. */
-export type ErrorCode =
-  | 'malformed_message'
-  | 'message_too_large'
-  | 'rate_limited'
-  | 'unsupported_version'
-  | 'not_joined'
-  | 'unauthorized'
-  | 'forbidden'
-  | 'resume_failed'
-  | 'invalid_sdp'
-  | 'not_found'
-  | 'capacity_exceeded'
-  | 'timeout'
-  | 'internal';
-
-/** Messages a client sends. */
-export type ClientMessage =
-  | {
-      type: 'join';
-      token: string;
-      resume?: string;
-      version: number;
-      auto_subscribe?: boolean;
-      client?: string;
-    }
-  | { type: 'offer'; sdp: string; tracks: TrackAnnouncement[] }
-  | { type: 'answer'; sdp: string }
-  | { type: 'unpublish'; track_id: string }
-  | { type: 'subscribe'; track_ids: string[] }
-  | { type: 'unsubscribe'; track_ids: string[] }
-  | { type: 'set_layer'; track_id: string; max_layer: Layer }
-  | { type: 'mute'; track_id: string; muted: boolean }
-  | { type: 'ping'; id: number }
-  | { type: 'leave' };
-
 /** `joined`: the join (or resume) succeeded. */
-export interface JoinedMessage {
-  type: 'joined';
-  participant_id: string;
-  room: string;
-  participants: ParticipantInfo[];
-  resume: string;
-  resume_grace_secs: number;
-  version: number;
-  /** True when a new node rebuilt this participant from the event log: renegotiate. */
-  restored?: boolean;
-}
-
-/** Messages a node sends. */
-export type ServerMessage =
-  | JoinedMessage
-  | { type: 'answer'; sdp: string; tracks: TrackInfo[] }
-  | { type: 'offer'; sdp: string; tracks: SubscribedTrack[] }
-  | { type: 'participant_joined'; participant: ParticipantInfo }
-  | { type: 'participant_left'; participant_id: string }
-  | { type: 'track_published'; track: TrackInfo }
-  | { type: 'track_unpublished'; track_id: string }
-  | { type: 'track_muted'; track_id: string; muted: boolean }
-  | { type: 'layer_changed'; track_id: string; layer: Layer | null }
-  | { type: 'pong'; id: number }
-  | { type: 'redirect'; region: string; url: string }
-  | { type: 'migrate'; url: string | null; reason: string }
-  | { type: 'error'; code: ErrorCode | string; message: string }
-  | { type: 'left'; reason: string };
+export type JoinedMessage = Extract<ServerMessage, { type: 'joined' }>;
 
 /** A message that could not be decoded or is over a bound. */
 export class ProtocolError extends Error {
@@ -266,7 +186,8 @@ export function decodeServerMessage(data: string | Uint8Array): ServerMessage {
         reason: typeof v.reason === 'string' ? v.reason : '',
       };
     case 'error':
-      return { type: 'error', code: str(v, 'code'), message: typeof v.message === 'string' ? v.message : '' };
+      // A code this client does not know yet is passed on as is (describeError copes).
+      return { type: 'error', code: str(v, 'code') as ErrorCode, message: typeof v.message === 'string' ? v.message : '' };
     case 'left':
       return { type: 'left', reason: typeof v.reason === 'string' ? v.reason : '' };
     default:
@@ -297,6 +218,8 @@ export function describeError(code: string, message: string): string {
       return `This page speaks protocol ${PROTOCOL_VERSION}; the node does not (${message}).`;
     case 'resume_failed':
       return `The session could not be resumed (${message}).`;
+    case 'unavailable':
+      return `The node cannot take the session now (it is draining or cannot reach its log); another node is tried (${message}).`;
     default:
       return `${code}: ${message}`;
   }

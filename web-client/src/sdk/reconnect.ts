@@ -64,6 +64,12 @@ export interface StateDetail {
   delayMs?: number;
   /** Node being tried. */
   target?: NodeTarget;
+  /**
+   * On `disconnected`: retrying cannot help (bad or expired token, forbidden, the
+   * session was replaced, redirect loop). Absent or false: the node was unreachable,
+   * and probing it later may succeed ({@link Reconnector.restart}).
+   */
+  fatal?: boolean;
 }
 
 /** What the machine needs from the outside world. */
@@ -123,6 +129,22 @@ export class Reconnector {
     if (this.state === 'left' || this.state === 'disconnected') return Promise.resolve();
     if (target) this.override = target;
     return this.run('reconnecting', this.policy.maxAttempts, true, `node asked to move (${reason || 'migrate'})`);
+  }
+
+  /**
+   * After giving up (`disconnected`, not fatal): run a new reconnect cycle at once,
+   * with the resume token when there is one. No-op in any other state.
+   */
+  restart(reason = 'trying again'): Promise<void> {
+    if (this.state !== 'disconnected') return Promise.resolve();
+    return this.run('reconnecting', this.policy.maxAttempts, true, reason);
+  }
+
+  /** Ends the session from outside (e.g. the node said it was replaced): `disconnected`. */
+  end(message: string, fatal: boolean): void {
+    this.cycle++;
+    this.running = false;
+    this.set('disconnected', { message, fatal });
   }
 
   /** The user left: stop everything. */
@@ -200,14 +222,14 @@ export class Reconnector {
           redirects++;
           if (redirects > this.policy.maxRedirects) {
             this.running = false;
-            this.set('disconnected', { message: `Disconnected: too many redirects (last to ${result.url}).` });
+            this.set('disconnected', { message: `Disconnected: too many redirects (last to ${result.url}).`, fatal: true });
             return;
           }
           try {
             this.override = targetFromUrl(result.url);
           } catch {
             this.running = false;
-            this.set('disconnected', { message: `Disconnected: redirected to an unusable URL ${JSON.stringify(result.url)}.` });
+            this.set('disconnected', { message: `Disconnected: redirected to an unusable URL ${JSON.stringify(result.url)}.`, fatal: true });
             return;
           }
           this.attempts--; // a redirect is not a failure
@@ -221,7 +243,7 @@ export class Reconnector {
           continue;
         case 'fatal':
           this.running = false;
-          this.set('disconnected', { message: result.message });
+          this.set('disconnected', { message: result.message, fatal: true });
           return;
         case 'failed':
           lastError = result.message;

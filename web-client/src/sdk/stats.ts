@@ -26,6 +26,10 @@ export interface StatsEntry {
   state?: string;
   selectedCandidatePairId?: string;
   qualityLimitationReason?: string;
+  audioLevel?: number;
+  totalAudioEnergy?: number;
+  totalSamplesDuration?: number;
+  trackIdentifier?: string;
 }
 
 /** What one remote video tile receives. */
@@ -40,7 +44,23 @@ export interface TileStats {
   framesDecoded: number;
   freezeCount: number;
   packetsLost: number;
+  packetsReceived: number;
+  /** Lost / (lost + received) since the track started, percent. */
+  lossPct: number;
+  /** Connection quality of this tile from its loss and the connection's RTT. */
+  quality: ConnectionQuality;
   kbps: number;
+}
+
+/** A three-step connection quality, as meeting apps show it. */
+export type ConnectionQuality = 'good' | 'fair' | 'poor';
+
+/** Quality from packet loss (percent) and round-trip time (ms): good under 2 % and 200 ms, poor from 8 % or 500 ms. */
+export function connectionQuality(lossPct: number, rttMs: number | undefined): ConnectionQuality {
+  const rtt = rttMs ?? 0;
+  if (lossPct >= 8 || rtt >= 500) return 'poor';
+  if (lossPct >= 2 || rtt >= 200) return 'fair';
+  return 'good';
 }
 
 /** One sample of the panel. */
@@ -136,6 +156,9 @@ export function summarize(
         framesDecoded: r.framesDecoded ?? 0,
         freezeCount: r.freezeCount ?? 0,
         packetsLost: Math.max(0, r.packetsLost ?? 0),
+        packetsReceived: r.packetsReceived ?? 0,
+        lossPct: 0,
+        quality: 'good',
         kbps,
       });
     }
@@ -164,6 +187,11 @@ export function summarize(
   out.layersSent.sort((a, b) => a.rid.localeCompare(b.rid));
   const total = out.packetsLost + out.packetsReceived;
   out.lossPct = total > 0 ? (100 * out.packetsLost) / total : 0;
+  for (const t of out.tiles) {
+    const n = t.packetsLost + t.packetsReceived;
+    t.lossPct = n > 0 ? (100 * t.packetsLost) / n : 0;
+    t.quality = connectionQuality(t.lossPct, out.rttMs);
+  }
   return out;
 }
 
