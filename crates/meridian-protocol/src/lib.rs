@@ -398,6 +398,22 @@ impl DecodeError {
     }
 }
 
+/// Longest explanation the node puts in an `error` about a client's own input, in
+/// bytes: whatever a client sends, the reply stays small.
+pub const MAX_ERROR_DETAIL_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary, with `…` when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// Largest track or participant id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
@@ -407,8 +423,8 @@ impl ClientMessage {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
-        let msg: ClientMessage =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let msg: ClientMessage = serde_json::from_slice(bytes)
+            .map_err(|e| DecodeError::Malformed(clip(&e.to_string(), MAX_ERROR_DETAIL_BYTES)))?;
         msg.check_bounds()?;
         Ok(msg)
     }
@@ -530,6 +546,21 @@ mod tests {
             ClientMessage::decode(msg.as_bytes()).unwrap_err().code(),
             ErrorCode::MessageTooLarge
         );
+    }
+
+    #[test]
+    fn unknown_types_are_not_echoed_in_full() {
+        let long = format!(r#"{{"type":"{}"}}"#, "é".repeat(30_000));
+        let err = ClientMessage::decode(long.as_bytes()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::MalformedMessage);
+        let text = err.to_string();
+        assert!(
+            text.len() <= MAX_ERROR_DETAIL_BYTES + 64,
+            "error of {} bytes",
+            text.len()
+        );
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("ééé", 4), "…", "cut on a character boundary");
     }
 
     #[test]

@@ -14,7 +14,11 @@ use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::NodeState;
+use crate::limits::IpSlot;
 use crate::mailbox::Command;
 use crate::signal::{Frame, run_session};
 
@@ -351,8 +355,28 @@ async fn webtransport_certificate_hashes(
 async fn signal(
     State(state): State<NodeState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Browsers always send `Origin`; other clients cannot be driven by a foreign page.
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let origin = origin.to_str().unwrap_or("null");
+        if !state.hosts.origin_allowed(origin, host) {
+            state.metrics.host_refusals.inc();
+            return (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "origin {:?} may not open signaling here; add its host to http.public_names\n",
+                    meridian_protocol::clip(origin, 128)
+                ),
+            )
+                .into_response();
+        }
+    }
     let open = state.metrics.signaling_connections_open.get();
     if open >= state.config.signaling.max_connections as i64 {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
@@ -363,10 +387,10 @@ async fn signal(
     // anything larger closes the connection at the WebSocket layer.
     ws.max_message_size(2 * max)
         .max_frame_size(2 * max)
-        .on_upgrade(move |socket| ws_session(state, socket))
+        .on_upgrade(move |socket| ws_session(state, peer, socket))
 }
 
-async fn ws_session(state: NodeState, socket: WebSocket) {
+async fn ws_session(state: NodeState, peer: SocketAddr, socket: WebSocket) {
     let (sink, stream) = socket.split();
     let incoming = stream
         .take_while(|m| {
@@ -381,7 +405,203 @@ async fn ws_session(state: NodeState, socket: WebSocket) {
         });
     let outgoing = sink
         .with(|text: String| std::future::ready(Ok::<_, axum::Error>(Message::Text(text.into()))));
-    run_session(state, Box::pin(incoming), Box::pin(outgoing)).await;
+    run_session(state, peer, Box::pin(incoming), Box::pin(outgoing)).await;
+}
+
+/// A TCP stream that notes when it last carried bytes and holds its per-address slot
+/// for as long as it lives (through a WebSocket upgrade too).
+struct Tracked {
+    inner: tokio::net::TcpStream,
+    base: std::time::Instant,
+    /// Milliseconds after `base` of the last read or write.
+    activity: Arc<AtomicU64>,
+    _slot: IpSlot,
+}
+
+impl Tracked {
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` turns true: at most
+/// `http.max_connections_per_ip` connections per source address, request headers
+/// within `http.header_read_timeout_secs`, and connections without traffic for
+/// `http.idle_timeout_secs` closed (an upgraded WebSocket leaves this loop and is
+/// bounded by the session's own timeouts).
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    state: NodeState,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let http = &state.config.http;
+    let header_timeout = Duration::from_secs(http.header_read_timeout_secs);
+    let idle = Duration::from_secs(http.idle_timeout_secs);
+    loop {
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!("HTTP accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let Some(slot) = state.limits.connect(peer.ip()) else {
+            state
+                .metrics
+                .limit_refusals
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "connections_per_ip",
+                })
+                .inc();
+            tracing::debug!(%peer, "HTTP connection refused: too many from this address");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(
+            Tracked {
+                inner: stream,
+                base: std::time::Instant::now(),
+                activity: Arc::new(AtomicU64::new(0)),
+                _slot: slot,
+            },
+            peer,
+            app.clone(),
+            state.metrics.clone(),
+            (header_timeout, idle),
+            shutdown.clone(),
+        ));
+    }
+}
+
+async fn connection(
+    io: Tracked,
+    peer: SocketAddr,
+    app: Router,
+    metrics: crate::Metrics,
+    (header_timeout, idle): (Duration, Duration),
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use tower_service::Service as _;
+    let (base, activity) = (io.base, io.activity.clone());
+    let service = hyper::service::service_fn(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut app = app.clone();
+        async move { app.call(req).await }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let wait = idle.saturating_sub(base.elapsed().saturating_sub(last));
+        if wait.is_zero() {
+            tracing::debug!(%peer, "closing an idle HTTP connection");
+            metrics.http_timeouts.inc();
+            return;
+        }
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if e.is_timeout() {
+                        metrics.http_timeouts.inc();
+                    }
+                    tracing::debug!(%peer, "HTTP connection: {e}");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Refuses requests whose `Host` is not the node's (see [`HostPolicy`]) with 421 and
+/// a body naming the setting.
+pub(crate) async fn check_host(
+    State(state): State<NodeState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if state.hosts.host_allowed(&h) => next.run(req).await,
+        h => {
+            state.metrics.host_refusals.inc();
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "host {:?} is not one of this node's names; add it to http.public_names\n",
+                    meridian_protocol::clip(&h.unwrap_or_default(), 128)
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 #[cfg(test)]

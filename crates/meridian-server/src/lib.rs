@@ -9,6 +9,7 @@
 mod cluster;
 pub mod config;
 mod http;
+mod limits;
 mod mailbox;
 mod media_loop;
 pub mod metrics;
@@ -68,6 +69,10 @@ pub(crate) struct NodeState {
     pub cluster: Arc<cluster::Cluster>,
     /// The web client folder served at `/`; `None`: not built (a page says how).
     pub web_root: Option<std::sync::Arc<std::path::Path>>,
+    /// Connection and join limits per source address.
+    pub limits: Arc<limits::IpLimits>,
+    /// Which `Host` and `Origin` headers are answered.
+    pub hosts: Arc<limits::HostPolicy>,
 }
 
 /// Admits audit API requests whose bearer token is a valid access token with the
@@ -245,7 +250,22 @@ impl Node {
                 "dev mode: POST /dev/token mints tokens for anyone who can reach the HTTP address"
             );
         }
+        let advertised = config.advertise_url(http_addr);
+        let advertised_host = advertised
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or_default().to_string());
+        let hosts = limits::HostPolicy::new(
+            &config.http.public_names,
+            http_addr.ip(),
+            advertised_host.as_deref(),
+        );
+        let ip_limits = limits::IpLimits::new(
+            config.http.max_connections_per_ip,
+            config.signaling.joins_per_ip_per_minute,
+        );
         let state = NodeState {
+            limits: Arc::new(ip_limits),
+            hosts: Arc::new(hosts),
             web_root: web_root.as_deref().map(Arc::from),
             config: Arc::new(config),
             keys: Arc::new(keys),
@@ -255,7 +275,7 @@ impl Node {
             webtransport: wt_listener.advert(),
             cluster: cluster.clone(),
         };
-        let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let (shutdown, shutdown_rx) = watch::channel(false);
         let cluster_task = tokio::spawn(cluster.clone().run(shutdown.subscribe()));
         let wt_task = tokio::spawn(webtransport::serve(
             wt_listener,
@@ -263,19 +283,13 @@ impl Node {
             shutdown.subscribe(),
         ));
         let admin = Arc::new(TokenAdmin(state.keys.clone()));
-        let app = http::router(state).merge(meridian_audit::router(store, admin));
-        let http_task = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("HTTP server failed: {e}");
-            }
-        });
+        let app = http::router(state.clone())
+            .merge(meridian_audit::router(store, admin))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                http::check_host,
+            ));
+        let http_task = tokio::spawn(http::serve(listener, app, state, shutdown_rx));
         info!(%http_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
         Ok(Node {
             http_addr,
