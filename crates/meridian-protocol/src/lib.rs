@@ -92,6 +92,13 @@ pub enum ClientMessage {
     },
     /// Leave the room now; the session ends and cannot be resumed.
     Leave,
+    /// A newer access token for the same identity and room: the session, which ends
+    /// when its token expires, lives until the new token's expiry. Answered by
+    /// `refreshed`, or `error{unauthorized}` (and the session ends) when refused.
+    Refresh {
+        /// The new access token (JWT).
+        token: String,
+    },
 }
 
 /// Messages a node sends to a client.
@@ -194,6 +201,11 @@ pub enum ServerMessage {
         code: ErrorCode,
         /// Human-readable explanation.
         message: String,
+    },
+    /// The token sent in `refresh` was accepted.
+    Refreshed {
+        /// Seconds until the new token expires: refresh again before then.
+        expires_in_secs: u64,
     },
     /// The session ended (after `leave`, a kick, or server shutdown).
     Left {
@@ -350,6 +362,9 @@ pub enum ErrorCode {
     /// The node cannot take the session now (it drains, or the region's log is
     /// unreachable); try another node of the region.
     Unavailable,
+    /// One request was refused because the client repeats it faster than allowed
+    /// (layer preferences, mute toggles); the session goes on.
+    Throttled,
 }
 
 impl ErrorCode {
@@ -370,6 +385,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Throttled => "throttled",
         }
     }
 }
@@ -456,6 +472,7 @@ impl ClientMessage {
                 }
             }
             ClientMessage::Join { .. }
+            | ClientMessage::Refresh { .. }
             | ClientMessage::Answer { .. }
             | ClientMessage::Ping { .. }
             | ClientMessage::Leave => {}

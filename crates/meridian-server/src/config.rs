@@ -57,6 +57,39 @@ pub struct Config {
     pub webtransport: WebTransportConfig,
     /// Membership of the region: leases, placement, failover and drain.
     pub cluster: ClusterConfig,
+    /// What access tokens must carry.
+    pub auth: AuthConfig,
+}
+
+/// Rules for access tokens beyond signature, expiry and grants.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `aud` every token must carry.
+    pub audience: String,
+    /// Longest token lifetime accepted (from `nbf`/`iat` to `exp`), in seconds.
+    /// Sessions end when their token expires unless the client sends `refresh`.
+    pub max_token_lifetime_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        let p = meridian_auth::Policy::default();
+        AuthConfig {
+            audience: p.audience,
+            max_token_lifetime_secs: p.max_lifetime.as_secs(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The policy tokens are verified with.
+    pub fn policy(&self) -> meridian_auth::Policy {
+        meridian_auth::Policy {
+            audience: self.audience.clone(),
+            max_lifetime: Duration::from_secs(self.max_token_lifetime_secs),
+        }
+    }
 }
 
 /// How nodes of one region (one event log) share rooms and take over from each other.
@@ -201,6 +234,11 @@ pub struct SignalingConfig {
     /// Joins (and resumes) one source address may attempt per minute, as a token
     /// bucket with a burst of the same size.
     pub joins_per_ip_per_minute: u32,
+    /// Layer preferences and mute toggles one participant may send per second,
+    /// sustained (each is a log event); more are refused with `throttled`.
+    pub changes_per_second: u32,
+    /// How many such changes may come at once.
+    pub change_burst: u32,
 }
 
 impl Default for Config {
@@ -228,6 +266,7 @@ impl Default for Config {
                 tls_key: None,
             },
             cluster: ClusterConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -275,6 +314,8 @@ impl Default for SignalingConfig {
             session_queue_bytes: 1024 * 1024,
             write_timeout_secs: 10,
             joins_per_ip_per_minute: 600,
+            changes_per_second: 5,
+            change_burst: 20,
         }
     }
 }
@@ -328,6 +369,19 @@ impl Config {
                 "signaling.session_queue_bytes",
                 "must be at least max_message_bytes and at most 64 MiB",
             );
+        }
+        let a = &self.auth;
+        if a.audience.is_empty() || a.audience.len() > 64 {
+            return invalid("auth.audience", "must be 1..=64 characters");
+        }
+        if !(60..=30 * 24 * 3600).contains(&a.max_token_lifetime_secs) {
+            return invalid(
+                "auth.max_token_lifetime_secs",
+                "must be 60 ..= 2592000 (30 days)",
+            );
+        }
+        if s.changes_per_second == 0 || s.change_burst == 0 {
+            return invalid("signaling.changes_per_second", "must be positive");
         }
         if s.joins_per_ip_per_minute == 0 {
             return invalid("signaling.joins_per_ip_per_minute", "must be positive");

@@ -36,6 +36,10 @@ pub(crate) fn router(state: NodeState) -> Router {
         .route(
             "/admin/participants/{participant_id}/close-signaling",
             post(close_signaling),
+        )
+        .route(
+            "/admin/participants/{participant_id}/remove",
+            post(remove_participant),
         );
     if state.config.http.dev {
         router = router.route(
@@ -229,48 +233,133 @@ async fn dev_token(
     }
 }
 
-/// `POST /admin/participants/{id}/close-signaling` (bearer token with the `admin`
-/// grant): closes that participant's signaling transport as a network drop would. The
-/// participant stays for the resume grace, so its client can resume; used by tests
-/// and operators to exercise reconnects.
-async fn close_signaling(
-    State(state): State<NodeState>,
-    axum::extract::Path(participant_id): axum::extract::Path<String>,
-    headers: HeaderMap,
-) -> Response {
+/// The bearer token of an admin request, verified with the `admin` grant; its room
+/// scope is `None` for an every-room (`*`) token, else the one room it administers.
+#[allow(clippy::result_large_err)]
+fn admin_scope(
+    state: &NodeState,
+    headers: &HeaderMap,
+    no_grant: StatusCode,
+) -> Result<Option<String>, Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .unwrap_or("");
-    let allowed = state
-        .keys
-        .verify(token, meridian_auth::unix_now())
-        .map_err(|e| e.code().to_string())
-        .and_then(|c| {
-            c.require(meridian_auth::Grant::Admin)
-                .map_err(|e| e.code().to_string())
-        });
-    if let Err(code) = allowed {
-        return (StatusCode::UNAUTHORIZED, format!("{code}\n")).into_response();
+    let claims = state
+        .verify(token)
+        .map_err(|e| (StatusCode::UNAUTHORIZED, format!("{}\n", e.code())).into_response())?;
+    claims
+        .require(meridian_auth::Grant::Admin)
+        .map_err(|e| (no_grant, format!("{}\n", e.code())).into_response())?;
+    Ok((claims.room != meridian_auth::ANY_ROOM).then_some(claims.room))
+}
+
+/// Percent-decodes a path segment; `None` when it is not valid UTF-8 after decoding.
+fn percent_decode(segment: &str) -> Option<String> {
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
     }
+    String::from_utf8(out).ok()
+}
+
+/// The room of an audit path `/audit/rooms/{room}/history`, decoded.
+fn audit_room(path: &str) -> Option<String> {
+    let room = path.strip_prefix("/audit/rooms/")?.strip_suffix("/history")?;
+    (!room.contains('/')).then(|| percent_decode(room)).flatten()
+}
+
+/// Scopes the audit API: a token for every room (`*`) reads everything; an admin
+/// token for one room reads only that room's history (`/audit/rooms/{room}/history`).
+pub(crate) async fn audit_scope(
+    State(state): State<NodeState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match admin_scope(&state, req.headers(), StatusCode::FORBIDDEN) {
+        Err(refused) => refused,
+        Ok(None) => next.run(req).await,
+        Ok(Some(room)) if audit_room(req.uri().path()).as_deref() == Some(room.as_str()) => {
+            next.run(req).await
+        }
+        Ok(Some(_)) => (
+            StatusCode::FORBIDDEN,
+            "forbidden: a token scoped to one room reads only /audit/rooms/{its room}/history\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /admin/participants/{id}/close-signaling` (bearer token with the `admin`
+/// grant, for the participant's room or `*`): closes that participant's signaling
+/// transport as a network drop would. The participant stays for the resume grace, so
+/// its client can resume; used by tests and operators to exercise reconnects.
+async fn close_signaling(
+    State(state): State<NodeState>,
+    axum::extract::Path(participant_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    admin_participant(state, participant_id, headers, false).await
+}
+
+/// `POST /admin/participants/{id}/remove` (bearer token with the `admin` grant, for
+/// the participant's room or `*`): the participant leaves the room (recorded as
+/// kicked), its client is told `left{reason:"removed"}`, and its resume token is
+/// revoked so resuming cannot undo it.
+async fn remove_participant(
+    State(state): State<NodeState>,
+    axum::extract::Path(participant_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    admin_participant(state, participant_id, headers, true).await
+}
+
+async fn admin_participant(
+    state: NodeState,
+    participant_id: String,
+    headers: HeaderMap,
+    remove: bool,
+) -> Response {
+    let room = match admin_scope(&state, &headers, StatusCode::UNAUTHORIZED) {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
     let Ok(participant) = participant_id.parse::<meridian_media::ParticipantId>() else {
         return (StatusCode::NOT_FOUND, "no such participant\n").into_response();
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
-    if state
-        .commands
-        .send(Command::CloseSignaling { participant, reply })
-        .await
-        .is_err()
-    {
+    let command = if remove {
+        Command::Remove {
+            participant,
+            room,
+            reply,
+        }
+    } else {
+        Command::CloseSignaling {
+            participant,
+            room,
+            reply,
+        }
+    };
+    if state.commands.send(command).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
     }
     match answer.await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        // The same answer for another room's participant: a scoped token learns nothing.
         Ok(false) => (
             StatusCode::NOT_FOUND,
-            "no such participant with open signaling\n",
+            "no such participant (with open signaling) in the token's room\n",
         )
             .into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response(),
@@ -642,5 +731,19 @@ mod tests {
             "text/javascript; charset=utf-8"
         );
         assert_eq!(content_type(Path::new("noext")), "application/octet-stream");
+    }
+
+    #[test]
+    fn audit_rooms_are_read_from_the_path_decoded() {
+        assert_eq!(audit_room("/audit/rooms/demo/history").as_deref(), Some("demo"));
+        assert_eq!(
+            audit_room("/audit/rooms/a%20b/history").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(audit_room("/audit/rooms/a/b/history"), None);
+        assert_eq!(audit_room("/audit/rooms"), None);
+        assert_eq!(audit_room("/audit/range"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), Some("%4".into()));
     }
 }

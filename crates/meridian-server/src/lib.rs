@@ -75,15 +75,23 @@ pub(crate) struct NodeState {
     pub hosts: Arc<limits::HostPolicy>,
 }
 
+impl NodeState {
+    /// Verifies an access token now, with the node's `[auth]` policy.
+    pub(crate) fn verify(&self, token: &str) -> Result<meridian_auth::Claims, meridian_auth::AuthError> {
+        self.keys
+            .verify_with(token, meridian_auth::unix_now(), &self.config.auth.policy())
+    }
+}
+
 /// Admits audit API requests whose bearer token is a valid access token with the
-/// `admin` grant.
-struct TokenAdmin(Arc<KeySet>);
+/// `admin` grant (the room scope is checked by `http::audit_scope`).
+struct TokenAdmin(Arc<KeySet>, meridian_auth::Policy);
 
 impl meridian_audit::AdminCheck for TokenAdmin {
     fn check_admin(&self, bearer_token: &str) -> Result<(), String> {
         let claims = self
             .0
-            .verify(bearer_token, meridian_auth::unix_now())
+            .verify_with(bearer_token, meridian_auth::unix_now(), &self.1)
             .map_err(|e| e.code().to_string())?;
         claims
             .require(meridian_auth::Grant::Admin)
@@ -201,6 +209,8 @@ impl Node {
             sfu: meridian_media::SfuConfig::new(candidate),
             resume_grace: config.resume_grace(),
             seed: rand::random(),
+            changes_per_second: f64::from(config.signaling.changes_per_second),
+            change_burst: config.signaling.change_burst,
         };
         let loop_metrics = metrics.clone();
         std::thread::Builder::new()
@@ -282,9 +292,12 @@ impl Node {
             state.clone(),
             shutdown.subscribe(),
         ));
-        let admin = Arc::new(TokenAdmin(state.keys.clone()));
+        let admin = Arc::new(TokenAdmin(state.keys.clone(), state.config.auth.policy()));
+        let audit = meridian_audit::router(store, admin).route_layer(
+            axum::middleware::from_fn_with_state(state.clone(), http::audit_scope),
+        );
         let app = http::router(state.clone())
-            .merge(meridian_audit::router(store, admin))
+            .merge(audit)
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 http::check_host,

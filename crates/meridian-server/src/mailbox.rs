@@ -140,10 +140,23 @@ pub(crate) enum Command {
     /// The node is shutting down.
     Shutdown,
     /// Close a participant's signaling transport (admin hook); replies whether it had
-    /// one open.
+    /// one open. `room`: the admin token's room, `None` for every room.
     CloseSignaling {
         participant: ParticipantId,
+        room: Option<String>,
         reply: oneshot::Sender<bool>,
+    },
+    /// Remove a participant for good (admin); replies whether it was removed. `room`:
+    /// the admin token's room, `None` for every room.
+    Remove {
+        participant: ParticipantId,
+        room: Option<String>,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A joined client presented a newer token, valid until `expires_at`.
+    Refresh {
+        participant: ParticipantId,
+        expires_at: std::time::Instant,
     },
     /// The session's transport closed; `generation` tells stale detaches apart.
     Detach {

@@ -143,6 +143,8 @@ where
     let join_deadline = Instant::now() + Duration::from_secs(cfg.join_timeout_secs);
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let mut joined: Option<(meridian_media::ParticipantId, u64)> = None;
+    // The joined token's identity and room: a refresh must name the same.
+    let mut who: Option<(String, String)> = None;
     let error = |code: ErrorCode, message: String| ServerMessage::error(code, message);
     // Queues a reply; false when the client does not keep up and the session must end.
     let reply = |msg: ServerMessage| match sink.try_send(msg) {
@@ -247,7 +249,10 @@ where
                     break;
                 }
                 match join(&state, peer, token, resume, auto_subscribe, sink.clone()).await {
-                    Ok(j) => joined = Some(j),
+                    Ok((j, identity, room)) => {
+                        joined = Some(j);
+                        who = Some((identity, room));
+                    }
                     Err(msg) => {
                         reply(msg);
                         break;
@@ -264,6 +269,45 @@ where
             (Some(_), ClientMessage::Ping { id }) => {
                 if !reply(ServerMessage::Pong { id }) {
                     break;
+                }
+            }
+            (Some((participant, _)), ClientMessage::Refresh { token }) => {
+                let checked = state.verify(&token).map_err(auth_error).and_then(|c| {
+                    let same = who
+                        .as_ref()
+                        .is_some_and(|(identity, room)| *identity == c.sub && *room == c.room);
+                    if same && c.check_region(&state.config.node.region).is_ok() {
+                        Ok(c)
+                    } else {
+                        Err(ServerMessage::error(
+                            ErrorCode::Unauthorized,
+                            "a refresh token must name the same identity, room and region",
+                        ))
+                    }
+                });
+                match checked {
+                    Ok(c) => {
+                        let left = c.exp.saturating_sub(meridian_auth::unix_now());
+                        let expires_at = std::time::Instant::now() + Duration::from_secs(left);
+                        if state
+                            .commands
+                            .send(Command::Refresh {
+                                participant,
+                                expires_at,
+                            })
+                            .await
+                            .is_err()
+                            || !reply(ServerMessage::Refreshed {
+                                expires_in_secs: left,
+                            })
+                        {
+                            break;
+                        }
+                    }
+                    Err(msg) => {
+                        reply(msg);
+                        break;
+                    }
                 }
             }
             (Some((participant, _)), msg) => {
@@ -320,7 +364,7 @@ async fn join(
     resume: Option<String>,
     auto_subscribe: bool,
     session: SessionSink,
-) -> Result<(meridian_media::ParticipantId, u64), ServerMessage> {
+) -> Result<((meridian_media::ParticipantId, u64), String, String), ServerMessage> {
     // Before the token is even checked: a flood of joins costs one table look-up each.
     if !state.limits.allow_join(peer.ip(), std::time::Instant::now()) {
         state
@@ -335,10 +379,7 @@ async fn join(
             "too many joins from this address; try again in a minute",
         ));
     }
-    let claims = state
-        .keys
-        .verify(&token, meridian_auth::unix_now())
-        .map_err(auth_error)?;
+    let claims = state.verify(&token).map_err(auth_error)?;
     if let Err(AuthError::WrongRegion { region }) = claims.check_region(&state.config.node.region) {
         let url = state
             .config
@@ -377,6 +418,11 @@ async fn join(
         },
         auto_subscribe,
         resume,
+        // The session ends when the token does, unless the client refreshes it.
+        expires_at: Some(
+            std::time::Instant::now()
+                + Duration::from_secs(claims.exp.saturating_sub(meridian_auth::unix_now())),
+        ),
         session,
     };
     let internal = || ServerMessage::error(ErrorCode::Internal, "node is shutting down");
@@ -389,7 +435,11 @@ async fn join(
         .await
         .map_err(|_| internal())?
         .map_err(|r| ServerMessage::error(r.code, r.message))?;
-    Ok((joined.participant, joined.generation))
+    Ok((
+        (joined.participant, joined.generation),
+        claims.sub,
+        claims.room,
+    ))
 }
 
 fn auth_error(e: AuthError) -> ServerMessage {
