@@ -234,9 +234,20 @@ impl Node {
                         .await
                     })
                 }));
+                // A panic here is not contained per participant: the core's state may be
+                // half-updated, so the node reports it and the binary exits non-zero
+                // (Kubernetes restarts it; its rooms fail over to other nodes).
                 let why = match result {
                     Ok(()) => "media loop stopped".to_string(),
-                    Err(_) => "media loop panicked".to_string(),
+                    Err(payload) => {
+                        let what = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "non-string panic payload".into());
+                        tracing::error!(panic = %what, "media loop panicked; the node stops");
+                        format!("media loop panicked: {what}")
+                    }
                 };
                 let _ = media_done.send(why);
             })
