@@ -136,7 +136,7 @@ async fn clients_that_stop_reading_are_closed_within_a_bound() {
 
 /// Sends `request` as is on a new TCP connection; returns the status code and the
 /// body (everything the node sends until it closes, within 5 s).
-async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+async fn raw_http(addr: std::net::SocketAddr, request: String) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(request.as_bytes()).await.expect("write");
     let mut out = Vec::new();
@@ -218,7 +218,7 @@ async fn half_sent_and_idle_http_connections_are_closed() {
     assert!(t.metric("meridian_http_timeouts_total").await >= 2.0);
     // The node still answers.
     assert_eq!(
-        raw_http(addr, &request("GET", "/healthz", "127.0.0.1", None))
+        raw_http(addr, request("GET", "/healthz", "127.0.0.1", None))
             .await
             .0,
         200
@@ -265,6 +265,10 @@ async fn connections_and_joins_per_address_are_capped() {
         Some(meridian_protocol::ErrorCode::RateLimited),
         "the fourth join within a minute is refused"
     );
+    // Free the address's connection slots before scraping the metrics.
+    drop(sessions);
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         labelled(&t, "meridian_limit_refusals_total{reason=\"joins_per_ip\"}").await,
         1.0
@@ -278,11 +282,11 @@ async fn connections_and_joins_per_address_are_capped() {
 async fn foreign_hosts_and_origins_are_refused() {
     let t = start_node(|c| c.http.public_names = vec!["meridian.example.com".into()]).await;
     let addr = t.node.http_addr;
-    let (status, body) = raw_http(addr, &request("GET", "/healthz", "rebound.evil.example", None)).await;
+    let (status, body) = raw_http(addr, request("GET", "/healthz", "rebound.evil.example", None)).await;
     assert_eq!(status, 421, "{body}");
     assert!(body.contains("http.public_names"), "{body}");
     for host in ["meridian.example.com", "127.0.0.1", "localhost:80"] {
-        assert_eq!(raw_http(addr, &request("GET", "/healthz", host, None)).await.0, 200, "{host}");
+        assert_eq!(raw_http(addr, request("GET", "/healthz", host, None)).await.0, 200, "{host}");
     }
     let ws_with_origin = |origin: &str| {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -356,13 +360,13 @@ async fn room_scoped_admins_and_removal() {
     let host = "127.0.0.1";
     let other = admin_token(&t, "b");
     let post = |path: String, token: String| async move {
-        raw_http(addr, &request("POST", &path, host, Some(&token))).await
+        raw_http(addr, request("POST", &path, host, Some(&token))).await
     };
     let close = format!("/admin/participants/{pid}/close-signaling");
     let remove = format!("/admin/participants/{pid}/remove");
     assert_eq!(post(close.clone(), other.clone()).await.0, 404);
     assert_eq!(post(remove.clone(), other.clone()).await.0, 404);
-    let get = |path: &str, token: &str| raw_http(addr, &request("GET", path, host, Some(token)));
+    let get = |path: &str, token: &str| raw_http(addr, request("GET", path, host, Some(token)));
     assert_eq!(get("/audit/rooms/a/history", &other).await.0, 403);
     assert_eq!(get("/audit/rooms", &other).await.0, 403);
     assert_eq!(get("/audit/verify", &other).await.0, 403);

@@ -42,7 +42,6 @@ pub enum AuthError {
     /// The claims are missing, mistyped or out of bounds.
     #[error("invalid token claims: {0}")]
     InvalidClaims(String),
-    /// The token belongs to another region; the caller should redirect there.
     /// The token's `aud` is absent or not this service's.
     #[error("token is not for this service (aud)")]
     WrongAudience,
@@ -52,6 +51,7 @@ pub enum AuthError {
         /// The most accepted, in seconds.
         max_secs: u64,
     },
+    /// The token belongs to another region; the caller should redirect there.
     #[error("token is for region {region}")]
     WrongRegion {
         /// The region named by the token.

@@ -583,7 +583,7 @@ pub(crate) async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
         };
         let Some(slot) = state.limits.connect(peer.ip()) else {
             state
@@ -656,7 +656,8 @@ async fn connection(
                 return;
             }
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.wait_for(|s| *s) => {
+            // The guard `wait_for` returns is not `Send`: drop it inside.
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 return;

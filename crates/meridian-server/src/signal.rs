@@ -336,7 +336,6 @@ where
             })
             .await;
     }
-    drop(reply);
     drop(sink);
     // The writer ends once every sink is gone (the media loop drops its copy on detach)
     // or a write times out; either way within the write timeout per message.
