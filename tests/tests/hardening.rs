@@ -54,10 +54,16 @@ async fn webtransport_sessions_that_end_release_their_connection_slots() {
     // The node still takes signaling over both transports.
     let mut ws = RawSignal::connect(&t.url).await;
     ws.send_text(&join_message(&t, "after-ws", "wt-end")).await;
-    assert!(matches!(ws.recv().await, Some(ServerMessage::Joined { .. })));
+    assert!(matches!(
+        ws.recv().await,
+        Some(ServerMessage::Joined { .. })
+    ));
     let mut wt = RawWt::connect(&ep).await;
     wt.send_text(&join_message(&t, "after-wt", "wt-end")).await;
-    assert!(matches!(wt.recv().await, Some(ServerMessage::Joined { .. })));
+    assert!(matches!(
+        wt.recv().await,
+        Some(ServerMessage::Joined { .. })
+    ));
     t.node.shutdown().await;
 }
 
@@ -106,8 +112,11 @@ async fn clients_that_stop_reading_are_closed_within_a_bound() {
         tasks.push(tokio::spawn(async move {
             let end = tokio::time::Instant::now() + Duration::from_secs(15);
             while tokio::time::Instant::now() < end {
-                match tokio::time::timeout(Duration::from_secs(1), ws.send(Message::text(big.clone())))
-                    .await
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    ws.send(Message::text(big.clone())),
+                )
+                .await
                 {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
@@ -130,7 +139,10 @@ async fn clients_that_stop_reading_are_closed_within_a_bound() {
     // A well-behaved client is served meanwhile and afterwards.
     let mut ws = RawSignal::connect(&t.url).await;
     ws.send_text(&join_message(&t, "reader", "slow")).await;
-    assert!(matches!(ws.recv().await, Some(ServerMessage::Joined { .. })));
+    assert!(matches!(
+        ws.recv().await,
+        Some(ServerMessage::Joined { .. })
+    ));
     t.node.shutdown().await;
 }
 
@@ -248,14 +260,22 @@ async fn connections_and_joins_per_address_are_capped() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        labelled(&t, "meridian_limit_refusals_total{reason=\"connections_per_ip\"}").await,
+        labelled(
+            &t,
+            "meridian_limit_refusals_total{reason=\"connections_per_ip\"}"
+        )
+        .await,
         1.0
     );
     let mut sessions = Vec::new();
     for i in 0..3 {
         let mut ws = RawSignal::connect(&t.url).await;
-        ws.send_text(&join_message(&t, &format!("j{i}"), "capped")).await;
-        assert!(matches!(ws.recv().await, Some(ServerMessage::Joined { .. })));
+        ws.send_text(&join_message(&t, &format!("j{i}"), "capped"))
+            .await;
+        assert!(matches!(
+            ws.recv().await,
+            Some(ServerMessage::Joined { .. })
+        ));
         sessions.push(ws);
     }
     let mut ws = RawSignal::connect(&t.url).await;
@@ -282,17 +302,26 @@ async fn connections_and_joins_per_address_are_capped() {
 async fn foreign_hosts_and_origins_are_refused() {
     let t = start_node(|c| c.http.public_names = vec!["meridian.example.com".into()]).await;
     let addr = t.node.http_addr;
-    let (status, body) = raw_http(addr, request("GET", "/healthz", "rebound.evil.example", None)).await;
+    let (status, body) = raw_http(
+        addr,
+        request("GET", "/healthz", "rebound.evil.example", None),
+    )
+    .await;
     assert_eq!(status, 421, "{body}");
     assert!(body.contains("http.public_names"), "{body}");
     for host in ["meridian.example.com", "127.0.0.1", "localhost:80"] {
-        assert_eq!(raw_http(addr, request("GET", "/healthz", host, None)).await.0, 200, "{host}");
+        assert_eq!(
+            raw_http(addr, request("GET", "/healthz", host, None))
+                .await
+                .0,
+            200,
+            "{host}"
+        );
     }
     let ws_with_origin = |origin: &str| {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut req = t.url.as_str().into_client_request().unwrap();
-        req.headers_mut()
-            .insert("origin", origin.parse().unwrap());
+        req.headers_mut().insert("origin", origin.parse().unwrap());
         tokio_tungstenite::connect_async(req)
     };
     let refused = ws_with_origin("https://evil.example").await;
@@ -300,7 +329,10 @@ async fn foreign_hosts_and_origins_are_refused() {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status(), 403);
         }
-        other => panic!("a foreign origin must be refused, got {:?}", other.map(|_| ())),
+        other => panic!(
+            "a foreign origin must be refused, got {:?}",
+            other.map(|_| ())
+        ),
     }
     for origin in [
         "https://meridian.example.com".to_string(),
@@ -418,9 +450,15 @@ async fn audience_lifetime_and_refresh() {
     let long = meridian_auth::Claims::new("eve", "r", now, Duration::from_secs(7200));
     for (claims, code) in [
         (no_aud, "token_wrong_audience"),
-        (base.clone().with_audience("elsewhere"), "token_wrong_audience"),
+        (
+            base.clone().with_audience("elsewhere"),
+            "token_wrong_audience",
+        ),
         (long, "token_lifetime_too_long"),
-        (base.clone().with_not_before(now + 600), "token_not_yet_valid"),
+        (
+            base.clone().with_not_before(now + 600),
+            "token_not_yet_valid",
+        ),
     ] {
         let mut ws = RawSignal::connect(&t.url).await;
         let join = ClientMessage::Join {
@@ -441,7 +479,10 @@ async fn audience_lifetime_and_refresh() {
     }
     let mut ws = RawSignal::connect(&t.url).await;
     ws.send_text(&join_message(&t, "eve", "r")).await;
-    assert!(matches!(ws.recv().await, Some(ServerMessage::Joined { .. })));
+    assert!(matches!(
+        ws.recv().await,
+        Some(ServerMessage::Joined { .. })
+    ));
     ws.send_text(
         &ClientMessage::Refresh {
             token: t.token("eve", "r", true),

@@ -54,7 +54,6 @@ pub use error::AuthError;
 pub use key::{Algorithm, Jwk, JwkSet, MAX_KID_BYTES, SigningKey, VerifyingKey, validate_kid};
 pub use keyset::KeySet;
 
-
 /// Longest token accepted, in bytes; longer ones are rejected before parsing.
 pub const MAX_TOKEN_BYTES: usize = 4096;
 /// Longest participant identity (`sub`), in bytes.

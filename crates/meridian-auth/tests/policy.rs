@@ -22,7 +22,10 @@ fn not_before_is_honoured() {
     let token = keys.sign(&claims).unwrap();
     let err = keys.verify_with(&token, NOW, &policy()).unwrap_err();
     assert!(matches!(err, AuthError::NotYetValid), "{err:?}");
-    assert!(keys.verify_with(&token, NOW + 60 - EXP_LEEWAY_SECS, &policy()).is_ok());
+    assert!(
+        keys.verify_with(&token, NOW + 60 - EXP_LEEWAY_SECS, &policy())
+            .is_ok()
+    );
     assert!(keys.verify_with(&token, NOW + 61, &policy()).is_ok());
 }
 
@@ -54,7 +57,10 @@ fn lifetimes_above_the_cap_are_refused() {
         .unwrap_err();
     assert_eq!(err.code(), "token_lifetime_too_long");
     let capped = Claims::new("alice", "r", NOW, Duration::from_secs(3600));
-    assert!(keys.verify_with(&keys.sign(&capped).unwrap(), NOW, &policy()).is_ok());
+    assert!(
+        keys.verify_with(&keys.sign(&capped).unwrap(), NOW, &policy())
+            .is_ok()
+    );
     // An old `iat` with a far `nbf` does not stretch the window.
     let mut sneaky = Claims::new("alice", "r", NOW, Duration::from_secs(7200));
     sneaky.nbf = Some(NOW - 100_000);

@@ -857,13 +857,18 @@ fn an_admin_removal_cannot_be_undone_by_resuming() {
     );
     assert!(w.c.handle_remove(w.now, a.participant, Some("r")));
     w.collect();
-    assert!(w.messages(1).iter().any(
-        |m| matches!(m, ServerMessage::Left { reason } if reason == "removed")
-    ));
+    assert!(
+        w.messages(1)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Left { reason } if reason == "removed"))
+    );
     assert!(w.closed.contains(&1));
     assert!(w.events("r").iter().any(|e| matches!(
         e,
-        Event::ParticipantLeft { reason: LeaveReason::Kicked, .. }
+        Event::ParticipantLeft {
+            reason: LeaveReason::Kicked,
+            ..
+        }
     )));
     assert!(w.messages(2).iter().any(|m| matches!(
         m,

@@ -6,7 +6,6 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use axum::Router;
-use tokio::io::{AsyncRead, AsyncWrite};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
@@ -14,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -276,8 +276,12 @@ fn percent_decode(segment: &str) -> Option<String> {
 
 /// The room of an audit path `/audit/rooms/{room}/history`, decoded.
 fn audit_room(path: &str) -> Option<String> {
-    let room = path.strip_prefix("/audit/rooms/")?.strip_suffix("/history")?;
-    (!room.contains('/')).then(|| percent_decode(room)).flatten()
+    let room = path
+        .strip_prefix("/audit/rooms/")?
+        .strip_suffix("/history")?;
+    (!room.contains('/'))
+        .then(|| percent_decode(room))
+        .flatten()
 }
 
 /// Scopes the audit API: a token for every room (`*`) reads everything; an admin
@@ -624,11 +628,13 @@ async fn connection(
 ) {
     use tower_service::Service as _;
     let (base, activity) = (io.base, io.activity.clone());
-    let service = hyper::service::service_fn(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        let mut app = app.clone();
-        async move { app.call(req).await }
-    });
+    let service = hyper::service::service_fn(
+        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let mut app = app.clone();
+            async move { app.call(req).await }
+        },
+    );
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
@@ -737,7 +743,10 @@ mod tests {
 
     #[test]
     fn audit_rooms_are_read_from_the_path_decoded() {
-        assert_eq!(audit_room("/audit/rooms/demo/history").as_deref(), Some("demo"));
+        assert_eq!(
+            audit_room("/audit/rooms/demo/history").as_deref(),
+            Some("demo")
+        );
         assert_eq!(
             audit_room("/audit/rooms/a%20b/history").as_deref(),
             Some("a b")

@@ -77,7 +77,10 @@ pub(crate) struct NodeState {
 
 impl NodeState {
     /// Verifies an access token now, with the node's `[auth]` policy.
-    pub(crate) fn verify(&self, token: &str) -> Result<meridian_auth::Claims, meridian_auth::AuthError> {
+    pub(crate) fn verify(
+        &self,
+        token: &str,
+    ) -> Result<meridian_auth::Claims, meridian_auth::AuthError> {
         self.keys
             .verify_with(token, meridian_auth::unix_now(), &self.config.auth.policy())
     }
@@ -307,12 +310,13 @@ impl Node {
         let audit = meridian_audit::router(store, admin).route_layer(
             axum::middleware::from_fn_with_state(state.clone(), http::audit_scope),
         );
-        let app = http::router(state.clone())
-            .merge(audit)
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                http::check_host,
-            ));
+        let app =
+            http::router(state.clone())
+                .merge(audit)
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    http::check_host,
+                ));
         let http_task = tokio::spawn(http::serve(listener, app, state, shutdown_rx));
         info!(%http_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
         Ok(Node {

@@ -254,7 +254,12 @@ mod tests {
         ] {
             assert!(p.host_allowed(ok), "{ok}");
         }
-        for bad in ["evil.example", "edge.example", "", "meridian.example.com.evil"] {
+        for bad in [
+            "evil.example",
+            "edge.example",
+            "",
+            "meridian.example.com.evil",
+        ] {
             assert!(!p.host_allowed(bad), "{bad}");
         }
     }

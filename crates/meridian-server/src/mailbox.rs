@@ -77,7 +77,9 @@ impl SessionSink {
     pub(crate) fn try_send(&self, msg: ServerMessage) -> Result<(), QueueError> {
         let last = matches!(
             msg,
-            ServerMessage::Left { .. } | ServerMessage::Redirect { .. } | ServerMessage::Migrate { .. }
+            ServerMessage::Left { .. }
+                | ServerMessage::Redirect { .. }
+                | ServerMessage::Migrate { .. }
         ) || matches!(
             msg,
             ServerMessage::Error {
@@ -310,9 +312,15 @@ mod tests {
     fn session_queues_are_bounded_by_bytes_as_well_as_count() {
         let (sink, mut queue) = session_queue(100, 1000);
         let big = ServerMessage::error(ErrorCode::NotFound, "x".repeat(600));
-        assert_eq!(sink.try_send(big.clone()), Ok(()), "first message always fits");
+        assert_eq!(
+            sink.try_send(big.clone()),
+            Ok(()),
+            "first message always fits"
+        );
         assert_eq!(sink.try_send(big.clone()), Err(QueueError::Full));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let q = rt.block_on(queue.recv()).unwrap();
         assert!(!q.last);
         assert_eq!(sink.queued_bytes(), 0);

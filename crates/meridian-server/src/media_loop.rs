@@ -230,13 +230,19 @@ impl MediaLoop {
                 room,
                 reply,
             } => {
-                let _ = reply.send(self.controller.handle_remove(now, participant, room.as_deref()));
+                let _ = reply.send(self.controller.handle_remove(
+                    now,
+                    participant,
+                    room.as_deref(),
+                ));
             }
             Command::Refresh {
                 participant,
                 expires_at,
             } => {
-                let _ = self.controller.handle_refresh(participant, Some(expires_at));
+                let _ = self
+                    .controller
+                    .handle_refresh(participant, Some(expires_at));
             }
             Command::Detach {
                 participant,

@@ -340,7 +340,10 @@ where
     // The writer ends once every sink is gone (the media loop drops its copy on detach)
     // or a write times out; either way within the write timeout per message.
     let writer_abort = writer.abort_handle();
-    if tokio::time::timeout(write_timeout * 2, writer).await.is_err() {
+    if tokio::time::timeout(write_timeout * 2, writer)
+        .await
+        .is_err()
+    {
         writer_abort.abort();
     }
     // Read (and drop) what the client still sends for a moment before the transport is
@@ -365,7 +368,10 @@ async fn join(
     session: SessionSink,
 ) -> Result<((meridian_media::ParticipantId, u64), String, String), ServerMessage> {
     // Before the token is even checked: a flood of joins costs one table look-up each.
-    if !state.limits.allow_join(peer.ip(), std::time::Instant::now()) {
+    if !state
+        .limits
+        .allow_join(peer.ip(), std::time::Instant::now())
+    {
         state
             .metrics
             .limit_refusals
