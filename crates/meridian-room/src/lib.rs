@@ -372,10 +372,10 @@ impl<S: Clone> Controller<S> {
         participant: ParticipantId,
         room: Option<&str>,
     ) -> bool {
-        if !self
+        if self
             .sessions
             .get(&participant)
-            .is_some_and(|s| room.is_none_or(|r| r == s.room))
+            .is_none_or(|s| room.is_some_and(|r| r != s.room))
         {
             return false;
         }

@@ -272,19 +272,20 @@ where
                 }
             }
             (Some((participant, _)), ClientMessage::Refresh { token }) => {
-                let checked = state.verify(&token).map_err(auth_error).and_then(|c| {
-                    let same = who
-                        .as_ref()
-                        .is_some_and(|(identity, room)| *identity == c.sub && *room == c.room);
-                    if same && c.check_region(&state.config.node.region).is_ok() {
+                let checked = match state.verify(&token) {
+                    Ok(c)
+                        if who.as_ref().is_some_and(|(identity, room)| {
+                            *identity == c.sub && *room == c.room
+                        }) && c.check_region(&state.config.node.region).is_ok() =>
+                    {
                         Ok(c)
-                    } else {
-                        Err(ServerMessage::error(
-                            ErrorCode::Unauthorized,
-                            "a refresh token must name the same identity, room and region",
-                        ))
                     }
-                });
+                    Ok(_) => Err(ServerMessage::error(
+                        ErrorCode::Unauthorized,
+                        "a refresh token must name the same identity, room and region",
+                    )),
+                    Err(e) => Err(auth_error(e)),
+                };
                 match checked {
                     Ok(c) => {
                         let left = c.exp.saturating_sub(meridian_auth::unix_now());
