@@ -13,7 +13,7 @@
 //! with virtual time.
 //!
 //! Every change of a room is decided against the room's state
-//! ([`meridian_events::decide`]) before it is queued for the log, so the log only ever
+//! ([`meridian_events::decide()`]) before it is queued for the log, so the log only ever
 //! holds events its fold accepts; a message that acknowledges a change is queued after
 //! the change, and the driver delivers it only once the change is stored.
 //!
