@@ -1225,7 +1225,11 @@ fn media_refusal(e: MediaError) -> Refusal {
         MediaError::Limit(_) => ErrorCode::CapacityExceeded,
         MediaError::NotAllowed(_) => ErrorCode::Forbidden,
     };
-    Refusal::new(code, e.to_string())
+    // Parser errors may quote the client's input: the reply stays small.
+    Refusal::new(
+        code,
+        meridian_protocol::clip(&e.to_string(), meridian_protocol::MAX_ERROR_DETAIL_BYTES),
+    )
 }
 
 /// SHA-256 of a resume token, hex: what the log records instead of the token.
