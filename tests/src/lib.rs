@@ -235,6 +235,11 @@ impl RawWt {
         self.stream().0.write_all(bytes).await.expect("wt write");
     }
 
+    /// Ends the client's sending side of the stream (as a closing tab does).
+    pub async fn finish(&mut self) {
+        let _ = self.stream().0.finish().await;
+    }
+
     /// Writes one length-prefixed message.
     pub async fn send_text(&mut self, text: &str) {
         let mut frame = (text.len() as u32).to_be_bytes().to_vec();

@@ -42,6 +42,15 @@ pub enum AuthError {
     /// The claims are missing, mistyped or out of bounds.
     #[error("invalid token claims: {0}")]
     InvalidClaims(String),
+    /// The token's `aud` is absent or not this service's.
+    #[error("token is not for this service (aud)")]
+    WrongAudience,
+    /// The token lives longer than the verifier accepts.
+    #[error("token lifetime exceeds {max_secs} s")]
+    LifetimeTooLong {
+        /// The most accepted, in seconds.
+        max_secs: u64,
+    },
     /// The token belongs to another region; the caller should redirect there.
     #[error("token is for region {region}")]
     WrongRegion {
@@ -95,6 +104,8 @@ impl AuthError {
             AuthError::UnknownKey { .. } => "token_unknown_kid",
             AuthError::MissingKid => "token_missing_kid",
             AuthError::InvalidClaims(_) => "token_invalid_claims",
+            AuthError::WrongAudience => "token_wrong_audience",
+            AuthError::LifetimeTooLong { .. } => "token_lifetime_too_long",
             AuthError::WrongRegion { .. } => "wrong_region",
             AuthError::Forbidden(_) => "forbidden",
             AuthError::NoSigningKey => "no_signing_key",

@@ -137,6 +137,23 @@ impl KeySet {
     /// ([`Claims::validate`]); time ([`Claims::check_time`]). The region is not checked
     /// here: call [`Claims::check_region`].
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, AuthError> {
+        self.verify_unchecked_policy(token, now_unix)
+    }
+
+    /// [`KeySet::verify`], then the audience and lifetime rules of `policy`
+    /// ([`Claims::check_policy`]). What a node uses.
+    pub fn verify_with(
+        &self,
+        token: &str,
+        now_unix: u64,
+        policy: &crate::Policy,
+    ) -> Result<Claims, AuthError> {
+        let claims = self.verify_unchecked_policy(token, now_unix)?;
+        claims.check_policy(policy)?;
+        Ok(claims)
+    }
+
+    fn verify_unchecked_policy(&self, token: &str, now_unix: u64) -> Result<Claims, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::TooLarge);
         }

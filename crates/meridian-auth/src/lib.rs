@@ -145,6 +145,34 @@ pub struct Claims {
     /// Display name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Not before, unix seconds: refused until then (with [`EXP_LEEWAY_SECS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Audience: the service the token is for. [`Claims::new`] sets
+    /// [`DEFAULT_AUDIENCE`]; [`KeySet::verify_with`] requires the configured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// The audience [`Claims::new`] gives a token, and a node's default.
+pub const DEFAULT_AUDIENCE: &str = "meridian";
+
+/// What a verifier requires of every token beyond its signature and times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// The `aud` a token must carry.
+    pub audience: String,
+    /// Longest lifetime accepted, from `nbf` (or `iat`) to `exp`.
+    pub max_lifetime: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            audience: DEFAULT_AUDIENCE.into(),
+            max_lifetime: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 impl Claims {
@@ -164,7 +192,36 @@ impl Claims {
             exp: now_unix.saturating_add(ttl.as_secs()),
             iat: now_unix,
             name: None,
+            nbf: None,
+            aud: Some(DEFAULT_AUDIENCE.into()),
         }
+    }
+
+    /// Sets the audience.
+    pub fn with_audience(mut self, aud: impl Into<String>) -> Self {
+        self.aud = Some(aud.into());
+        self
+    }
+
+    /// Sets "not before".
+    pub fn with_not_before(mut self, nbf_unix: u64) -> Self {
+        self.nbf = Some(nbf_unix);
+        self
+    }
+
+    /// Checks the audience ([`AuthError::WrongAudience`], also when absent) and the
+    /// lifetime ([`AuthError::LifetimeTooLong`]) against `policy`.
+    pub fn check_policy(&self, policy: &Policy) -> Result<(), AuthError> {
+        if self.aud.as_deref() != Some(policy.audience.as_str()) {
+            return Err(AuthError::WrongAudience);
+        }
+        let start = self.nbf.unwrap_or(self.iat).max(self.iat);
+        if self.exp.saturating_sub(start) > policy.max_lifetime.as_secs() {
+            return Err(AuthError::LifetimeTooLong {
+                max_secs: policy.max_lifetime.as_secs(),
+            });
+        }
+        Ok(())
     }
 
     /// Replaces the grants.
@@ -237,6 +294,12 @@ impl Claims {
         if let Some(name) = &self.name {
             check_text("name", name, MAX_NAME_BYTES)?;
         }
+        if let Some(aud) = &self.aud {
+            check_text("aud", aud, MAX_REGION_BYTES)?;
+        }
+        if self.nbf.is_some_and(|nbf| nbf > self.exp) {
+            return Err(AuthError::InvalidClaims("nbf is after exp".into()));
+        }
         if self.iat > self.exp {
             return Err(AuthError::InvalidClaims("iat is after exp".into()));
         }
@@ -245,10 +308,17 @@ impl Claims {
 
     /// Checks times against `now_unix`: [`AuthError::Expired`] once `now_unix` is
     /// [`EXP_LEEWAY_SECS`] past `exp`; [`AuthError::NotYetValid`] if `iat` is more than
-    /// [`MAX_CLOCK_SKEW_SECS`] ahead of `now_unix`.
+    /// [`MAX_CLOCK_SKEW_SECS`] ahead of `now_unix` or `nbf` more than
+    /// [`EXP_LEEWAY_SECS`] ahead.
     pub fn check_time(&self, now_unix: u64) -> Result<(), AuthError> {
         if now_unix >= self.exp.saturating_add(EXP_LEEWAY_SECS) {
             return Err(AuthError::Expired);
+        }
+        if self
+            .nbf
+            .is_some_and(|nbf| nbf > now_unix.saturating_add(EXP_LEEWAY_SECS))
+        {
+            return Err(AuthError::NotYetValid);
         }
         if self.iat > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS) {
             return Err(AuthError::NotYetValid);

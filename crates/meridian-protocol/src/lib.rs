@@ -98,6 +98,13 @@ pub enum ClientMessage {
     },
     /// Leave the room now; the session ends and cannot be resumed.
     Leave,
+    /// A newer access token for the same identity and room: the session, which ends
+    /// when its token expires, lives until the new token's expiry. Answered by
+    /// `refreshed`, or `error{unauthorized}` (and the session ends) when refused.
+    Refresh {
+        /// The new access token (JWT).
+        token: String,
+    },
 }
 
 /// Messages a node sends to a client.
@@ -207,6 +214,11 @@ pub enum ServerMessage {
         code: ErrorCode,
         /// Human-readable explanation.
         message: String,
+    },
+    /// The token sent in `refresh` was accepted.
+    Refreshed {
+        /// Seconds until the new token expires: refresh again before then.
+        expires_in_secs: u64,
     },
     /// The session ended (after `leave`, a kick, or server shutdown).
     Left {
@@ -398,6 +410,9 @@ pub enum ErrorCode {
     /// The node cannot take the session now (it drains, or the region's log is
     /// unreachable); try another node of the region.
     Unavailable,
+    /// One request was refused because the client repeats it faster than allowed
+    /// (layer preferences, mute toggles); the session goes on.
+    Throttled,
 }
 
 impl ErrorCode {
@@ -418,6 +433,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Throttled => "throttled",
         }
     }
 }
@@ -446,6 +462,22 @@ impl DecodeError {
     }
 }
 
+/// Longest explanation the node puts in an `error` about a client's own input, in
+/// bytes: whatever a client sends, the reply stays small.
+pub const MAX_ERROR_DETAIL_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary, with `…` when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// Largest track or participant id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
@@ -455,8 +487,8 @@ impl ClientMessage {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
-        let msg: ClientMessage =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let msg: ClientMessage = serde_json::from_slice(bytes)
+            .map_err(|e| DecodeError::Malformed(clip(&e.to_string(), MAX_ERROR_DETAIL_BYTES)))?;
         msg.check_bounds()?;
         Ok(msg)
     }
@@ -488,6 +520,7 @@ impl ClientMessage {
                 }
             }
             ClientMessage::Join { .. }
+            | ClientMessage::Refresh { .. }
             | ClientMessage::Answer { .. }
             | ClientMessage::Ping { .. }
             | ClientMessage::Leave => {}
@@ -578,6 +611,21 @@ mod tests {
             ClientMessage::decode(msg.as_bytes()).unwrap_err().code(),
             ErrorCode::MessageTooLarge
         );
+    }
+
+    #[test]
+    fn unknown_types_are_not_echoed_in_full() {
+        let long = format!(r#"{{"type":"{}"}}"#, "é".repeat(30_000));
+        let err = ClientMessage::decode(long.as_bytes()).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::MalformedMessage);
+        let text = err.to_string();
+        assert!(
+            text.len() <= MAX_ERROR_DETAIL_BYTES + 64,
+            "error of {} bytes",
+            text.len()
+        );
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("ééé", 4), "…", "cut on a character boundary");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! with virtual time.
 //!
 //! Every change of a room is decided against the room's state
-//! ([`meridian_events::decide`]) before it is queued for the log, so the log only ever
+//! ([`meridian_events::decide()`]) before it is queued for the log, so the log only ever
 //! holds events its fold accepts; a message that acknowledges a change is queued after
 //! the change, and the driver delivers it only once the change is stored.
 //!
@@ -63,6 +63,9 @@ pub struct JoinRequest<S> {
     pub auto_subscribe: bool,
     /// Resume token from an earlier `joined`.
     pub resume: Option<String>,
+    /// When the client's token expires: the session ends then unless the client sends
+    /// a newer token ([`Controller::handle_refresh`]). `None`: never.
+    pub expires_at: Option<Instant>,
     /// The driver's handle on the client's signaling connection.
     pub session: S,
 }
@@ -140,6 +143,11 @@ pub struct ControllerConfig {
     /// Seed of the generator for resume tokens and ids (a random one in production,
     /// fixed in tests).
     pub seed: u64,
+    /// Layer preferences and mute toggles one participant may send per second,
+    /// sustained; more are refused with `throttled` (each would be a log event).
+    pub changes_per_second: f64,
+    /// How many such changes may come at once before the rate applies.
+    pub change_burst: u32,
 }
 
 /// Counters of the controller, for metrics.
@@ -153,6 +161,8 @@ pub struct ControllerStats {
     pub sessions_replaced: u64,
     /// Changes the room's state refused (not recorded).
     pub decisions_refused: u64,
+    /// Layer or mute changes refused for coming faster than allowed.
+    pub changes_throttled: u64,
 }
 
 /// The room controller (see the crate docs).
@@ -165,7 +175,11 @@ pub struct Controller<S> {
     rooms: HashMap<String, RoomState>,
     /// When detached participants' grace runs out.
     expiries: BTreeSet<(Instant, ParticipantId)>,
+    /// When participants' tokens expire.
+    token_expiries: BTreeSet<(Instant, ParticipantId)>,
     grace: Duration,
+    /// Sustained rate and burst of layer/mute changes per participant.
+    change_rate: (f64, f64),
     next_generation: u64,
     rng: StdRng,
     outputs: VecDeque<Output<S>>,
@@ -190,7 +204,12 @@ impl<S: Clone> Controller<S> {
             resume_index: HashMap::new(),
             rooms: HashMap::new(),
             expiries: BTreeSet::new(),
+            token_expiries: BTreeSet::new(),
             grace: config.resume_grace,
+            change_rate: (
+                config.changes_per_second.max(0.0),
+                f64::from(config.change_burst.max(1)),
+            ),
             next_generation: 1,
             rng,
             outputs: VecDeque::new(),
@@ -238,10 +257,10 @@ impl<S: Clone> Controller<S> {
     /// When [`Controller::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Instant {
         let media = self.sfu.poll_timeout();
-        match self.expiries.first() {
-            Some((at, _)) => media.min(*at),
-            None => media,
-        }
+        [self.expiries.first(), self.token_expiries.first()]
+            .into_iter()
+            .flatten()
+            .fold(media, |t, (at, _)| t.min(*at))
     }
 
     /// Advances time: the media core's timers and resume-grace expiries.
@@ -256,6 +275,23 @@ impl<S: Clone> Controller<S> {
             self.expiries.pop_first();
             info!(participant = %id, "resume grace over; removing participant");
             self.remove(id, now, LeaveReason::Timeout);
+        }
+        while let Some(&(at, id)) = self.token_expiries.first() {
+            if at > now {
+                break;
+            }
+            self.token_expiries.pop_first();
+            info!(participant = %id, "token expired without refresh; removing participant");
+            self.end_session(
+                id,
+                now,
+                LeaveReason::Timeout,
+                ServerMessage::error(
+                    ErrorCode::Unauthorized,
+                    "token expired (token_expired); join again with a new token, or send \
+                     refresh before it expires",
+                ),
+            );
         }
         self.drain_sfu_events(now);
     }
@@ -305,10 +341,89 @@ impl<S: Clone> Controller<S> {
         }
     }
 
+    /// The client sent a newer token, valid until `expires_at` (its identity and room
+    /// already checked by the driver): the session lives on until then.
+    pub fn handle_refresh(
+        &mut self,
+        participant: ParticipantId,
+        expires_at: Option<Instant>,
+    ) -> Result<(), Refusal> {
+        let Some(s) = self.sessions.get_mut(&participant) else {
+            return Err(Refusal::new(ErrorCode::NotJoined, "session is gone"));
+        };
+        let old = std::mem::replace(&mut s.token_expires, expires_at);
+        if let Some(at) = old {
+            self.token_expiries.remove(&(at, participant));
+        }
+        if let Some(at) = expires_at {
+            self.token_expiries.insert((at, participant));
+        }
+        Ok(())
+    }
+
+    /// Removes a participant on an admin's request: it leaves the room (recorded as
+    /// kicked), its client is told `left{reason:"removed"}` and closed, and its resume
+    /// token is revoked, so resuming cannot undo it. `room`, when given (an admin token
+    /// scoped to one room), must be the participant's room. Returns whether it was
+    /// removed.
+    pub fn handle_remove(
+        &mut self,
+        now: Instant,
+        participant: ParticipantId,
+        room: Option<&str>,
+    ) -> bool {
+        if self
+            .sessions
+            .get(&participant)
+            .is_none_or(|s| room.is_some_and(|r| r != s.room))
+        {
+            return false;
+        }
+        info!(%participant, "removed by an admin");
+        self.end_session(
+            participant,
+            now,
+            LeaveReason::Kicked,
+            ServerMessage::Left {
+                reason: "removed".into(),
+            },
+        );
+        self.drain_sfu_events(now);
+        true
+    }
+
+    /// Removes a participant for `reason`, tells its client `msg` and closes it.
+    fn end_session(
+        &mut self,
+        id: ParticipantId,
+        now: Instant,
+        reason: LeaveReason,
+        msg: ServerMessage,
+    ) {
+        if let Some(Session {
+            room,
+            session: Some(to),
+            ..
+        }) = self.remove(id, now, reason)
+        {
+            self.outputs.push_back(Output::Deliver {
+                room: room.clone(),
+                to: to.clone(),
+                msg,
+            });
+            self.outputs.push_back(Output::Close { room, to });
+        }
+    }
+
     /// Closes a participant's signaling connection (an admin request); it stays for the
-    /// grace like after any drop. Returns whether it had one open.
-    pub fn close_signaling(&mut self, participant: ParticipantId) -> bool {
-        let Some(s) = self.sessions.get(&participant) else {
+    /// grace like after any drop. `room`, when given (an admin token scoped to one
+    /// room), must be the participant's room. Returns whether it had one open.
+    pub fn close_signaling(&mut self, participant: ParticipantId, room: Option<&str>) -> bool {
+        let Some(s) = self
+            .sessions
+            .get(&participant)
+            .filter(|s| room.is_none_or(|r| r == s.room))
+        else {
             return false;
         };
         let Some(to) = s.session.clone() else {
@@ -429,6 +544,7 @@ impl<S: Clone> Controller<S> {
             grants,
             auto_subscribe,
             session,
+            expires_at,
             ..
         } = req;
         self.replace_identity(now, &room, &identity);
@@ -458,6 +574,7 @@ impl<S: Clone> Controller<S> {
             ..Session::dormant(&room, &identity, "", resume_hash)
         };
         self.sessions.insert(id, s);
+        let _ = self.handle_refresh(id, expires_at);
         self.stats.joins += 1;
         self.send_joined(id, false);
         self.announce_joined(id);
@@ -544,6 +661,9 @@ impl<S: Clone> Controller<S> {
             self.forgetting = None;
         }
         self.end_grace(id);
+        // The token presented with the resume is the session's token from now on.
+        self.handle_refresh(id, req.expires_at)
+            .map_err(|_| Refusal::new(ErrorCode::ResumeFailed, "session is gone"))?;
         let Some(s) = self.sessions.get_mut(&id) else {
             return Err(Refusal::new(ErrorCode::ResumeFailed, "session is gone"));
         };
@@ -723,6 +843,9 @@ impl<S: Clone> Controller<S> {
     fn drop_session(&mut self, id: ParticipantId, now: Instant) -> Option<Session<S>> {
         self.end_grace(id);
         let s = self.sessions.remove(&id)?;
+        if let Some(at) = s.token_expires {
+            self.token_expiries.remove(&(at, id));
+        }
         self.resume_index.remove(&s.resume_hash);
         self.sfu.remove_participant(now, id);
         self.drain_sfu_events(now);
@@ -872,6 +995,7 @@ impl<S: Clone> Controller<S> {
                 track_id,
                 max_layer,
             } => {
+                self.allow_change(now, id)?;
                 self.sfu
                     .set_max_layer(now, id, track(&track_id)?, max_layer)
                     .map_err(media_refusal)?;
@@ -883,6 +1007,7 @@ impl<S: Clone> Controller<S> {
                 self.record(&room, &actor, decision);
             }
             ClientMessage::Mute { track_id, muted } => {
+                self.allow_change(now, id)?;
                 self.sfu
                     .set_muted(now, id, track(&track_id)?, muted)
                     .map_err(media_refusal)?;
@@ -894,6 +1019,8 @@ impl<S: Clone> Controller<S> {
             }
             // Answered by the signaling session itself.
             ClientMessage::Ping { .. } => {}
+            // Verified by the driver, which calls `handle_refresh`.
+            ClientMessage::Refresh { .. } => {}
             ClientMessage::Leave => {
                 if let Some(Session {
                     session: Some(to), ..
@@ -907,6 +1034,29 @@ impl<S: Clone> Controller<S> {
             }
         }
         Ok(())
+    }
+
+    /// Takes one layer/mute change from the participant's token bucket, or refuses it
+    /// with `throttled`.
+    fn allow_change(&mut self, now: Instant, id: ParticipantId) -> Result<(), Refusal> {
+        let (rate, burst) = self.change_rate;
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Err(Refusal::new(ErrorCode::NotJoined, "session is gone"));
+        };
+        let (tokens, last) = s.changes.get_or_insert((burst, now));
+        let elapsed = now.saturating_duration_since(*last).as_secs_f64();
+        *last = now;
+        *tokens = (*tokens + elapsed * rate).min(burst);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            self.stats.changes_throttled += 1;
+            Err(Refusal::new(
+                ErrorCode::Throttled,
+                format!("more than {rate} layer or mute changes per second; this one is ignored"),
+            ))
+        }
     }
 
     /// Handles the media core's pending events (each records its room event first).
@@ -1075,7 +1225,11 @@ fn media_refusal(e: MediaError) -> Refusal {
         MediaError::Limit(_) => ErrorCode::CapacityExceeded,
         MediaError::NotAllowed(_) => ErrorCode::Forbidden,
     };
-    Refusal::new(code, e.to_string())
+    // Parser errors may quote the client's input: the reply stays small.
+    Refusal::new(
+        code,
+        meridian_protocol::clip(&e.to_string(), meridian_protocol::MAX_ERROR_DETAIL_BYTES),
+    )
 }
 
 /// SHA-256 of a resume token, hex: what the log records instead of the token.

@@ -35,6 +35,11 @@ pub(crate) struct Session<S> {
     pub restored_pending: bool,
     /// State taken from the log: re-creating it records nothing new.
     pub logged: Logged,
+    /// Token bucket of layer/mute changes: tokens left and when it was last filled
+    /// (`None` until the first change: a full bucket).
+    pub changes: Option<(f64, Instant)>,
+    /// When the session's token expires (the session ends then unless refreshed).
+    pub token_expires: Option<Instant>,
 }
 
 impl<S> Session<S> {
@@ -56,6 +61,8 @@ impl<S> Session<S> {
             dormant: true,
             restored_pending: false,
             logged: Logged::default(),
+            changes: None,
+            token_expires: None,
         }
     }
 }

@@ -18,6 +18,8 @@ use str0m::media::{Direction, MediaKind, Simulcast, SimulcastLayer};
 
 const NODE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 5000);
 const GRACE: Duration = Duration::from_secs(10);
+const CHANGES_PER_SECOND: f64 = 2.0;
+const CHANGE_BURST: u32 = 20;
 
 /// A client connection: the controller hands it back in outputs.
 type Conn = u32;
@@ -31,6 +33,8 @@ struct World {
     /// Messages per connection, in order.
     inbox: BTreeMap<Conn, Vec<ServerMessage>>,
     closed: Vec<Conn>,
+    /// Expiry given to the tokens of the next joins.
+    token_expiry: Option<Instant>,
 }
 
 impl World {
@@ -40,6 +44,8 @@ impl World {
             sfu: SfuConfig::new(NODE),
             resume_grace: GRACE,
             seed,
+            changes_per_second: CHANGES_PER_SECOND,
+            change_burst: CHANGE_BURST,
         };
         World {
             c: Controller::new(config, now),
@@ -47,6 +53,7 @@ impl World {
             log: BTreeMap::new(),
             inbox: BTreeMap::new(),
             closed: Vec::new(),
+            token_expiry: None,
         }
     }
 
@@ -88,6 +95,7 @@ impl World {
             },
             auto_subscribe: true,
             resume,
+            expires_at: self.token_expiry,
             session: conn,
         };
         let r = self.c.handle_join(self.now, req);
@@ -727,4 +735,161 @@ fn refused_requests_get_an_error_with_a_code() {
     // Unknown participants (a message racing a leave) get `not_joined`, nothing panics.
     w.c.handle_message(w.now, ParticipantId(999), ClientMessage::Leave);
     w.collect();
+}
+
+#[test]
+fn layer_and_mute_changes_are_rate_limited_per_participant() {
+    let mut w = World::new(31);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let b = w.join("r", "bob", 2, None).expect("joins");
+    let tracks = publish(&mut w, a.participant, 1, [None, None]);
+    let throttled = |w: &World, conn: Conn| {
+        w.messages(conn)
+            .iter()
+            .filter(|m| {
+                matches!(
+                    m,
+                    ServerMessage::Error {
+                        code: ErrorCode::Throttled,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let before = w.events("r").len();
+    // Alternating layers: every one a change, so only the bucket stops them.
+    for i in 0..100 {
+        let max_layer = if i % 2 == 0 { Layer::Low } else { Layer::High };
+        w.send(
+            b.participant,
+            ClientMessage::SetLayer {
+                track_id: tracks[1].clone(),
+                max_layer,
+            },
+        );
+    }
+    assert_eq!(throttled(&w, 2), 100 - CHANGE_BURST as usize);
+    let recorded = w.events("r").len() - before;
+    assert!(
+        recorded <= CHANGE_BURST as usize,
+        "{recorded} events for 100 layer requests"
+    );
+    // Another participant's allowance is its own.
+    for i in 0..10 {
+        w.send(
+            a.participant,
+            ClientMessage::Mute {
+                track_id: tracks[0].clone(),
+                muted: i % 2 == 0,
+            },
+        );
+    }
+    assert_eq!(throttled(&w, 1), 0);
+    // The allowance refills with (virtual) time.
+    w.advance(Duration::from_secs(1));
+    w.send(
+        b.participant,
+        ClientMessage::SetLayer {
+            track_id: tracks[1].clone(),
+            max_layer: Layer::Medium,
+        },
+    );
+    assert_eq!(
+        throttled(&w, 2),
+        100 - CHANGE_BURST as usize,
+        "refilled after a second"
+    );
+    assert_eq!(w.c.stats().changes_throttled, 80);
+}
+
+#[test]
+fn sessions_end_when_their_token_expires_unless_refreshed() {
+    let mut w = World::new(41);
+    w.token_expiry = Some(w.now + Duration::from_secs(60));
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let b = w.join("r", "bob", 2, None).expect("joins");
+    // Alice refreshes with a token valid for another 10 minutes; Bob does not.
+    w.advance(Duration::from_secs(30));
+    w.c.handle_refresh(a.participant, Some(w.now + Duration::from_secs(600)))
+        .expect("refreshes");
+    w.advance(Duration::from_secs(31));
+    assert!(
+        w.messages(2).iter().any(|m| matches!(
+            m,
+            ServerMessage::Error {
+                code: ErrorCode::Unauthorized,
+                ..
+            }
+        )),
+        "bob is told his token expired: {:?}",
+        w.messages(2)
+    );
+    assert!(w.closed.contains(&2), "bob's connection is closed");
+    assert!(!w.closed.contains(&1), "alice stays");
+    assert!(w.events("r").iter().any(|e| matches!(
+        e,
+        Event::ParticipantLeft { participant_id, reason: LeaveReason::Timeout }
+            if *participant_id == b.participant.to_string()
+    )));
+    // Bob's resume token died with the session.
+    let token = w.resume_token(2);
+    assert_eq!(
+        w.join("r", "bob", 3, Some(token)),
+        Err(ErrorCode::ResumeFailed)
+    );
+    // Alice's refreshed session ends at the new expiry.
+    w.advance(Duration::from_secs(600));
+    assert!(w.closed.contains(&1));
+    assert_eq!(w.c.session_count(), 0);
+    let _ = a;
+}
+
+#[test]
+fn an_admin_removal_cannot_be_undone_by_resuming() {
+    let mut w = World::new(43);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    let _b = w.join("r", "bob", 2, None).expect("joins");
+    let token = w.resume_token(1);
+    assert!(
+        !w.c.handle_remove(w.now, a.participant, Some("other-room")),
+        "an admin of another room cannot remove her"
+    );
+    assert!(w.c.handle_remove(w.now, a.participant, Some("r")));
+    w.collect();
+    assert!(
+        w.messages(1)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Left { reason } if reason == "removed"))
+    );
+    assert!(w.closed.contains(&1));
+    assert!(w.events("r").iter().any(|e| matches!(
+        e,
+        Event::ParticipantLeft {
+            reason: LeaveReason::Kicked,
+            ..
+        }
+    )));
+    assert!(w.messages(2).iter().any(|m| matches!(
+        m,
+        ServerMessage::ParticipantLeft { participant_id } if *participant_id == a.participant.to_string()
+    )));
+    assert_eq!(
+        w.join("r", "alice", 3, Some(token)),
+        Err(ErrorCode::ResumeFailed),
+        "the resume token is revoked"
+    );
+    assert!(!w.c.close_signaling(a.participant, None));
+}
+
+#[test]
+fn close_signaling_is_scoped_to_the_admin_s_room() {
+    let mut w = World::new(47);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    assert!(!w.c.close_signaling(a.participant, Some("elsewhere")));
+    w.collect();
+    assert!(w.closed.is_empty());
+    assert!(w.c.close_signaling(a.participant, Some("r")));
+    w.collect();
+    assert_eq!(w.closed, vec![1]);
 }

@@ -57,6 +57,39 @@ pub struct Config {
     pub webtransport: WebTransportConfig,
     /// Membership of the region: leases, placement, failover and drain.
     pub cluster: ClusterConfig,
+    /// What access tokens must carry.
+    pub auth: AuthConfig,
+}
+
+/// Rules for access tokens beyond signature, expiry and grants.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `aud` every token must carry.
+    pub audience: String,
+    /// Longest token lifetime accepted (from `nbf`/`iat` to `exp`), in seconds.
+    /// Sessions end when their token expires unless the client sends `refresh`.
+    pub max_token_lifetime_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        let p = meridian_auth::Policy::default();
+        AuthConfig {
+            audience: p.audience,
+            max_token_lifetime_secs: p.max_lifetime.as_secs(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The policy tokens are verified with.
+    pub fn policy(&self) -> meridian_auth::Policy {
+        meridian_auth::Policy {
+            audience: self.audience.clone(),
+            max_lifetime: Duration::from_secs(self.max_token_lifetime_secs),
+        }
+    }
 }
 
 /// How nodes of one region (one event log) share rooms and take over from each other.
@@ -128,8 +161,23 @@ pub struct HttpConfig {
     /// to build it.
     pub web_root: Option<PathBuf>,
     /// Development mode: `POST /dev/token` mints short-lived tokens with the node's key
-    /// for anyone who can reach the HTTP address. Never enable it on a shared network.
+    /// for anyone who can reach the HTTP address. Never enable it on a shared network:
+    /// on a non-loopback `addr` the node refuses to start unless `dev_allow_remote`.
     pub dev: bool,
+    /// Allows `dev` on a non-loopback address (`--dev-allow-remote`).
+    pub dev_allow_remote: bool,
+    /// Host names clients reach this node by (`meridian.example.com`,
+    /// `*.example.com`). Requests whose `Host` is not one of them, `localhost` or an IP
+    /// address are refused (DNS rebinding); a WebSocket `Origin` must be the request's
+    /// own host, one of them, or a loopback name on a loopback-bound node.
+    pub public_names: Vec<String>,
+    /// Seconds a client may take to send a request's headers.
+    pub header_read_timeout_secs: u64,
+    /// Seconds an HTTP connection may stay without traffic before it is closed
+    /// (WebSocket sessions have their own idle timeout).
+    pub idle_timeout_secs: u64,
+    /// Most HTTP (and WebTransport) connections at once from one source address.
+    pub max_connections_per_ip: usize,
 }
 
 /// Where the web client is looked for when `http.web_root` is unset.
@@ -177,6 +225,20 @@ pub struct SignalingConfig {
     pub resume_grace_secs: u64,
     /// Most signaling connections at once.
     pub max_connections: usize,
+    /// Most bytes of encoded messages queued towards one client; a client that lets
+    /// more pile up does not read and is closed.
+    pub session_queue_bytes: usize,
+    /// Seconds one write to a client may take; a client that does not read within it
+    /// is closed.
+    pub write_timeout_secs: u64,
+    /// Joins (and resumes) one source address may attempt per minute, as a token
+    /// bucket with a burst of the same size.
+    pub joins_per_ip_per_minute: u32,
+    /// Layer preferences and mute toggles one participant may send per second,
+    /// sustained (each is a log event); more are refused with `throttled`.
+    pub changes_per_second: u32,
+    /// How many such changes may come at once.
+    pub change_burst: u32,
 }
 
 impl Default for Config {
@@ -187,6 +249,11 @@ impl Default for Config {
                 addr: "127.0.0.1:7880".parse().expect("valid literal"),
                 web_root: None,
                 dev: false,
+                dev_allow_remote: false,
+                public_names: Vec::new(),
+                header_read_timeout_secs: 10,
+                idle_timeout_secs: 60,
+                max_connections_per_ip: 1024,
             },
             media: MediaConfig {
                 addr: "127.0.0.1:7882".parse().expect("valid literal"),
@@ -199,6 +266,7 @@ impl Default for Config {
                 tls_key: None,
             },
             cluster: ClusterConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -243,6 +311,11 @@ impl Default for SignalingConfig {
             idle_timeout_secs: 30,
             resume_grace_secs: 10,
             max_connections: 10_000,
+            session_queue_bytes: 1024 * 1024,
+            write_timeout_secs: 10,
+            joins_per_ip_per_minute: 600,
+            changes_per_second: 5,
+            change_burst: 20,
         }
     }
 }
@@ -287,6 +360,63 @@ impl Config {
         }
         if s.join_timeout_secs == 0 || s.idle_timeout_secs == 0 {
             return invalid("signaling.join_timeout_secs", "timeouts must be positive");
+        }
+        if s.write_timeout_secs == 0 || s.write_timeout_secs > 600 {
+            return invalid("signaling.write_timeout_secs", "must be 1..=600");
+        }
+        if s.session_queue_bytes < s.max_message_bytes || s.session_queue_bytes > 64 << 20 {
+            return invalid(
+                "signaling.session_queue_bytes",
+                "must be at least max_message_bytes and at most 64 MiB",
+            );
+        }
+        let a = &self.auth;
+        if a.audience.is_empty() || a.audience.len() > 64 {
+            return invalid("auth.audience", "must be 1..=64 characters");
+        }
+        if !(60..=30 * 24 * 3600).contains(&a.max_token_lifetime_secs) {
+            return invalid(
+                "auth.max_token_lifetime_secs",
+                "must be 60 ..= 2592000 (30 days)",
+            );
+        }
+        if s.changes_per_second == 0 || s.change_burst == 0 {
+            return invalid("signaling.changes_per_second", "must be positive");
+        }
+        if s.joins_per_ip_per_minute == 0 {
+            return invalid("signaling.joins_per_ip_per_minute", "must be positive");
+        }
+        let h = &self.http;
+        if h.dev && !h.addr.ip().is_loopback() && !h.dev_allow_remote {
+            return invalid(
+                "http.dev",
+                &format!(
+                    "dev mode mints tokens for anyone who reaches the HTTP address, and {} is \
+                     not a loopback address; bind 127.0.0.1 or force it with \
+                     --dev-allow-remote (http.dev_allow_remote)",
+                    h.addr
+                ),
+            );
+        }
+        if h.header_read_timeout_secs == 0 || h.idle_timeout_secs == 0 {
+            return invalid(
+                "http.header_read_timeout_secs",
+                "HTTP timeouts must be positive",
+            );
+        }
+        if h.max_connections_per_ip == 0 {
+            return invalid("http.max_connections_per_ip", "must be positive");
+        }
+        if let Some(bad) = h.public_names.iter().find(|n| {
+            n.is_empty()
+                || n.len() > 253
+                || n.contains(['/', ':', ' '])
+                || n.trim_start_matches("*.").contains('*')
+        }) {
+            return invalid(
+                "http.public_names",
+                &format!("{bad:?} is not a host name (no scheme, port or path)"),
+            );
         }
         if self.webtransport.tls_cert.is_some() != self.webtransport.tls_key.is_some() {
             return invalid(
@@ -384,6 +514,23 @@ mod tests {
             Config::from_file(&dir.join("missing.toml")),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn dev_mode_on_a_non_loopback_address_must_be_forced() {
+        let mut c = Config::default();
+        c.http.dev = true;
+        c.validate().unwrap();
+        c.http.addr = "0.0.0.0:7880".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("http.dev") && err.contains("--dev-allow-remote"),
+            "{err}"
+        );
+        c.http.dev_allow_remote = true;
+        c.validate().unwrap();
+        c.http.public_names = vec!["https://x.example".into()];
+        assert!(c.validate().is_err());
     }
 
     #[test]

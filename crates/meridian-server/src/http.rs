@@ -13,8 +13,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::NodeState;
+use crate::limits::IpSlot;
 use crate::mailbox::Command;
 use crate::signal::{Frame, run_session};
 
@@ -32,6 +37,10 @@ pub(crate) fn router(state: NodeState) -> Router {
         .route(
             "/admin/participants/{participant_id}/close-signaling",
             post(close_signaling),
+        )
+        .route(
+            "/admin/participants/{participant_id}/remove",
+            post(remove_participant),
         );
     if state.config.http.dev {
         router = router.route(
@@ -225,48 +234,137 @@ async fn dev_token(
     }
 }
 
-/// `POST /admin/participants/{id}/close-signaling` (bearer token with the `admin`
-/// grant): closes that participant's signaling transport as a network drop would. The
-/// participant stays for the resume grace, so its client can resume; used by tests
-/// and operators to exercise reconnects.
-async fn close_signaling(
-    State(state): State<NodeState>,
-    axum::extract::Path(participant_id): axum::extract::Path<String>,
-    headers: HeaderMap,
-) -> Response {
+/// The bearer token of an admin request, verified with the `admin` grant; its room
+/// scope is `None` for an every-room (`*`) token, else the one room it administers.
+#[allow(clippy::result_large_err)]
+fn admin_scope(
+    state: &NodeState,
+    headers: &HeaderMap,
+    no_grant: StatusCode,
+) -> Result<Option<String>, Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .unwrap_or("");
-    let allowed = state
-        .keys
-        .verify(token, meridian_auth::unix_now())
-        .map_err(|e| e.code().to_string())
-        .and_then(|c| {
-            c.require(meridian_auth::Grant::Admin)
-                .map_err(|e| e.code().to_string())
-        });
-    if let Err(code) = allowed {
-        return (StatusCode::UNAUTHORIZED, format!("{code}\n")).into_response();
+    let claims = state
+        .verify(token)
+        .map_err(|e| (StatusCode::UNAUTHORIZED, format!("{}\n", e.code())).into_response())?;
+    claims
+        .require(meridian_auth::Grant::Admin)
+        .map_err(|e| (no_grant, format!("{}\n", e.code())).into_response())?;
+    Ok((claims.room != meridian_auth::ANY_ROOM).then_some(claims.room))
+}
+
+/// Percent-decodes a path segment; `None` when it is not valid UTF-8 after decoding.
+fn percent_decode(segment: &str) -> Option<String> {
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
     }
+    String::from_utf8(out).ok()
+}
+
+/// The room of an audit path `/audit/rooms/{room}/history`, decoded.
+fn audit_room(path: &str) -> Option<String> {
+    let room = path
+        .strip_prefix("/audit/rooms/")?
+        .strip_suffix("/history")?;
+    (!room.contains('/'))
+        .then(|| percent_decode(room))
+        .flatten()
+}
+
+/// Scopes the audit API: a token for every room (`*`) reads everything; an admin
+/// token for one room reads only that room's history (`/audit/rooms/{room}/history`).
+pub(crate) async fn audit_scope(
+    State(state): State<NodeState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match admin_scope(&state, req.headers(), StatusCode::FORBIDDEN) {
+        Err(refused) => refused,
+        Ok(None) => next.run(req).await,
+        Ok(Some(room)) if audit_room(req.uri().path()).as_deref() == Some(room.as_str()) => {
+            next.run(req).await
+        }
+        Ok(Some(_)) => (
+            StatusCode::FORBIDDEN,
+            "forbidden: a token scoped to one room reads only /audit/rooms/{its room}/history\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /admin/participants/{id}/close-signaling` (bearer token with the `admin`
+/// grant, for the participant's room or `*`): closes that participant's signaling
+/// transport as a network drop would. The participant stays for the resume grace, so
+/// its client can resume; used by tests and operators to exercise reconnects.
+async fn close_signaling(
+    State(state): State<NodeState>,
+    axum::extract::Path(participant_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    admin_participant(state, participant_id, headers, false).await
+}
+
+/// `POST /admin/participants/{id}/remove` (bearer token with the `admin` grant, for
+/// the participant's room or `*`): the participant leaves the room (recorded as
+/// kicked), its client is told `left{reason:"removed"}`, and its resume token is
+/// revoked so resuming cannot undo it.
+async fn remove_participant(
+    State(state): State<NodeState>,
+    axum::extract::Path(participant_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    admin_participant(state, participant_id, headers, true).await
+}
+
+async fn admin_participant(
+    state: NodeState,
+    participant_id: String,
+    headers: HeaderMap,
+    remove: bool,
+) -> Response {
+    let room = match admin_scope(&state, &headers, StatusCode::UNAUTHORIZED) {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
     let Ok(participant) = participant_id.parse::<meridian_media::ParticipantId>() else {
         return (StatusCode::NOT_FOUND, "no such participant\n").into_response();
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
-    if state
-        .commands
-        .send(Command::CloseSignaling { participant, reply })
-        .await
-        .is_err()
-    {
+    let command = if remove {
+        Command::Remove {
+            participant,
+            room,
+            reply,
+        }
+    } else {
+        Command::CloseSignaling {
+            participant,
+            room,
+            reply,
+        }
+    };
+    if state.commands.send(command).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
     }
     match answer.await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        // The same answer for another room's participant: a scoped token learns nothing.
         Ok(false) => (
             StatusCode::NOT_FOUND,
-            "no such participant with open signaling\n",
+            "no such participant (with open signaling) in the token's room\n",
         )
             .into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response(),
@@ -351,8 +449,28 @@ async fn webtransport_certificate_hashes(
 async fn signal(
     State(state): State<NodeState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Browsers always send `Origin`; other clients cannot be driven by a foreign page.
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let origin = origin.to_str().unwrap_or("null");
+        if !state.hosts.origin_allowed(origin, host) {
+            state.metrics.host_refusals.inc();
+            return (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "origin {:?} may not open signaling here; add its host to http.public_names\n",
+                    meridian_protocol::clip(origin, 128)
+                ),
+            )
+                .into_response();
+        }
+    }
     let open = state.metrics.signaling_connections_open.get();
     if open >= state.config.signaling.max_connections as i64 {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
@@ -363,10 +481,10 @@ async fn signal(
     // anything larger closes the connection at the WebSocket layer.
     ws.max_message_size(2 * max)
         .max_frame_size(2 * max)
-        .on_upgrade(move |socket| ws_session(state, socket))
+        .on_upgrade(move |socket| ws_session(state, peer, socket))
 }
 
-async fn ws_session(state: NodeState, socket: WebSocket) {
+async fn ws_session(state: NodeState, peer: SocketAddr, socket: WebSocket) {
     let (sink, stream) = socket.split();
     let incoming = stream
         .take_while(|m| {
@@ -381,7 +499,206 @@ async fn ws_session(state: NodeState, socket: WebSocket) {
         });
     let outgoing = sink
         .with(|text: String| std::future::ready(Ok::<_, axum::Error>(Message::Text(text.into()))));
-    run_session(state, Box::pin(incoming), Box::pin(outgoing)).await;
+    run_session(state, peer, Box::pin(incoming), Box::pin(outgoing)).await;
+}
+
+/// A TCP stream that notes when it last carried bytes and holds its per-address slot
+/// for as long as it lives (through a WebSocket upgrade too).
+struct Tracked {
+    inner: tokio::net::TcpStream,
+    base: std::time::Instant,
+    /// Milliseconds after `base` of the last read or write.
+    activity: Arc<AtomicU64>,
+    _slot: IpSlot,
+}
+
+impl Tracked {
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` turns true: at most
+/// `http.max_connections_per_ip` connections per source address, request headers
+/// within `http.header_read_timeout_secs`, and connections without traffic for
+/// `http.idle_timeout_secs` closed (an upgraded WebSocket leaves this loop and is
+/// bounded by the session's own timeouts).
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    state: NodeState,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let http = &state.config.http;
+    let header_timeout = Duration::from_secs(http.header_read_timeout_secs);
+    let idle = Duration::from_secs(http.idle_timeout_secs);
+    loop {
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!("HTTP accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+        };
+        let Some(slot) = state.limits.connect(peer.ip()) else {
+            state
+                .metrics
+                .limit_refusals
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "connections_per_ip",
+                })
+                .inc();
+            tracing::debug!(%peer, "HTTP connection refused: too many from this address");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(
+            Tracked {
+                inner: stream,
+                base: std::time::Instant::now(),
+                activity: Arc::new(AtomicU64::new(0)),
+                _slot: slot,
+            },
+            peer,
+            app.clone(),
+            state.metrics.clone(),
+            (header_timeout, idle),
+            shutdown.clone(),
+        ));
+    }
+}
+
+async fn connection(
+    io: Tracked,
+    peer: SocketAddr,
+    app: Router,
+    metrics: crate::Metrics,
+    (header_timeout, idle): (Duration, Duration),
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use tower_service::Service as _;
+    let (base, activity) = (io.base, io.activity.clone());
+    let service = hyper::service::service_fn(
+        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let mut app = app.clone();
+            async move { app.call(req).await }
+        },
+    );
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let wait = idle.saturating_sub(base.elapsed().saturating_sub(last));
+        if wait.is_zero() {
+            tracing::debug!(%peer, "closing an idle HTTP connection");
+            metrics.http_timeouts.inc();
+            return;
+        }
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if e.is_timeout() {
+                        metrics.http_timeouts.inc();
+                    }
+                    tracing::debug!(%peer, "HTTP connection: {e}");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(wait) => {}
+            // The guard `wait_for` returns is not `Send`: drop it inside.
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Refuses requests whose `Host` is not the node's (see [`HostPolicy`]) with 421 and
+/// a body naming the setting.
+pub(crate) async fn check_host(
+    State(state): State<NodeState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if state.hosts.host_allowed(&h) => next.run(req).await,
+        h => {
+            state.metrics.host_refusals.inc();
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "host {:?} is not one of this node's names; add it to http.public_names\n",
+                    meridian_protocol::clip(&h.unwrap_or_default(), 128)
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -422,5 +739,22 @@ mod tests {
             "text/javascript; charset=utf-8"
         );
         assert_eq!(content_type(Path::new("noext")), "application/octet-stream");
+    }
+
+    #[test]
+    fn audit_rooms_are_read_from_the_path_decoded() {
+        assert_eq!(
+            audit_room("/audit/rooms/demo/history").as_deref(),
+            Some("demo")
+        );
+        assert_eq!(
+            audit_room("/audit/rooms/a%20b/history").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(audit_room("/audit/rooms/a/b/history"), None);
+        assert_eq!(audit_room("/audit/rooms"), None);
+        assert_eq!(audit_room("/audit/range"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), Some("%4".into()));
     }
 }

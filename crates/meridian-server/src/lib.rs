@@ -9,6 +9,7 @@
 mod cluster;
 pub mod config;
 mod http;
+mod limits;
 mod mailbox;
 mod media_loop;
 pub mod metrics;
@@ -68,17 +69,32 @@ pub(crate) struct NodeState {
     pub cluster: Arc<cluster::Cluster>,
     /// The web client folder served at `/`; `None`: not built (a page says how).
     pub web_root: Option<std::sync::Arc<std::path::Path>>,
+    /// Connection and join limits per source address.
+    pub limits: Arc<limits::IpLimits>,
+    /// Which `Host` and `Origin` headers are answered.
+    pub hosts: Arc<limits::HostPolicy>,
+}
+
+impl NodeState {
+    /// Verifies an access token now, with the node's `[auth]` policy.
+    pub(crate) fn verify(
+        &self,
+        token: &str,
+    ) -> Result<meridian_auth::Claims, meridian_auth::AuthError> {
+        self.keys
+            .verify_with(token, meridian_auth::unix_now(), &self.config.auth.policy())
+    }
 }
 
 /// Admits audit API requests whose bearer token is a valid access token with the
-/// `admin` grant.
-struct TokenAdmin(Arc<KeySet>);
+/// `admin` grant (the room scope is checked by `http::audit_scope`).
+struct TokenAdmin(Arc<KeySet>, meridian_auth::Policy);
 
 impl meridian_audit::AdminCheck for TokenAdmin {
     fn check_admin(&self, bearer_token: &str) -> Result<(), String> {
         let claims = self
             .0
-            .verify(bearer_token, meridian_auth::unix_now())
+            .verify_with(bearer_token, meridian_auth::unix_now(), &self.1)
             .map_err(|e| e.code().to_string())?;
         claims
             .require(meridian_auth::Grant::Admin)
@@ -196,6 +212,8 @@ impl Node {
             sfu: meridian_media::SfuConfig::new(candidate),
             resume_grace: config.resume_grace(),
             seed: rand::random(),
+            changes_per_second: f64::from(config.signaling.changes_per_second),
+            change_burst: config.signaling.change_burst,
         };
         let loop_metrics = metrics.clone();
         std::thread::Builder::new()
@@ -219,9 +237,20 @@ impl Node {
                         .await
                     })
                 }));
+                // A panic here is not contained per participant: the core's state may be
+                // half-updated, so the node reports it and the binary exits non-zero
+                // (Kubernetes restarts it; its rooms fail over to other nodes).
                 let why = match result {
                     Ok(()) => "media loop stopped".to_string(),
-                    Err(_) => "media loop panicked".to_string(),
+                    Err(payload) => {
+                        let what = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "non-string panic payload".into());
+                        tracing::error!(panic = %what, "media loop panicked; the node stops");
+                        format!("media loop panicked: {what}")
+                    }
                 };
                 let _ = media_done.send(why);
             })
@@ -245,7 +274,22 @@ impl Node {
                 "dev mode: POST /dev/token mints tokens for anyone who can reach the HTTP address"
             );
         }
+        let advertised = config.advertise_url(http_addr);
+        let advertised_host = advertised
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or_default().to_string());
+        let hosts = limits::HostPolicy::new(
+            &config.http.public_names,
+            http_addr.ip(),
+            advertised_host.as_deref(),
+        );
+        let ip_limits = limits::IpLimits::new(
+            config.http.max_connections_per_ip,
+            config.signaling.joins_per_ip_per_minute,
+        );
         let state = NodeState {
+            limits: Arc::new(ip_limits),
+            hosts: Arc::new(hosts),
             web_root: web_root.as_deref().map(Arc::from),
             config: Arc::new(config),
             keys: Arc::new(keys),
@@ -255,27 +299,25 @@ impl Node {
             webtransport: wt_listener.advert(),
             cluster: cluster.clone(),
         };
-        let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let (shutdown, shutdown_rx) = watch::channel(false);
         let cluster_task = tokio::spawn(cluster.clone().run(shutdown.subscribe()));
         let wt_task = tokio::spawn(webtransport::serve(
             wt_listener,
             state.clone(),
             shutdown.subscribe(),
         ));
-        let admin = Arc::new(TokenAdmin(state.keys.clone()));
-        let app = http::router(state).merge(meridian_audit::router(store, admin));
-        let http_task = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("HTTP server failed: {e}");
-            }
-        });
+        let admin = Arc::new(TokenAdmin(state.keys.clone(), state.config.auth.policy()));
+        let audit = meridian_audit::router(store, admin).route_layer(
+            axum::middleware::from_fn_with_state(state.clone(), http::audit_scope),
+        );
+        let app =
+            http::router(state.clone())
+                .merge(audit)
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    http::check_host,
+                ));
+        let http_task = tokio::spawn(http::serve(listener, app, state, shutdown_rx));
         info!(%http_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
         Ok(Node {
             http_addr,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use meridian_events::RoomState;
 use meridian_media::ParticipantId;
-use meridian_protocol::ServerMessage;
+use meridian_protocol::{ErrorCode, ServerMessage};
 use meridian_room::{JoinRequest, Joined, Refusal};
 use meridian_store::NewEvent;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -19,13 +19,112 @@ pub(crate) use meridian_room::Grants;
 /// is disconnected.
 pub(crate) const SESSION_QUEUE: usize = 256;
 
+/// A message for one client, encoded, and whether the session ends after it.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    /// The encoded message.
+    pub text: String,
+    /// The transport closes once this message is written.
+    pub last: bool,
+}
+
+/// Why a message could not be queued for a client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum QueueError {
+    /// The queue holds its most messages or bytes: the client does not keep up.
+    Full,
+    /// The session is gone.
+    Closed,
+}
+
 /// The node's handle on one signaling connection.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionSink {
     /// Messages for the client, written by the session's writer task.
-    pub tx: mpsc::Sender<ServerMessage>,
+    tx: mpsc::Sender<Queued>,
+    /// Bytes queued and not yet taken by the writer.
+    bytes: Arc<AtomicUsize>,
+    /// Most bytes the queue may hold.
+    max_bytes: usize,
     /// Wakes the session to close its transport.
     pub close: Arc<Notify>,
+}
+
+/// The writer's side of a session queue.
+pub(crate) struct SessionQueue {
+    rx: mpsc::Receiver<Queued>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// A session queue bounded by `max_count` messages and `max_bytes` encoded bytes.
+pub(crate) fn session_queue(max_count: usize, max_bytes: usize) -> (SessionSink, SessionQueue) {
+    let (tx, rx) = mpsc::channel(max_count.max(1));
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (
+        SessionSink {
+            tx,
+            bytes: bytes.clone(),
+            max_bytes,
+            close: Arc::new(Notify::new()),
+        },
+        SessionQueue { rx, bytes },
+    )
+}
+
+impl SessionSink {
+    /// Queues a message without waiting. A message alone larger than the byte bound is
+    /// still queued when the queue is empty, so no message is undeliverable by size.
+    pub(crate) fn try_send(&self, msg: ServerMessage) -> Result<(), QueueError> {
+        let last = matches!(
+            msg,
+            ServerMessage::Left { .. }
+                | ServerMessage::Redirect { .. }
+                | ServerMessage::Migrate { .. }
+        ) || matches!(
+            msg,
+            ServerMessage::Error {
+                code: ErrorCode::Unauthorized
+                    | ErrorCode::Timeout
+                    | ErrorCode::RateLimited
+                    | ErrorCode::UnsupportedVersion
+                    | ErrorCode::ResumeFailed
+                    | ErrorCode::Unavailable,
+                ..
+            }
+        );
+        let text = msg.encode();
+        let len = text.len();
+        let before = self.bytes.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before + len > self.max_bytes {
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            return Err(QueueError::Full);
+        }
+        match self.tx.try_send(Queued { text, last }) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.bytes.fetch_sub(len, Ordering::AcqRel);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => QueueError::Full,
+                    mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+                })
+            }
+        }
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+impl SessionQueue {
+    /// The next message for the client; `None` once every sink is gone.
+    pub(crate) async fn recv(&mut self) -> Option<Queued> {
+        let q = self.rx.recv().await?;
+        self.bytes.fetch_sub(q.text.len(), Ordering::AcqRel);
+        Some(q)
+    }
 }
 
 /// Requests to the media loop.
@@ -43,10 +142,23 @@ pub(crate) enum Command {
     /// The node is shutting down.
     Shutdown,
     /// Close a participant's signaling transport (admin hook); replies whether it had
-    /// one open.
+    /// one open. `room`: the admin token's room, `None` for every room.
     CloseSignaling {
         participant: ParticipantId,
+        room: Option<String>,
         reply: oneshot::Sender<bool>,
+    },
+    /// Remove a participant for good (admin); replies whether it was removed. `room`:
+    /// the admin token's room, `None` for every room.
+    Remove {
+        participant: ParticipantId,
+        room: Option<String>,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A joined client presented a newer token, valid until `expires_at`.
+    Refresh {
+        participant: ParticipantId,
+        expires_at: std::time::Instant,
     },
     /// The session's transport closed; `generation` tells stale detaches apart.
     Detach {
@@ -189,5 +301,34 @@ impl Fences {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fence>> {
         // The map is only read and written in short sections that cannot panic.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_queues_are_bounded_by_bytes_as_well_as_count() {
+        let (sink, mut queue) = session_queue(100, 1000);
+        let big = ServerMessage::error(ErrorCode::NotFound, "x".repeat(600));
+        assert_eq!(
+            sink.try_send(big.clone()),
+            Ok(()),
+            "first message always fits"
+        );
+        assert_eq!(sink.try_send(big.clone()), Err(QueueError::Full));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let q = rt.block_on(queue.recv()).unwrap();
+        assert!(!q.last);
+        assert_eq!(sink.queued_bytes(), 0);
+        assert_eq!(sink.try_send(big), Ok(()));
+        let (sink, _queue) = session_queue(2, 1 << 20);
+        let small = ServerMessage::Pong { id: 1 };
+        assert_eq!(sink.try_send(small.clone()), Ok(()));
+        assert_eq!(sink.try_send(small.clone()), Ok(()));
+        assert_eq!(sink.try_send(small), Err(QueueError::Full), "count bound");
     }
 }

@@ -215,8 +215,34 @@ impl MediaLoop {
                 self.controller.handle_message(now, participant, msg)
             }
             Command::Shutdown => {}
-            Command::CloseSignaling { participant, reply } => {
-                let _ = reply.send(self.controller.close_signaling(participant));
+            Command::CloseSignaling {
+                participant,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(
+                    self.controller
+                        .close_signaling(participant, room.as_deref()),
+                );
+            }
+            Command::Remove {
+                participant,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.controller.handle_remove(
+                    now,
+                    participant,
+                    room.as_deref(),
+                ));
+            }
+            Command::Refresh {
+                participant,
+                expires_at,
+            } => {
+                let _ = self
+                    .controller
+                    .handle_refresh(participant, Some(expires_at));
             }
             Command::Detach {
                 participant,

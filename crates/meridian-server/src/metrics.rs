@@ -83,6 +83,14 @@ pub struct Metrics {
     pub sessions_too_slow: Counter,
     /// Older sessions replaced by a new join of the same identity in the same room.
     pub sessions_replaced: Counter,
+    /// Connections and joins refused by a per-address limit, by `reason`
+    /// (`connections_per_ip`, `joins_per_ip`).
+    pub limit_refusals: Family<ReasonLabel, Counter>,
+    /// HTTP connections closed because headers were not sent in time or the
+    /// connection stayed idle.
+    pub http_timeouts: Counter,
+    /// Requests refused for a `Host` or `Origin` that is not one of the node's names.
+    pub host_refusals: Counter,
     /// Always 1, labelled with the build's version (`meridian_build_info{version}`).
     pub build_info: Family<VersionLabel, Gauge>,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
@@ -117,6 +125,9 @@ impl Default for Metrics {
             outbox_queue: Gauge::default(),
             sessions_too_slow: Counter::default(),
             sessions_replaced: Counter::default(),
+            limit_refusals: Family::default(),
+            http_timeouts: Counter::default(),
+            host_refusals: Counter::default(),
             build_info: {
                 let f: Family<VersionLabel, Gauge> = Family::default();
                 f.get_or_create(&VersionLabel {
@@ -205,6 +216,21 @@ impl Metrics {
             "outbox_queue",
             "Room events and client messages queued in the outbox",
             self.outbox_queue.clone(),
+        );
+        r.register(
+            "limit_refusals",
+            "Connections and joins refused by a per-address limit",
+            self.limit_refusals.clone(),
+        );
+        r.register(
+            "http_timeouts",
+            "HTTP connections closed for a header-read or idle timeout",
+            self.http_timeouts.clone(),
+        );
+        r.register(
+            "host_refusals",
+            "Requests refused for a Host or Origin not among the node's names",
+            self.host_refusals.clone(),
         );
         r.register(
             "sessions_too_slow",

@@ -22,7 +22,7 @@ use meridian_store::{ExpectedVersion, NewEvent, Store, StoreError};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::mailbox::{Command, Fence, Fences, Outbound, OutboxRx, SessionSink};
+use crate::mailbox::{Command, Fence, Fences, Outbound, OutboxRx, QueueError, SessionSink};
 
 /// What the outbox needs besides the store.
 pub(crate) struct Context {
@@ -184,14 +184,14 @@ fn release(cx: &Context, item: Outbound) {
 /// Hands a message to a session without waiting: a session whose queue is full cannot
 /// keep up and is closed (it may resume once it reads again).
 fn deliver(cx: &Context, to: &SessionSink, msg: meridian_protocol::ServerMessage) {
-    match to.tx.try_send(msg) {
+    match to.try_send(msg) {
         Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(QueueError::Full) => {
             cx.metrics.sessions_too_slow.inc();
             debug!("session queue full; closing the slow session");
             to.close.notify_one();
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(QueueError::Closed) => {}
     }
 }
 

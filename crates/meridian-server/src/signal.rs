@@ -4,18 +4,22 @@
 //! a sink for outgoing text; everything above that — join, auth, limits, routing to
 //! the media loop — is the same for every transport.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use meridian_auth::AuthError;
 use meridian_protocol::{ClientMessage, DecodeError, ErrorCode, ServerMessage};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::NodeState;
 use crate::cluster::Placement;
-use crate::mailbox::{Command, Grants, SESSION_QUEUE, SessionSink};
+use crate::mailbox::{
+    Command, Grants, QueueError, Queued, SESSION_QUEUE, SessionQueue, SessionSink, session_queue,
+};
 
 /// An incoming transport frame.
 pub(crate) enum Frame {
@@ -59,42 +63,75 @@ const LINGER_FRAMES: usize = 1024;
 /// Violations of the rate limit after which the connection is closed.
 const MAX_RATE_VIOLATIONS: u32 = 50;
 
+/// Counts an open signaling connection for as long as it lives: the gauge goes down
+/// when the guard is dropped, whether the session returns, is cancelled or panics.
+pub(crate) struct OpenConnection(crate::Metrics);
+
+impl OpenConnection {
+    pub(crate) fn new(metrics: &crate::Metrics) -> OpenConnection {
+        metrics.signaling_connections.inc();
+        metrics.signaling_connections_open.inc();
+        OpenConnection(metrics.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.signaling_connections_open.dec();
+    }
+}
+
+/// Writes the session's queue to the transport. Each write (and the final close) must
+/// finish within `timeout`: a client that does not read is closed, not waited for.
+async fn write_queue<O>(
+    mut queue: SessionQueue,
+    mut outgoing: O,
+    timeout: Duration,
+    close: Arc<tokio::sync::Notify>,
+    metrics: crate::Metrics,
+) where
+    O: Sink<String> + Unpin,
+{
+    while let Some(Queued { text, last }) = queue.recv().await {
+        match tokio::time::timeout(timeout, outgoing.send(text)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                debug!("write to the client timed out; closing the session");
+                metrics.sessions_too_slow.inc();
+                close.notify_one();
+                return;
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    close.notify_one();
+    let _ = tokio::time::timeout(timeout, outgoing.close()).await;
+}
+
 /// Runs a session until the client leaves or the transport closes.
-pub(crate) async fn run_session<I, O>(state: NodeState, mut incoming: I, outgoing: O)
+pub(crate) async fn run_session<I, O>(state: NodeState, peer: SocketAddr, incoming: I, outgoing: O)
 where
     I: Stream<Item = Frame> + Unpin,
     O: Sink<String> + Unpin + Send + 'static,
 {
+    let _open = OpenConnection::new(&state.metrics);
+    // A transport's stream may not be polled after it ended: fuse it, so the linger
+    // read below (and any later poll) sees the end again instead of panicking.
+    let mut incoming = incoming.fuse();
     let cfg = state.config.signaling.clone();
-    state.metrics.signaling_connections.inc();
-    state.metrics.signaling_connections_open.inc();
-    let (tx, mut rx) = mpsc::channel::<ServerMessage>(SESSION_QUEUE);
-    let writer = tokio::spawn(async move {
-        let mut outgoing = outgoing;
-        while let Some(msg) = rx.recv().await {
-            let last = matches!(
-                msg,
-                ServerMessage::Left { .. }
-                    | ServerMessage::Redirect { .. }
-                    | ServerMessage::Migrate { .. }
-            ) || matches!(
-                msg,
-                ServerMessage::Error {
-                    code: ErrorCode::Unauthorized
-                        | ErrorCode::Timeout
-                        | ErrorCode::RateLimited
-                        | ErrorCode::UnsupportedVersion
-                        | ErrorCode::ResumeFailed
-                        | ErrorCode::Unavailable,
-                    ..
-                }
-            );
-            if outgoing.send(msg.encode()).await.is_err() || last {
-                break;
-            }
-        }
-        let _ = outgoing.close().await;
-    });
+    let (sink, queue) = session_queue(SESSION_QUEUE, cfg.session_queue_bytes);
+    let close = sink.close.clone();
+    let write_timeout = Duration::from_secs(cfg.write_timeout_secs);
+    let writer = tokio::spawn(write_queue(
+        queue,
+        outgoing,
+        write_timeout,
+        close.clone(),
+        state.metrics.clone(),
+    ));
 
     let mut limit = RateLimit {
         tokens: cfg.message_burst as f64,
@@ -106,8 +143,19 @@ where
     let join_deadline = Instant::now() + Duration::from_secs(cfg.join_timeout_secs);
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let mut joined: Option<(meridian_media::ParticipantId, u64)> = None;
-    let close = std::sync::Arc::new(tokio::sync::Notify::new());
+    // The joined token's identity and room: a refresh must name the same.
+    let mut who: Option<(String, String)> = None;
     let error = |code: ErrorCode, message: String| ServerMessage::error(code, message);
+    // Queues a reply; false when the client does not keep up and the session must end.
+    let reply = |msg: ServerMessage| match sink.try_send(msg) {
+        Ok(()) => true,
+        Err(QueueError::Full) => {
+            debug!("session queue full; closing the slow session");
+            state.metrics.sessions_too_slow.inc();
+            false
+        }
+        Err(QueueError::Closed) => false,
+    };
 
     loop {
         let deadline = match joined {
@@ -122,7 +170,7 @@ where
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let what = if joined.is_none() { "no join within the join timeout" } else { "connection idle too long" };
-                let _ = tx.send(error(ErrorCode::Timeout, what.into())).await;
+                reply(error(ErrorCode::Timeout, what.into()));
                 break;
             }
         };
@@ -131,15 +179,17 @@ where
         };
         if !limit.allow(Instant::now()) {
             let fatal = limit.violations >= MAX_RATE_VIOLATIONS;
-            if fatal || limit.violations == 1 {
-                let _ = tx.try_send(error(
+            if (fatal || limit.violations == 1)
+                && !reply(error(
                     ErrorCode::RateLimited,
                     format!(
                         "more than {} messages per second{}",
                         cfg.messages_per_second,
                         if fatal { "; closing" } else { "" }
                     ),
-                ));
+                ))
+            {
+                break;
             }
             if fatal {
                 break;
@@ -149,12 +199,16 @@ where
         let bytes = match frame {
             Frame::Data(b) => b,
             Frame::Invalid(why) => {
-                let _ = tx.try_send(error(ErrorCode::MalformedMessage, why.into()));
+                if !reply(error(ErrorCode::MalformedMessage, why.into())) {
+                    break;
+                }
                 continue;
             }
             Frame::TooLarge(len) => {
                 let e = DecodeError::TooLarge(len);
-                let _ = tx.try_send(error(e.code(), e.to_string()));
+                if !reply(error(e.code(), e.to_string())) {
+                    break;
+                }
                 continue;
             }
         };
@@ -166,7 +220,9 @@ where
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {
-                let _ = tx.try_send(error(e.code(), e.to_string()));
+                if !reply(error(e.code(), e.to_string())) {
+                    break;
+                }
                 continue;
             }
         };
@@ -183,41 +239,77 @@ where
             ) => {
                 debug!(?client, "join");
                 if version != meridian_protocol::PROTOCOL_VERSION {
-                    let _ = tx
-                        .send(error(
-                            ErrorCode::UnsupportedVersion,
-                            format!(
-                                "protocol version {version} is not supported; this node speaks {}",
-                                meridian_protocol::PROTOCOL_VERSION
-                            ),
-                        ))
-                        .await;
+                    reply(error(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "protocol version {version} is not supported; this node speaks {}",
+                            meridian_protocol::PROTOCOL_VERSION
+                        ),
+                    ));
                     break;
                 }
-                match join(
-                    &state,
-                    token,
-                    resume,
-                    auto_subscribe,
-                    tx.clone(),
-                    close.clone(),
-                )
-                .await
-                {
-                    Ok(j) => joined = Some(j),
+                match join(&state, peer, token, resume, auto_subscribe, sink.clone()).await {
+                    Ok((j, identity, room)) => {
+                        joined = Some(j);
+                        who = Some((identity, room));
+                    }
                     Err(msg) => {
-                        let _ = tx.send(msg).await;
+                        reply(msg);
                         break;
                     }
                 }
             }
             (None, _) => {
-                let _ = tx.try_send(error(ErrorCode::NotJoined, "send join first".into()));
+                if !reply(error(ErrorCode::NotJoined, "send join first".into())) {
+                    break;
+                }
             }
             // Answered here, not through the outbox: a pong proves the node is alive even
             // while the log is unreachable and acknowledgements wait.
             (Some(_), ClientMessage::Ping { id }) => {
-                let _ = tx.try_send(ServerMessage::Pong { id });
+                if !reply(ServerMessage::Pong { id }) {
+                    break;
+                }
+            }
+            (Some((participant, _)), ClientMessage::Refresh { token }) => {
+                let checked = match state.verify(&token) {
+                    Ok(c)
+                        if who.as_ref().is_some_and(|(identity, room)| {
+                            *identity == c.sub && *room == c.room
+                        }) && c.check_region(&state.config.node.region).is_ok() =>
+                    {
+                        Ok(c)
+                    }
+                    Ok(_) => Err(ServerMessage::error(
+                        ErrorCode::Unauthorized,
+                        "a refresh token must name the same identity, room and region",
+                    )),
+                    Err(e) => Err(auth_error(e)),
+                };
+                match checked {
+                    Ok(c) => {
+                        let left = c.exp.saturating_sub(meridian_auth::unix_now());
+                        let expires_at = std::time::Instant::now() + Duration::from_secs(left);
+                        if state
+                            .commands
+                            .send(Command::Refresh {
+                                participant,
+                                expires_at,
+                            })
+                            .await
+                            .is_err()
+                            || !reply(ServerMessage::Refreshed {
+                                expires_in_secs: left,
+                            })
+                        {
+                            break;
+                        }
+                    }
+                    Err(msg) => {
+                        reply(msg);
+                        break;
+                    }
+                }
             }
             (Some((participant, _)), msg) => {
                 let leave = matches!(msg, ClientMessage::Leave);
@@ -245,8 +337,16 @@ where
             })
             .await;
     }
-    drop(tx);
-    let _ = writer.await;
+    drop(sink);
+    // The writer ends once every sink is gone (the media loop drops its copy on detach)
+    // or a write times out; either way within the write timeout per message.
+    let writer_abort = writer.abort_handle();
+    if tokio::time::timeout(write_timeout * 2, writer)
+        .await
+        .is_err()
+    {
+        writer_abort.abort();
+    }
     // Read (and drop) what the client still sends for a moment before the transport is
     // dropped: closing a TCP socket with unread input resets it, and the reset can
     // destroy the last message (an error saying why) before the client reads it.
@@ -258,21 +358,34 @@ where
         }
     })
     .await;
-    state.metrics.signaling_connections_open.dec();
 }
 
 async fn join(
     state: &NodeState,
+    peer: SocketAddr,
     token: String,
     resume: Option<String>,
     auto_subscribe: bool,
-    tx: mpsc::Sender<ServerMessage>,
-    close: std::sync::Arc<tokio::sync::Notify>,
-) -> Result<(meridian_media::ParticipantId, u64), ServerMessage> {
-    let claims = state
-        .keys
-        .verify(&token, meridian_auth::unix_now())
-        .map_err(auth_error)?;
+    session: SessionSink,
+) -> Result<((meridian_media::ParticipantId, u64), String, String), ServerMessage> {
+    // Before the token is even checked: a flood of joins costs one table look-up each.
+    if !state
+        .limits
+        .allow_join(peer.ip(), std::time::Instant::now())
+    {
+        state
+            .metrics
+            .limit_refusals
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "joins_per_ip",
+            })
+            .inc();
+        return Err(ServerMessage::error(
+            ErrorCode::RateLimited,
+            "too many joins from this address; try again in a minute",
+        ));
+    }
+    let claims = state.verify(&token).map_err(auth_error)?;
     if let Err(AuthError::WrongRegion { region }) = claims.check_region(&state.config.node.region) {
         let url = state
             .config
@@ -311,7 +424,12 @@ async fn join(
         },
         auto_subscribe,
         resume,
-        session: SessionSink { tx, close },
+        // The session ends when the token does, unless the client refreshes it.
+        expires_at: Some(
+            std::time::Instant::now()
+                + Duration::from_secs(claims.exp.saturating_sub(meridian_auth::unix_now())),
+        ),
+        session,
     };
     let internal = || ServerMessage::error(ErrorCode::Internal, "node is shutting down");
     state
@@ -323,7 +441,11 @@ async fn join(
         .await
         .map_err(|_| internal())?
         .map_err(|r| ServerMessage::error(r.code, r.message))?;
-    Ok((joined.participant, joined.generation))
+    Ok((
+        (joined.participant, joined.generation),
+        claims.sub,
+        claims.room,
+    ))
 }
 
 fn auth_error(e: AuthError) -> ServerMessage {

@@ -224,7 +224,19 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        tokio::spawn(connection(state.clone(), incoming, permit));
+        // Counted against the source address together with its HTTP connections.
+        let Some(slot) = state.limits.connect(incoming.remote_address().ip()) else {
+            state
+                .metrics
+                .limit_refusals
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "connections_per_ip",
+                })
+                .inc();
+            incoming.refuse();
+            continue;
+        };
+        tokio::spawn(connection(state.clone(), incoming, (permit, slot)));
     }
     endpoint.close(VarInt::from_u32(CLOSE_OK), b"node shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -248,7 +260,11 @@ fn renew(endpoint: &Endpoint<Server>, config: &Config, advert: &Advert) {
     }
 }
 
-async fn connection(state: NodeState, incoming: IncomingSession, _permit: OwnedSemaphorePermit) {
+async fn connection(
+    state: NodeState,
+    incoming: IncomingSession,
+    _permit: (OwnedSemaphorePermit, crate::limits::IpSlot),
+) {
     let join_timeout = Duration::from_secs(state.config.signaling.join_timeout_secs);
     let peer = incoming.remote_address();
     let handshake = tokio::time::timeout(join_timeout, async {
@@ -287,7 +303,13 @@ async fn connection(state: NodeState, incoming: IncomingSession, _permit: OwnedS
         tx.send(text).await.map_err(|_| StreamClosed)?;
         Ok::<_, StreamClosed>(tx)
     });
-    run_session(state, Box::pin(read_frames(recv, max)), Box::pin(outgoing)).await;
+    run_session(
+        state,
+        peer,
+        Box::pin(read_frames(recv, max)),
+        Box::pin(outgoing),
+    )
+    .await;
     // The session dropped its sink: the writer finishes the stream and waits (bounded)
     // for the last bytes to be acknowledged before the connection closes.
     let _ = tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), writer).await;
@@ -315,8 +337,10 @@ async fn write_frames(mut send: SendStream, mut rx: mpsc::Receiver<String>) {
 }
 
 /// Reads length-prefixed frames; ends at the end of the stream, on an error, or after
-/// an over-long length prefix (reported as [`Frame::TooLarge`], body never read).
+/// an over-long length prefix (reported as [`Frame::TooLarge`], body never read). Fused:
+/// polling it after its end yields `None` again rather than panicking.
 fn read_frames(recv: RecvStream, max: usize) -> impl Stream<Item = Frame> + Send {
+    use futures_util::StreamExt as _;
     futures_util::stream::unfold(Some(recv), move |recv| async move {
         let mut recv = recv?;
         let mut prefix = [0u8; 4];

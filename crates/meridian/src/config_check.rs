@@ -177,6 +177,7 @@ mod tests {
             "[signaling]",
             "[webtransport]",
             "[cluster]",
+            "[auth]",
         ] {
             assert!(text.contains(section), "example lacks {section}");
         }

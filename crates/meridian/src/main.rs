@@ -113,6 +113,10 @@ struct ServeArgs {
     /// reach the HTTP address (the page then offers a "join as" form). Local use only.
     #[arg(long, env = "MERIDIAN_DEV")]
     dev: bool,
+    /// Allows `--dev` on a non-loopback HTTP address (anyone who reaches it can mint
+    /// tokens); without it such a node refuses to start.
+    #[arg(long, env = "MERIDIAN_DEV_ALLOW_REMOTE")]
+    dev_allow_remote: bool,
 }
 
 #[derive(Subcommand)]
@@ -258,6 +262,9 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     }
     if args.dev {
         config.http.dev = true;
+    }
+    if args.dev_allow_remote {
+        config.http.dev_allow_remote = true;
     }
     config.validate()?;
     Ok(config)

@@ -1,0 +1,286 @@
+//! Limits per source address and the host-name policy.
+//!
+//! [`IpLimits`] caps connections (HTTP and WebTransport together) and join attempts
+//! (a token bucket) per source IP address; its table is bounded, so a flood of
+//! addresses cannot grow it without end. [`HostPolicy`] decides which `Host` and
+//! `Origin` headers the node answers (DNS rebinding, cross-site WebSocket hijacking).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Most source addresses tracked at once; beyond it new addresses are refused until
+/// entries free up (each entry is a few dozen bytes).
+const MAX_TRACKED: usize = 100_000;
+
+#[derive(Debug)]
+struct Entry {
+    connections: usize,
+    join_tokens: f64,
+    last: Instant,
+}
+
+/// Connection and join limits per source address.
+#[derive(Debug)]
+pub(crate) struct IpLimits {
+    table: Mutex<HashMap<IpAddr, Entry>>,
+    max_connections: usize,
+    /// Join tokens per second, and the bucket's size.
+    join_rate: f64,
+    join_burst: f64,
+}
+
+/// One connection counted against its source address until dropped.
+#[derive(Debug)]
+pub(crate) struct IpSlot {
+    limits: Arc<IpLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut table = self.limits.lock();
+        if let Some(e) = table.get_mut(&self.ip) {
+            e.connections = e.connections.saturating_sub(1);
+        }
+    }
+}
+
+impl IpLimits {
+    /// Limits of `max_connections` per address and `joins_per_minute` join attempts
+    /// per address and minute (burst of the same size).
+    pub(crate) fn new(max_connections: usize, joins_per_minute: u32) -> IpLimits {
+        IpLimits {
+            table: Mutex::new(HashMap::new()),
+            max_connections,
+            join_rate: f64::from(joins_per_minute) / 60.0,
+            join_burst: f64::from(joins_per_minute),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
+        // Short sections that cannot panic.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refills `e`'s bucket up to `now`; true when the entry holds nothing any more.
+    fn refill(&self, e: &mut Entry, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(e.last).as_secs_f64();
+        e.last = now;
+        e.join_tokens = (e.join_tokens + elapsed * self.join_rate).min(self.join_burst);
+        e.connections == 0 && e.join_tokens >= self.join_burst
+    }
+
+    /// The entry for `ip`, made room for when the table is full; `None` when it is
+    /// full of addresses still in use.
+    fn entry<'a>(
+        &self,
+        table: &'a mut HashMap<IpAddr, Entry>,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Option<&'a mut Entry> {
+        if !table.contains_key(&ip) && table.len() >= MAX_TRACKED {
+            table.retain(|_, e| !self.refill(e, now));
+            if table.len() >= MAX_TRACKED {
+                return None;
+            }
+        }
+        Some(table.entry(ip).or_insert(Entry {
+            connections: 0,
+            join_tokens: self.join_burst,
+            last: now,
+        }))
+    }
+
+    /// Counts a new connection from `ip`; `None` when it already has the most allowed.
+    pub(crate) fn connect(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let now = Instant::now();
+        let mut table = self.lock();
+        let e = self.entry(&mut table, ip, now)?;
+        if e.connections >= self.max_connections {
+            return None;
+        }
+        e.connections += 1;
+        Some(IpSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Takes one join attempt from `ip`'s allowance; false when it has none left.
+    pub(crate) fn allow_join(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut table = self.lock();
+        let Some(e) = self.entry(&mut table, ip, now) else {
+            return false;
+        };
+        self.refill(e, now);
+        if e.join_tokens >= 1.0 {
+            e.join_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Addresses tracked (for tests).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Which `Host` and `Origin` headers the node answers.
+#[derive(Clone, Debug)]
+pub(crate) struct HostPolicy {
+    /// Configured public names, lower case; `*.example.com` matches subdomains.
+    names: Vec<String>,
+    /// The HTTP listener is bound to a loopback address.
+    loopback: bool,
+}
+
+/// The host part of an authority (`host`, `host:port`, `[v6]:port`), lower case.
+fn host_of(authority: &str) -> String {
+    let a = authority.trim();
+    let host = if let Some(rest) = a.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        match a.rsplit_once(':') {
+            // A bare IPv6 address has several colons and no port.
+            Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => a,
+        }
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl HostPolicy {
+    /// A policy for these configured names, on a listener bound to `bind`.
+    pub(crate) fn new(names: &[String], bind: IpAddr, extra: Option<&str>) -> HostPolicy {
+        let mut names: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        if let Some(h) = extra {
+            names.push(host_of(h));
+        }
+        HostPolicy {
+            names,
+            loopback: bind.is_loopback(),
+        }
+    }
+
+    fn named(&self, host: &str) -> bool {
+        self.names.iter().any(|n| match n.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|p| p.ends_with('.') && p.len() > 1),
+            None => n == host,
+        })
+    }
+
+    /// Whether a request with this `Host` is answered: an IP address or `localhost`
+    /// (a DNS-rebinding page cannot send either), or a configured name.
+    pub(crate) fn host_allowed(&self, host: &str) -> bool {
+        let h = host_of(host);
+        !h.is_empty() && (h.parse::<IpAddr>().is_ok() || is_loopback_name(&h) || self.named(&h))
+    }
+
+    /// Whether a browser page from `origin` may open signaling on a request to `host`:
+    /// the page's own node (same host and port), a configured name, or a loopback
+    /// page talking to a loopback-bound node (development).
+    pub(crate) fn origin_allowed(&self, origin: &str, host: &str) -> bool {
+        let Some((scheme, authority)) = origin.split_once("://") else {
+            return false; // "null" and other opaque origins
+        };
+        if !matches!(scheme, "http" | "https") || authority.contains('/') {
+            return false;
+        }
+        if authority.eq_ignore_ascii_case(host.trim()) {
+            return true;
+        }
+        let o = host_of(authority);
+        self.named(&o) || (self.loopback && is_loopback_name(&o))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_per_address_are_capped_and_released() {
+        let l = Arc::new(IpLimits::new(2, 60));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let a = l.connect(ip).unwrap();
+        let _b = l.connect(ip).unwrap();
+        assert!(l.connect(ip).is_none(), "third connection refused");
+        assert!(l.connect("192.0.2.2".parse().unwrap()).is_some());
+        drop(a);
+        assert!(l.connect(ip).is_some(), "a slot frees on drop");
+    }
+
+    #[test]
+    fn joins_per_address_follow_a_token_bucket() {
+        let l = IpLimits::new(10, 60);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..60 {
+            assert!(l.allow_join(ip, t0));
+        }
+        assert!(!l.allow_join(ip, t0), "burst spent");
+        assert!(l.allow_join(ip, t0 + std::time::Duration::from_secs(1)));
+        assert_eq!(l.tracked(), 1);
+    }
+
+    #[test]
+    fn hosts_must_be_addresses_loopback_or_configured() {
+        let p = HostPolicy::new(
+            &["meridian.example.com".into(), "*.edge.example".into()],
+            "0.0.0.0".parse().unwrap(),
+            None,
+        );
+        for ok in [
+            "127.0.0.1:7880",
+            "[::1]:7880",
+            "10.0.0.5",
+            "localhost:7880",
+            "meridian.example.com",
+            "MERIDIAN.example.com:443",
+            "eu.edge.example",
+        ] {
+            assert!(p.host_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "edge.example",
+            "",
+            "meridian.example.com.evil",
+        ] {
+            assert!(!p.host_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origins_must_be_the_page_s_own_node_or_configured() {
+        let p = HostPolicy::new(
+            &["app.example.com".into()],
+            "0.0.0.0".parse().unwrap(),
+            None,
+        );
+        assert!(p.origin_allowed("http://10.0.0.5:7880", "10.0.0.5:7880"));
+        assert!(p.origin_allowed("https://app.example.com", "10.0.0.5:7880"));
+        assert!(!p.origin_allowed("http://evil.example", "10.0.0.5:7880"));
+        assert!(!p.origin_allowed("null", "10.0.0.5:7880"));
+        assert!(
+            !p.origin_allowed("http://localhost:5173", "10.0.0.5:7880"),
+            "loopback pages only for a loopback-bound node"
+        );
+        let local = HostPolicy::new(&[], "127.0.0.1".parse().unwrap(), None);
+        assert!(local.origin_allowed("http://localhost:5173", "127.0.0.1:7880"));
+        assert!(!local.origin_allowed("http://203.0.113.9", "127.0.0.1:7880"));
+    }
+}
