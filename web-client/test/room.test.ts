@@ -2,7 +2,7 @@
 // subscribe, screen share, reconnect with the resume token, slow probing after giving
 // up, and the events an application sees (including a session replaced by the same
 // identity). WebRTC and transports are fakes; nothing here needs a browser.
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import {
   ActiveSpeakerDetector,
   type ConnectionState,
@@ -14,6 +14,8 @@ import {
   type RtcEnvironment,
   type Transport,
   connectionQuality,
+  refreshDelayMs,
+  tokenExpiresInSecs,
 } from '../src/sdk';
 import { FakePeerConnection, FakeStream, FakeTrack, FakeTransport } from './fakes';
 
@@ -289,6 +291,40 @@ describe('Room (SDK public API)', () => {
     await tick(30);
     expect(probes).toBe(0);
     expect(node.joins).toHaveLength(1);
+  });
+
+  it('reads a token\'s expiry and refreshes a minute early, or at half its life when shorter', () => {
+    const now = 1_700_000_000_000;
+    const payload = btoa(JSON.stringify({ exp: now / 1000 + 600, sub: 'ann' })).replace(/=+$/, '').replace(/\+/g, '-').replace(/\//g, '_');
+    expect(tokenExpiresInSecs(`h.${payload}.s`, now)).toBe(600);
+    expect(tokenExpiresInSecs('not-a-jwt', now)).toBeUndefined();
+    expect(tokenExpiresInSecs('h.%%%.s', now)).toBeUndefined();
+    expect(refreshDelayMs(600)).toBe(540_000);
+    expect(refreshDelayMs(60)).toBe(30_000);
+    expect(refreshDelayMs(1)).toBe(5_000);
+  });
+
+  it('sends `refresh` with a fresh token before the token expires, and again after `refreshed`', async () => {
+    vi.useFakeTimers({ shouldAdvanceTime: true });
+    try {
+      const exp = Math.floor(Date.now() / 1000) + 120;
+      const token = `h.${btoa(JSON.stringify({ exp })).replace(/=+$/, '')}.s`;
+      let minted = 0;
+      const node = new FakeNode();
+      const { room } = makeRoom(node, { publish: false, token, refreshToken: async () => `tok-new-${++minted}` });
+      await room.connect();
+      const refreshes = () => node.last.sent.filter((m) => (m as Msg).type === 'refresh');
+      await vi.advanceTimersByTimeAsync(50_000);
+      expect(refreshes()).toHaveLength(0);
+      await vi.advanceTimersByTimeAsync(15_000);
+      expect(refreshes()).toEqual([{ type: 'refresh', token: 'tok-new-1' }]);
+      node.last.deliver({ type: 'refreshed', expires_in_secs: 20 });
+      await vi.advanceTimersByTimeAsync(11_000);
+      expect(refreshes()).toEqual([{ type: 'refresh', token: 'tok-new-1' }, { type: 'refresh', token: 'tok-new-2' }]);
+      expect(room.state).toBe('connected');
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it('a refused token ends in `disconnected` (fatal) without retries', async () => {

@@ -218,6 +218,7 @@ pub enum ServerMessage {
     /// The token sent in `refresh` was accepted.
     Refreshed {
         /// Seconds until the new token expires: refresh again before then.
+        #[cfg_attr(feature = "ts", ts(type = "number"))]
         expires_in_secs: u64,
     },
     /// The session ended (after `leave`, a kick, or server shutdown).

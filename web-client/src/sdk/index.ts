@@ -24,6 +24,8 @@ export {
   Room,
   browserRtc,
   describeLeftReason,
+  refreshDelayMs,
+  tokenExpiresInSecs,
   SIMULCAST_ENCODINGS,
   type RoomEvents,
   type RoomOptions,

@@ -177,6 +177,8 @@ export function decodeServerMessage(data: string | Uint8Array): ServerMessage {
       return { type: 'layer_changed', track_id: str(v, 'track_id'), layer: isLayer(v.layer) ? v.layer : null };
     case 'pong':
       return { type: 'pong', id: num(v, 'id') };
+    case 'refreshed':
+      return { type: 'refreshed', expires_in_secs: num(v, 'expires_in_secs') };
     case 'redirect':
       return { type: 'redirect', region: str(v, 'region'), url: str(v, 'url') };
     case 'migrate':
@@ -218,6 +220,8 @@ export function describeError(code: string, message: string): string {
       return `This page speaks protocol ${PROTOCOL_VERSION}; the node does not (${message}).`;
     case 'resume_failed':
       return `The session could not be resumed (${message}).`;
+    case 'throttled':
+      return `Too many changes too quickly; try again in a moment (${message}).`;
     case 'unavailable':
       return `The node cannot take the session now (it is draining or cannot reach its log); another node is tried (${message}).`;
     default:

@@ -93,7 +93,11 @@ export function browserRtc(): RtcEnvironment {
 export interface RoomOptions {
   /** Access token (JWT) naming room, identity and grants. */
   token: string;
-  /** Fetches a fresh token before a reconnect (e.g. dev mode); the current one otherwise. */
+  /**
+   * Fetches a fresh token: before a reconnect, and before the current token expires
+   * (sent as `refresh`, so the node keeps the session; without it the node ends the
+   * session when the token expires).
+   */
   refreshToken?: () => Promise<string>;
   /** Nodes to try in turn (default: the page's own origin). */
   nodes?: NodeTarget[];
@@ -131,12 +135,36 @@ export const SIMULCAST_ENCODINGS: RTCRtpEncodingParameters[] = [
 ];
 
 const PING_INTERVAL_MS = 5000;
+/** Refresh this long before the token expires (a short-lived token: at half its remaining life). */
+const REFRESH_LEAD_MS = 60_000;
+/** Fewest ms between two refreshes (a token that is about to expire is not retried in a loop). */
+const MIN_REFRESH_MS = 5_000;
+
+/** Seconds until the JWT `token` expires, from its `exp` claim (undefined when absent or unreadable). */
+export function tokenExpiresInSecs(token: string, nowMs: number = Date.now()): number | undefined {
+  const part = token.split('.')[1];
+  if (!part) return undefined;
+  try {
+    const json = atob(part.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(part.length / 4) * 4, '='));
+    const exp = (JSON.parse(json) as { exp?: unknown }).exp;
+    return typeof exp === 'number' ? exp - nowMs / 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** When to refresh a token that expires in `expiresInSecs`: ms from now. */
+export function refreshDelayMs(expiresInSecs: number): number {
+  const left = expiresInSecs * 1000;
+  return Math.max(MIN_REFRESH_MS, left - REFRESH_LEAD_MS, left / 2);
+}
 
 /** Human sentences for the reasons a node ends a session (`left.reason`). */
 export function describeLeftReason(reason: string): string {
   switch (reason) {
     case 'replaced':
       return 'You joined this room with the same identity from another page or device; this page left the room.';
+    case 'removed':
     case 'kicked':
       return 'You were removed from the room.';
     case 'shutdown':
@@ -216,6 +244,7 @@ export class Room {
   private screen: MediaStream | null = null;
   private probeTimer: ReturnType<typeof setTimeout> | null = null;
   private speakerTimer: ReturnType<typeof setInterval> | null = null;
+  private refreshTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly speaker = new ActiveSpeakerDetector();
 
   constructor(private readonly opts: RoomOptions) {
@@ -406,12 +435,41 @@ export class Room {
   private stopPing(): void {
     if (this.pingTimer) clearInterval(this.pingTimer);
     this.pingTimer = null;
+    this.stopRefresh();
+  }
+
+  /** Sends `refresh` with a fresh token before the current one expires in `expiresInSecs`. */
+  private scheduleRefresh(expiresInSecs: number | undefined): void {
+    this.stopRefresh();
+    const fetchToken = this.opts.refreshToken;
+    if (!fetchToken || expiresInSecs === undefined) return;
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      const sig = this.sig;
+      if (!sig) return;
+      fetchToken().then(
+        (token) => {
+          if (this.sig !== sig) return;
+          this.token = token;
+          sig.send({ type: 'refresh', token });
+        },
+        (e: unknown) => {
+          this.emitter.emit('notice', `could not refresh the access token: ${e instanceof Error ? e.message : String(e)}`);
+        },
+      );
+    }, refreshDelayMs(expiresInSecs));
+  }
+
+  private stopRefresh(): void {
+    if (this.refreshTimer) clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
   }
 
   private onJoined(joined: JoinedMessage, _target: NodeTarget, resumed: boolean): void {
     this.others = new Map(joined.participants.map((p) => [p.participant_id, p]));
     this.emitParticipants();
     this.startPing();
+    this.scheduleRefresh(tokenExpiresInSecs(this.token));
     const ok = (p: Promise<void>) =>
       p.catch((e: unknown) => {
         this.errors.push(String(e));
@@ -652,6 +710,9 @@ export class Room {
         break;
       case 'layer_changed':
         this.layers.set(m.track_id, m.layer);
+        break;
+      case 'refreshed':
+        this.scheduleRefresh(m.expires_in_secs);
         break;
       case 'migrate': {
         let target: NodeTarget | undefined;

@@ -69,4 +69,8 @@ muted: boolean, } | { "type": "ping",
 /**
  * Echoed back.
  */
-id: number, } | { "type": "leave" };
+id: number, } | { "type": "leave" } | { "type": "refresh", 
+/**
+ * The new access token (JWT).
+ */
+token: string, };

@@ -3,4 +3,4 @@
 /**
  * Stable error codes carried by `error` messages.
  */
-export type ErrorCode = "malformed_message" | "message_too_large" | "rate_limited" | "unsupported_version" | "not_joined" | "unauthorized" | "forbidden" | "resume_failed" | "invalid_sdp" | "not_found" | "capacity_exceeded" | "timeout" | "internal" | "unavailable";
+export type ErrorCode = "malformed_message" | "message_too_large" | "rate_limited" | "unsupported_version" | "not_joined" | "unauthorized" | "forbidden" | "resume_failed" | "invalid_sdp" | "not_found" | "capacity_exceeded" | "timeout" | "internal" | "unavailable" | "throttled";

@@ -114,7 +114,11 @@ code: ErrorCode,
 /**
  * Human-readable explanation.
  */
-message: string, } | { "type": "left", 
+message: string, } | { "type": "refreshed", 
+/**
+ * Seconds until the new token expires: refresh again before then.
+ */
+expires_in_secs: number, } | { "type": "left", 
 /**
  * Why.
  */
