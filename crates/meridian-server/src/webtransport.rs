@@ -340,7 +340,6 @@ async fn write_frames(mut send: SendStream, mut rx: mpsc::Receiver<String>) {
 /// an over-long length prefix (reported as [`Frame::TooLarge`], body never read). Fused:
 /// polling it after its end yields `None` again rather than panicking.
 fn read_frames(recv: RecvStream, max: usize) -> impl Stream<Item = Frame> + Send {
-    use futures_util::StreamExt as _;
     futures_util::stream::unfold(Some(recv), move |recv| async move {
         let mut recv = recv?;
         let mut prefix = [0u8; 4];
@@ -354,6 +353,5 @@ fn read_frames(recv: RecvStream, max: usize) -> impl Stream<Item = Frame> + Send
         recv.read_exact(&mut body).await.ok()?;
         Some((Frame::Data(body), Some(recv)))
     })
-    // Never poll the unfold again once it ended (it would panic): fused.
     .fuse()
 }
