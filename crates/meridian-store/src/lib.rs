@@ -305,7 +305,13 @@ struct Inner {
     lanes: Vec<mpsc::Sender<writer::Pending>>,
     head_rx: watch::Receiver<u64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Snapshot policy: a room's state is saved every this many events (0: never).
+    snapshot_every: std::sync::atomic::AtomicU64,
 }
+
+/// Default snapshot policy: a room's state is saved every this many events (and at
+/// each placement), so a takeover replays at most this many events after a snapshot.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 256;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -458,6 +464,7 @@ impl Store {
                 lanes: senders,
                 head_rx,
                 tasks,
+                snapshot_every: std::sync::atomic::AtomicU64::new(DEFAULT_SNAPSHOT_EVERY),
             }),
         })
     }
@@ -498,7 +505,46 @@ impl Store {
             .send(pending)
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let recorded = rx.await.map_err(|_| StoreError::Closed)??;
+        self.snapshot_policy(stream, &recorded);
+        Ok(recorded)
+    }
+
+    /// Set the snapshot policy: save a room's state every `every` events (and at each
+    /// `RoomPlaced`); 0 turns it off. Default [`DEFAULT_SNAPSHOT_EVERY`].
+    pub fn set_snapshot_every(&self, every: u64) {
+        self.inner
+            .snapshot_every
+            .store(every, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// After an append to a room: when its sequence crossed a multiple of the policy's
+    /// N, or it placed the room (placement, takeover, handover), save a snapshot in the
+    /// background, so replay after a takeover reads a snapshot and at most N events.
+    fn snapshot_policy(&self, stream: &str, recorded: &[RecordedEvent]) {
+        let every = self
+            .inner
+            .snapshot_every
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (Some(first), Some(last)) = (recorded.first(), recorded.last()) else {
+            return;
+        };
+        if every == 0 || !stream.starts_with("room:") {
+            return;
+        }
+        let crossed = (first.sequence - 1) / every < last.sequence / every;
+        let placed = recorded
+            .iter()
+            .any(|e| matches!(e.event, Event::RoomPlaced { .. }));
+        if crossed || placed {
+            let store = self.clone();
+            let stream = stream.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = store.snapshot_room(&stream).await {
+                    tracing::debug!(%stream, error = %e, "snapshot failed; replay stays longer");
+                }
+            });
+        }
     }
 
     /// Read up to `limit` events of `stream` with sequence ≥ `from_sequence`, in order.
