@@ -189,8 +189,9 @@ async fn postgres_log_with_global_chain_migrates() {
         .expect("old rows");
         c.close().await.expect("close");
     }
-    let result = async {
-        let store = Store::connect_with_schema(&url, &schema)
+    let (u, sc) = (url.clone(), schema.clone());
+    let result = async move {
+        let store = Store::connect_with_schema(&u, &sc)
             .await
             .expect("migrate");
         check_migrated(&store).await;
