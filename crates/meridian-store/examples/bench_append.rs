@@ -5,6 +5,7 @@
 //! CARGO_TARGET_DIR=/tmp/target-log cargo run --release -p meridian-store \
 //!     --example bench_append -- [--backend postgres|sqlite|both] [--seconds 5] [--lanes 4]
 //! ```
+//! `--snapshot-every N`: the store's snapshot policy (default 256; 0 = off).
 //! `--lanes`: Postgres writer lanes (appends sharded by stream over that many
 //! group-commit writers). The run also times `verify_chain` and one signed checkpoint.
 //! Postgres: `MERIDIAN_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
@@ -275,6 +276,7 @@ async fn main() {
     let lanes: usize = arg("--lanes")
         .and_then(|s| s.parse().ok())
         .unwrap_or(meridian_store::DEFAULT_WRITER_LANES);
+    let snapshot_every: Option<u64> = arg("--snapshot-every").and_then(|s| s.parse().ok());
     let url = std::env::var("MERIDIAN_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
 
@@ -291,6 +293,9 @@ async fn main() {
         .await
         .expect("Postgres reachable");
         println!("postgres writer lanes: {lanes}");
+        if let Some(n) = snapshot_every {
+            store.set_snapshot_every(n);
+        }
         bench(&store, "postgres", secs).await;
         store.close().await;
         let mut c = sqlx::PgConnection::connect(&url).await.expect("admin");
@@ -302,6 +307,9 @@ async fn main() {
     if backend == "sqlite" || backend == "both" {
         let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
         let store = Store::open_embedded(&dir).await.expect("sqlite");
+        if let Some(n) = snapshot_every {
+            store.set_snapshot_every(n);
+        }
         bench(&store, "sqlite", secs).await;
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);

@@ -122,25 +122,37 @@ impl Lite {
         let first = to_u64(last, last, "position")? + 1;
         let positions: Vec<u64> = (first..first + n as u64).collect();
         let plan = plan(&heads, batch, now, &positions);
-        for r in &plan.rows {
-            let inserted = sqlx::query(
+        // Multi-row statements (SQLite binds at most 32,766 parameters per statement):
+        // one statement per 1,000 rows and one for all heads, instead of one per row.
+        for chunk in plan.rows.chunks(1000) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO events (position, stream, sequence, recorded_at, actor, \
-                 schema_version, event_type, payload, prev_hash, hash) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .bind(to_i64(r.position)?)
-            .bind(&r.stream)
-            .bind(to_i64(r.sequence)?)
-            .bind(sqlite_time(r.recorded_at))
-            .bind(&r.actor)
-            .bind(i64::from(r.schema_version))
-            .bind(&r.event_type)
-            .bind(&r.payload)
-            .bind(&r.prev_hash)
-            .bind(&r.hash)
-            .execute(&mut *tx)
-            .await;
-            if let Err(e) = inserted {
+                 schema_version, event_type, payload, prev_hash, hash) ",
+            );
+            let mut bad = None;
+            q.push_values(chunk, |mut b, r| {
+                let (pos, seq) = match (to_i64(r.position), to_i64(r.sequence)) {
+                    (Ok(p), Ok(q)) => (p, q),
+                    (Err(e), _) | (_, Err(e)) => {
+                        bad = Some(e);
+                        (0, 0)
+                    }
+                };
+                b.push_bind(pos)
+                    .push_bind(&r.stream)
+                    .push_bind(seq)
+                    .push_bind(sqlite_time(r.recorded_at))
+                    .push_bind(&r.actor)
+                    .push_bind(i64::from(r.schema_version))
+                    .push_bind(&r.event_type)
+                    .push_bind(&r.payload)
+                    .push_bind(&r.prev_hash)
+                    .push_bind(&r.hash);
+            });
+            if let Some(e) = bad {
+                return Err(e.into());
+            }
+            if let Err(e) = q.build().execute(&mut *tx).await {
                 // Under the write lock a duplicate means a stale cached head.
                 if is_unique_violation(&e) {
                     return Err(CommitError::StaleCache);
@@ -148,19 +160,29 @@ impl Lite {
                 return Err(e.into());
             }
         }
-        for ((stream, (sequence, hash)), position) in plan.heads.iter().zip(&plan.head_positions)
-        {
-            sqlx::query(
-                "INSERT INTO stream_heads (stream, sequence, position, hash) \
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (stream) DO UPDATE SET \
-                 sequence = excluded.sequence, position = excluded.position, hash = excluded.hash",
-            )
-            .bind(stream)
-            .bind(to_i64(*sequence)?)
-            .bind(to_i64(*position)?)
-            .bind(hash)
-            .execute(&mut *tx)
-            .await?;
+        let heads: Vec<(&String, i64, i64, &String)> = plan
+            .heads
+            .iter()
+            .zip(&plan.head_positions)
+            .map(|((stream, (sequence, hash)), position)| {
+                Ok((stream, to_i64(*sequence)?, to_i64(*position)?, hash))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        for chunk in heads.chunks(1000) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO stream_heads (stream, sequence, position, hash) ",
+            );
+            q.push_values(chunk, |mut b, (stream, sequence, position, hash)| {
+                b.push_bind(*stream)
+                    .push_bind(*sequence)
+                    .push_bind(*position)
+                    .push_bind(*hash);
+            });
+            q.push(
+                " ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence, \
+                 position = excluded.position, hash = excluded.hash",
+            );
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit()
             .await
