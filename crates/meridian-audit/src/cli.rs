@@ -274,9 +274,7 @@ pub async fn run<W: Write + Send>(
                 Some(path) => {
                     let mut text = String::new();
                     for c in &cps {
-                        text.push_str(
-                            &serde_json::to_string(c).map_err(std::io::Error::other)?,
-                        );
+                        text.push_str(&serde_json::to_string(c).map_err(std::io::Error::other)?);
                         text.push('\n');
                     }
                     std::fs::write(path, text)?;
@@ -288,7 +286,11 @@ pub async fn run<W: Write + Send>(
                     )?;
                 }
                 None => {
-                    writeln!(out, "{:>8}  {:<27}  {:>8}  public key", "number", "created", "streams")?;
+                    writeln!(
+                        out,
+                        "{:>8}  {:<27}  {:>8}  public key",
+                        "number", "created", "streams"
+                    )?;
                     for c in &cps {
                         let parsed: Option<meridian_store::Checkpoint> =
                             serde_json::from_str(&c.body).ok();
@@ -296,7 +298,10 @@ pub async fn run<W: Write + Send>(
                             out,
                             "{:>8}  {:<27}  {:>8}  {}",
                             c.number,
-                            parsed.as_ref().map(|p| time(p.created_at)).unwrap_or_default(),
+                            parsed
+                                .as_ref()
+                                .map(|p| time(p.created_at))
+                                .unwrap_or_default(),
                             parsed.map_or(0, |p| p.heads.len()),
                             c.public_key
                         )?;

@@ -98,7 +98,10 @@ async fn csv_export_neutralises_formulas(h: &Harness) {
             "room:x",
             ExpectedVersion::NoStream,
             vec![
-                meridian_store::NewEvent::new("=HYPERLINK(\"http://evil\")", meridian_events::Event::RoomOpened),
+                meridian_store::NewEvent::new(
+                    "=HYPERLINK(\"http://evil\")",
+                    meridian_events::Event::RoomOpened,
+                ),
                 meridian_store::NewEvent::new("+1", meridian_events::Event::RoomClosed),
                 meridian_store::NewEvent::new("-1", meridian_events::Event::RoomOpened),
                 meridian_store::NewEvent::new("@SUM(A1)", meridian_events::Event::RoomClosed),
@@ -121,7 +124,12 @@ async fn csv_export_neutralises_formulas(h: &Harness) {
         .collect();
     assert_eq!(
         actors,
-        vec!["\"'=HYPERLINK(\"\"http://evil\"\")\"", "'+1", "'-1", "'@SUM(A1)"]
+        vec![
+            "\"'=HYPERLINK(\"\"http://evil\"\")\"",
+            "'+1",
+            "'-1",
+            "'@SUM(A1)"
+        ]
     );
 }
 
@@ -249,10 +257,14 @@ async fn cli_queries(h: &Harness) {
         lines[1]
     );
 
-    let (o, v) = out(h, AuditCommand::Verify {
-        public_key: vec![],
-        checkpoints: None,
-    }).await;
+    let (o, v) = out(
+        h,
+        AuditCommand::Verify {
+            public_key: vec![],
+            checkpoints: None,
+        },
+    )
+    .await;
     assert_eq!((o, o.exit_code()), (AuditOutcome::Ok, 0));
     assert!(v.starts_with("chain OK: 5 events"), "{v}");
 }
@@ -261,10 +273,14 @@ async fn cli_verify_names_the_tampered_position(h: &Harness) {
     seed(h).await;
     h.tamper("UPDATE events SET actor = 'mallory' WHERE position = 2")
         .await;
-    let (o, v) = out(h, AuditCommand::Verify {
-        public_key: vec![],
-        checkpoints: None,
-    }).await;
+    let (o, v) = out(
+        h,
+        AuditCommand::Verify {
+            public_key: vec![],
+            checkpoints: None,
+        },
+    )
+    .await;
     assert_eq!(o, AuditOutcome::ChainBroken { position: 2 });
     assert_ne!(o.exit_code(), 0);
     assert!(v.contains("BROKEN at position 2"), "{v}");

@@ -233,11 +233,7 @@ impl Cluster {
             return;
         }
         for dead in expired {
-            match self
-                .store
-                .expire_lease(&dead.node, &dead.incarnation)
-                .await
-            {
+            match self.store.expire_lease(&dead.node, &dead.incarnation).await {
                 Ok(true) => {
                     warn!(node = %dead.node, "lease expired; taking its rooms over");
                     let event = Event::NodeLeaseExpired {

@@ -177,11 +177,7 @@ impl Store {
         Ok(Some(signed))
     }
 
-    async fn stream_page(
-        &self,
-        stream: &str,
-        sequence: u64,
-    ) -> Result<Vec<RawRow>, StoreError> {
+    async fn stream_page(&self, stream: &str, sequence: u64) -> Result<Vec<RawRow>, StoreError> {
         match &self.inner.backend {
             Backend::Postgres(p) => p.read_by_stream(stream, sequence, MAX_QUERY_LIMIT).await,
             Backend::Sqlite(s) => s.read_by_stream(stream, sequence, MAX_QUERY_LIMIT).await,
@@ -239,7 +235,10 @@ impl Store {
                     None,
                     None,
                     BreakKind::CheckpointMismatch,
-                    format!("checkpoint {} does not link to checkpoint {}", sc.number, p.number),
+                    format!(
+                        "checkpoint {} does not link to checkpoint {}",
+                        sc.number, p.number
+                    ),
                 ));
                 return Ok(report);
             }
@@ -483,11 +482,17 @@ impl StreamWalk<'_> {
                 return at(BreakKind::HashMismatch, "");
             }
             if r.position <= c.prev_position {
-                return at(BreakKind::PrevHashMismatch, "positions out of order in the stream");
+                return at(
+                    BreakKind::PrevHashMismatch,
+                    "positions out of order in the stream",
+                );
             }
         }
         if r.sequence == head.sequence && (r.hash != head.hash || r.position != head.position) {
-            return at(BreakKind::HeadMismatch, "stream_heads disagrees with this row");
+            return at(
+                BreakKind::HeadMismatch,
+                "stream_heads disagrees with this row",
+            );
         }
         if let Some(list) = self.claims.get_mut(&r.stream) {
             let mut bad = None;

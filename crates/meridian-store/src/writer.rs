@@ -271,7 +271,9 @@ pub(crate) fn plan(
     let mut out_heads = Vec::with_capacity(touched.len());
     let mut head_positions = Vec::with_capacity(touched.len());
     for s in touched {
-        let h = heads.remove(&s).unwrap_or_else(|| (0, GENESIS_HASH.to_owned()));
+        let h = heads
+            .remove(&s)
+            .unwrap_or_else(|| (0, GENESIS_HASH.to_owned()));
         let pos = rows
             .iter()
             .rev()

@@ -130,10 +130,7 @@ async fn rechained_history_is_caught_by_signed_checkpoint(h: &Harness) {
         .verify_log(&exported, &[key(2).verifying_key()])
         .await
         .expect("verify");
-    assert_eq!(
-        r.first_break.map(|b| b.kind),
-        Some(BreakKind::BadSignature)
-    );
+    assert_eq!(r.first_break.map(|b| b.kind), Some(BreakKind::BadSignature));
 }
 
 async fn checkpoints_skip_unchanged_heads_and_link(h: &Harness) {
@@ -257,7 +254,8 @@ async fn verify_while_appending_reports_no_tampering(h: &Harness) {
 
 async fn deleted_stream_head_is_detected(h: &Harness) {
     seed_two_rooms(h).await;
-    h.exec("DELETE FROM stream_heads WHERE stream = 'room:u'").await;
+    h.exec("DELETE FROM stream_heads WHERE stream = 'room:u'")
+        .await;
     let b = h
         .store
         .verify_chain()
@@ -298,11 +296,23 @@ async fn lease_times_come_from_the_database_clock(h: &Harness) {
         .acquire_lease("n2", "local", "ws://n2/signal", Duration::from_millis(200))
         .await
         .expect("acquire");
-    assert!(s.renew_lease("n2", &b.incarnation, Duration::from_millis(200), false).await.expect("renew"));
+    assert!(
+        s.renew_lease("n2", &b.incarnation, Duration::from_millis(200), false)
+            .await
+            .expect("renew")
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(s.expire_lease("n2", &b.incarnation).await.expect("expire"));
-    assert!(!s.expire_lease("n2", &b.incarnation).await.expect("only once"));
-    assert!(!s.renew_lease("n2", &b.incarnation, Duration::from_secs(1), false).await.expect("renew"));
+    assert!(
+        !s.expire_lease("n2", &b.incarnation)
+            .await
+            .expect("only once")
+    );
+    assert!(
+        !s.renew_lease("n2", &b.incarnation, Duration::from_secs(1), false)
+            .await
+            .expect("renew")
+    );
 }
 
 async fn snapshot_every_n_events_bounds_replay(h: &Harness) {
@@ -337,7 +347,11 @@ async fn snapshot_every_n_events_bounds_replay(h: &Harness) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let snap = snap.expect("a snapshot was saved");
-    assert!((32..=41).contains(&snap.sequence), "every 16 events: {}", snap.sequence);
+    assert!(
+        (32..=41).contains(&snap.sequence),
+        "every 16 events: {}",
+        snap.sequence
+    );
     let loaded = s.load_room("room:s").await.expect("load");
     let replayed = s.replay_room("room:s").await.expect("replay");
     assert_eq!(loaded, replayed, "snapshot + tail = full replay");

@@ -30,7 +30,13 @@ fn old_rows() -> Vec<(u64, String, u64, DateTime<Utc>, String, String, String)> 
     let t = DateTime::parse_from_rfc3339("2026-01-01T12:00:00.000001Z")
         .expect("time")
         .with_timezone(&Utc);
-    let order = [("room:a", 1), ("room:b", 1), ("room:a", 2), ("room:a", 3), ("room:b", 2)];
+    let order = [
+        ("room:a", 1),
+        ("room:b", 1),
+        ("room:a", 2),
+        ("room:a", 3),
+        ("room:b", 2),
+    ];
     let mut prev = GENESIS_HASH.to_owned();
     let mut out = Vec::new();
     for (i, (stream, seq)) in order.iter().enumerate() {
@@ -49,7 +55,15 @@ fn old_rows() -> Vec<(u64, String, u64, DateTime<Utc>, String, String, String)> 
                 payload: &payload,
             },
         );
-        out.push((position, stream.to_string(), *seq, t, payload, prev.clone(), hash.clone()));
+        out.push((
+            position,
+            stream.to_string(),
+            *seq,
+            t,
+            payload,
+            prev.clone(),
+            hash.clone(),
+        ));
         prev = hash;
     }
     out
@@ -191,9 +205,7 @@ async fn postgres_log_with_global_chain_migrates() {
     }
     let (u, sc) = (url.clone(), schema.clone());
     let result = async move {
-        let store = Store::connect_with_schema(&u, &sc)
-            .await
-            .expect("migrate");
+        let store = Store::connect_with_schema(&u, &sc).await.expect("migrate");
         check_migrated(&store).await;
         // The next position continues after the old ones.
         let r = store

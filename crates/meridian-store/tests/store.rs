@@ -62,8 +62,14 @@ async fn append_assigns_sequences_positions_and_chain(h: &Harness) {
     assert_eq!((a2[0].sequence, a2[0].position), (3, 4));
     assert_eq!(a[0].prev_hash, GENESIS_HASH);
     assert_eq!(a[1].prev_hash, a[0].hash);
-    assert_eq!(b[0].prev_hash, GENESIS_HASH, "each stream has its own chain");
-    assert_eq!(a2[0].prev_hash, a[1].hash, "chained to the stream's previous row");
+    assert_eq!(
+        b[0].prev_hash, GENESIS_HASH,
+        "each stream has its own chain"
+    );
+    assert_eq!(
+        a2[0].prev_hash, a[1].hash,
+        "chained to the stream's previous row"
+    );
 
     let stream = s.read_stream("room:a", 1, 100).await.expect("read");
     let mut expected = a.clone();
@@ -403,8 +409,10 @@ async fn seed(h: &Harness, n: usize) {
 
 async fn tamper_edit_is_detected(h: &Harness) {
     seed(h, 6).await;
-    h.tamper("UPDATE events SET payload = replace(payload, 'alice2', 'mallory') WHERE position = 3")
-        .await;
+    h.tamper(
+        "UPDATE events SET payload = replace(payload, 'alice2', 'mallory') WHERE position = 3",
+    )
+    .await;
     let r = h.store.verify_chain().await.expect("verify");
     let b = r.first_break.expect("break found");
     assert_eq!((b.position, b.kind), (3, BreakKind::HashMismatch));
