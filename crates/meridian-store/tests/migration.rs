@@ -26,7 +26,10 @@ fn old_migrations(dialect: &str) -> tempfile::TempDir {
 }
 
 /// Old-style rows: (stream, sequence) in position order, globally chained.
-fn old_rows() -> Vec<(u64, String, u64, DateTime<Utc>, String, String, String)> {
+/// An old row: position, stream, sequence, time, payload, prev_hash, hash.
+type OldRow = (u64, String, u64, DateTime<Utc>, String, String, String);
+
+fn old_rows() -> Vec<OldRow> {
     let t = DateTime::parse_from_rfc3339("2026-01-01T12:00:00.000001Z")
         .expect("time")
         .with_timezone(&Utc);
