@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 use meridian_events::{RecordedEvent, room_stream};
-use meridian_store::{AuditQuery, MAX_QUERY_LIMIT, Store, StoreError};
+use meridian_store::{
+    AuditQuery, MAX_QUERY_LIMIT, SignedCheckpoint, Store, StoreError, parse_public_key,
+    read_checkpoints,
+};
 
 use crate::AuditError;
 
@@ -80,8 +83,27 @@ pub enum AuditCommand {
         #[arg(long)]
         room: Option<String>,
     },
-    /// Walk the hash chain; exits non-zero and names the first bad position.
-    Verify,
+    /// Verify every stream's hash chain, the stream heads and signed checkpoints;
+    /// exits 2 and names the first bad row. Without `--public-key` only the chains and
+    /// heads are checked (a history rewritten together with its heads needs a
+    /// checkpoint to be caught).
+    Verify {
+        /// Ed25519 public key(s) of the checkpoint signers: 64 hex digits or a file
+        /// holding them (`<data-dir>/keys/log-checkpoint.ed25519.pub`). Repeatable.
+        #[arg(long = "public-key")]
+        public_key: Vec<String>,
+        /// Exported checkpoints (`checkpoints --export`) to check the log against;
+        /// without it the checkpoints stored in the log are used (needs a key).
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// List the signed checkpoints stored in the log, or export them (JSON lines) to
+    /// keep outside the database.
+    Checkpoints {
+        /// Write every checkpoint to this file (one JSON object per line).
+        #[arg(long)]
+        export: Option<PathBuf>,
+    },
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -181,8 +203,25 @@ pub async fn run<W: Write + Send>(
                 }
             }
         }
-        AuditCommand::Verify => {
-            let report = match store.verify_chain().await {
+        AuditCommand::Verify {
+            public_key,
+            checkpoints,
+        } => {
+            let keys = public_key
+                .iter()
+                .map(|k| parse_public_key(k))
+                .collect::<Result<Vec<_>, _>>()?;
+            let cps: Vec<SignedCheckpoint> = match (checkpoints, keys.is_empty()) {
+                (Some(_), true) => {
+                    return Err(AuditError::InvalidInput(
+                        "--checkpoints needs --public-key to check their signatures".into(),
+                    ));
+                }
+                (Some(path), false) => read_checkpoints(path)?,
+                (None, false) => store.checkpoints().await?,
+                (None, true) => Vec::new(),
+            };
+            let report = match store.verify_log(&cps, &keys).await {
                 Ok(r) => r,
                 Err(StoreError::Corrupt { position, reason }) => {
                     writeln!(out, "chain BROKEN at position {position}: {reason}")?;
@@ -191,20 +230,82 @@ pub async fn run<W: Write + Send>(
                 Err(e) => return Err(e.into()),
             };
             match report.first_break {
-                None => writeln!(
-                    out,
-                    "chain OK: {} events, head position {}, head hash {}",
-                    report.checked, report.head.position, report.head.hash
-                )?,
-                Some(b) => {
+                None => {
                     writeln!(
                         out,
-                        "chain BROKEN at position {}: {} ({} events verified before it)",
+                        "chain OK: {} events in {} streams, {} signed checkpoints verified, \
+                         head position {}",
+                        report.checked, report.streams, report.checkpoints, report.head.position
+                    )?;
+                    if keys.is_empty() {
+                        writeln!(
+                            out,
+                            "note: no --public-key given; signed checkpoints were not checked"
+                        )?;
+                    } else if cps.is_empty() {
+                        writeln!(out, "note: no signed checkpoint to check against")?;
+                    }
+                }
+                Some(b) => {
+                    let at = match (&b.stream, b.sequence) {
+                        (Some(s), Some(q)) => format!(" ({s}#{q})"),
+                        (Some(s), None) => format!(" ({s})"),
+                        _ => String::new(),
+                    };
+                    let detail = if b.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", b.detail)
+                    };
+                    writeln!(
+                        out,
+                        "chain BROKEN at position {}{at}: {}{detail} ({} events verified before it)",
                         b.position, b.kind, report.checked
                     )?;
                     return Ok(AuditOutcome::ChainBroken {
                         position: b.position,
                     });
+                }
+            }
+        }
+        AuditCommand::Checkpoints { export } => {
+            let cps = store.checkpoints().await?;
+            match export {
+                Some(path) => {
+                    let mut text = String::new();
+                    for c in &cps {
+                        text.push_str(&serde_json::to_string(c).map_err(std::io::Error::other)?);
+                        text.push('\n');
+                    }
+                    std::fs::write(path, text)?;
+                    writeln!(
+                        out,
+                        "exported {} checkpoints to {}",
+                        cps.len(),
+                        path.display()
+                    )?;
+                }
+                None => {
+                    writeln!(
+                        out,
+                        "{:>8}  {:<27}  {:>8}  public key",
+                        "number", "created", "streams"
+                    )?;
+                    for c in &cps {
+                        let parsed: Option<meridian_store::Checkpoint> =
+                            serde_json::from_str(&c.body).ok();
+                        writeln!(
+                            out,
+                            "{:>8}  {:<27}  {:>8}  {}",
+                            c.number,
+                            parsed
+                                .as_ref()
+                                .map(|p| time(p.created_at))
+                                .unwrap_or_default(),
+                            parsed.map_or(0, |p| p.heads.len()),
+                            c.public_key
+                        )?;
+                    }
                 }
             }
         }
@@ -273,10 +374,33 @@ pub(crate) fn write_csv_row(out: &mut impl Write, e: &RecordedEvent) -> std::io:
     writeln!(out, "{}", row.join(","))
 }
 
-fn csv_field(s: &str) -> String {
+/// One CSV cell: a cell a spreadsheet would run as a formula (starting with `=`, `+`,
+/// `-`, `@`, tab or carriage return) gets a leading `'`, then quoting as RFC 4180.
+pub(crate) fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{s}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s.into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_cells_that_look_like_formulas_are_neutralised() {
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("+1"), "'+1");
+        assert_eq!(csv_field("-2+3"), "'-2+3");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("\tx"), "'\tx");
+        assert_eq!(csv_field("alice"), "alice");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
     }
 }

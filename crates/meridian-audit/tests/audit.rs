@@ -20,8 +20,118 @@ use tower::ServiceExt;
 both_stores!(
     cli_queries,
     cli_verify_names_the_tampered_position,
+    cli_checkpoints_export_and_verify,
+    csv_export_neutralises_formulas,
     http_api
 );
+
+/// `checkpoints --export` then `verify --public-key … --checkpoints …`: a history
+/// rewritten together with its heads passes the chains but not the exported checkpoint.
+async fn cli_checkpoints_export_and_verify(h: &Harness) {
+    seed(h).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let key = meridian_store::load_or_create_signing_key(dir.path()).expect("key");
+    h.store.checkpoint(&key).await.expect("checkpoint");
+    let file = dir.path().join("checkpoints.jsonl");
+    let (o, v) = out(
+        h,
+        AuditCommand::Checkpoints {
+            export: Some(file.clone()),
+        },
+    )
+    .await;
+    assert_eq!(o, AuditOutcome::Ok);
+    assert!(v.contains("exported 1 checkpoints"), "{v}");
+    let pub_file = dir
+        .path()
+        .join("keys")
+        .join(format!("{}.pub", meridian_store::KEY_FILE));
+    let verify = || AuditCommand::Verify {
+        public_key: vec![pub_file.display().to_string()],
+        checkpoints: Some(file.clone()),
+    };
+    let (o, v) = out(h, verify()).await;
+    assert_eq!(o, AuditOutcome::Ok, "{v}");
+    assert!(v.contains("1 signed checkpoints verified"), "{v}");
+
+    // Cut room:lobby's last event and move its head back: chains still agree.
+    h.tamper(
+        "DELETE FROM events WHERE stream = 'room:lobby' AND sequence = 4; \
+         DELETE FROM stream_heads WHERE stream = 'room:lobby'; \
+         INSERT INTO stream_heads (stream, sequence, position, hash) \
+         SELECT stream, sequence, position, hash FROM events \
+         WHERE stream = 'room:lobby' AND sequence = 3",
+    )
+    .await;
+    let (o, _) = out(
+        h,
+        AuditCommand::Verify {
+            public_key: vec![],
+            checkpoints: None,
+        },
+    )
+    .await;
+    assert_eq!(o, AuditOutcome::Ok, "chains alone cannot see it");
+    let (o, v) = out(h, verify()).await;
+    assert_ne!(o.exit_code(), 0, "{v}");
+    assert!(v.contains("signed checkpoint"), "{v}");
+    assert!(v.contains("room:lobby#4"), "{v}");
+    // A wrong key is refused outright.
+    let other = tempfile::tempdir().expect("dir");
+    let other_key = meridian_store::load_or_create_signing_key(other.path()).expect("key");
+    let (o, v) = out(
+        h,
+        AuditCommand::Verify {
+            public_key: vec![meridian_store::public_key_hex(&other_key)],
+            checkpoints: Some(file.clone()),
+        },
+    )
+    .await;
+    assert_ne!(o.exit_code(), 0);
+    assert!(v.contains("signature"), "{v}");
+}
+
+/// Issue 17 item 10: cells a spreadsheet would evaluate are exported inert.
+async fn csv_export_neutralises_formulas(h: &Harness) {
+    h.store
+        .append(
+            "room:x",
+            ExpectedVersion::NoStream,
+            vec![
+                meridian_store::NewEvent::new(
+                    "=HYPERLINK(\"http://evil\")",
+                    meridian_events::Event::RoomOpened,
+                ),
+                meridian_store::NewEvent::new("+1", meridian_events::Event::RoomClosed),
+                meridian_store::NewEvent::new("-1", meridian_events::Event::RoomOpened),
+                meridian_store::NewEvent::new("@SUM(A1)", meridian_events::Event::RoomClosed),
+            ],
+        )
+        .await
+        .expect("append");
+    let (_, csv) = out(
+        h,
+        AuditCommand::Export {
+            format: ExportFormat::Csv,
+            room: None,
+        },
+    )
+    .await;
+    let actors: Vec<String> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(4).expect("actor column").to_owned())
+        .collect();
+    assert_eq!(
+        actors,
+        vec![
+            "\"'=HYPERLINK(\"\"http://evil\"\")\"",
+            "'+1",
+            "'-1",
+            "'@SUM(A1)"
+        ]
+    );
+}
 
 async fn seed(h: &Harness) {
     let s = &h.store;
@@ -147,16 +257,30 @@ async fn cli_queries(h: &Harness) {
         lines[1]
     );
 
-    let (o, v) = out(h, AuditCommand::Verify).await;
+    let (o, v) = out(
+        h,
+        AuditCommand::Verify {
+            public_key: vec![],
+            checkpoints: None,
+        },
+    )
+    .await;
     assert_eq!((o, o.exit_code()), (AuditOutcome::Ok, 0));
     assert!(v.starts_with("chain OK: 5 events"), "{v}");
 }
 
 async fn cli_verify_names_the_tampered_position(h: &Harness) {
     seed(h).await;
-    h.exec("UPDATE events SET actor = 'mallory' WHERE position = 2")
+    h.tamper("UPDATE events SET actor = 'mallory' WHERE position = 2")
         .await;
-    let (o, v) = out(h, AuditCommand::Verify).await;
+    let (o, v) = out(
+        h,
+        AuditCommand::Verify {
+            public_key: vec![],
+            checkpoints: None,
+        },
+    )
+    .await;
     assert_eq!(o, AuditOutcome::ChainBroken { position: 2 });
     assert_ne!(o.exit_code(), 0);
     assert!(v.contains("BROKEN at position 2"), "{v}");
@@ -292,9 +416,11 @@ async fn http_api(h: &Harness) {
     let (status, body, _) = get(&app, "/audit/verify", Some("s3cret")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(&body)["ok"], true);
-    h.exec("DELETE FROM events WHERE position = 3").await;
+    h.tamper("DELETE FROM events WHERE position = 3").await;
     let (_, body, _) = get(&app, "/audit/verify", Some("s3cret")).await;
     let v = json(&body);
     assert_eq!(v["ok"], false);
-    assert_eq!(v["first_break"]["position"], 3);
+    assert_eq!(v["first_break"]["stream"], "room:lobby");
+    assert_eq!(v["first_break"]["sequence"], 3);
+    assert_eq!(v["first_break"]["kind"], "Missing");
 }

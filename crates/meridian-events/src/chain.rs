@@ -1,7 +1,9 @@
-//! The hash chain over the region log.
+//! The hash chains over the region log: one per stream.
 //!
-//! `hash = hex(sha256(prev_hash || canonical_bytes))` where `prev_hash` is the previous
-//! record's hash as its 64 hex characters (the first record uses [`GENESIS_HASH`]) and
+//! `hash = hex(sha256(prev_hash || canonical_bytes))` where `prev_hash` is the hash of
+//! the previous record *of the same stream* as its 64 hex characters (a stream's first
+//! record uses [`GENESIS_HASH`]; records written before per-stream chains chain to the
+//! previous record in region position order instead) and
 //! `canonical_bytes` encodes, in this order, each field length-prefixed (`u32`
 //! big-endian byte length, then the bytes) for strings, big-endian for integers:
 //!
@@ -16,8 +18,8 @@
 //! | event_type | string |
 //! | payload | string: the event JSON exactly as stored |
 //!
-//! Anyone holding the rows can recompute the chain with these few lines; the store's
-//! `verify_chain` does exactly that.
+//! Anyone holding the rows can recompute the chains with these few lines; the store's
+//! `verify_log` does exactly that, and checks signed checkpoints of the stream heads.
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};

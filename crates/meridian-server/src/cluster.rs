@@ -136,11 +136,13 @@ impl Cluster {
     }
 
     async fn acquire(&self) -> Result<(), StoreError> {
-        let expires_at = Utc::now() + self.ttl;
-        let incarnation = self
+        // Lease times come from the database's clock (clock skew between nodes cannot
+        // expire a live node).
+        let lease = self
             .store
-            .acquire_lease(&self.node, &self.region, &self.url, expires_at)
+            .acquire_lease(&self.node, &self.region, &self.url, self.ttl)
             .await?;
+        let (incarnation, expires_at) = (lease.incarnation, lease.expires_at);
         self.store
             .append(
                 &node_stream(&self.node),
@@ -187,7 +189,7 @@ impl Cluster {
         };
         match self
             .store
-            .renew_lease(&self.node, &incarnation, now + self.ttl, draining)
+            .renew_lease(&self.node, &incarnation, self.ttl, draining)
             .await
         {
             Ok(true) => {
@@ -231,11 +233,7 @@ impl Cluster {
             return;
         }
         for dead in expired {
-            match self
-                .store
-                .expire_lease(&dead.node, &dead.incarnation, now)
-                .await
-            {
+            match self.store.expire_lease(&dead.node, &dead.incarnation).await {
                 Ok(true) => {
                     warn!(node = %dead.node, "lease expired; taking its rooms over");
                     let event = Event::NodeLeaseExpired {
@@ -356,7 +354,7 @@ impl Cluster {
                         // send the client there. A resuming client that finds its room
                         // on a node gone quiet waits (without holding up other joins)
                         // for that node to be declared dead.
-                        let quiet = lease.expires_at - Utc::now()
+                        let quiet = lease.remaining(Utc::now())
                             < chrono::TimeDelta::from_std(self.ttl.saturating_sub(3 * self.period))
                                 .unwrap_or_default();
                         if !resuming || waited || !quiet {

@@ -107,6 +107,12 @@ pub struct ClusterConfig {
     /// Seconds a draining node (SIGTERM) waits for its participants to move before it
     /// exits anyway.
     pub drain_timeout_secs: u64,
+    /// Seconds between signed checkpoints of the log's stream heads (key:
+    /// `<data_dir>/keys/log-checkpoint.ed25519`); 0 turns them off.
+    pub checkpoint_interval_secs: u64,
+    /// A room's state is snapshotted every this many events (and at each placement),
+    /// bounding replay at takeover; 0 turns snapshots off.
+    pub snapshot_every: u64,
 }
 
 impl Default for ClusterConfig {
@@ -116,6 +122,8 @@ impl Default for ClusterConfig {
             lease_period_ms: 100,
             lease_ttl_ms: 500,
             drain_timeout_secs: 30,
+            checkpoint_interval_secs: 60,
+            snapshot_every: meridian_store::DEFAULT_SNAPSHOT_EVERY,
         }
     }
 }

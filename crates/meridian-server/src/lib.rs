@@ -124,6 +124,35 @@ pub struct Node {
     cluster: Arc<cluster::Cluster>,
     cluster_task: JoinHandle<()>,
     drain_timeout: std::time::Duration,
+    checkpointer: Option<JoinHandle<()>>,
+}
+
+/// Starts the log's signed checkpoints (`[cluster] checkpoint_interval_secs`) with the
+/// key in `<data_dir>/keys/log-checkpoint.ed25519` (created if missing). A key that
+/// cannot be loaded or created is logged and the node runs without checkpoints.
+fn spawn_checkpointer(config: &Config, store: &meridian_store::Store) -> Option<JoinHandle<()>> {
+    let secs = config.cluster.checkpoint_interval_secs;
+    if secs == 0 {
+        return None;
+    }
+    match meridian_store::load_or_create_signing_key(&config.node.data_dir) {
+        Ok(key) => {
+            info!(
+                public_key = %meridian_store::public_key_hex(&key),
+                interval_secs = secs,
+                "signing log checkpoints"
+            );
+            Some(meridian_store::spawn_checkpointer(
+                store.clone(),
+                Arc::new(key),
+                std::time::Duration::from_secs(secs),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!("log checkpoints off: {e}");
+            None
+        }
+    }
 }
 
 impl Node {
@@ -181,6 +210,8 @@ impl Node {
             }
             None => meridian_store::Store::open_embedded(&config.node.data_dir).await?,
         };
+        store.set_snapshot_every(config.cluster.snapshot_every);
+        let checkpointer = spawn_checkpointer(&config, &store);
         let (outbox, outbox_rx) = mailbox::outbox();
         let fences = mailbox::Fences::default();
         let context = outbox::Context {
@@ -334,6 +365,7 @@ impl Node {
             cluster,
             cluster_task,
             drain_timeout,
+            checkpointer,
         })
     }
 
@@ -351,6 +383,9 @@ impl Node {
         let _ = self.http_task.await;
         let _ = self.wt_task.await;
         let _ = self.cluster_task.await;
+        if let Some(t) = self.checkpointer {
+            t.abort();
+        }
     }
 
     /// Resolves if the media loop ends by itself, which only a bug can cause; the

@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/tmp/target-log cargo run --release -p meridian-store \
-//!     --example bench_append -- [--backend postgres|sqlite|both] [--seconds 5]
+//!     --example bench_append -- [--backend postgres|sqlite|both] [--seconds 5] [--lanes 4]
 //! ```
+//! `--snapshot-every N`: the store's snapshot policy (default 256; 0 = off).
+//! `--lanes`: Postgres writer lanes (appends sharded by stream over that many
+//! group-commit writers). The run also times `verify_chain` and one signed checkpoint.
 //! Postgres: `MERIDIAN_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
 //! the run uses a schema of its own and drops it at the end.
 
@@ -207,12 +210,31 @@ async fn verify(store: &Store, label: &str) {
     let t = Instant::now();
     let r = store.verify_chain().await.expect("verify");
     let e = t.elapsed();
-    assert!(r.is_ok());
+    assert!(r.is_ok(), "{r:?}");
     println!(
-        "{label}: verify_chain over {} events: {} ms ({:.0} events/s)",
+        "{label}: verify_chain over {} events in {} streams: {} ms ({:.0} events/s)",
         r.checked,
+        r.streams,
         ms(e),
         r.checked as f64 / e.as_secs_f64()
+    );
+    let key = meridian_store::SigningKey::from_bytes(&[1; 32]);
+    let t = Instant::now();
+    let cp = store.checkpoint(&key).await.expect("checkpoint");
+    println!(
+        "{label}: signed checkpoint of {} stream heads: {} ms",
+        r.streams,
+        ms(t.elapsed())
+    );
+    let t = Instant::now();
+    let r = store
+        .verify_log(&cp.into_iter().collect::<Vec<_>>(), &[key.verifying_key()])
+        .await
+        .expect("verify");
+    assert!(r.is_ok(), "{r:?}");
+    println!(
+        "{label}: verify with the checkpoint: {} ms",
+        ms(t.elapsed())
     );
 }
 
@@ -251,14 +273,29 @@ async fn main() {
     };
     let backend = arg("--backend").unwrap_or_else(|| "both".into());
     let secs: u64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(5);
+    let lanes: usize = arg("--lanes")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(meridian_store::DEFAULT_WRITER_LANES);
+    let snapshot_every: Option<u64> = arg("--snapshot-every").and_then(|s| s.parse().ok());
     let url = std::env::var("MERIDIAN_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
 
     if backend == "postgres" || backend == "both" {
         let schema = format!("bench_{:08x}", std::process::id());
-        let store = Store::connect_with_schema(&url, &schema)
-            .await
-            .expect("Postgres reachable");
+        let store = Store::connect_with_options(
+            &url,
+            meridian_store::ConnectOptions {
+                schema: Some(schema.clone()),
+                writer_lanes: lanes,
+                ..meridian_store::ConnectOptions::default()
+            },
+        )
+        .await
+        .expect("Postgres reachable");
+        println!("postgres writer lanes: {lanes}");
+        if let Some(n) = snapshot_every {
+            store.set_snapshot_every(n);
+        }
         bench(&store, "postgres", secs).await;
         store.close().await;
         let mut c = sqlx::PgConnection::connect(&url).await.expect("admin");
@@ -270,6 +307,9 @@ async fn main() {
     if backend == "sqlite" || backend == "both" {
         let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
         let store = Store::open_embedded(&dir).await.expect("sqlite");
+        if let Some(n) = snapshot_every {
+            store.set_snapshot_every(n);
+        }
         bench(&store, "sqlite", secs).await;
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);

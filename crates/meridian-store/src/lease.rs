@@ -1,7 +1,9 @@
 //! Region membership: node liveness leases and room placements.
 //!
 //! A lease is a row renewed every lease period; a node that stops renewing is
-//! declared expired by a survivor, which deletes the row (only one survivor can) and
+//! declared expired by a survivor. Lease times are taken from the **database's clock**
+//! (Postgres `clock_timestamp()`, SQLite `julianday('now')`), never a node's, so clock
+//! skew between nodes cannot expire a live node. A survivor which deletes the row (only one survivor can) and
 //! may then take the node's rooms over. Placements are `RoomPlaced` events in each
 //! room's stream; [`crate::Store::placements`] reads the latest one per room.
 
@@ -22,17 +24,38 @@ pub struct NodeLease {
     pub url: String,
     /// Random id of the process holding the lease; a restarted node gets a new one.
     pub incarnation: String,
-    /// When the lease runs out unless renewed.
+    /// When the lease runs out unless renewed, on the database's clock.
     pub expires_at: DateTime<Utc>,
     /// The node is draining: it takes no new rooms.
     pub draining: bool,
+    /// The database's clock when the lease was read.
+    pub db_now: DateTime<Utc>,
+    /// The reader's clock when the lease was read.
+    pub read_at: DateTime<Utc>,
 }
 
 impl NodeLease {
-    /// Whether the lease is still valid at `now` (on the reader's clock).
+    /// Whether the lease is still valid at `now` on the reader's clock: the time left
+    /// on the database's clock when it was read, minus the time passed since on the
+    /// reader's clock (so the two clocks need not agree).
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
-        self.expires_at > now
+        self.remaining(now) > chrono::TimeDelta::zero()
     }
+
+    /// Time left on the lease at `now` on the reader's clock (negative once expired).
+    pub fn remaining(&self, now: DateTime<Utc>) -> chrono::TimeDelta {
+        (self.expires_at - self.db_now) - (now - self.read_at)
+    }
+}
+
+/// A lease just taken: the incarnation every renewal must present and its expiry
+/// (database clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquiredLease {
+    /// Random id of this process's lease.
+    pub incarnation: String,
+    /// When it runs out unless renewed (database clock).
+    pub expires_at: DateTime<Utc>,
 }
 
 /// The latest placement of a room.
@@ -48,12 +71,16 @@ pub struct Placement {
     pub sequence: u64,
 }
 
-pub(crate) type LeaseRow = (String, String, String, String, i64, bool);
+pub(crate) type LeaseRow = (String, String, String, String, i64, bool, i64);
 
-pub(crate) fn lease(row: LeaseRow) -> Result<NodeLease, StoreError> {
-    let (node, region, url, incarnation, expires_at_us, draining) = row;
-    let expires_at = DateTime::<Utc>::from_timestamp_micros(expires_at_us)
-        .ok_or_else(|| StoreError::Database(format!("lease of {node}: bad expiry")))?;
+pub(crate) fn time(us: i64, what: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::<Utc>::from_timestamp_micros(us)
+        .ok_or_else(|| StoreError::Database(format!("{what}: time out of range")))
+}
+
+pub(crate) fn lease(row: LeaseRow, read_at: DateTime<Utc>) -> Result<NodeLease, StoreError> {
+    let (node, region, url, incarnation, expires_at_us, draining, now_us) = row;
+    let expires_at = time(expires_at_us, &node)?;
     Ok(NodeLease {
         node,
         region,
@@ -61,6 +88,8 @@ pub(crate) fn lease(row: LeaseRow) -> Result<NodeLease, StoreError> {
         incarnation,
         expires_at,
         draining,
+        db_now: time(now_us, "database clock")?,
+        read_at,
     })
 }
 
@@ -76,20 +105,47 @@ pub(crate) fn placement(stream: String, sequence: i64, payload: &str) -> Option<
     }
 }
 
+/// Lease SQL, written once with the database clock in microseconds as `NOW_US`
+/// (`$n` parameters bind by position in SQLite too).
+macro_rules! lease_sql {
+    ($name:ident, $now:expr) => {
+        /// Lease SQL for one backend.
+        pub(crate) mod $name {
+            pub const NOW: &str = concat!("SELECT ", $now);
+            pub const ACQUIRE: &str = concat!(
+                "INSERT INTO node_leases (node, region, url, incarnation, expires_at_us, draining) \
+                 VALUES ($1, $2, $3, $4, ", $now, " + $5, false) \
+                 ON CONFLICT (node) DO UPDATE SET region = excluded.region, url = excluded.url, \
+                 incarnation = excluded.incarnation, expires_at_us = excluded.expires_at_us, \
+                 draining = false RETURNING expires_at_us"
+            );
+            pub const RENEW: &str = concat!(
+                "UPDATE node_leases SET expires_at_us = ", $now, " + $1, draining = $2 \
+                 WHERE node = $3 AND incarnation = $4"
+            );
+            pub const LIST: &str = concat!(
+                "SELECT node, region, url, incarnation, expires_at_us, draining, ", $now,
+                " FROM node_leases ORDER BY node"
+            );
+            pub const EXPIRE: &str = concat!(
+                "DELETE FROM node_leases WHERE node = $1 AND incarnation = $2 AND expires_at_us < ",
+                $now
+            );
+        }
+    };
+}
+
+lease_sql!(
+    pg_sql,
+    "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+);
+lease_sql!(
+    lite_sql,
+    "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
+);
+
 /// SQL shared by both backends (`$n` parameters bind by position in SQLite too).
 pub(crate) mod sql {
-    pub const ACQUIRE: &str = "INSERT INTO node_leases \
-        (node, region, url, incarnation, expires_at_us, draining) \
-        VALUES ($1, $2, $3, $4, $5, false) \
-        ON CONFLICT (node) DO UPDATE SET region = excluded.region, url = excluded.url, \
-        incarnation = excluded.incarnation, expires_at_us = excluded.expires_at_us, \
-        draining = false";
-    pub const RENEW: &str = "UPDATE node_leases SET expires_at_us = $1, draining = $2 \
-        WHERE node = $3 AND incarnation = $4";
-    pub const LIST: &str = "SELECT node, region, url, incarnation, expires_at_us, draining \
-        FROM node_leases ORDER BY node";
-    pub const EXPIRE: &str = "DELETE FROM node_leases \
-        WHERE node = $1 AND incarnation = $2 AND expires_at_us < $3";
     pub const RELEASE: &str = "DELETE FROM node_leases WHERE node = $1 AND incarnation = $2";
     pub const PLACEMENTS_PG: &str = "SELECT DISTINCT ON (stream) stream, sequence, payload \
         FROM events WHERE event_type = 'RoomPlaced' ORDER BY stream, sequence DESC";

@@ -8,13 +8,18 @@
 //!   ([`ExpectedVersion`]); a mismatch is [`StoreError::Conflict`] and nothing is
 //!   written. An append is acknowledged only after its transaction committed
 //!   (Postgres default commit; SQLite WAL with `synchronous=FULL`).
-//! * **Group commit**: appends go to one writer task per store, which takes every
-//!   append waiting in its queue into one transaction. Each transaction locks the
-//!   single-row `log_head` table first, so region positions and the hash chain are
-//!   assigned without gaps or forks even with several processes on one Postgres.
-//! * **Hash chain**: each row stores `prev_hash` and `hash` (see
-//!   [`meridian_events::chain`]); [`Store::verify_chain`] recomputes it and names the
-//!   first bad position.
+//! * **Writer lanes with group commit**: appends go to the writer lane their stream
+//!   hashes to (one on SQLite, [`ConnectOptions::writer_lanes`] on Postgres); a lane
+//!   takes every append waiting in its queue into one transaction. Lanes share no
+//!   lock, so appends to different rooms commit in parallel.
+//! * **A hash chain per stream**: each row stores `prev_hash` (the previous row *of
+//!   its stream*) and `hash` (see [`meridian_events::chain`]); `stream_heads` holds
+//!   each stream's last row. Rows written before per-stream chains keep their global
+//!   chain (`legacy_chain`).
+//! * **Signed checkpoints** ([`Store::checkpoint`], [`spawn_checkpointer`]) sign every
+//!   stream head with an Ed25519 key outside the database;
+//!   [`Store::verify_log`] checks the chains, the heads and the checkpoints and names
+//!   the first bad row. Rows of `events` cannot be updated or deleted (triggers).
 //! * **Tailing**: [`Store::read_all`] from a position and [`Store::wait_for_new`]
 //!   (Postgres LISTEN/NOTIFY, in-process wake-ups, polling as a fallback).
 //! * **Snapshots** bound replay time ([`Store::save_snapshot`], [`Store::load_room`]).
@@ -25,6 +30,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod checkpoint;
 mod error;
 mod lease;
 mod pg;
@@ -42,8 +48,14 @@ use meridian_events::{Event, RecordedEvent, RoomState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use checkpoint::{
+    Checkpoint, KEY_FILE, SIGNING_CONTEXT, SignedCheckpoint, StreamHead, key_path,
+    load_or_create_signing_key, parse_public_key, public_key_hex, read_checkpoints,
+    spawn_checkpointer,
+};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::StoreError;
-pub use lease::{NodeLease, Placement};
+pub use lease::{AcquiredLease, NodeLease, Placement};
 
 /// Largest event payload (its JSON), in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -113,12 +125,13 @@ pub enum BackendKind {
     Sqlite,
 }
 
-/// The head of the region log.
+/// A position in the region log and the hash of the row there: the highest position
+/// ([`Store::head`]), or the end of the legacy global chain ([`Checkpoint::legacy`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogHead {
-    /// Position of the last event (0 when empty).
+    /// Position of the row (0 when empty).
     pub position: u64,
-    /// Hash of the last event ([`meridian_events::GENESIS_HASH`] when empty).
+    /// Hash of that row ([`meridian_events::GENESIS_HASH`] when empty).
     pub hash: String,
 }
 
@@ -168,17 +181,24 @@ pub struct AuditQuery {
     pub limit: usize,
 }
 
-/// Why a chain check failed at a position.
+/// Why a chain check failed at a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BreakKind {
-    /// The position is missing (a row was deleted or renumbered).
+    /// A row is missing (deleted or renumbered): a gap in a stream's sequences or in
+    /// the legacy chain's positions, or a stream shorter than its head says.
     Missing,
     /// The row's fields do not hash to its stored hash (it was edited).
     HashMismatch,
     /// The row's `prev_hash` is not the previous row's hash (reordered or replaced).
     PrevHashMismatch,
-    /// The head table disagrees with the last row (tail rows deleted or head edited).
+    /// `stream_heads` (or `legacy_chain`) disagrees with the stream's last row, or a
+    /// stream has rows but no head (tail rows deleted or a head edited).
     HeadMismatch,
+    /// The log disagrees with a signed checkpoint (history rewritten and re-chained,
+    /// or truncated below a signed head).
+    CheckpointMismatch,
+    /// A checkpoint's signature does not verify with the given public keys.
+    BadSignature,
 }
 
 impl fmt::Display for BreakKind {
@@ -187,26 +207,55 @@ impl fmt::Display for BreakKind {
             BreakKind::Missing => "missing row",
             BreakKind::HashMismatch => "hash does not match contents",
             BreakKind::PrevHashMismatch => "prev_hash does not match previous row",
-            BreakKind::HeadMismatch => "log head does not match last row",
+            BreakKind::HeadMismatch => "stream head does not match the stream's last row",
+            BreakKind::CheckpointMismatch => "log does not match a signed checkpoint",
+            BreakKind::BadSignature => "checkpoint signature does not verify",
         })
     }
 }
 
-/// The first place where the chain is broken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The first place where the log is broken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainBreak {
-    /// The first bad position.
+    /// The bad row's position; for a missing row of a stream, the position of the
+    /// next row found (0 when none: the stream was cut at its end).
     pub position: u64,
+    /// The stream of the bad row (`None` in the legacy global chain).
+    pub stream: Option<String>,
+    /// The bad (or missing) sequence in that stream.
+    pub sequence: Option<u64>,
     /// What is wrong there.
     pub kind: BreakKind,
+    /// Details (which checkpoint, which head).
+    pub detail: String,
 }
 
-/// Result of [`Store::verify_chain`].
+impl fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.stream, self.sequence) {
+            (Some(s), Some(q)) => write!(f, "{s}#{q} (position {})", self.position)?,
+            (Some(s), None) => write!(f, "{s} (position {})", self.position)?,
+            _ => write!(f, "position {}", self.position)?,
+        }
+        write!(f, ": {}", self.kind)?;
+        if !self.detail.is_empty() {
+            write!(f, " ({})", self.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// Result of [`Store::verify_chain`] and [`Store::verify_log`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// Rows checked before stopping.
     pub checked: u64,
-    /// The log head as stored.
+    /// Streams whose heads were loaded (and checked).
+    pub streams: u64,
+    /// Signed checkpoints checked against the log.
+    pub checkpoints: u64,
+    /// The highest position seen when verification started; rows appended after the
+    /// heads were loaded are not checked.
     pub head: LogHead,
     /// The first break, or `None` when the whole chain verifies.
     pub first_break: Option<ChainBreak>,
@@ -242,6 +291,9 @@ macro_rules! on_pool {
     };
 }
 
+// After `on_pool!`, which it uses.
+mod verify;
+
 /// The region event log. Cheap to clone; all clones share one pool and one writer.
 #[derive(Clone)]
 pub struct Store {
@@ -250,10 +302,16 @@ pub struct Store {
 
 struct Inner {
     backend: Backend,
-    writer: mpsc::Sender<writer::Pending>,
+    lanes: Vec<mpsc::Sender<writer::Pending>>,
     head_rx: watch::Receiver<u64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Snapshot policy: a room's state is saved every this many events (0: never).
+    snapshot_every: std::sync::atomic::AtomicU64,
 }
+
+/// Default snapshot policy: a room's state is saved every this many events (and at
+/// each placement), so a takeover replays at most this many events after a snapshot.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 256;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -281,7 +339,14 @@ pub struct ConnectOptions {
     /// How long to wait for a connection before failing with
     /// [`StoreError::Unavailable`].
     pub acquire_timeout: Duration,
+    /// Postgres writer lanes: appends are sharded by stream over this many group-commit
+    /// writers, each with its own transaction (SQLite always uses one: it has a
+    /// single write lock).
+    pub writer_lanes: usize,
 }
+
+/// Default number of Postgres writer lanes.
+pub const DEFAULT_WRITER_LANES: usize = 4;
 
 impl Default for ConnectOptions {
     fn default() -> Self {
@@ -289,6 +354,7 @@ impl Default for ConnectOptions {
             schema: None,
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            writer_lanes: DEFAULT_WRITER_LANES,
         }
     }
 }
@@ -345,10 +411,10 @@ impl Store {
     ) -> Result<Store, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let (pg, listener) = pg::Pg::connect(url, &options).await?;
-            Self::start(Backend::Postgres(pg), listener).await
+            Self::start(Backend::Postgres(pg), listener, options.writer_lanes).await
         } else if url.starts_with("sqlite:") {
             let lite = sqlite::Lite::connect(url, &options).await?;
-            Self::start(Backend::Sqlite(lite), None).await
+            Self::start(Backend::Sqlite(lite), None, 1).await
         } else {
             Err(StoreError::InvalidInput(
                 "database URL must start with postgres://, postgresql:// or sqlite:".into(),
@@ -369,12 +435,13 @@ impl Store {
         })?;
         let path = dir.join("events.db");
         let lite = sqlite::Lite::open_path(&path, &ConnectOptions::default()).await?;
-        Self::start(Backend::Sqlite(lite), None).await
+        Self::start(Backend::Sqlite(lite), None, 1).await
     }
 
     async fn start(
         backend: Backend,
         listener: Option<pg::ListenerSetup>,
+        lanes: usize,
     ) -> Result<Store, StoreError> {
         let head = match &backend {
             Backend::Postgres(p) => p.head().await?,
@@ -382,21 +449,27 @@ impl Store {
         };
         let (head_tx, head_rx) = watch::channel(head.position);
         let head_tx = Arc::new(head_tx);
-        let (tx, rx) = mpsc::channel(4096);
-        let mut tasks = vec![tokio::spawn(writer::run(
-            backend.clone(),
-            rx,
-            Arc::clone(&head_tx),
-        ))];
+        let mut senders = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..lanes.clamp(1, 64) {
+            let (tx, rx) = mpsc::channel(4096);
+            senders.push(tx);
+            tasks.push(tokio::spawn(writer::run(
+                backend.clone(),
+                rx,
+                Arc::clone(&head_tx),
+            )));
+        }
         if let Some(l) = listener {
             tasks.push(tokio::spawn(l.run(head_tx)));
         }
         Ok(Store {
             inner: Arc::new(Inner {
                 backend,
-                writer: tx,
+                lanes: senders,
                 head_rx,
                 tasks,
+                snapshot_every: std::sync::atomic::AtomicU64::new(DEFAULT_SNAPSHOT_EVERY),
             }),
         })
     }
@@ -433,12 +506,50 @@ impl Store {
         let Some((pending, rx)) = pending else {
             return Ok(Vec::new());
         };
-        self.inner
-            .writer
+        self.inner.lanes[lane_of(stream, self.inner.lanes.len())]
             .send(pending)
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let recorded = rx.await.map_err(|_| StoreError::Closed)??;
+        self.snapshot_policy(stream, &recorded);
+        Ok(recorded)
+    }
+
+    /// Set the snapshot policy: save a room's state every `every` events (and at each
+    /// `RoomPlaced`); 0 turns it off. Default [`DEFAULT_SNAPSHOT_EVERY`].
+    pub fn set_snapshot_every(&self, every: u64) {
+        self.inner
+            .snapshot_every
+            .store(every, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// After an append to a room: when its sequence crossed a multiple of the policy's
+    /// N, or it placed the room (placement, takeover, handover), save a snapshot in the
+    /// background, so replay after a takeover reads a snapshot and at most N events.
+    fn snapshot_policy(&self, stream: &str, recorded: &[RecordedEvent]) {
+        let every = self
+            .inner
+            .snapshot_every
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (Some(first), Some(last)) = (recorded.first(), recorded.last()) else {
+            return;
+        };
+        if every == 0 || !stream.starts_with("room:") {
+            return;
+        }
+        let crossed = (first.sequence - 1) / every < last.sequence / every;
+        let placed = recorded
+            .iter()
+            .any(|e| matches!(e.event, Event::RoomPlaced { .. }));
+        if crossed || placed {
+            let store = self.clone();
+            let stream = stream.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = store.snapshot_room(&stream).await {
+                    tracing::debug!(%stream, error = %e, "snapshot failed; replay stays longer");
+                }
+            });
+        }
     }
 
     /// Read up to `limit` events of `stream` with sequence ≥ `from_sequence`, in order.
@@ -474,7 +585,9 @@ impl Store {
         }
     }
 
-    /// The head of the log (last position and hash).
+    /// The highest position in the log and the hash of its row. On Postgres, lanes
+    /// commit in parallel, so a lower position of another stream may still become
+    /// visible after this one (see `docs/event-log.md`, tailing).
     pub async fn head(&self) -> Result<LogHead, StoreError> {
         match &self.inner.backend {
             Backend::Postgres(p) => p.head().await,
@@ -600,68 +713,21 @@ impl Store {
         rows.into_iter().map(row::RawRow::into_recorded).collect()
     }
 
-    /// Walk the whole chain from position 1: check positions are contiguous, each
-    /// `prev_hash` is the previous row's hash, each hash matches the row's contents and
-    /// the head matches the last row. Names the first bad position.
+    /// Verify the log without checkpoints: every stream's chain up to the head loaded
+    /// at the start, the heads, and the legacy global chain. See [`Store::verify_log`].
     pub async fn verify_chain(&self) -> Result<VerifyReport, StoreError> {
-        let head = self.head().await?;
-        let mut prev_hash = meridian_events::GENESIS_HASH.to_owned();
-        let mut expected = 1u64;
-        let mut checked = 0u64;
-        let report = |checked, position, kind| VerifyReport {
-            checked,
-            head: head.clone(),
-            first_break: Some(ChainBreak { position, kind }),
-        };
-        loop {
-            let page = self.raw_page(expected, MAX_QUERY_LIMIT).await?;
-            let done = page.len() < MAX_QUERY_LIMIT;
-            for r in &page {
-                if r.position != expected {
-                    return Ok(report(checked, expected, BreakKind::Missing));
-                }
-                if r.prev_hash != prev_hash {
-                    return Ok(report(checked, expected, BreakKind::PrevHashMismatch));
-                }
-                let computed = meridian_events::chain_hash(&prev_hash, &r.hash_input());
-                if computed != r.hash {
-                    return Ok(report(checked, expected, BreakKind::HashMismatch));
-                }
-                prev_hash = computed;
-                expected += 1;
-                checked += 1;
-            }
-            if done {
-                break;
-            }
-        }
-        let last = expected - 1;
-        if head.position > last {
-            return Ok(report(checked, last + 1, BreakKind::Missing));
-        }
-        if head.position != last || head.hash != prev_hash {
-            return Ok(report(
-                checked,
-                head.position.max(1),
-                BreakKind::HeadMismatch,
-            ));
-        }
-        Ok(VerifyReport {
-            checked,
-            head,
-            first_break: None,
-        })
+        self.verify_log(&[], &[]).await
     }
 
-    /// Take (or take back) `node`'s lease until `expires_at`; returns the new
-    /// incarnation, which every renewal must present.
+    /// Take (or take back) `node`'s lease for `ttl` from now on the database's clock;
+    /// returns the new incarnation, which every renewal must present, and the expiry.
     pub async fn acquire_lease(
         &self,
         node: &str,
         region: &str,
         url: &str,
-        expires_at: DateTime<Utc>,
-    ) -> Result<String, StoreError> {
+        ttl: Duration,
+    ) -> Result<AcquiredLease, StoreError> {
         check_name("node", node)?;
         check_name("region", region)?;
         check_name("url", url)?;
@@ -671,31 +737,35 @@ impl Store {
             Utc::now().timestamp_nanos_opt().unwrap_or_default(),
             std::process::id()
         );
-        on_pool!(self, pool => {
-            sqlx::query(lease::sql::ACQUIRE)
-                .bind(node)
-                .bind(region)
-                .bind(url)
-                .bind(&incarnation)
-                .bind(expires_at.timestamp_micros())
-                .execute(pool)
-                .await?;
-        });
-        Ok(incarnation)
+        let sql = self.lease_sql(lease::pg_sql::ACQUIRE, lease::lite_sql::ACQUIRE);
+        let expires_at_us: i64 = on_pool!(self, pool => sqlx::query_scalar(sql)
+            .bind(node)
+            .bind(region)
+            .bind(url)
+            .bind(&incarnation)
+            .bind(ttl_us(ttl))
+            .fetch_one(pool)
+            .await?);
+        Ok(AcquiredLease {
+            incarnation,
+            expires_at: lease::time(expires_at_us, node)?,
+        })
     }
 
-    /// Extend `node`'s lease to `expires_at` (and set its draining flag). Returns false
-    /// when the lease is no longer this incarnation's: it was declared expired (and the
-    /// node's rooms may have been taken over) or another process took the node id.
+    /// Extend `node`'s lease to `ttl` from now on the database's clock (and set its
+    /// draining flag). Returns false when the lease is no longer this incarnation's: it
+    /// was declared expired (and the node's rooms may have been taken over) or another
+    /// process took the node id.
     pub async fn renew_lease(
         &self,
         node: &str,
         incarnation: &str,
-        expires_at: DateTime<Utc>,
+        ttl: Duration,
         draining: bool,
     ) -> Result<bool, StoreError> {
-        let rows = on_pool!(self, pool => sqlx::query(lease::sql::RENEW)
-            .bind(expires_at.timestamp_micros())
+        let sql = self.lease_sql(lease::pg_sql::RENEW, lease::lite_sql::RENEW);
+        let rows = on_pool!(self, pool => sqlx::query(sql)
+            .bind(ttl_us(ttl))
             .bind(draining)
             .bind(node)
             .bind(incarnation)
@@ -705,30 +775,42 @@ impl Store {
         Ok(rows == 1)
     }
 
-    /// Every lease on record, live or not, by node id.
+    /// Every lease on record, live or not, by node id, with the database's clock at
+    /// the read (see [`NodeLease::is_live`]).
     pub async fn leases(&self) -> Result<Vec<NodeLease>, StoreError> {
+        let sql = self.lease_sql(lease::pg_sql::LIST, lease::lite_sql::LIST);
+        let read_at = Utc::now();
         let rows: Vec<lease::LeaseRow> =
-            on_pool!(self, pool => sqlx::query_as(lease::sql::LIST).fetch_all(pool).await?);
-        rows.into_iter().map(lease::lease).collect()
+            on_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        rows.into_iter().map(|r| lease::lease(r, read_at)).collect()
     }
 
-    /// Declare `node`'s lease (that incarnation) expired if it ran out before `now`:
-    /// deletes it and returns true for exactly one caller, which may then take the
-    /// node's rooms over.
-    pub async fn expire_lease(
-        &self,
-        node: &str,
-        incarnation: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let rows = on_pool!(self, pool => sqlx::query(lease::sql::EXPIRE)
+    /// The database's clock (leases are timed by it).
+    pub async fn db_now(&self) -> Result<DateTime<Utc>, StoreError> {
+        let sql = self.lease_sql(lease::pg_sql::NOW, lease::lite_sql::NOW);
+        let us: i64 = on_pool!(self, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
+        lease::time(us, "database clock")
+    }
+
+    /// Declare `node`'s lease (that incarnation) expired if it ran out on the
+    /// database's clock: deletes it and returns true for exactly one caller, which may
+    /// then take the node's rooms over.
+    pub async fn expire_lease(&self, node: &str, incarnation: &str) -> Result<bool, StoreError> {
+        let sql = self.lease_sql(lease::pg_sql::EXPIRE, lease::lite_sql::EXPIRE);
+        let rows = on_pool!(self, pool => sqlx::query(sql)
             .bind(node)
             .bind(incarnation)
-            .bind(now.timestamp_micros())
             .execute(pool)
             .await?
             .rows_affected());
         Ok(rows == 1)
+    }
+
+    fn lease_sql(&self, pg: &'static str, lite: &'static str) -> &'static str {
+        match self.backend() {
+            BackendKind::Postgres => pg,
+            BackendKind::Sqlite => lite,
+        }
     }
 
     /// Give the lease up (clean shutdown).
@@ -758,6 +840,10 @@ impl Store {
     }
 }
 
+fn ttl_us(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 2)
+}
+
 fn check_limit(limit: usize) -> Result<(), StoreError> {
     if limit > MAX_QUERY_LIMIT {
         return Err(StoreError::InvalidInput(format!(
@@ -774,6 +860,19 @@ pub(crate) fn check_name(what: &str, value: &str) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// The writer lane of `stream` among `lanes` (FNV-1a: stable across processes).
+fn lane_of(stream: &str, lanes: usize) -> usize {
+    if lanes <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in stream.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % lanes as u64) as usize
 }
 
 /// A reply channel for one append (used by the writer).

@@ -12,7 +12,9 @@ use tokio::sync::watch;
 
 use crate::error::{classify, is_unique_violation};
 use crate::row::{RawRow, to_i64, to_u64, truncate_micros};
-use crate::writer::{CommitError, Pending, Plan, VersionCache, cached_conflicts, plan};
+use crate::writer::{
+    CommitError, Head, HeadCache, Pending, Plan, cached_conflicts, plan, rows_needed,
+};
 use crate::{AuditQuery, ConnectOptions, LogHead, Snapshot, StoreError, StreamInfo};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -125,34 +127,33 @@ impl Pg {
     }
 
     pub async fn head(&self) -> Result<LogHead, StoreError> {
-        let (position, hash): (i64, String) =
-            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1")
-                .fetch_one(&self.pool)
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+                .fetch_optional(&self.pool)
                 .await?;
-        Ok(LogHead {
-            position: to_u64(position, position, "head position")?,
-            hash,
-        })
+        head(row)
     }
 
-    /// Versions of `streams` as of now (call with the head locked).
-    async fn versions(
+    /// Heads of `streams` as committed now.
+    async fn heads(
         tx: &mut sqlx::PgConnection,
         streams: &[String],
-        into: &mut HashMap<String, u64>,
+        into: &mut HashMap<String, Head>,
     ) -> Result<(), StoreError> {
         if streams.is_empty() {
             return Ok(());
         }
-        let found: Vec<(String, Option<i64>)> = sqlx::query_as(
-            "SELECT s, (SELECT max(sequence) FROM events WHERE stream = s) \
-             FROM unnest($1::text[]) AS s",
+        let found: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT stream, sequence, hash FROM stream_heads WHERE stream = ANY($1::text[])",
         )
         .bind(streams)
         .fetch_all(&mut *tx)
         .await?;
-        for (s, v) in found {
-            into.insert(s, to_u64(v.unwrap_or(0), 0, "sequence")?);
+        for s in streams {
+            into.remove(s);
+        }
+        for (s, v, h) in found {
+            into.insert(s, (to_u64(v, 0, "sequence")?, h));
         }
         Ok(())
     }
@@ -160,30 +161,35 @@ impl Pg {
     pub async fn commit(
         &self,
         batch: &[Pending],
-        cache: &mut VersionCache,
+        cache: &mut HeadCache,
     ) -> Result<Plan, CommitError> {
         let mut tx = self.pool.begin().await?;
-        let (position, hash): (i64, String) =
-            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1 FOR UPDATE")
-                .fetch_one(&mut *tx)
-                .await?;
-        let head = LogHead {
-            position: to_u64(position, position, "head position")?,
-            hash,
-        };
-        let (mut versions, missing) = cache.lookup(batch);
-        Self::versions(&mut tx, &missing, &mut versions).await?;
+        let (mut heads, missing) = cache.lookup(batch);
+        Self::heads(&mut tx, &missing, &mut heads).await?;
         let now = truncate_micros(Utc::now());
-        let mut plan = plan(head.clone(), &versions, batch, now);
-        let recheck = cached_conflicts(batch, &plan, &missing);
+        let mut probe = plan(&heads, batch, now, &[]);
+        let recheck = cached_conflicts(batch, &probe, &missing);
         if !recheck.is_empty() {
-            Self::versions(&mut tx, &recheck, &mut versions).await?;
-            plan = crate::writer::plan(head, &versions, batch, now);
+            Self::heads(&mut tx, &recheck, &mut heads).await?;
+            probe = plan(&heads, batch, now, &[]);
         }
-        if plan.rows.is_empty() {
+        let n = rows_needed(&heads, batch);
+        if n == 0 {
             tx.rollback().await?;
-            return Ok(plan);
+            return Ok(probe);
         }
+        let positions: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval('events_position_seq') FROM generate_series(1, $1::int)",
+        )
+        .bind(i32::try_from(n).unwrap_or(i32::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut positions: Vec<u64> = positions
+            .into_iter()
+            .map(|p| to_u64(p, p, "position"))
+            .collect::<Result<_, _>>()?;
+        positions.sort_unstable();
+        let plan = plan(&heads, batch, now, &positions);
         let n = plan.rows.len();
         let mut position = Vec::with_capacity(n);
         let mut stream = Vec::with_capacity(n);
@@ -226,22 +232,40 @@ impl Pg {
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
-            // Every writer holds the head lock, so a duplicate (stream, sequence) means
-            // a cached version was stale (another process appended): retry fresh.
+            // A duplicate (stream, sequence) means a cached head was stale (another
+            // process appended to the stream): retry with fresh heads.
             if is_unique_violation(&e) {
                 return Err(CommitError::StaleCache);
             }
             return Err(e.into());
         }
-        let head_pos = to_i64(plan.head.position)?;
-        sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id = 1")
-            .bind(head_pos)
-            .bind(&plan.head.hash)
-            .execute(&mut *tx)
-            .await?;
+        let head_stream: Vec<&str> = plan.heads.iter().map(|(s, _)| s.as_str()).collect();
+        let head_seq: Vec<i64> = plan
+            .heads
+            .iter()
+            .map(|(_, h)| to_i64(h.0))
+            .collect::<Result<_, _>>()?;
+        let head_hash: Vec<&str> = plan.heads.iter().map(|(_, h)| h.1.as_str()).collect();
+        let head_pos: Vec<i64> = plan
+            .head_positions
+            .iter()
+            .map(|p| to_i64(*p))
+            .collect::<Result<_, _>>()?;
+        sqlx::query(
+            "INSERT INTO stream_heads (stream, sequence, position, hash) \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[]) \
+             ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence, \
+             position = excluded.position, hash = excluded.hash",
+        )
+        .bind(&head_stream)
+        .bind(&head_seq)
+        .bind(&head_pos)
+        .bind(&head_hash)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("SELECT pg_notify($1, current_schema()::text || ' ' || $2::text)")
             .bind(CHANNEL)
-            .bind(head_pos)
+            .bind(to_i64(plan.max_position())?)
             .execute(&mut *tx)
             .await?;
         tx.commit()
@@ -262,6 +286,25 @@ impl Pg {
         ))
         .bind(stream)
         .bind(to_i64(from)?)
+        .bind(to_i64(limit as u64)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(raw).collect()
+    }
+
+    /// Rows in (stream, sequence) order after `(stream, sequence)` (keyset paging).
+    pub async fn read_by_stream(
+        &self,
+        stream: &str,
+        sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<RawRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM events WHERE (stream, sequence) > ($1, $2) \
+             ORDER BY stream, sequence LIMIT $3"
+        ))
+        .bind(stream)
+        .bind(to_i64(sequence)?)
         .bind(to_i64(limit as u64)?)
         .fetch_all(&self.pool)
         .await?;
@@ -364,6 +407,20 @@ impl Pg {
                 .fetch_optional(&self.pool)
                 .await?;
         snapshot(stream, row)
+    }
+}
+
+/// The log head from the last row (position, hash), or the empty head.
+pub(crate) fn head(row: Option<(i64, String)>) -> Result<LogHead, StoreError> {
+    match row {
+        Some((position, hash)) => Ok(LogHead {
+            position: to_u64(position, position, "head position")?,
+            hash,
+        }),
+        None => Ok(LogHead {
+            position: 0,
+            hash: meridian_events::GENESIS_HASH.to_owned(),
+        }),
     }
 }
 

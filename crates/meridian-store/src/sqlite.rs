@@ -13,7 +13,9 @@ use sqlx::sqlite::{
 
 use crate::error::is_unique_violation;
 use crate::row::{RawRow, parse_sqlite_time, sqlite_time, to_i64, to_u64, truncate_micros};
-use crate::writer::{CommitError, Pending, Plan, VersionCache, cached_conflicts, plan};
+use crate::writer::{
+    CommitError, Head, HeadCache, Pending, Plan, cached_conflicts, plan, rows_needed,
+};
 use crate::{AuditQuery, ConnectOptions, LogHead, Snapshot, StoreError, StreamInfo};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -61,29 +63,33 @@ impl Lite {
     }
 
     pub async fn head(&self) -> Result<LogHead, StoreError> {
-        let (position, hash): (i64, String) =
-            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1")
-                .fetch_one(&self.pool)
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+                .fetch_optional(&self.pool)
                 .await?;
-        Ok(LogHead {
-            position: to_u64(position, position, "head position")?,
-            hash,
-        })
+        crate::pg::head(row)
     }
 
-    /// Versions of `streams` as of now (call holding the write lock).
-    async fn versions(
+    /// Heads of `streams` (call holding the write lock).
+    async fn heads(
         tx: &mut sqlx::SqliteConnection,
         streams: &[String],
-        into: &mut HashMap<String, u64>,
+        into: &mut HashMap<String, Head>,
     ) -> Result<(), StoreError> {
         for s in streams {
-            let v: Option<i64> =
-                sqlx::query_scalar("SELECT max(sequence) FROM events WHERE stream = ?1")
+            let v: Option<(i64, String)> =
+                sqlx::query_as("SELECT sequence, hash FROM stream_heads WHERE stream = ?1")
                     .bind(s)
-                    .fetch_one(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await?;
-            into.insert(s.clone(), to_u64(v.unwrap_or(0), 0, "sequence")?);
+            match v {
+                Some((v, h)) => {
+                    into.insert(s.clone(), (to_u64(v, 0, "sequence")?, h));
+                }
+                None => {
+                    into.remove(s);
+                }
+            }
         }
         Ok(())
     }
@@ -91,66 +97,93 @@ impl Lite {
     pub async fn commit(
         &self,
         batch: &[Pending],
-        cache: &mut VersionCache,
+        cache: &mut HeadCache,
     ) -> Result<Plan, CommitError> {
-        let mut tx = self.pool.begin().await?;
-        // Write first so the transaction holds SQLite's write lock before it reads the
-        // head: no other writer can slip in between read and insert.
-        sqlx::query("UPDATE log_head SET position = position WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        let (position, hash): (i64, String) =
-            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
-        let head = LogHead {
-            position: to_u64(position, position, "head position")?,
-            hash,
-        };
-        let (mut versions, missing) = cache.lookup(batch);
-        Self::versions(&mut tx, &missing, &mut versions).await?;
+        // BEGIN IMMEDIATE takes SQLite's write lock first: no other writer (another
+        // process on the same file) can slip in between reading heads and inserting.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut heads, missing) = cache.lookup(batch);
+        Self::heads(&mut tx, &missing, &mut heads).await?;
         let now = truncate_micros(Utc::now());
-        let mut plan = plan(head.clone(), &versions, batch, now);
-        let recheck = cached_conflicts(batch, &plan, &missing);
+        let probe = plan(&heads, batch, now, &[]);
+        let recheck = cached_conflicts(batch, &probe, &missing);
         if !recheck.is_empty() {
-            Self::versions(&mut tx, &recheck, &mut versions).await?;
-            plan = crate::writer::plan(head, &versions, batch, now);
+            Self::heads(&mut tx, &recheck, &mut heads).await?;
         }
-        if plan.rows.is_empty() {
+        let n = rows_needed(&heads, batch);
+        if n == 0 {
             tx.rollback().await?;
-            return Ok(plan);
+            return Ok(plan(&heads, batch, now, &[]));
         }
-        for r in &plan.rows {
-            let inserted = sqlx::query(
+        // One writer at a time: positions stay contiguous on SQLite.
+        let last: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events")
+            .fetch_one(&mut *tx)
+            .await?;
+        let first = to_u64(last, last, "position")? + 1;
+        let positions: Vec<u64> = (first..first + n as u64).collect();
+        let plan = plan(&heads, batch, now, &positions);
+        // Multi-row statements (SQLite binds at most 32,766 parameters per statement):
+        // one statement per 1,000 rows and one for all heads, instead of one per row.
+        for chunk in plan.rows.chunks(1000) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO events (position, stream, sequence, recorded_at, actor, \
-                 schema_version, event_type, payload, prev_hash, hash) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .bind(to_i64(r.position)?)
-            .bind(&r.stream)
-            .bind(to_i64(r.sequence)?)
-            .bind(sqlite_time(r.recorded_at))
-            .bind(&r.actor)
-            .bind(i64::from(r.schema_version))
-            .bind(&r.event_type)
-            .bind(&r.payload)
-            .bind(&r.prev_hash)
-            .bind(&r.hash)
-            .execute(&mut *tx)
-            .await;
-            if let Err(e) = inserted {
-                // Under the write lock a duplicate means a stale cached version.
+                 schema_version, event_type, payload, prev_hash, hash) ",
+            );
+            let mut bad = None;
+            q.push_values(chunk, |mut b, r| {
+                let (pos, seq) = match (to_i64(r.position), to_i64(r.sequence)) {
+                    (Ok(p), Ok(q)) => (p, q),
+                    (Err(e), _) | (_, Err(e)) => {
+                        bad = Some(e);
+                        (0, 0)
+                    }
+                };
+                b.push_bind(pos)
+                    .push_bind(&r.stream)
+                    .push_bind(seq)
+                    .push_bind(sqlite_time(r.recorded_at))
+                    .push_bind(&r.actor)
+                    .push_bind(i64::from(r.schema_version))
+                    .push_bind(&r.event_type)
+                    .push_bind(&r.payload)
+                    .push_bind(&r.prev_hash)
+                    .push_bind(&r.hash);
+            });
+            if let Some(e) = bad {
+                return Err(e.into());
+            }
+            if let Err(e) = q.build().execute(&mut *tx).await {
+                // Under the write lock a duplicate means a stale cached head.
                 if is_unique_violation(&e) {
                     return Err(CommitError::StaleCache);
                 }
                 return Err(e.into());
             }
         }
-        sqlx::query("UPDATE log_head SET position = ?1, hash = ?2 WHERE id = 1")
-            .bind(to_i64(plan.head.position)?)
-            .bind(&plan.head.hash)
-            .execute(&mut *tx)
-            .await?;
+        let heads: Vec<(&String, i64, i64, &String)> = plan
+            .heads
+            .iter()
+            .zip(&plan.head_positions)
+            .map(|((stream, (sequence, hash)), position)| {
+                Ok((stream, to_i64(*sequence)?, to_i64(*position)?, hash))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        for chunk in heads.chunks(1000) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO stream_heads (stream, sequence, position, hash) ",
+            );
+            q.push_values(chunk, |mut b, (stream, sequence, position, hash)| {
+                b.push_bind(*stream)
+                    .push_bind(*sequence)
+                    .push_bind(*position)
+                    .push_bind(*hash);
+            });
+            q.push(
+                " ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence, \
+                 position = excluded.position, hash = excluded.hash",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
         tx.commit()
             .await
             .map_err(|e| CommitError::Store(crate::error::classify(e, true)))?;
@@ -169,6 +202,25 @@ impl Lite {
         ))
         .bind(stream)
         .bind(to_i64(from)?)
+        .bind(to_i64(limit as u64)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(raw).collect()
+    }
+
+    /// Rows in (stream, sequence) order after `(stream, sequence)` (keyset paging).
+    pub async fn read_by_stream(
+        &self,
+        stream: &str,
+        sequence: u64,
+        limit: usize,
+    ) -> Result<Vec<RawRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM events WHERE (stream, sequence) > (?1, ?2) \
+             ORDER BY stream, sequence LIMIT ?3"
+        ))
+        .bind(stream)
+        .bind(to_i64(sequence)?)
         .bind(to_i64(limit as u64)?)
         .fetch_all(&self.pool)
         .await?;

@@ -1,10 +1,14 @@
-//! The writer task: group commit of concurrent appends.
+//! The writer lanes: group commit of concurrent appends.
 //!
-//! Every append is validated and serialized by its caller ([`prepare`]) and queued.
-//! The writer takes the first queued append plus everything else already waiting (up
-//! to [`MAX_TX_EVENTS`]) and commits them in one transaction: lock the head, read the
-//! streams' versions, check each append's expected version ([`plan`]), insert the rows,
-//! move the head, commit — then answer every caller. A conflicting append is answered
+//! Every append is validated and serialized by its caller ([`prepare`]) and queued on
+//! the lane its stream hashes to (one lane on SQLite, several on Postgres; a stream
+//! always uses the same lane, so its appends stay in order). A lane takes the first
+//! queued append plus everything else already waiting (up to [`MAX_TX_EVENTS`]) and
+//! commits them in one transaction: read the streams' heads (or remember them), check
+//! each append's expected version ([`plan`]), take positions, chain each row to the
+//! previous row of its stream, insert the rows, move the streams' heads, commit — then
+//! answer every caller. Lanes share no lock: appends to different streams commit in
+//! parallel. A conflicting append is answered
 //! with a conflict and does not affect the others in the batch. If the transaction
 //! fails, every non-conflicting caller gets the error: nothing is acknowledged that was
 //! not committed.
@@ -14,13 +18,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use meridian_events::{CURRENT_SCHEMA_VERSION, Event, RecordedEvent, chain_hash};
+use meridian_events::{CURRENT_SCHEMA_VERSION, Event, GENESIS_HASH, RecordedEvent, chain_hash};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::row::RawRow;
 use crate::{
-    Backend, ExpectedVersion, LogHead, MAX_BATCH_EVENTS, MAX_PAYLOAD_BYTES, NewEvent, Reply,
-    StoreError, check_name,
+    Backend, ExpectedVersion, MAX_BATCH_EVENTS, MAX_PAYLOAD_BYTES, NewEvent, Reply, StoreError,
+    check_name,
 };
 
 /// Most events the writer puts in one transaction.
@@ -90,22 +94,26 @@ pub(crate) fn prepare(
     )))
 }
 
-/// The writer's memory of each stream's last sequence, so a steady stream of appends
-/// needs no version lookup. It may be stale when another process appended to the same
-/// stream: a stale entry either makes the insert hit the `(stream, sequence)` unique
-/// key (the batch is retried with fresh versions) or looks like a conflict (re-checked
-/// against the database before it is reported). Updated only after a commit.
+/// A stream's last row as the writer knows it: its sequence and hash (the next row's
+/// `prev_hash`).
+pub(crate) type Head = (u64, String);
+
+/// The writer's memory of each stream's head, so a steady stream of appends needs no
+/// head lookup. It may be stale when another process appended to the same stream: a
+/// stale entry either makes the insert hit the `(stream, sequence)` unique key (the
+/// batch is retried with fresh heads) or looks like a conflict (re-checked against the
+/// database before it is reported). Updated only after a commit.
 #[derive(Default)]
-pub(crate) struct VersionCache {
-    map: HashMap<String, u64>,
+pub(crate) struct HeadCache {
+    map: HashMap<String, Head>,
 }
 
 /// Most streams remembered before the cache starts over.
 const MAX_CACHED_STREAMS: usize = 100_000;
 
-impl VersionCache {
-    /// Split the batch's streams into cached versions and streams to look up.
-    pub fn lookup(&self, batch: &[Pending]) -> (HashMap<String, u64>, Vec<String>) {
+impl HeadCache {
+    /// Split the batch's streams into cached heads and streams to look up.
+    pub fn lookup(&self, batch: &[Pending]) -> (HashMap<String, Head>, Vec<String>) {
         let mut known = HashMap::new();
         let mut missing = Vec::new();
         for p in batch {
@@ -114,7 +122,7 @@ impl VersionCache {
             }
             match self.map.get(&p.stream) {
                 Some(v) => {
-                    known.insert(p.stream.clone(), *v);
+                    known.insert(p.stream.clone(), v.clone());
                 }
                 None => missing.push(p.stream.clone()),
             }
@@ -122,22 +130,13 @@ impl VersionCache {
         (known, missing)
     }
 
-    /// Remember the versions a committed plan left.
-    pub fn committed(&mut self, batch: &[Pending], plan: &Plan) {
+    /// Remember the heads a committed plan left.
+    pub fn committed(&mut self, plan: &Plan) {
         if self.map.len() > MAX_CACHED_STREAMS {
             self.map.clear();
         }
-        for (p, o) in batch.iter().zip(&plan.outcomes) {
-            match o {
-                Outcome::Rows(r) => {
-                    if let Some(last) = r.end.checked_sub(1).and_then(|i| plan.rows.get(i)) {
-                        self.map.insert(p.stream.clone(), last.sequence);
-                    }
-                }
-                Outcome::Conflict { actual } => {
-                    self.map.insert(p.stream.clone(), *actual);
-                }
-            }
+        for (stream, head) in &plan.heads {
+            self.map.insert(stream.clone(), head.clone());
         }
     }
 
@@ -147,7 +146,7 @@ impl VersionCache {
     }
 }
 
-/// Streams of a plan's conflicts whose version came from the cache, to re-check.
+/// Streams of a plan's conflicts whose head came from the cache, to re-check.
 pub(crate) fn cached_conflicts(batch: &[Pending], plan: &Plan, fresh: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for (p, o) in batch.iter().zip(&plan.outcomes) {
@@ -163,7 +162,7 @@ pub(crate) fn cached_conflicts(batch: &[Pending], plan: &Plan, fresh: &[String])
 
 /// Why a backend's commit did not go through.
 pub(crate) enum CommitError {
-    /// A cached version was stale (unique violation); retry with fresh versions.
+    /// A cached head was stale (unique violation); retry with fresh heads.
     StaleCache,
     /// A real failure.
     Store(StoreError),
@@ -183,27 +182,61 @@ pub(crate) enum Outcome {
     Conflict { actual: u64 },
 }
 
-/// The rows a batch inserts, given the locked head and the streams' versions.
+/// The rows a batch inserts, given the streams' heads.
 pub(crate) struct Plan {
     pub rows: Vec<RawRow>,
     pub outcomes: Vec<Outcome>,
-    pub head: LogHead,
+    /// The new head of every stream the plan appends to: sequence and hash, and the
+    /// position of that row.
+    pub heads: Vec<(String, Head)>,
+    /// The new head rows' positions, parallel to `heads`.
+    pub head_positions: Vec<u64>,
 }
 
-/// Assign sequences, positions and hashes to a batch.
+impl Plan {
+    /// Highest position the plan writes (0 when it writes nothing).
+    pub fn max_position(&self) -> u64 {
+        self.rows.iter().map(|r| r.position).max().unwrap_or(0)
+    }
+}
+
+/// How many rows `batch` will insert given `heads` (the conflicts write none).
+pub(crate) fn rows_needed(heads: &HashMap<String, Head>, batch: &[Pending]) -> usize {
+    let mut versions: HashMap<&str, u64> = HashMap::new();
+    let mut n = 0;
+    for p in batch {
+        let actual = versions
+            .get(p.stream.as_str())
+            .copied()
+            .unwrap_or_else(|| heads.get(&p.stream).map_or(0, |h| h.0));
+        if p.expected.accepts(actual) {
+            n += p.events.len();
+            versions.insert(&p.stream, actual + p.events.len() as u64);
+        } else {
+            versions.insert(&p.stream, actual);
+        }
+    }
+    n
+}
+
+/// Assign sequences, positions (taken in order from `positions`) and per-stream chain
+/// hashes to a batch. `positions` must hold at least [`rows_needed`] values.
 pub(crate) fn plan(
-    head: LogHead,
-    versions: &HashMap<String, u64>,
+    heads: &HashMap<String, Head>,
     batch: &[Pending],
     now: DateTime<Utc>,
+    positions: &[u64],
 ) -> Plan {
-    let mut versions = versions.clone();
+    let mut heads = heads.clone();
+    let mut touched: Vec<String> = Vec::new();
     let mut rows = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
-    let mut position = head.position;
-    let mut prev_hash = head.hash;
+    let mut next = positions.iter().copied();
     for p in batch {
-        let actual = versions.get(&p.stream).copied().unwrap_or(0);
+        let (actual, mut prev_hash) = heads
+            .get(&p.stream)
+            .cloned()
+            .unwrap_or_else(|| (0, GENESIS_HASH.to_owned()));
         if !p.expected.accepts(actual) {
             outcomes.push(Outcome::Conflict { actual });
             continue;
@@ -212,7 +245,7 @@ pub(crate) fn plan(
         let mut sequence = actual;
         for e in &p.events {
             sequence += 1;
-            position += 1;
+            let position = next.next().unwrap_or(0);
             let mut row = RawRow {
                 position,
                 stream: p.stream.clone(),
@@ -229,16 +262,31 @@ pub(crate) fn plan(
             prev_hash.clone_from(&row.hash);
             rows.push(row);
         }
-        versions.insert(p.stream.clone(), sequence);
+        if !touched.contains(&p.stream) {
+            touched.push(p.stream.clone());
+        }
+        heads.insert(p.stream.clone(), (sequence, prev_hash));
         outcomes.push(Outcome::Rows(start..rows.len()));
+    }
+    let mut out_heads = Vec::with_capacity(touched.len());
+    let mut head_positions = Vec::with_capacity(touched.len());
+    for s in touched {
+        let h = heads
+            .remove(&s)
+            .unwrap_or_else(|| (0, GENESIS_HASH.to_owned()));
+        let pos = rows
+            .iter()
+            .rev()
+            .find(|r| r.stream == s)
+            .map_or(0, |r| r.position);
+        head_positions.push(pos);
+        out_heads.push((s, h));
     }
     Plan {
         rows,
         outcomes,
-        head: LogHead {
-            position,
-            hash: prev_hash,
-        },
+        heads: out_heads,
+        head_positions,
     }
 }
 
@@ -249,7 +297,7 @@ pub(crate) async fn run(
     head_tx: Arc<watch::Sender<u64>>,
 ) {
     let mut batch: Vec<Pending> = Vec::new();
-    let mut cache = VersionCache::default();
+    let mut cache = HeadCache::default();
     while let Some(first) = rx.recv().await {
         let mut n = first.events.len();
         batch.push(first);
@@ -262,6 +310,10 @@ pub(crate) async fn run(
                 Err(_) => break,
             }
         }
+        // Streams in a fixed order inside every transaction, so two writers (lanes of
+        // other processes) touching the same streams wait for each other instead of
+        // deadlocking. Each append keeps its own reply, so the order is free.
+        batch.sort_by(|a, b| a.stream.cmp(&b.stream));
         let mut result = commit(&backend, &batch, &mut cache).await;
         if matches!(result, Err(CommitError::StaleCache)) {
             cache.clear();
@@ -269,7 +321,7 @@ pub(crate) async fn run(
         }
         let result = match result {
             Ok(plan) => {
-                cache.committed(&batch, &plan);
+                cache.committed(&plan);
                 Ok(plan)
             }
             Err(CommitError::StaleCache) => Err(StoreError::Database(
@@ -282,7 +334,7 @@ pub(crate) async fn run(
         };
         match result {
             Ok(plan) => {
-                let head = plan.head.position;
+                let head = plan.max_position();
                 head_tx.send_if_modified(|h| {
                     let moved = head > *h;
                     if moved {
@@ -305,7 +357,7 @@ pub(crate) async fn run(
 async fn commit(
     backend: &Backend,
     batch: &[Pending],
-    cache: &mut VersionCache,
+    cache: &mut HeadCache,
 ) -> Result<Plan, CommitError> {
     match backend {
         Backend::Postgres(p) => p.commit(batch, cache).await,

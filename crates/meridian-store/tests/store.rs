@@ -62,7 +62,14 @@ async fn append_assigns_sequences_positions_and_chain(h: &Harness) {
     assert_eq!((a2[0].sequence, a2[0].position), (3, 4));
     assert_eq!(a[0].prev_hash, GENESIS_HASH);
     assert_eq!(a[1].prev_hash, a[0].hash);
-    assert_eq!(b[0].prev_hash, a[1].hash);
+    assert_eq!(
+        b[0].prev_hash, GENESIS_HASH,
+        "each stream has its own chain"
+    );
+    assert_eq!(
+        a2[0].prev_hash, a[1].hash,
+        "chained to the stream's previous row"
+    );
 
     let stream = s.read_stream("room:a", 1, 100).await.expect("read");
     let mut expected = a.clone();
@@ -402,8 +409,10 @@ async fn seed(h: &Harness, n: usize) {
 
 async fn tamper_edit_is_detected(h: &Harness) {
     seed(h, 6).await;
-    h.exec("UPDATE events SET payload = replace(payload, 'alice2', 'mallory') WHERE position = 3")
-        .await;
+    h.tamper(
+        "UPDATE events SET payload = replace(payload, 'alice2', 'mallory') WHERE position = 3",
+    )
+    .await;
     let r = h.store.verify_chain().await.expect("verify");
     let b = r.first_break.expect("break found");
     assert_eq!((b.position, b.kind), (3, BreakKind::HashMismatch));
@@ -412,36 +421,37 @@ async fn tamper_edit_is_detected(h: &Harness) {
 
 async fn tamper_delete_is_detected(h: &Harness) {
     seed(h, 6).await;
-    h.exec("DELETE FROM events WHERE position = 4").await;
+    h.tamper("DELETE FROM events WHERE position = 4").await;
     let b = h.store.verify_chain().await.expect("verify").first_break;
     assert_eq!(
-        b.map(|b| (b.position, b.kind)),
-        Some((4, BreakKind::Missing))
+        b.map(|b| (b.stream, b.sequence, b.kind)),
+        Some((Some("room:t".into()), Some(4), BreakKind::Missing))
     );
 }
 
 async fn tamper_swap_is_detected(h: &Harness) {
     seed(h, 6).await;
-    h.exec(
+    h.tamper(
         "UPDATE events SET position = 1000000 WHERE position = 3;
          UPDATE events SET position = 3 WHERE position = 5;
          UPDATE events SET position = 5 WHERE position = 1000000;",
     )
     .await;
+    // Sequence 3 now sits at position 5: the hash covers the position.
     let b = h.store.verify_chain().await.expect("verify").first_break;
     assert_eq!(
-        b.map(|b| (b.position, b.kind)),
-        Some((3, BreakKind::PrevHashMismatch))
+        b.map(|b| (b.sequence, b.kind)),
+        Some((Some(3), BreakKind::HashMismatch))
     );
 }
 
 async fn tamper_tail_delete_is_detected(h: &Harness) {
     seed(h, 6).await;
-    h.exec("DELETE FROM events WHERE position = 6").await;
+    h.tamper("DELETE FROM events WHERE position = 6").await;
     let b = h.store.verify_chain().await.expect("verify").first_break;
     assert_eq!(
-        b.map(|b| (b.position, b.kind)),
-        Some((6, BreakKind::Missing))
+        b.map(|b| (b.position, b.sequence, b.kind)),
+        Some((6, Some(6), BreakKind::Missing))
     );
 }
 
@@ -465,7 +475,7 @@ async fn tamper_rehash_is_detected_at_next_row(h: &Harness) {
             payload,
         },
     );
-    h.exec(&format!(
+    h.tamper(&format!(
         "UPDATE events SET payload = '{payload}', hash = '{forged}' WHERE position = 2"
     ))
     .await;

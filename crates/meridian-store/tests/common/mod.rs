@@ -117,8 +117,34 @@ impl Harness {
         }
     }
 
+    /// Tamper with the log: run `sql` with the append-only triggers disabled
+    /// (Postgres: `DISABLE TRIGGER USER` around it; SQLite: the triggers are dropped).
+    pub async fn tamper(&self, sql: &str) {
+        match self.kind {
+            Kind::Sqlite => {
+                self.exec(&format!(
+                    "DROP TRIGGER IF EXISTS events_no_update; \
+                     DROP TRIGGER IF EXISTS events_no_delete; {sql}"
+                ))
+                .await
+            }
+            Kind::Postgres => {
+                self.exec(&format!(
+                    "ALTER TABLE events DISABLE TRIGGER USER; {sql}; \
+                     ALTER TABLE events ENABLE TRIGGER USER;"
+                ))
+                .await
+            }
+        }
+    }
+
     /// Run plain SQL on the store's database, bypassing the store (for tampering).
     pub async fn exec(&self, sql: &str) {
+        self.try_exec(sql).await.expect("tamper sql");
+    }
+
+    /// Run plain SQL on the store's database; the database's error as text.
+    pub async fn try_exec(&self, sql: &str) -> Result<(), String> {
         match self.kind {
             Kind::Sqlite => {
                 let path = self.dir.as_ref().expect("dir").path().join("events.db");
@@ -126,11 +152,9 @@ impl Harness {
                 let mut c = sqlx::SqliteConnection::connect_with(&opts)
                     .await
                     .expect("sqlite connect");
-                sqlx::raw_sql(sql)
-                    .execute(&mut c)
-                    .await
-                    .expect("tamper sql");
+                let r = sqlx::raw_sql(sql).execute(&mut c).await;
                 c.close().await.expect("close");
+                r.map(|_| ()).map_err(|e| e.to_string())
             }
             Kind::Postgres => {
                 let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url())
@@ -139,11 +163,9 @@ impl Harness {
                 let mut c = sqlx::PgConnection::connect_with(&opts)
                     .await
                     .expect("pg connect");
-                sqlx::raw_sql(sql)
-                    .execute(&mut c)
-                    .await
-                    .expect("tamper sql");
+                let r = sqlx::raw_sql(sql).execute(&mut c).await;
                 c.close().await.expect("close");
+                r.map(|_| ()).map_err(|e| e.to_string())
             }
         }
     }
