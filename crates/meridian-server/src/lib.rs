@@ -11,6 +11,7 @@ pub mod config;
 mod http;
 mod mailbox;
 mod media_loop;
+mod udp;
 pub mod metrics;
 mod outbox;
 mod signal;
