@@ -138,7 +138,10 @@ impl Counter {
 }
 
 fn epoch_90khz(now: Instant) -> u32 {
-    (now.saturating_duration_since(crate::media::epoch()).as_micros() as u64 * 9 / 100) as u32
+    (now.saturating_duration_since(crate::media::epoch())
+        .as_micros() as u64
+        * 9
+        / 100) as u32
 }
 
 fn count(

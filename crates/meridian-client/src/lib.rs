@@ -1147,7 +1147,10 @@ impl Session {
         };
         let others = counter.drain(&self.subscriber.socket);
         let counted = counter.stats().clone();
-        self.stats.lock().expect("stats lock never poisoned").counted = counted;
+        self.stats
+            .lock()
+            .expect("stats lock never poisoned")
+            .counted = counted;
         for (from, data) in others {
             self.incoming(false, from, data);
         }

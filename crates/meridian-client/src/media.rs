@@ -200,6 +200,7 @@ impl AudioSource {
         AudioSource {
             mid,
             seq: 0,
+            started: now,
             next_frame: now,
         }
     }

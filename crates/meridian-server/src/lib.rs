@@ -11,10 +11,10 @@ pub mod config;
 mod http;
 mod mailbox;
 mod media_loop;
-mod udp;
 pub mod metrics;
 mod outbox;
 mod signal;
+mod udp;
 mod webtransport;
 
 use std::net::SocketAddr;

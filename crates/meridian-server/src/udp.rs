@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use meridian_media::Transmit;
 use quinn_udp::{RecvMeta, UdpSocketState};
-use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny, SocketAddrArg};
+use rustix::net::addr::SocketAddrArg;
+use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -94,9 +95,12 @@ impl MediaSocket {
             return Ok(0);
         }
         let addrs: Vec<SocketAddrAny> = batch.iter().map(|t| t.destination.as_any()).collect();
-        let iovs: Vec<[IoSlice<'_>; 1]> = batch.iter().map(|t| [IoSlice::new(&t.contents)]).collect();
-        let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
-            batch.iter().map(|_| SendAncillaryBuffer::default()).collect();
+        let iovs: Vec<[IoSlice<'_>; 1]> =
+            batch.iter().map(|t| [IoSlice::new(&t.contents)]).collect();
+        let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = batch
+            .iter()
+            .map(|_| SendAncillaryBuffer::default())
+            .collect();
         let mut msgs: Vec<MMsgHdr<'_>> = addrs
             .iter()
             .zip(&iovs)
@@ -104,7 +108,8 @@ impl MediaSocket {
             .map(|((addr, iov), control)| MMsgHdr::new_with_addr(addr, iov, control))
             .collect();
         let result = self.socket.try_io(Interest::WRITABLE, || {
-            rustix::net::sendmmsg(&*self.socket, &mut msgs, SendFlags::empty()).map_err(io::Error::from)
+            rustix::net::sendmmsg(&*self.socket, &mut msgs, SendFlags::empty())
+                .map_err(io::Error::from)
         });
         match result {
             Ok(sent) => Ok(sent),

@@ -518,6 +518,8 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "loss_to_media_ms_p95": percentile(&failover.to_media, 0.95),
         "loss_to_media_ms_max": failover.to_media.last().copied().unwrap_or(0.0),
         "media_not_restored": failover.media_not_restored,
+    });
+    let bench = serde_json::json!({
         "counted_packets": counted.packets,
         "counted_pps": counted.packets as f64 / secs,
         "counted_mbps": counted.bytes as f64 * 8.0 / secs / 1e6,
@@ -541,6 +543,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "node_forward_latency_us_p50_bucket": node_after.latency_quantile_us(&node_before, 0.50),
         "node_forward_latency_us_p99_bucket": node_after.latency_quantile_us(&node_before, 0.99),
     });
+    let mut summary = summary;
+    if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), bench) {
+        all.extend(more);
+    }
     println!(
         "loadgen: {} publishers, {} subscribers in {} room(s) for {:.1}s{}",
         args.publishers,
