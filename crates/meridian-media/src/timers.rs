@@ -106,7 +106,7 @@ mod tests {
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut timers = TimerHeap::new();
         let mut keys: HashMap<u32, Key> = HashMap::new();
-        let mut set = |timers: &mut TimerHeap<u32>, keys: &mut HashMap<u32, Key>, k, at| {
+        let set = |timers: &mut TimerHeap<u32>, keys: &mut HashMap<u32, Key>, k, at| {
             let key = keys.entry(k).or_default();
             key.deadline = Some(at);
             timers.update(k, at, &mut key.scheduled);
