@@ -59,13 +59,6 @@ impl MediaLoop {
             let deadline = tokio::time::Instant::from_std(self.controller.poll_timeout());
             tokio::select! {
                 biased;
-                ready = self.socket.readable() => {
-                    if let Err(e) = ready {
-                        warn!("media socket failed: {e}");
-                        return;
-                    }
-                    self.receive_batch();
-                }
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd.filter(|c| !matches!(c, Command::Shutdown)) else {
                         info!("media loop stopping");
@@ -77,6 +70,15 @@ impl MediaLoop {
                     self.controller.handle_timeout(Instant::now());
                 }
                 _ = housekeeping.tick() => self.observe(),
+                // Last: a socket that is always readable (saturation) must not starve
+                // commands (joins timed out at 474 subscribers) or the metrics tick.
+                ready = self.socket.readable() => {
+                    if let Err(e) = ready {
+                        warn!("media socket failed: {e}");
+                        return;
+                    }
+                    self.receive_batch();
+                }
             }
             self.flush().await;
         }
