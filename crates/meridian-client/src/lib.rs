@@ -18,6 +18,7 @@
 //! token; see [`Client`] for what each answer leads to.
 #![deny(missing_docs)]
 
+mod count;
 mod media;
 mod reconnect;
 mod signal;
@@ -43,6 +44,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+pub use count::CountStats;
 pub use media::{FrameHeader, now_micros};
 pub use reconnect::{
     AttemptFailure, AttemptPlan, ReconnectPolicy, Reconnected, Reconnector, Step, refusal_is_final,
@@ -161,6 +163,10 @@ pub struct ClientConfig {
     pub impairment: Option<NetemConfig>,
     /// How long to wait for `joined` on the first join.
     pub join_timeout: Duration,
+    /// Benchmark receiver: once the subscriber connection is up, count its SRTP
+    /// packets in batches without decrypting them ([`ClientStats::counted`]; no frames,
+    /// latency or loss in [`ClientStats::tracks`]).
+    pub count_only: bool,
 }
 
 impl ClientConfig {
@@ -183,6 +189,7 @@ impl ClientConfig {
             bind_ip: "127.0.0.1".parse().expect("valid literal"),
             impairment: None,
             join_timeout: Duration::from_secs(10),
+            count_only: false,
         }
     }
 
@@ -607,6 +614,8 @@ struct Session {
     published: Vec<TrackInfo>,
     /// Last sign of life from the node (a message, or a datagram if the policy says so).
     last_heard: Instant,
+    /// The counting receiver, once the subscriber connection is up (`count_only`).
+    counter: Option<count::Counter>,
 }
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
@@ -690,6 +699,7 @@ impl Session {
             resume_token: joined.resume,
             published: Vec::new(),
             last_heard: now,
+            counter: None,
         })
     }
 
@@ -785,9 +795,13 @@ impl Session {
                     Err(e) if transient_socket_error(&e) => debug!("publisher socket: {e}"),
                     Err(e) => return Err(e.into()),
                 },
-                r = self.subscriber.socket.recv_from(&mut buf_sub) => match r {
+                r = self.subscriber.socket.recv_from(&mut buf_sub), if self.counter.is_none() => match r {
                     Ok((n, from)) => self.incoming(false, from, buf_sub[..n].to_vec()),
                     Err(e) if transient_socket_error(&e) => debug!("subscriber socket: {e}"),
+                    Err(e) => return Err(e.into()),
+                },
+                r = self.subscriber.socket.readable(), if self.counter.is_some() => match r {
+                    Ok(()) => self.count_batch(),
                     Err(e) => return Err(e.into()),
                 },
                 cmd = commands.recv() => match cmd {
@@ -1060,6 +1074,22 @@ impl Session {
         }
     }
 
+    /// Counts what the subscriber socket holds; hands the rest to the connection.
+    fn count_batch(&mut self) {
+        let Some(counter) = &mut self.counter else {
+            return;
+        };
+        let others = counter.drain(&self.subscriber.socket);
+        let counted = counter.stats().clone();
+        self.stats
+            .lock()
+            .expect("stats lock never poisoned")
+            .counted = counted;
+        for (from, data) in others {
+            self.incoming(false, from, data);
+        }
+    }
+
     fn deliver(&mut self, now: Instant, publisher: bool, from: SocketAddr, data: &[u8]) {
         let pc = self.pc(publisher);
         let Ok(receive) = Receive::new(Protocol::Udp, from, pc.local, data) else {
@@ -1172,6 +1202,26 @@ impl Session {
                     s.publisher_connected = true;
                 } else {
                     s.subscriber_connected = true;
+                }
+                drop(s);
+                if !publisher && self.config.count_only && self.counter.is_none() {
+                    let video_pts = self
+                        .subscriber
+                        .rtc
+                        .codec_config()
+                        .iter()
+                        .filter(|p| {
+                            matches!(
+                                p.spec().codec,
+                                str0m::format::Codec::Vp8 | str0m::format::Codec::H264
+                            )
+                        })
+                        .map(|p| *p.pt())
+                        .collect();
+                    match count::Counter::new(&self.subscriber.socket, video_pts) {
+                        Ok(c) => self.counter = Some(c),
+                        Err(e) => warn!("counting receiver: {e}"),
+                    }
                 }
             }
             Event::KeyframeRequest(KeyframeRequest { rid, .. }) => {

@@ -9,6 +9,14 @@ use str0m::media::{MediaTime, Mid, Pt};
 /// Marks a synthetic frame's header.
 const MAGIC: &[u8; 4] = b"MRDN";
 
+/// The instant every synthetic video source's RTP clock counts from (process-wide), so
+/// a receiver in the same process can read a packet's send time from its RTP timestamp
+/// without decrypting it (see `count`).
+pub(crate) fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Microseconds since the Unix epoch (shared by sender and receiver on one host).
 pub fn now_micros() -> u64 {
     SystemTime::now()
@@ -80,7 +88,6 @@ pub(crate) struct VideoSource {
     interval: Duration,
     keyframe_interval: u32,
     seq: u64,
-    started: Instant,
     pub(crate) next_frame: Instant,
 }
 
@@ -93,6 +100,7 @@ impl VideoSource {
         keyframe_interval: u32,
         now: Instant,
     ) -> Self {
+        epoch();
         let layers = if layers.is_empty() {
             vec![Layer::High]
         } else {
@@ -111,7 +119,6 @@ impl VideoSource {
             interval: Duration::from_secs(1) / fps.max(1),
             keyframe_interval: keyframe_interval.max(1),
             seq: 0,
-            started: now,
             next_frame: now,
         }
     }
@@ -142,7 +149,7 @@ impl VideoSource {
         let Some(pt) = vp8_pt(rtc) else {
             return;
         };
-        let elapsed = now.saturating_duration_since(self.started);
+        let elapsed = now.saturating_duration_since(epoch());
         let rtp = MediaTime::from_90khz((elapsed.as_micros() as u64) * 9 / 100);
         let sent = now_micros();
         let single = self.layers.len() == 1;

@@ -144,6 +144,8 @@ pub struct ClientStats {
     pub reconnect_history: Vec<ReconnectRecord>,
     /// When the last media frame (any track) was received.
     pub last_frame_at: Option<Instant>,
+    /// Packets counted without decrypting (`ClientConfig::count_only`).
+    pub counted: crate::CountStats,
 }
 
 impl ClientStats {
@@ -203,6 +205,7 @@ impl ClientStats {
     /// records: those that started after `earlier`, or were unfinished in it).
     pub fn since(&self, earlier: &ClientStats) -> ClientStats {
         let mut out = self.clone();
+        out.counted = self.counted.since(&earlier.counted);
         out.losses -= earlier.losses.min(out.losses);
         out.reconnects -= earlier.reconnects.min(out.reconnects);
         out.restored_resumes -= earlier.restored_resumes.min(out.restored_resumes);

@@ -28,8 +28,9 @@ mod negotiate;
 mod pc;
 mod rate;
 mod room;
+mod timers;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,11 @@ pub use pc::PcKind;
 
 use pc::mark_dirty;
 use room::{Participant, Track};
+use timers::TimerHeap;
+
+/// The core's hash map: foldhash (fast, randomly seeded) instead of SipHash on the
+/// per-packet lookups.
+pub(crate) type HashMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Errors from commands given to the media core.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +226,8 @@ pub struct Sfu {
     transmits: VecDeque<Transmit>,
     events: VecDeque<SfuEvent>,
     dirty: Vec<(ParticipantId, PcKind)>,
+    /// Every connection's next timeout (see `timers`).
+    timers: TimerHeap<(ParticipantId, PcKind)>,
     stats: SfuStats,
     last_now: Instant,
     last_realloc: Instant,
@@ -231,15 +239,16 @@ impl Sfu {
         let first_id = config.first_id.max(1);
         Sfu {
             config,
-            participants: HashMap::new(),
-            tracks: HashMap::new(),
-            rooms: HashMap::new(),
-            by_ufrag: HashMap::new(),
-            by_addr: HashMap::new(),
+            participants: HashMap::default(),
+            tracks: HashMap::default(),
+            rooms: HashMap::default(),
+            by_ufrag: HashMap::default(),
+            by_addr: HashMap::default(),
             next_id: first_id,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             dirty: Vec::new(),
+            timers: TimerHeap::new(),
             stats: SfuStats::default(),
             last_now: now,
             last_realloc: now,
@@ -378,16 +387,27 @@ impl Sfu {
     /// Advances time: call at (or after) [`Sfu::poll_timeout`].
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        for (id, p) in self.participants.iter_mut() {
-            for kind in [PcKind::Publisher, PcKind::Subscriber] {
-                let pc = p.pc_mut(kind);
-                if pc.next_timeout <= now {
-                    if let Err(e) = pc.rtc.handle_input(Input::Timeout(now)) {
-                        warn!(participant = %id, "timeout handling failed: {e}");
-                    }
-                    mark_dirty(&mut self.dirty, *id, pc, kind);
-                }
+        // Only the connections that are due: O(due · log n), not O(participants).
+        while let Some((at, (id, kind))) = self.timers.pop_due(now) {
+            let Some(p) = self.participants.get_mut(&id) else {
+                continue; // left since
+            };
+            let pc = p.pc_mut(kind);
+            if pc.scheduled != Some(at) {
+                continue; // stale: the deadline moved earlier since
             }
+            pc.scheduled = None;
+            if pc.next_timeout > now {
+                // The deadline moved later since: wait for it.
+                self.timers
+                    .update((id, kind), pc.next_timeout, &mut pc.scheduled);
+                continue;
+            }
+            if let Err(e) = pc.rtc.handle_input(Input::Timeout(now)) {
+                warn!(participant = %id, "timeout handling failed: {e}");
+            }
+            // Draining it (`process`) sets its next deadline.
+            mark_dirty(&mut self.dirty, id, pc, kind);
         }
         // Reallocate layers as measured rates change (estimates also trigger it).
         if now.saturating_duration_since(self.last_realloc) >= REALLOCATE_INTERVAL {
@@ -410,12 +430,15 @@ impl Sfu {
         self.events.pop_front()
     }
 
-    /// When to call [`Sfu::handle_timeout`] next.
+    /// When to call [`Sfu::handle_timeout`] next. O(1): the head of the timer heap
+    /// (which may be a little early, never late).
     pub fn poll_timeout(&self) -> Instant {
-        self.participants
-            .values()
-            .flat_map(|p| [p.publisher.next_timeout, p.subscriber.next_timeout])
-            .min()
+        if !self.dirty.is_empty() {
+            // Connections left undrained by the processing bound: at once.
+            return self.last_now;
+        }
+        self.timers
+            .peek()
             .unwrap_or(self.last_now + Duration::from_millis(100))
     }
 }

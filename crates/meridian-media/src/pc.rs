@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::{ParticipantId, Sfu, SfuConfig, SfuEvent, TrackId, Transmit};
 
 /// Which of a participant's two peer connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PcKind {
     /// Carries media from the client to the node; the client offers.
     Publisher,
@@ -26,6 +26,8 @@ pub(crate) struct Pc {
     pub(crate) rtc: Rtc,
     pub(crate) ufrag: String,
     pub(crate) next_timeout: Instant,
+    /// The time of this connection's live entry in the core's timer heap.
+    pub(crate) scheduled: Option<Instant>,
     /// The address media is taken from (bound by a verified ICE check).
     pub(crate) remote: Option<SocketAddr>,
     /// When the last verified ICE check from `remote` arrived.
@@ -58,6 +60,7 @@ impl Pc {
             rtc,
             ufrag,
             next_timeout: now,
+            scheduled: None,
             remote: None,
             last_check: None,
             recent_checks: VecDeque::new(),
@@ -87,6 +90,7 @@ impl Sfu {
                 match pc.rtc.poll_output() {
                     Ok(Output::Timeout(t)) => {
                         pc.next_timeout = t;
+                        self.timers.update((id, kind), t, &mut pc.scheduled);
                         break;
                     }
                     Ok(Output::Transmit(t)) => self.transmits.push_back(Transmit {
@@ -97,6 +101,8 @@ impl Sfu {
                     Err(e) => {
                         warn!(participant = %id, ?kind, "connection failed: {e}");
                         pc.next_timeout = now + Duration::from_secs(3600);
+                        self.timers
+                            .update((id, kind), pc.next_timeout, &mut pc.scheduled);
                         if pc.connected {
                             pc.connected = false;
                             self.events.push_back(SfuEvent::Disconnected {

@@ -1,7 +1,6 @@
 //! Room bookkeeping: rooms, participants, published tracks and subscriptions, and the
 //! commands that change them.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use meridian_protocol::{Layer, TrackAnnouncement, TrackInfo, TrackKind};
@@ -14,7 +13,7 @@ use tracing::{debug, warn};
 use crate::forward::Forwarder;
 use crate::pc::{Pc, mark_dirty};
 use crate::rate::LayerRate;
-use crate::{MediaError, ParticipantId, PcKind, Sfu, SfuEvent, TrackId};
+use crate::{HashMap, MediaError, ParticipantId, PcKind, Sfu, SfuEvent, TrackId};
 
 pub(crate) struct Participant {
     pub(crate) room: String,
@@ -158,14 +157,14 @@ impl Sfu {
                 publisher,
                 subscriber,
                 published: Vec::new(),
-                subscriptions: HashMap::new(),
+                subscriptions: HashMap::default(),
                 to_add: Vec::new(),
                 to_stop: Vec::new(),
                 idle: Vec::new(),
                 pending_offer: None,
                 estimate_bps: None,
-                announced: HashMap::new(),
-                ssrc_map: HashMap::new(),
+                announced: HashMap::default(),
+                ssrc_map: HashMap::default(),
             },
         );
         self.rooms.entry(room.to_string()).or_default().push(id);

@@ -15,6 +15,7 @@ mod media_loop;
 pub mod metrics;
 mod outbox;
 mod signal;
+mod udp;
 mod webtransport;
 
 use std::net::SocketAddr;

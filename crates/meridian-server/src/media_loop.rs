@@ -8,6 +8,7 @@ use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meridian_media::Transmit;
 use meridian_protocol::{ErrorCode, ServerMessage};
 use meridian_room::{Controller, ControllerConfig, ControllerStats, Output, Refusal};
 use meridian_store::NewEvent;
@@ -17,9 +18,8 @@ use tracing::{debug, info, warn};
 
 use crate::mailbox::{Command, Outbound, OutboxTx, SessionSink};
 use crate::metrics::Metrics;
+use crate::udp::MediaSocket;
 
-/// Largest datagram read; anything longer is truncated and then refused by the core.
-const MAX_DATAGRAM: usize = 2048;
 /// Datagrams handled per wake-up before timers and commands get a turn.
 const RECV_BATCH: usize = 256;
 /// Items the outbox may hold before new joins are refused (the log is far behind).
@@ -27,10 +27,10 @@ const OUTBOX_LIMIT: usize = 100_000;
 
 pub(crate) struct MediaLoop {
     controller: Controller<SessionSink>,
-    socket: Arc<UdpSocket>,
+    socket: MediaSocket,
     metrics: Metrics,
-    /// Datagrams the socket refused for now (send buffer full).
-    blocked: VecDeque<meridian_media::Transmit>,
+    /// Datagrams not yet handed to the kernel (the socket's send buffer was full).
+    outgoing: VecDeque<Transmit>,
     outbox: OutboxTx,
     /// Controller counters already added to the metrics.
     counted: ControllerStats,
@@ -45,28 +45,20 @@ impl MediaLoop {
     ) -> MediaLoop {
         MediaLoop {
             controller: Controller::new(config, Instant::now()),
-            socket,
+            socket: MediaSocket::new(socket).expect("a bound UDP socket takes its options"),
             metrics,
-            blocked: VecDeque::new(),
+            outgoing: VecDeque::new(),
             outbox,
             counted: ControllerStats::default(),
         }
     }
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
         loop {
             let deadline = tokio::time::Instant::from_std(self.controller.poll_timeout());
             tokio::select! {
                 biased;
-                ready = self.socket.readable() => {
-                    if let Err(e) = ready {
-                        warn!("media socket failed: {e}");
-                        return;
-                    }
-                    self.receive_batch(&mut buf);
-                }
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd.filter(|c| !matches!(c, Command::Shutdown)) else {
                         info!("media loop stopping");
@@ -78,62 +70,59 @@ impl MediaLoop {
                     self.controller.handle_timeout(Instant::now());
                 }
                 _ = housekeeping.tick() => self.observe(),
+                // Last: a socket that is always readable (saturation) must not starve
+                // commands (joins timed out at 474 subscribers) or the metrics tick.
+                ready = self.socket.readable() => {
+                    if let Err(e) = ready {
+                        warn!("media socket failed: {e}");
+                        return;
+                    }
+                    self.receive_batch();
+                }
             }
             self.flush().await;
         }
     }
 
-    fn receive_batch(&mut self, buf: &mut [u8]) {
-        for _ in 0..RECV_BATCH {
-            match self.socket.try_recv_from(buf) {
-                Ok((n, source)) => {
-                    let now = Instant::now();
-                    let forwarded = self.controller.sfu_stats().rtp_packets_forwarded;
-                    self.controller.handle_datagram(now, source, &buf[..n]);
-                    // Send what this datagram caused at once: a packet waits for no other.
-                    self.send_ready();
-                    if self.controller.sfu_stats().rtp_packets_forwarded > forwarded {
-                        self.metrics
-                            .forward_latency
-                            .observe(now.elapsed().as_secs_f64());
-                    }
-                    if now >= self.controller.poll_timeout() {
-                        self.controller.handle_timeout(now);
-                    }
-                }
+    /// Reads datagrams in `recvmmsg` batches (up to [`RECV_BATCH`] per wake-up) and
+    /// hands each to the controller; the copies one datagram fans out to leave in one
+    /// `sendmmsg` before the next datagram is handled (a packet waits for no other).
+    fn receive_batch(&mut self) {
+        let mut handled = 0;
+        while handled < RECV_BATCH {
+            match self.socket.try_recv_batch() {
+                Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 // ICMP errors for earlier sends surface here on Linux: ignore.
-                Err(e) => debug!("media recv: {e}"),
+                Err(e) => {
+                    debug!("media recv: {e}");
+                    continue;
+                }
             }
-        }
-    }
-
-    /// Sends the controller's datagrams without waiting; what the socket cannot take
-    /// now waits in `blocked` for [`MediaLoop::flush`].
-    fn send_ready(&mut self) {
-        while self.blocked.is_empty() {
-            let Some(t) = self.controller.poll_transmit() else {
-                return;
-            };
-            match self.socket.try_send_to(&t.contents, t.destination) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => self.blocked.push_back(t),
-                Err(e) => debug!("media send to {}: {e}", t.destination),
+            for (source, datagram) in self.socket.received() {
+                handled += 1;
+                let now = Instant::now();
+                let forwarded = self.controller.sfu_stats().rtp_packets_forwarded;
+                self.controller.handle_datagram(now, source, datagram);
+                send_ready(&self.socket, &mut self.controller, &mut self.outgoing);
+                if self.controller.sfu_stats().rtp_packets_forwarded > forwarded {
+                    self.metrics
+                        .forward_latency
+                        .observe(now.elapsed().as_secs_f64());
+                }
+                if now >= self.controller.poll_timeout() {
+                    self.controller.handle_timeout(now);
+                }
             }
         }
     }
 
     /// Sends queued datagrams and hands the controller's outputs to the outbox.
     async fn flush(&mut self) {
-        while let Some(t) = self.blocked.pop_front() {
-            if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
-                debug!("media send: {e}");
-            }
-        }
-        self.send_ready();
-        while let Some(t) = self.controller.poll_transmit() {
-            if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
-                debug!("media send: {e}");
+        while !send_ready(&self.socket, &mut self.controller, &mut self.outgoing) {
+            if let Err(e) = self.socket.writable().await {
+                warn!("media socket failed: {e}");
+                break;
             }
         }
         while let Some(output) = self.controller.poll_output() {
@@ -257,4 +246,27 @@ impl MediaLoop {
             }
         }
     }
+}
+
+/// Moves the controller's datagrams to `outgoing` and sends them with `sendmmsg`
+/// without waiting. Returns whether everything left (false: the send buffer is full).
+fn send_ready(
+    socket: &MediaSocket,
+    controller: &mut Controller<SessionSink>,
+    outgoing: &mut VecDeque<Transmit>,
+) -> bool {
+    while let Some(t) = controller.poll_transmit() {
+        outgoing.push_back(t);
+    }
+    while !outgoing.is_empty() {
+        match socket.try_send_batch(outgoing.make_contiguous()) {
+            Ok(n) => drop(outgoing.drain(..n)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                debug!("media send: {e}");
+                outgoing.pop_front();
+            }
+        }
+    }
+    true
 }

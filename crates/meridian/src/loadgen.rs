@@ -81,6 +81,123 @@ pub struct LoadgenArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Benchmark receivers: subscribers complete ICE and DTLS, then only count SRTP
+    /// packets in batches (no decryption, no frame assembly); loss comes from RTP
+    /// sequence gaps and latency from the RTP timestamp of each video frame's first
+    /// packet (`counted_*` in the summary).
+    #[arg(long)]
+    count_only: bool,
+    /// Publishers send one VP8 stream at the top `--layer-kbps` rate instead of three
+    /// simulcast layers.
+    #[arg(long)]
+    single_layer: bool,
+    /// Video frames per second of publishers.
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+    /// Local IP the clients' media sockets bind to (the address the node sees).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
+    /// Process id of the node: its CPU time (all threads, user + system, from
+    /// `/proc/PID/stat`) over the measured window goes in the summary.
+    #[arg(long)]
+    node_pid: Option<u32>,
+    /// `host:port` of the node's HTTP listener: its forwarding counters and latency
+    /// histogram over the measured window go in the summary.
+    #[arg(long)]
+    node_metrics: Option<String>,
+}
+
+/// The node's counters at one instant (see `--node-pid`, `--node-metrics`).
+#[derive(Clone, Debug, Default)]
+struct NodeSample {
+    /// CPU seconds, user + system, all threads.
+    cpu_s: f64,
+    forwarded: f64,
+    received: f64,
+    /// Cumulative `forward_latency_seconds` buckets: (upper bound, count).
+    latency_buckets: Vec<(f64, f64)>,
+}
+
+impl NodeSample {
+    async fn take(pid: Option<u32>, metrics: Option<&str>) -> NodeSample {
+        let mut s = NodeSample::default();
+        if let Some(pid) = pid
+            && let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        {
+            // Fields after the command name (which may hold spaces): state is field 3,
+            // utime 14, stime 15.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+            if let (Some(u), Some(k)) = (ticks(14), ticks(15)) {
+                s.cpu_s = (u + k) / 100.0; // USER_HZ is 100 on Linux
+            }
+        }
+        if let Some(addr) = metrics
+            && let Ok(text) = scrape(addr).await
+        {
+            for line in text.lines() {
+                let mut it = line.rsplitn(2, ' ');
+                let (Some(v), Some(name)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                let Ok(v) = v.parse::<f64>() else { continue };
+                if name == "meridian_rtp_packets_forwarded_total" {
+                    s.forwarded = v;
+                } else if name == "meridian_rtp_packets_received_total" {
+                    s.received = v;
+                } else if let Some(le) = name
+                    .strip_prefix("meridian_forward_latency_seconds_bucket{le=\"")
+                    .and_then(|r| r.strip_suffix("\"}"))
+                {
+                    let le = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap_or(f64::INFINITY)
+                    };
+                    s.latency_buckets.push((le, v));
+                }
+            }
+        }
+        s
+    }
+
+    /// Upper bound of the bucket holding quantile `q` of the latencies observed
+    /// between `earlier` and `self`, in µs.
+    fn latency_quantile_us(&self, earlier: &NodeSample, q: f64) -> Option<f64> {
+        let diffs: Vec<(f64, f64)> = self
+            .latency_buckets
+            .iter()
+            .map(|(le, c)| {
+                let before = earlier
+                    .latency_buckets
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0.0, |(_, c)| *c);
+                (*le, c - before)
+            })
+            .collect();
+        let total = diffs.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        diffs
+            .iter()
+            .find(|(_, c)| *c >= q * total)
+            .map(|(le, _)| le * 1e6)
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.0.
+async fn scrape(addr: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
 }
 
 /// Parses `delay=200ms,jitter=20ms,loss=2%` into an emulator configuration.
@@ -222,6 +339,11 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         );
         c.auto_subscribe = false;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
+        c.bind_ip = args.bind_ip;
+        c.fps = args.fps;
+        if args.single_layer {
+            c.layers = Vec::new();
+        }
         if args.impair_who != "subscribers" {
             c.impairment = impairment;
         }
@@ -241,6 +363,8 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         if args.impair_who != "publishers" {
             c.impairment = impairment;
         }
+        c.bind_ip = args.bind_ip;
+        c.count_only = args.count_only;
         subscribers.push(
             Client::join(c)
                 .await
@@ -249,13 +373,17 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     }
     // Connection set-up and the first keyframes are not steady state: measure after.
     tokio::time::sleep(args.warmup).await;
+    let node_metrics = args.node_metrics.as_deref();
+    let node_before = NodeSample::take(args.node_pid, node_metrics).await;
     let at_warmup: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
     let started = Instant::now();
     tokio::time::sleep(args.duration).await;
+    let sub_end: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
     let elapsed = started.elapsed();
+    let node_after = NodeSample::take(args.node_pid, node_metrics).await;
 
     let pub_stats: Vec<ClientStats> = publishers.iter().map(Client::stats).collect();
-    let sub_full: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
+    let sub_full: Vec<ClientStats> = sub_end;
     let sub_stats: Vec<ClientStats> = sub_full
         .iter()
         .zip(&at_warmup)
@@ -323,6 +451,25 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             .collect(),
     );
     let first_frames = sorted(sub_stats.iter().filter_map(|s| s.first_frame_ms).collect());
+    let counted = sub_stats
+        .iter()
+        .fold(meridian_client::CountStats::default(), |mut a, s| {
+            a.packets += s.counted.packets;
+            a.bytes += s.counted.bytes;
+            a.expected += s.counted.expected;
+            a.batches += s.counted.batches;
+            a.latency_us.extend_from_slice(&s.counted.latency_us);
+            a
+        });
+    let count_latency = sorted(counted.latency_us.iter().map(|&v| f64::from(v)).collect());
+    let secs = elapsed.as_secs_f64();
+    let node_cpu_s = node_after.cpu_s - node_before.cpu_s;
+    let node_forwarded = node_after.forwarded - node_before.forwarded;
+    let node_us_per_packet = if node_forwarded > 0.0 {
+        node_cpu_s * 1e6 / node_forwarded
+    } else {
+        0.0
+    };
     let pct = |missing: u64, got: u64| {
         if missing + got == 0 {
             0.0
@@ -372,6 +519,34 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "loss_to_media_ms_max": failover.to_media.last().copied().unwrap_or(0.0),
         "media_not_restored": failover.media_not_restored,
     });
+    let bench = serde_json::json!({
+        "counted_packets": counted.packets,
+        "counted_pps": counted.packets as f64 / secs,
+        "counted_mbps": counted.bytes as f64 * 8.0 / secs / 1e6,
+        "counted_loss_pct": if counted.expected > 0 {
+            (counted.expected.saturating_sub(counted.packets)) as f64 * 100.0 / counted.expected as f64
+        } else {
+            0.0
+        },
+        "counted_per_batch": if counted.batches > 0 {
+            counted.packets as f64 / counted.batches as f64
+        } else {
+            0.0
+        },
+        "counted_latency_us_p50": percentile(&count_latency, 0.50),
+        "counted_latency_us_p99": percentile(&count_latency, 0.99),
+        "counted_latency_samples": count_latency.len(),
+        "node_cpu_pct": node_cpu_s * 100.0 / secs,
+        "node_forwarded_pps": node_forwarded / secs,
+        "node_received_pps": (node_after.received - node_before.received) / secs,
+        "node_us_per_forwarded_packet": node_us_per_packet,
+        "node_forward_latency_us_p50_bucket": node_after.latency_quantile_us(&node_before, 0.50),
+        "node_forward_latency_us_p99_bucket": node_after.latency_quantile_us(&node_before, 0.99),
+    });
+    let mut summary = summary;
+    if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), bench) {
+        all.extend(more);
+    }
     println!(
         "loadgen: {} publishers, {} subscribers in {} room(s) for {:.1}s{}",
         args.publishers,
@@ -406,6 +581,25 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         percentile(&first_frames, 0.5),
         percentile(&first_frames, 0.95)
     );
+    if args.count_only {
+        println!(
+            "  counted           {:.0} pkt/s ({:.1} Mbit/s), loss {:.3}%, {:.1} per batch, latency µs p50 {:.0} p99 {:.0}",
+            summary["counted_pps"].as_f64().unwrap_or(0.0),
+            summary["counted_mbps"].as_f64().unwrap_or(0.0),
+            summary["counted_loss_pct"].as_f64().unwrap_or(0.0),
+            summary["counted_per_batch"].as_f64().unwrap_or(0.0),
+            percentile(&count_latency, 0.5),
+            percentile(&count_latency, 0.99)
+        );
+    }
+    if args.node_pid.is_some() || args.node_metrics.is_some() {
+        println!(
+            "  node              {:.0} forwarded pkt/s, {:.1}% of a core, {:.2} µs per forwarded packet",
+            node_forwarded / secs,
+            node_cpu_s * 100.0 / secs,
+            node_us_per_packet
+        );
+    }
     if failover.losses > 0 || clients_failed > 0 {
         println!(
             "  failover          {} losses, {} reconnects ({} restored, {} fresh), {} clients failed",

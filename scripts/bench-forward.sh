@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Forwarding at saturation (issue 12), honestly: one node pinned to CPU 0, the load
+# generator pinned to CPU 1 in its own network namespace behind a veth pair (so the
+# kernel does the work a NIC path would), subscribers that complete ICE and DTLS and
+# then only count SRTP packets in batches (no decrypt), and the kernel floor
+# (../shared/tools/kernel-floor/run.sh) measured in the same run.
+#
+# Run as root from the repository root:
+#   cargo build --release -p meridian
+#   sudo scripts/bench-forward.sh                      # SUBS="50 200 500", 1 publisher
+#   SUBS="200" PUBS=4 KBPS=1000 scripts/bench-forward.sh
+#
+# Environment:
+#   NODE_BIN     node binary (default target/release/meridian)
+#   LOADGEN_BIN  load generator binary (default target/release/meridian)
+#   SUBS         subscriber counts to run, one run each (default "50 200 500")
+#   PUBS         publishers in the room (default 1)
+#   KBPS         VP8 bitrate of each publisher, one stream (default 1000) + Opus
+#   FPS          video frames per second (default 30)
+#   DURATION     measured seconds per run (default 10s), after WARMUP (default 4s)
+#   FLOOR        1: run the kernel-floor tool before the first run and after the last
+#   OUT          JSON lines appended here (default /tmp/bench-forward.jsonl)
+#   LABEL        tag written into each JSON line (e.g. "before", "after")
+#
+# Each run prints the load generator's summary; its JSON line (plus the machine's
+# load average and the kernel's UDP drop counters of both sides) goes to $OUT.
+# The network namespace, veth pair and node are removed on exit, also after failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NODE_BIN=${NODE_BIN:-target/release/meridian}
+LOADGEN_BIN=${LOADGEN_BIN:-target/release/meridian}
+SUBS=${SUBS:-"50 200 500"}
+PUBS=${PUBS:-1}
+KBPS=${KBPS:-1000}
+FPS=${FPS:-30}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-4s}
+FLOOR=${FLOOR:-1}
+OUT=${OUT:-/tmp/bench-forward.jsonl}
+LABEL=${LABEL:-run}
+NODE_CPU=${NODE_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+EXTRA_NODE_ARGS=${EXTRA_NODE_ARGS:-}
+
+NS=mbench
+VH=vmb-h
+VN=vmb-n
+HOST_IP=10.79.0.1
+NS_IP=10.79.0.2
+HTTP=$HOST_IP:7890
+DATA=$(mktemp -d /tmp/bench-forward.XXXXXX)
+NODE_PID=
+
+cleanup() {
+  if [ -n "$NODE_PID" ]; then kill "$NODE_PID" 2>/dev/null || true; wait "$NODE_PID" 2>/dev/null || true; fi
+  ip netns del "$NS" 2>/dev/null || true
+  ip link del "$VH" 2>/dev/null || true
+  rm -rf "$DATA"
+}
+trap cleanup EXIT
+cleanup_net() { ip netns del "$NS" 2>/dev/null || true; ip link del "$VH" 2>/dev/null || true; }
+
+udp_drops() { # RcvbufErrors SndbufErrors of a netns ("" = host)
+  local cmd=(cat /proc/net/snmp)
+  [ -n "$1" ] && cmd=(ip netns exec "$1" cat /proc/net/snmp)
+  "${cmd[@]}" | awk '/^Udp:/ { if (h) { print $6, $7 } else { h = 1 } }'
+}
+
+floor() {
+  if [ "$FLOOR" = 1 ]; then
+    echo "== kernel floor ($1)"
+    /work/shared/tools/kernel-floor/run.sh | tee -a /dev/stderr \
+      | sed "s/^{/{\"label\":\"$LABEL\",\"kernel_floor\":\"$1\",/" >> "$OUT"
+  fi
+}
+
+cleanup_net
+floor before
+
+ip netns add "$NS"
+ip link add "$VH" type veth peer name "$VN"
+ip link set "$VN" netns "$NS"
+ip addr add "$HOST_IP/24" dev "$VH"
+ip link set "$VH" up
+ip netns exec "$NS" ip addr add "$NS_IP/24" dev "$VN"
+ip netns exec "$NS" ip link set "$VN" up
+ip netns exec "$NS" ip link set lo up
+
+for subs in $SUBS; do
+  echo "== $LABEL: $PUBS publisher(s) at $KBPS kbit/s → $subs subscribers, node on CPU $NODE_CPU, load generator on CPU $LOAD_CPU"
+  echo "   load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+  # shellcheck disable=SC2086
+  taskset -c "$NODE_CPU" "$NODE_BIN" serve --data-dir "$DATA" --http-addr "$HTTP" \
+    --media-addr "$HOST_IP:7892" --wt-addr "$HOST_IP:7891" --node-id bench \
+    $EXTRA_NODE_ARGS > "$DATA/node.log" 2>&1 &
+  NODE_PID=$!
+  for _ in $(seq 100); do
+    curl -fs "http://$HTTP/healthz" > /dev/null 2>&1 && break
+    sleep 0.1
+  done
+  host_before=$(udp_drops "")
+  ns_before=$(udp_drops "$NS")
+  load_before=$(cut -d' ' -f1 /proc/loadavg)
+  ip netns exec "$NS" taskset -c "$LOAD_CPU" "$LOADGEN_BIN" loadgen \
+    --url "ws://$HTTP/signal" --data-dir "$DATA" --bind-ip "$NS_IP" \
+    --publishers "$PUBS" --subscribers "$subs" --single-layer \
+    --layer-kbps "150,500,$KBPS" --fps "$FPS" --count-only \
+    --duration "$DURATION" --warmup "$WARMUP" \
+    --ping-interval 1s --ping-timeout 30s \
+    --node-pid "$NODE_PID" --node-metrics "$HTTP" --json | tee "$DATA/loadgen.out"
+  read -r h_rcv h_snd <<< "$host_before"
+  read -r n_rcv n_snd <<< "$ns_before"
+  read -r h_rcv2 h_snd2 <<< "$(udp_drops "")"
+  read -r n_rcv2 n_snd2 <<< "$(udp_drops "$NS")"
+  tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"label\":\"$LABEL\",\"loadavg\":$load_before,\"node_rcvbuf_drops\":$((h_rcv2 - h_rcv)),\"node_sndbuf_drops\":$((h_snd2 - h_snd)),\"loadgen_rcvbuf_drops\":$((n_rcv2 - n_rcv)),/" >> "$OUT"
+  echo "   UDP drops during the run (whole run, joins included): node receive $((h_rcv2 - h_rcv)), node send $((h_snd2 - h_snd)), load generator receive $((n_rcv2 - n_rcv))"
+  kill "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
+  rm -rf "${DATA:?}"/*
+done
+
+cleanup_net
+floor after
+echo "results appended to $OUT"
