@@ -510,3 +510,47 @@ async fn audience_lifetime_and_refresh() {
     );
     t.node.shutdown().await;
 }
+
+/// Item 8, the Rust client's side: a session whose token is about to expire lives on
+/// after `Client::refresh`, and one that is not refreshed is ended by the node (the
+/// client cannot rejoin with the expired token, so its task stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_client_refresh_keeps_the_session_past_its_token() {
+    let t = start_node(|_| {}).await;
+    let short = |identity: &str| {
+        let claims = meridian_auth::Claims::new(
+            identity,
+            "r",
+            meridian_auth::unix_now(),
+            Duration::from_secs(2),
+        )
+        .with_grants(meridian_auth::Grants::subscriber());
+        t.keys.sign(&claims).unwrap()
+    };
+    let kept = meridian_client::Client::join(meridian_client::ClientConfig::subscriber(
+        &t.url,
+        short("kept"),
+    ))
+    .await
+    .expect("joins");
+    let lapsed = meridian_client::Client::join(meridian_client::ClientConfig::subscriber(
+        &t.url,
+        short("lapsed"),
+    ))
+    .await
+    .expect("joins");
+    kept.refresh(t.token("kept", "r", false)).await;
+    // 2 s of token plus the node's 5 s leeway, and time for the rejoin to be refused.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert!(
+        kept.is_running(),
+        "the refreshed client is still in the room"
+    );
+    assert_eq!(kept.stats().losses, 0, "and never lost its node");
+    assert!(
+        !lapsed.is_running(),
+        "the node ended the session whose token expired"
+    );
+    kept.leave().await.expect("leaves");
+    t.node.shutdown().await;
+}

@@ -280,6 +280,7 @@ impl ClientConfig {
 
 enum Command {
     Send(ClientMessage),
+    Refresh(String),
     Impair(Option<NetemConfig>),
     Leave,
     Drop,
@@ -403,6 +404,13 @@ impl Client {
     /// offers and answers are dropped when the peer connections are replaced.
     pub async fn send(&self, msg: ClientMessage) {
         let _ = self.commands.send(Command::Send(msg)).await;
+    }
+
+    /// Hands the node a newer token (`refresh`) before the current one expires, so the
+    /// session outlives the old token; later reconnections join with it too. The node
+    /// answers `refreshed`, or ends the session when it refuses the token.
+    pub async fn refresh(&self, token: impl Into<String>) {
+        let _ = self.commands.send(Command::Refresh(token.into())).await;
     }
 
     /// Caps the layer received for a track.
@@ -811,6 +819,10 @@ impl Session {
                         } else {
                             warn!("client message dropped: {} held while reconnecting", MAX_HELD_MESSAGES);
                         }
+                    }
+                    Some(Command::Refresh(token)) => {
+                        self.config.token = token.clone();
+                        self.out_queue.push(ClientMessage::Refresh { token });
                     }
                     Some(Command::Impair(c)) => {
                         self.net_in = c.map(Netem::new);

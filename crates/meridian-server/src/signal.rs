@@ -289,7 +289,7 @@ where
                 match checked {
                     Ok(c) => {
                         let left = c.exp.saturating_sub(meridian_auth::unix_now());
-                        let expires_at = std::time::Instant::now() + Duration::from_secs(left);
+                        let expires_at = session_deadline(c.exp);
                         if state
                             .commands
                             .send(Command::Refresh {
@@ -425,10 +425,7 @@ async fn join(
         auto_subscribe,
         resume,
         // The session ends when the token does, unless the client refreshes it.
-        expires_at: Some(
-            std::time::Instant::now()
-                + Duration::from_secs(claims.exp.saturating_sub(meridian_auth::unix_now())),
-        ),
+        expires_at: Some(session_deadline(claims.exp)),
         session,
     };
     let internal = || ServerMessage::error(ErrorCode::Internal, "node is shutting down");
@@ -450,4 +447,13 @@ async fn join(
 
 fn auth_error(e: AuthError) -> ServerMessage {
     ServerMessage::error(ErrorCode::Unauthorized, format!("{} ({})", e, e.code()))
+}
+
+/// When a session on a token expiring at `exp` (unix seconds) ends: when the node stops
+/// accepting that token ([`meridian_auth::EXP_LEEWAY_SECS`] after `exp`), so a token
+/// accepted at join never yields a session that ends at once (and rejoins in a loop).
+fn session_deadline(exp: u64) -> std::time::Instant {
+    let accepted_until = exp.saturating_add(meridian_auth::EXP_LEEWAY_SECS);
+    std::time::Instant::now()
+        + Duration::from_secs(accepted_until.saturating_sub(meridian_auth::unix_now()))
 }
