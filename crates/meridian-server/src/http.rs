@@ -590,13 +590,7 @@ pub(crate) async fn serve(
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
         };
         let Some(slot) = state.limits.connect(peer.ip()) else {
-            state
-                .metrics
-                .limit_refusals
-                .get_or_create(&crate::metrics::ReasonLabel {
-                    reason: "connections_per_ip",
-                })
-                .inc();
+            state.metrics.limit_refused("connections_per_ip");
             tracing::debug!(%peer, "HTTP connection refused: too many from this address");
             drop(stream);
             continue;

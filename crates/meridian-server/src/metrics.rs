@@ -142,6 +142,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a connection or join refused by the per-address limit `reason`.
+    pub fn limit_refused(&self, reason: &'static str) {
+        self.limit_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
     /// A registry holding all of these metrics.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("meridian");

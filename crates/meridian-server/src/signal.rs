@@ -373,13 +373,7 @@ async fn join(
         .limits
         .allow_join(peer.ip(), std::time::Instant::now())
     {
-        state
-            .metrics
-            .limit_refusals
-            .get_or_create(&crate::metrics::ReasonLabel {
-                reason: "joins_per_ip",
-            })
-            .inc();
+        state.metrics.limit_refused("joins_per_ip");
         return Err(ServerMessage::error(
             ErrorCode::RateLimited,
             "too many joins from this address; try again in a minute",

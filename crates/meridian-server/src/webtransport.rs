@@ -226,13 +226,7 @@ pub(crate) async fn serve(
         };
         // Counted against the source address together with its HTTP connections.
         let Some(slot) = state.limits.connect(incoming.remote_address().ip()) else {
-            state
-                .metrics
-                .limit_refusals
-                .get_or_create(&crate::metrics::ReasonLabel {
-                    reason: "connections_per_ip",
-                })
-                .inc();
+            state.metrics.limit_refused("connections_per_ip");
             incoming.refuse();
             continue;
         };
