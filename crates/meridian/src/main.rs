@@ -94,7 +94,7 @@ struct ServeArgs {
     /// Seconds a dropped session may resume [default: 10].
     #[arg(long, env = "MERIDIAN_RESUME_GRACE_SECS")]
     resume_grace_secs: Option<u64>,
-    /// Signaling URL other nodes send this node's clients to [default: ws://<http addr>/signal].
+    /// Signaling URL other nodes send this node's clients to [default: ws://HTTP_ADDR/signal].
     #[arg(long, env = "MERIDIAN_ADVERTISE_URL")]
     advertise_url: Option<String>,
     /// Milliseconds between lease renewals [default: 100].
