@@ -127,10 +127,11 @@ async fn run_case(h: &Harness, second: &meridian_store::Store, case: Case) {
                 pair[0].sequence + 1,
                 "batch is contiguous"
             );
-            assert_eq!(
-                pair[1].position,
-                pair[0].position + 1,
-                "batch is one commit"
+            // Postgres takes positions from a sequence, which concurrent appends to
+            // other streams (or a losing racer) draw from too: increasing, with gaps.
+            assert!(
+                pair[1].position > pair[0].position,
+                "positions increase within a batch"
             );
         }
     }
