@@ -22,6 +22,12 @@ cargo test --locked --workspace --no-fail-fast
 bash scripts/check-ts-types.sh
 
 (cd web-client && npm test && npm run build && npm run docs)
+if [ -n "$(git status --porcelain -- web-client/docs/sdk-api)" ]; then
+  echo "test.sh: web-client/docs/sdk-api is out of date with the SDK: run" \
+    "(cd web-client && npm run docs) and commit it" >&2
+  git status --short -- web-client/docs/sdk-api >&2
+  exit 1
+fi
 
 MERIDIAN_BIN="$PWD/target/debug/meridian" npm --prefix tests/browser test
 
