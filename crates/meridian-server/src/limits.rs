@@ -14,6 +14,16 @@ use std::time::Instant;
 /// entries free up (each entry is a few dozen bytes).
 const MAX_TRACKED: usize = 100_000;
 
+/// Least time between two sweeps of a full table: a flood of new addresses meets a
+/// full table in O(1) instead of a scan of every entry per connection.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashMap<IpAddr, Entry>,
+    last_sweep: Option<Instant>,
+}
+
 #[derive(Debug)]
 struct Entry {
     connections: usize,
@@ -24,7 +34,7 @@ struct Entry {
 /// Connection and join limits per source address.
 #[derive(Debug)]
 pub(crate) struct IpLimits {
-    table: Mutex<HashMap<IpAddr, Entry>>,
+    table: Mutex<Table>,
     max_connections: usize,
     /// Join tokens per second, and the bucket's size.
     join_rate: f64,
@@ -41,7 +51,7 @@ pub(crate) struct IpSlot {
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut table = self.limits.lock();
-        if let Some(e) = table.get_mut(&self.ip) {
+        if let Some(e) = table.entries.get_mut(&self.ip) {
             e.connections = e.connections.saturating_sub(1);
         }
     }
@@ -52,14 +62,14 @@ impl IpLimits {
     /// per address and minute (burst of the same size).
     pub(crate) fn new(max_connections: usize, joins_per_minute: u32) -> IpLimits {
         IpLimits {
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             max_connections,
             join_rate: f64::from(joins_per_minute) / 60.0,
             join_burst: f64::from(joins_per_minute),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // Short sections that cannot panic.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -72,21 +82,22 @@ impl IpLimits {
         e.connections == 0 && e.join_tokens >= self.join_burst
     }
 
-    /// The entry for `ip`, made room for when the table is full; `None` when it is
-    /// full of addresses still in use.
-    fn entry<'a>(
-        &self,
-        table: &'a mut HashMap<IpAddr, Entry>,
-        ip: IpAddr,
-        now: Instant,
-    ) -> Option<&'a mut Entry> {
-        if !table.contains_key(&ip) && table.len() >= MAX_TRACKED {
-            table.retain(|_, e| !self.refill(e, now));
-            if table.len() >= MAX_TRACKED {
+    /// The entry for `ip`, made room for when the table is full (at most one sweep
+    /// per [`SWEEP_INTERVAL`]); `None` when it is full of addresses still in use.
+    fn entry<'a>(&self, table: &'a mut Table, ip: IpAddr, now: Instant) -> Option<&'a mut Entry> {
+        if !table.entries.contains_key(&ip) && table.entries.len() >= MAX_TRACKED {
+            let due = table
+                .last_sweep
+                .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_INTERVAL);
+            if due {
+                table.last_sweep = Some(now);
+                table.entries.retain(|_, e| !self.refill(e, now));
+            }
+            if table.entries.len() >= MAX_TRACKED {
                 return None;
             }
         }
-        Some(table.entry(ip).or_insert(Entry {
+        Some(table.entries.entry(ip).or_insert(Entry {
             connections: 0,
             join_tokens: self.join_burst,
             last: now,
@@ -126,7 +137,7 @@ impl IpLimits {
     /// Addresses tracked (for tests).
     #[cfg(test)]
     fn tracked(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 }
 
