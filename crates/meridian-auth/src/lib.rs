@@ -62,6 +62,8 @@ pub const MAX_IDENTITY_BYTES: usize = 128;
 pub const MAX_ROOM_BYTES: usize = 128;
 /// Longest region name, in bytes.
 pub const MAX_REGION_BYTES: usize = 64;
+/// Most regions in a token's fallback list.
+pub const MAX_FALLBACK_REGIONS: usize = 32;
 /// Longest display name, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 /// Seconds a token is still accepted after its `exp`.
@@ -138,6 +140,12 @@ pub struct Claims {
     /// Geo-sticky region; `None` means any region may serve the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// The regions to fall back to, in order, when every node of `region` is gone
+    /// (set by the login endpoint from the client's measured RTTs; at most
+    /// [`MAX_FALLBACK_REGIONS`]). Informative: each fallback region is entered with
+    /// its own token, pinned to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
     /// Expiry, unix seconds.
     pub exp: u64,
     /// Issue time, unix seconds.
@@ -189,6 +197,7 @@ impl Claims {
             room: room.into(),
             grants: Grants::subscriber(),
             region: None,
+            fallback: Vec::new(),
             exp: now_unix.saturating_add(ttl.as_secs()),
             iat: now_unix,
             name: None,
@@ -233,6 +242,12 @@ impl Claims {
     /// Pins the token to a region.
     pub fn with_region(mut self, region: impl Into<String>) -> Self {
         self.region = Some(region.into());
+        self
+    }
+
+    /// Sets the fallback order of regions (see [`Claims::fallback`]).
+    pub fn with_fallback(mut self, regions: Vec<String>) -> Self {
+        self.fallback = regions;
         self
     }
 
@@ -290,6 +305,14 @@ impl Claims {
         }
         if let Some(region) = &self.region {
             check_text("region", region, MAX_REGION_BYTES)?;
+        }
+        if self.fallback.len() > MAX_FALLBACK_REGIONS {
+            return Err(AuthError::InvalidClaims(format!(
+                "more than {MAX_FALLBACK_REGIONS} fallback regions"
+            )));
+        }
+        for region in &self.fallback {
+            check_text("fallback", region, MAX_REGION_BYTES)?;
         }
         if let Some(name) = &self.name {
             check_text("name", name, MAX_NAME_BYTES)?;

@@ -21,6 +21,7 @@
 mod count;
 mod media;
 mod reconnect;
+pub mod region;
 mod signal;
 mod stats;
 
@@ -49,6 +50,7 @@ pub use media::{FrameHeader, now_micros};
 pub use reconnect::{
     AttemptFailure, AttemptPlan, ReconnectPolicy, Reconnected, Reconnector, Step, refusal_is_final,
 };
+pub use region::{ProbeConfig, RegionLogin};
 pub use signal::{WebTransportEndpoint, webtransport_endpoint};
 pub use stats::{
     ClientStats, LossReason, MAX_RECONNECT_RECORDS, ReconnectRecord, RejoinKind, TrackStats,
@@ -106,6 +108,15 @@ pub enum ClientError {
     /// No `joined` within the join timeout.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// `POST /login` was refused; `code` is the node's (`token_expired`,
+    /// `token_bad_signature`, `login_disabled`, `rate_limited`, …).
+    #[error("login refused: {code}: {message}")]
+    Login {
+        /// The stable error code.
+        code: String,
+        /// The node's detail.
+        message: String,
+    },
     /// The client lost its node and could not join again within the
     /// [`ReconnectPolicy`]'s attempts or time; the client's task ends with it.
     #[error("gave up reconnecting after {attempts} attempts in {elapsed:?}: {last_error}")]
@@ -167,6 +178,22 @@ pub struct ClientConfig {
     /// packets in batches without decrypting them ([`ClientStats::counted`]; no frames,
     /// latency or loss in [`ClientStats::tracks`]).
     pub count_only: bool,
+    /// The regions the client may be served by, in fallback order, each with its own
+    /// token (from a login: [`with_login`](Self::with_login)). Empty: one region,
+    /// [`token`](Self::token) and [`node_urls`](Self::node_urls). When every node of
+    /// the current region is gone the client joins the next region afresh.
+    pub regions: Vec<RegionTarget>,
+}
+
+/// One region a client may be served by: its nodes and the token pinned to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegionTarget {
+    /// The region's id.
+    pub region: String,
+    /// Access token pinned to the region.
+    pub token: String,
+    /// Signaling URLs of the region's nodes.
+    pub urls: Vec<String>,
 }
 
 impl ClientConfig {
@@ -190,6 +217,46 @@ impl ClientConfig {
             impairment: None,
             join_timeout: Duration::from_secs(10),
             count_only: false,
+            regions: Vec::new(),
+        }
+    }
+
+    /// The same client served by the regions of a login answer (WebSocket URLs):
+    /// the first join goes to the chosen region's first node (`first_node` picks
+    /// another, modulo the region's nodes), the region's other nodes become
+    /// [`fallback_urls`](Self::fallback_urls), the token becomes that region's, and
+    /// every region with its token goes to [`regions`](Self::regions). Unchanged
+    /// when the answer has no routes.
+    pub fn with_login(
+        self,
+        login: &meridian_protocol::region::LoginResponse,
+        first_node: usize,
+    ) -> Self {
+        let regions: Vec<RegionTarget> = login
+            .routes
+            .iter()
+            .filter(|r| !r.signal_urls.is_empty())
+            .map(|r| {
+                let n = r.signal_urls.len();
+                RegionTarget {
+                    region: r.region.clone(),
+                    token: r.token.clone(),
+                    urls: (0..n)
+                        .map(|k| r.signal_urls[(first_node + k) % n].clone())
+                        .collect(),
+                }
+            })
+            .collect();
+        let Some(first) = regions.first() else {
+            return self;
+        };
+        ClientConfig {
+            url: first.urls[0].clone(),
+            transport: Transport::WebSocket,
+            fallback_urls: first.urls[1..].to_vec(),
+            token: first.token.clone(),
+            regions,
+            ..self
         }
     }
 
@@ -671,13 +738,24 @@ impl Session {
         let pub_local = pub_socket.local_addr()?;
         let sub_local = sub_socket.local_addr()?;
         let seed = now_micros() ^ (u64::from(pub_local.port()) << 32) ^ u64::from(sub_local.port());
-        let reconnector = Reconnector::new(
-            config.reconnect.clone(),
-            &config.url,
-            &config.fallback_urls,
-            &url,
-            seed,
-        );
+        let reconnector = if config.regions.is_empty() {
+            Reconnector::new(
+                config.reconnect.clone(),
+                &config.url,
+                &config.fallback_urls,
+                &url,
+                seed,
+            )
+        } else {
+            let lists: Vec<Vec<String>> = config.regions.iter().map(|r| r.urls.clone()).collect();
+            let at = lists
+                .iter()
+                .position(|l| l.contains(&url) || l.contains(&config.url))
+                .unwrap_or(0);
+            stats.lock().expect("stats lock never poisoned").region =
+                Some(config.regions[at].region.clone());
+            Reconnector::with_regions(config.reconnect.clone(), &lists, at, &url, seed)
+        };
         Ok(Session {
             net_in: config.impairment.map(Netem::new),
             net_out: config.impairment.map(Netem::new),
@@ -897,6 +975,7 @@ impl Session {
                     attempts: 0,
                     joined_ms: None,
                     media_ms: None,
+                    rehomed_to: None,
                 });
             }
         }
@@ -929,9 +1008,14 @@ impl Session {
             plan.number, plan.url, plan.delay, plan.resume
         );
         let target = Target::new(&self.config, &plan.url);
-        let join = self
+        let mut join = self
             .config
             .join_message(plan.resume.then(|| self.resume_token.clone()));
+        if let (ClientMessage::Join { token, .. }, Some(region)) =
+            (&mut join, self.config.regions.get(plan.region))
+        {
+            token.clone_from(&region.token);
+        }
         let future = Box::pin(async move {
             tokio::time::sleep(plan.delay).await;
             attempt(target, join, plan.connect_timeout, plan.join_timeout).await
@@ -997,6 +1081,11 @@ impl Session {
         self.last_heard = now;
         self.resume_token = joined.resume;
         self.participant_id = joined.participant_id;
+        let region = self.config.regions.get(r.region).cloned();
+        if let Some(region) = &region {
+            // Later reconnections and refreshes in this region use its token.
+            self.config.token.clone_from(&region.token);
+        }
         match kind {
             RejoinKind::Resumed => {}
             RejoinKind::Restored => {
@@ -1027,6 +1116,17 @@ impl Session {
             }
             s.participant_id = self.participant_id.clone();
             s.url = r.url.clone();
+            if let Some(region) = &region {
+                s.region = Some(region.region.clone());
+                if r.rehomed {
+                    s.rehomes += 1;
+                    if let Some(rec) = s.reconnect_history.last_mut()
+                        && rec.lost_at == r.lost_at
+                    {
+                        rec.rehomed_to = Some(region.region.clone());
+                    }
+                }
+            }
             if let Some(rec) = s.reconnect_history.last_mut()
                 && rec.lost_at == r.lost_at
             {

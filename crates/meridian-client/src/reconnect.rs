@@ -51,6 +51,13 @@ pub struct ReconnectPolicy {
     pub media_keeps_alive: bool,
     /// Most `redirect`s followed on the first join.
     pub max_redirects: u32,
+    /// With several regions ([`Reconnector::with_regions`]): failed attempts per node
+    /// of the current region, since the loss, after which the region counts as gone
+    /// and the client re-homes to the next region of its fallback order.
+    pub region_attempts_per_node: u32,
+    /// With several regions: the longest time spent failing in one region before
+    /// moving on to the next (an unreachable region times out instead of refusing).
+    pub region_timeout: Duration,
 }
 
 impl Default for ReconnectPolicy {
@@ -67,6 +74,8 @@ impl Default for ReconnectPolicy {
             ping_timeout: Duration::from_millis(1500),
             media_keeps_alive: true,
             max_redirects: 4,
+            region_attempts_per_node: 1,
+            region_timeout: Duration::from_secs(4),
         }
     }
 }
@@ -223,6 +232,9 @@ pub struct AttemptPlan {
     pub join_timeout: Duration,
     /// 1-based number of this attempt since the loss.
     pub number: u32,
+    /// Index of the region the attempt goes to (0 with a single region); the join
+    /// uses that region's token.
+    pub region: usize,
 }
 
 /// What the driver does next after a loss or a failed attempt.
@@ -259,6 +271,10 @@ pub struct Reconnected {
     pub lost_at: Instant,
     /// Attempts made since the loss, the successful one included.
     pub attempts: u32,
+    /// Index of the region joined.
+    pub region: usize,
+    /// True when the client re-homed to another region during this loss.
+    pub rehomed: bool,
 }
 
 /// One loss being ridden out.
@@ -269,6 +285,12 @@ struct Cycle {
     resume: bool,
     attempts: u32,
     failures: u32,
+    /// The region attempts go to.
+    region: usize,
+    /// Failed attempts in `region` since entering it.
+    region_failures: u32,
+    /// When attempts started going to `region`.
+    region_since: Instant,
 }
 
 /// The reconnection state machine of a client: given a loss and the outcome of each
@@ -277,7 +299,11 @@ struct Cycle {
 #[derive(Clone, Debug)]
 pub struct Reconnector {
     policy: ReconnectPolicy,
-    rotation: UrlRotation,
+    /// One rotation of node URLs per region, in fallback order (one entry without
+    /// regions).
+    regions: Vec<UrlRotation>,
+    /// The region of the current (or last) connection.
+    region: usize,
     jitter: Jitter,
     /// The URL of the current (or last) signaling connection.
     url: String,
@@ -298,11 +324,56 @@ impl Reconnector {
         rotation.used(connected);
         Reconnector {
             policy,
-            rotation,
+            regions: vec![rotation],
+            region: 0,
             jitter: Jitter::new(seed),
             url: connected.to_string(),
             cycle: None,
         }
+    }
+
+    /// A client with several regions: `regions[i]` holds region `i`'s node URLs, in
+    /// fallback order (the login's order: the chosen region first). It is connected
+    /// to `connected` in region `connected_region`. When every node of the current
+    /// region has failed [`ReconnectPolicy::region_attempts_per_node`] times since a
+    /// loss, or [`ReconnectPolicy::region_timeout`] passed failing there, the next
+    /// region is tried (wrapping around), with a fresh join: resume tokens belong to
+    /// their region's log. Regions without URLs are skipped; with none at all this
+    /// is [`Reconnector::new`] on `connected` alone.
+    pub fn with_regions(
+        policy: ReconnectPolicy,
+        regions: &[Vec<String>],
+        connected_region: usize,
+        connected: &str,
+        seed: u64,
+    ) -> Self {
+        let mut rotations: Vec<UrlRotation> = regions
+            .iter()
+            .map(|urls| {
+                let mut urls = urls.iter().filter(|u| !u.trim().is_empty());
+                match urls.next() {
+                    Some(first) => UrlRotation::new(first, &urls.cloned().collect::<Vec<_>>()),
+                    None => UrlRotation::new("", &[]),
+                }
+            })
+            .collect();
+        if rotations.is_empty() || connected_region >= rotations.len() {
+            return Reconnector::new(policy, connected, &[], connected, seed);
+        }
+        rotations[connected_region].used(connected);
+        Reconnector {
+            policy,
+            regions: rotations,
+            region: connected_region,
+            jitter: Jitter::new(seed),
+            url: connected.to_string(),
+            cycle: None,
+        }
+    }
+
+    /// Index of the region of the current (or last) connection.
+    pub fn region(&self) -> usize {
+        self.region
     }
 
     /// The URL of the current (or last) signaling connection.
@@ -318,7 +389,7 @@ impl Reconnector {
     /// The node was lost at `now`: the first attempt goes to `to` (a `migrate`
     /// target) or else to the node after the lost one, after a jittered first delay.
     pub fn lost(&mut self, now: Instant, to: Option<String>) -> Step {
-        let url = to.unwrap_or_else(|| self.rotation.next_after(&self.url));
+        let url = to.unwrap_or_else(|| self.regions[self.region].next_after(&self.url));
         let delay = self.policy.backoff(0, self.jitter.next_u64());
         let mut cycle = Cycle {
             lost_at: now,
@@ -326,6 +397,9 @@ impl Reconnector {
             resume: true,
             attempts: 0,
             failures: 0,
+            region: self.region,
+            region_failures: 0,
+            region_since: now,
         };
         let step = self.plan(now, &mut cycle, url, delay);
         self.cycle = Some(cycle);
@@ -359,15 +433,15 @@ impl Reconnector {
             }
             AttemptFailure::Migrate { url: None } => {
                 let why = format!("{} migrated without a target", cycle.url);
-                self.back_off(&mut cycle, why)
+                self.back_off(now, &mut cycle, why)
             }
             AttemptFailure::Refused { code, message } => {
                 let why = format!("{} refused: {code:?}: {message}", cycle.url);
-                self.back_off(&mut cycle, why)
+                self.back_off(now, &mut cycle, why)
             }
             AttemptFailure::Failed(e) => {
                 let why = format!("{}: {e}", cycle.url);
-                self.back_off(&mut cycle, why)
+                self.back_off(now, &mut cycle, why)
             }
         };
         let elapsed = now.saturating_duration_since(cycle.lost_at);
@@ -387,21 +461,53 @@ impl Reconnector {
     /// The attempt in flight joined: the loss is over.
     pub fn joined(&mut self) -> Option<Reconnected> {
         let cycle = self.cycle.take()?;
+        let rehomed = cycle.region != self.region;
         self.url = cycle.url.clone();
-        self.rotation.used(&cycle.url);
+        self.region = cycle.region;
+        self.regions[cycle.region].used(&cycle.url);
         Some(Reconnected {
             url: cycle.url,
             resumed: cycle.resume,
             lost_at: cycle.lost_at,
             attempts: cycle.attempts,
+            region: cycle.region,
+            rehomed,
         })
     }
 
-    /// A failed attempt that backs off: the next node, after a longer delay.
-    fn back_off(&mut self, cycle: &mut Cycle, why: String) -> (String, Duration, String) {
+    /// A failed attempt that backs off: the next node after a longer delay, or the
+    /// first node of the next region once the current one counts as gone.
+    fn back_off(
+        &mut self,
+        now: Instant,
+        cycle: &mut Cycle,
+        why: String,
+    ) -> (String, Duration, String) {
         cycle.failures += 1;
+        cycle.region_failures += 1;
+        let nodes = self.regions[cycle.region].urls().len() as u32;
+        let gone = cycle.region_failures
+            >= nodes.saturating_mul(self.policy.region_attempts_per_node.max(1))
+            || now.saturating_duration_since(cycle.region_since) >= self.policy.region_timeout;
+        if self.regions.len() > 1 && gone {
+            let n = self.regions.len();
+            let next = (1..n)
+                .map(|k| (cycle.region + k) % n)
+                .find(|&r| self.regions[r].urls().iter().any(|u| !u.is_empty()));
+            if let Some(next) = next {
+                cycle.region = next;
+                cycle.region_failures = 0;
+                cycle.region_since = now;
+                // Resume tokens belong to the old region's log.
+                cycle.resume = false;
+                let url = self.regions[next].urls()[0].clone();
+                let delay = self.policy.backoff(0, self.jitter.next_u64());
+                return (url, delay, format!("{why}; region gone, re-homing"));
+            }
+        }
         let delay = self.policy.backoff(cycle.failures, self.jitter.next_u64());
-        (self.rotation.next_after(&cycle.url), delay, why)
+        let url = self.regions[cycle.region].next_after(&cycle.url);
+        (url, delay, why)
     }
 
     fn plan(&self, now: Instant, cycle: &mut Cycle, url: String, delay: Duration) -> Step {
@@ -419,6 +525,7 @@ impl Reconnector {
             connect_timeout: self.policy.connect_timeout.min(remaining),
             join_timeout: self.policy.join_timeout.min(remaining),
             number: cycle.attempts,
+            region: cycle.region,
         })
     }
 }
@@ -739,5 +846,95 @@ mod tests {
         };
         assert_eq!(delays(1), delays(1));
         assert_ne!(delays(1), delays(2));
+    }
+
+    fn regions() -> Vec<Vec<String>> {
+        vec![urls(&["eu1", "eu2"]), urls(&["us1", "us2"]), urls(&["ap1"])]
+    }
+
+    #[test]
+    fn a_region_whose_nodes_all_fail_hands_over_to_the_next_region_fresh() {
+        let policy = ReconnectPolicy::default();
+        let mut r = Reconnector::with_regions(policy.clone(), &regions(), 0, "eu1", 7);
+        let t0 = Instant::now();
+        let first = plan(r.lost(t0, None));
+        assert_eq!(
+            (first.url.as_str(), first.region, first.resume),
+            ("eu2", 0, true)
+        );
+        let t1 = t0 + Duration::from_millis(5);
+        let second = plan(r.failed(t1, AttemptFailure::Failed("refused".into())));
+        assert_eq!((second.url.as_str(), second.region), ("eu1", 0));
+        // Both nodes of eu failed once: re-home to us, without the eu resume token,
+        // after at most the first backoff.
+        let third = plan(r.failed(t1, AttemptFailure::Failed("refused".into())));
+        assert_eq!(
+            (third.url.as_str(), third.region, third.resume),
+            ("us1", 1, false)
+        );
+        assert!(third.delay <= policy.backoff_bound(0));
+        let done = r.joined().unwrap();
+        assert_eq!((done.region, done.rehomed, done.resumed), (1, true, false));
+        assert_eq!(r.region(), 1);
+        // The next loss stays in us first, then moves on to ap, then wraps to eu.
+        let p = plan(r.lost(t1, None));
+        assert_eq!((p.url.as_str(), p.region, p.resume), ("us2", 1, true));
+        let p = plan(r.failed(t1, AttemptFailure::Failed("x".into())));
+        assert_eq!(p.url, "us1");
+        let p = plan(r.failed(t1, AttemptFailure::Failed("x".into())));
+        assert_eq!((p.url.as_str(), p.region), ("ap1", 2));
+        let p = plan(r.failed(t1, AttemptFailure::Failed("x".into())));
+        assert_eq!((p.url.as_str(), p.region), ("eu1", 0));
+    }
+
+    #[test]
+    fn a_region_that_only_times_out_is_left_after_the_region_timeout() {
+        let policy = ReconnectPolicy {
+            region_attempts_per_node: 100,
+            ..ReconnectPolicy::default()
+        };
+        let mut r = Reconnector::with_regions(policy.clone(), &regions(), 0, "eu1", 9);
+        let t0 = Instant::now();
+        plan(r.lost(t0, None));
+        let p = plan(r.failed(
+            t0 + Duration::from_secs(1),
+            AttemptFailure::Failed("timeout".into()),
+        ));
+        assert_eq!(p.region, 0, "one second is not yet the region timeout");
+        let p = plan(r.failed(
+            t0 + policy.region_timeout,
+            AttemptFailure::Failed("timeout".into()),
+        ));
+        assert_eq!((p.url.as_str(), p.region), ("us1", 1));
+    }
+
+    #[test]
+    fn a_live_node_of_the_region_keeps_the_client_there() {
+        let mut r = Reconnector::with_regions(ReconnectPolicy::default(), &regions(), 0, "eu1", 3);
+        let t0 = Instant::now();
+        let p = plan(r.lost(t0, None));
+        assert_eq!(p.url, "eu2");
+        // eu2 answers, but the resume token is spent: a fresh join, still in eu.
+        let p = plan(r.failed(t0, AttemptFailure::ResumeFailed));
+        assert_eq!((p.url.as_str(), p.region, p.resume), ("eu2", 0, false));
+        let done = r.joined().unwrap();
+        assert!(!done.rehomed);
+        // A single region, or no usable one, behaves as before.
+        let mut single = Reconnector::with_regions(
+            ReconnectPolicy::default(),
+            &[urls(&["a"]), vec![]],
+            0,
+            "a",
+            1,
+        );
+        plan(single.lost(t0, None));
+        let p = plan(single.failed(t0, AttemptFailure::Failed("x".into())));
+        assert_eq!(
+            (p.url.as_str(), p.region),
+            ("a", 0),
+            "an empty region is skipped"
+        );
+        let fallback = Reconnector::with_regions(ReconnectPolicy::default(), &[], 5, "z", 1);
+        assert_eq!((fallback.url(), fallback.region()), ("z", 0));
     }
 }

@@ -61,6 +61,8 @@ pub struct ReconnectRecord {
     /// Time from detecting the loss to the first media frame received after that
     /// `joined` (any track), ms; stays `None` for a client that receives nothing.
     pub media_ms: Option<f64>,
+    /// The region joined again, when the client re-homed to another region.
+    pub rehomed_to: Option<String>,
 }
 
 /// Per received track.
@@ -146,6 +148,10 @@ pub struct ClientStats {
     pub last_frame_at: Option<Instant>,
     /// Packets counted without decrypting (`ClientConfig::count_only`).
     pub counted: crate::CountStats,
+    /// The region serving the client (with [`ClientConfig::regions`](crate::ClientConfig::regions)).
+    pub region: Option<String>,
+    /// Reconnections that re-homed the client to another region.
+    pub rehomes: u64,
 }
 
 impl ClientStats {
@@ -333,6 +339,7 @@ mod tests {
             attempts: 1,
             joined_ms: joined,
             media_ms: media,
+            rehomed_to: None,
         }
     }
 

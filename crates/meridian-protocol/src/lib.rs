@@ -8,6 +8,8 @@
 //! This crate is pure: no I/O, no runtime. It encodes, decodes and bounds messages.
 #![deny(missing_docs)]
 
+pub mod region;
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks; a `join` with another major version is refused.

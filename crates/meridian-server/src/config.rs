@@ -59,6 +59,11 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// What access tokens must carry.
     pub auth: AuthConfig,
+    /// The region directory (`[[regions]]`, see [`crate::regions`]): every region's
+    /// signaling, probe and relay addresses, its log and prices. Empty: one region.
+    pub regions: Vec<crate::regions::RegionEntry>,
+    /// `POST /login`: identity tokens in, region-pinned access tokens out.
+    pub login: crate::regions::LoginConfig,
 }
 
 /// Rules for access tokens beyond signature, expiry and grants.
@@ -275,6 +280,8 @@ impl Default for Config {
             },
             cluster: ClusterConfig::default(),
             auth: AuthConfig::default(),
+            regions: Vec::new(),
+            login: Default::default(),
         }
     }
 }
@@ -458,6 +465,12 @@ impl Config {
         {
             return invalid("node.id", "must be 1..=64 of [A-Za-z0-9._-]");
         }
+        crate::regions::validate(
+            &self.regions,
+            &self.login,
+            &self.node.region,
+            self.node.database_url.as_deref(),
+        )?;
         if self.media.addr.ip().is_unspecified() && self.media.public_ip.is_none() {
             return invalid(
                 "media.public_ip",

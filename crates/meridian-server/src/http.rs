@@ -30,6 +30,14 @@ pub(crate) fn router(state: NodeState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/signal", get(signal))
+        .route("/probe", get(crate::regions::probe))
+        .route("/regions", get(crate::regions::list))
+        .route(
+            "/login",
+            post(crate::regions::login).layer(DefaultBodyLimit::max(
+                meridian_protocol::region::MAX_LOGIN_BODY_BYTES,
+            )),
+        )
         .route(
             "/webtransport/certificate-hashes",
             get(webtransport_certificate_hashes),

@@ -10,10 +10,12 @@ mod cluster;
 pub mod config;
 mod http;
 mod limits;
+pub mod locality;
 mod mailbox;
 mod media_loop;
 pub mod metrics;
 mod outbox;
+pub mod regions;
 mod signal;
 mod udp;
 mod webtransport;
@@ -74,6 +76,8 @@ pub(crate) struct NodeState {
     pub limits: Arc<limits::IpLimits>,
     /// Which `Host` and `Origin` headers are answered.
     pub hosts: Arc<limits::HostPolicy>,
+    /// The identity provider's keys `POST /login` accepts; `None`: login disabled.
+    pub identity_keys: Option<Arc<KeySet>>,
 }
 
 impl NodeState {
@@ -193,7 +197,17 @@ impl Node {
         })?;
         let wt_listener = webtransport::bind(&config).await?;
         let wt_addr = wt_listener.advert().addr;
+        let identity_keys = regions::load_identity_keys(&config.login)?.map(Arc::new);
         let metrics = Metrics::default();
+        metrics.regions.configure(
+            &config.node.region,
+            config
+                .regions
+                .iter()
+                .find(|r| r.id == config.node.region)
+                .map(|r| r.prices.clone())
+                .unwrap_or_default(),
+        );
         let (commands, command_rx) = mpsc::channel(4096);
         let candidate = config.candidate_addr(media_addr);
         // The media loop gets a thread and a single-threaded runtime of its own: every
@@ -320,6 +334,7 @@ impl Node {
             config.signaling.joins_per_ip_per_minute,
         );
         let state = NodeState {
+            identity_keys,
             limits: Arc::new(ip_limits),
             hosts: Arc::new(hosts),
             web_root: web_root.as_deref().map(Arc::from),

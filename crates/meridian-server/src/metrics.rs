@@ -93,6 +93,12 @@ pub struct Metrics {
     pub host_refusals: Counter,
     /// Always 1, labelled with the build's version (`meridian_build_info{version}`).
     pub build_info: Family<VersionLabel, Gauge>,
+    /// Locality and egress cost (`crate::locality`).
+    pub regions: crate::locality::RegionMetrics,
+    /// Logins refused, by token error code.
+    pub login_refusals: Family<CodeLabel, Counter>,
+    /// Logins answered, by the region chosen.
+    pub logins: Family<crate::locality::RegionLabel, Counter>,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -136,6 +142,9 @@ impl Default for Metrics {
                 .set(1);
                 f
             },
+            regions: Default::default(),
+            login_refusals: Family::default(),
+            logins: Family::default(),
             last: Default::default(),
         }
     }
@@ -146,6 +155,20 @@ impl Metrics {
     pub fn limit_refused(&self, reason: &'static str) {
         self.limit_refusals
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a login refused with the token error `code`.
+    pub(crate) fn login_refused(&self, code: &'static str) {
+        self.login_refusals.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// Counts a login that chose `region`.
+    pub(crate) fn login_chosen(&self, region: &str) {
+        self.logins
+            .get_or_create(&crate::locality::RegionLabel {
+                region: region.to_string(),
+            })
             .inc();
     }
 
@@ -270,6 +293,17 @@ impl Metrics {
             self.signaling_errors.clone(),
         );
         r.register("joins", "Participants joined", self.joins.clone());
+        self.regions.register(&mut r);
+        r.register(
+            "login_refusals",
+            "Logins refused, by token error code",
+            self.login_refusals.clone(),
+        );
+        r.register(
+            "logins",
+            "Logins answered, by the region chosen",
+            self.logins.clone(),
+        );
         r.register(
             "events_appended",
             "Room events stored in the event log",
@@ -297,6 +331,8 @@ impl Metrics {
             .inc_by(s.rtp_packets_in - last.rtp_packets_in);
         self.rtp_bytes_forwarded
             .inc_by(s.rtp_bytes_forwarded - last.rtp_bytes_forwarded);
+        self.regions
+            .client_egress(s.rtp_bytes_forwarded - last.rtp_bytes_forwarded);
         for (reason, now, before) in [
             ("unrouted", s.datagrams_unrouted, last.datagrams_unrouted),
             ("malformed", s.datagrams_malformed, last.datagrams_malformed),

@@ -387,6 +387,7 @@ async fn join(
             .region_urls
             .get(&region)
             .cloned()
+            .or_else(|| crate::regions::signal_url(&state.config.regions, &region))
             .unwrap_or_default();
         return Err(ServerMessage::Redirect { region, url });
     }

@@ -105,6 +105,83 @@ pub struct LoadgenArgs {
     /// histogram over the measured window go in the summary.
     #[arg(long)]
     node_metrics: Option<String>,
+    /// Choose the region by login instead of minting access tokens: ask this node
+    /// (`http://HOST:PORT`) for the region directory, time every region's probe once
+    /// (`--probe-samples`, median), and log each client in there with an identity
+    /// token minted with `--identity-key`; clients then join their chosen region and
+    /// re-home to the next region of their fallback order when it is gone.
+    #[arg(long)]
+    login: Option<String>,
+    /// PKCS#8 PEM file of the identity provider's ES256 key (the node's `[login]
+    /// identity_keys_dir` holds its public part); needed with `--login`.
+    #[arg(long)]
+    identity_key: Option<PathBuf>,
+    /// Key id of `--identity-key`.
+    #[arg(long, default_value = "idp-1")]
+    identity_kid: String,
+    /// Audience of the identity tokens (the node's `login.identity_audience`).
+    #[arg(long, default_value = "meridian-login")]
+    identity_audience: String,
+    /// RTT samples per region probe with `--login`.
+    #[arg(long, default_value_t = 5)]
+    probe_samples: usize,
+}
+
+/// What `--login` measured once for all clients.
+struct LoginContext {
+    node: String,
+    identity: KeySet,
+    audience: String,
+    rtts: Vec<meridian_protocol::region::RegionRtt>,
+    /// The chosen region of each login, and the reason of the first.
+    chosen: std::sync::Mutex<(std::collections::BTreeMap<String, u64>, Option<String>)>,
+}
+
+impl LoginContext {
+    async fn new(args: &LoadgenArgs, node: &str) -> Result<LoginContext> {
+        let path = args
+            .identity_key
+            .as_ref()
+            .context("--login needs --identity-key")?;
+        let pem =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let key = SigningKey::from_pkcs8_pem(Algorithm::Es256, args.identity_kid.clone(), &pem)?;
+        let probe = meridian_client::ProbeConfig {
+            samples: args.probe_samples,
+            ..Default::default()
+        };
+        let list = meridian_client::region::directory(node, probe.request_timeout)
+            .await
+            .with_context(|| format!("asking {node} for the region directory"))?;
+        let rtts = meridian_client::region::measure(&list, &probe).await;
+        Ok(LoginContext {
+            node: node.to_string(),
+            identity: KeySet::new(Some(key), vec![]),
+            audience: args.identity_audience.clone(),
+            rtts,
+            chosen: Default::default(),
+        })
+    }
+
+    /// Logs `claims` (an identity) in and configures `c` with the answer.
+    async fn configure(&self, c: ClientConfig, claims: Claims, i: usize) -> Result<ClientConfig> {
+        let identity = self
+            .identity
+            .sign(&claims.with_audience(self.audience.clone()))?;
+        let answer = meridian_client::region::login_with(
+            &self.node,
+            &identity,
+            self.rtts.clone(),
+            Duration::from_secs(5),
+        )
+        .await?;
+        {
+            let mut chosen = self.chosen.lock().expect("never poisoned");
+            *chosen.0.entry(answer.region.clone()).or_default() += 1;
+            chosen.1.get_or_insert_with(|| answer.reason.clone());
+        }
+        Ok(c.with_login(&answer, i))
+    }
 }
 
 /// The node's counters at one instant (see `--node-pid`, `--node-metrics`).
@@ -237,7 +314,12 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 }
 
 pub async fn run(args: LoadgenArgs) -> Result<()> {
+    let login = match &args.login {
+        Some(node) => Some(LoginContext::new(&args, node).await?),
+        None => None,
+    };
     let keys = match &args.token_key {
+        _ if login.is_some() => KeySet::default(),
         Some(path) => {
             let pem = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -312,7 +394,24 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             c.over_webtransport_nodes(&webtransport, i)
         }
     };
+    let claims = |identity: String, room: String, publish: bool| -> Claims {
+        Claims::new(
+            identity,
+            room,
+            meridian_auth::unix_now(),
+            Duration::from_secs(3600),
+        )
+        .with_grants(if publish {
+            Grants::publisher()
+        } else {
+            Grants::subscriber()
+        })
+    };
+    // With `--login` the token is replaced by the login's, per region.
     let token = |identity: String, room: String, publish: bool| -> Result<String> {
+        if login.is_some() {
+            return Ok(String::new());
+        }
         let mut c = Claims::new(
             identity,
             room,
@@ -347,6 +446,13 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         if args.impair_who != "subscribers" {
             c.impairment = impairment;
         }
+        if let Some(login) = &login {
+            let room = format!("{}-{}", args.room_prefix, i % rooms);
+            c = login
+                .configure(c, claims(format!("pub-{i}"), room, true), i)
+                .await
+                .with_context(|| format!("login of publisher {i}"))?;
+        }
         publishers.push(
             Client::join(c)
                 .await
@@ -365,6 +471,17 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         }
         c.bind_ip = args.bind_ip;
         c.count_only = args.count_only;
+        if let Some(login) = &login {
+            let room = format!("{}-{}", args.room_prefix, i % rooms);
+            c = login
+                .configure(
+                    c,
+                    claims(format!("sub-{i}"), room, false),
+                    args.publishers + i,
+                )
+                .await
+                .with_context(|| format!("login of subscriber {i}"))?;
+        }
         subscribers.push(
             Client::join(c)
                 .await
@@ -519,6 +636,17 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "loss_to_media_ms_max": failover.to_media.last().copied().unwrap_or(0.0),
         "media_not_restored": failover.media_not_restored,
     });
+    let regions = serde_json::json!({
+        "rehomes": failover.rehomes,
+        "rehome_to_media_samples": failover.rehome_to_media.len(),
+        "rehome_to_media_ms_p50": percentile(&failover.rehome_to_media, 0.50),
+        "rehome_to_media_ms_p95": percentile(&failover.rehome_to_media, 0.95),
+        "rehome_to_media_ms_max": failover.rehome_to_media.last().copied(),
+        "rehome_to_joined_ms_p95": percentile(&failover.rehome_to_joined, 0.95),
+        "regions_chosen": login.as_ref().map(|l| l.chosen.lock().expect("never poisoned").0.clone()),
+        "region_choice": login.as_ref().and_then(|l| l.chosen.lock().expect("never poisoned").1.clone()),
+        "region_rtts": login.as_ref().map(|l| &l.rtts),
+    });
     let bench = serde_json::json!({
         "counted_packets": counted.packets,
         "counted_pps": counted.packets as f64 / secs,
@@ -544,8 +672,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "node_forward_latency_us_p99_bucket": node_after.latency_quantile_us(&node_before, 0.99),
     });
     let mut summary = summary;
-    if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), bench) {
-        all.extend(more);
+    for more in [bench, regions] {
+        if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), more) {
+            all.extend(more);
+        }
     }
     println!(
         "loadgen: {} publishers, {} subscribers in {} room(s) for {:.1}s{}",
@@ -645,6 +775,12 @@ struct Failover {
     /// Reconnections of receiving clients (ones that had received media) after which
     /// no media arrived before the end.
     media_not_restored: u64,
+    /// Reconnections that re-homed a client to another region.
+    rehomes: u64,
+    /// Loss → first media frame for re-homed receivers, ms, sorted.
+    rehome_to_media: Vec<f64>,
+    /// Loss → `joined` in the next region, ms, sorted.
+    rehome_to_joined: Vec<f64>,
 }
 
 impl Failover {
@@ -659,6 +795,15 @@ impl Failover {
             f.redirects += s.redirects;
             f.to_joined.extend(s.loss_to_joined_ms());
             f.to_media.extend(s.loss_to_media_ms());
+            f.rehomes += s.rehomes;
+            for r in s
+                .reconnect_history
+                .iter()
+                .filter(|r| r.rehomed_to.is_some())
+            {
+                f.rehome_to_media.extend(r.media_ms);
+                f.rehome_to_joined.extend(r.joined_ms);
+            }
             if s.last_frame_at.is_some() {
                 f.media_not_restored += s
                     .reconnect_history
@@ -669,6 +814,8 @@ impl Failover {
         }
         f.to_joined = sorted(std::mem::take(&mut f.to_joined));
         f.to_media = sorted(std::mem::take(&mut f.to_media));
+        f.rehome_to_media = sorted(std::mem::take(&mut f.rehome_to_media));
+        f.rehome_to_joined = sorted(std::mem::take(&mut f.rehome_to_joined));
         f
     }
 }
@@ -719,6 +866,7 @@ mod tests {
             attempts: 1,
             joined_ms: joined,
             media_ms: media,
+            rehomed_to: None,
         };
         let receiver = ClientStats {
             losses: 2,
