@@ -1,4 +1,4 @@
-// Page settings from the address: `?token=`, `?transport=auto|wt|ws`, `?nodes=url1,url2`,
+// Page settings from the address: `?token=`, `?identity=` (log in and pick a region), `?transport=auto|wt|ws`, `?nodes=url1,url2`,
 // `?publish=0`, and for the dev form `?room=`, `?name=`. Pure.
 import { type NodeTarget, type TransportMode, targetFromUrl } from './sdk/transport';
 
@@ -10,6 +10,8 @@ export const MAX_NODES = 8;
 /** What the page was asked to do. */
 export interface PageConfig {
   token?: string;
+  /** `?identity=`: an identity token to log in with (region chosen by probing). */
+  identity?: string;
   transport: TransportMode;
   nodes: NodeTarget[];
   publish: boolean;
@@ -42,8 +44,14 @@ export function parseConfig(search: string, pageOrigin: string): PageConfig {
     warnings.push(`the token is longer than ${MAX_TOKEN_BYTES} bytes`);
     token = undefined;
   }
+  let identity = q.get('identity')?.trim() || undefined;
+  if (identity && identity.length > MAX_TOKEN_BYTES) {
+    warnings.push(`the identity token is longer than ${MAX_TOKEN_BYTES} bytes`);
+    identity = undefined;
+  }
   return {
     token,
+    identity,
     transport,
     nodes,
     publish: q.get('publish') !== '0',

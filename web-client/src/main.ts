@@ -11,6 +11,9 @@ import {
   type StateDetail,
   type StatsSummary,
   type TransportKind,
+  type RegionLogin,
+  explainLogin,
+  loginToRegion,
 } from './sdk';
 
 const $ = <T extends HTMLElement>(id: string): T => {
@@ -363,12 +366,16 @@ $('join-again').onclick = () => {
   rejoin?.();
 };
 
+/** The region login of this page (`?identity=`), shown in the stats panel. */
+let regionLogin: RegionLogin | null = null;
+
 function join(token: string, publish: boolean, media?: MediaStream, refreshToken?: () => Promise<string>): void {
   const info = tokenInfo(token);
   if (!selfName) setWhoami(info.name || info.identity || '');
   showScreen('call');
   document.getElementById('fatal')?.remove();
-  const r = new Room({ token, refreshToken, nodes: config.nodes, transport: config.transport, publish, media });
+  const nodes = regionLogin ? regionLogin.nodes : config.nodes;
+  const r = new Room({ token, refreshToken, nodes, transport: config.transport, publish, media });
   room = r;
   hook.session = r;
   wire(r);
@@ -449,8 +456,17 @@ function renderStats(s: StatsSummary & { transport: TransportKind | null; signal
     · in <b data-stat="kbps-in">${s.kbpsIn}</b> kbit/s · out <b data-stat="kbps-out">${s.kbpsOut}</b> kbit/s
     · loss <b data-stat="loss">${fmt(s.lossPct, 2)}</b> % · frames decoded <b data-stat="frames-decoded">${s.framesDecoded}</b>
     · freezes <b data-stat="freezes">${s.freezeCount}</b></div>
-    <div>sending ${sent || '–'}</div>
+    <div>sending ${sent || '–'}</div>${regionPanel()}
     <table><thead><tr><th scope="col">tile</th><th scope="col">layer</th><th scope="col">size</th><th scope="col">fps</th><th scope="col">kbit/s</th><th scope="col">frames</th><th scope="col">lost</th><th scope="col">freezes</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+/** Which region serves this page and why (only after a login with `?identity=`). */
+function regionPanel(): string {
+  if (!regionLogin) return '';
+  const { response } = regionLogin;
+  const now = room?.reconnector.region ?? response.region;
+  const lines = explainLogin(regionLogin).map((l) => `<li>${escapeHtml(l)}</li>`).join('');
+  return `<div data-stat="region">region <b data-stat="region-now">${escapeHtml(now)}</b>${now === response.region ? '' : ` (re-homed from ${escapeHtml(response.region)})`} — ${escapeHtml(response.reason)}<ul>${lines}</ul></div>`;
 }
 
 function escapeHtml(s: string): string {
@@ -540,6 +556,21 @@ function showPreJoin(form: HTMLFormElement): void {
 }
 
 async function init(): Promise<void> {
+  if (config.identity) {
+    const identity = config.identity;
+    showStatus('Measuring the round trip to each region…', 'state-connecting');
+    try {
+      regionLogin = await loginToRegion(config.nodes[0]?.httpOrigin ?? location.origin, identity);
+    } catch (e) {
+      showStatus(`Could not log in: ${e instanceof Error ? e.message : String(e)}`, 'error');
+      return;
+    }
+    const token = regionLogin.response.routes[0]?.token ?? '';
+    notice(`region ${regionLogin.response.region}: ${regionLogin.response.reason}`);
+    rejoin = () => join(token, config.publish);
+    join(token, config.publish);
+    return;
+  }
   if (config.token) {
     const token = config.token;
     rejoin = () => join(token, config.publish);

@@ -195,3 +195,36 @@ describe('Reconnector', () => {
     expect(calls).toHaveLength(1);
   });
 });
+
+describe('regions', () => {
+  it('walks on to the next region when every node of one fails, joining there without the old resume token', async () => {
+    const nodes: NodeTarget[] = [
+      { httpOrigin: 'http://eu1:1', region: 'eu', token: 'T-eu' },
+      { httpOrigin: 'http://eu2:1', region: 'eu', token: 'T-eu' },
+      { httpOrigin: 'http://us1:1', region: 'us', token: 'T-us' },
+    ];
+    const h = harness([{ kind: 'joined', joined: joined('R1') }], { nodes });
+    await h.r.start();
+    expect(h.r.region).toBe('eu');
+    h.calls.length = 0;
+    const results: AttemptResult[] = [
+      { kind: 'failed', message: 'eu1 down' },
+      { kind: 'failed', message: 'eu2 down' },
+      { kind: 'joined', joined: joined('R2') },
+    ];
+    // The harness reads the shared queue: refill it for the loss.
+    const h2 = harness(results, { nodes });
+    h2.r.state = 'connected';
+    h2.r.resumeToken = 'R1';
+    h2.r.region = 'eu';
+    await h2.r.lost('signaling closed');
+    expect(h2.calls.map((c) => [c.target.httpOrigin, c.resume])).toEqual([
+      ['http://eu1:1', 'R1'],
+      ['http://eu2:1', 'R1'],
+      ['http://us1:1', undefined],
+    ]);
+    expect(h2.r.region).toBe('us');
+    expect(h2.r.state).toBe('connected');
+  });
+});
+

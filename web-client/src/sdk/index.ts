@@ -5,6 +5,9 @@
  *   reconnecting (resume, backoff, node list, redirect, migrate, slow probing after
  *   giving up), publishing camera, microphone and screen, subscribing to everyone,
  *   active speaker and stats, as typed events ({@link RoomEvents}).
+ * - {@link loginToRegion}: probe every region, log in, and get a node list (the chosen
+ *   region first, then the fallback regions, each node with its region's token) that a
+ *   {@link Room} walks when a whole region is gone.
  * - The wire protocol's types ({@link ClientMessage}, {@link ServerMessage}, …) are
  *   generated from the Rust crate `meridian-protocol` (ts-rs), so they cannot drift.
  * - The pure building blocks ({@link Reconnector}, {@link SignalingClient},
@@ -76,5 +79,24 @@ export {
   type AudioEnergy,
   type SpeakerPolicy,
 } from './speaker';
+export {
+  LoginRefused,
+  MAX_REGIONS,
+  MAX_RTT_SAMPLES,
+  explainLogin,
+  loginToRegion,
+  median,
+  nodesFromLogin,
+  probeRegion,
+  type LoginError,
+  type LoginRequest,
+  type LoginResponse,
+  type ProbeOptions,
+  type RegionProbe,
+  type RegionRoute,
+  type RegionList,
+  type RegionLogin,
+  type RegionRtt,
+} from './region';
 export { Emitter } from './events';
 export * from './protocol';

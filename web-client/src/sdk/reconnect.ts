@@ -74,7 +74,11 @@ export interface StateDetail {
 
 /** What the machine needs from the outside world. */
 export interface ReconnectDeps {
-  /** Nodes to try in turn (at least one). */
+  /**
+   * Nodes to try in turn (at least one). Nodes from a login (`nodesFromLogin`)
+   * list the chosen region's nodes first, then each fallback region's: when every
+   * node of a region fails the walk reaches the next region, joining there afresh.
+   */
   nodes: NodeTarget[];
   /** Opens signaling to `target` and joins, with `resume` when resuming. */
   attempt: (target: NodeTarget, resume: string | undefined) => Promise<AttemptResult>;
@@ -97,6 +101,8 @@ export class Reconnector {
   resumeToken: string | undefined;
   /** Attempts made in the current cycle. */
   attempts = 0;
+  /** The region of the node last joined (nodes from a login name theirs). */
+  region: string | undefined;
   private readonly policy: ReconnectPolicy;
   private nodeIndex = 0;
   private override: NodeTarget | undefined;
@@ -178,6 +184,10 @@ export class Reconnector {
       }
       this.attempts++;
       const target = this.currentTarget;
+      // Another region keeps another log: a resume token of the old one means nothing there.
+      if (target.region !== undefined && this.region !== undefined && target.region !== this.region) {
+        this.resumeToken = undefined;
+      }
       if (wait) {
         const delayMs = backoffDelay(this.attempts, this.policy, this.deps.random);
         this.set(state, {
@@ -207,6 +217,7 @@ export class Reconnector {
         case 'joined': {
           const resumed = this.resumeToken !== undefined;
           this.resumeToken = result.joined.resume;
+          if (target.region !== undefined) this.region = target.region;
           // Stay on the node that took us.
           if (this.override) {
             this.override = target;

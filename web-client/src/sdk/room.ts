@@ -371,6 +371,8 @@ export class Room {
       return { kind: 'failed', message: `cannot reach the node at ${target.signalUrl ?? target.httpOrigin}: ${e instanceof Error ? e.message : String(e)}` };
     }
     try {
+      // A node from a login carries its region's token.
+      if (target.token) this.token = target.token;
       const outcome = await sig.joinRoom(this.token, resume);
       if (outcome.kind === 'redirect') {
         sig.close();

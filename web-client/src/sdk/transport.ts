@@ -27,6 +27,10 @@ export interface NodeTarget {
   httpOrigin: string;
   /** An explicit signaling URL (`ws://…/signal` or `https://…/signal`), from redirect/migrate. */
   signalUrl?: string;
+  /** The region the node belongs to (from a login, `loginToRegion`). */
+  region?: string;
+  /** The access token pinned to that region; joins at this node use it instead of the Room's. */
+  token?: string;
 }
 
 /**
