@@ -354,12 +354,19 @@ impl Config {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        config.validate()?;
+        // Flags and the environment may still set `node.region` and
+        // `node.database_url`: their place in the region directory is checked when the
+        // node starts (`validate`).
+        config.check(false)?;
         Ok(config)
     }
 
     /// Checks ranges and combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check(true)
+    }
+
+    fn check(&self, node_in_directory: bool) -> Result<(), ConfigError> {
         let s = &self.signaling;
         let invalid = |field, reason: &str| {
             Err(ConfigError::Invalid {
@@ -465,12 +472,14 @@ impl Config {
         {
             return invalid("node.id", "must be 1..=64 of [A-Za-z0-9._-]");
         }
-        crate::regions::validate(
-            &self.regions,
-            &self.login,
-            &self.node.region,
-            self.node.database_url.as_deref(),
-        )?;
+        crate::regions::validate(&self.regions, &self.login)?;
+        if node_in_directory {
+            crate::regions::validate_node(
+                &self.regions,
+                &self.node.region,
+                self.node.database_url.as_deref(),
+            )?;
+        }
         if self.media.addr.ip().is_unspecified() && self.media.public_ip.is_none() {
             return invalid(
                 "media.public_ip",

@@ -133,13 +133,8 @@ fn has_scheme(url: &str, schemes: &[&str]) -> bool {
         })
 }
 
-/// Checks the directory against this node's region and log.
-pub(crate) fn validate(
-    regions: &[RegionEntry],
-    login: &LoginConfig,
-    node_region: &str,
-    database_url: Option<&str>,
-) -> Result<(), ConfigError> {
+/// Checks the directory and the login section on their own.
+pub(crate) fn validate(regions: &[RegionEntry], login: &LoginConfig) -> Result<(), ConfigError> {
     if regions.len() > MAX_REGIONS {
         return Err(invalid(
             "regions",
@@ -242,6 +237,34 @@ pub(crate) fn validate(
             }
         }
     }
+    if login.identity_audience.is_empty() || login.identity_audience.len() > 64 {
+        return Err(invalid(
+            "login.identity_audience",
+            "must be 1..=64 characters".into(),
+        ));
+    }
+    if !(60..=30 * 24 * 3600).contains(&login.token_ttl_secs) {
+        return Err(invalid(
+            "login.token_ttl_secs",
+            "must be 60 ..= 2592000 (30 days)".into(),
+        ));
+    }
+    if login.identity_keys_dir.is_some() && regions.is_empty() {
+        return Err(invalid(
+            "login.identity_keys_dir",
+            "login needs a [[regions]] directory to rank".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks this node's region and log against the directory: its region is listed, and
+/// it writes its own region's log, never another's.
+pub(crate) fn validate_node(
+    regions: &[RegionEntry],
+    node_region: &str,
+    database_url: Option<&str>,
+) -> Result<(), ConfigError> {
     if !regions.is_empty() {
         let Some(own) = regions.iter().find(|r| r.id == node_region) else {
             return Err(invalid(
@@ -273,24 +296,6 @@ pub(crate) fn validate(
                 ),
             ));
         }
-    }
-    if login.identity_audience.is_empty() || login.identity_audience.len() > 64 {
-        return Err(invalid(
-            "login.identity_audience",
-            "must be 1..=64 characters".into(),
-        ));
-    }
-    if !(60..=30 * 24 * 3600).contains(&login.token_ttl_secs) {
-        return Err(invalid(
-            "login.token_ttl_secs",
-            "must be 60 ..= 2592000 (30 days)".into(),
-        ));
-    }
-    if login.identity_keys_dir.is_some() && regions.is_empty() {
-        return Err(invalid(
-            "login.identity_keys_dir",
-            "login needs a [[regions]] directory to rank".into(),
-        ));
     }
     Ok(())
 }
@@ -524,7 +529,9 @@ mod tests {
     }
 
     fn check(regions: &[RegionEntry], db: Option<&str>) -> Result<(), String> {
-        validate(regions, &LoginConfig::default(), "eu", db).map_err(|e| e.to_string())
+        validate(regions, &LoginConfig::default())
+            .and_then(|()| validate_node(regions, "eu", db))
+            .map_err(|e| e.to_string())
     }
 
     #[test]

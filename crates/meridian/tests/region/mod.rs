@@ -132,7 +132,8 @@ impl Region {
             .unwrap_or_else(|| panic!("no node {id}"))
     }
 
-    fn spawn_at(&self, id: &str, http: &str) -> NodeProc {
+    /// Starts one node process on the HTTP address `http` (`127.0.0.1:0`: any port).
+    pub fn spawn_at(&self, id: &str, http: &str) -> NodeProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(["serve", "--http-addr", http, "--media-addr"])
             .args(["127.0.0.1:0", "--wt-addr", "127.0.0.1:0", "--node-id", id])

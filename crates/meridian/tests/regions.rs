@@ -1,0 +1,311 @@
+//! Regions with real node processes: two regions on loopback (`eu`, `us`), each with
+//! two `meridian serve` nodes and its own Postgres schema (its own log), one
+//! `[[regions]]` directory, and an identity provider's key for `POST /login`.
+//! Login picks the region by the reported RTTs and names the fallback order; a forged
+//! or expired identity token gets a typed error; a token for one region is redirected
+//! by the other; and when both nodes of a region are SIGKILLed its clients re-home to
+//! the next region of their fallback order and receive media again.
+
+mod region;
+
+use std::time::Duration;
+
+use meridian_auth::{Claims, Grants, KeySet};
+use meridian_client::region::{login, login_with};
+use meridian_client::{Client, ClientConfig, ClientError, ProbeConfig};
+use meridian_protocol::region::RegionRtt;
+use region::{Region, light};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+struct World {
+    eu: Region,
+    us: Region,
+    /// The identity provider: signs identity tokens the nodes' `[login]` trusts.
+    idp: KeySet,
+}
+
+impl World {
+    async fn start() -> World {
+        let tmp = std::env::temp_dir().join(format!(
+            "meridian-regions-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let idp_dir = tmp.join("idp");
+        let idp = KeySet::load_or_create(&idp_dir).expect("identity key");
+        let config = tmp.join("regions.toml");
+        let eu_ports = [free_port(), free_port()];
+        let us_ports = [free_port(), free_port()];
+        let cfg = config.to_str().unwrap().to_string();
+        let eu = Region::start("eu", 0, &["--config", &cfg, "--region", "eu"]).await;
+        let us = Region::start("us", 0, &["--config", &cfg, "--region", "us"]).await;
+        // One token key for both regions: a login at any node mints tokens every
+        // region accepts.
+        let key = std::fs::read_dir(eu.data_dir.join("keys"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "pem"))
+            .expect("eu's key");
+        std::fs::copy(
+            &key,
+            us.data_dir.join("keys").join(key.file_name().unwrap()),
+        )
+        .unwrap();
+        let entry = |id: &str, ports: &[u16; 2], log: String| {
+            format!(
+                "[[regions]]\nid = \"{id}\"\nsignal_urls = [\"ws://127.0.0.1:{a}/signal\", \"ws://127.0.0.1:{b}/signal\"]\n\
+                 probe_url = \"http://127.0.0.1:{a}/probe\"\nrelay_addr = \"127.0.0.1:{a}\"\nlog = \"{log}\"\n",
+                a = ports[0],
+                b = ports[1]
+            )
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[login]\nidentity_keys_dir = \"{}\"\n\n{}\n{}",
+                idp_dir.display(),
+                entry("eu", &eu_ports, eu.database_url()),
+                entry("us", &us_ports, us.database_url()),
+            ),
+        )
+        .unwrap();
+        let mut world = World { eu, us, idp };
+        for (r, ports) in [(&mut world.eu, eu_ports), (&mut world.us, us_ports)] {
+            for (i, port) in ports.iter().enumerate() {
+                let node = r.spawn_at(&format!("node-{i}"), &format!("127.0.0.1:{port}"));
+                r.nodes.push(node);
+            }
+        }
+        world
+    }
+
+    fn identity(&self, who: &str, room: &str, publish: bool) -> String {
+        let claims = Claims::new(
+            who,
+            room,
+            meridian_auth::unix_now(),
+            Duration::from_secs(600),
+        )
+        .with_grants(if publish {
+            Grants::publisher()
+        } else {
+            Grants::subscriber()
+        })
+        .with_audience("meridian-login");
+        self.idp.sign(&claims).expect("identity token")
+    }
+
+    fn login_node(&self) -> String {
+        format!("http://{}", self.eu.nodes[0].http)
+    }
+
+    async fn cleanup(self) {
+        self.eu.cleanup().await;
+        self.us.cleanup().await;
+    }
+}
+
+fn rtts(eu: f64, us: f64) -> Vec<RegionRtt> {
+    vec![
+        RegionRtt {
+            region: "eu".into(),
+            samples_ms: vec![eu, eu + 1.0, eu + 500.0],
+        },
+        RegionRtt {
+            region: "us".into(),
+            samples_ms: vec![us, us + 1.0, us + 2.0],
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_chooses_by_rtt_refuses_bad_identities_and_other_regions_redirect() {
+    let w = World::start().await;
+    let node = w.login_node();
+    let t = Duration::from_secs(5);
+
+    // Lowest median RTT wins; the other region is the fallback.
+    let answer = login_with(&node, &w.identity("alice", "r1", true), rtts(90.0, 12.0), t)
+        .await
+        .expect("login");
+    assert_eq!(
+        (answer.region.as_str(), answer.fallback.clone()),
+        ("us", vec!["eu".to_string()])
+    );
+    assert_eq!(answer.routes.len(), 2);
+    assert!(
+        answer.reason.starts_with("us: lowest median RTT, 13 ms"),
+        "{}",
+        answer.reason
+    );
+    let claims =
+        w.eu.keys
+            .verify(&answer.routes[0].token, meridian_auth::unix_now())
+            .unwrap();
+    assert_eq!(claims.region.as_deref(), Some("us"));
+    assert_eq!(claims.fallback, ["eu"]);
+    assert_eq!((claims.sub.as_str(), claims.room.as_str()), ("alice", "r1"));
+    assert!(claims.grants.publish);
+    let eu_claims =
+        w.eu.keys
+            .verify(&answer.routes[1].token, meridian_auth::unix_now())
+            .unwrap();
+    assert_eq!(
+        (eu_claims.region.as_deref(), eu_claims.fallback.clone()),
+        (Some("eu"), vec!["us".to_string()])
+    );
+
+    // A real measurement: both regions answer their probes, five samples each.
+    let measured = login(
+        &node,
+        &w.identity("bob", "r1", false),
+        &ProbeConfig::default(),
+    )
+    .await
+    .expect("login with probes");
+    for r in &measured.rtts {
+        assert_eq!(r.samples_ms.len(), 5, "{r:?}");
+        assert!(r.samples_ms.iter().all(|s| *s < 1000.0), "{r:?}");
+    }
+
+    // Forged (another key with the same kid), expired, the wrong audience, garbage:
+    // typed codes.
+    let forger = KeySet::new(
+        Some(
+            meridian_auth::SigningKey::generate(meridian_auth::Algorithm::Es256, "dev-1").unwrap(),
+        ),
+        vec![],
+    );
+    let forged = forger
+        .sign(
+            &Claims::new(
+                "mallory",
+                "r1",
+                meridian_auth::unix_now(),
+                Duration::from_secs(60),
+            )
+            .with_audience("meridian-login"),
+        )
+        .unwrap();
+    let expired = w
+        .idp
+        .sign(
+            &Claims::new(
+                "alice",
+                "r1",
+                meridian_auth::unix_now() - 3600,
+                Duration::from_secs(60),
+            )
+            .with_audience("meridian-login"),
+        )
+        .unwrap();
+    // Signed by the identity provider but for the access audience: not a login token.
+    let access = w
+        .idp
+        .sign(&Claims::new(
+            "alice",
+            "r1",
+            meridian_auth::unix_now(),
+            Duration::from_secs(60),
+        ))
+        .unwrap();
+    for (token, code) in [
+        (forged, "token_bad_signature"),
+        (expired, "token_expired"),
+        (access, "token_wrong_audience"),
+        ("not a token".to_string(), "token_malformed"),
+    ] {
+        match login_with(&node, &token, vec![], t).await {
+            Err(ClientError::Login { code: got, .. }) => assert_eq!(got, code),
+            other => panic!("expected {code}, got {other:?}"),
+        }
+    }
+
+    // A token for us presented in eu is redirected to us's first node.
+    let at_eu = ClientConfig::subscriber(&w.eu.nodes[1].url, answer.routes[0].token.clone())
+        .without_reconnect();
+    match Client::join(at_eu).await {
+        Err(ClientError::Redirected { region, url }) => {
+            assert_eq!(region, "us");
+            assert_eq!(url, w.us.nodes[0].url);
+        }
+        Err(e) => panic!("expected a redirect, got {e}"),
+        Ok(_) => panic!("expected a redirect, got joined"),
+    }
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_dead_region_re_home_to_their_fallback_region() {
+    let w = World::start().await;
+    let node = w.login_node();
+    let t = Duration::from_secs(5);
+    let join = |identity: String, publish: bool, first: usize| {
+        let node = node.clone();
+        async move {
+            let answer = login_with(&node, &identity, rtts(80.0, 10.0), t)
+                .await
+                .expect("login");
+            assert_eq!(answer.region, "us");
+            let base = if publish {
+                ClientConfig::new("", "")
+            } else {
+                ClientConfig::subscriber("", "")
+            };
+            Client::join(light(base).with_login(&answer, first))
+                .await
+                .expect("joins us")
+        }
+    };
+    let publisher = join(w.identity("pub", "room-x", true), true, 0).await;
+    let subs = [
+        join(w.identity("sub-0", "room-x", false), false, 0).await,
+        join(w.identity("sub-1", "room-x", false), false, 1).await,
+    ];
+    for s in &subs {
+        s.wait_for(Duration::from_secs(20), |st| st.video_tracks_with(10) == 1)
+            .await
+            .unwrap_or_else(|st| panic!("no media in us: {st:#?}"));
+        assert_eq!(s.stats().region.as_deref(), Some("us"));
+    }
+    // Every node of us dies.
+    for n in &w.us.nodes {
+        n.signal("KILL");
+    }
+    for (i, s) in subs.iter().enumerate() {
+        let frames = s.stats().video_frames();
+        let st = s
+            .wait_for(Duration::from_secs(20), |st| {
+                st.rehomes == 1 && st.video_frames() > frames + 10
+            })
+            .await
+            .unwrap_or_else(|st| panic!("subscriber {i} did not re-home with media: {st:#?}"));
+        assert_eq!(st.region.as_deref(), Some("eu"));
+        let rec = st.reconnect_history.last().expect("a reconnection record");
+        assert_eq!(rec.rehomed_to.as_deref(), Some("eu"));
+        let media_ms = rec.media_ms.expect("media after re-homing");
+        assert!(media_ms < 15_000.0, "re-homed in {media_ms} ms");
+        assert!(w.eu.urls().contains(&st.url), "{} is an eu node", st.url);
+    }
+    assert_eq!(publisher.stats().rehomes, 1);
+    // The re-homed room is in eu's log, not written to us's.
+    let history = w.eu.history("room-x").await;
+    assert!(
+        history
+            .iter()
+            .filter(|e| e.event.event_type() == "ParticipantJoined")
+            .count()
+            >= 3,
+        "eu's log records the re-homed participants"
+    );
+    drop(publisher);
+    drop(subs);
+    w.cleanup().await;
+}
