@@ -24,6 +24,7 @@ fn free_port() -> u16 {
 }
 
 struct World {
+    tmp: std::path::PathBuf,
     eu: Region,
     us: Region,
     /// The identity provider: signs identity tokens the nodes' `[login]` trusts.
@@ -76,7 +77,7 @@ impl World {
             ),
         )
         .unwrap();
-        let mut world = World { eu, us, idp };
+        let mut world = World { tmp, eu, us, idp };
         for (r, ports) in [(&mut world.eu, eu_ports), (&mut world.us, us_ports)] {
             for (i, port) in ports.iter().enumerate() {
                 let node = r.spawn_at(&format!("node-{i}"), &format!("127.0.0.1:{port}"));
@@ -109,6 +110,7 @@ impl World {
     async fn cleanup(self) {
         self.eu.cleanup().await;
         self.us.cleanup().await;
+        let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }
 
