@@ -12,7 +12,8 @@
 # Knobs (env): ROOMS (per region, 4), PUBS (per room, 1), SUBS (per room, 2),
 # DURATION (s of measurement, 20), KILL_AT (s after the clients start, 12),
 # VICTIM (ap), WAN_LOSS (0%), MERIDIAN_BIN / NETSIM_BIN (default: a debug build),
-# KEEP=1 (keep the work folder with every log), PLOT=FILE.png (save the plot).
+# KEEP=1 (keep the work folder with every log), PLOT=FILE.png (where the plot of
+# locality, latency per region pair and probe RTTs goes; default target/bench-regions.png).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -252,7 +253,14 @@ jq -cn \
     wan_drops: ($wan.overflow_drops + $wan.reader_drops),
     null_because: "copies_per_boundary_max, egress_saving_pct and the cross-region latency pairs need cross-region rooms, which need the relay (issue 13); every room here has members of one region, so in_region_bytes_pct counts what the nodes forwarded before the failure (all in-region)"
   }' >"$WORK/result.json"
-if [ -n "${PLOT:-}" ]; then
-  python3 "$ROOT/scripts/plot-regions.py" "$WORK/result.json" "$PLOT" || log "no plot: $PLOT"
+PLOT=${PLOT:-$ROOT/target/bench-regions.png}
+# Debian's python3 (matplotlib from apt), not a pyenv shim that cannot see it.
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+if ! "$PY" -c "import matplotlib" 2>/dev/null; then
+  log "installing python3-matplotlib for the plot (apt-get)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null 2>&1 || true
 fi
+mkdir -p "$(dirname "$PLOT")"
+"$PY" "$ROOT/scripts/plot-regions.py" "$WORK/result.json" "$PLOT" || log "no plot: $PLOT"
 cat "$WORK/result.json"

@@ -113,7 +113,7 @@ fn run() -> Result<(), String> {
                         }
                     }
                     Err(e) => {
-                        eprintln!("meridian-netsim: reading {}: {e}", "the TUN device");
+                        eprintln!("meridian-netsim: reading the TUN device: {e}");
                         return;
                     }
                 }

@@ -234,4 +234,44 @@ mod tests {
         let p = check_text("this is = = not toml").unwrap_err();
         assert_eq!(p.line, Some(1));
     }
+
+    #[test]
+    fn a_bad_region_directory_is_named() {
+        let region = |id: &str, log: &str| {
+            format!(
+                "[[regions]]\nid = \"{id}\"\nsignal_urls = [\"ws://{id}:7880/signal\"]\nprobe_url = \"http://{id}:7880/probe\"\nlog = \"{log}\"\n"
+            )
+        };
+        let ok = format!(
+            "[node]\nregion = \"eu\"\ndatabase_url = \"postgres://db/eu\"\n{}{}",
+            region("eu", "postgres://db/eu"),
+            region("us", "postgres://db/us")
+        );
+        assert_eq!(check_text(&ok).unwrap().regions.len(), 2);
+        let twice = format!(
+            "[node]\nregion = \"eu\"\n{}{}",
+            region("eu", "postgres://db/eu"),
+            region("eu", "postgres://db/x")
+        );
+        let p = check_text(&twice).unwrap_err();
+        assert_eq!(p.key.as_deref(), Some("regions.id"));
+        assert!(p.message.contains("listed twice"), "{p}");
+        let shared = format!(
+            "[node]\nregion = \"eu\"\n{}{}",
+            region("eu", "postgres://db/eu"),
+            region("us", "postgres://db/eu")
+        );
+        let p = check_text(&shared).unwrap_err();
+        assert_eq!(p.key.as_deref(), Some("regions.log"));
+        let elsewhere = format!(
+            "[node]\nregion = \"eu\"\ndatabase_url = \"postgres://db/us\"\n{}{}",
+            region("eu", "postgres://db/eu"),
+            region("us", "postgres://db/us")
+        );
+        let p = check_text(&elsewhere).unwrap_err();
+        assert_eq!(p.key.as_deref(), Some("node.database_url"));
+        assert_eq!(p.line, Some(3));
+        let p = check_text("[regions]\nid = 1\n").unwrap_err();
+        assert_eq!(p.key.as_deref(), Some("regions"));
+    }
 }
