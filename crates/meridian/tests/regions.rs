@@ -114,6 +114,26 @@ impl World {
     }
 }
 
+/// A raw `POST /login`: the status and the body.
+async fn post_login(http: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    let req = format!(
+        "POST /login HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 fn rtts(eu: f64, us: f64) -> Vec<RegionRtt> {
     vec![
         RegionRtt {
@@ -229,6 +249,31 @@ async fn login_chooses_by_rtt_refuses_bad_identities_and_other_regions_redirect(
             other => panic!("expected {code}, got {other:?}"),
         }
     }
+
+    // Hostile bodies: typed refusals, bounded sizes.
+    let http = &w.eu.nodes[0].http;
+    let (status, body) = post_login(http, "{not json").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("\"code\":\"bad_request\""), "{body}");
+    let (status, body) = post_login(http, r#"{"identity_token":"x","sneaky":1}"#).await;
+    assert!(
+        status == 400 && body.contains("bad_request"),
+        "{status} {body}"
+    );
+    let many: Vec<String> = (0..33)
+        .map(|i| format!(r#"{{"region":"r{i}","samples_ms":[1]}}"#))
+        .collect();
+    let (status, body) = post_login(
+        http,
+        &format!(r#"{{"identity_token":"x","rtts":[{}]}}"#, many.join(",")),
+    )
+    .await;
+    assert!(
+        status == 400 && body.contains("at most 32 regions"),
+        "{status} {body}"
+    );
+    let huge = format!(r#"{{"identity_token":"{}"}}"#, "a".repeat(20_000));
+    assert_eq!(post_login(http, &huge).await.0, 413);
 
     // A token for us presented in eu is redirected to us's first node.
     let at_eu = ClientConfig::subscriber(&w.eu.nodes[1].url, answer.routes[0].token.clone())
