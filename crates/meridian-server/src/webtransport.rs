@@ -89,6 +89,8 @@ pub(crate) struct Listener {
     endpoint: Endpoint<Server>,
     advert: Advert,
     self_signed: bool,
+    /// When the served certificate expires (Unix seconds).
+    not_after: Option<i64>,
 }
 
 impl Listener {
@@ -96,6 +98,17 @@ impl Listener {
     pub fn advert(&self) -> Advert {
         self.advert.clone()
     }
+
+    /// When the served certificate expires (Unix seconds), for
+    /// `meridian_certificate_expiry_seconds{cert="webtransport"}`.
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
+    }
+}
+
+fn identity_not_after(identity: &Identity) -> Option<i64> {
+    let first = identity.certificate_chain().as_slice().first()?;
+    crate::internal::not_after(first.der())
 }
 
 fn self_signed_identity() -> Result<Identity, NodeError> {
@@ -159,6 +172,7 @@ pub(crate) async fn bind(config: &Config) -> Result<Listener, NodeError> {
         ),
         _ => (self_signed_identity()?, true),
     };
+    let not_after = identity_not_after(&identity);
     let hashes = if self_signed {
         identity_hashes(&identity)
     } else {
@@ -178,6 +192,7 @@ pub(crate) async fn bind(config: &Config) -> Result<Listener, NodeError> {
             hashes: Arc::new(RwLock::new(hashes)),
         },
         self_signed,
+        not_after,
     })
 }
 
@@ -201,6 +216,7 @@ pub(crate) async fn serve(
         endpoint,
         advert,
         self_signed,
+        ..
     } = listener;
     let max = state.config.signaling.max_connections;
     let permits = Arc::new(Semaphore::new(max));
@@ -211,7 +227,7 @@ pub(crate) async fn serve(
             _ = shutdown.wait_for(|s| *s) => break,
             _ = tokio::time::sleep_until(renew_at), if self_signed => {
                 renew_at += SELF_SIGNED_RENEW_AFTER;
-                renew(&endpoint, &state.config, &advert);
+                renew(&endpoint, &state, &advert);
                 continue;
             }
         };
@@ -236,10 +252,13 @@ pub(crate) async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
-fn renew(endpoint: &Endpoint<Server>, config: &Config, advert: &Advert) {
+fn renew(endpoint: &Endpoint<Server>, state: &NodeState, advert: &Advert) {
     let renewed = self_signed_identity().and_then(|identity| {
         let hashes = identity_hashes(&identity);
-        let cfg = server_config(config, advert.addr, identity);
+        if let Some(at) = identity_not_after(&identity) {
+            state.metrics.set_certificate_expiry("webtransport", at);
+        }
+        let cfg = server_config(&state.config, advert.addr, identity);
         endpoint
             .reload_config(cfg, false)
             .map_err(|e| NodeError::Certificate(format!("reloading: {e}")))?;
@@ -266,6 +285,18 @@ async fn connection(
         let path = request.path().split('?').next().unwrap_or_default();
         if path != PATH {
             request.not_found().await;
+            return None;
+        }
+        // Like WebSocket upgrades: a browser page may open a session only from the
+        // node's own host or a configured public name (non-browser clients send none).
+        if let Some(origin) = request.origin()
+            && !state
+                .hosts
+                .origin_allowed_any_port(origin, request.authority())
+        {
+            state.metrics.host_refusals.inc();
+            debug!(%peer, origin = %meridian_protocol::clip(origin, 128), "WebTransport session refused: foreign origin");
+            request.forbidden().await;
             return None;
         }
         request.accept().await.ok()
