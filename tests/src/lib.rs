@@ -86,15 +86,7 @@ impl TestNode {
         let addr = self.node.internal_addr;
         let client = self.node.internal_client();
         let r = client
-            .request(
-                addr,
-                "127.0.0.1",
-                method,
-                path,
-                bearer,
-                Vec::new(),
-                Duration::from_secs(10),
-            )
+            .request(addr, "127.0.0.1", method, path, bearer, Vec::new())
             .await
             .unwrap_or_else(|e| panic!("{method} {path} on the internal listener: {e}"));
         (r.status, r.body)

@@ -474,6 +474,7 @@ impl InternalTls {
     pub fn client(&self) -> InternalClient {
         InternalClient {
             config: self.material().client.clone(),
+            timeout: CALL_TIMEOUT,
         }
     }
 
@@ -635,7 +636,12 @@ async fn connection(
 #[derive(Clone)]
 pub struct InternalClient {
     config: Arc<ClientConfig>,
+    /// Bound on one whole call (connect, handshake, request, body).
+    timeout: Duration,
 }
+
+/// Default bound on one internal call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A response from an internal listener.
 #[derive(Debug)]
@@ -654,6 +660,7 @@ impl InternalClient {
         let key = self::key(key, &read_bounded(key)?)?;
         Ok(InternalClient {
             config: Arc::new(client_config(roots(ca, &cas)?, chain, key)?),
+            timeout: CALL_TIMEOUT,
         })
     }
 
@@ -669,12 +676,20 @@ impl InternalClient {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(InternalClient {
             config: Arc::new(config),
+            timeout: CALL_TIMEOUT,
         })
+    }
+
+    /// The same client with calls bounded by `timeout` (default 10 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> InternalClient {
+        self.timeout = timeout;
+        self
     }
 
     /// Sends one request to `addr` (TLS server name `server_name`, which the server's
     /// certificate must carry: an IP address or a DNS name) with an optional bearer
-    /// token; reads a response of at most 64 MiB. Bounded by `timeout` as a whole.
+    /// token; reads a response of at most 64 MiB. Bounded by the client's timeout as a
+    /// whole.
     pub async fn request(
         &self,
         addr: SocketAddr,
@@ -683,8 +698,8 @@ impl InternalClient {
         path: &str,
         bearer: Option<&str>,
         body: Vec<u8>,
-        timeout: Duration,
     ) -> Result<InternalResponse, InternalError> {
+        let timeout = self.timeout;
         let fail = |reason: String| InternalError::Call { addr, reason };
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|e| fail(format!("server name {server_name:?}: {e}")))?;
@@ -734,7 +749,7 @@ impl InternalClient {
     }
 
     /// `GET path` on a listener whose certificate carries `addr`'s IP address (the
-    /// development certificates do for loopback), within 10 s.
+    /// development certificates do for loopback).
     pub async fn get(
         &self,
         addr: SocketAddr,
@@ -742,16 +757,8 @@ impl InternalClient {
         bearer: Option<&str>,
     ) -> Result<InternalResponse, InternalError> {
         let name = addr.ip().to_string();
-        self.request(
-            addr,
-            &name,
-            "GET",
-            path,
-            bearer,
-            Vec::new(),
-            Duration::from_secs(10),
-        )
-        .await
+        self.request(addr, &name, "GET", path, bearer, Vec::new())
+            .await
     }
 
     /// `POST path` (empty body), like [`InternalClient::get`].
@@ -762,16 +769,8 @@ impl InternalClient {
         bearer: Option<&str>,
     ) -> Result<InternalResponse, InternalError> {
         let name = addr.ip().to_string();
-        self.request(
-            addr,
-            &name,
-            "POST",
-            path,
-            bearer,
-            Vec::new(),
-            Duration::from_secs(10),
-        )
-        .await
+        self.request(addr, &name, "POST", path, bearer, Vec::new())
+            .await
     }
 }
 
