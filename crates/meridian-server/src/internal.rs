@@ -1,6 +1,6 @@
 //! The internal plane: an HTTPS listener that requires mutual TLS, for what only
 //! operators, Prometheus and other nodes may call — `/metrics`, `/admin/*`, `/audit/*`
-//! and node-to-node routes ([`node_routes`]).
+//! and node-to-node routes (`node_routes`).
 //!
 //! * **Server side**: rustls with a [`WebPkiClientVerifier`] over the configured CA
 //!   bundle (`internal.client_ca`): a client without a certificate, or with one that

@@ -11,6 +11,9 @@
 //! - STUN spoofing: one socket sending STUN binding requests with random ufrags and
 //!   transaction ids, and random datagrams, to the media port.
 //!
+//! `SOAK_ATTACKS` picks some (`slow,oversized,joins,stun`, default all), to see which
+//! one costs what.
+//!
 //! Attackers use their own loopback addresses (127.0.0.1x); the legitimate client and
 //! the media room use 127.0.0.1, so per-address limits do not count them together.
 //! Prints the node's RSS (before, peak, after), the legitimate joins' latency and
@@ -330,7 +333,10 @@ async fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
     let mut attackers = Vec::new();
-    for i in 0..16 {
+    let kinds =
+        std::env::var("SOAK_ATTACKS").unwrap_or_else(|_| "slow,oversized,joins,stun".into());
+    let on = |k: &str| kinds.split(',').any(|x| x.trim() == k);
+    for i in 0..16 * usize::from(on("slow")) {
         attackers.push(tokio::spawn(slow_reader(
             http,
             keys.clone(),
@@ -339,14 +345,14 @@ async fn main() {
             counters.clone(),
         )));
     }
-    for _ in 0..4 {
+    for _ in 0..4 * usize::from(on("oversized")) {
         attackers.push(tokio::spawn(oversized(
             http,
             stop.clone(),
             counters.clone(),
         )));
     }
-    for i in 0..8 {
+    for i in 0..8 * u8::from(on("joins")) {
         attackers.push(tokio::spawn(join_flood(
             http,
             keys.clone(),
@@ -355,11 +361,13 @@ async fn main() {
             counters.clone(),
         )));
     }
-    attackers.push(tokio::spawn(stun_spoofer(
-        media,
-        stop.clone(),
-        counters.clone(),
-    )));
+    if on("stun") {
+        attackers.push(tokio::spawn(stun_spoofer(
+            media,
+            stop.clone(),
+            counters.clone(),
+        )));
+    }
 
     // The legitimate client: a fresh join every 500 ms, timed to `joined`.
     let started = Instant::now();
@@ -411,7 +419,12 @@ async fn main() {
     let c = &counters;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
-        "soak: {secs} s of attack against one node (debug or release: see how this was built)"
+        "soak: {secs} s of attack ({kinds}) against one node ({} build)",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     println!(
         "attackers: {} slow-reader messages of 60 KB ({} connections), {} messages of 300 KB, \
