@@ -196,3 +196,74 @@ async fn the_plain_metrics_listener_is_opt_in_and_serves_only_metrics() {
     assert_eq!(t.node.metrics_addr, None, "off unless configured");
     t.node.shutdown().await;
 }
+
+/// The WebTransport certificate (`webtransport.tls_cert`/`tls_key`, from cert-manager
+/// in a cluster) is re-read too: a renewed pair serves new sessions without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_webtransport_certificate_is_served_without_a_restart() {
+    let root = tmp("wt-rotate");
+    let (v1, v2) = (root.join("pki-1"), root.join("pki-2"));
+    // Under 14 days: what certificate hashes (as browsers use them) accept.
+    generate_pki(&v1, &["127.0.0.1", "localhost"], 10).unwrap();
+    generate_pki(&v2, &["127.0.0.1", "localhost"], 12).unwrap();
+    let (cert, key) = (root.join("wt.crt"), root.join("wt.key"));
+    std::fs::copy(v1.join("node.pem"), &cert).unwrap();
+    std::fs::copy(v1.join("node.key"), &key).unwrap();
+    let (c, k) = (cert.clone(), key.clone());
+    let t = start_node(move |cfg| {
+        cfg.webtransport.tls_cert = Some(c);
+        cfg.webtransport.tls_key = Some(k);
+        cfg.internal.reload_interval_secs = 1;
+    })
+    .await;
+    let hash = |dir: &Path| {
+        let dir = dir.to_path_buf();
+        async move {
+            let id =
+                wtransport::Identity::load_pemfiles(dir.join("node.pem"), dir.join("node.key"))
+                    .await
+                    .unwrap();
+            id.certificate_chain().as_slice()[0].hash()
+        }
+    };
+    let (h1, h2) = (hash(&v1).await, hash(&v2).await);
+    let url = format!("https://127.0.0.1:{}/signal", t.node.wt_addr.port());
+    let connects = |h: wtransport::tls::Sha256Digest| {
+        let url = url.clone();
+        async move {
+            let config = wtransport::ClientConfig::builder()
+                .with_bind_address("127.0.0.1:0".parse().unwrap())
+                .with_server_certificate_hashes([h])
+                .build();
+            let endpoint = wtransport::Endpoint::client(config).unwrap();
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), endpoint.connect(&url)).await,
+                Ok(Ok(_))
+            )
+        }
+    };
+    let expiry = "meridian_certificate_expiry_seconds{cert=\"webtransport\"}";
+    assert!(
+        connects(h1.clone()).await,
+        "the first certificate is served"
+    );
+    let at_v1 = series(&t.metrics_text().await, expiry).expect("expiry");
+    std::fs::copy(v2.join("node.pem"), &cert).unwrap();
+    std::fs::copy(v2.join("node.key"), &key).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !connects(h2.clone()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate was not served within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !connects(h1).await,
+        "the old certificate is no longer served"
+    );
+    let at_v2 = series(&t.metrics_text().await, expiry).expect("expiry");
+    assert!(at_v2 > at_v1 + 86400.0, "expiry follows: {at_v1} → {at_v2}");
+    t.node.shutdown().await;
+    let _ = std::fs::remove_dir_all(root);
+}

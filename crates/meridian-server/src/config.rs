@@ -84,8 +84,9 @@ pub struct InternalConfig {
     pub client_cert: Option<PathBuf>,
     /// PEM private key of `client_cert`; default `key`.
     pub client_key: Option<PathBuf>,
-    /// Seconds between checks of the certificate files for a change (cert-manager
-    /// rotations, symlink swaps included); a change is loaded without a restart.
+    /// Seconds between checks of the certificate files (these and
+    /// `webtransport.tls_cert`/`tls_key`) for a change (cert-manager rotations, symlink
+    /// swaps included); a change is loaded without a restart.
     pub reload_interval_secs: u64,
     /// Optional plain-HTTP listener serving only `/metrics`, for a scraper on the same
     /// machine (benchmarks, local Prometheus without certificates). Loopback only.

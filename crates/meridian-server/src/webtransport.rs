@@ -8,7 +8,11 @@
 //! with `error{code:"message_too_large"}` without reading the body, and the stream is
 //! closed. Everything above the framing is [`run_session`], shared with WebSocket.
 //!
-//! Certificates: with `webtransport.tls_cert`/`tls_key` the node serves those (PEM).
+//! Certificates: with `webtransport.tls_cert`/`tls_key` the node serves those (PEM),
+//! and re-reads them every `internal.reload_interval_secs`: a renewed pair (a
+//! cert-manager rotation) is used for new connections without a restart; a pair that
+//! does not load is logged and counted (`meridian_certificate_reloads_total`) and the
+//! old one stays.
 //! Without them it generates at start a self-signed ECDSA P-256 certificate for
 //! `127.0.0.1`, `localhost` and `::1`, valid for less than 14 days (the most browsers
 //! accept for `serverCertificateHashes`), renews it before it expires, and publishes its
@@ -221,10 +225,32 @@ pub(crate) async fn serve(
     let max = state.config.signaling.max_connections;
     let permits = Arc::new(Semaphore::new(max));
     let mut renew_at = tokio::time::Instant::now() + SELF_SIGNED_RENEW_AFTER;
+    let files = match (
+        &state.config.webtransport.tls_cert,
+        &state.config.webtransport.tls_key,
+    ) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ => None,
+    };
+    let mut loaded = match &files {
+        Some(f) => read_pair(f).await,
+        None => None,
+    };
+    let mut reload = tokio::time::interval(Duration::from_secs(
+        state.config.internal.reload_interval_secs,
+    ));
+    reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = reload.tick(), if files.is_some() => {
+                if let Some(f) = &files {
+                    reload_files(&endpoint, &state, &advert, f, &mut loaded).await;
+                }
+                continue;
+            }
+            // The guard `wait_for` returns is not `Send`: drop it inside.
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
             _ = tokio::time::sleep_until(renew_at), if self_signed => {
                 renew_at += SELF_SIGNED_RENEW_AFTER;
                 renew(&endpoint, &state, &advert);
@@ -250,6 +276,55 @@ pub(crate) async fn serve(
     }
     endpoint.close(VarInt::from_u32(CLOSE_OK), b"node shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// The bytes of a certificate and key file pair; `None` when either cannot be read.
+async fn read_pair(files: &(std::path::PathBuf, std::path::PathBuf)) -> Option<(Vec<u8>, Vec<u8>)> {
+    let cert = tokio::fs::read(&files.0).await.ok()?;
+    let key = tokio::fs::read(&files.1).await.ok()?;
+    Some((cert, key))
+}
+
+/// Loads the configured certificate again when its files changed (by content, so a
+/// symlink swap counts) and serves it to new connections.
+async fn reload_files(
+    endpoint: &Endpoint<Server>,
+    state: &NodeState,
+    advert: &Advert,
+    files: &(std::path::PathBuf, std::path::PathBuf),
+    loaded: &mut Option<(Vec<u8>, Vec<u8>)>,
+) {
+    let Some(now) = read_pair(files).await else {
+        return;
+    };
+    if loaded.as_ref() == Some(&now) {
+        return;
+    }
+    let result = match Identity::load_pemfiles(&files.0, &files.1).await {
+        Ok(identity) => {
+            let at = identity_not_after(&identity);
+            endpoint
+                .reload_config(server_config(&state.config, advert.addr, identity), false)
+                .map(|()| at)
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(at) => {
+            if let Some(at) = at {
+                state.metrics.set_certificate_expiry("webtransport", at);
+            }
+            state.metrics.certificate_reloaded("ok");
+            tracing::info!(cert = %files.0.display(), "WebTransport certificate reloaded");
+            *loaded = Some(now);
+        }
+        Err(e) => {
+            // Counted at each check until the files load (a rotation half written).
+            state.metrics.certificate_reloaded("error");
+            tracing::warn!("WebTransport certificate not reloaded, keeping the previous one: {e}");
+        }
+    }
 }
 
 fn renew(endpoint: &Endpoint<Server>, state: &NodeState, advert: &Advert) {
