@@ -230,7 +230,7 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
         .map(|g| g["rules"].as_array().map_or(0, Vec::len))
         .sum();
     assert_eq!(groups.len(), 2, "{body}");
-    assert_eq!(loaded, 13, "recording and alert rules loaded: {body}");
+    assert_eq!(loaded, 16, "recording and alert rules loaded: {body}");
 
     // Every node scraped (its counters seen at their value before the load) first.
     let deadline = Instant::now() + Duration::from_secs(20);
