@@ -92,7 +92,7 @@ for subs in $SUBS; do
   echo "   load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   # shellcheck disable=SC2086
   taskset -c "$NODE_CPU" "$NODE_BIN" serve --data-dir "$DATA" --http-addr "$HTTP" \
-    --media-addr "$HOST_IP:7892" --wt-addr "$HOST_IP:7891" --node-id bench \
+    --media-addr "$HOST_IP:7892" --wt-addr "$HOST_IP:7891" --internal-listen "$HOST_IP:7893" --node-id bench \
     $EXTRA_NODE_ARGS > "$DATA/node.log" 2>&1 &
   NODE_PID=$!
   for _ in $(seq 100); do
@@ -108,7 +108,7 @@ for subs in $SUBS; do
     --layer-kbps "150,500,$KBPS" --fps "$FPS" --count-only \
     --duration "$DURATION" --warmup "$WARMUP" \
     --ping-interval 1s --ping-timeout 30s \
-    --node-pid "$NODE_PID" --node-metrics "$HTTP" --json | tee "$DATA/loadgen.out"
+    --node-pid "$NODE_PID" --node-metrics "https://$HOST_IP:7893" --json | tee "$DATA/loadgen.out"
   read -r h_rcv h_snd <<< "$host_before"
   read -r n_rcv n_snd <<< "$ns_before"
   read -r h_rcv2 h_snd2 <<< "$(udp_drops "")"

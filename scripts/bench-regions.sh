@@ -144,6 +144,8 @@ addr = "$NET.$i.$h:7880"
 addr = "$NET.$i.$h:7882"
 [webtransport]
 addr = "$NET.$i.$h:7881"
+[internal]
+listen = "$NET.$i.$h:7883"
 [cluster]
 checkpoint_interval_secs = 0
 [login]
@@ -181,7 +183,9 @@ for i in 1 2 3; do
 done
 
 metrics_of() { # region index, host → "in_region cross_region" media bytes
-  in_ns "$2" curl -sf "http://$NET.$1.$3:7880/metrics" 2>/dev/null |
+  local pki="$WORK/$2-$3/internal" # the node's development PKI (mutual TLS)
+  in_ns "$2" curl -sf --cacert "$pki/ca.pem" --cert "$pki/client.pem" --key "$pki/client.key" \
+    "https://$NET.$1.$3:7883/metrics" 2>/dev/null |
     awk '/^meridian_media_bytes_total\{path="in_region"/ {i+=$2} /^meridian_media_bytes_total\{path="cross_region"/ {c+=$2} END {printf "%d %d\n", i, c}'
 }
 sleep "$KILL_AT"

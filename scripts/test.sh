@@ -18,7 +18,9 @@ cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS=-Dwarnings cargo doc --locked --workspace --no-deps
 cargo build --locked -p meridian
-cargo test --locked --workspace --no-fail-fast
+# Includes tests/tests/fuzz_replay.rs: every fuzz/ target's corpus replayed, then
+# FUZZ_SECS (20) seconds of mutated inputs per target (stable toolchain, no cargo-fuzz).
+FUZZ_SECS="${FUZZ_SECS:-20}" cargo test --locked --workspace --no-fail-fast
 bash scripts/check-ts-types.sh
 
 (cd web-client && npm test && npm run build && npm run docs)

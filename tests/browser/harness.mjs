@@ -5,7 +5,8 @@
 // Env: MERIDIAN_BIN (default ../../target/debug/meridian), CHROMIUM (default /usr/bin/chromium),
 // MERIDIAN_WEB_ROOT (default ../../web-client/dist)
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, readFileSync } from 'node:fs';
+import https from 'node:https';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -41,7 +42,8 @@ export async function startMeridian(prefix, extraArgs = [], { dataDir: sharedDir
   const dataDir = sharedDir ?? mkdtempSync(path.join(tmpdir(), `${prefix}-`));
   const addr = (p) => `127.0.0.1:${p ?? 0}`;
   const server = spawn(BIN, ['serve', '--data-dir', dataDir, '--http-addr', addr(ports.http),
-    '--media-addr', addr(ports.media), '--wt-addr', addr(ports.wt), '--web-root', WEB_ROOT, ...extraArgs], {
+    '--media-addr', addr(ports.media), '--wt-addr', addr(ports.wt), '--internal-listen', addr(ports.internal),
+    '--web-root', WEB_ROOT, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
   });
@@ -65,6 +67,11 @@ export async function startMeridian(prefix, extraArgs = [], { dataDir: sharedDir
     stderr: () => stderr,
     token: (room, identity, ...flags) => execFileSync(BIN, ['token', 'create', '--data-dir', dataDir,
       '--room', room, '--identity', identity, ...flags], { encoding: 'utf8', timeout: 10_000 }).trim(),
+    /**
+     * A request to the node's internal listener (mutual TLS, with the development
+     * operator certificate under the data directory): resolves `{ status, body }`.
+     */
+    internal: (method, urlPath, bearer) => internalRequest(listening.internal, dataDir, method, urlPath, bearer),
     /** Sends `signal` (e.g. 'SIGKILL') to the node process. */
     kill(signal) { server.kill(signal); },
     async stop() {
@@ -78,6 +85,30 @@ export async function startMeridian(prefix, extraArgs = [], { dataDir: sharedDir
       if (!sharedDir) rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** HTTPS request with a client certificate from `<dataDir>/internal/`. */
+function internalRequest(hostPort, dataDir, method, urlPath, bearer) {
+  const [host, port] = [hostPort.slice(0, hostPort.lastIndexOf(':')), Number(hostPort.slice(hostPort.lastIndexOf(':') + 1))];
+  const dir = path.join(dataDir, 'internal');
+  return new Promise((resolve, reject) => {
+    const req = https.request({
+      host, port, method, path: urlPath,
+      ca: readFileSync(path.join(dir, 'ca.pem')),
+      cert: readFileSync(path.join(dir, 'client.pem')),
+      key: readFileSync(path.join(dir, 'client.key')),
+      headers: bearer ? { authorization: `Bearer ${bearer}` } : {},
+      timeout: 10_000,
+    }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => { body += d; });
+      res.on('end', () => resolve({ status: res.statusCode, body }));
+    });
+    req.on('timeout', () => req.destroy(new Error('internal request timed out')));
+    req.on('error', reject);
+    req.end();
+  });
 }
 
 /** Launches headless Chromium; `extraArgs` add to the flags every test needs. */

@@ -209,14 +209,14 @@ test('(c) a page reconnects by itself when the node closes its signaling and kee
     assert.equal(before.transport, 'websocket', 'without WebTransport the page falls back to WebSocket');
     const pid = await b.evaluate(() => window.meridian.session.participantId);
     const admin = node.token('*', 'operator', '--admin');
-    const res = await fetch(`${base()}/admin/participants/${pid}/close-signaling`, {
-      method: 'POST', headers: { authorization: `Bearer ${admin}` },
-    });
-    assert.equal(res.status, 204, await res.text());
+    // The admin hook is on the internal listener (mutual TLS), not the public one.
+    const hook = `/admin/participants/${pid}/close-signaling`;
+    const pub = await fetch(`${base()}${hook}`, { method: 'POST', headers: { authorization: `Bearer ${admin}` } });
+    assert.equal(pub.status, 404, 'not on the public listener');
+    const res = await node.internal('POST', hook, admin);
+    assert.equal(res.status, 204, res.body);
     // The hook refuses a token without the admin grant.
-    const denied = await fetch(`${base()}/admin/participants/${pid}/close-signaling`, {
-      method: 'POST', headers: { authorization: `Bearer ${node.token(room, 'mallory')}` },
-    });
+    const denied = await node.internal('POST', hook, node.token(room, 'mallory'));
     assert.equal(denied.status, 401);
     await b.waitForFunction(() => window.meridian.statusHistory.some((s) => /Reconnecting/.test(s)), null, { timeout: 10_000 });
     await waitConnected(b);

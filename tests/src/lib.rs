@@ -27,6 +27,7 @@ pub async fn start_node(tune: impl FnOnce(&mut Config)) -> TestNode {
     config.http.addr = "127.0.0.1:0".parse().expect("literal");
     config.media.addr = "127.0.0.1:0".parse().expect("literal");
     config.webtransport.addr = "127.0.0.1:0".parse().expect("literal");
+    config.internal.listen = "127.0.0.1:0".parse().expect("literal");
     config.node.region = "local".into();
     config.node.data_dir = std::env::temp_dir().join(format!(
         "meridian-test-{}-{}",
@@ -79,9 +80,28 @@ impl TestNode {
             .expect("certificate hashes published")
     }
 
+    /// A request to the node's internal listener (mutual TLS) with the node's own
+    /// client certificate: (status, body).
+    pub async fn internal(&self, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+        let addr = self.node.internal_addr;
+        let client = self.node.internal_client();
+        let r = client
+            .request(addr, "127.0.0.1", method, path, bearer, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} on the internal listener: {e}"));
+        (r.status, r.body)
+    }
+
+    /// The node's `/metrics` text, scraped from its internal listener.
+    pub async fn metrics_text(&self) -> String {
+        let (status, body) = self.internal("GET", "/metrics", None).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// Scrapes `/metrics` and returns the value of an unlabelled metric.
     pub async fn metric(&self, name: &str) -> f64 {
-        let body = http_get(&format!("http://{}/metrics", self.node.http_addr)).await;
+        let body = self.metrics_text().await;
         body.lines()
             .find_map(|l| {
                 let (k, v) = l.split_once(' ')?;

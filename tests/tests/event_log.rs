@@ -150,41 +150,18 @@ async fn the_postgres_log_holds_every_change_of_a_call() {
     drop_schema(&schema, store).await;
 }
 
-/// GET with an optional bearer token; returns (status code, body).
-async fn get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .expect("answer in time")
-        .expect("read");
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_api_answers_admin_tokens_only() {
     let t = start_node(|_| {}).await;
     a_call(&t, "audited").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let addr = t.node.http_addr;
-    assert_eq!(get(addr, "/audit/rooms", None).await.0, 401);
+    let get = |path: &'static str, token: Option<String>| {
+        let t = &t;
+        async move { t.internal("GET", path, token.as_deref()).await }
+    };
+    assert_eq!(get("/audit/rooms", None).await.0, 401);
     let viewer = t.token("viewer", "audited", false);
-    assert_eq!(get(addr, "/audit/rooms", Some(&viewer)).await.0, 403);
+    assert_eq!(get("/audit/rooms", Some(viewer)).await.0, 403);
     let admin = t
         .keys
         .sign(
@@ -197,13 +174,13 @@ async fn the_audit_api_answers_admin_tokens_only() {
             .with_grants(meridian_auth::Grants::admin()),
         )
         .unwrap();
-    let (status, body) = get(addr, "/audit/rooms/audited/history", Some(&admin)).await;
+    let (status, body) = get("/audit/rooms/audited/history", Some(admin.clone())).await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("ParticipantJoined") && body.contains("alice"),
         "{body}"
     );
-    let (status, body) = get(addr, "/audit/verify", Some(&admin)).await;
+    let (status, body) = get("/audit/verify", Some(admin)).await;
     assert_eq!(status, 200, "{body}");
     t.node.shutdown().await;
 }

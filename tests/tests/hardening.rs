@@ -177,7 +177,7 @@ fn request(method: &str, path: &str, host: &str, bearer: Option<&str>) -> String
 
 /// A labelled counter from `/metrics`, 0 when absent.
 async fn labelled(t: &TestNode, series: &str) -> f64 {
-    let body = meridian_tests::http_get(&format!("http://{}/metrics", t.node.http_addr)).await;
+    let body = t.metrics_text().await;
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
@@ -389,16 +389,32 @@ async fn room_scoped_admins_and_removal() {
         }) => (participant_id, resume),
         other => panic!("expected joined, got {other:?}"),
     };
-    let host = "127.0.0.1";
     let other = admin_token(&t, "b");
-    let post = |path: String, token: String| async move {
-        raw_http(addr, request("POST", &path, host, Some(&token))).await
-    };
+    let tn = &t;
+    let post =
+        |path: String, token: String| async move { tn.internal("POST", &path, Some(&token)).await };
     let close = format!("/admin/participants/{pid}/close-signaling");
     let remove = format!("/admin/participants/{pid}/remove");
     assert_eq!(post(close.clone(), other.clone()).await.0, 404);
     assert_eq!(post(remove.clone(), other.clone()).await.0, 404);
-    let get = |path: &str, token: &str| raw_http(addr, request("GET", path, host, Some(token)));
+    let get = |path: &'static str, token: &str| {
+        let token = token.to_string();
+        async move { tn.internal("GET", path, Some(&token)).await }
+    };
+    // Not on the public listener any more.
+    for (method, path) in [
+        ("POST", close.as_str()),
+        ("GET", "/audit/rooms"),
+        ("GET", "/metrics"),
+    ] {
+        assert_eq!(
+            raw_http(addr, request(method, path, "127.0.0.1", Some(&other)))
+                .await
+                .0,
+            404,
+            "{method} {path} on the public listener"
+        );
+    }
     assert_eq!(get("/audit/rooms/a/history", &other).await.0, 403);
     assert_eq!(get("/audit/rooms", &other).await.0, 403);
     assert_eq!(get("/audit/verify", &other).await.0, 403);
@@ -434,6 +450,65 @@ async fn room_scoped_admins_and_removal() {
         again.next_error().await,
         Some(meridian_protocol::ErrorCode::ResumeFailed)
     );
+    // Nor by joining afresh with a still-valid token: the identity is banned from the
+    // room for `signaling.removal_ban_secs`; other rooms and identities are not.
+    let mut fresh = RawSignal::connect(&t.url).await;
+    fresh.send_text(&join_message(&t, "alice", "a")).await;
+    match fresh.recv().await {
+        Some(ServerMessage::Error { code, message }) => {
+            assert_eq!(code, meridian_protocol::ErrorCode::Forbidden);
+            assert!(message.contains("removed"), "{message}");
+        }
+        other => panic!("a banned identity must be refused, got {other:?}"),
+    }
+    for (who, room) in [("alice", "b"), ("carol", "a")] {
+        let mut ok = RawSignal::connect(&t.url).await;
+        ok.send_text(&join_message(&t, who, room)).await;
+        assert!(
+            matches!(ok.recv().await, Some(ServerMessage::Joined { .. })),
+            "{who} in {room}"
+        );
+    }
+    t.node.shutdown().await;
+}
+
+/// Item 9 for WebTransport: a page on a foreign site cannot open a session; the
+/// node's own pages (same host, the HTTP port) and clients without `Origin` can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_sessions_from_foreign_origins_are_refused() {
+    let t = start_node(|_| {}).await;
+    let ep = t.wt_endpoint().await;
+    let connect = |origin: Option<String>| {
+        let ep = ep.clone();
+        async move {
+            let config = wtransport::ClientConfig::builder()
+                .with_bind_address("127.0.0.1:0".parse().unwrap())
+                .with_server_certificate_hashes(
+                    ep.certificate_hashes
+                        .iter()
+                        .map(|h| wtransport::tls::Sha256Digest::new(*h)),
+                )
+                .build();
+            let endpoint = wtransport::Endpoint::client(config).unwrap();
+            let mut opts = wtransport::endpoint::ConnectOptions::builder(&ep.url);
+            if let Some(o) = origin {
+                opts = opts.add_header("origin", o);
+            }
+            let r = tokio::time::timeout(Duration::from_secs(5), endpoint.connect(opts.build()))
+                .await
+                .expect("an answer in time");
+            r.map(|_| ()).map_err(|e| e.to_string())
+        }
+    };
+    let before = t.metric("meridian_host_refusals_total").await;
+    let refused = connect(Some("https://evil.example".into())).await;
+    assert!(refused.is_err(), "a foreign origin must be refused");
+    assert_eq!(t.metric("meridian_host_refusals_total").await, before + 1.0);
+    let own = format!("http://{}", t.node.http_addr);
+    connect(Some(own.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("the node's own page {own}: {e}"));
+    connect(None).await.expect("no Origin: not a browser page");
     t.node.shutdown().await;
 }
 

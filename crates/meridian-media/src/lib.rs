@@ -336,6 +336,12 @@ impl Sfu {
         Some((p.publisher.ufrag.clone(), p.subscriber.ufrag.clone()))
     }
 
+    /// The participant a datagram would be routed to (by STUN ufrag or source
+    /// address), without handling it: how a driver finds whose input failed.
+    pub fn participant_of(&self, source: SocketAddr, contents: &[u8]) -> Option<ParticipantId> {
+        self.route(source, contents).map(|(id, _, _)| id)
+    }
+
     /// Handles one UDP datagram that arrived at the node's media socket.
     ///
     /// Datagrams nobody claims, or that are not WebRTC, are dropped and counted.

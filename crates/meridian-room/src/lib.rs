@@ -148,7 +148,14 @@ pub struct ControllerConfig {
     pub changes_per_second: f64,
     /// How many such changes may come at once before the rate applies.
     pub change_burst: u32,
+    /// How long an identity removed by an admin ([`Controller::handle_remove`]) may
+    /// not join that room again; zero: no ban.
+    pub removal_ban: Duration,
 }
+
+/// Most (room, identity) removal bans kept at once; beyond it expired ones are swept
+/// and, if still full, a new removal bans nobody (logged).
+const MAX_BANS: usize = 100_000;
 
 /// Counters of the controller, for metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -163,6 +170,9 @@ pub struct ControllerStats {
     pub decisions_refused: u64,
     /// Layer or mute changes refused for coming faster than allowed.
     pub changes_throttled: u64,
+    /// Panics while handling one participant's message or datagram, contained: that
+    /// participant was removed, the others carried on.
+    pub panics_contained: u64,
 }
 
 /// The room controller (see the crate docs).
@@ -188,6 +198,9 @@ pub struct Controller<S> {
     /// Set while core events are handled, so handling one does not recurse.
     in_events: bool,
     stats: ControllerStats,
+    /// (room, identity) removed by an admin → until when it may not join again.
+    bans: HashMap<(String, String), Instant>,
+    removal_ban: Duration,
 }
 
 impl<S: Clone> Controller<S> {
@@ -216,6 +229,8 @@ impl<S: Clone> Controller<S> {
             forgetting: None,
             in_events: false,
             stats: ControllerStats::default(),
+            bans: HashMap::new(),
+            removal_ban: config.removal_ban,
         }
     }
 
@@ -296,10 +311,57 @@ impl<S: Clone> Controller<S> {
         self.drain_sfu_events(now);
     }
 
-    /// A media datagram arrived on the node's socket.
+    /// A media datagram arrived on the node's socket. A panic while the media core
+    /// handles it is contained to the participant the datagram belongs to (see
+    /// [`Controller::handle_message`]); one that belongs to nobody is re-raised.
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, contents: &[u8]) {
-        self.sfu.handle_datagram(now, source, contents);
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.sfu.handle_datagram(now, source, contents)
+        }));
+        if let Err(payload) = handled {
+            match self.sfu.participant_of(source, contents) {
+                Some(id) => self.contain_panic(now, id, payload),
+                None => std::panic::resume_unwind(payload),
+            }
+            return;
+        }
         self.drain_sfu_events(now);
+    }
+
+    /// After a panic while handling `id`'s input: removes `id` (recorded as left for
+    /// `internal_error`, its client told `error{code:"internal"}` and closed, its resume
+    /// token revoked) and counts it in [`ControllerStats::panics_contained`]. The
+    /// participant's own state is what the unwinding may have left half-updated, and
+    /// it is dropped; if removing it panics too, the panic is re-raised (the driver
+    /// then stops the node).
+    fn contain_panic(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        payload: Box<dyn std::any::Any + Send>,
+    ) {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".into());
+        self.stats.panics_contained += 1;
+        tracing::error!(participant = %id, panic = %what, "panic handling a participant's input; removing the participant");
+        let removed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.end_session(
+                id,
+                now,
+                LeaveReason::Other("internal_error".into()),
+                ServerMessage::error(
+                    ErrorCode::Internal,
+                    "the node failed while handling this session and removed it; join again",
+                ),
+            );
+            self.drain_sfu_events(now);
+        }));
+        if let Err(again) = removed {
+            std::panic::resume_unwind(again);
+        }
     }
 
     /// A client asks to enter its room, or to resume a session with its resume token.
@@ -315,12 +377,21 @@ impl<S: Clone> Controller<S> {
     }
 
     /// A message from a joined client. A refusal is sent to the client as an `error`.
+    ///
+    /// A panic while handling it (a bug reached by this client's input) is contained
+    /// to this participant: it is removed with `error{code:"internal"}` and the room
+    /// and the node's other participants carry on.
     pub fn handle_message(&mut self, now: Instant, participant: ParticipantId, msg: ClientMessage) {
-        if let Err(refusal) = self.message(now, participant, msg) {
-            self.send(
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.message(now, participant, msg)
+        }));
+        match handled {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => self.send(
                 participant,
                 ServerMessage::error(refusal.code, refusal.message),
-            );
+            ),
+            Err(payload) => return self.contain_panic(now, participant, payload),
         }
         self.drain_sfu_events(now);
     }
@@ -380,6 +451,19 @@ impl<S: Clone> Controller<S> {
             return false;
         }
         info!(%participant, "removed by an admin");
+        if let Some(s) = self.sessions.get(&participant)
+            && !self.removal_ban.is_zero()
+        {
+            let key = (s.room.clone(), s.identity.clone());
+            if self.bans.len() >= MAX_BANS {
+                self.bans.retain(|_, until| *until > now);
+            }
+            if self.bans.len() < MAX_BANS {
+                self.bans.insert(key, now + self.removal_ban);
+            } else {
+                warn!("removal ban table full; the removed identity is not banned");
+            }
+        }
         self.end_session(
             participant,
             now,
@@ -547,6 +631,21 @@ impl<S: Clone> Controller<S> {
             expires_at,
             ..
         } = req;
+        let key = (room, identity);
+        match self.bans.get(&key) {
+            Some(until) if *until > now => {
+                let secs = until.saturating_duration_since(now).as_secs().max(1);
+                return Err(Refusal::new(
+                    ErrorCode::Forbidden,
+                    format!("removed from this room by an admin; may join again in {secs} s"),
+                ));
+            }
+            Some(_) => {
+                self.bans.remove(&key);
+            }
+            None => {}
+        }
+        let (room, identity) = key;
         self.replace_identity(now, &room, &identity);
         let id =
             self.sfu
@@ -926,6 +1025,12 @@ impl<S: Clone> Controller<S> {
             .get(&id)
             .map(|s| (s.grants, s.room.clone(), s.identity.clone()))
             .ok_or(Refusal::new(ErrorCode::NotJoined, "session is gone"))?;
+        #[cfg(test)]
+        if let ClientMessage::Mute { track_id, .. } = &msg
+            && track_id == tests::PANIC_TRACK
+        {
+            panic!("fault injected by a test");
+        }
         let track = |s: &str| {
             s.parse::<TrackId>()
                 .map_err(|_| Refusal::new(ErrorCode::NotFound, format!("no track {s}")))
@@ -1240,4 +1345,120 @@ pub fn sha256_hex(text: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `mute` of this track id panics inside the controller (test builds only).
+    pub(crate) const PANIC_TRACK: &str = "fault-injected-by-a-test";
+
+    fn join(c: &mut Controller<u32>, now: Instant, identity: &str, conn: u32) -> ParticipantId {
+        c.handle_join(
+            now,
+            JoinRequest {
+                room: "r".into(),
+                identity: identity.into(),
+                name: None,
+                grants: Grants {
+                    publish: true,
+                    subscribe: true,
+                },
+                auto_subscribe: true,
+                resume: None,
+                expires_at: None,
+                session: conn,
+            },
+        )
+        .expect("joins")
+        .participant
+    }
+
+    #[test]
+    fn a_panic_handling_one_participant_removes_only_that_participant() {
+        let now = Instant::now();
+        let node = SocketAddr::from(([10, 0, 0, 1], 5000));
+        let mut c = Controller::new(
+            ControllerConfig {
+                sfu: meridian_media::SfuConfig::new(node),
+                resume_grace: Duration::from_secs(10),
+                seed: 7,
+                changes_per_second: 5.0,
+                change_burst: 20,
+                removal_ban: Duration::ZERO,
+            },
+            now,
+        );
+        let faulty = join(&mut c, now, "faulty", 1);
+        let other = join(&mut c, now, "other", 2);
+        while c.poll_output().is_some() {}
+        c.handle_message(
+            now,
+            faulty,
+            ClientMessage::Mute {
+                track_id: PANIC_TRACK.into(),
+                muted: true,
+            },
+        );
+        assert_eq!(c.stats().panics_contained, 1);
+        let (mut told, mut closed, mut left, mut others_told) = (None, false, None, false);
+        while let Some(out) = c.poll_output() {
+            match out {
+                Output::Deliver { to: 1, msg, .. } => told = Some(msg),
+                Output::Deliver {
+                    to: 2,
+                    msg: ServerMessage::ParticipantLeft { participant_id },
+                    ..
+                } => others_told = participant_id == faulty.to_string(),
+                Output::Close { to: 1, .. } => closed = true,
+                Output::Close { to, .. } => panic!("connection {to} closed"),
+                Output::Append { events, .. } => {
+                    for e in events {
+                        if let Event::ParticipantLeft { reason, .. } = e {
+                            left = Some(reason);
+                        }
+                    }
+                }
+                Output::Deliver { .. } => {}
+            }
+        }
+        assert!(
+            matches!(
+                told,
+                Some(ServerMessage::Error {
+                    code: ErrorCode::Internal,
+                    ..
+                })
+            ),
+            "{told:?}"
+        );
+        assert!(closed, "the faulty participant's connection is closed");
+        assert_eq!(left, Some(LeaveReason::Other("internal_error".into())));
+        assert!(others_told, "the room hears that it left");
+        // The node carries on: the other participant is served, the faulty one is gone.
+        c.handle_message(
+            now,
+            other,
+            ClientMessage::Mute {
+                track_id: "no-such-track".into(),
+                muted: true,
+            },
+        );
+        let mut answered = false;
+        while let Some(out) = c.poll_output() {
+            if let Output::Deliver {
+                to: 2,
+                msg: ServerMessage::Error { .. },
+                ..
+            } = out
+            {
+                answered = true;
+            }
+        }
+        assert!(answered, "the other participant is still served");
+        assert_eq!(c.sfu().participant_count(), 1);
+        c.handle_message(now, faulty, ClientMessage::Ping { id: 1 });
+        assert_eq!(c.stats().panics_contained, 1);
+    }
 }

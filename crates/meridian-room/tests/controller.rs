@@ -20,6 +20,7 @@ const NODE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
 const GRACE: Duration = Duration::from_secs(10);
 const CHANGES_PER_SECOND: f64 = 2.0;
 const CHANGE_BURST: u32 = 20;
+const REMOVAL_BAN: Duration = Duration::from_secs(60);
 
 /// A client connection: the controller hands it back in outputs.
 type Conn = u32;
@@ -46,6 +47,7 @@ impl World {
             seed,
             changes_per_second: CHANGES_PER_SECOND,
             change_burst: CHANGE_BURST,
+            removal_ban: REMOVAL_BAN,
         };
         World {
             c: Controller::new(config, now),
@@ -880,6 +882,47 @@ fn an_admin_removal_cannot_be_undone_by_resuming() {
         "the resume token is revoked"
     );
     assert!(!w.c.close_signaling(a.participant, None));
+}
+
+#[test]
+fn a_removed_identity_may_not_join_the_room_again_for_the_ban() {
+    let mut w = World::new(44);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    assert!(w.c.handle_remove(w.now, a.participant, None));
+    w.collect();
+    assert_eq!(
+        w.join("r", "alice", 2, None),
+        Err(ErrorCode::Forbidden),
+        "banned from the room"
+    );
+    let refusal = w.c.handle_join(
+        w.now,
+        JoinRequest {
+            room: "r".into(),
+            identity: "alice".into(),
+            name: None,
+            grants: Grants {
+                publish: true,
+                subscribe: true,
+            },
+            auto_subscribe: true,
+            resume: None,
+            expires_at: None,
+            session: 3,
+        },
+    );
+    let message = refusal.expect_err("banned").message;
+    assert!(
+        message.contains("removed") && message.contains("60 s"),
+        "{message}"
+    );
+    // Only that identity, only that room.
+    assert!(w.join("r", "bob", 4, None).is_ok());
+    assert!(w.join("elsewhere", "alice", 5, None).is_ok());
+    w.advance(REMOVAL_BAN - Duration::from_secs(1));
+    assert_eq!(w.join("r", "alice", 6, None), Err(ErrorCode::Forbidden));
+    w.advance(Duration::from_secs(2));
+    assert!(w.join("r", "alice", 7, None).is_ok(), "the ban is over");
 }
 
 #[test]

@@ -64,6 +64,53 @@ pub struct Config {
     pub regions: Vec<crate::regions::RegionEntry>,
     /// `POST /login`: identity tokens in, region-pinned access tokens out.
     pub login: crate::regions::LoginConfig,
+    /// The internal plane: `/metrics`, `/admin/*`, `/audit/*` and node-to-node routes
+    /// over mutual TLS.
+    pub internal: InternalConfig,
+}
+
+/// The internal listener (`internal.rs`): HTTPS that requires a client certificate
+/// issued by `client_ca`. Without `cert`, `key` and `client_ca` the node generates a
+/// development CA, a node certificate and a client certificate under
+/// `<data_dir>/internal/` (loopback names only) and uses those.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InternalConfig {
+    /// TCP address of the internal listener; port 0 picks one.
+    pub listen: SocketAddr,
+    /// PEM certificate chain the internal listener serves.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM bundle of the CA certificates client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    /// PEM certificate this node presents when it calls other nodes' internal
+    /// listeners; default `cert` (give it the `clientAuth` usage too).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`; default `key`.
+    pub client_key: Option<PathBuf>,
+    /// Seconds between checks of the certificate files (these and
+    /// `webtransport.tls_cert`/`tls_key`) for a change (cert-manager rotations, symlink
+    /// swaps included); a change is loaded without a restart.
+    pub reload_interval_secs: u64,
+    /// Optional plain-HTTP listener serving only `/metrics`, for a scraper on the same
+    /// machine (benchmarks, local Prometheus without certificates). Loopback only.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for InternalConfig {
+    fn default() -> Self {
+        InternalConfig {
+            listen: "127.0.0.1:7883".parse().expect("valid literal"),
+            cert: None,
+            key: None,
+            client_ca: None,
+            client_cert: None,
+            client_key: None,
+            reload_interval_secs: 5,
+            metrics_listen: None,
+        }
+    }
 }
 
 /// Rules for access tokens beyond signature, expiry and grants.
@@ -252,6 +299,9 @@ pub struct SignalingConfig {
     pub changes_per_second: u32,
     /// How many such changes may come at once.
     pub change_burst: u32,
+    /// Seconds an identity removed by an admin may not join that room again
+    /// (`error{forbidden}`); 0: no ban.
+    pub removal_ban_secs: u64,
 }
 
 impl Default for Config {
@@ -282,6 +332,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             regions: Vec::new(),
             login: Default::default(),
+            internal: InternalConfig::default(),
         }
     }
 }
@@ -331,6 +382,7 @@ impl Default for SignalingConfig {
             joins_per_ip_per_minute: 600,
             changes_per_second: 5,
             change_burst: 20,
+            removal_ban_secs: 300,
         }
     }
 }
@@ -405,6 +457,9 @@ impl Config {
         if s.changes_per_second == 0 || s.change_burst == 0 {
             return invalid("signaling.changes_per_second", "must be positive");
         }
+        if s.removal_ban_secs > 30 * 24 * 3600 {
+            return invalid("signaling.removal_ban_secs", "at most 2592000 (30 days)");
+        }
         if s.joins_per_ip_per_minute == 0 {
             return invalid("signaling.joins_per_ip_per_minute", "must be positive");
         }
@@ -444,6 +499,41 @@ impl Config {
             return invalid(
                 "webtransport.tls_cert",
                 "tls_cert and tls_key must be given together",
+            );
+        }
+        let i = &self.internal;
+        let given = [i.cert.is_some(), i.key.is_some(), i.client_ca.is_some()];
+        if given.contains(&true) && given.contains(&false) {
+            return invalid(
+                "internal.cert",
+                "cert, key and client_ca must be given together (or none: development \
+                 certificates are generated under the data directory)",
+            );
+        }
+        if i.client_cert.is_some() != i.client_key.is_some() {
+            return invalid(
+                "internal.client_cert",
+                "client_cert and client_key must be given together",
+            );
+        }
+        if i.client_cert.is_some() && i.cert.is_none() {
+            return invalid(
+                "internal.client_cert",
+                "needs cert, key and client_ca (generated development certificates include a client certificate)",
+            );
+        }
+        if !(1..=3600).contains(&i.reload_interval_secs) {
+            return invalid("internal.reload_interval_secs", "must be 1..=3600");
+        }
+        if let Some(m) = i.metrics_listen
+            && !m.ip().is_loopback()
+        {
+            return invalid(
+                "internal.metrics_listen",
+                &format!(
+                    "{m} is not a loopback address: plain /metrics is for a scraper on the \
+                     same machine; others scrape the internal listener with a client certificate"
+                ),
             );
         }
         if self.node.region.is_empty() || self.node.region.len() > 64 {

@@ -1,5 +1,7 @@
-//! HTTP endpoints: WebSocket signaling, metrics, health, the web client (static files
-//! from `http.web_root`), the dev-mode token endpoint and the admin signaling-close hook.
+//! HTTP endpoints: WebSocket signaling, health, the web client (static files from
+//! `http.web_root`) and the dev-mode token endpoint on the public listener
+//! ([`router`]); metrics and the admin hooks on the internal one ([`internal_router`],
+//! served by `internal.rs` over mutual TLS).
 
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
@@ -28,7 +30,6 @@ pub(crate) fn router(state: NodeState) -> Router {
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/signal", get(signal))
         .route("/probe", get(crate::regions::probe))
         .route("/regions", get(crate::regions::list))
@@ -41,14 +42,6 @@ pub(crate) fn router(state: NodeState) -> Router {
         .route(
             "/webtransport/certificate-hashes",
             get(webtransport_certificate_hashes),
-        )
-        .route(
-            "/admin/participants/{participant_id}/close-signaling",
-            post(close_signaling),
-        )
-        .route(
-            "/admin/participants/{participant_id}/remove",
-            post(remove_participant),
         );
     if state.config.http.dev {
         router = router.route(
@@ -59,6 +52,29 @@ pub(crate) fn router(state: NodeState) -> Router {
         );
     }
     router.fallback(web_file).with_state(state)
+}
+
+/// The internal listener's own routes: `/metrics` and the admin hooks (the audit API
+/// and node-to-node routes are merged by `Node::start`).
+pub(crate) fn internal_router(state: NodeState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route(
+            "/admin/participants/{participant_id}/close-signaling",
+            post(close_signaling),
+        )
+        .route(
+            "/admin/participants/{participant_id}/remove",
+            post(remove_participant),
+        )
+        .with_state(state)
+}
+
+/// `/metrics` alone, for the optional plain loopback listener (`internal.metrics_listen`).
+pub(crate) fn metrics_router(state: NodeState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
 /// Page served at `/` when the web client is not built.

@@ -9,6 +9,7 @@
 mod cluster;
 pub mod config;
 mod http;
+pub mod internal;
 mod limits;
 pub mod locality;
 mod mailbox;
@@ -58,6 +59,9 @@ pub enum NodeError {
     /// The event log could not be opened.
     #[error("event log: {0}")]
     Store(#[from] meridian_store::StoreError),
+    /// The internal plane's certificates could not be loaded or generated.
+    #[error("internal plane: {0}")]
+    Internal(#[from] internal::InternalError),
 }
 
 /// State shared by every signaling session of a node.
@@ -109,8 +113,15 @@ impl meridian_audit::AdminCheck for TokenAdmin {
 
 /// A running node.
 pub struct Node {
-    /// Address of the HTTP listener (signaling, metrics, health).
+    /// Address of the public HTTP listener (signaling, health, the web client).
     pub http_addr: SocketAddr,
+    /// Address of the internal listener (mutual TLS: metrics, admin, audit,
+    /// node-to-node routes).
+    pub internal_addr: SocketAddr,
+    /// Address of the plain loopback `/metrics` listener, when configured.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The internal plane's certificates (reloaded when their files change).
+    pub internal_tls: Arc<internal::InternalTls>,
     /// Address of the media UDP socket.
     pub media_addr: SocketAddr,
     /// Address of the WebTransport signaling listener (UDP).
@@ -208,6 +219,30 @@ impl Node {
                 .map(|r| r.prices.clone())
                 .unwrap_or_default(),
         );
+        if let Some(at) = wt_listener.not_after() {
+            metrics.set_certificate_expiry("webtransport", at);
+        }
+        let internal_files = internal::TlsFiles::resolve(&config.internal, &config.node.data_dir)?;
+        let internal_tls = Arc::new(internal::InternalTls::load(
+            internal_files,
+            metrics.clone(),
+        )?);
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind { what, addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| NodeError::Bind { what, addr, source })?;
+            Ok::<_, NodeError>((l, bound))
+        };
+        let (internal_listener, internal_addr) =
+            bind("internal listener", config.internal.listen).await?;
+        let metrics_listener = match config.internal.metrics_listen {
+            Some(addr) => Some(bind("metrics listener", addr).await?),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
         let (commands, command_rx) = mpsc::channel(4096);
         let candidate = config.candidate_addr(media_addr);
         // The media loop gets a thread and a single-threaded runtime of its own: every
@@ -260,6 +295,7 @@ impl Node {
             seed: rand::random(),
             changes_per_second: f64::from(config.signaling.changes_per_second),
             change_burst: config.signaling.change_burst,
+            removal_ban: std::time::Duration::from_secs(config.signaling.removal_ban_secs),
         };
         let loop_metrics = metrics.clone();
         std::thread::Builder::new()
@@ -283,9 +319,11 @@ impl Node {
                         .await
                     })
                 }));
-                // A panic here is not contained per participant: the core's state may be
-                // half-updated, so the node reports it and the binary exits non-zero
-                // (Kubernetes restarts it; its rooms fail over to other nodes).
+                // A panic while handling one participant's message or datagram is
+                // contained by the controller (that participant is removed, counted in
+                // `meridian_media_panics_total`). One that reaches here (timers, joins,
+                // a failed removal) is not: the node reports it and the binary exits
+                // non-zero (Kubernetes restarts it; its rooms fail over to other nodes).
                 let why = match result {
                     Ok(()) => "media loop stopped".to_string(),
                     Err(payload) => {
@@ -357,17 +395,41 @@ impl Node {
         let audit = meridian_audit::router(store, admin).route_layer(
             axum::middleware::from_fn_with_state(state.clone(), http::audit_scope),
         );
-        let app =
-            http::router(state.clone())
-                .merge(audit)
-                .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    http::check_host,
-                ));
+        // The internal plane: mutual TLS, certificates watched for rotation.
+        let internal_app = http::internal_router(state.clone())
+            .merge(audit)
+            .merge(internal::node_routes(&state));
+        tokio::spawn(internal::serve(
+            internal_listener,
+            internal_app,
+            internal_tls.clone(),
+            std::time::Duration::from_secs(state.config.http.header_read_timeout_secs),
+            shutdown.subscribe(),
+        ));
+        tokio::spawn(internal::watch_files(
+            internal_tls.clone(),
+            std::time::Duration::from_secs(state.config.internal.reload_interval_secs),
+            shutdown.subscribe(),
+        ));
+        if let Some((listener, _)) = metrics_listener {
+            tokio::spawn(http::serve(
+                listener,
+                http::metrics_router(state.clone()),
+                state.clone(),
+                shutdown.subscribe(),
+            ));
+        }
+        let app = http::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http::check_host,
+        ));
         let http_task = tokio::spawn(http::serve(listener, app, state, shutdown_rx));
-        info!(%http_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
+        info!(%http_addr, %internal_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
         Ok(Node {
             http_addr,
+            internal_addr,
+            metrics_addr,
+            internal_tls,
             media_addr,
             wt_addr,
             metrics,
@@ -402,6 +464,12 @@ impl Node {
         if let Some(t) = self.checkpointer {
             t.abort();
         }
+    }
+
+    /// A client of internal listeners (this node's or another's) presenting this
+    /// node's client certificate: node-to-node calls, tools, tests.
+    pub fn internal_client(&self) -> internal::InternalClient {
+        self.internal_tls.client()
     }
 
     /// Resolves if the media loop ends by itself, which only a bug can cause; the

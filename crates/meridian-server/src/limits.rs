@@ -1,7 +1,10 @@
 //! Limits per source address and the host-name policy.
 //!
 //! [`IpLimits`] caps connections (HTTP and WebTransport together) and join attempts
-//! (a token bucket) per source IP address; its table is bounded, so a flood of
+//! (a token bucket) per source address — an IPv4 address, or an IPv6 /64 (one host
+//! usually holds a whole /64, so counting single IPv6 addresses would let it open
+//! 2^64 times the cap; IPv4-mapped IPv6 addresses count as their IPv4 address) —; its
+//! table is bounded, so a flood of
 //! addresses cannot grow it without end. [`HostPolicy`] decides which `Host` and
 //! `Origin` headers the node answers (DNS rebinding, cross-site WebSocket hijacking).
 
@@ -29,6 +32,19 @@ struct Entry {
     connections: usize,
     join_tokens: f64,
     last: Instant,
+}
+
+/// What a source address is counted as: IPv4 itself, IPv6 its /64 prefix.
+pub(crate) fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
 }
 
 /// Connection and join limits per source address.
@@ -106,6 +122,7 @@ impl IpLimits {
 
     /// Counts a new connection from `ip`; `None` when it already has the most allowed.
     pub(crate) fn connect(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let ip = limit_key(ip);
         let now = Instant::now();
         let mut table = self.lock();
         let e = self.entry(&mut table, ip, now)?;
@@ -121,6 +138,7 @@ impl IpLimits {
 
     /// Takes one join attempt from `ip`'s allowance; false when it has none left.
     pub(crate) fn allow_join(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = limit_key(ip);
         let mut table = self.lock();
         let Some(e) = self.entry(&mut table, ip, now) else {
             return false;
@@ -216,6 +234,22 @@ impl HostPolicy {
         let o = host_of(authority);
         self.named(&o) || (self.loopback && is_loopback_name(&o))
     }
+
+    /// [`HostPolicy::origin_allowed`] for a WebTransport session at `authority`: the
+    /// page comes from the node's HTTP listener, on the same host but another port,
+    /// so the host alone must match (or be a configured or loopback name, as above).
+    pub(crate) fn origin_allowed_any_port(&self, origin: &str, authority: &str) -> bool {
+        if self.origin_allowed(origin, authority) {
+            return true;
+        }
+        let Some((scheme, page)) = origin.split_once("://") else {
+            return false;
+        };
+        matches!(scheme, "http" | "https")
+            && !page.contains('/')
+            && !host_of(page).is_empty()
+            && host_of(page) == host_of(authority)
+    }
 }
 
 #[cfg(test)]
@@ -232,6 +266,32 @@ mod tests {
         assert!(l.connect("192.0.2.2".parse().unwrap()).is_some());
         drop(a);
         assert!(l.connect(ip).is_some(), "a slot frees on drop");
+    }
+
+    #[test]
+    fn ipv6_addresses_count_per_slash_64() {
+        let l = Arc::new(IpLimits::new(2, 2));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _x = l.connect(a).unwrap();
+        let _y = l.connect(b).unwrap();
+        assert!(
+            l.connect("2001:db8:1:2::99".parse().unwrap()).is_none(),
+            "a third address of the same /64 shares the cap"
+        );
+        assert!(l.connect(other).is_some(), "another /64 has its own");
+        let t0 = Instant::now();
+        assert!(l.allow_join(a, t0) && l.allow_join(b, t0));
+        assert!(!l.allow_join("2001:db8:1:2::7".parse().unwrap(), t0));
+        assert!(l.allow_join(other, t0));
+        // IPv4 and IPv4-mapped IPv6 are one address; IPv4 neighbours are not grouped.
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let _m = l.connect(v4).unwrap();
+        let _n = l.connect("::ffff:192.0.2.7".parse().unwrap()).unwrap();
+        assert!(l.connect(v4).is_none());
+        assert!(l.connect("192.0.2.8".parse().unwrap()).is_some());
+        assert_eq!(limit_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
     }
 
     #[test]
@@ -290,6 +350,12 @@ mod tests {
             !p.origin_allowed("http://localhost:5173", "10.0.0.5:7880"),
             "loopback pages only for a loopback-bound node"
         );
+        // WebTransport: the page's HTTP port differs from the session's UDP port.
+        assert!(p.origin_allowed_any_port("http://10.0.0.5:7880", "10.0.0.5:7881"));
+        assert!(p.origin_allowed_any_port("https://app.example.com", "10.0.0.5:7881"));
+        assert!(!p.origin_allowed_any_port("http://evil.example:7881", "10.0.0.5:7881"));
+        assert!(!p.origin_allowed_any_port("http://10.0.0.6:7880", "10.0.0.5:7881"));
+        assert!(!p.origin_allowed_any_port("null", "10.0.0.5:7881"));
         let local = HostPolicy::new(&[], "127.0.0.1".parse().unwrap(), None);
         assert!(local.origin_allowed("http://localhost:5173", "127.0.0.1:7880"));
         assert!(!local.origin_allowed("http://203.0.113.9", "127.0.0.1:7880"));

@@ -173,6 +173,9 @@ impl MediaLoop {
         self.metrics
             .sessions_replaced
             .inc_by(stats.sessions_replaced - self.counted.sessions_replaced);
+        self.metrics
+            .media_panics
+            .inc_by(stats.panics_contained - self.counted.panics_contained);
         self.counted = stats;
         self.metrics
             .outbox_queue

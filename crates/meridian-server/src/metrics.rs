@@ -30,6 +30,21 @@ pub struct VersionLabel {
     pub version: &'static str,
 }
 
+/// Label naming a certificate (`internal_server`, `internal_client`,
+/// `internal_client_ca`, `webtransport`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    /// Which certificate.
+    pub cert: &'static str,
+}
+
+/// Label of an outcome (`ok`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// The outcome.
+    pub result: &'static str,
+}
+
 /// Every metric the node exports; cheap to clone (atomics behind `Arc`s).
 #[derive(Clone)]
 pub struct Metrics {
@@ -99,6 +114,13 @@ pub struct Metrics {
     pub login_refusals: Family<CodeLabel, Counter>,
     /// Logins answered, by the region chosen.
     pub logins: Family<crate::locality::RegionLabel, Counter>,
+    /// Unix time at which each certificate the node uses expires, by `cert`.
+    pub certificate_expiry: Family<CertLabel, Gauge>,
+    /// Checks of the internal plane's certificate files that loaded a new set (`ok`)
+    /// or found one that does not load (`error`, the previous set stays).
+    pub certificate_reloads: Family<ResultLabel, Counter>,
+    /// Panics in the media loop contained to one participant (which was removed).
+    pub media_panics: Counter,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -145,6 +167,9 @@ impl Default for Metrics {
             regions: Default::default(),
             login_refusals: Family::default(),
             logins: Family::default(),
+            certificate_expiry: Family::default(),
+            certificate_reloads: Family::default(),
+            media_panics: Counter::default(),
             last: Default::default(),
         }
     }
@@ -169,6 +194,20 @@ impl Metrics {
             .get_or_create(&crate::locality::RegionLabel {
                 region: region.to_string(),
             })
+            .inc();
+    }
+
+    /// Sets when certificate `cert` expires (Unix seconds).
+    pub fn set_certificate_expiry(&self, cert: &'static str, unix_secs: i64) {
+        self.certificate_expiry
+            .get_or_create(&CertLabel { cert })
+            .set(unix_secs);
+    }
+
+    /// Counts a certificate reload check with outcome `result`.
+    pub fn certificate_reloaded(&self, result: &'static str) {
+        self.certificate_reloads
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 
@@ -271,6 +310,21 @@ impl Metrics {
             "sessions_replaced",
             "Sessions replaced by a newer join of the same identity",
             self.sessions_replaced.clone(),
+        );
+        r.register(
+            "certificate_expiry_seconds",
+            "Unix time at which each certificate the node uses expires",
+            self.certificate_expiry.clone(),
+        );
+        r.register(
+            "certificate_reloads",
+            "Reloads of the internal plane's certificate files, by result",
+            self.certificate_reloads.clone(),
+        );
+        r.register(
+            "media_panics",
+            "Panics in the media loop contained to one participant",
+            self.media_panics.clone(),
         );
         r.register(
             "build_info",

@@ -32,7 +32,11 @@ pub(crate) enum Frame {
     TooLarge(usize),
 }
 
-/// Token bucket bounding messages per connection.
+/// Bytes of a message that cost one more token: a full-size (64 KiB) message costs
+/// 9 tokens, a ping 1, so the bucket bounds bytes as well as messages.
+const BYTES_PER_TOKEN: usize = 8192;
+
+/// Token bucket bounding messages (and, through their cost, bytes) per connection.
 struct RateLimit {
     tokens: f64,
     rate: f64,
@@ -42,23 +46,43 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    fn allow(&mut self, now: Instant) -> bool {
+    /// Takes the cost of a message of `bytes`; false (a violation) when the bucket
+    /// does not hold it.
+    fn allow(&mut self, now: Instant, bytes: usize) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let cost = self.cost(bytes);
+        if self.tokens >= cost {
+            self.tokens -= cost;
             true
         } else {
             self.violations += 1;
             false
         }
     }
+
+    /// One token, one more per [`BYTES_PER_TOKEN`], never more than the burst (so any
+    /// message within the size limit can pass).
+    fn cost(&self, bytes: usize) -> f64 {
+        (1.0 + (bytes / BYTES_PER_TOKEN) as f64).min(self.burst)
+    }
+
+    /// How long until the bucket holds a message of `bytes` again (at most the time
+    /// to fill it from empty): a flooding client is not read meanwhile.
+    fn wait(&self, bytes: usize) -> Duration {
+        let missing = (self.cost(bytes) - self.tokens).max(0.0);
+        Duration::from_secs_f64(missing / self.rate)
+    }
 }
 
 /// How long, and for how many frames, a closing session keeps reading its client.
 const LINGER: Duration = Duration::from_millis(500);
 const LINGER_FRAMES: usize = 1024;
+/// And for how many bytes: a client that floods while it is being closed (a refused
+/// join followed by 60 KB messages, reconnecting at once) must not make the node read
+/// 1024 full-size frames per connection.
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// Violations of the rate limit after which the connection is closed.
 const MAX_RATE_VIOLATIONS: u32 = 50;
@@ -177,7 +201,12 @@ where
         let Some(frame) = frame else {
             break;
         };
-        if !limit.allow(Instant::now()) {
+        let frame_bytes = match &frame {
+            Frame::Data(b) => b.len(),
+            // Never read: answered with `message_too_large` for one token.
+            Frame::TooLarge(_) | Frame::Invalid(_) => 0,
+        };
+        if !limit.allow(Instant::now(), frame_bytes) {
             let fatal = limit.violations >= MAX_RATE_VIOLATIONS;
             if (fatal || limit.violations == 1)
                 && !reply(error(
@@ -193,6 +222,16 @@ where
             }
             if fatal {
                 break;
+            }
+            // Stop reading this client until its allowance is back (TCP or QUIC flow
+            // control then holds it back): a flood costs the node the client's rate,
+            // not its link's.
+            tokio::select! {
+                _ = tokio::time::sleep(limit.wait(frame_bytes)) => {}
+                _ = close.notified() => {
+                    debug!("signaling closed by the node");
+                    break;
+                }
             }
             continue;
         }
@@ -351,9 +390,17 @@ where
     // dropped: closing a TCP socket with unread input resets it, and the reset can
     // destroy the last message (an error saying why) before the client reads it.
     let _ = tokio::time::timeout(LINGER, async {
+        let mut bytes = 0;
         for _ in 0..LINGER_FRAMES {
-            if incoming.next().await.is_none() {
-                break;
+            match incoming.next().await {
+                None => break,
+                Some(Frame::Data(b)) => {
+                    bytes += b.len();
+                    if bytes > LINGER_BYTES {
+                        break;
+                    }
+                }
+                Some(_) => {}
             }
         }
     })
@@ -451,4 +498,41 @@ fn session_deadline(exp: u64) -> std::time::Instant {
     let accepted_until = exp.saturating_add(meridian_auth::EXP_LEEWAY_SECS);
     std::time::Instant::now()
         + Duration::from_secs(accepted_until.saturating_sub(meridian_auth::unix_now()))
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn the_message_allowance_bounds_bytes_too() {
+        let t0 = Instant::now();
+        let mut l = RateLimit {
+            tokens: 60.0,
+            rate: 20.0,
+            burst: 60.0,
+            last: t0,
+            violations: 0,
+        };
+        // 60 pings pass at once; 60 KB messages cost 8 tokens each: 7 pass.
+        let mut big = 0;
+        while l.allow(t0, 60_000) {
+            big += 1;
+        }
+        assert_eq!(big, 7);
+        assert_eq!(l.violations, 1);
+        // The reader pauses until the refused message's cost is back: 4 tokens
+        // missing at 20 tokens/s.
+        assert_eq!(l.wait(60_000), Duration::from_millis(200));
+        assert!(l.allow(t0 + Duration::from_millis(200), 60_000));
+        // A message larger than the burst still passes from a full bucket.
+        let mut small = RateLimit {
+            tokens: 5.0,
+            rate: 1.0,
+            burst: 5.0,
+            last: t0,
+            violations: 0,
+        };
+        assert!(small.allow(t0, 1 << 20));
+    }
 }

@@ -8,7 +8,11 @@
 //! with `error{code:"message_too_large"}` without reading the body, and the stream is
 //! closed. Everything above the framing is [`run_session`], shared with WebSocket.
 //!
-//! Certificates: with `webtransport.tls_cert`/`tls_key` the node serves those (PEM).
+//! Certificates: with `webtransport.tls_cert`/`tls_key` the node serves those (PEM),
+//! and re-reads them every `internal.reload_interval_secs`: a renewed pair (a
+//! cert-manager rotation) is used for new connections without a restart; a pair that
+//! does not load is logged and counted (`meridian_certificate_reloads_total`) and the
+//! old one stays.
 //! Without them it generates at start a self-signed ECDSA P-256 certificate for
 //! `127.0.0.1`, `localhost` and `::1`, valid for less than 14 days (the most browsers
 //! accept for `serverCertificateHashes`), renews it before it expires, and publishes its
@@ -89,6 +93,8 @@ pub(crate) struct Listener {
     endpoint: Endpoint<Server>,
     advert: Advert,
     self_signed: bool,
+    /// When the served certificate expires (Unix seconds).
+    not_after: Option<i64>,
 }
 
 impl Listener {
@@ -96,6 +102,17 @@ impl Listener {
     pub fn advert(&self) -> Advert {
         self.advert.clone()
     }
+
+    /// When the served certificate expires (Unix seconds), for
+    /// `meridian_certificate_expiry_seconds{cert="webtransport"}`.
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
+    }
+}
+
+fn identity_not_after(identity: &Identity) -> Option<i64> {
+    let first = identity.certificate_chain().as_slice().first()?;
+    crate::internal::not_after(first.der())
 }
 
 fn self_signed_identity() -> Result<Identity, NodeError> {
@@ -159,6 +176,7 @@ pub(crate) async fn bind(config: &Config) -> Result<Listener, NodeError> {
         ),
         _ => (self_signed_identity()?, true),
     };
+    let not_after = identity_not_after(&identity);
     let hashes = if self_signed {
         identity_hashes(&identity)
     } else {
@@ -178,6 +196,7 @@ pub(crate) async fn bind(config: &Config) -> Result<Listener, NodeError> {
             hashes: Arc::new(RwLock::new(hashes)),
         },
         self_signed,
+        not_after,
     })
 }
 
@@ -201,17 +220,40 @@ pub(crate) async fn serve(
         endpoint,
         advert,
         self_signed,
+        ..
     } = listener;
     let max = state.config.signaling.max_connections;
     let permits = Arc::new(Semaphore::new(max));
     let mut renew_at = tokio::time::Instant::now() + SELF_SIGNED_RENEW_AFTER;
+    let files = match (
+        &state.config.webtransport.tls_cert,
+        &state.config.webtransport.tls_key,
+    ) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ => None,
+    };
+    let mut loaded = match &files {
+        Some(f) => read_pair(f).await,
+        None => None,
+    };
+    let mut reload = tokio::time::interval(Duration::from_secs(
+        state.config.internal.reload_interval_secs,
+    ));
+    reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = reload.tick(), if files.is_some() => {
+                if let Some(f) = &files {
+                    reload_files(&endpoint, &state, &advert, f, &mut loaded).await;
+                }
+                continue;
+            }
+            // The guard `wait_for` returns is not `Send`: drop it inside.
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
             _ = tokio::time::sleep_until(renew_at), if self_signed => {
                 renew_at += SELF_SIGNED_RENEW_AFTER;
-                renew(&endpoint, &state.config, &advert);
+                renew(&endpoint, &state, &advert);
                 continue;
             }
         };
@@ -236,10 +278,62 @@ pub(crate) async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
-fn renew(endpoint: &Endpoint<Server>, config: &Config, advert: &Advert) {
+/// The bytes of a certificate and key file pair; `None` when either cannot be read.
+async fn read_pair(files: &(std::path::PathBuf, std::path::PathBuf)) -> Option<(Vec<u8>, Vec<u8>)> {
+    let cert = tokio::fs::read(&files.0).await.ok()?;
+    let key = tokio::fs::read(&files.1).await.ok()?;
+    Some((cert, key))
+}
+
+/// Loads the configured certificate again when its files changed (by content, so a
+/// symlink swap counts) and serves it to new connections.
+async fn reload_files(
+    endpoint: &Endpoint<Server>,
+    state: &NodeState,
+    advert: &Advert,
+    files: &(std::path::PathBuf, std::path::PathBuf),
+    loaded: &mut Option<(Vec<u8>, Vec<u8>)>,
+) {
+    let Some(now) = read_pair(files).await else {
+        return;
+    };
+    if loaded.as_ref() == Some(&now) {
+        return;
+    }
+    let result = match Identity::load_pemfiles(&files.0, &files.1).await {
+        Ok(identity) => {
+            let at = identity_not_after(&identity);
+            endpoint
+                .reload_config(server_config(&state.config, advert.addr, identity), false)
+                .map(|()| at)
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(at) => {
+            if let Some(at) = at {
+                state.metrics.set_certificate_expiry("webtransport", at);
+            }
+            state.metrics.certificate_reloaded("ok");
+            tracing::info!(cert = %files.0.display(), "WebTransport certificate reloaded");
+            *loaded = Some(now);
+        }
+        Err(e) => {
+            // Counted at each check until the files load (a rotation half written).
+            state.metrics.certificate_reloaded("error");
+            tracing::warn!("WebTransport certificate not reloaded, keeping the previous one: {e}");
+        }
+    }
+}
+
+fn renew(endpoint: &Endpoint<Server>, state: &NodeState, advert: &Advert) {
     let renewed = self_signed_identity().and_then(|identity| {
         let hashes = identity_hashes(&identity);
-        let cfg = server_config(config, advert.addr, identity);
+        if let Some(at) = identity_not_after(&identity) {
+            state.metrics.set_certificate_expiry("webtransport", at);
+        }
+        let cfg = server_config(&state.config, advert.addr, identity);
         endpoint
             .reload_config(cfg, false)
             .map_err(|e| NodeError::Certificate(format!("reloading: {e}")))?;
@@ -266,6 +360,18 @@ async fn connection(
         let path = request.path().split('?').next().unwrap_or_default();
         if path != PATH {
             request.not_found().await;
+            return None;
+        }
+        // Like WebSocket upgrades: a browser page may open a session only from the
+        // node's own host or a configured public name (non-browser clients send none).
+        if let Some(origin) = request.origin()
+            && !state
+                .hosts
+                .origin_allowed_any_port(origin, request.authority())
+        {
+            state.metrics.host_refusals.inc();
+            debug!(%peer, origin = %meridian_protocol::clip(origin, 128), "WebTransport session refused: foreign origin");
+            request.forbidden().await;
             return None;
         }
         request.accept().await.ok()

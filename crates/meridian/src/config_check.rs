@@ -87,7 +87,7 @@ pub fn check_file(path: &Path) -> Result<Config, Problem> {
 /// One line of summary for a valid config.
 pub fn summary(c: &Config) -> String {
     format!(
-        "region {}, node {}, http {}, media {}{}, webtransport {}, event log {}",
+        "region {}, node {}, http {}, media {}{}, webtransport {}, internal {} ({}), event log {}",
         c.node.region,
         c.node.id,
         c.http.addr,
@@ -97,6 +97,11 @@ pub fn summary(c: &Config) -> String {
             .map(|ip| format!(" (public {ip})"))
             .unwrap_or_default(),
         c.webtransport.addr,
+        c.internal.listen,
+        match &c.internal.cert {
+            Some(cert) => format!("mutual TLS with {}", cert.display()),
+            None => "mutual TLS with development certificates under data_dir/internal".into(),
+        },
         if c.node.database_url.is_some() {
             "Postgres"
         } else {
@@ -178,6 +183,7 @@ mod tests {
             "[webtransport]",
             "[cluster]",
             "[auth]",
+            "[internal]",
         ] {
             assert!(text.contains(section), "example lacks {section}");
         }

@@ -1,6 +1,6 @@
 //! `meridian loadgen`: many real WebRTC clients in one process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -101,7 +101,9 @@ pub struct LoadgenArgs {
     /// `/proc/PID/stat`) over the measured window goes in the summary.
     #[arg(long)]
     node_pid: Option<u32>,
-    /// `host:port` of the node's HTTP listener: its forwarding counters and latency
+    /// Where the node's `/metrics` is: `https://host:port` (its internal listener,
+    /// called with the operator certificate under `--data-dir`/internal/) or `host:port`
+    /// (a plain `--metrics-listen` listener). Its forwarding counters and latency
     /// histogram over the measured window go in the summary.
     #[arg(long)]
     node_metrics: Option<String>,
@@ -196,7 +198,7 @@ struct NodeSample {
 }
 
 impl NodeSample {
-    async fn take(pid: Option<u32>, metrics: Option<&str>) -> NodeSample {
+    async fn take(pid: Option<u32>, metrics: Option<&str>, data_dir: &Path) -> NodeSample {
         let mut s = NodeSample::default();
         if let Some(pid) = pid
             && let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -211,7 +213,7 @@ impl NodeSample {
             }
         }
         if let Some(addr) = metrics
-            && let Ok(text) = scrape(addr).await
+            && let Ok(text) = scrape(addr, data_dir).await
         {
             for line in text.lines() {
                 let mut it = line.rsplitn(2, ' ');
@@ -265,9 +267,24 @@ impl NodeSample {
     }
 }
 
-/// `GET /metrics` over plain HTTP/1.0.
-async fn scrape(addr: &str) -> Result<String> {
+/// `GET /metrics` over mutual TLS (`https://…`, the operator certificate under
+/// `data_dir`) or plain HTTP/1.0.
+async fn scrape(addr: &str, data_dir: &Path) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Some(internal) = addr.strip_prefix("https://") {
+        let dir = data_dir.join(meridian_server::internal::DEV_DIR);
+        let f = meridian_server::internal::TlsFiles::operator_client(&dir);
+        let client = meridian_server::internal::InternalClient::from_files(
+            &f.client_cert,
+            &f.client_key,
+            &f.client_ca,
+        )?;
+        let r = client
+            .get(internal.trim_end_matches('/').parse()?, "/metrics", None)
+            .await?;
+        anyhow::ensure!(r.status == 200, "/metrics answered {}", r.status);
+        return Ok(r.body);
+    }
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
@@ -491,13 +508,13 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     // Connection set-up and the first keyframes are not steady state: measure after.
     tokio::time::sleep(args.warmup).await;
     let node_metrics = args.node_metrics.as_deref();
-    let node_before = NodeSample::take(args.node_pid, node_metrics).await;
+    let node_before = NodeSample::take(args.node_pid, node_metrics, &args.data_dir).await;
     let at_warmup: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
     let started = Instant::now();
     tokio::time::sleep(args.duration).await;
     let sub_end: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
     let elapsed = started.elapsed();
-    let node_after = NodeSample::take(args.node_pid, node_metrics).await;
+    let node_after = NodeSample::take(args.node_pid, node_metrics, &args.data_dir).await;
 
     let pub_stats: Vec<ClientStats> = publishers.iter().map(Client::stats).collect();
     let sub_full: Vec<ClientStats> = sub_end;

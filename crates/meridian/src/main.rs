@@ -60,7 +60,7 @@ struct ServeArgs {
     /// TOML config file (see README for its sections).
     #[arg(long, env = "MERIDIAN_CONFIG")]
     config: Option<PathBuf>,
-    /// HTTP address: WebSocket signaling, web page, metrics, health [default: 127.0.0.1:7880].
+    /// HTTP address: WebSocket signaling, web page, health [default: 127.0.0.1:7880].
     #[arg(long, env = "MERIDIAN_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
     /// UDP address for all media [default: 127.0.0.1:7882].
@@ -76,6 +76,25 @@ struct ServeArgs {
     /// PEM private key of `--tls-cert`.
     #[arg(long, env = "MERIDIAN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Internal listener (mutual TLS): /metrics, /admin/*, /audit/*, node-to-node
+    /// routes [default: 127.0.0.1:7883].
+    #[arg(long, env = "MERIDIAN_INTERNAL_LISTEN")]
+    internal_listen: Option<SocketAddr>,
+    /// PEM certificate of the internal listener (with --internal-key and
+    /// --internal-client-ca; default: development certificates generated under
+    /// DATA_DIR/internal/).
+    #[arg(long, env = "MERIDIAN_INTERNAL_CERT", requires_all = ["internal_key", "internal_client_ca"])]
+    internal_cert: Option<PathBuf>,
+    /// PEM private key of --internal-cert.
+    #[arg(long, env = "MERIDIAN_INTERNAL_KEY", requires = "internal_cert")]
+    internal_key: Option<PathBuf>,
+    /// PEM bundle of the CAs internal clients' certificates must chain to.
+    #[arg(long, env = "MERIDIAN_INTERNAL_CLIENT_CA", requires = "internal_cert")]
+    internal_client_ca: Option<PathBuf>,
+    /// A plain-HTTP /metrics listener on a loopback address, for a scraper on the same
+    /// machine without certificates (off by default).
+    #[arg(long, env = "MERIDIAN_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Address advertised to clients behind a 1:1 NAT.
     #[arg(long, env = "MERIDIAN_PUBLIC_IP")]
     public_ip: Option<IpAddr>,
@@ -227,6 +246,21 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
         config.webtransport.tls_cert = Some(cert.clone());
         config.webtransport.tls_key = Some(key.clone());
     }
+    if let Some(a) = args.internal_listen {
+        config.internal.listen = a;
+    }
+    if let (Some(cert), Some(key), Some(ca)) = (
+        &args.internal_cert,
+        &args.internal_key,
+        &args.internal_client_ca,
+    ) {
+        config.internal.cert = Some(cert.clone());
+        config.internal.key = Some(key.clone());
+        config.internal.client_ca = Some(ca.clone());
+    }
+    if let Some(a) = args.metrics_listen {
+        config.internal.metrics_listen = Some(a);
+    }
     if let Some(ip) = args.public_ip {
         config.media.public_ip = Some(ip);
     }
@@ -281,7 +315,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
             "http": node.http_addr.to_string(),
             "media": node.media_addr.to_string(),
             "wt": node.wt_addr.to_string(),
+            "internal": node.internal_addr.to_string(),
+            "metrics": node.metrics_addr.map(|a| a.to_string()),
         })
+    );
+    let files = node.internal_tls.files();
+    eprintln!(
+        "Internal plane (metrics, admin, audit) on https://{} with client certificates from {}",
+        node.internal_addr,
+        files.client_ca.display()
     );
     if node.dev {
         eprintln!(

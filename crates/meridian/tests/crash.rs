@@ -26,7 +26,13 @@ async fn acknowledged_joins_survive_sigkill() {
             "--media-addr",
             "127.0.0.1:0",
         ])
-        .args(["--wt-addr", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--wt-addr",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
         .arg(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -177,7 +177,7 @@ async fn a_paused_node_is_fenced_out_of_the_room_it_lost() {
         "no write of node-a landed: {:#?}",
         &after[history.len()..]
     );
-    let metrics = reqwest_metrics(&region.nodes[0].http).await;
+    let metrics = region.nodes[0].metrics().await;
     assert!(
         metric(&metrics, "meridian_rooms_released_total") >= 1.0,
         "node-a let the room go: {metrics}"
@@ -319,20 +319,6 @@ async fn terminate_backends(schema: &str) -> i64 {
     .await
     .expect("terminate");
     n
-}
-
-async fn reqwest_metrics(http: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(http).await.expect("connect");
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body))
-        .await
-        .expect("metrics in time")
-        .expect("read");
-    body
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -116,12 +116,13 @@ fn yaml_string(file: &Path, key: &str) -> String {
     v.trim_matches('\'').to_string()
 }
 
-/// A node's own reading of a metric (the truth the query must match).
-fn scrape(http: &str, metric: &str) -> f64 {
-    let (_, body) = http_get(http, "/metrics").expect("scrape the node");
+/// A node's own reading of a metric (the truth the query must match), from its
+/// internal listener.
+async fn scrape(node: &region::NodeProc, metric: &str) -> f64 {
+    let body = node.metrics().await;
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{metric} ")))
-        .unwrap_or_else(|| panic!("{http} exports no {metric}"))
+        .unwrap_or_else(|| panic!("{} exports no {metric}", node.id))
         .trim()
         .parse()
         .expect("number")
@@ -161,20 +162,26 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
         }
     }
 
-    // Prometheus scrapes the three nodes every second, labelled like pods in Kubernetes.
+    // Prometheus scrapes the three nodes' internal listeners every second with a client
+    // certificate (as the chart's ServiceMonitor does), labelled like pods in Kubernetes.
     let dir = region.data_dir.join("prometheus");
     std::fs::create_dir_all(&dir).expect("prometheus dir");
     let mut targets = String::new();
     for n in &region.nodes {
         targets.push_str(&format!(
             "      - targets: ['{}']\n        labels: {{pod: '{}', region: local}}\n",
-            n.http, n.id
+            n.internal, n.id
         ));
     }
+    let pki = region.data_dir.join(meridian_server::internal::DEV_DIR);
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - '{}'\n\
-         scrape_configs:\n  - job_name: meridian\n    static_configs:\n{targets}",
-        rules.canonicalize().expect("rules path").display()
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - '{0}'\n\
+         scrape_configs:\n  - job_name: meridian\n    scheme: https\n    tls_config:\n      \
+         ca_file: '{1}'\n      cert_file: '{2}'\n      key_file: '{3}'\n    static_configs:\n{targets}",
+        rules.canonicalize().expect("rules path").display(),
+        pki.join("ca.pem").display(),
+        pki.join("client.pem").display(),
+        pki.join("client.key").display(),
     );
     std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
     let prom = format!("127.0.0.1:{}", free_port());
@@ -223,7 +230,7 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
         .map(|g| g["rules"].as_array().map_or(0, Vec::len))
         .sum();
     assert_eq!(groups.len(), 2, "{body}");
-    assert_eq!(loaded, 13, "recording and alert rules loaded: {body}");
+    assert_eq!(loaded, 16, "recording and alert rules loaded: {body}");
 
     // Every node scraped (its counters seen at their value before the load) first.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -293,7 +300,7 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
     assert_eq!(got, want, "the HPA query per pod while the load runs");
     // The same figures the nodes report themselves.
     for n in &region.nodes {
-        let own = scrape(&n.http, "meridian_outbound_video_tracks");
+        let own = scrape(n, "meridian_outbound_video_tracks").await;
         let want = expected.iter().find(|e| e.0 == n.id).expect("node").1;
         assert_eq!(own, want, "{} reports {own} outbound video tracks", n.id);
     }
@@ -322,11 +329,10 @@ async fn hpa_and_keda_queries_return_what_the_load_created() {
     // KEDA's burst trigger: the chart's joinRateQuery (its namespace matcher empty, as
     // no namespace label exists outside Kubernetes) over the recording rule.
     let keda_query = yaml_string(&values, "joinRateQuery").replace("{{ .Release.Namespace }}", "");
-    let joins: f64 = region
-        .nodes
-        .iter()
-        .map(|n| scrape(&n.http, "meridian_joins_total"))
-        .sum();
+    let mut joins = 0.0;
+    for n in &region.nodes {
+        joins += scrape(n, "meridian_joins_total").await;
+    }
     assert_eq!(joins, 9.0, "every client joined once");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut rate = 0.0;

@@ -22,8 +22,12 @@ pub struct NodeProc {
     pub id: String,
     pub child: Child,
     pub http: String,
+    /// Its internal listener (mutual TLS: metrics, admin, audit).
+    pub internal: String,
     /// Its WebSocket signaling URL.
     pub url: String,
+    /// The region's shared data directory (development certificates under `internal/`).
+    data_dir: PathBuf,
 }
 
 impl NodeProc {
@@ -36,6 +40,25 @@ impl NodeProc {
             .expect("kill runs")
             .success();
         assert!(ok, "kill -{sig} {}", self.child.id());
+    }
+
+    /// The node's `/metrics`, scraped from its internal listener with the operator's
+    /// development client certificate.
+    pub async fn metrics(&self) -> String {
+        let dir = self.data_dir.join(meridian_server::internal::DEV_DIR);
+        let f = meridian_server::internal::TlsFiles::operator_client(&dir);
+        let client = meridian_server::internal::InternalClient::from_files(
+            &f.client_cert,
+            &f.client_key,
+            &f.client_ca,
+        )
+        .expect("operator client certificate");
+        let r = client
+            .get(self.internal.parse().expect("address"), "/metrics", None)
+            .await
+            .expect("metrics from the internal listener");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
     }
 
     /// Waits (bounded) for the process to exit; returns its exit code.
@@ -137,6 +160,7 @@ impl Region {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(["serve", "--http-addr", http, "--media-addr"])
             .args(["127.0.0.1:0", "--wt-addr", "127.0.0.1:0", "--node-id", id])
+            .args(["--internal-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--database-url")
@@ -154,11 +178,17 @@ impl Region {
         let listening: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
         let http = listening["http"].as_str().expect("http addr").to_string();
+        let internal = listening["internal"]
+            .as_str()
+            .expect("internal addr")
+            .to_string();
         NodeProc {
             id: id.to_string(),
             child,
             url: format!("ws://{http}/signal"),
             http,
+            internal,
+            data_dir: self.data_dir.clone(),
         }
     }
 
