@@ -117,6 +117,17 @@ struct ServeArgs {
     /// tokens); without it such a node refuses to start.
     #[arg(long, env = "MERIDIAN_DEV_ALLOW_REMOTE")]
     dev_allow_remote: bool,
+    /// Chaos test (needs --dev): impair the media socket like netem on the pod's
+    /// interface, e.g. `delay=200ms,jitter=20ms,loss=2%`; `burst=N` makes the loss
+    /// come in bursts of N datagrams on average (Gilbert-Elliott).
+    #[arg(long, env = "MERIDIAN_IMPAIR")]
+    impair: Option<String>,
+    /// Which datagrams --impair applies to: egress (sent by the node), ingress or both.
+    #[arg(long, env = "MERIDIAN_IMPAIR_DIRECTION", default_value = "egress", value_parser = ["egress", "ingress", "both"])]
+    impair_direction: String,
+    /// Seed of --impair's random numbers (same seed, same losses).
+    #[arg(long, env = "MERIDIAN_IMPAIR_SEED", default_value_t = 1)]
+    impair_seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -265,6 +276,11 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     }
     if args.dev_allow_remote {
         config.http.dev_allow_remote = true;
+    }
+    if let Some(spec) = &args.impair {
+        config.media.impair = Some(spec.clone());
+        config.media.impair_direction = args.impair_direction.parse()?;
+        config.media.impair_seed = args.impair_seed;
     }
     config.validate()?;
     Ok(config)

@@ -1,0 +1,117 @@
+//! Node-side impairment (`--impair`, issue 15): the node delays and drops its own media
+//! datagrams with a seeded emulator, and a client measures it; a node without dev mode
+//! refuses the setting.
+
+use std::time::Duration;
+
+use meridian_client::{Client, ClientConfig};
+use meridian_server::{Config, ConfigError, Node, NodeError};
+use meridian_tests::start_node;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impaired_node_delays_and_drops_what_it_sends() {
+    let t = start_node(|c| {
+        c.http.dev = true;
+        c.media.impair = Some("delay=150ms,loss=10%".into());
+        c.media.impair_seed = 42;
+    })
+    .await;
+    let publisher = Client::join(ClientConfig::new(&t.url, t.token("alice", "r1", true)))
+        .await
+        .expect("publisher joins");
+    let sub = Client::join(ClientConfig::subscriber(
+        &t.url,
+        t.token("bob", "r1", false),
+    ))
+    .await
+    .expect("subscriber joins");
+    let stats = sub
+        .wait_for(Duration::from_secs(30), |st| {
+            st.audio_tracks_with(150) == 1 && st.video_tracks_with(30) == 1
+        })
+        .await
+        .unwrap_or_else(|st| panic!("no media through the impaired node: {st:#?}"));
+    let audio = stats.tracks.values().find(|t| !t.video).expect("audio");
+    let latency = median(&audio.latency_ms);
+    assert!(
+        (140.0..400.0).contains(&latency),
+        "audio latency median {latency} ms through a 150 ms egress delay"
+    );
+    // Audio is one packet per frame and not retransmitted: its loss is the node's.
+    let loss = audio.frames_missing as f64 / (audio.frames + audio.frames_missing) as f64;
+    assert!(
+        (0.03..0.25).contains(&loss),
+        "audio loss {loss} through 10 % egress loss ({} frames, {} missing)",
+        audio.frames,
+        audio.frames_missing
+    );
+    publisher.leave().await.expect("leave");
+    sub.leave().await.expect("leave");
+    t.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unimpaired_node_measures_no_delay_and_no_loss() {
+    // The control for the test above: the same clients without `impair`.
+    let t = start_node(|c| c.http.dev = true).await;
+    let publisher = Client::join(ClientConfig::new(&t.url, t.token("alice", "r1", true)))
+        .await
+        .expect("publisher joins");
+    let sub = Client::join(ClientConfig::subscriber(
+        &t.url,
+        t.token("bob", "r1", false),
+    ))
+    .await
+    .expect("subscriber joins");
+    let stats = sub
+        .wait_for(Duration::from_secs(30), |st| st.audio_tracks_with(150) == 1)
+        .await
+        .unwrap_or_else(|st| panic!("no media: {st:#?}"));
+    let audio = stats.tracks.values().find(|t| !t.video).expect("audio");
+    let latency = median(&audio.latency_ms);
+    assert!(
+        latency < 100.0,
+        "loopback audio latency median {latency} ms"
+    );
+    assert!(
+        audio.frames_missing * 100 < audio.frames,
+        "loopback audio lost {} of {}",
+        audio.frames_missing,
+        audio.frames
+    );
+    publisher.leave().await.expect("leave");
+    sub.leave().await.expect("leave");
+    t.node.shutdown().await;
+}
+
+#[tokio::test]
+async fn impairment_is_refused_without_dev_mode_and_when_malformed() {
+    for (dev, spec) in [
+        (false, "delay=200ms"),
+        (true, "delay=soon"),
+        (true, "loss=200%"),
+    ] {
+        let mut config = Config::default();
+        config.http.addr = "127.0.0.1:0".parse().unwrap();
+        config.media.addr = "127.0.0.1:0".parse().unwrap();
+        config.webtransport.addr = "127.0.0.1:0".parse().unwrap();
+        config.http.dev = dev;
+        config.media.impair = Some(spec.into());
+        match Node::start(config).await {
+            Err(NodeError::Config(ConfigError::Invalid { field, reason })) => {
+                assert_eq!(field, "media.impair");
+                if !dev {
+                    assert!(reason.contains("--dev"), "{reason}");
+                }
+            }
+            Err(e) => panic!("{spec}: wrong error {e}"),
+            Ok(_) => panic!("{spec} (dev {dev}) accepted"),
+        }
+    }
+}
