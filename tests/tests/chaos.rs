@@ -115,3 +115,56 @@ async fn impairment_is_refused_without_dev_mode_and_when_malformed() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_receiver_skips_what_it_cannot_complete_and_asks_for_a_keyframe() {
+    let t = start_node(|c| {
+        c.http.dev = true;
+        c.media.impair = Some("delay=100ms,loss=5%".into());
+        c.media.impair_seed = 3;
+    })
+    .await;
+    let publisher = Client::join(ClientConfig::new(&t.url, t.token("alice", "r1", true)))
+        .await
+        .expect("publisher joins");
+    let mut config = ClientConfig::subscriber(&t.url, t.token("bob", "r1", false));
+    config.playout_deadline = Some(Duration::from_millis(40));
+    let sub = Client::join(config).await.expect("subscriber joins");
+    let stats = sub
+        .wait_for(Duration::from_secs(40), |st| {
+            st.tracks
+                .values()
+                .any(|t| t.video && t.frames >= 150 && t.skips >= 2)
+                && st.audio_tracks_with(100) == 1
+        })
+        .await
+        .unwrap_or_else(|st| panic!("no skips or too few frames: {st:#?}"));
+    let video = stats.tracks.values().find(|t| t.video).expect("video");
+    assert!(video.keyframes_requested >= 1, "{video:#?}");
+    let mut latency = video.latency_ms.clone();
+    latency.sort_by(|a, b| a.total_cmp(b));
+    let p95 = latency[latency.len() * 95 / 100];
+    eprintln!(
+        "deadline receiver: {} frames, {} missing, {} skips, {} keyframes asked, p95 {p95:.1} ms",
+        video.frames, video.frames_missing, video.skips, video.keyframes_requested
+    );
+    // 100 ms injected + at most the 40 ms deadline of waiting + the frame's own
+    // packetisation; a receiver that waited for NACK repairs would show the repair
+    // round trip (≥ 100 ms more) in its tail.
+    assert!(
+        (95.0..260.0).contains(&p95),
+        "video latency p95 {p95} ms with a 40 ms deadline"
+    );
+    let audio = stats.tracks.values().find(|t| !t.video).expect("audio");
+    assert!(
+        audio.frames > 0 && audio.skips > 0,
+        "audio gaps skipped: {audio:#?}"
+    );
+    assert!(
+        publisher.stats().keyframe_requests >= 1,
+        "the keyframe request reached the publisher"
+    );
+    publisher.leave().await.expect("leave");
+    sub.leave().await.expect("leave");
+    t.node.shutdown().await;
+}
