@@ -94,14 +94,15 @@ impl JitterBuffer {
         }
     }
 
-    /// Takes a received packet (late, duplicate and stale packets are ignored).
-    pub fn insert(&mut self, now: Instant, mut packet: Packet) {
+    /// Takes a received packet; returns false for a late, duplicate or stale one,
+    /// which is ignored.
+    pub fn insert(&mut self, now: Instant, mut packet: Packet) -> bool {
         if !self.video {
             packet.frame_start = true;
             packet.marker = true;
         }
-        if packet.seq < self.floor {
-            return;
+        if packet.seq < self.floor || self.packets.contains_key(&packet.seq) {
+            return false;
         }
         if self.started && packet.seq - self.floor > MAX_BEHIND {
             // A jump far ahead (a new source or a long outage): start over there.
@@ -116,7 +117,8 @@ impl JitterBuffer {
             }
             self.skip_head();
         }
-        self.packets.entry(packet.seq).or_insert((packet, now));
+        self.packets.insert(packet.seq, (packet, now));
+        true
     }
 
     /// When [`JitterBuffer::poll`] next has something to do without new packets:

@@ -171,6 +171,11 @@ pub struct ClientConfig {
     /// `None`: str0m's frame assembly, which holds later frames until every NACK repair
     /// has been tried.
     pub playout_deadline: Option<Duration>,
+    /// Negotiate audio RED (RFC 2198, `red/48000/2`): the publisher sends each Opus
+    /// packet again inside the next one, and the receiver recovers a lost packet from
+    /// it without a retransmission (str0m does it in frame mode, the jitter buffer with
+    /// `playout_deadline`).
+    pub red: bool,
     /// How long to wait for `joined` on the first join.
     pub join_timeout: Duration,
     /// Benchmark receiver: once the subscriber connection is up, count its SRTP
@@ -199,6 +204,7 @@ impl ClientConfig {
             bind_ip: "127.0.0.1".parse().expect("valid literal"),
             impairment: None,
             playout_deadline: None,
+            red: false,
             join_timeout: Duration::from_secs(10),
             count_only: false,
         }
@@ -583,12 +589,14 @@ struct Pc {
     /// RTP mode: received packets come out as packets (for the client's own jitter
     /// buffer) instead of str0m's frames.
     rtp_mode: bool,
+    /// Negotiate audio RED (`red/48000/2`).
+    red: bool,
 }
 
 impl Pc {
     /// A new peer connection on the same socket.
     fn renew(&mut self, now: Instant) {
-        self.rtc = new_rtc(now, self.local, self.rtp_mode);
+        self.rtc = new_rtc(now, self.local, self.rtp_mode, self.red);
         self.next_timeout = now;
     }
 }
@@ -651,11 +659,11 @@ struct Session {
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
 /// fixed layer rates has nothing to adapt (str0m's pacer would only add latency).
-fn new_rtc(now: Instant, local: SocketAddr, rtp_mode: bool) -> Rtc {
+fn new_rtc(now: Instant, local: SocketAddr, rtp_mode: bool, red: bool) -> Rtc {
     let mut rtc = Rtc::builder()
         .set_rtp_mode(rtp_mode)
         .clear_codecs()
-        .enable_opus(true, false)
+        .enable_opus(true, red)
         .enable_vp8(true)
         .set_stats_interval(Some(Duration::from_secs(1)))
         .build(now);
@@ -707,18 +715,20 @@ impl Session {
             net_in: config.impairment.map(Netem::new),
             net_out: config.impairment.map(Netem::new),
             publisher: Pc {
-                rtc: new_rtc(now, pub_local, false),
+                rtc: new_rtc(now, pub_local, false, config.red),
                 socket: pub_socket,
                 local: pub_local,
                 next_timeout: now,
                 rtp_mode: false,
+                red: config.red,
             },
             subscriber: Pc {
-                rtc: new_rtc(now, sub_local, deadline_mode),
+                rtc: new_rtc(now, sub_local, deadline_mode, config.red),
                 socket: sub_socket,
                 local: sub_local,
                 next_timeout: now,
                 rtp_mode: deadline_mode,
+                red: config.red,
             },
             buffers: HashMap::new(),
             config,
@@ -1271,6 +1281,52 @@ impl Session {
             );
         }
         let b = self.buffers.get_mut(&ssrc).expect("inserted above");
+        if !b.video {
+            let red_pt = self
+                .subscriber
+                .rtc
+                .codec_config()
+                .find(|c| c.red() == Some(p.header.payload_type))
+                .map(|c| c.pt());
+            if let Some(opus_pt) = red_pt {
+                let Ok(blocks) = str0m::rtp::RedDecoder::decode(&p.payload) else {
+                    return;
+                };
+                let mut recovered = 0;
+                for block in blocks.iter().filter(|b| b.pt == *opus_pt) {
+                    // Opus frames of 20 ms (960 ticks): a block `offset` ticks older is
+                    // about offset / 960 packets back (the synthetic source's clock
+                    // follows its timer, so offsets are near, not at, multiples).
+                    let back = u64::from((block.timestamp_offset + 480) / 960);
+                    if (back == 0 && !block.is_primary) || back > 8 || back > *p.seq_no {
+                        continue;
+                    }
+                    let new = b.buffer.insert(
+                        now,
+                        jitter::Packet {
+                            seq: *p.seq_no - back,
+                            timestamp: u64::from(
+                                p.header.timestamp.wrapping_sub(block.timestamp_offset),
+                            ),
+                            marker: true,
+                            frame_start: true,
+                            keyframe: false,
+                            payload: block.payload.to_vec(),
+                        },
+                    );
+                    if new && back > 0 {
+                        recovered += 1;
+                    }
+                }
+                if recovered > 0 {
+                    let track = self.sub_tracks.get(&b.mid).cloned().unwrap_or_default();
+                    let mut s = self.stats.lock().expect("stats lock never poisoned");
+                    s.tracks.entry(track).or_default().red_recovered += recovered;
+                }
+                self.play_out(now, Some(ssrc));
+                return;
+            }
+        }
         let (frame_start, keyframe, at) = if b.video {
             match jitter::vp8_descriptor(&p.payload) {
                 Some(d) => d,

@@ -81,6 +81,8 @@ pub struct TrackStats {
     /// Video frames played after a skipped frame and before the next keyframe: a real
     /// decoder could not decode them (they reference the lost frame).
     pub frames_missing_reference: u64,
+    /// Audio packets the jitter buffer recovered from RED before they were missed.
+    pub red_recovered: u64,
     /// RTP packets received (from str0m's ingress stats).
     pub packets: u64,
     /// Loss fraction reported by str0m, if known.
@@ -235,6 +237,7 @@ impl ClientStats {
             t.frames_missing -= e.frames_missing.min(t.frames_missing);
             t.freezes -= e.freezes.min(t.freezes);
             t.skips -= e.skips.min(t.skips);
+            t.red_recovered -= e.red_recovered.min(t.red_recovered);
             t.keyframes_requested -= e.keyframes_requested.min(t.keyframes_requested);
             t.frames_missing_reference -=
                 e.frames_missing_reference.min(t.frames_missing_reference);

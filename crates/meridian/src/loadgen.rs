@@ -81,6 +81,10 @@ pub struct LoadgenArgs {
     /// assembly).
     #[arg(long, default_value = "100ms", value_parser = parse_deadline)]
     playout_deadline: Option<Duration>,
+    /// Clients negotiate audio RED (RFC 2198): publishers send every Opus packet again
+    /// inside the next one, subscribers recover single losses from it.
+    #[arg(long)]
+    red: bool,
     /// Write every video frame latency sample (ms, one a line) to this file, e.g. for
     /// a CDF plot (`scripts/bench-chaos.sh`).
     #[arg(long)]
@@ -340,6 +344,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             i,
         );
         c.auto_subscribe = false;
+        c.red = args.red;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
         c.bind_ip = args.bind_ip;
         c.fps = args.fps;
@@ -368,6 +373,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         c.bind_ip = args.bind_ip;
         c.count_only = args.count_only;
         c.playout_deadline = args.playout_deadline;
+        c.red = args.red;
         subscribers.push(
             Client::join(c)
                 .await
@@ -438,6 +444,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         .count();
     let skips: u64 = all_tracks.clone().map(|t| t.skips).sum();
     let keyframes_requested: u64 = all_tracks.clone().map(|t| t.keyframes_requested).sum();
+    let red_recovered: u64 = all_tracks.clone().map(|t| t.red_recovered).sum();
     let missing_reference: u64 = all_tracks.clone().map(|t| t.frames_missing_reference).sum();
     let latency = sorted(
         all_tracks
@@ -573,6 +580,8 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             0.0
         },
         "keyframes_requested": keyframes_requested,
+        "red": args.red,
+        "red_recovered": red_recovered,
     });
     let mut summary = summary;
     for more in [bench, playout] {
