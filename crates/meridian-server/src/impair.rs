@@ -4,7 +4,7 @@
 //! seeded: a [`str0m_netem::Netem`] per direction delays, jitters and drops the media
 //! socket's datagrams (outgoing by default, as netem on an interface's egress does).
 //! The emulators are Sans-IO; the media loop feeds them datagrams and the time and
-//! polls their timers ([`Impairer::poll_timeout`]) together with the controller's.
+//! polls their timers (`Impairer::poll_timeout`) together with the controller's.
 //! Only a dev node accepts it ([`crate::Config::validate`]).
 
 use std::net::SocketAddr;
