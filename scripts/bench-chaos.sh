@@ -16,7 +16,8 @@
 #   BIN          meridian binary (default target/release/meridian)
 #   PUBS, SUBS   publishers and subscribers (default 2 and 20)
 #   DURATION     measured time per run (default 60s), after WARMUP (default 5s)
-#   SCENARIOS    subset of: clean loss2-hold loss2 loss5 burst (default: all)
+#   SCENARIOS    subset of: clean loss2-hold loss2 loss2-red loss5-red burst-red
+#                (default: all)
 #   OUT          JSON lines appended here (default /tmp/bench-chaos.jsonl)
 #   PLOTDIR      latency samples and the PNG (default /tmp/bench-chaos)
 #   NODE_CPU, LOAD_CPU  CPUs the node and the load generator are pinned to (0, 1)
@@ -25,8 +26,9 @@
 #   clean       no impairment (node CPU before chaos)
 #   loss2-hold  2 % loss, receivers hold later frames until NACK repairs (no deadline)
 #   loss2       2 % loss, receivers with a 100 ms playout deadline (skip + keyframe)
-#   loss5       5 % loss, deadline
-#   burst       2 % loss in Gilbert-Elliott bursts of 4 packets on average, deadline
+#   loss2-red   the same with audio RED negotiated (redundancy on)
+#   loss5-red   5 % loss, deadline, RED
+#   burst-red   2 % loss in Gilbert-Elliott bursts of 4 packets on average, deadline, RED
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +37,7 @@ PUBS=${PUBS:-2}
 SUBS=${SUBS:-20}
 DURATION=${DURATION:-60s}
 WARMUP=${WARMUP:-5s}
-SCENARIOS=${SCENARIOS:-"clean loss2-hold loss2 loss5 burst"}
+SCENARIOS=${SCENARIOS:-"clean loss2-hold loss2 loss2-red loss5-red burst-red"}
 OUT=${OUT:-/tmp/bench-chaos.jsonl}
 PLOTDIR=${PLOTDIR:-/tmp/bench-chaos}
 NODE_CPU=${NODE_CPU:-0}
@@ -54,15 +56,17 @@ trap cleanup EXIT
 CHAOS="delay=200ms,jitter=20ms"
 for scenario in $SCENARIOS; do
   deadline=100ms
+  red=()
   case $scenario in
     clean) impair="" ;;
     loss2-hold) impair="$CHAOS,loss=2%"; deadline=off ;;
     loss2) impair="$CHAOS,loss=2%" ;;
-    loss5) impair="$CHAOS,loss=5%" ;;
-    burst) impair="$CHAOS,loss=2%,burst=4" ;;
+    loss2-red) impair="$CHAOS,loss=2%"; red=(--red) ;;
+    loss5-red) impair="$CHAOS,loss=5%"; red=(--red) ;;
+    burst-red) impair="$CHAOS,loss=2%,burst=4"; red=(--red) ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
-  echo "== $scenario: impair ${impair:-none} (node egress), playout deadline $deadline, $PUBS publishers → $SUBS subscribers, $DURATION"
+  echo "== $scenario: impair ${impair:-none} (node egress), playout deadline $deadline, ${red[*]:-no RED}, $PUBS publishers → $SUBS subscribers, $DURATION"
   echo "   load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   args=(serve --dev --data-dir "$DATA" --http-addr "$HTTP" --media-addr 127.0.0.1:7992
         --wt-addr 127.0.0.1:7991 --node-id chaos)
@@ -75,7 +79,7 @@ for scenario in $SCENARIOS; do
   done
   taskset -c "$LOAD_CPU" "$BIN" loadgen --url "ws://$HTTP/signal" --data-dir "$DATA" \
     --publishers "$PUBS" --subscribers "$SUBS" --duration "$DURATION" --warmup "$WARMUP" \
-    --playout-deadline "$deadline" --latency-out "$PLOTDIR/$scenario.txt" \
+    --playout-deadline "$deadline" "${red[@]}" --latency-out "$PLOTDIR/$scenario.txt" \
     --ping-interval 1s --ping-timeout 30s \
     --node-pid "$NODE_PID" --node-metrics "$HTTP" --json | tee "$DATA/loadgen.out"
   tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"scenario\":\"$scenario\",\"injected_delay_ms\":$([ -n "$impair" ] && echo 200 || echo 0),/" >> "$OUT"

@@ -80,7 +80,7 @@ pub struct LoadgenArgs {
     /// holding later frames until NACK repairs it; `off` holds them (str0m's frame
     /// assembly).
     #[arg(long, default_value = "100ms", value_parser = parse_deadline)]
-    playout_deadline: Option<Duration>,
+    playout_deadline: Deadline,
     /// Clients negotiate audio RED (RFC 2198): publishers send every Opus packet again
     /// inside the next one, subscribers recover single losses from it.
     #[arg(long)]
@@ -220,12 +220,16 @@ pub fn parse_impairment(spec: &str, seed: u64) -> Result<NetemConfig> {
     Ok(meridian_server::impair::parse_impairment(spec, seed)?)
 }
 
+/// `--playout-deadline`: a duration, or `off` (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline(pub Option<Duration>);
+
 /// `off` or a duration.
-fn parse_deadline(s: &str) -> Result<Option<Duration>, humantime::DurationError> {
+fn parse_deadline(s: &str) -> Result<Deadline, humantime::DurationError> {
     if s == "off" {
-        Ok(None)
+        Ok(Deadline(None))
     } else {
-        humantime::parse_duration(s).map(Some)
+        humantime::parse_duration(s).map(|d| Deadline(Some(d)))
     }
 }
 
@@ -372,7 +376,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         }
         c.bind_ip = args.bind_ip;
         c.count_only = args.count_only;
-        c.playout_deadline = args.playout_deadline;
+        c.playout_deadline = args.playout_deadline.0;
         c.red = args.red;
         subscribers.push(
             Client::join(c)
@@ -570,7 +574,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         } else {
             0.0
         },
-        "playout_deadline_ms": args.playout_deadline.map(|d| d.as_secs_f64() * 1000.0),
+        "playout_deadline_ms": args.playout_deadline.0.map(|d| d.as_secs_f64() * 1000.0),
         "frames_skipped": skips,
         "frames_missing_reference": missing_reference,
         "frames_decodable_pct": if frames_received + video_missing > 0 {
@@ -606,7 +610,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         summary["frames_delivered_pct"].as_f64().unwrap_or(0.0),
         summary["freezes_per_min"].as_f64().unwrap_or(0.0)
     );
-    if args.playout_deadline.is_some() {
+    if args.playout_deadline.0.is_some() {
         println!(
             "  playout deadline  {skips} skips, {keyframes_requested} keyframes asked for, {missing_reference} frames played with a missing reference ({:.2}% decodable)",
             summary["frames_decodable_pct"].as_f64().unwrap_or(0.0)

@@ -383,3 +383,39 @@ fn token_create(args: TokenArgs) -> Result<()> {
     println!("{token}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chaos_flags_parse() {
+        for deadline in ["off", "100ms"] {
+            Cli::try_parse_from([
+                "meridian",
+                "loadgen",
+                "--playout-deadline",
+                deadline,
+                "--red",
+                "--impair",
+                "delay=200ms,loss=2%,burst=4",
+            ])
+            .unwrap_or_else(|e| panic!("{deadline}: {e}"));
+        }
+        let cli = Cli::try_parse_from([
+            "meridian",
+            "serve",
+            "--impair",
+            "delay=200ms",
+            "--impair-direction",
+            "both",
+        ])
+        .expect("serve flags parse");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let err = serve_config(&args).expect_err("--impair without --dev is refused");
+        assert!(err.to_string().contains("--dev"), "{err}");
+        assert!(Cli::try_parse_from(["meridian", "serve", "--impair-direction", "up"]).is_err());
+    }
+}
