@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 mod count;
+pub mod jitter;
 mod media;
 mod reconnect;
 pub mod region;
@@ -36,8 +37,11 @@ use meridian_protocol::{
     ClientMessage, ErrorCode, Layer, ServerMessage, TrackAnnouncement, TrackInfo, TrackKind,
 };
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::media::{Direction, KeyframeRequest, MediaKind, Mid, Simulcast, SimulcastLayer};
+use str0m::media::{
+    Direction, KeyframeRequest, KeyframeRequestKind, MediaKind, Mid, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::Ssrc;
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use str0m_netem::{Netem, NetemConfig};
 use tokio::net::UdpSocket;
@@ -172,6 +176,17 @@ pub struct ClientConfig {
     pub bind_ip: std::net::IpAddr,
     /// Impairment applied to the client's traffic in both directions.
     pub impairment: Option<NetemConfig>,
+    /// Receive like a browser: a jitter buffer plays each received frame as soon as it
+    /// is complete, and one still incomplete this long after its loss became visible
+    /// is skipped (later frames are not held; for video a keyframe is asked for).
+    /// `None`: str0m's frame assembly, which holds later frames until every NACK repair
+    /// has been tried.
+    pub playout_deadline: Option<Duration>,
+    /// Negotiate audio RED (RFC 2198, `red/48000/2`): the publisher sends each Opus
+    /// packet again inside the next one, and the receiver recovers a lost packet from
+    /// it without a retransmission (str0m does it in frame mode, the jitter buffer with
+    /// `playout_deadline`).
+    pub red: bool,
     /// How long to wait for `joined` on the first join.
     pub join_timeout: Duration,
     /// Benchmark receiver: once the subscriber connection is up, count its SRTP
@@ -215,6 +230,8 @@ impl ClientConfig {
             auto_subscribe: true,
             bind_ip: "127.0.0.1".parse().expect("valid literal"),
             impairment: None,
+            playout_deadline: None,
+            red: false,
             join_timeout: Duration::from_secs(10),
             count_only: false,
             regions: Vec::new(),
@@ -624,17 +641,29 @@ impl str0m_netem::WithLen for Datagram {
     }
 }
 
+/// A received stream's jitter buffer.
+struct Playout {
+    mid: Mid,
+    video: bool,
+    buffer: jitter::JitterBuffer,
+}
+
 struct Pc {
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
     next_timeout: Instant,
+    /// RTP mode: received packets come out as packets (for the client's own jitter
+    /// buffer) instead of str0m's frames.
+    rtp_mode: bool,
+    /// Negotiate audio RED (`red/48000/2`).
+    red: bool,
 }
 
 impl Pc {
     /// A new peer connection on the same socket.
     fn renew(&mut self, now: Instant) {
-        self.rtc = new_rtc(now, self.local);
+        self.rtc = new_rtc(now, self.local, self.rtp_mode, self.red);
         self.next_timeout = now;
     }
 }
@@ -676,6 +705,8 @@ struct Session {
     video: Option<media::VideoSource>,
     audio: Option<media::AudioSource>,
     sub_tracks: HashMap<Mid, String>,
+    /// Jitter buffers of the received streams (with `playout_deadline`), by SSRC.
+    buffers: HashMap<Ssrc, Playout>,
     stats: Arc<Mutex<ClientStats>>,
     notify: watch::Sender<u64>,
     net_in: Option<Netem<Datagram>>,
@@ -695,10 +726,11 @@ struct Session {
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
 /// fixed layer rates has nothing to adapt (str0m's pacer would only add latency).
-fn new_rtc(now: Instant, local: SocketAddr) -> Rtc {
+fn new_rtc(now: Instant, local: SocketAddr, rtp_mode: bool, red: bool) -> Rtc {
     let mut rtc = Rtc::builder()
+        .set_rtp_mode(rtp_mode)
         .clear_codecs()
-        .enable_opus(true, false)
+        .enable_opus(true, red)
         .enable_vp8(true)
         .set_stats_interval(Some(Duration::from_secs(1)))
         .build(now);
@@ -756,21 +788,27 @@ impl Session {
                 Some(config.regions[at].region.clone());
             Reconnector::with_regions(config.reconnect.clone(), &lists, at, &url, seed)
         };
+        let deadline_mode = config.playout_deadline.is_some() && !config.count_only;
         Ok(Session {
             net_in: config.impairment.map(Netem::new),
             net_out: config.impairment.map(Netem::new),
             publisher: Pc {
-                rtc: new_rtc(now, pub_local),
+                rtc: new_rtc(now, pub_local, false, config.red),
                 socket: pub_socket,
                 local: pub_local,
                 next_timeout: now,
+                rtp_mode: false,
+                red: config.red,
             },
             subscriber: Pc {
-                rtc: new_rtc(now, sub_local),
+                rtc: new_rtc(now, sub_local, deadline_mode, config.red),
                 socket: sub_socket,
                 local: sub_local,
                 next_timeout: now,
+                rtp_mode: deadline_mode,
+                red: config.red,
             },
+            buffers: HashMap::new(),
             config,
             started,
             pending_pub: None,
@@ -1149,6 +1187,7 @@ impl Session {
         self.subscriber.renew(now);
         self.pending_pub = None;
         self.sub_tracks.clear();
+        self.buffers.clear();
         {
             let mut s = self.stats.lock().expect("stats lock never poisoned");
             s.publisher_connected = false;
@@ -1227,6 +1266,11 @@ impl Session {
         if let Some(n) = &self.net_in {
             t = t.min(n.poll_timeout());
         }
+        for b in self.buffers.values() {
+            if let Some(d) = b.buffer.poll_timeout() {
+                t = t.min(d);
+            }
+        }
         if let Some(n) = &self.net_out {
             t = t.min(n.poll_timeout());
         }
@@ -1244,6 +1288,165 @@ impl Session {
         }
         self.write_media(now);
         self.drain(now);
+        self.play_out(now, None);
+    }
+
+    /// Plays out what the jitter buffers have due at `now` (only `ssrc`'s when given).
+    fn play_out(&mut self, now: Instant, ssrc: Option<Ssrc>) {
+        let ssrcs: Vec<Ssrc> = match ssrc {
+            Some(s) => vec![s],
+            None => self
+                .buffers
+                .iter()
+                .filter(|(_, b)| b.buffer.poll_timeout().is_some_and(|t| t <= now))
+                .map(|(s, _)| *s)
+                .collect(),
+        };
+        let mut played = false;
+        for ssrc in ssrcs {
+            let Some(b) = self.buffers.get_mut(&ssrc) else {
+                continue;
+            };
+            let track = self.sub_tracks.get(&b.mid).cloned().unwrap_or_default();
+            let video = b.video;
+            while let Some(out) = b.buffer.poll(now) {
+                let mut s = self.stats.lock().expect("stats lock never poisoned");
+                match out {
+                    jitter::Played::Frame {
+                        data,
+                        missing_reference,
+                        ..
+                    } => {
+                        let since_start = self.started.elapsed().as_secs_f64() * 1000.0;
+                        s.on_frame(&track, video, &data, now, since_start);
+                        if missing_reference {
+                            s.tracks
+                                .entry(track.clone())
+                                .or_default()
+                                .frames_missing_reference += 1;
+                        }
+                        played = true;
+                    }
+                    jitter::Played::Skipped {
+                        keyframe_wanted, ..
+                    } => {
+                        let t = s.tracks.entry(track.clone()).or_default();
+                        t.skips += 1;
+                        if keyframe_wanted {
+                            t.keyframes_requested += 1;
+                            drop(s);
+                            if let Some(rx) = self.subscriber.rtc.direct_api().stream_rx(&ssrc) {
+                                rx.request_keyframe(KeyframeRequestKind::Pli);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if played {
+            self.notify.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Puts a received RTP packet (RTP mode) into its stream's jitter buffer and plays
+    /// out what became due.
+    fn on_rtp(&mut self, now: Instant, p: str0m::rtp::RtpPacket) {
+        let Some(deadline) = self.config.playout_deadline else {
+            return;
+        };
+        let ssrc = p.header.ssrc;
+        if !self.buffers.contains_key(&ssrc) {
+            let Some(mid) = self
+                .subscriber
+                .rtc
+                .direct_api()
+                .stream_rx(&ssrc)
+                .map(|s| s.mid())
+            else {
+                return;
+            };
+            let Some(video) = self.subscriber.rtc.media(mid).map(|m| m.kind().is_video()) else {
+                return;
+            };
+            if self.buffers.len() >= 64 {
+                return;
+            }
+            self.buffers.insert(
+                ssrc,
+                Playout {
+                    mid,
+                    video,
+                    buffer: jitter::JitterBuffer::new(video, deadline),
+                },
+            );
+        }
+        let b = self.buffers.get_mut(&ssrc).expect("inserted above");
+        if !b.video {
+            let red_pt = self
+                .subscriber
+                .rtc
+                .codec_config()
+                .find(|c| c.red() == Some(p.header.payload_type))
+                .map(|c| c.pt());
+            if let Some(opus_pt) = red_pt {
+                let Ok(blocks) = str0m::rtp::RedDecoder::decode(&p.payload) else {
+                    return;
+                };
+                let mut recovered = 0;
+                for block in blocks.iter().filter(|b| b.pt == *opus_pt) {
+                    // Opus frames of 20 ms (960 ticks): a block `offset` ticks older is
+                    // about offset / 960 packets back (the synthetic source's clock
+                    // follows its timer, so offsets are near, not at, multiples).
+                    let back = u64::from((block.timestamp_offset + 480) / 960);
+                    if (back == 0 && !block.is_primary) || back > 8 || back > *p.seq_no {
+                        continue;
+                    }
+                    let new = b.buffer.insert(
+                        now,
+                        jitter::Packet {
+                            seq: *p.seq_no - back,
+                            timestamp: u64::from(
+                                p.header.timestamp.wrapping_sub(block.timestamp_offset),
+                            ),
+                            marker: true,
+                            frame_start: true,
+                            keyframe: false,
+                            payload: block.payload.to_vec(),
+                        },
+                    );
+                    if new && back > 0 {
+                        recovered += 1;
+                    }
+                }
+                if recovered > 0 {
+                    let track = self.sub_tracks.get(&b.mid).cloned().unwrap_or_default();
+                    let mut s = self.stats.lock().expect("stats lock never poisoned");
+                    s.tracks.entry(track).or_default().red_recovered += recovered;
+                }
+                self.play_out(now, Some(ssrc));
+                return;
+            }
+        }
+        let (frame_start, keyframe, at) = if b.video {
+            match jitter::vp8_descriptor(&p.payload) {
+                Some(d) => d,
+                None => return,
+            }
+        } else {
+            (true, false, 0)
+        };
+        b.buffer.insert(
+            now,
+            jitter::Packet {
+                seq: *p.seq_no,
+                timestamp: u64::from(p.header.timestamp),
+                marker: p.header.marker,
+                frame_start,
+                keyframe,
+                payload: p.payload[at..].to_vec(),
+            },
+        );
+        self.play_out(now, Some(ssrc));
     }
 
     /// Moves datagrams through the emulators and out of the sockets.
@@ -1342,11 +1545,13 @@ impl Session {
                 }
                 self.stats.lock().expect("stats lock").keyframe_requests += 1;
             }
+            Event::RtpPacket(p) if !publisher => self.on_rtp(now, p),
             Event::MediaData(data) if !publisher => {
                 let track = self.sub_tracks.get(&data.mid).cloned().unwrap_or_default();
                 let mut s = self.stats.lock().expect("stats lock never poisoned");
                 let first_frame_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-                s.on_frame(&track, &data, now, first_frame_ms);
+                let video = data.params.spec().codec.is_video();
+                s.on_frame(&track, video, &data.data, now, first_frame_ms);
                 drop(s);
                 self.notify.send_modify(|n| *n += 1);
             }

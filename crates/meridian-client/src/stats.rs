@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use meridian_protocol::{Layer, ServerMessage, TrackInfo};
-use str0m::media::MediaData;
 
 use crate::media::{FrameHeader, now_micros};
 
@@ -76,6 +75,16 @@ pub struct TrackStats {
     pub frames_missing: u64,
     /// Video frame gaps long enough to count as a freeze.
     pub freezes: u64,
+    /// Times the jitter buffer gave up a frame at its deadline
+    /// (`ClientConfig::playout_deadline`).
+    pub skips: u64,
+    /// Keyframes the jitter buffer asked for after a skip.
+    pub keyframes_requested: u64,
+    /// Video frames played after a skipped frame and before the next keyframe: a real
+    /// decoder could not decode them (they reference the lost frame).
+    pub frames_missing_reference: u64,
+    /// Audio packets the jitter buffer recovered from RED before they were missed.
+    pub red_recovered: u64,
     /// RTP packets received (from str0m's ingress stats).
     pub packets: u64,
     /// Loss fraction reported by str0m, if known.
@@ -233,6 +242,11 @@ impl ClientStats {
             t.keyframes -= e.keyframes.min(t.keyframes);
             t.frames_missing -= e.frames_missing.min(t.frames_missing);
             t.freezes -= e.freezes.min(t.freezes);
+            t.skips -= e.skips.min(t.skips);
+            t.red_recovered -= e.red_recovered.min(t.red_recovered);
+            t.keyframes_requested -= e.keyframes_requested.min(t.keyframes_requested);
+            t.frames_missing_reference -=
+                e.frames_missing_reference.min(t.frames_missing_reference);
             t.packets -= e.packets.min(t.packets);
             t.bytes -= e.bytes.min(t.bytes);
             t.latency_ms
@@ -246,11 +260,11 @@ impl ClientStats {
     pub(crate) fn on_frame(
         &mut self,
         track: &str,
-        data: &MediaData,
+        video: bool,
+        data: &[u8],
         now: Instant,
         since_start_ms: f64,
     ) {
-        let video = data.params.spec().codec.is_video();
         self.last_frame_at = Some(now);
         if let Some(r) = self.reconnect_history.last_mut()
             && r.joined_ms.is_some()
@@ -264,8 +278,8 @@ impl ClientStats {
         let t = self.tracks.entry(track.to_string()).or_default();
         t.video = video;
         t.frames += 1;
-        t.bytes += data.data.len() as u64;
-        let Some(h) = FrameHeader::parse(&data.data) else {
+        t.bytes += data.len() as u64;
+        let Some(h) = FrameHeader::parse(data) else {
             return;
         };
         if h.keyframe && video {

@@ -8,13 +8,17 @@
 //! `Sfu::forward` is the packet path around it: a publisher's RTP packet is mapped to
 //! its track and layer, measured, and written to every subscriber's outgoing stream.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use meridian_protocol::{Layer, TrackKind};
 use str0m::format::Codec;
+use str0m::media::Pt;
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Vp8Descriptor};
+use tracing::trace;
 
 use crate::pc::mark_dirty;
+use crate::red::RedPayload;
 use crate::{ParticipantId, PcKind, Sfu, SfuEvent, keyframe};
 
 /// One incoming packet as the forwarder sees it.
@@ -232,11 +236,12 @@ impl Sfu {
         let params = match t.pt_params.iter().find(|(x, _)| *x == pt) {
             Some((_, params)) => *params,
             None => {
+                // The codec's own payload type, or the RED payload type wrapping it.
                 let Some(params) = p
                     .publisher
                     .rtc
                     .codec_config()
-                    .find(|c| c.pt() == pt)
+                    .find(|c| c.pt() == pt || c.red() == Some(pt))
                     .copied()
                 else {
                     return;
@@ -247,6 +252,22 @@ impl Sfu {
         };
         let codec = params.spec().codec;
         let video = t.kind == TrackKind::Video;
+        // RED from the publisher: checked once, then passed through or unwrapped.
+        let red_in = if params.pt() != pt {
+            match RedPayload::parse(&pkt.payload, *params.pt()) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    self.stats.red_malformed += 1;
+                    trace!(track = %track_id, "RED packet dropped: {e}");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        // Payload variants made for subscribers, shared between them.
+        let mut primary_only: Option<Arc<[u8]>> = None;
+        let mut relabelled: Vec<(Pt, Arc<[u8]>)> = Vec::new();
         let vp8 = if codec == Codec::Vp8 {
             Vp8Descriptor::parse(&pkt.payload).ok()
         } else {
@@ -293,27 +314,54 @@ impl Sfu {
                     layer: Some(Layer::ALL[layer]),
                 });
             }
-            let out_pt = match sub.pt_map.iter().find(|(i, _)| *i == pt) {
-                Some((_, o)) => *o,
+            let (out_pt, out_red) = match sub.pt_map.iter().find(|(i, _, _)| *i == pt) {
+                Some((_, o, r)) => (*o, *r),
                 None => {
                     let Some(o) = sp.subscriber.rtc.codec_config().match_params(params) else {
                         continue;
                     };
-                    let o = o.pt();
-                    sub.pt_map.push((pt, o));
-                    o
+                    let (o, r) = (o.pt(), o.red().filter(|_| codec == Codec::Opus));
+                    sub.pt_map.push((pt, o, r));
+                    (o, r)
                 }
             };
-            let mut write = RtpWrite::new(
-                out_pt,
-                SeqNo::from(out.seq),
-                out.ts,
-                pkt.timestamp,
-                pkt.payload.clone(),
-            )
-            .marker(pkt.header.marker)
-            .ext_vals(ext.clone())
-            .nackable(video);
+            let (out_pt, payload) = match (&red_in, out_red) {
+                (None, None) => (out_pt, pkt.payload.clone()),
+                // The subscriber gets RED the publisher did not send.
+                (None, Some(red_pt)) => {
+                    self.stats.red_added += 1;
+                    let wrapped = sub.red.wrap(*out_pt, out.ts, &pkt.payload);
+                    (red_pt, Arc::from(wrapped))
+                }
+                // RED passed through (relabelled when the Opus payload types differ).
+                (Some(r), Some(red_pt)) => {
+                    if out_pt == params.pt() {
+                        (red_pt, pkt.payload.clone())
+                    } else {
+                        let payload = match relabelled.iter().find(|(p, _)| *p == out_pt) {
+                            Some((_, b)) => b.clone(),
+                            None => {
+                                let b: Arc<[u8]> = Arc::from(r.encode(*out_pt));
+                                relabelled.push((out_pt, b.clone()));
+                                b
+                            }
+                        };
+                        (red_pt, payload)
+                    }
+                }
+                // RED reduced to its primary block for a subscriber without RED.
+                (Some(r), None) => (
+                    out_pt,
+                    primary_only
+                        .get_or_insert_with(|| Arc::from(r.primary))
+                        .clone(),
+                ),
+            };
+            let mut write =
+                RtpWrite::new(out_pt, SeqNo::from(out.seq), out.ts, pkt.timestamp, payload)
+                    .marker(pkt.header.marker)
+                    .ext_vals(ext.clone())
+                    .nackable(video);
             if let Some(d) = vp8 {
                 let mut patch = d.patch();
                 if let Some(pic) = out.picture_id {

@@ -27,6 +27,7 @@ mod keyframe;
 mod negotiate;
 mod pc;
 mod rate;
+pub mod red;
 mod room;
 mod timers;
 
@@ -209,6 +210,10 @@ pub struct SfuStats {
     pub keyframe_requests: u64,
     /// Simulcast layer switches made.
     pub layer_switches: u64,
+    /// RED (RFC 2198) packets from publishers dropped as malformed (`red::RedError`).
+    pub red_malformed: u64,
+    /// Audio packets sent to subscribers with RED the node added.
+    pub red_added: u64,
 }
 
 /// How often every subscriber's layers are reconsidered as layer rates change.

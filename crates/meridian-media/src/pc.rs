@@ -44,7 +44,8 @@ impl Pc {
             .set_ice_lite(true)
             .set_rtp_mode(true)
             .clear_codecs()
-            .enable_opus(true, false)
+            // Opus with RED (`red/48000/2`) and in-band FEC (`useinbandfec=1`).
+            .enable_opus(true, true)
             .enable_vp8(true)
             .enable_h264(true)
             .set_stats_interval(None);

@@ -68,8 +68,12 @@ pub(crate) struct Subscription {
     pub(crate) out_ssrc: Option<Ssrc>,
     pub(crate) max_layer: usize,
     pub(crate) forwarder: Forwarder,
-    pub(crate) pt_map: Vec<(Pt, Pt)>,
+    /// Incoming payload type → outgoing payload type, and the subscriber's RED payload
+    /// type wrapping it (audio), if it negotiated RED.
+    pub(crate) pt_map: Vec<(Pt, Pt, Option<Pt>)>,
     pub(crate) active: bool,
+    /// RED added by the node to this subscriber's audio (publisher sends plain Opus).
+    pub(crate) red: crate::red::RedAdder,
 }
 
 pub(crate) struct Track {
@@ -373,6 +377,7 @@ impl Sfu {
                 forwarder: Forwarder::new(clock),
                 pt_map: Vec::new(),
                 active: false,
+                red: Default::default(),
             },
         );
         p.to_add.push(track);

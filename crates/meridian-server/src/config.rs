@@ -265,6 +265,14 @@ pub struct MediaConfig {
     pub addr: SocketAddr,
     /// Address advertised to clients when the node sits behind a 1:1 NAT.
     pub public_ip: Option<IpAddr>,
+    /// Chaos testing, dev mode only: impair the media socket's datagrams with a seeded
+    /// emulator, e.g. `delay=200ms,jitter=20ms,loss=2%[,burst=4]`
+    /// ([`crate::impair::parse_impairment`]).
+    pub impair: Option<String>,
+    /// Which datagrams `impair` applies to: `egress` (default), `ingress` or `both`.
+    pub impair_direction: crate::impair::ImpairDirection,
+    /// Seed of the impairment's random numbers.
+    pub impair_seed: u64,
 }
 
 /// Signaling limits.
@@ -321,6 +329,9 @@ impl Default for Config {
             media: MediaConfig {
                 addr: "127.0.0.1:7882".parse().expect("valid literal"),
                 public_ip: None,
+                impair: None,
+                impair_direction: Default::default(),
+                impair_seed: 1,
             },
             signaling: SignalingConfig::default(),
             webtransport: WebTransportConfig {
@@ -358,6 +369,17 @@ impl Default for NodeConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Config::default().http
+    }
+}
+
+impl MediaConfig {
+    /// The impairment to apply, if any.
+    pub fn impairment(&self) -> Option<crate::impair::Impairment> {
+        self.impair.as_ref().map(|spec| crate::impair::Impairment {
+            spec: spec.clone(),
+            direction: self.impair_direction,
+            seed: self.impair_seed,
+        })
     }
 }
 
@@ -464,6 +486,17 @@ impl Config {
             return invalid("signaling.joins_per_ip_per_minute", "must be positive");
         }
         let h = &self.http;
+        if let Some(spec) = &self.media.impair {
+            if !h.dev {
+                return invalid(
+                    "media.impair",
+                    "network impairment is for chaos tests on a dev node only; add --dev",
+                );
+            }
+            if let Err(e) = crate::impair::parse_impairment(spec, 0) {
+                return invalid("media.impair", &e.to_string());
+            }
+        }
         if h.dev && !h.addr.ip().is_loopback() && !h.dev_allow_remote {
             return invalid(
                 "http.dev",

@@ -9,6 +9,7 @@
 mod cluster;
 pub mod config;
 mod http;
+pub mod impair;
 pub mod internal;
 mod limits;
 pub mod locality;
@@ -289,6 +290,15 @@ impl Node {
         .await?;
         let drain_timeout = std::time::Duration::from_secs(config.cluster.drain_timeout_secs);
         let (media_done, media_task) = oneshot::channel();
+        let impairer = impair::Impairer::new(config.media.impairment().as_ref()).map_err(|e| {
+            ConfigError::Invalid {
+                field: "media.impair",
+                reason: e.to_string(),
+            }
+        })?;
+        if let Some(i) = &config.media.impair {
+            tracing::warn!(impair = %i, direction = ?config.media.impair_direction, "media socket impaired (chaos test)");
+        }
         let controller = meridian_room::ControllerConfig {
             sfu: meridian_media::SfuConfig::new(candidate),
             resume_grace: config.resume_grace(),
@@ -315,6 +325,7 @@ impl Node {
                             loop_metrics,
                             outbox,
                         )
+                        .impaired(impairer)
                         .run(command_rx)
                         .await
                     })

@@ -16,6 +16,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::impair::Impairer;
 use crate::mailbox::{Command, Outbound, OutboxTx, SessionSink};
 use crate::metrics::Metrics;
 use crate::udp::MediaSocket;
@@ -34,6 +35,8 @@ pub(crate) struct MediaLoop {
     outbox: OutboxTx,
     /// Controller counters already added to the metrics.
     counted: ControllerStats,
+    /// Chaos-test emulators between the socket and the controller (dev mode only).
+    impair: Impairer,
 }
 
 impl MediaLoop {
@@ -50,13 +53,22 @@ impl MediaLoop {
             outgoing: VecDeque::new(),
             outbox,
             counted: ControllerStats::default(),
+            impair: Impairer::default(),
         }
+    }
+
+    /// Passes the socket's datagrams through `impair` (`--impair`, dev mode).
+    pub(crate) fn impaired(mut self, impair: Impairer) -> MediaLoop {
+        self.impair = impair;
+        self
     }
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
         loop {
-            let deadline = tokio::time::Instant::from_std(self.controller.poll_timeout());
+            let next = self.controller.poll_timeout();
+            let next = self.impair.poll_timeout().map_or(next, |i| i.min(next));
+            let deadline = tokio::time::Instant::from_std(next);
             tokio::select! {
                 biased;
                 cmd = commands.recv() => {
@@ -67,7 +79,11 @@ impl MediaLoop {
                     self.handle_command(cmd);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.controller.handle_timeout(Instant::now());
+                    let now = Instant::now();
+                    self.release_impaired(now);
+                    if now >= self.controller.poll_timeout() {
+                        self.controller.handle_timeout(now);
+                    }
                 }
                 _ = housekeeping.tick() => self.observe(),
                 // Last: a socket that is always readable (saturation) must not starve
@@ -99,12 +115,25 @@ impl MediaLoop {
                     continue;
                 }
             }
+            if self.impair.ingress() {
+                let now = Instant::now();
+                for (source, datagram) in self.socket.received() {
+                    handled += 1;
+                    self.impair.receive(now, source, datagram);
+                }
+                continue;
+            }
             for (source, datagram) in self.socket.received() {
                 handled += 1;
                 let now = Instant::now();
                 let forwarded = self.controller.sfu_stats().rtp_packets_forwarded;
                 self.controller.handle_datagram(now, source, datagram);
-                send_ready(&self.socket, &mut self.controller, &mut self.outgoing);
+                send_ready(
+                    &self.socket,
+                    &mut self.controller,
+                    &mut self.impair,
+                    &mut self.outgoing,
+                );
                 if self.controller.sfu_stats().rtp_packets_forwarded > forwarded {
                     self.metrics
                         .forward_latency
@@ -117,9 +146,28 @@ impl MediaLoop {
         }
     }
 
+    /// Hands the impairment's due datagrams on: received ones to the controller, sent
+    /// ones to the socket's queue.
+    fn release_impaired(&mut self, now: Instant) {
+        while let Some((source, datagram)) = self.impair.poll_receive(now) {
+            self.controller.handle_datagram(now, source, &datagram);
+            if now >= self.controller.poll_timeout() {
+                self.controller.handle_timeout(now);
+            }
+        }
+        while let Some(t) = self.impair.poll_send(now) {
+            self.outgoing.push_back(t);
+        }
+    }
+
     /// Sends queued datagrams and hands the controller's outputs to the outbox.
     async fn flush(&mut self) {
-        while !send_ready(&self.socket, &mut self.controller, &mut self.outgoing) {
+        while !send_ready(
+            &self.socket,
+            &mut self.controller,
+            &mut self.impair,
+            &mut self.outgoing,
+        ) {
             if let Err(e) = self.socket.writable().await {
                 warn!("media socket failed: {e}");
                 break;
@@ -252,14 +300,17 @@ impl MediaLoop {
 }
 
 /// Moves the controller's datagrams to `outgoing` and sends them with `sendmmsg`
-/// without waiting. Returns whether everything left (false: the send buffer is full).
+/// (through the egress impairment, if any) without waiting. Returns whether everything
+/// left (false: the send buffer is full).
 fn send_ready(
     socket: &MediaSocket,
     controller: &mut Controller<SessionSink>,
+    impair: &mut Impairer,
     outgoing: &mut VecDeque<Transmit>,
 ) -> bool {
+    let now = Instant::now();
     while let Some(t) = controller.poll_transmit() {
-        outgoing.push_back(t);
+        impair.send(now, t, outgoing);
     }
     while !outgoing.is_empty() {
         match socket.try_send_batch(outgoing.make_contiguous()) {

@@ -391,6 +391,7 @@ impl Metrics {
             ("unrouted", s.datagrams_unrouted, last.datagrams_unrouted),
             ("malformed", s.datagrams_malformed, last.datagrams_malformed),
             ("rejected", s.datagrams_rejected, last.datagrams_rejected),
+            ("red_malformed", s.red_malformed, last.red_malformed),
         ] {
             self.datagrams_dropped
                 .get_or_create(&ReasonLabel { reason })

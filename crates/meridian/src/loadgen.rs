@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use meridian_auth::{Algorithm, Claims, Grants, KeySet, SigningKey};
 use meridian_client::{Client, ClientConfig, ClientStats, ReconnectPolicy};
-use str0m_netem::{NetemConfig, Probability, RandomLoss};
+use str0m_netem::NetemConfig;
 
 /// Flags of `meridian loadgen`.
 #[derive(Args)]
@@ -75,6 +75,20 @@ pub struct LoadgenArgs {
     /// Seed of the impairment.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Subscribers play frames out like a browser: a frame still incomplete this long
+    /// after its loss became visible is skipped and a keyframe asked for, instead of
+    /// holding later frames until NACK repairs it; `off` holds them (str0m's frame
+    /// assembly).
+    #[arg(long, default_value = "100ms", value_parser = parse_deadline)]
+    playout_deadline: Deadline,
+    /// Clients negotiate audio RED (RFC 2198): publishers send every Opus packet again
+    /// inside the next one, subscribers recover single losses from it.
+    #[arg(long)]
+    red: bool,
+    /// Write every video frame latency sample (ms, one a line) to this file, e.g. for
+    /// a CDF plot (`scripts/bench-chaos.sh`).
+    #[arg(long)]
+    latency_out: Option<PathBuf>,
     /// Video bitrate of the three layers in kbit/s, e.g. `150,500,1500`.
     #[arg(long, default_value = "150,500,1500")]
     layer_kbps: String,
@@ -294,27 +308,23 @@ async fn scrape(addr: &str, data_dir: &Path) -> Result<String> {
     Ok(body)
 }
 
-/// Parses `delay=200ms,jitter=20ms,loss=2%` into an emulator configuration.
+/// Parses `delay=200ms,jitter=20ms,loss=2%[,burst=N]` into an emulator configuration
+/// (the node's `--impair` syntax).
 pub fn parse_impairment(spec: &str, seed: u64) -> Result<NetemConfig> {
-    let mut c = NetemConfig::new().seed(seed);
-    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("impairment {part:?} is not key=value"))?;
-        match k.trim() {
-            "delay" | "latency" => c = c.latency(humantime::parse_duration(v.trim())?),
-            "jitter" => c = c.jitter(humantime::parse_duration(v.trim())?),
-            "loss" => {
-                let pct: f32 = v.trim().trim_end_matches('%').parse()?;
-                if !(0.0..=100.0).contains(&pct) {
-                    bail!("loss must be 0..=100%");
-                }
-                c = c.loss(RandomLoss::new(Probability::new(pct / 100.0)));
-            }
-            other => bail!("unknown impairment {other:?} (delay, jitter, loss)"),
-        }
+    Ok(meridian_server::impair::parse_impairment(spec, seed)?)
+}
+
+/// `--playout-deadline`: a duration, or `off` (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline(pub Option<Duration>);
+
+/// `off` or a duration.
+fn parse_deadline(s: &str) -> Result<Deadline, humantime::DurationError> {
+    if s == "off" {
+        Ok(Deadline(None))
+    } else {
+        humantime::parse_duration(s).map(|d| Deadline(Some(d)))
     }
-    Ok(c)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -454,6 +464,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             i,
         );
         c.auto_subscribe = false;
+        c.red = args.red;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
         c.bind_ip = args.bind_ip;
         c.fps = args.fps;
@@ -488,6 +499,8 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         }
         c.bind_ip = args.bind_ip;
         c.count_only = args.count_only;
+        c.playout_deadline = args.playout_deadline.0;
+        c.red = args.red;
         if let Some(login) = &login {
             let room = format!("{}-{}", args.room_prefix, i % rooms);
             c = login
@@ -563,6 +576,14 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         .map(|t| t.frames_missing)
         .sum();
     let freezes: u64 = all_tracks.clone().map(|t| t.freezes).sum();
+    let video_tracks = all_tracks
+        .clone()
+        .filter(|t| t.video && t.frames > 0)
+        .count();
+    let skips: u64 = all_tracks.clone().map(|t| t.skips).sum();
+    let keyframes_requested: u64 = all_tracks.clone().map(|t| t.keyframes_requested).sum();
+    let red_recovered: u64 = all_tracks.clone().map(|t| t.red_recovered).sum();
+    let missing_reference: u64 = all_tracks.clone().map(|t| t.frames_missing_reference).sum();
     let latency = sorted(
         all_tracks
             .clone()
@@ -597,6 +618,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         });
     let count_latency = sorted(counted.latency_us.iter().map(|&v| f64::from(v)).collect());
     let secs = elapsed.as_secs_f64();
+    if let Some(path) = &args.latency_out {
+        let text: String = latency.iter().map(|l| format!("{l:.3}\n")).collect();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     let node_cpu_s = node_after.cpu_s - node_before.cpu_s;
     let node_forwarded = node_after.forwarded - node_before.forwarded;
     let node_us_per_packet = if node_forwarded > 0.0 {
@@ -688,8 +713,27 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "node_forward_latency_us_p50_bucket": node_after.latency_quantile_us(&node_before, 0.50),
         "node_forward_latency_us_p99_bucket": node_after.latency_quantile_us(&node_before, 0.99),
     });
+    let playout = serde_json::json!({
+        "freezes_per_min": if video_tracks > 0 {
+            freezes as f64 * 60.0 / secs / video_tracks as f64
+        } else {
+            0.0
+        },
+        "playout_deadline_ms": args.playout_deadline.0.map(|d| d.as_secs_f64() * 1000.0),
+        "frames_skipped": skips,
+        "frames_missing_reference": missing_reference,
+        "frames_decodable_pct": if frames_received + video_missing > 0 {
+            (frames_received - missing_reference.min(frames_received)) as f64 * 100.0
+                / (frames_received + video_missing) as f64
+        } else {
+            0.0
+        },
+        "keyframes_requested": keyframes_requested,
+        "red": args.red,
+        "red_recovered": red_recovered,
+    });
     let mut summary = summary;
-    for more in [bench, regions] {
+    for more in [bench, regions, playout] {
         if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), more) {
             all.extend(more);
         }
@@ -707,9 +751,16 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     );
     println!("  tracks received   {tracks_received}/{tracks_expected}");
     println!(
-        "  video frames      {frames_received} received, {:.2}% delivered, {freezes} freezes",
-        summary["frames_delivered_pct"].as_f64().unwrap_or(0.0)
+        "  video frames      {frames_received} received, {:.2}% delivered, {freezes} freezes ({:.1}/min per track)",
+        summary["frames_delivered_pct"].as_f64().unwrap_or(0.0),
+        summary["freezes_per_min"].as_f64().unwrap_or(0.0)
     );
+    if args.playout_deadline.0.is_some() {
+        println!(
+            "  playout deadline  {skips} skips, {keyframes_requested} keyframes asked for, {missing_reference} frames played with a missing reference ({:.2}% decodable)",
+            summary["frames_decodable_pct"].as_f64().unwrap_or(0.0)
+        );
+    }
     println!(
         "  packet loss       {:.2}% (audio packets, one per frame)",
         summary["packet_loss_pct"].as_f64().unwrap_or(0.0)

@@ -136,6 +136,17 @@ struct ServeArgs {
     /// tokens); without it such a node refuses to start.
     #[arg(long, env = "MERIDIAN_DEV_ALLOW_REMOTE")]
     dev_allow_remote: bool,
+    /// Chaos test (needs --dev): impair the media socket like netem on the pod's
+    /// interface, e.g. `delay=200ms,jitter=20ms,loss=2%`; `burst=N` makes the loss
+    /// come in bursts of N datagrams on average (Gilbert-Elliott).
+    #[arg(long, env = "MERIDIAN_IMPAIR")]
+    impair: Option<String>,
+    /// Which datagrams --impair applies to: egress (sent by the node), ingress or both.
+    #[arg(long, env = "MERIDIAN_IMPAIR_DIRECTION", default_value = "egress", value_parser = ["egress", "ingress", "both"])]
+    impair_direction: String,
+    /// Seed of --impair's random numbers (same seed, same losses).
+    #[arg(long, env = "MERIDIAN_IMPAIR_SEED", default_value_t = 1)]
+    impair_seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -300,6 +311,11 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     if args.dev_allow_remote {
         config.http.dev_allow_remote = true;
     }
+    if let Some(spec) = &args.impair {
+        config.media.impair = Some(spec.clone());
+        config.media.impair_direction = args.impair_direction.parse()?;
+        config.media.impair_seed = args.impair_seed;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -408,4 +424,40 @@ fn token_create(args: TokenArgs) -> Result<()> {
     };
     println!("{token}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chaos_flags_parse() {
+        for deadline in ["off", "100ms"] {
+            Cli::try_parse_from([
+                "meridian",
+                "loadgen",
+                "--playout-deadline",
+                deadline,
+                "--red",
+                "--impair",
+                "delay=200ms,loss=2%,burst=4",
+            ])
+            .unwrap_or_else(|e| panic!("{deadline}: {e}"));
+        }
+        let cli = Cli::try_parse_from([
+            "meridian",
+            "serve",
+            "--impair",
+            "delay=200ms",
+            "--impair-direction",
+            "both",
+        ])
+        .expect("serve flags parse");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let err = serve_config(&args).expect_err("--impair without --dev is refused");
+        assert!(err.to_string().contains("--dev"), "{err}");
+        assert!(Cli::try_parse_from(["meridian", "serve", "--impair-direction", "up"]).is_err());
+    }
 }

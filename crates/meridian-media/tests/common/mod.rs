@@ -96,6 +96,9 @@ pub struct MediaConfig {
     pub fps: u32,
     /// Frames between periodic keyframes (keyframe requests force one sooner).
     pub keyframe_interval: u64,
+    /// Write audio frames (false: the audio section exists, the test writes its RTP
+    /// itself with [`Harness::write_audio_rtp`]).
+    pub audio_frames: bool,
 }
 
 impl Default for MediaConfig {
@@ -108,6 +111,7 @@ impl Default for MediaConfig {
             layer_bitrates: [100_000, 200_000, 400_000],
             fps: 30,
             keyframe_interval: 1_000_000,
+            audio_frames: true,
         }
     }
 }
@@ -150,10 +154,10 @@ pub struct PeerPc {
 }
 
 impl PeerPc {
-    fn new(now: Instant, addr: SocketAddr) -> PeerPc {
+    fn new(now: Instant, addr: SocketAddr, red: bool) -> PeerPc {
         let mut rtc = Rtc::builder()
             .clear_codecs()
-            .enable_opus(true, false)
+            .enable_opus(true, red)
             .enable_vp8(true)
             .set_stats_interval(None)
             .build(now);
@@ -278,6 +282,9 @@ pub struct Harness {
     to_peer: VecDeque<meridian_media::Transmit>,
     new_events: VecDeque<SfuEvent>,
     next_host: u32,
+    /// Clients added from now on negotiate audio RED (`red/48000/2`; str0m sends and
+    /// decodes it in frame mode). Default false.
+    pub red: bool,
 }
 
 /// Most rounds one `pump` may take before giving up (guards against livelock).
@@ -311,6 +318,7 @@ impl Harness {
             to_peer: VecDeque::new(),
             new_events: VecDeque::new(),
             next_host: 1,
+            red: false,
         }
     }
 
@@ -360,8 +368,8 @@ impl Harness {
         let idx = self.clients.len();
         self.clients.push(Client {
             id,
-            publisher: PeerPc::new(self.now, pub_addr),
-            subscriber: PeerPc::new(self.now, sub_addr),
+            publisher: PeerPc::new(self.now, pub_addr, self.red),
+            subscriber: PeerPc::new(self.now, sub_addr, self.red),
             source: None,
             frames: Vec::new(),
             sub_tracks: HashMap::new(),
@@ -448,6 +456,45 @@ impl Harness {
         self.poll_peer(idx, true);
         self.pump();
         idx
+    }
+
+    /// Writes one RTP packet on publisher `idx`'s audio section (RTP written directly,
+    /// e.g. a hand-made RED payload); the synthetic audio header is the caller's.
+    pub fn write_audio_rtp(&mut self, idx: usize, pt: u8, seq: u64, ts: u32, payload: Vec<u8>) {
+        let now = self.now;
+        let c = &mut self.clients[idx];
+        let mid = c
+            .source
+            .as_ref()
+            .and_then(|s| s.audio_mid)
+            .expect("the publisher has an audio section");
+        let mut api = c.publisher.rtc.direct_api();
+        let tx = api
+            .stream_tx_by_mid(mid, None)
+            .expect("the audio section has a send stream");
+        tx.write_rtp(str0m::rtp::RtpWrite::new(
+            pt.into(),
+            seq.into(),
+            ts,
+            now,
+            payload,
+        ));
+        self.poll_peer(idx, true);
+    }
+
+    /// The synthetic audio frame (Opus TOC byte + header) `write_media` sends.
+    pub fn audio_frame(&self, seq: u64) -> Vec<u8> {
+        let sent_us = self.now.saturating_duration_since(self.start).as_micros() as u64;
+        let mut frame = vec![0xfc];
+        FrameHeader {
+            seq,
+            layer: 0,
+            keyframe: true,
+            sent_us,
+        }
+        .write(&mut frame);
+        frame.resize(80, 0);
+        frame
     }
 
     /// Adds a client that only receives (auto-subscribing to the room's tracks).
@@ -753,6 +800,7 @@ impl Harness {
         let rtc = &mut c.publisher.rtc;
         if let Some(mid) = s.audio_mid
             && now >= s.next_audio
+            && s.config.audio_frames
         {
             while s.next_audio <= now {
                 s.next_audio += Duration::from_millis(20);
