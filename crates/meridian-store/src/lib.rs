@@ -341,8 +341,7 @@ pub struct ConnectOptions {
     pub acquire_timeout: Duration,
     /// Postgres writer lanes: appends are sharded by stream over this many group-commit
     /// writers, each with its own transaction (SQLite always uses one: it has a
-    /// single write lock). Each Postgres lane keeps one connection of its own, in
-    /// addition to `max_connections`.
+    /// single write lock).
     pub writer_lanes: usize,
 }
 

@@ -158,59 +158,31 @@ impl Pg {
         Ok(())
     }
 
-    /// Commit one batch on the lane's own connection (`held`: taken from the pool on
-    /// first use and after a failure, then detached from it so the lane keeps it
-    /// without a pool round trip per batch). Two round trips when the heads are cached:
-    /// take positions, then one statement that inserts the rows, moves the heads and
-    /// notifies, run as its own (implicit) transaction, so its commit is part of that
-    /// round trip.
     pub async fn commit(
         &self,
         batch: &[Pending],
         cache: &mut HeadCache,
-        held: &mut Option<sqlx::PgConnection>,
     ) -> Result<Plan, CommitError> {
-        if self.pool.is_closed() {
-            // `Store::close` closes the pool; the lane's own connection goes with it.
-            *held = None;
-            return Err(CommitError::Store(StoreError::Closed));
-        }
-        let conn = match held {
-            Some(c) => c,
-            None => held.insert(self.pool.acquire().await?.detach()),
-        };
-        let result = Self::commit_on(conn, batch, cache).await;
-        if matches!(result, Err(CommitError::Store(_))) {
-            // The connection's state is unknown after a failure: close it and take a
-            // fresh one next time.
-            *held = None;
-        }
-        result
-    }
-
-    async fn commit_on(
-        conn: &mut sqlx::PgConnection,
-        batch: &[Pending],
-        cache: &mut HeadCache,
-    ) -> Result<Plan, CommitError> {
+        let mut tx = self.pool.begin().await?;
         let (mut heads, missing) = cache.lookup(batch);
-        Self::heads(conn, &missing, &mut heads).await?;
+        Self::heads(&mut tx, &missing, &mut heads).await?;
         let now = truncate_micros(Utc::now());
         let mut probe = plan(&heads, batch, now, &[]);
         let recheck = cached_conflicts(batch, &probe, &missing);
         if !recheck.is_empty() {
-            Self::heads(conn, &recheck, &mut heads).await?;
+            Self::heads(&mut tx, &recheck, &mut heads).await?;
             probe = plan(&heads, batch, now, &[]);
         }
         let n = rows_needed(&heads, batch);
         if n == 0 {
+            tx.rollback().await?;
             return Ok(probe);
         }
         let positions: Vec<i64> = sqlx::query_scalar(
             "SELECT nextval('events_position_seq') FROM generate_series(1, $1::int)",
         )
         .bind(i32::try_from(n).unwrap_or(i32::MAX))
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut *tx)
         .await?;
         let mut positions: Vec<u64> = positions
             .into_iter()
@@ -241,6 +213,32 @@ impl Pg {
             prev_hash.push(r.prev_hash.as_str());
             hash.push(r.hash.as_str());
         }
+        let inserted = sqlx::query(
+            "INSERT INTO events (position, stream, sequence, recorded_at, actor, schema_version, \
+             event_type, payload, prev_hash, hash) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::timestamptz[], \
+             $5::text[], $6::int[], $7::text[], $8::text[], $9::text[], $10::text[])",
+        )
+        .bind(&position)
+        .bind(&stream)
+        .bind(&sequence)
+        .bind(&recorded_at)
+        .bind(&actor)
+        .bind(&schema_version)
+        .bind(&event_type)
+        .bind(&payload)
+        .bind(&prev_hash)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = inserted {
+            // A duplicate (stream, sequence) means a cached head was stale (another
+            // process appended to the stream): retry with fresh heads.
+            if is_unique_violation(&e) {
+                return Err(CommitError::StaleCache);
+            }
+            return Err(e.into());
+        }
         let head_stream: Vec<&str> = plan.heads.iter().map(|(s, _)| s.as_str()).collect();
         let head_seq: Vec<i64> = plan
             .heads
@@ -253,47 +251,27 @@ impl Pg {
             .iter()
             .map(|p| to_i64(*p))
             .collect::<Result<_, _>>()?;
-        // One statement, one implicit transaction: the rows, the heads and the
-        // notification commit together or not at all. A duplicate (stream, sequence)
-        // aborts all of it.
-        let written = sqlx::query(
-            "WITH ev AS (INSERT INTO events (position, stream, sequence, recorded_at, actor, \
-             schema_version, event_type, payload, prev_hash, hash) \
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::timestamptz[], \
-             $5::text[], $6::int[], $7::text[], $8::text[], $9::text[], $10::text[])), \
-             hd AS (INSERT INTO stream_heads (stream, sequence, position, hash) \
-             SELECT * FROM unnest($11::text[], $12::bigint[], $13::bigint[], $14::text[]) \
+        sqlx::query(
+            "INSERT INTO stream_heads (stream, sequence, position, hash) \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[]) \
              ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence, \
-             position = excluded.position, hash = excluded.hash) \
-             SELECT pg_notify($15, current_schema()::text || ' ' || $16::text)",
+             position = excluded.position, hash = excluded.hash",
         )
-        .bind(&position)
-        .bind(&stream)
-        .bind(&sequence)
-        .bind(&recorded_at)
-        .bind(&actor)
-        .bind(&schema_version)
-        .bind(&event_type)
-        .bind(&payload)
-        .bind(&prev_hash)
-        .bind(&hash)
         .bind(&head_stream)
         .bind(&head_seq)
         .bind(&head_pos)
         .bind(&head_hash)
-        .bind(CHANNEL)
-        .bind(to_i64(plan.max_position())?)
-        .execute(&mut *conn)
-        .await;
-        match written {
-            Ok(_) => Ok(plan),
-            // A duplicate (stream, sequence) means a cached head was stale (another
-            // process appended to the stream): retry with fresh heads.
-            Err(e) if is_unique_violation(&e) => Err(CommitError::StaleCache),
-            // The commit is part of the statement: a lost connection leaves the outcome
-            // unknown.
-            Err(e) => Err(CommitError::Store(classify(e, true))),
-        }
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, current_schema()::text || ' ' || $2::text)")
+            .bind(CHANNEL)
+            .bind(to_i64(plan.max_position())?)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit()
+            .await
+            .map_err(|e| CommitError::Store(classify(e, true)))?;
+        Ok(plan)
     }
 
     pub async fn read_stream(

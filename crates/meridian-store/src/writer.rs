@@ -298,8 +298,6 @@ pub(crate) async fn run(
 ) {
     let mut batch: Vec<Pending> = Vec::new();
     let mut cache = HeadCache::default();
-    // A Postgres lane keeps its connection between batches (no pool round trip).
-    let mut held = None;
     while let Some(first) = rx.recv().await {
         let mut n = first.events.len();
         batch.push(first);
@@ -316,10 +314,10 @@ pub(crate) async fn run(
         // other processes) touching the same streams wait for each other instead of
         // deadlocking. Each append keeps its own reply, so the order is free.
         batch.sort_by(|a, b| a.stream.cmp(&b.stream));
-        let mut result = commit(&backend, &batch, &mut cache, &mut held).await;
+        let mut result = commit(&backend, &batch, &mut cache).await;
         if matches!(result, Err(CommitError::StaleCache)) {
             cache.clear();
-            result = commit(&backend, &batch, &mut cache, &mut held).await;
+            result = commit(&backend, &batch, &mut cache).await;
         }
         let result = match result {
             Ok(plan) => {
@@ -360,10 +358,9 @@ async fn commit(
     backend: &Backend,
     batch: &[Pending],
     cache: &mut HeadCache,
-    held: &mut Option<sqlx::PgConnection>,
 ) -> Result<Plan, CommitError> {
     match backend {
-        Backend::Postgres(p) => p.commit(batch, cache, held).await,
+        Backend::Postgres(p) => p.commit(batch, cache).await,
         Backend::Sqlite(s) => s.commit(batch, cache).await,
     }
 }
