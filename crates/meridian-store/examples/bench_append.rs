@@ -6,6 +6,8 @@
 //!     --example bench_append -- [--backend postgres|sqlite|both] [--seconds 5] [--lanes 4]
 //! ```
 //! `--snapshot-every N`: the store's snapshot policy (default 256; 0 = off).
+//! `--replay-events N`: length of the stream replayed (default 50 000); the run also
+//! replays the whole region (every room stream), fully and from snapshots.
 //! `--lanes`: Postgres writer lanes (appends sharded by stream over that many
 //! group-commit writers). The run also times `verify_chain` and one signed checkpoint.
 //! Postgres: `MERIDIAN_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
@@ -142,11 +144,13 @@ async fn paced(store: &Store, label: &str, streams: usize, period: Duration, sec
     );
 }
 
-async fn replay(store: &Store, label: &str) {
+async fn replay(store: &Store, label: &str, n: u64) {
     let stream = format!("room:{label}-replay");
     let mut version = 0;
-    while version < 10_000 {
-        let batch = (0..1000).map(|k| event(version + k)).collect();
+    while version < n {
+        let batch = (0..(n - version).min(1000))
+            .map(|k| event(version + k))
+            .collect();
         let r = store
             .append(&stream, ExpectedVersion::Exact(version), batch)
             .await
@@ -161,25 +165,40 @@ async fn replay(store: &Store, label: &str) {
         let t = Instant::now();
         let state = store.replay_room(&stream).await.expect("replay");
         full.push(t.elapsed());
-        assert_eq!(state.version, 10_000);
+        assert_eq!(state.version, n);
         let t = Instant::now();
-        let events = store.read_stream(&stream, 1, 10_000).await.expect("read");
+        let mut read = 0;
+        while read < n {
+            let page = store
+                .read_stream(&stream, read + 1, meridian_store::MAX_QUERY_LIMIT)
+                .await
+                .expect("read");
+            read += page.len() as u64;
+        }
         read_only.push(t.elapsed());
-        assert_eq!(events.len(), 10_000);
     }
     full.sort_unstable();
     read_only.sort_unstable();
     // JSON decoding alone, for the breakdown.
-    let payloads: Vec<String> = (0..10_000).map(|i| event(i).event.to_json()).collect();
+    let payloads: Vec<String> = (0..n).map(|i| event(i).event.to_json()).collect();
     let t = Instant::now();
     for p in &payloads {
         let _ = meridian_events::decode_event(1, p).expect("decode");
     }
     let decode = t.elapsed();
     let full_med = full[2];
-    // Snapshot at 9,900, so a rebuild folds the last 100 events on top of it.
-    let head = store.read_stream(&stream, 1, 9_900).await.expect("read");
-    let snap_state = meridian_events::RoomState::from_events(&head);
+    // Snapshot 100 events before the end, so a rebuild folds the last 100 on top of it.
+    let mut snap_state = meridian_events::RoomState::default();
+    while snap_state.version < n - 100 {
+        let want = (n - 100 - snap_state.version).min(meridian_store::MAX_QUERY_LIMIT as u64);
+        for e in store
+            .read_stream(&stream, snap_state.version + 1, want as usize)
+            .await
+            .expect("read")
+        {
+            snap_state.apply(&e);
+        }
+    }
     store
         .save_snapshot(
             &stream,
@@ -193,17 +212,72 @@ async fn replay(store: &Store, label: &str) {
         let t = Instant::now();
         let state = store.load_room(&stream).await.expect("load");
         snap.push(t.elapsed());
-        assert_eq!(state.version, 10_000);
+        assert_eq!(state.version, n);
     }
     snap.sort_unstable();
     println!(
         "| {label} | {:.0} | {} | {} | {} | {} |",
-        10_000.0 / full_med.as_secs_f64(),
+        n as f64 / full_med.as_secs_f64(),
         ms(read_only[2]),
         ms(decode),
         ms(full_med),
         ms(snap[2]),
     );
+}
+
+/// Whole-region replay: every room stream of the log rebuilt, `parallel` streams at a
+/// time, by full replay and by `load_room` (snapshot + tail), as a node taking over a
+/// whole region would.
+async fn region_replay(store: &Store, label: &str, parallel: usize) {
+    let streams: Vec<String> = store
+        .streams("room:")
+        .await
+        .expect("streams")
+        .into_iter()
+        .map(|s| s.stream)
+        .collect();
+    for snapshots in [false, true] {
+        let t = Instant::now();
+        let mut events = 0u64;
+        let mut tasks = Vec::new();
+        for k in 0..parallel.max(1) {
+            let store = store.clone();
+            let mine: Vec<String> = streams
+                .iter()
+                .skip(k)
+                .step_by(parallel.max(1))
+                .cloned()
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                for s in mine {
+                    let state = if snapshots {
+                        store.load_room(&s).await
+                    } else {
+                        store.replay_room(&s).await
+                    };
+                    n += state.expect("replay").version;
+                }
+                n
+            }));
+        }
+        for t in tasks {
+            events += t.await.expect("task");
+        }
+        let e = t.elapsed();
+        println!(
+            "{label}: region replay ({}) of {} streams holding {events} events, {parallel} at a time: {} ms ({:.0} events/s{})",
+            if snapshots {
+                "load_room: snapshot + tail"
+            } else {
+                "full"
+            },
+            streams.len(),
+            ms(e),
+            events as f64 / e.as_secs_f64(),
+            if snapshots { " of state rebuilt" } else { "" }
+        );
+    }
 }
 
 async fn verify(store: &Store, label: &str) {
@@ -238,7 +312,7 @@ async fn verify(store: &Store, label: &str) {
     );
 }
 
-async fn bench(store: &Store, label: &str, secs: u64) {
+async fn bench(store: &Store, label: &str, secs: u64, replay_events: u64) {
     println!("\n### {label}\n");
     println!(
         "| backend | streams | events/append | appends | p50 ms | p99 ms | max ms | events/s |"
@@ -254,11 +328,13 @@ async fn bench(store: &Store, label: &str, secs: u64) {
     paced(store, label, 256, Duration::from_millis(100), secs).await;
     paced(store, label, 256, Duration::from_millis(25), secs).await;
     println!(
-        "\n| backend | replay events/s (read+fold) | read 10k ms | of which JSON decode ms | full rebuild 10k ms | snapshot+100 rebuild ms |"
+        "\n| backend | replay events/s (read+fold) of {replay_events} | read_stream {replay_events} ms | JSON decode alone ms | full rebuild ms | snapshot+100 rebuild ms |"
     );
     println!("|---|---|---|---|---|---|");
-    replay(store, label).await;
+    replay(store, label, replay_events).await;
     println!();
+    region_replay(store, label, 1).await;
+    region_replay(store, label, 4).await;
     verify(store, label).await;
 }
 
@@ -276,6 +352,10 @@ async fn main() {
     let lanes: usize = arg("--lanes")
         .and_then(|s| s.parse().ok())
         .unwrap_or(meridian_store::DEFAULT_WRITER_LANES);
+    let replay_events: u64 = arg("--replay-events")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50_000)
+        .max(1000);
     let snapshot_every: Option<u64> = arg("--snapshot-every").and_then(|s| s.parse().ok());
     let url = std::env::var("MERIDIAN_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -296,7 +376,7 @@ async fn main() {
         if let Some(n) = snapshot_every {
             store.set_snapshot_every(n);
         }
-        bench(&store, "postgres", secs).await;
+        bench(&store, "postgres", secs, replay_events).await;
         store.close().await;
         let mut c = sqlx::PgConnection::connect(&url).await.expect("admin");
         sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
@@ -310,7 +390,7 @@ async fn main() {
         if let Some(n) = snapshot_every {
             store.set_snapshot_every(n);
         }
-        bench(&store, "sqlite", secs).await;
+        bench(&store, "sqlite", secs, replay_events).await;
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -11,7 +11,7 @@ use sqlx::{Connection, Row};
 use tokio::sync::watch;
 
 use crate::error::{classify, is_unique_violation};
-use crate::row::{RawRow, to_i64, to_u64, truncate_micros};
+use crate::row::{FoldRow, RawRow, to_i64, to_u64, truncate_micros};
 use crate::writer::{
     CommitError, Head, HeadCache, Pending, Plan, cached_conflicts, plan, rows_needed,
 };
@@ -290,6 +290,25 @@ impl Pg {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(raw).collect()
+    }
+
+    /// What a replay needs of each row (position, sequence, schema version, payload),
+    /// without the hashes and metadata a fold never reads.
+    pub async fn read_fold(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<FoldRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT position, sequence, schema_version, payload FROM events \
+             WHERE stream = $1 AND sequence >= $2 ORDER BY sequence LIMIT $3",
+        )
+        .bind(stream)
+        .bind(to_i64(from)?)
+        .bind(to_i64(limit as u64)?)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Rows in (stream, sequence) order after `(stream, sequence)` (keyset paging).

@@ -20,6 +20,21 @@ pub(crate) struct RawRow {
     pub hash: String,
 }
 
+/// The columns a replay reads: position, sequence, schema version, payload.
+pub(crate) type FoldRow = (i64, i64, i32, String);
+
+/// Decode a [`FoldRow`] into its sequence and event (upcasting old versions).
+pub(crate) fn decode_fold(row: &FoldRow) -> Result<(u64, meridian_events::Event), StoreError> {
+    let (position, sequence, schema_version, payload) = row;
+    let position = to_u64(*position, *position, "position")?;
+    let corrupt = |reason: String| StoreError::Corrupt { position, reason };
+    let sequence = u64::try_from(*sequence).map_err(|_| corrupt("negative sequence".into()))?;
+    let version =
+        u32::try_from(*schema_version).map_err(|_| corrupt("negative schema version".into()))?;
+    let event = decode_event(version, payload).map_err(|e| corrupt(e.to_string()))?;
+    Ok((sequence, event))
+}
+
 impl RawRow {
     /// The fields the hash covers.
     pub fn hash_input(&self) -> HashInput<'_> {

@@ -120,6 +120,7 @@ async fn main() {
     let (mut to_media, mut detect, mut takeover, mut rejoin) = (vec![], vec![], vec![], vec![]);
     let mut failures = 0;
     let mut hosted = Vec::new();
+    let (mut replay, mut replay_full, mut room_events) = (vec![], vec![], vec![]);
     for k in 0..kills {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let host = region.room("room-0").await.node.expect("room-0 is placed");
@@ -161,6 +162,22 @@ async fn main() {
                 takeover.push(ms.as_secs_f64() * 1e3);
             }
         }
+        // The replay a takeover does, isolated: the room rebuilt from its snapshot and
+        // the events after it (`Store::load_room`, what `cluster.rs` calls), timed here
+        // against the same Postgres; the full replay for comparison.
+        let stream = meridian_events::room_stream("room-0");
+        let t = Instant::now();
+        let state = region.store.load_room(&stream).await.expect("load_room");
+        replay.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let full = region.store.replay_room(&stream).await.expect("replay");
+        replay_full.push(t.elapsed().as_secs_f64() * 1e3);
+        // The new node may append between the two reads; at the same version they agree.
+        assert!(state.version <= full.version, "load_room ahead of the log");
+        if state.version == full.version {
+            assert_eq!(state, full, "snapshot + tail and full replay disagree");
+        }
+        room_events.push(full.version as f64);
         region.restart(i);
         eprintln!("kill {}/{kills}: {host} killed and restarted", k + 1);
     }
@@ -173,6 +190,13 @@ async fn main() {
     percentiles("kill → client notices the loss", detect);
     percentiles("kill → room placed on a survivor (takeover)", takeover);
     percentiles("client loss → media again (rejoin)", rejoin);
+    stats(
+        "events in room-0's stream at each kill",
+        room_events,
+        "events",
+    );
+    percentiles("takeover replay: load_room (snapshot + tail)", replay);
+    percentiles("full replay of room-0, for comparison", replay_full);
 
     let mut drain_ms = Vec::new();
     for _ in 0..drains {
