@@ -425,6 +425,13 @@ impl Sfu {
         }
     }
 
+    /// Closes only the inbound link from `peer` (its tracks are unpublished here).
+    pub fn remove_relay_in(&mut self, now: Instant, peer: &str) {
+        if let Some(id) = self.relays_in.get(peer).copied() {
+            self.remove_participant(now, id);
+        }
+    }
+
     /// The rooms the outbound link to `peer` carries.
     pub fn relayed_rooms(&self, peer: &str) -> Vec<String> {
         self.relays_out
@@ -469,6 +476,17 @@ impl Sfu {
             })
             .collect();
         out.sort_by(|a, b| (&a.peer, a.inbound).cmp(&(&b.peer, b.inbound)));
+        out
+    }
+
+    /// Participants in each room on this node (relay links not counted).
+    pub fn room_sizes(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = self
+            .rooms
+            .iter()
+            .map(|(r, m)| (r.clone(), m.len()))
+            .collect();
+        out.sort();
         out
     }
 

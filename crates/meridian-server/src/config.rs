@@ -213,6 +213,13 @@ pub struct MediaConfig {
     pub addr: SocketAddr,
     /// Address advertised to clients when the node sits behind a 1:1 NAT.
     pub public_ip: Option<IpAddr>,
+    /// Most participants this node takes (0: no cap). A join for a room whose parts
+    /// are all on full nodes places a new part of the room on the least-loaded live
+    /// node, and the parts exchange tracks over relay links (see `docs/relay.md`).
+    pub max_participants: usize,
+    /// UDP address of the relay socket, where this node receives the tracks other
+    /// nodes relay to it (default: the media address's IP, any port).
+    pub relay_addr: Option<SocketAddr>,
 }
 
 /// Signaling limits.
@@ -266,6 +273,8 @@ impl Default for Config {
             media: MediaConfig {
                 addr: "127.0.0.1:7882".parse().expect("valid literal"),
                 public_ip: None,
+                max_participants: 0,
+                relay_addr: None,
             },
             signaling: SignalingConfig::default(),
             webtransport: WebTransportConfig {

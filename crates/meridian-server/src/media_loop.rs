@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::mailbox::{Command, Outbound, OutboxTx, SessionSink};
+use crate::mailbox::{Command, Outbound, OutboxTx, RelayOp, RelayReply, SessionSink};
 use crate::metrics::Metrics;
 use crate::udp::MediaSocket;
 
@@ -34,6 +34,8 @@ pub(crate) struct MediaLoop {
     outbox: OutboxTx,
     /// Controller counters already added to the metrics.
     counted: ControllerStats,
+    /// The relay socket and what the relay driver must carry to other nodes.
+    relay: Option<crate::relay::RelayIo>,
 }
 
 impl MediaLoop {
@@ -50,7 +52,14 @@ impl MediaLoop {
             outgoing: VecDeque::new(),
             outbox,
             counted: ControllerStats::default(),
+            relay: None,
         }
+    }
+
+    /// Adds the relay socket (inbound relay links) and the relay driver's queue.
+    pub(crate) fn with_relay(mut self, relay: crate::relay::RelayIo) -> MediaLoop {
+        self.relay = Some(relay);
+        self
     }
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
@@ -78,6 +87,16 @@ impl MediaLoop {
                         return;
                     }
                     self.receive_batch();
+                }
+                ready = crate::relay::readable(&self.relay) => {
+                    if let Some(relay) = &mut self.relay {
+                        if let Err(e) = ready {
+                            warn!("relay socket failed: {e}");
+                            self.relay = None;
+                        } else {
+                            relay.receive(&mut self.controller);
+                        }
+                    }
                 }
             }
             self.flush().await;
@@ -125,8 +144,17 @@ impl MediaLoop {
                 break;
             }
         }
+        if let Some(relay) = &mut self.relay {
+            relay.send(&mut self.controller).await;
+        }
         while let Some(output) = self.controller.poll_output() {
             let item = match output {
+                Output::Relay(out) => {
+                    if let Some(relay) = &self.relay {
+                        relay.output(out);
+                    }
+                    continue;
+                }
                 Output::Append {
                     room,
                     epoch,
@@ -178,6 +206,9 @@ impl MediaLoop {
             .outbox_queue
             .set(i64::try_from(self.outbox.depth()).unwrap_or(i64::MAX));
         let sfu = self.controller.sfu();
+        self.metrics
+            .relay
+            .observe(&sfu.relay_stats(), &sfu.room_sizes());
         self.metrics.observe(
             sfu.stats(),
             sfu.participant_count(),
@@ -244,6 +275,71 @@ impl MediaLoop {
             Command::Count { reply } => {
                 let _ = reply.send(self.controller.session_count());
             }
+            Command::Relay { op, reply } => {
+                let _ = reply.send(self.relay_op(now, op));
+            }
+        }
+    }
+
+    fn relay_op(&mut self, now: Instant, op: RelayOp) -> Result<RelayReply, String> {
+        let c = &mut self.controller;
+        match op {
+            RelayOp::Relay { peer, parts, fresh } => {
+                let linked = c.relay(now, |sfu, now| {
+                    if fresh {
+                        sfu.remove_relay_out(now, &peer);
+                    }
+                    let before = sfu.relayed_rooms(&peer);
+                    for part in &parts {
+                        sfu.relay_room(now, &peer, part);
+                    }
+                    for part in &before {
+                        if !parts.contains(part) {
+                            sfu.unrelay_room(now, &peer, part);
+                        }
+                    }
+                    parts
+                        .iter()
+                        .filter(|p| !before.contains(p))
+                        .cloned()
+                        .collect()
+                });
+                Ok(RelayReply::Linked(linked))
+            }
+            RelayOp::Offer {
+                peer,
+                peer_addr,
+                sdp,
+                tracks,
+            } => c
+                .relay(now, |sfu, now| {
+                    sfu.handle_relay_offer(now, &peer, peer_addr, &sdp, tracks)
+                })
+                .map(RelayReply::Answer)
+                .map_err(|e| e.to_string()),
+            RelayOp::Answer { peer, sdp } => c
+                .relay(now, |sfu, now| sfu.handle_relay_answer(now, &peer, &sdp))
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
+            RelayOp::Layer { peer, track, layer } => c
+                .relay(now, |sfu, now| {
+                    sfu.set_relay_layer(now, &peer, track, layer)
+                })
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
+            RelayOp::Remove { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            RelayOp::RemoveIn { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay_in(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            RelayOp::RemoveOut { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay_out(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            RelayOp::Stats => Ok(RelayReply::Stats(c.sfu().relay_stats())),
         }
     }
 }

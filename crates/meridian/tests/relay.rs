@@ -1,0 +1,232 @@
+//! Rooms across nodes: three node processes on one Postgres with
+//! `--max-participants 11`; one room of a publisher and 30 subscribers spreads over
+//! the three nodes, each part of the room in its own log stream, and each track
+//! crosses each node boundary once over a relay link. Relay control refuses callers
+//! that are not nodes of the region.
+
+mod region;
+
+use std::time::Duration;
+
+use meridian_auth::{Claims, Grants};
+use meridian_client::{Client, ClientConfig};
+use meridian_events::Event;
+use region::{Region, light};
+
+/// One region at a time (several node processes and many clients each).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_string())
+}
+
+async fn metrics(addr: &str) -> String {
+    http(addr, "GET", "/metrics", None, "").await.1
+}
+
+/// The value of one series (`name{labels}` exactly as exported), 0 when absent.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn link(metric: &str, direction: &str, peer: &str) -> String {
+    format!("{metric}{{direction=\"{direction}\",peer=\"{peer}\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_once() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_spread", 3, &["--max-participants", "11"]).await;
+    let urls = region.urls();
+    let room = "big";
+    let publisher = Client::join(
+        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
+            .with_fallback_urls(urls.clone()),
+    )
+    .await
+    .expect("the publisher joins on node-a");
+    let mut subscribers = Vec::new();
+    for i in 0..30 {
+        // Everyone knocks at node-a; placement sends them where the room has room.
+        let token = region.token(&format!("sub-{i}"), room, false);
+        let config =
+            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
+        subscribers.push(Client::join(config).await.expect("a subscriber joins"));
+    }
+    for (i, s) in subscribers.iter().enumerate() {
+        s.wait_for(Duration::from_secs(40), |s| {
+            s.video_tracks_with(10) >= 1 && s.audio_tracks_with(10) >= 1
+        })
+        .await
+        .unwrap_or_else(|s| panic!("sub-{i} gets no audio and video: {s:#?}"));
+    }
+
+    // Three parts, one per node, each its own stream with its own placement.
+    let parts = [
+        (room.to_string(), "node-a"),
+        (format!("{room}~node-b"), "node-b"),
+        (format!("{room}~node-c"), "node-c"),
+    ];
+    let mut total = 0;
+    for (part, node) in &parts {
+        let state = region.room(part).await;
+        assert_eq!(state.node.as_deref(), Some(*node), "{part}: {state:#?}");
+        assert!(
+            state.participants.len() <= 11,
+            "{part} holds at most 11: {}",
+            state.participants.len()
+        );
+        total += state.participants.len();
+    }
+    assert_eq!(total, 31, "every participant is in one part");
+    let first_b = &region.history(&parts[1].0).await[0].event;
+    assert!(
+        matches!(first_b, Event::RoomPartPlaced { room: r, node, .. } if r == room && node == "node-b"),
+        "a part's stream starts with RoomPartPlaced: {first_b:?}"
+    );
+    let a_events = region
+        .store
+        .read_stream("node:node-a", 1, 10_000)
+        .await
+        .expect("node-a's stream");
+    for peer in ["node-b", "node-c"] {
+        assert!(
+            a_events.iter().any(|e| matches!(&e.event,
+                Event::RelayLinked { peer: p, part } if p == peer && part == room)),
+            "node-a recorded relaying {room} to {peer}"
+        );
+    }
+
+    // One copy per track per link: A sends each of its 2 tracks once to B and once to
+    // C; B and C fan out what they receive to their own subscribers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a = metrics(&region.nodes[0].http).await;
+    for (i, peer) in [(1, "node-b"), (2, "node-c")] {
+        let other = metrics(&region.nodes[i].http).await;
+        let tracks = series(&a, &link("meridian_relay_tracks", "out", peer));
+        assert_eq!(tracks, 2.0, "node-a relays 2 tracks to {peer}");
+        assert_eq!(
+            series(&other, &link("meridian_relay_tracks", "in", "node-a")),
+            2.0
+        );
+        let sent = series(&a, &link("meridian_relay_packets_total", "out", peer));
+        let got = series(
+            &other,
+            &link("meridian_relay_packets_total", "in", "node-a"),
+        );
+        let fanned = series(&other, "meridian_rtp_packets_forwarded_total");
+        let locals = if i == 1 { 11.0 } else { 9.0 };
+        eprintln!(
+            "node-a → {peer}: sent {sent}, received {got}; {peer} forwarded {fanned} to {locals} subscribers"
+        );
+        assert!(sent > 100.0, "media crossed to {peer}: {sent}");
+        assert!(
+            (sent - got).abs() <= sent * 0.05 + 20.0,
+            "what node-a sent {peer} arrived: {sent} vs {got}"
+        );
+        // Each relayed packet went to every local subscriber of that node, and only
+        // one copy crossed: the node forwarded about `locals` times what it received.
+        assert!(
+            fanned >= got * (locals - 2.0) && fanned <= got * locals + 50.0,
+            "{peer} fans out {got} relayed packets to {locals} subscribers: {fanned}"
+        );
+    }
+    let received_a = series(&a, "meridian_rtp_packets_received_total");
+    let sent_b = series(&a, &link("meridian_relay_packets_total", "out", "node-b"));
+    assert!(
+        sent_b < received_a,
+        "one layer of three crosses (sent {sent_b}, node-a received {received_a})"
+    );
+
+    drop(subscribers);
+    drop(publisher);
+    region.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_refuse", 1, &["--max-participants", "11"]).await;
+    let node = region.nodes[0].http.clone();
+    let body = r#"{"parts":["x"]}"#;
+    let now = meridian_auth::unix_now();
+    let node_claims = |sub: &str| {
+        Claims::new(sub, "*", now, Duration::from_secs(60))
+            .with_grants(Grants::admin())
+            .with_region("local")
+            .with_audience("meridian-node")
+    };
+    let client_token = region.token("mallory", "x", true);
+    let no_lease = region.keys.sign(&node_claims("node:node-z")).unwrap();
+    let not_a_node = region.keys.sign(&node_claims("mallory")).unwrap();
+    let other_region = region
+        .keys
+        .sign(&node_claims("node:node-a").with_region("elsewhere"))
+        .unwrap();
+    let cases = [
+        (None, 401, "no_token"),
+        (Some("not-a-jwt"), 401, "bad_token"),
+        (Some(client_token.as_str()), 401, "bad_token"),
+        (Some(not_a_node.as_str()), 403, "not_a_node"),
+        (Some(other_region.as_str()), 403, "not_a_node"),
+        (Some(no_lease.as_str()), 403, "no_lease"),
+    ];
+    for (token, status, code) in cases {
+        let (got, answer) = http(&node, "POST", "/internal/relay/subscribe", token, body).await;
+        assert_eq!(got, status, "{code}: {answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).expect("a JSON error");
+        assert_eq!(v["code"], code, "{answer}");
+    }
+    let text = metrics(&node).await;
+    for (code, n) in [
+        ("no_token", 1.0),
+        ("bad_token", 2.0),
+        ("not_a_node", 2.0),
+        ("no_lease", 1.0),
+    ] {
+        assert_eq!(
+            series(
+                &text,
+                &format!("meridian_relay_refused_total{{reason=\"{code}\"}}")
+            ),
+            n,
+            "{code} counted"
+        );
+    }
+    // Nothing was linked.
+    assert_eq!(
+        series(&text, &link("meridian_relay_tracks", "out", "node-z")),
+        0.0
+    );
+    region.cleanup().await;
+}
