@@ -44,6 +44,7 @@ pub use id::{ParticipantId, TrackId};
 pub use keyframe::starts_keyframe;
 pub use pc::PcKind;
 pub use relay::{RelayStats, RelayTrack};
+pub use room::PART_SEPARATOR;
 
 use pc::mark_dirty;
 use room::{Participant, Track};

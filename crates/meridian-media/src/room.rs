@@ -16,6 +16,21 @@ use crate::rate::LayerRate;
 use crate::relay::Relay;
 use crate::{HashMap, MediaError, ParticipantId, PcKind, Sfu, SfuEvent, TrackId};
 
+/// Separates a room's name from the node of one of its parts (`room~node`; the same
+/// convention as `meridian_events::PART_SEPARATOR`). The parts of one room that a
+/// node hosts see each other's tracks; each part keeps its own participants.
+pub const PART_SEPARATOR: char = '~';
+
+/// Whether two room names are parts of the same room.
+pub(crate) fn same_room(a: &str, b: &str) -> bool {
+    a == b || base_room(a) == base_room(b)
+}
+
+fn base_room(room: &str) -> &str {
+    room.split_once(PART_SEPARATOR)
+        .map_or(room, |(base, _)| base)
+}
+
 pub(crate) struct Participant {
     pub(crate) room: String,
     pub(crate) identity: String,
@@ -182,7 +197,7 @@ impl Sfu {
             let existing: Vec<TrackId> = self
                 .tracks
                 .iter()
-                .filter(|(_, t)| t.room == room)
+                .filter(|(_, t)| same_room(&t.room, room))
                 .map(|(id, _)| *id)
                 .collect();
             for track in existing {
@@ -374,7 +389,7 @@ impl Sfu {
                 }
                 self.config.max_relay_tracks
             }
-            None if t.room != p.room => return Err(MediaError::UnknownTrack(track)),
+            None if !same_room(&t.room, &p.room) => return Err(MediaError::UnknownTrack(track)),
             None => self.config.max_subscriptions_per_participant,
         };
         if t.owner == id {
@@ -563,11 +578,13 @@ impl Sfu {
                 codec,
             },
         });
+        // Every part of the room on this node sees the track.
         let mut others: Vec<ParticipantId> = self
             .rooms
-            .get(&room)
-            .map(|m| m.iter().copied().filter(|o| *o != id).collect())
-            .unwrap_or_default();
+            .iter()
+            .filter(|(r, _)| same_room(r, &room))
+            .flat_map(|(_, m)| m.iter().copied().filter(|o| *o != id))
+            .collect();
         // Outbound relay links carrying this room take a local track at once.
         if origin.is_none() {
             others.extend(self.relays_out.values().copied().filter(|r| {

@@ -445,3 +445,27 @@ fn a_relay_peer_that_stops_answering_is_reported_down_in_bounded_time() {
         "relayed tracks left with the link"
     );
 }
+
+#[test]
+fn parts_of_one_room_on_one_node_see_each_others_tracks_and_other_rooms_do_not() {
+    // A node that took a dead node's part over hosts two parts of the room.
+    let mut h = Harness::new();
+    let publisher = h.add_publisher("room", "alice", MediaConfig::default());
+    let taken_over = h.add_subscriber("room~node-b", "bob");
+    let stranger = h.add_subscriber("roomx", "eve");
+    h.connect(Duration::from_secs(5));
+    h.run_for(Duration::from_secs(1));
+    let video = h.clients[publisher].track(TrackKind::Video).unwrap();
+    assert!(
+        h.clients[taken_over]
+            .video_frames()
+            .any(|f| f.track == Some(video)),
+        "a participant of another part of the room gets the track"
+    );
+    assert!(
+        h.clients[stranger].frames.is_empty(),
+        "another room does not"
+    );
+    let eve = h.clients[stranger].id;
+    assert!(h.sfu.subscribe(h.now, eve, video).is_err());
+}

@@ -788,30 +788,41 @@ async fn load(
 pub(crate) async fn place(
     state: &NodeState,
     room: &str,
-    resuming: bool,
+    resume: Option<&str>,
 ) -> Result<(Placement, String), PlaceError> {
     let cap = state.config.media.max_participants;
     let cluster = &state.cluster;
+    let resuming = resume.is_some();
     if cap == 0 || cluster.is_draining() {
         return cluster
             .place(room, resuming)
             .await
             .map(|p| (p, room.to_string()));
     }
+    let parts = parts_of(cluster, room).await?;
+    // A resuming client goes back to its own part, found by its resume token's hash in
+    // the parts' logs; that part is placed (waiting out a dead host, taking it over)
+    // exactly as a one-part room is.
+    if let Some(token) = resume {
+        let hash = meridian_room::sha256_hex(token);
+        for (part, _) in &parts {
+            let state = cluster
+                .store()
+                .load_room(&meridian_events::room_stream(part))
+                .await?;
+            if state
+                .participants
+                .values()
+                .any(|p| p.resume_hash.as_deref() == Some(hash.as_str()))
+            {
+                return cluster.place(part, true).await.map(|p| (p, part.clone()));
+            }
+        }
+    }
     let relay = &state.relay;
     let me = cluster.node().to_string();
     let _guard = cluster.placing().await;
     let here = relay.local_count().await;
-    let parts: Vec<(String, String)> = cluster
-        .store()
-        .placements()
-        .await?
-        .into_iter()
-        .filter_map(|p| {
-            let part = p.stream.strip_prefix("room:")?.to_string();
-            (room_of_part(&part) == room).then_some((part, p.node))
-        })
-        .collect();
     // 1. A part here with room (a resuming client always comes back to its node).
     for (part, node) in &parts {
         if *node == me && (here < cap || resuming) && cluster.take_part(part).await? {
@@ -877,6 +888,20 @@ pub(crate) async fn place(
     } else {
         Err(PlaceError::Contended)
     }
+}
+
+/// The parts of `room` placed in the log, with their nodes.
+async fn parts_of(cluster: &Cluster, room: &str) -> Result<Vec<(String, String)>, PlaceError> {
+    Ok(cluster
+        .store()
+        .placements()
+        .await?
+        .into_iter()
+        .filter_map(|p| {
+            let part = p.stream.strip_prefix("room:")?.to_string();
+            (room_of_part(&part) == room).then_some((part, p.node))
+        })
+        .collect())
 }
 
 /// The media loop's side of relay links: the relay socket, datagrams waiting for it,
@@ -968,5 +993,14 @@ mod tests {
         );
         assert_eq!(internal_host("wss://a.example/signal"), None);
         assert_eq!(internal_host("ws:///signal"), None);
+    }
+
+    #[test]
+    fn the_core_and_the_log_name_parts_alike() {
+        assert_eq!(
+            meridian_media::PART_SEPARATOR,
+            meridian_events::PART_SEPARATOR
+        );
+        assert_eq!(room_of_part(&part_name("demo", "node-b")), "demo");
     }
 }

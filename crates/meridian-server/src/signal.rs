@@ -406,7 +406,7 @@ async fn join(
         ));
     }
     // The room lives on one node of the region: place it here or send the client on.
-    let part = match crate::relay::place(state, &claims.room, resume.is_some()).await {
+    let part = match crate::relay::place(state, &claims.room, resume.as_deref()).await {
         Ok((Placement::Local, part)) => part,
         Ok((Placement::Elsewhere(url), _)) => {
             return Err(ServerMessage::Redirect {

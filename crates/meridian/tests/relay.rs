@@ -6,12 +6,12 @@
 
 mod region;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meridian_auth::{Claims, Grants};
-use meridian_client::{Client, ClientConfig};
+use meridian_client::{Client, ClientConfig, ClientStats};
 use meridian_events::Event;
-use region::{Region, light};
+use region::{Region, light, membership};
 
 /// One region at a time (several node processes and many clients each).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -63,12 +63,10 @@ fn link(metric: &str, direction: &str, peer: &str) -> String {
     format!("{metric}{{direction=\"{direction}\",peer=\"{peer}\"}}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_once() {
-    let _serial = SERIAL.lock().await;
-    let region = Region::start("relay_spread", 3, &["--max-participants", "11"]).await;
+/// A publisher and 30 subscribers of `room`, all joining through node-a; waits until
+/// every subscriber receives audio and video.
+async fn spread(region: &Region, room: &str) -> (Client, Vec<Client>) {
     let urls = region.urls();
-    let room = "big";
     let publisher = Client::join(
         light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
             .with_fallback_urls(urls.clone()),
@@ -90,6 +88,15 @@ async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_on
         .await
         .unwrap_or_else(|s| panic!("sub-{i} gets no audio and video: {s:#?}"));
     }
+    (publisher, subscribers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_once() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_spread", 3, &["--max-participants", "11"]).await;
+    let room = "big";
+    let (publisher, subscribers) = spread(&region, room).await;
 
     // Three parts, one per node, each its own stream with its own placement.
     let parts = [
@@ -228,5 +235,101 @@ async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
         series(&text, &link("meridian_relay_tracks", "out", "node-z")),
         0.0
     );
+    region.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_node_hosting_a_part_brings_its_subscribers_back_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_kill", 3, &["--max-participants", "11"]).await;
+    let room = "big";
+    let (publisher, subscribers) = spread(&region, room).await;
+    let (b_url, c_url) = (region.nodes[1].url.clone(), region.nodes[2].url.clone());
+    let before: Vec<ClientStats> = subscribers.iter().map(|s| s.stats()).collect();
+    let on_b: Vec<usize> = (0..30).filter(|i| before[*i].url == b_url).collect();
+    let on_c: Vec<usize> = (0..30).filter(|i| before[*i].url == c_url).collect();
+    assert!(!on_b.is_empty() && !on_c.is_empty(), "parts on B and C");
+    let part_b = format!("{room}~node-b");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state_b = region.room(&part_b).await;
+    assert_eq!(state_b.participants.len(), on_b.len());
+
+    let killed = Instant::now();
+    region.nodes[1].signal("KILL");
+    // B's subscribers come back on A or C and receive again.
+    for &i in &on_b {
+        let b = &before[i];
+        let s = subscribers[i]
+            .wait_for(Duration::from_secs(40), |s| {
+                s.reconnects > b.reconnects
+                    && !s.reconnecting()
+                    && s.received_media_after(killed)
+                    && s.since(b).video_tracks_with(5) >= 1
+                    && s.since(b).audio_tracks_with(5) >= 1
+            })
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} (on node-b) gets no media after the kill: {s:#?}"));
+        assert_ne!(s.url, b_url, "sub-{i} moved off node-b");
+    }
+    let back = killed.elapsed();
+    let restored = on_b
+        .iter()
+        .filter(|&&i| subscribers[i].stats().restored_resumes > before[i].restored_resumes)
+        .count();
+    eprintln!(
+        "{} subscribers of node-b receive again {back:?} after SIGKILL ({restored} restored by replay)",
+        on_b.len()
+    );
+    assert!(
+        restored > 0,
+        "subscribers come back by replay of their part"
+    );
+    // C's subscribers never lost their node: media kept coming over the A→C link.
+    let mid = Instant::now();
+    for &i in &on_c {
+        let s = subscribers[i]
+            .wait_for(Duration::from_secs(5), |s| s.received_media_after(mid))
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} (on node-c) stopped receiving: {s:#?}"));
+        assert_eq!(
+            s.reconnects, before[i].reconnects,
+            "sub-{i} stayed on node-c"
+        );
+        for (id, t) in &s.tracks {
+            let freezes = t.freezes - before[i].tracks.get(id).map_or(0, |b| b.freezes);
+            assert!(freezes <= 1, "sub-{i}: track {id} froze {freezes} times");
+        }
+    }
+    // The part that was on B is on a live node now (a new epoch), and every part's
+    // state read through snapshots equals a full replay of its stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now_b = region.room(&part_b).await;
+    assert_ne!(
+        now_b.node.as_deref(),
+        Some("node-b"),
+        "{part_b} left node-b"
+    );
+    assert!(now_b.epoch > state_b.epoch);
+    for part in [room.to_string(), part_b.clone(), format!("{room}~node-c")] {
+        let stream = meridian_events::room_stream(&part);
+        let loaded = region.store.load_room(&stream).await.expect("load");
+        let replayed = region.store.replay_room(&stream).await.expect("replay");
+        assert_eq!(
+            loaded, replayed,
+            "{part}: snapshot + tail equals a full replay"
+        );
+        let history = region.history(&part).await;
+        let mut folded = meridian_events::RoomState::default();
+        for e in &history {
+            folded.apply(e);
+        }
+        assert_eq!(
+            membership(&folded),
+            membership(&replayed),
+            "{part} folds consistently"
+        );
+    }
+    drop(subscribers);
+    drop(publisher);
     region.cleanup().await;
 }
