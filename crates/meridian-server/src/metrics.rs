@@ -338,6 +338,15 @@ pub struct LinkLabel {
     pub peer: String,
 }
 
+/// Labels of the packets one outbound relay link sent per simulcast layer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerLabel {
+    /// The node receiving.
+    pub peer: String,
+    /// `low`, `medium` or `high` (audio and single-stream video count as `low`).
+    pub layer: &'static str,
+}
+
 /// Label of a room part.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartLabel {
@@ -353,13 +362,15 @@ pub struct RelayMetrics {
     pub packets: Family<LinkLabel, Counter>,
     /// Tracks each relay link carries now.
     pub tracks: Family<LinkLabel, Gauge>,
+    /// RTP packets sent over outbound relay links per simulcast layer.
+    pub layer_packets: Family<LayerLabel, Counter>,
     /// Relay control requests refused, by `reason` (the error code answered).
     pub refused: Family<ReasonLabel, Counter>,
     /// Relay control requests to other nodes that failed.
     pub peer_errors: Counter,
     /// Participants in each room part hosted here.
     pub part_participants: Family<PartLabel, Gauge>,
-    last: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<LinkLabel, u64>>>,
+    last: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<LinkLabel, [u64; 4]>>>,
     parts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -374,6 +385,11 @@ impl RelayMetrics {
             "relay_tracks",
             "Tracks a relay link carries, by direction and peer node",
             self.tracks.clone(),
+        );
+        r.register(
+            "relay_layer_packets",
+            "RTP packets sent over relay links, by peer node and simulcast layer",
+            self.layer_packets.clone(),
         );
         r.register(
             "relay_refused",
@@ -402,15 +418,29 @@ impl RelayMetrics {
                 direction: if l.inbound { "in" } else { "out" },
                 peer: l.peer.clone(),
             };
-            let before = last.get(&label).copied().unwrap_or(0);
-            let delta = if l.packets >= before {
-                l.packets - before
-            } else {
-                l.packets
-            };
-            self.packets.get_or_create(&label).inc_by(delta);
+            let now = [
+                l.packets,
+                l.packets_by_layer[0],
+                l.packets_by_layer[1],
+                l.packets_by_layer[2],
+            ];
+            let before = last.get(&label).copied().unwrap_or_default();
+            // A rebuilt link counts from zero again.
+            let rebuilt = now.iter().zip(&before).any(|(n, b)| n < b);
+            let delta = |i: usize| if rebuilt { now[i] } else { now[i] - before[i] };
+            self.packets.get_or_create(&label).inc_by(delta(0));
+            if !l.inbound {
+                for (i, layer) in ["low", "medium", "high"].into_iter().enumerate() {
+                    self.layer_packets
+                        .get_or_create(&LayerLabel {
+                            peer: l.peer.clone(),
+                            layer,
+                        })
+                        .inc_by(delta(i + 1));
+                }
+            }
             self.tracks.get_or_create(&label).set(l.tracks as i64);
-            last.insert(label.clone(), l.packets);
+            last.insert(label.clone(), now);
             seen.push(label);
         }
         last.retain(|label, _| {

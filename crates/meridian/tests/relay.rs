@@ -333,3 +333,164 @@ async fn sigkill_of_a_node_hosting_a_part_brings_its_subscribers_back_elsewhere(
     drop(publisher);
     region.cleanup().await;
 }
+
+fn layer_packets(text: &str, peer: &str) -> [f64; 3] {
+    ["low", "medium", "high"].map(|l| {
+        series(
+            text,
+            &format!("meridian_relay_layer_packets_total{{peer=\"{peer}\",layer=\"{l}\"}}"),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_layers", 2, &["--max-participants", "2"]).await;
+    let urls = region.urls();
+    let room = "layers";
+    let publisher = Client::join(
+        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
+            .with_fallback_urls(urls.clone()),
+    )
+    .await
+    .expect("the publisher joins");
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let token = region.token(&format!("sub-{i}"), room, false);
+        let config =
+            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
+        subs.push(Client::join(config).await.expect("joins"));
+    }
+    let far: Vec<usize> = (0..3).filter(|i| subs[*i].stats().url == urls[1]).collect();
+    assert_eq!(far.len(), 2, "two subscribers on node-b");
+    for &i in &far {
+        subs[i]
+            .wait_for(Duration::from_secs(30), |s| s.video_tracks_with(10) >= 1)
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} gets video: {s:#?}"));
+    }
+    let video = publisher
+        .stats()
+        .published
+        .iter()
+        .find(|t| t.kind == meridian_protocol::TrackKind::Video)
+        .expect("a video track")
+        .track_id
+        .clone();
+    // Both subscribers on B want low only: A sends only low to B.
+    for &i in &far {
+        subs[i]
+            .send(meridian_protocol::ClientMessage::SetLayer {
+                track_id: video.clone(),
+                max_layer: meridian_protocol::Layer::Low,
+            })
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a0 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a1 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    eprintln!("node-a → node-b per layer (low, medium, high): {a0:?} → {a1:?}");
+    assert!(a1[0] > a0[0] + 20.0, "low crosses: {a0:?} → {a1:?}");
+    assert_eq!(a1[2], a0[2], "high does not: {a0:?} → {a1:?}");
+    assert_eq!(a1[1], a0[1], "nor medium: {a0:?} → {a1:?}");
+    for &i in &far {
+        let last = subs[i]
+            .stats()
+            .tracks
+            .get(&video)
+            .and_then(|t| t.last_layer);
+        assert_eq!(last, Some(0), "sub-{i} receives the low layer");
+    }
+    // One of them asks for high: the link goes back up, at a keyframe.
+    subs[far[0]]
+        .send(meridian_protocol::ClientMessage::SetLayer {
+            track_id: video.clone(),
+            max_layer: meridian_protocol::Layer::High,
+        })
+        .await;
+    subs[far[0]]
+        .wait_for(Duration::from_secs(10), |s| {
+            s.tracks.get(&video).and_then(|t| t.last_layer) == Some(2)
+        })
+        .await
+        .unwrap_or_else(|s| panic!("high reaches node-b: {s:#?}"));
+    let a2 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a3 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    assert!(a3[2] > a2[2], "high crosses again: {a2:?} → {a3:?}");
+    let s = subs[far[0]].stats();
+    let t = s.tracks.get(&video).unwrap();
+    assert!(
+        t.layer_history.ends_with(&[0, 2]),
+        "low, then high: {:?}",
+        t.layer_history
+    );
+    drop(subs);
+    drop(publisher);
+    region.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_stop", 2, &["--max-participants", "2"]).await;
+    let urls = region.urls();
+    let room = "stop";
+    let publisher = Client::join(
+        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
+            .with_fallback_urls(urls.clone()),
+    )
+    .await
+    .expect("the publisher joins");
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let token = region.token(&format!("sub-{i}"), room, false);
+        let config =
+            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
+        subs.push(Client::join(config).await.expect("joins"));
+    }
+    for s in &subs {
+        s.wait_for(Duration::from_secs(30), |s| s.video_tracks_with(5) >= 1)
+            .await
+            .expect("media");
+    }
+    let a = &region.nodes[0].http;
+    assert_eq!(
+        series(
+            &metrics(a).await,
+            &link("meridian_relay_tracks", "out", "node-b")
+        ),
+        2.0
+    );
+    // node-b freezes: it answers nothing (no media, no control, no lease renewal).
+    let stopped = Instant::now();
+    region.nodes[1].signal("STOP");
+    let mut torn_down = None;
+    while stopped.elapsed() < Duration::from_secs(20) {
+        let text = metrics(a).await;
+        if series(&text, &link("meridian_relay_tracks", "out", "node-b")) == 0.0 {
+            torn_down = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    region.nodes[1].signal("CONT");
+    let after = torn_down.expect("node-a tears the link to a silent node-b down within 20 s");
+    eprintln!("relay link to a stopped node torn down after {after:?}");
+    let events = region
+        .store
+        .read_stream("node:node-a", 1, 10_000)
+        .await
+        .expect("node-a's stream");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.event, Event::RelayUnlinked { peer, .. } if peer == "node-b")),
+        "node-a recorded the unlink"
+    );
+    drop(subs);
+    drop(publisher);
+    region.cleanup().await;
+}
