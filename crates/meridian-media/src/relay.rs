@@ -74,6 +74,9 @@ pub(crate) struct Relay {
     pub(crate) sections: HashMap<String, RelayTrack>,
     /// Inbound: the upstream node's media address.
     pub(crate) remote: Option<SocketAddr>,
+    /// Inbound: the DTLS fingerprint of the upstream's offers; another one means the
+    /// upstream rebuilt its side, so this side starts over too.
+    pub(crate) fingerprint: Option<String>,
     pub(crate) packets: u64,
     pub(crate) packets_by_layer: [u64; 3],
 }
@@ -86,6 +89,7 @@ impl Relay {
             rooms: Default::default(),
             sections: HashMap::default(),
             remote: None,
+            fingerprint: None,
             packets: 0,
             packets_by_layer: [0; 3],
         })
@@ -291,6 +295,20 @@ impl Sfu {
         }
         let offer =
             SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        let fingerprint = sdp
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("a=fingerprint:"))
+            .map(str::to_string);
+        let rebuilt = self
+            .relays_in
+            .get(peer)
+            .and_then(|id| self.participants.get(id))
+            .and_then(|p| p.relay.as_ref())
+            .is_some_and(|r| r.fingerprint != fingerprint);
+        if rebuilt {
+            // The upstream's side is new (it restarted or rebuilt the link): so is ours.
+            self.remove_relay_in(now, peer);
+        }
         let id = match self.relays_in.get(peer) {
             Some(id) => *id,
             None => {
@@ -347,6 +365,7 @@ impl Sfu {
         let mids: Vec<String> = sections.keys().cloned().collect();
         if let Some(r) = p.relay.as_mut() {
             r.sections = sections;
+            r.fingerprint = fingerprint;
         }
         for mid in mids {
             let Some(p) = self.participants.get(&id) else {

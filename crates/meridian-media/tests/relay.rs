@@ -469,3 +469,31 @@ fn parts_of_one_room_on_one_node_see_each_others_tracks_and_other_rooms_do_not()
     let eve = h.clients[stranger].id;
     assert!(h.sfu.subscribe(h.now, eve, video).is_err());
 }
+
+#[test]
+fn a_link_the_upstream_rebuilds_is_rebuilt_downstream_and_media_resumes() {
+    let mut p = Pair::new();
+    p.a.add_publisher("room", "alice", MediaConfig::default());
+    let sub = p.b.add_subscriber("room", "bob");
+    p.a.call(|s, now| s.relay_room(now, "B", "room"));
+    assert!(p.run_until(Duration::from_secs(5), Pair::connected));
+    p.run_for(Duration::from_secs(1));
+    // The upstream drops its side (as after a failed offer) and relays the room again:
+    // a new connection with a new DTLS identity reaches B's old side.
+    p.a.call(|s, now| s.remove_relay_out(now, "B"));
+    p.a.call(|s, now| s.relay_room(now, "B", "room"));
+    p.shuttle();
+    let mark = p.b.clients[sub].video_frames().count();
+    assert!(
+        p.run_until(Duration::from_secs(5), |p| p.b.clients[sub]
+            .video_frames()
+            .count()
+            > mark + 20),
+        "media flows again over the rebuilt link"
+    );
+    assert_eq!(
+        p.b.sfu.relay_stats().len(),
+        1,
+        "one inbound side, the new one"
+    );
+}
