@@ -8,9 +8,10 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{Harness, MediaConfig, SFU_ADDR};
+use common::{Harness, MediaConfig, SFU_ADDR, lossy};
 use meridian_media::{SfuConfig, SfuEvent};
 use meridian_protocol::{Layer, TrackKind};
+use str0m_netem::{Input as NetInput, Netem, Output as NetOutput};
 
 const B_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 5000);
 const B_RELAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 5001);
@@ -24,6 +25,8 @@ struct Pair {
     b_seen: usize,
     /// When false the link's datagrams are dropped (B vanished from A's view and back).
     connected: bool,
+    /// Impairment of the link's datagrams from A to B.
+    a_to_b: Option<Netem<Vec<u8>>>,
 }
 
 impl Pair {
@@ -44,6 +47,7 @@ impl Pair {
             a_seen: 0,
             b_seen: 0,
             connected: true,
+            a_to_b: None,
         }
     }
 
@@ -53,8 +57,25 @@ impl Pair {
             let mut moved = false;
             while let Some(t) = self.a.foreign.pop_front() {
                 moved = true;
-                if self.connected && t.destination == B_RELAY {
-                    self.b.inject_relay(SFU_ADDR, &t.contents);
+                if !self.connected || t.destination != B_RELAY {
+                    continue;
+                }
+                match &mut self.a_to_b {
+                    Some(net) => net.handle_input(NetInput::Packet(self.a.now, t.contents)),
+                    None => self.b.inject_relay(SFU_ADDR, &t.contents),
+                }
+            }
+            if let Some(net) = &mut self.a_to_b {
+                net.handle_input(NetInput::Timeout(self.a.now));
+                let mut due = Vec::new();
+                while let Some(out) = net.poll_output() {
+                    if let NetOutput::Packet(d) = out {
+                        due.push(d);
+                    }
+                }
+                for d in due {
+                    moved = true;
+                    self.b.inject_relay(SFU_ADDR, &d);
                 }
             }
             while let Some(t) = self.b.relay_out.pop_front() {
@@ -496,4 +517,60 @@ fn a_link_the_upstream_rebuilds_is_rebuilt_downstream_and_media_resumes() {
         1,
         "one inbound side, the new one"
     );
+}
+
+#[test]
+fn packets_lost_on_the_link_are_recovered_by_nack_across_it() {
+    let mut p = Pair::new();
+    p.a.add_publisher("room", "alice", MediaConfig::default());
+    let subs: Vec<usize> = (0..2)
+        .map(|i| p.b.add_subscriber("room", &format!("bob{i}")))
+        .collect();
+    p.a.call(|s, now| s.relay_room(now, "B", "room"));
+    assert!(p.run_until(Duration::from_secs(5), Pair::connected));
+    p.run_for(Duration::from_millis(500));
+    // 5 % seeded loss, 10 ms delay on the link from A to B.
+    p.a_to_b = Some(Netem::new(lossy(0.05, Duration::from_millis(10), 11)));
+    let marks: Vec<(usize, usize)> = subs
+        .iter()
+        .map(|&s| {
+            (
+                p.b.clients[s].video_frames().count(),
+                p.b.clients[s].audio_frames().count(),
+            )
+        })
+        .collect();
+    p.run_for(Duration::from_secs(4));
+    for (&s, &(vmark, amark)) in subs.iter().zip(&marks) {
+        let c = &p.b.clients[s];
+        let video: std::collections::BTreeSet<u64> =
+            c.video_frames().skip(vmark).map(|f| f.header.seq).collect();
+        let audio: std::collections::BTreeSet<u64> =
+            c.audio_frames().skip(amark).map(|f| f.header.seq).collect();
+        let span =
+            |set: &std::collections::BTreeSet<u64>| set.last().unwrap() - set.first().unwrap() + 1;
+        let vloss = 1.0 - video.len() as f64 / span(&video) as f64;
+        let aloss = 1.0 - audio.len() as f64 / span(&audio) as f64;
+        eprintln!(
+            "B subscriber {s}: video loss {:.1} %, audio loss {:.1} %",
+            vloss * 100.0,
+            aloss * 100.0
+        );
+        assert!(span(&video) >= 100);
+        assert!(
+            vloss <= 0.02,
+            "video recovered across the link: {:.1} % lost",
+            vloss * 100.0
+        );
+        assert!(
+            aloss >= 0.01,
+            "the link really loses packets (audio is not retransmitted)"
+        );
+        let gaps = c
+            .video_frames()
+            .skip(vmark)
+            .filter(|f| !f.contiguous)
+            .count();
+        assert!(gaps <= 2, "video frames after an unrecovered gap: {gaps}");
+    }
 }
