@@ -59,12 +59,12 @@ async fn metrics(addr: &str) -> String {
     body
 }
 
-/// Sum of every series of `name` (with any labels).
-fn total(text: &str, name: &str) -> f64 {
+/// Sum of every series of `name` whose labels contain `with` (any, when empty).
+fn total(text: &str, name: &str, with: &str) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+                .is_some_and(|r| (r.starts_with(' ') || r.starts_with('{')) && r.contains(with))
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
@@ -135,10 +135,12 @@ async fn main() {
     let mut cpu_relay_nodes = 0.0;
     let mut fwd_relay_nodes = 0.0;
     for (i, n) in region.nodes.iter().enumerate() {
-        let d = |name: &str| total(&after_m[i], name) - total(&before_m[i], name);
-        let fwd = d("meridian_rtp_packets_forwarded_total");
-        let out = d("meridian_relay_packets_total{direction=\"out\"");
-        let inn = d("meridian_relay_packets_total{direction=\"in\"");
+        let d = |name: &str, with: &str| {
+            total(&after_m[i], name, with) - total(&before_m[i], name, with)
+        };
+        let fwd = d("meridian_rtp_packets_forwarded_total", "");
+        let out = d("meridian_relay_packets_total", "direction=\"out\"");
+        let inn = d("meridian_relay_packets_total", "direction=\"in\"");
         let cpu = after_cpu[i] - before_cpu[i];
         let here = subs
             .iter()
