@@ -87,6 +87,12 @@ impl MediaLoop {
                         return;
                     }
                     self.receive_batch();
+                    // The relay socket is read on every media wake-up too: behind the
+                    // always-busy media socket of a loaded node, its own branch would
+                    // rarely get a turn (relayed packets waited hundreds of ms).
+                    if let Some(relay) = &mut self.relay {
+                        relay.receive(&mut self.controller);
+                    }
                 }
                 ready = crate::relay::readable(&self.relay) => {
                     if let Some(relay) = &mut self.relay {
