@@ -12,6 +12,21 @@ pub fn room_stream(room: &str) -> String {
     format!("room:{room}")
 }
 
+/// Separates a room's name from the node that placed one of its further parts.
+pub const PART_SEPARATOR: char = '~';
+
+/// The name of the part of `room` that `node` placed (its stream is
+/// `room:<room>~<node>`). A room's first part has the room's own name.
+pub fn part_name(room: &str, node: &str) -> String {
+    format!("{room}{PART_SEPARATOR}{node}")
+}
+
+/// The room a part belongs to: the name before [`PART_SEPARATOR`].
+pub fn room_of_part(part: &str) -> &str {
+    part.split_once(PART_SEPARATOR)
+        .map_or(part, |(room, _)| room)
+}
+
 /// The stream name of a media node: `node:<id>`.
 pub fn node_stream(node: &str) -> String {
     format!("node:{node}")
@@ -160,6 +175,32 @@ pub enum Event {
         /// When the lease had run out.
         expires_at: DateTime<Utc>,
     },
+    /// A new part of a room was placed (recorded first in the part's own stream,
+    /// `room:<room>~<node>`, before its `RoomPlaced`): the room's first part is full,
+    /// so this node hosts some of its participants and relays tracks with the others.
+    RoomPartPlaced {
+        /// The room the part belongs to (the name in clients' tokens).
+        room: String,
+        /// The part's name (its stream is `room:<part>`).
+        part: String,
+        /// The node that placed it.
+        node: String,
+    },
+    /// This node (the stream's node) started relaying the tracks of one of its room
+    /// parts to another node, over the relay link between them.
+    RelayLinked {
+        /// The node receiving the tracks.
+        peer: String,
+        /// The room part whose tracks are relayed.
+        part: String,
+    },
+    /// This node stopped relaying to `peer` (the link went down or was closed).
+    RelayUnlinked {
+        /// The node that was receiving.
+        peer: String,
+        /// Why, in words (`down`, `peer_gone`, …).
+        reason: String,
+    },
 }
 
 impl Event {
@@ -181,6 +222,9 @@ impl Event {
             Event::NodeLeaseAcquired { .. } => "NodeLeaseAcquired",
             Event::NodeLeaseRenewed { .. } => "NodeLeaseRenewed",
             Event::NodeLeaseExpired { .. } => "NodeLeaseExpired",
+            Event::RoomPartPlaced { .. } => "RoomPartPlaced",
+            Event::RelayLinked { .. } => "RelayLinked",
+            Event::RelayUnlinked { .. } => "RelayUnlinked",
         }
     }
 

@@ -182,7 +182,10 @@ impl RoomState {
             }
             Event::NodeLeaseAcquired { .. }
             | Event::NodeLeaseRenewed { .. }
-            | Event::NodeLeaseExpired { .. } => {}
+            | Event::NodeLeaseExpired { .. }
+            | Event::RoomPartPlaced { .. }
+            | Event::RelayLinked { .. }
+            | Event::RelayUnlinked { .. } => {}
         }
     }
 

@@ -81,7 +81,12 @@ impl Sfu {
         let Some(p) = self.participants.get_mut(&id) else {
             return;
         };
-        let estimate = p.estimate_bps.unwrap_or(self.config.initial_estimate_bps);
+        let initial = if p.relay.is_some() {
+            self.config.relay_initial_estimate_bps
+        } else {
+            self.config.initial_estimate_bps
+        };
+        let estimate = p.estimate_bps.unwrap_or(initial);
         let mut ids = Vec::new();
         let mut demands = Vec::new();
         let mut audio = 0;

@@ -201,6 +201,9 @@ impl Sfu {
         let Some(p) = self.participants.get_mut(&publisher) else {
             return;
         };
+        if let Some(r) = p.relay.as_mut() {
+            r.packets += 1;
+        }
         let ssrc = pkt.header.ssrc;
         let (track_id, layer) = match p.ssrc_map.get(&ssrc) {
             Some(x) => *x,
@@ -379,6 +382,10 @@ impl Sfu {
                 continue;
             };
             tx.write_rtp(write);
+            if let Some(r) = sp.relay.as_mut() {
+                r.packets += 1;
+                r.packets_by_layer[layer] += 1;
+            }
             self.stats.rtp_packets_forwarded += 1;
             self.stats.rtp_bytes_forwarded += pkt.payload.len() as u64;
             mark_dirty(

@@ -28,6 +28,7 @@ mod negotiate;
 mod pc;
 mod rate;
 pub mod red;
+mod relay;
 mod room;
 mod timers;
 
@@ -43,6 +44,8 @@ use tracing::{trace, warn};
 pub use id::{ParticipantId, TrackId};
 pub use keyframe::starts_keyframe;
 pub use pc::PcKind;
+pub use relay::{RelayStats, RelayTrack};
+pub use room::PART_SEPARATOR;
 
 use pc::mark_dirty;
 use room::{Participant, Track};
@@ -92,6 +95,15 @@ pub struct SfuConfig {
     /// First participant and track id this core hands out. Nodes of a region seed it
     /// differently so ids stay unique in a room's log across nodes and restarts.
     pub first_id: u64,
+    /// The local address of the node's relay socket: the inbound side of a relay link
+    /// (see [`Sfu::handle_relay_offer`]) sends and receives there. `None`: this node
+    /// takes no inbound relay links.
+    pub relay_addr: Option<SocketAddr>,
+    /// Most tracks one relay link may carry (each is a media section of its SDP).
+    pub max_relay_tracks: usize,
+    /// Bandwidth estimate an outbound relay link starts from (links run between nodes,
+    /// so it starts far above a client's).
+    pub relay_initial_estimate_bps: u64,
 }
 
 impl SfuConfig {
@@ -104,6 +116,9 @@ impl SfuConfig {
             max_tracks_per_participant: 8,
             max_subscriptions_per_participant: 256,
             first_id: 1,
+            relay_addr: None,
+            max_relay_tracks: 512,
+            relay_initial_estimate_bps: 50_000_000,
         }
     }
 }
@@ -186,6 +201,55 @@ pub enum SfuEvent {
         /// Which connection.
         pc: PcKind,
     },
+    /// Send this offer to the downstream node of the outbound relay link to `peer`
+    /// (over the nodes' internal control endpoint); hand its answer to
+    /// [`Sfu::handle_relay_answer`].
+    RelayOffer {
+        /// The downstream node.
+        peer: String,
+        /// The SDP offer.
+        sdp: String,
+        /// The track each media section carries, with its room.
+        tracks: Vec<RelayTrack>,
+    },
+    /// The local subscribers of a track relayed in from `peer` now want at most
+    /// `layer`: ask the upstream node to send that layer
+    /// ([`Sfu::set_relay_layer`] there).
+    RelayLayerWanted {
+        /// The upstream node.
+        peer: String,
+        /// The relayed track (its id is the same on both nodes).
+        track_id: TrackId,
+        /// The highest layer any local subscriber wants.
+        layer: Layer,
+    },
+    /// A track relayed in from another node became available in `room`: tell the
+    /// room's local clients (it is recorded in the upstream node's log, not here).
+    RelayTrackPublished {
+        /// Room name.
+        room: String,
+        /// The track, as its publisher's node announced it.
+        track: TrackInfo,
+        /// The upstream node.
+        peer: String,
+    },
+    /// A relayed track is gone from this node (unpublished upstream, or the link closed).
+    RelayTrackUnpublished {
+        /// Room name.
+        room: String,
+        /// The track.
+        track_id: TrackId,
+        /// The upstream node.
+        peer: String,
+    },
+    /// A relay link lost connectivity (ICE/DTLS timed out or failed): remove it with
+    /// [`Sfu::remove_relay`] and rebuild it if still needed.
+    RelayDown {
+        /// The other node.
+        peer: String,
+        /// Whether it was the inbound side (this node received).
+        inbound: bool,
+    },
 }
 
 /// Counters and gauges of the media core, for metrics.
@@ -236,6 +300,14 @@ pub struct Sfu {
     stats: SfuStats,
     last_now: Instant,
     last_realloc: Instant,
+    /// Outbound relay links by downstream node.
+    relays_out: HashMap<String, ParticipantId>,
+    /// Inbound relay links by upstream node.
+    relays_in: HashMap<String, ParticipantId>,
+    /// Inbound relay links by the upstream's media address (the relay socket's demux).
+    relay_by_addr: HashMap<SocketAddr, ParticipantId>,
+    /// Datagrams to send from the relay socket.
+    relay_transmits: VecDeque<Transmit>,
 }
 
 impl Sfu {
@@ -257,6 +329,10 @@ impl Sfu {
             stats: SfuStats::default(),
             last_now: now,
             last_realloc: now,
+            relays_out: HashMap::default(),
+            relays_in: HashMap::default(),
+            relay_by_addr: HashMap::default(),
+            relay_transmits: VecDeque::new(),
         }
     }
 
@@ -267,7 +343,8 @@ impl Sfu {
 
     /// Participants on this node.
     pub fn participant_count(&self) -> usize {
-        self.participants.len()
+        // Relay links are kept as participants internally; they are not people.
+        self.participants.len() - self.relays_in.len() - self.relays_out.len()
     }
 
     /// Rooms with at least one participant.

@@ -208,6 +208,15 @@ impl Sfu {
             })
             .collect();
         tracks.sort_by(|a, b| a.mid.cmp(&b.mid));
+        if let Some(r) = &p.relay {
+            let tracks = crate::relay::offer_tracks(&self.tracks, &p.subscriptions);
+            self.events.push_back(SfuEvent::RelayOffer {
+                peer: r.peer.clone(),
+                sdp: offer.to_sdp_string(),
+                tracks,
+            });
+            return;
+        }
         self.events.push_back(SfuEvent::SubscriberOffer {
             participant: id,
             sdp: offer.to_sdp_string(),

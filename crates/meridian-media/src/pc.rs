@@ -52,8 +52,40 @@ impl Pc {
         if kind == PcKind::Subscriber {
             builder = builder.enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)));
         }
+        Pc::from_builder(builder, now, config.candidate_addr)
+    }
+
+    /// The sending side of a relay link: like a subscriber connection (ICE-lite, the
+    /// node offers), starting from the relay estimate.
+    pub(crate) fn new_relay_out(config: &SfuConfig, now: Instant) -> Pc {
+        let builder = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true)
+            .set_stats_interval(None)
+            .enable_bwe(Some(Bitrate::bps(config.relay_initial_estimate_bps)));
+        Pc::from_builder(builder, now, config.candidate_addr)
+    }
+
+    /// The receiving side of a relay link: a full ICE agent (the controlling side,
+    /// checking the upstream's ICE-lite candidate) on the node's relay socket.
+    pub(crate) fn new_relay_in(now: Instant, relay_addr: SocketAddr) -> Pc {
+        let builder = Rtc::builder()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true)
+            .set_stats_interval(None);
+        Pc::from_builder(builder, now, relay_addr)
+    }
+
+    fn from_builder(builder: str0m::RtcConfig, now: Instant, local: SocketAddr) -> Pc {
         let mut rtc = builder.build(now);
-        let candidate = Candidate::host(config.candidate_addr, "udp")
+        let candidate = Candidate::host(local, "udp")
             .expect("a host candidate from a socket address is always valid");
         rtc.add_local_candidate(candidate);
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
@@ -75,6 +107,7 @@ impl Sfu {
     /// Drains every touched connection until nothing is left to do.
     pub(crate) fn process(&mut self, now: Instant) {
         let mut events = Vec::new();
+        let mut disconnected = false;
         // Each round may touch other connections (forwarding, keyframe requests);
         // the bound guards against a feedback loop between them.
         let bound = 8 * (2 * self.participants.len() + 8);
@@ -85,6 +118,13 @@ impl Sfu {
             let Some(p) = self.participants.get_mut(&id) else {
                 continue;
             };
+            // The inbound side of a relay link sends from the relay socket.
+            let relay_in = kind == PcKind::Publisher && p.relay.as_ref().is_some_and(|r| r.inbound);
+            let queue = if relay_in {
+                &mut self.relay_transmits
+            } else {
+                &mut self.transmits
+            };
             let pc = p.pc_mut(kind);
             pc.dirty = false;
             loop {
@@ -94,7 +134,7 @@ impl Sfu {
                         self.timers.update((id, kind), t, &mut pc.scheduled);
                         break;
                     }
-                    Ok(Output::Transmit(t)) => self.transmits.push_back(Transmit {
+                    Ok(Output::Transmit(t)) => queue.push_back(Transmit {
                         destination: t.destination,
                         contents: t.contents.into(),
                     }),
@@ -106,14 +146,15 @@ impl Sfu {
                             .update((id, kind), pc.next_timeout, &mut pc.scheduled);
                         if pc.connected {
                             pc.connected = false;
-                            self.events.push_back(SfuEvent::Disconnected {
-                                participant: id,
-                                pc: kind,
-                            });
+                            disconnected = true;
                         }
                         break;
                     }
                 }
+            }
+            if std::mem::take(&mut disconnected) {
+                let e = self.disconnected_event(id, kind);
+                self.events.push_back(e);
             }
             for e in events.drain(..) {
                 self.handle_rtc_event(now, id, kind, e);
@@ -174,10 +215,16 @@ impl Sfu {
                 if let Some(p) = self.participants.get_mut(&id) {
                     p.pc_mut(kind).connected = true;
                 }
-                self.events.push_back(SfuEvent::Connected {
-                    participant: id,
-                    pc: kind,
-                });
+                if self
+                    .participants
+                    .get(&id)
+                    .is_some_and(|p| p.relay.is_none())
+                {
+                    self.events.push_back(SfuEvent::Connected {
+                        participant: id,
+                        pc: kind,
+                    });
+                }
                 if kind == PcKind::Subscriber {
                     let tracks: Vec<TrackId> = self
                         .participants
@@ -196,10 +243,8 @@ impl Sfu {
                 let pc = p.pc_mut(kind);
                 if state == IceConnectionState::Disconnected && pc.connected {
                     pc.connected = false;
-                    self.events.push_back(SfuEvent::Disconnected {
-                        participant: id,
-                        pc: kind,
-                    });
+                    let e = self.disconnected_event(id, kind);
+                    self.events.push_back(e);
                 }
             }
             Event::Closed => {
@@ -207,10 +252,8 @@ impl Sfu {
                     let pc = p.pc_mut(kind);
                     if pc.connected {
                         pc.connected = false;
-                        self.events.push_back(SfuEvent::Disconnected {
-                            participant: id,
-                            pc: kind,
-                        });
+                        let e = self.disconnected_event(id, kind);
+                        self.events.push_back(e);
                     }
                 }
             }

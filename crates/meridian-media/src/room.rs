@@ -13,7 +13,23 @@ use tracing::{debug, warn};
 use crate::forward::Forwarder;
 use crate::pc::{Pc, mark_dirty};
 use crate::rate::LayerRate;
+use crate::relay::Relay;
 use crate::{HashMap, MediaError, ParticipantId, PcKind, Sfu, SfuEvent, TrackId};
+
+/// Separates a room's name from the node of one of its parts (`room~node`; the same
+/// convention as `meridian_events::PART_SEPARATOR`). The parts of one room that a
+/// node hosts see each other's tracks; each part keeps its own participants.
+pub const PART_SEPARATOR: char = '~';
+
+/// Whether two room names are parts of the same room.
+pub(crate) fn same_room(a: &str, b: &str) -> bool {
+    a == b || base_room(a) == base_room(b)
+}
+
+fn base_room(room: &str) -> &str {
+    room.split_once(PART_SEPARATOR)
+        .map_or(room, |(base, _)| base)
+}
 
 pub(crate) struct Participant {
     pub(crate) room: String,
@@ -37,6 +53,8 @@ pub(crate) struct Participant {
     pub(crate) announced: HashMap<String, TrackAnnouncement>,
     /// Publisher SSRC → (track, layer) cache.
     pub(crate) ssrc_map: HashMap<Ssrc, (TrackId, usize)>,
+    /// Set when this "participant" is one side of a relay link to another node.
+    pub(crate) relay: Option<Box<Relay>>,
 }
 
 impl Participant {
@@ -87,13 +105,18 @@ pub(crate) struct Track {
     pub(crate) subscribers: Vec<ParticipantId>,
     pub(crate) rates: [LayerRate; 3],
     pub(crate) pt_params: Vec<(Pt, PayloadParams)>,
+    /// For a track relayed in from another node: its publisher there (shown to
+    /// clients instead of the relay link).
+    pub(crate) origin: Option<ParticipantId>,
+    /// For a track relayed in: the layer last asked of the upstream node.
+    pub(crate) relay_wanted: Option<usize>,
 }
 
 impl Track {
     pub(crate) fn info(&self, id: TrackId) -> TrackInfo {
         TrackInfo {
             track_id: id.to_string(),
-            participant_id: self.owner.to_string(),
+            participant_id: self.origin.unwrap_or(self.owner).to_string(),
             mid: self.mid.to_string(),
             kind: self.kind,
             source: self.source.clone(),
@@ -169,6 +192,7 @@ impl Sfu {
                 estimate_bps: None,
                 announced: HashMap::default(),
                 ssrc_map: HashMap::default(),
+                relay: None,
             },
         );
         self.rooms.entry(room.to_string()).or_default().push(id);
@@ -177,7 +201,7 @@ impl Sfu {
             let existing: Vec<TrackId> = self
                 .tracks
                 .iter()
-                .filter(|(_, t)| t.room == room)
+                .filter(|(_, t)| same_room(&t.room, room))
                 .map(|(id, _)| *id)
                 .collect();
             for track in existing {
@@ -196,6 +220,9 @@ impl Sfu {
         let Some(mut p) = self.participants.remove(&id) else {
             return;
         };
+        if let Some(r) = &p.relay {
+            self.forget_relay(id, r);
+        }
         for pc in [&mut p.publisher, &mut p.subscriber] {
             self.by_ufrag.remove(&pc.ufrag);
             if let Some(addr) = pc.remote
@@ -212,6 +239,7 @@ impl Sfu {
             if let Some(t) = self.tracks.get_mut(track) {
                 t.subscribers.retain(|s| *s != id);
             }
+            self.relay_want(*track);
         }
         for track in p.published.clone() {
             self.remove_track(track);
@@ -263,6 +291,7 @@ impl Sfu {
         if let Some(t) = self.tracks.get_mut(&track) {
             t.subscribers.retain(|s| *s != id);
         }
+        self.relay_want(track);
         self.negotiate(id);
         self.process(now);
         Ok(())
@@ -285,6 +314,7 @@ impl Sfu {
             .get_mut(&track)
             .ok_or(MediaError::UnknownTrack(track))?;
         sub.max_layer = layer.index();
+        self.relay_want(track);
         self.reallocate(id, now);
         self.process(now);
         Ok(())
@@ -349,9 +379,23 @@ impl Sfu {
             .participants
             .get_mut(&id)
             .ok_or(MediaError::UnknownParticipant(id))?;
-        if t.room != p.room {
-            return Err(MediaError::UnknownTrack(track));
-        }
+        let limit = match &p.relay {
+            Some(r) => {
+                // A relay link carries only tracks published on this node, of the rooms
+                // it was asked for: a relayed track is never relayed again (no loops).
+                if r.inbound || !r.rooms.contains(&t.room) {
+                    return Err(MediaError::UnknownTrack(track));
+                }
+                if t.origin.is_some() {
+                    return Err(MediaError::NotAllowed(
+                        "a track relayed in from another node is not relayed again",
+                    ));
+                }
+                self.config.max_relay_tracks
+            }
+            None if !same_room(&t.room, &p.room) => return Err(MediaError::UnknownTrack(track)),
+            None => self.config.max_subscriptions_per_participant,
+        };
         if t.owner == id {
             return Err(MediaError::NotAllowed(
                 "a participant cannot subscribe to its own track",
@@ -360,7 +404,7 @@ impl Sfu {
         if p.subscriptions.contains_key(&track) {
             return Ok(());
         }
-        if p.subscriptions.len() >= self.config.max_subscriptions_per_participant {
+        if p.subscriptions.len() >= limit {
             return Err(MediaError::Limit("subscriptions per participant"));
         }
         let clock = if t.kind == TrackKind::Audio {
@@ -382,10 +426,13 @@ impl Sfu {
         );
         p.to_add.push(track);
         t.subscribers.push(id);
-        self.events.push_back(SfuEvent::Subscribed {
-            participant: id,
-            track_id: track,
-        });
+        if p.relay.is_none() {
+            self.events.push_back(SfuEvent::Subscribed {
+                participant: id,
+                track_id: track,
+            });
+        }
+        self.relay_want(track);
         Ok(())
     }
 
@@ -407,10 +454,22 @@ impl Sfu {
                 }
             }
         }
-        self.events.push_back(SfuEvent::TrackUnpublished {
-            room: t.room.clone(),
-            track_id: track,
-            participant: t.owner,
+        let relayed_from = self
+            .participants
+            .get(&t.owner)
+            .and_then(|o| o.relay.as_ref())
+            .map(|r| r.peer.clone());
+        self.events.push_back(match relayed_from {
+            Some(peer) => SfuEvent::RelayTrackUnpublished {
+                room: t.room.clone(),
+                track_id: track,
+                peer,
+            },
+            None => SfuEvent::TrackUnpublished {
+                room: t.room.clone(),
+                track_id: track,
+                participant: t.owner,
+            },
         });
         for sub_id in t.subscribers {
             self.negotiate(sub_id);
@@ -433,7 +492,21 @@ impl Sfu {
         {
             return None;
         }
-        if p.published.len() >= self.config.max_tracks_per_participant {
+        let relayed = p.relay.as_ref().and_then(|r| {
+            r.sections
+                .get(&mid.to_string())
+                .map(|s| (s.clone(), r.peer.clone()))
+        });
+        if p.relay.is_some() && relayed.is_none() {
+            // Only the sections the upstream node described carry tracks.
+            return None;
+        }
+        let cap = if relayed.is_some() {
+            self.config.max_relay_tracks
+        } else {
+            self.config.max_tracks_per_participant
+        };
+        if p.published.len() >= cap {
             warn!(participant = %id, "track limit reached; media section ignored");
             return None;
         }
@@ -443,20 +516,30 @@ impl Sfu {
         };
         let announced = p.announced.get(&mid.to_string());
         let mut layers: Vec<Layer> = rids.iter().filter_map(|r| Layer::from_rid(r)).collect();
+        if let Some((rt, _)) = &relayed {
+            // One layer crosses the link at a time; clients see the publisher's layers.
+            layers = rt.track.layers.clone();
+        }
         layers.sort();
-        let source = announced.map(|a| a.source.clone()).unwrap_or_else(|| {
-            match kind {
-                TrackKind::Audio => "microphone",
-                TrackKind::Video => "camera",
-            }
-            .to_string()
-        });
+        let source = relayed.as_ref().map(|(rt, _)| rt.track.source.clone());
+        let source = source
+            .or_else(|| announced.map(|a| a.source.clone()))
+            .unwrap_or_else(|| {
+                match kind {
+                    TrackKind::Audio => "microphone",
+                    TrackKind::Video => "camera",
+                }
+                .to_string()
+            });
         // A restored publisher asks for its earlier id (the node checked it is its own).
-        let track = match announced
-            .and_then(|a| a.track_id.as_deref())
-            .and_then(|t| t.parse::<TrackId>().ok())
-            .filter(|t| !self.tracks.contains_key(t))
-        {
+        let wanted_id = match &relayed {
+            // A relayed track keeps its id: the same track on every node of the room.
+            Some((rt, _)) => rt.track.track_id.parse::<TrackId>().ok(),
+            None => announced
+                .and_then(|a| a.track_id.as_deref())
+                .and_then(|t| t.parse::<TrackId>().ok()),
+        };
+        let track = match wanted_id.filter(|t| !self.tracks.contains_key(t)) {
             Some(t) => t,
             None => {
                 self.next_id += 1;
@@ -464,7 +547,13 @@ impl Sfu {
             }
         };
         p.published.push(track);
-        let room = p.room.clone();
+        let room = match &relayed {
+            Some((rt, _)) => rt.room.clone(),
+            None => p.room.clone(),
+        };
+        let origin = relayed
+            .as_ref()
+            .map(|(rt, _)| rt.track.participant_id.parse().unwrap_or(id));
         let t = Track {
             owner: id,
             room: room.clone(),
@@ -476,25 +565,45 @@ impl Sfu {
             subscribers: Vec::new(),
             rates: [LayerRate::default(); 3],
             pt_params: Vec::new(),
+            origin,
+            relay_wanted: None,
         };
         let info = t.info(track);
         self.tracks.insert(track, t);
         debug!(participant = %id, track = %track, "track published");
-        self.events.push_back(SfuEvent::TrackPublished {
-            room: room.clone(),
-            track: info,
-            codec,
+        self.events.push_back(match relayed {
+            Some((_, peer)) => SfuEvent::RelayTrackPublished {
+                room: room.clone(),
+                track: info,
+                peer,
+            },
+            None => SfuEvent::TrackPublished {
+                room: room.clone(),
+                track: info,
+                codec,
+            },
         });
-        let others: Vec<ParticipantId> = self
+        // Every part of the room on this node sees the track.
+        let mut others: Vec<ParticipantId> = self
             .rooms
-            .get(&room)
-            .map(|m| m.iter().copied().filter(|o| *o != id).collect())
-            .unwrap_or_default();
+            .iter()
+            .filter(|(r, _)| same_room(r, &room))
+            .flat_map(|(_, m)| m.iter().copied().filter(|o| *o != id))
+            .collect();
+        // Outbound relay links carrying this room take a local track at once.
+        if origin.is_none() {
+            others.extend(self.relays_out.values().copied().filter(|r| {
+                self.participants
+                    .get(r)
+                    .and_then(|p| p.relay.as_ref())
+                    .is_some_and(|rl| rl.rooms.contains(&room))
+            }));
+        }
         for other in others {
             if self
                 .participants
                 .get(&other)
-                .is_some_and(|o| o.auto_subscribe)
+                .is_some_and(|o| o.auto_subscribe || o.relay.is_some())
                 && self.subscribe_inner(other, track).is_ok()
             {
                 self.negotiate(other);

@@ -130,6 +130,40 @@ pub enum Output<S> {
         /// The client's connection.
         to: S,
     },
+    /// Something for the node's relay control (another node must be told).
+    Relay(RelayOutput),
+}
+
+/// What the media core asks of the other nodes of a relay link (the driver carries it
+/// over the internal control endpoint, never over clients' signaling).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RelayOutput {
+    /// Send the downstream node `peer` this offer; give its answer to
+    /// `Sfu::handle_relay_answer` (through [`Controller::relay`]).
+    Offer {
+        /// The downstream node.
+        peer: String,
+        /// The SDP offer.
+        sdp: String,
+        /// The track each media section carries.
+        tracks: Vec<meridian_media::RelayTrack>,
+    },
+    /// Ask the upstream node `peer` to send `layer` of a relayed track.
+    LayerWanted {
+        /// The upstream node.
+        peer: String,
+        /// The track.
+        track_id: TrackId,
+        /// The highest layer a local subscriber wants.
+        layer: Layer,
+    },
+    /// The link with `peer` lost connectivity.
+    Down {
+        /// The other node.
+        peer: String,
+        /// Whether this node was the receiving side.
+        inbound: bool,
+    },
 }
 
 /// Tunables of the controller.
@@ -362,6 +396,27 @@ impl<S: Clone> Controller<S> {
         if let Err(again) = removed {
             std::panic::resume_unwind(again);
         }
+    }
+
+    /// A datagram arrived on the node's relay socket (an inbound relay link).
+    pub fn handle_relay_datagram(&mut self, now: Instant, source: SocketAddr, contents: &[u8]) {
+        self.sfu.handle_relay_datagram(now, source, contents);
+        self.drain_sfu_events(now);
+    }
+
+    /// The next datagram to send from the relay socket, if any.
+    pub fn poll_relay_transmit(&mut self) -> Option<Transmit> {
+        self.sfu.poll_relay_transmit()
+    }
+
+    /// Runs a relay command on the media core (`relay_room`, `handle_relay_offer`,
+    /// `handle_relay_answer`, `set_relay_layer`, `remove_relay`, …) and handles what it
+    /// caused. Relay links carry media between nodes; nothing about them is a client's
+    /// change, so nothing here is recorded in a room's log.
+    pub fn relay<R>(&mut self, now: Instant, f: impl FnOnce(&mut Sfu, Instant) -> R) -> R {
+        let r = f(&mut self.sfu, now);
+        self.drain_sfu_events(now);
+        r
     }
 
     /// A client asks to enter its room, or to resume a session with its resume token.
@@ -727,9 +782,12 @@ impl<S: Clone> Controller<S> {
             .get(&sha256_hex(&token))
             .copied()
             .filter(|id| {
-                self.sessions
-                    .get(id)
-                    .is_some_and(|s| s.identity == req.identity && s.room == req.room)
+                // Any part of the same room: a resumed session stays in its own part.
+                self.sessions.get(id).is_some_and(|s| {
+                    s.identity == req.identity
+                        && meridian_events::room_of_part(&s.room)
+                            == meridian_events::room_of_part(&req.room)
+                })
             });
         let Some(id) = found else {
             return Err(Refusal::new(
@@ -737,7 +795,7 @@ impl<S: Clone> Controller<S> {
                 "unknown or expired resume token",
             ));
         };
-        let room = req.room;
+        let room = self.sessions.get(&id).map_or(req.room, |s| s.room.clone());
         // Restored here but the client never connected its media (it gave up waiting
         // for `joined`): start its media over, as restored again.
         let redo = self.sessions.get(&id).is_some_and(|s| s.restored_pending)
@@ -927,7 +985,8 @@ impl<S: Clone> Controller<S> {
             id,
             ServerMessage::Joined {
                 participant_id: id.to_string(),
-                room,
+                // A part of a room is the room, as far as its clients know.
+                room: meridian_events::room_of_part(&room).to_string(),
                 participants,
                 resume,
                 resume_grace_secs: self.grace.as_secs(),
@@ -1292,6 +1351,44 @@ impl<S: Clone> Controller<S> {
                     self.start_grace(participant, now);
                 }
             }
+            SfuEvent::RelayOffer { peer, sdp, tracks } => {
+                self.outputs
+                    .push_back(Output::Relay(RelayOutput::Offer { peer, sdp, tracks }));
+            }
+            SfuEvent::RelayLayerWanted {
+                peer,
+                track_id,
+                layer,
+            } => self
+                .outputs
+                .push_back(Output::Relay(RelayOutput::LayerWanted {
+                    peer,
+                    track_id,
+                    layer,
+                })),
+            SfuEvent::RelayDown { peer, inbound } => {
+                self.outputs
+                    .push_back(Output::Relay(RelayOutput::Down { peer, inbound }));
+            }
+            // A track of another part of the room: the clients here see it like a
+            // local one; its publication is in the log of the part that has it.
+            SfuEvent::RelayTrackPublished { room, track, .. } => {
+                self.broadcast(&room, None, ServerMessage::TrackPublished { track })
+            }
+            SfuEvent::RelayTrackUnpublished { room, track_id, .. } => self.broadcast(
+                &room,
+                None,
+                ServerMessage::TrackUnpublished {
+                    track_id: track_id.to_string(),
+                },
+            ),
+            SfuEvent::Subscribed {
+                participant,
+                track_id,
+            } if self.sfu.is_relayed(track_id) => {
+                // Not this part's track: its state does not know it (and need not).
+                debug!(%participant, track = %track_id, "subscribed to a relayed track");
+            }
             SfuEvent::Subscribed {
                 participant,
                 track_id,
@@ -1421,6 +1518,7 @@ mod tests {
                     }
                 }
                 Output::Deliver { .. } => {}
+                Output::Relay(out) => panic!("no relay link in this test: {out:?}"),
             }
         }
         assert!(

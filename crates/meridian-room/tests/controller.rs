@@ -75,6 +75,7 @@ impl World {
                 }
                 Output::Deliver { to, msg, .. } => self.inbox.entry(to).or_default().push(msg),
                 Output::Close { to, .. } => self.closed.push(to),
+                Output::Relay(out) => panic!("no relay link in these tests: {out:?}"),
             }
         }
         while self.c.poll_transmit().is_some() {}

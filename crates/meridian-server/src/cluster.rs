@@ -135,6 +135,126 @@ impl Cluster {
         &self.region
     }
 
+    /// This node's id.
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The region's log.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The live leases of the region (this node's included) as last read.
+    pub(crate) fn live_nodes(&self) -> Vec<NodeLease> {
+        let now = Utc::now();
+        self.state()
+            .leases
+            .iter()
+            .filter(|l| l.is_live(now))
+            .cloned()
+            .collect()
+    }
+
+    /// The live lease of `node`, if it holds one.
+    pub(crate) fn lease_of(&self, node: &str) -> Option<NodeLease> {
+        self.live_lease(node)
+    }
+
+    /// The room parts (streams `room:<part>`) this node hosts.
+    pub(crate) fn held_parts(&self) -> Vec<String> {
+        self.fences
+            .held()
+            .into_iter()
+            .filter_map(|s| s.strip_prefix("room:").map(str::to_string))
+            .collect()
+    }
+
+    /// Appends an event about this node to its `node:<id>` stream.
+    pub(crate) async fn record(&self, event: Event) {
+        let stream = node_stream(&self.node);
+        let append = self.store.append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![NewEvent::new(&self.node, event)],
+        );
+        if let Err(e) = append.await {
+            warn!("recording a relay event failed: {e}");
+        }
+    }
+
+    /// Serialises placement decisions with [`Cluster::place`].
+    pub(crate) async fn placing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.placing.lock().await
+    }
+
+    /// Places a new part of `room` on this node (called under [`Cluster::placing`]):
+    /// its stream `room:<part>` starts with `RoomPartPlaced` and `RoomPlaced`. Returns
+    /// false if the stream is no longer empty (another node raced).
+    pub(crate) async fn place_part(&self, room: &str, part: &str) -> Result<bool, StoreError> {
+        let stream = room_stream(part);
+        let state = self.store.load_room(&stream).await?;
+        if state.version != 0 {
+            return Ok(false);
+        }
+        let epoch = state.epoch + 1;
+        let events = vec![
+            NewEvent::new(
+                &self.node,
+                Event::RoomPartPlaced {
+                    room: room.to_string(),
+                    part: part.to_string(),
+                    node: self.node.clone(),
+                },
+            ),
+            NewEvent::new(
+                &self.node,
+                Event::RoomPlaced {
+                    node: self.node.clone(),
+                    epoch,
+                },
+            ),
+        ];
+        match self
+            .store
+            .append(&stream, ExpectedVersion::Exact(0), events)
+            .await
+        {
+            Ok(recorded) => {
+                let version = recorded.last().map_or(2, |r| r.sequence);
+                let mut state = state;
+                state.apply_event(&Event::RoomPlaced {
+                    node: self.node.clone(),
+                    epoch,
+                });
+                state.version = version;
+                self.host(&stream, version, epoch, state).await;
+                Ok(true)
+            }
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adopts or claims an existing part stream for this node, as [`Cluster::place`]
+    /// does for a room (placed here: adopt; unplaced or on a dead node: claim).
+    pub(crate) async fn take_part(&self, part: &str) -> Result<bool, StoreError> {
+        let stream = room_stream(part);
+        if let Some(Fence::Held { .. }) = self.fences.get(&stream) {
+            return Ok(true);
+        }
+        let state = self.store.load_room(&stream).await?;
+        match state.node.clone() {
+            Some(n) if n == self.node => {
+                let (version, epoch) = (state.version, state.epoch);
+                self.host(&stream, version, epoch, state).await;
+                Ok(true)
+            }
+            Some(n) if self.live_lease(&n).is_some() => Ok(false),
+            _ => self.claim(&stream, state).await,
+        }
+    }
+
     async fn acquire(&self) -> Result<(), StoreError> {
         // Lease times come from the database's clock (clock skew between nodes cannot
         // expire a live node).

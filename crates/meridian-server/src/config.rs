@@ -273,6 +273,13 @@ pub struct MediaConfig {
     pub impair_direction: crate::impair::ImpairDirection,
     /// Seed of the impairment's random numbers.
     pub impair_seed: u64,
+    /// Most participants this node takes (0: no cap). A join for a room whose parts
+    /// are all on full nodes places a new part of the room on the least-loaded live
+    /// node, and the parts exchange tracks over relay links (see `docs/relay.md`).
+    pub max_participants: usize,
+    /// UDP address of the relay socket, where this node receives the tracks other
+    /// nodes relay to it (default: the media address's IP, any port).
+    pub relay_addr: Option<SocketAddr>,
 }
 
 /// Signaling limits.
@@ -332,6 +339,8 @@ impl Default for Config {
                 impair: None,
                 impair_direction: Default::default(),
                 impair_seed: 1,
+                max_participants: 0,
+                relay_addr: None,
             },
             signaling: SignalingConfig::default(),
             webtransport: WebTransportConfig {

@@ -18,6 +18,7 @@ mod media_loop;
 pub mod metrics;
 mod outbox;
 pub mod regions;
+mod relay;
 mod signal;
 mod udp;
 mod webtransport;
@@ -75,6 +76,8 @@ pub(crate) struct NodeState {
     pub commands: mpsc::Sender<mailbox::Command>,
     pub webtransport: webtransport::Advert,
     pub cluster: Arc<cluster::Cluster>,
+    /// Relay control between the nodes hosting parts of a room.
+    pub relay: Arc<relay::Relay>,
     /// The web client folder served at `/`; `None`: not built (a page says how).
     pub web_root: Option<std::sync::Arc<std::path::Path>>,
     /// Connection and join limits per source address.
@@ -127,6 +130,8 @@ pub struct Node {
     pub media_addr: SocketAddr,
     /// Address of the WebTransport signaling listener (UDP).
     pub wt_addr: SocketAddr,
+    /// Address of the relay UDP socket (where other nodes relay tracks to this one).
+    pub relay_addr: SocketAddr,
     /// The node's metrics.
     pub metrics: Metrics,
     /// Whether dev mode (`POST /dev/token`) is on.
@@ -207,6 +212,24 @@ impl Node {
             addr: config.http.addr,
             source,
         })?;
+        let relay_bind = config
+            .media
+            .relay_addr
+            .unwrap_or_else(|| SocketAddr::new(config.media.addr.ip(), 0));
+        let relay_socket = std::net::UdpSocket::bind(relay_bind)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .map_err(|source| NodeError::Bind {
+                what: "relay UDP socket",
+                addr: relay_bind,
+                source,
+            })?;
+        let relay_addr = relay_socket
+            .local_addr()
+            .map_err(|source| NodeError::Bind {
+                what: "relay UDP socket",
+                addr: relay_bind,
+                source,
+            })?;
         let wt_listener = webtransport::bind(&config).await?;
         let wt_addr = wt_listener.advert().addr;
         let identity_keys = regions::load_identity_keys(&config.login)?.map(Arc::new);
@@ -299,8 +322,11 @@ impl Node {
         if let Some(i) = &config.media.impair {
             tracing::warn!(impair = %i, direction = ?config.media.impair_direction, "media socket impaired (chaos test)");
         }
+        let mut sfu_config = meridian_media::SfuConfig::new(candidate);
+        sfu_config.relay_addr = Some(config.candidate_addr(relay_addr));
+        let (relay_outputs, relay_outputs_rx) = mpsc::channel(relay::RELAY_OUTPUT_QUEUE);
         let controller = meridian_room::ControllerConfig {
-            sfu: meridian_media::SfuConfig::new(candidate),
+            sfu: sfu_config,
             resume_grace: config.resume_grace(),
             seed: rand::random(),
             changes_per_second: f64::from(config.signaling.changes_per_second),
@@ -319,6 +345,10 @@ impl Node {
                     rt.block_on(async move {
                         let socket = tokio::net::UdpSocket::from_std(socket)
                             .expect("a non-blocking UDP socket registers with the runtime");
+                        let relay_socket = tokio::net::UdpSocket::from_std(relay_socket)
+                            .expect("a non-blocking UDP socket registers with the runtime");
+                        let relay_io = relay::RelayIo::new(Arc::new(relay_socket), relay_outputs)
+                            .expect("a bound UDP socket takes its options");
                         media_loop::MediaLoop::new(
                             Arc::new(socket),
                             controller,
@@ -326,6 +356,7 @@ impl Node {
                             outbox,
                         )
                         .impaired(impairer)
+                        .with_relay(relay_io)
                         .run(command_rx)
                         .await
                     })
@@ -382,13 +413,23 @@ impl Node {
             config.http.max_connections_per_ip,
             config.signaling.joins_per_ip_per_minute,
         );
+        let keys = Arc::new(keys);
+        let relay = Arc::new(relay::Relay::new(
+            keys.clone(),
+            cluster.clone(),
+            commands.clone(),
+            metrics.clone(),
+            candidate,
+            config.media.max_participants,
+        ));
         let state = NodeState {
             identity_keys,
+            relay: relay.clone(),
             limits: Arc::new(ip_limits),
             hosts: Arc::new(hosts),
             web_root: web_root.as_deref().map(Arc::from),
             config: Arc::new(config),
-            keys: Arc::new(keys),
+            keys,
             registry: Arc::new(metrics.registry()),
             metrics: metrics.clone(),
             commands: commands.clone(),
@@ -397,6 +438,7 @@ impl Node {
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let cluster_task = tokio::spawn(cluster.clone().run(shutdown.subscribe()));
+        tokio::spawn(relay.run(relay_outputs_rx, shutdown.subscribe()));
         let wt_task = tokio::spawn(webtransport::serve(
             wt_listener,
             state.clone(),
@@ -410,6 +452,8 @@ impl Node {
         let internal_app = http::internal_router(state.clone())
             .merge(audit)
             .merge(internal::node_routes(&state));
+        // Relay control authenticates callers with a node token and a live lease
+        // (`relay.rs`), so it is served on the public listener, where peers reach it.
         tokio::spawn(internal::serve(
             internal_listener,
             internal_app,
@@ -430,10 +474,12 @@ impl Node {
                 shutdown.subscribe(),
             ));
         }
-        let app = http::router(state.clone()).layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            http::check_host,
-        ));
+        let app = http::router(state.clone())
+            .merge(relay::routes().with_state(state.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                http::check_host,
+            ));
         let http_task = tokio::spawn(http::serve(listener, app, state, shutdown_rx));
         info!(%http_addr, %internal_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
         Ok(Node {
@@ -443,6 +489,7 @@ impl Node {
             internal_tls,
             media_addr,
             wt_addr,
+            relay_addr,
             metrics,
             dev,
             web_root,

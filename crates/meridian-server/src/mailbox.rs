@@ -175,6 +175,59 @@ pub(crate) enum Command {
     },
     /// How many sessions the node holds.
     Count { reply: oneshot::Sender<usize> },
+    /// A relay-control operation on the media core (from `relay.rs`).
+    Relay {
+        op: RelayOp,
+        reply: oneshot::Sender<Result<RelayReply, String>>,
+    },
+}
+
+/// Relay operations the media loop runs on the core (see `meridian_media::relay`).
+#[derive(Debug)]
+pub(crate) enum RelayOp {
+    /// Upstream: relay the local tracks of each part to `peer` (after closing the old
+    /// outbound link when `fresh`), and stop relaying the parts not listed.
+    Relay {
+        peer: String,
+        parts: Vec<String>,
+        fresh: bool,
+    },
+    /// Downstream: accept the upstream's offer.
+    Offer {
+        peer: String,
+        peer_addr: std::net::SocketAddr,
+        sdp: String,
+        tracks: Vec<meridian_media::RelayTrack>,
+    },
+    /// Upstream: the downstream's answer to the last offer.
+    Answer { peer: String, sdp: String },
+    /// Upstream: the layer the downstream wants of a track.
+    Layer {
+        peer: String,
+        track: meridian_media::TrackId,
+        layer: meridian_protocol::Layer,
+    },
+    /// Close both directions of the links with `peer`.
+    Remove { peer: String },
+    /// Close the link on which `peer` sends to this node.
+    RemoveIn { peer: String },
+    /// Close the link on which this node sends to `peer`.
+    RemoveOut { peer: String },
+    /// Counters of every link.
+    Stats,
+}
+
+/// What a [`RelayOp`] returns.
+#[derive(Debug)]
+pub(crate) enum RelayReply {
+    /// Done.
+    Done,
+    /// Parts now relayed that were not before.
+    Linked(Vec<String>),
+    /// The SDP answer to an offer.
+    Answer(String),
+    /// Link counters.
+    Stats(Vec<meridian_media::RelayStats>),
 }
 
 /// One item leaving the node through the outbox, in order within its room stream.

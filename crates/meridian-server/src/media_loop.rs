@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::impair::Impairer;
-use crate::mailbox::{Command, Outbound, OutboxTx, SessionSink};
+use crate::mailbox::{Command, Outbound, OutboxTx, RelayOp, RelayReply, SessionSink};
 use crate::metrics::Metrics;
 use crate::udp::MediaSocket;
 
@@ -37,6 +37,8 @@ pub(crate) struct MediaLoop {
     counted: ControllerStats,
     /// Chaos-test emulators between the socket and the controller (dev mode only).
     impair: Impairer,
+    /// The relay socket and what the relay driver must carry to other nodes.
+    relay: Option<crate::relay::RelayIo>,
 }
 
 impl MediaLoop {
@@ -54,12 +56,19 @@ impl MediaLoop {
             outbox,
             counted: ControllerStats::default(),
             impair: Impairer::default(),
+            relay: None,
         }
     }
 
     /// Passes the socket's datagrams through `impair` (`--impair`, dev mode).
     pub(crate) fn impaired(mut self, impair: Impairer) -> MediaLoop {
         self.impair = impair;
+        self
+    }
+
+    /// Adds the relay socket (inbound relay links) and the relay driver's queue.
+    pub(crate) fn with_relay(mut self, relay: crate::relay::RelayIo) -> MediaLoop {
+        self.relay = Some(relay);
         self
     }
 
@@ -94,6 +103,22 @@ impl MediaLoop {
                         return;
                     }
                     self.receive_batch();
+                    // The relay socket is read on every media wake-up too: behind the
+                    // always-busy media socket of a loaded node, its own branch would
+                    // rarely get a turn (relayed packets waited hundreds of ms).
+                    if let Some(relay) = &mut self.relay {
+                        relay.receive(&mut self.controller);
+                    }
+                }
+                ready = crate::relay::readable(&self.relay) => {
+                    if let Some(relay) = &mut self.relay {
+                        if let Err(e) = ready {
+                            warn!("relay socket failed: {e}");
+                            self.relay = None;
+                        } else {
+                            relay.receive(&mut self.controller);
+                        }
+                    }
                 }
             }
             self.flush().await;
@@ -173,8 +198,17 @@ impl MediaLoop {
                 break;
             }
         }
+        if let Some(relay) = &mut self.relay {
+            relay.send(&mut self.controller).await;
+        }
         while let Some(output) = self.controller.poll_output() {
             let item = match output {
+                Output::Relay(out) => {
+                    if let Some(relay) = &self.relay {
+                        relay.output(out);
+                    }
+                    continue;
+                }
                 Output::Append {
                     room,
                     epoch,
@@ -229,6 +263,9 @@ impl MediaLoop {
             .outbox_queue
             .set(i64::try_from(self.outbox.depth()).unwrap_or(i64::MAX));
         let sfu = self.controller.sfu();
+        self.metrics
+            .relay
+            .observe(&sfu.relay_stats(), &sfu.room_sizes());
         self.metrics.observe(
             sfu.stats(),
             sfu.participant_count(),
@@ -295,6 +332,71 @@ impl MediaLoop {
             Command::Count { reply } => {
                 let _ = reply.send(self.controller.session_count());
             }
+            Command::Relay { op, reply } => {
+                let _ = reply.send(self.relay_op(now, op));
+            }
+        }
+    }
+
+    fn relay_op(&mut self, now: Instant, op: RelayOp) -> Result<RelayReply, String> {
+        let c = &mut self.controller;
+        match op {
+            RelayOp::Relay { peer, parts, fresh } => {
+                let linked = c.relay(now, |sfu, now| {
+                    if fresh {
+                        sfu.remove_relay_out(now, &peer);
+                    }
+                    let before = sfu.relayed_rooms(&peer);
+                    for part in &parts {
+                        sfu.relay_room(now, &peer, part);
+                    }
+                    for part in &before {
+                        if !parts.contains(part) {
+                            sfu.unrelay_room(now, &peer, part);
+                        }
+                    }
+                    parts
+                        .iter()
+                        .filter(|p| !before.contains(p))
+                        .cloned()
+                        .collect()
+                });
+                Ok(RelayReply::Linked(linked))
+            }
+            RelayOp::Offer {
+                peer,
+                peer_addr,
+                sdp,
+                tracks,
+            } => c
+                .relay(now, |sfu, now| {
+                    sfu.handle_relay_offer(now, &peer, peer_addr, &sdp, tracks)
+                })
+                .map(RelayReply::Answer)
+                .map_err(|e| e.to_string()),
+            RelayOp::Answer { peer, sdp } => c
+                .relay(now, |sfu, now| sfu.handle_relay_answer(now, &peer, &sdp))
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
+            RelayOp::Layer { peer, track, layer } => c
+                .relay(now, |sfu, now| {
+                    sfu.set_relay_layer(now, &peer, track, layer)
+                })
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
+            RelayOp::Remove { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            RelayOp::RemoveIn { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay_in(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            RelayOp::RemoveOut { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay_out(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            RelayOp::Stats => Ok(RelayReply::Stats(c.sfu().relay_stats())),
         }
     }
 }

@@ -121,6 +121,8 @@ pub struct Metrics {
     pub certificate_reloads: Family<ResultLabel, Counter>,
     /// Panics in the media loop contained to one participant (which was removed).
     pub media_panics: Counter,
+    /// Relay links between nodes (see [`RelayMetrics`]).
+    pub relay: RelayMetrics,
     last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
 }
 
@@ -170,6 +172,7 @@ impl Default for Metrics {
             certificate_expiry: Family::default(),
             certificate_reloads: Family::default(),
             media_panics: Counter::default(),
+            relay: RelayMetrics::default(),
             last: Default::default(),
         }
     }
@@ -331,6 +334,7 @@ impl Metrics {
             "Always 1; the version label names the build",
             self.build_info.clone(),
         );
+        self.relay.register(&mut r);
         r.register(
             "signaling_connections",
             "Signaling connections opened",
@@ -413,5 +417,142 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// Labels of one side of a relay link.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabel {
+    /// `out` (this node sends) or `in` (this node receives).
+    pub direction: &'static str,
+    /// The other node.
+    pub peer: String,
+}
+
+/// Labels of the packets one outbound relay link sent per simulcast layer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerLabel {
+    /// The node receiving.
+    pub peer: String,
+    /// `low`, `medium` or `high` (audio and single-stream video count as `low`).
+    pub layer: &'static str,
+}
+
+/// Label of a room part.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabel {
+    /// The room part (`room` or `room~node`).
+    pub part: String,
+}
+
+/// Metrics of the relay links between nodes and of the room parts on this node.
+#[derive(Clone, Default)]
+pub struct RelayMetrics {
+    /// RTP packets sent (`out`) or received (`in`) over relay links, per peer node:
+    /// one copy of each relayed track's packets per link.
+    pub packets: Family<LinkLabel, Counter>,
+    /// Tracks each relay link carries now.
+    pub tracks: Family<LinkLabel, Gauge>,
+    /// RTP packets sent over outbound relay links per simulcast layer.
+    pub layer_packets: Family<LayerLabel, Counter>,
+    /// Relay control requests refused, by `reason` (the error code answered).
+    pub refused: Family<ReasonLabel, Counter>,
+    /// Relay control requests to other nodes that failed.
+    pub peer_errors: Counter,
+    /// Participants in each room part hosted here.
+    pub part_participants: Family<PartLabel, Gauge>,
+    last: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<LinkLabel, [u64; 4]>>>,
+    parts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RelayMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "relay_packets",
+            "RTP packets over relay links, by direction and peer node",
+            self.packets.clone(),
+        );
+        r.register(
+            "relay_tracks",
+            "Tracks a relay link carries, by direction and peer node",
+            self.tracks.clone(),
+        );
+        r.register(
+            "relay_layer_packets",
+            "RTP packets sent over relay links, by peer node and simulcast layer",
+            self.layer_packets.clone(),
+        );
+        r.register(
+            "relay_refused",
+            "Relay control requests refused, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "relay_peer_errors",
+            "Relay control requests to other nodes that failed",
+            self.peer_errors.clone(),
+        );
+        r.register(
+            "room_part_participants",
+            "Participants in each room part hosted by this node",
+            self.part_participants.clone(),
+        );
+    }
+
+    /// Takes the media core's relay counters (cumulative per link; a link that was
+    /// rebuilt starts again from zero) and the participants per room part.
+    pub(crate) fn observe(&self, links: &[meridian_media::RelayStats], parts: &[(String, usize)]) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = Vec::new();
+        for l in links {
+            let label = LinkLabel {
+                direction: if l.inbound { "in" } else { "out" },
+                peer: l.peer.clone(),
+            };
+            let now = [
+                l.packets,
+                l.packets_by_layer[0],
+                l.packets_by_layer[1],
+                l.packets_by_layer[2],
+            ];
+            let before = last.get(&label).copied().unwrap_or_default();
+            // A rebuilt link counts from zero again.
+            let rebuilt = now.iter().zip(&before).any(|(n, b)| n < b);
+            let delta = |i: usize| if rebuilt { now[i] } else { now[i] - before[i] };
+            self.packets.get_or_create(&label).inc_by(delta(0));
+            if !l.inbound {
+                for (i, layer) in ["low", "medium", "high"].into_iter().enumerate() {
+                    self.layer_packets
+                        .get_or_create(&LayerLabel {
+                            peer: l.peer.clone(),
+                            layer,
+                        })
+                        .inc_by(delta(i + 1));
+                }
+            }
+            self.tracks.get_or_create(&label).set(l.tracks as i64);
+            last.insert(label.clone(), now);
+            seen.push(label);
+        }
+        last.retain(|label, _| {
+            let keep = seen.contains(label);
+            if !keep {
+                self.tracks.get_or_create(label).set(0);
+            }
+            keep
+        });
+        let mut known = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        for old in known.iter() {
+            if !parts.iter().any(|(p, _)| p == old) {
+                self.part_participants
+                    .remove(&PartLabel { part: old.clone() });
+            }
+        }
+        *known = parts.iter().map(|(p, _)| p.clone()).collect();
+        for (part, n) in parts {
+            self.part_participants
+                .get_or_create(&PartLabel { part: part.clone() })
+                .set(*n as i64);
+        }
     }
 }

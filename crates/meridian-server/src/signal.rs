@@ -444,20 +444,30 @@ async fn join(
             "an admin token for every room cannot join a room",
         ));
     }
+    if claims.room.contains(meridian_events::PART_SEPARATOR) {
+        return Err(ServerMessage::error(
+            ErrorCode::Forbidden,
+            format!(
+                "room names may not contain '{}' (it names the parts of a room)",
+                meridian_events::PART_SEPARATOR
+            ),
+        ));
+    }
     // The room lives on one node of the region: place it here or send the client on.
-    match state.cluster.place(&claims.room, resume.is_some()).await {
-        Ok(Placement::Local) => {}
-        Ok(Placement::Elsewhere(url)) => {
+    let part = match crate::relay::place(state, &claims.room, resume.as_deref()).await {
+        Ok((Placement::Local, part)) => part,
+        Ok((Placement::Elsewhere(url), _)) => {
             return Err(ServerMessage::Redirect {
                 region: state.cluster.region().to_string(),
                 url,
             });
         }
         Err(e) => return Err(ServerMessage::error(ErrorCode::Unavailable, e.to_string())),
-    }
+    };
     let (reply, answer) = oneshot::channel();
     let request = meridian_room::JoinRequest {
-        room: claims.room.clone(),
+        // The part of the room this node hosts (the room itself unless it spans nodes).
+        room: part,
         identity: claims.sub.clone(),
         name: claims.name.clone(),
         grants: Grants {

@@ -98,6 +98,10 @@ struct ServeArgs {
     /// Address advertised to clients behind a 1:1 NAT.
     #[arg(long, env = "MERIDIAN_PUBLIC_IP")]
     public_ip: Option<IpAddr>,
+    /// Most participants this node takes; a room spreads over several nodes (relay
+    /// links between its parts) once its nodes are full [default: 0, no cap].
+    #[arg(long, env = "MERIDIAN_MAX_PARTICIPANTS")]
+    max_participants: Option<usize>,
     /// Directory for keys and data [default: ./meridian-data].
     #[arg(long, env = "MERIDIAN_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -274,6 +278,9 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(ip) = args.public_ip {
         config.media.public_ip = Some(ip);
+    }
+    if let Some(n) = args.max_participants {
+        config.media.max_participants = n;
     }
     if let Some(d) = &args.data_dir {
         config.node.data_dir = d.clone();

@@ -276,6 +276,13 @@ pub struct Harness {
     pub capture_stun: bool,
     /// STUN datagrams peers sent to the node while `capture_stun` was set.
     pub captured_stun: Vec<(SocketAddr, Vec<u8>)>,
+    /// The node's media address as its clients see it (default [`SFU_ADDR`]).
+    pub node_addr: SocketAddr,
+    /// Datagrams the node sent to an address that is none of the harness's clients
+    /// (another node, in relay tests).
+    pub foreign: VecDeque<meridian_media::Transmit>,
+    /// Datagrams the node sent from its relay socket.
+    pub relay_out: VecDeque<meridian_media::Transmit>,
     by_addr: HashMap<SocketAddr, (usize, bool)>,
     by_id: HashMap<ParticipantId, usize>,
     to_sfu: VecDeque<(SocketAddr, Vec<u8>)>,
@@ -312,6 +319,9 @@ impl Harness {
             keep_events: true,
             capture_stun: false,
             captured_stun: Vec::new(),
+            node_addr: SFU_ADDR,
+            foreign: VecDeque::new(),
+            relay_out: VecDeque::new(),
             by_addr: HashMap::new(),
             by_id: HashMap::new(),
             to_sfu: VecDeque::new(),
@@ -339,6 +349,9 @@ impl Harness {
         let r = f(&mut self.sfu, self.now);
         while let Some(t) = self.sfu.poll_transmit() {
             self.to_peer.push_back(t);
+        }
+        while let Some(t) = self.sfu.poll_relay_transmit() {
+            self.relay_out.push_back(t);
         }
         while let Some(e) = self.sfu.poll_event() {
             self.new_events.push_back(e);
@@ -537,6 +550,19 @@ impl Harness {
         self.pump();
     }
 
+    /// Hands a datagram to the node's relay socket as if it came from `source`.
+    pub fn inject_relay(&mut self, source: SocketAddr, data: &[u8]) {
+        self.drive(|s, now| s.handle_relay_datagram(now, source, data));
+        self.pump();
+    }
+
+    /// Runs `f` on the core (a command at the harness's now) and moves its output.
+    pub fn call<R>(&mut self, f: impl FnOnce(&mut Sfu, Instant) -> R) -> R {
+        let (r, _) = self.drive(f);
+        self.pump();
+        r
+    }
+
     /// Puts one of a client's peer connections behind a NAT mapping that just changed
     /// to `addr`: from now on the node sees its datagrams come from there, and the
     /// node's datagrams to there reach it (its own local address stays the same).
@@ -650,6 +676,7 @@ impl Harness {
             while let Some(t) = self.to_peer.pop_front() {
                 moved = true;
                 let Some(&(idx, publisher)) = self.by_addr.get(&t.destination) else {
+                    self.foreign.push_back(t);
                     continue;
                 };
                 if !self.clients[idx].alive {
@@ -716,7 +743,7 @@ impl Harness {
     fn deliver_to_peer(&mut self, idx: usize, publisher: bool, data: &[u8]) {
         let now = self.now;
         let pc = pc_of(&mut self.clients[idx], publisher);
-        let Ok(receive) = Receive::new(Protocol::Udp, SFU_ADDR, pc.addr, data) else {
+        let Ok(receive) = Receive::new(Protocol::Udp, self.node_addr, pc.addr, data) else {
             return;
         };
         let _ = pc.rtc.handle_input(Input::Receive(now, receive));

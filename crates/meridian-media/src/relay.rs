@@ -1,0 +1,577 @@
+//! Relay links: one node forwards the tracks published on it to another node that
+//! hosts part of the same room, once per link, and that node fans them out.
+//!
+//! A link is directional and carries the tracks of every room the two nodes share.
+//! Inside the core each side is kept as a participant without a room:
+//!
+//! * **outbound** (the upstream node, [`Sfu::relay_room`]): its *subscriber*
+//!   connection (ICE-lite, the node offers, TWCC estimate) subscribes to every track
+//!   published locally in the rooms the downstream asked for. Each subscription is a
+//!   normal one with its own [`Forwarder`](crate::forward), so exactly one simulcast
+//!   layer crosses per track, capped by [`Sfu::set_relay_layer`] (the highest layer
+//!   the downstream's subscribers want) and chosen within the link's estimate. Its
+//!   offers go out as [`SfuEvent::RelayOffer`] instead of to a client.
+//! * **inbound** (the downstream node, [`Sfu::handle_relay_offer`]): its *publisher*
+//!   connection is a full ICE agent on the node's relay socket (`relay_addr`), so it
+//!   never shares a source address with a client or with the reverse link; every
+//!   media section of the upstream's offer becomes a local track with the same track
+//!   id, which the room's local participants auto-subscribe to. Keyframe requests,
+//!   NACKs and TWCC feedback flow back over the same connection.
+//!
+//! Tracks that arrived over a link are never relayed again, so links cannot loop.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use meridian_protocol::{Layer, TrackInfo};
+use serde::{Deserialize, Serialize};
+use str0m::Input;
+use str0m::change::SdpOffer;
+use str0m::media::Mid;
+use str0m::net::{Protocol, Receive};
+
+use crate::pc::{self, Pc, mark_dirty};
+use crate::room::{Participant, Subscription, Track};
+use crate::{HashMap, MediaError, ParticipantId, PcKind, Sfu, SfuEvent, TrackId, Transmit};
+
+/// One track of a relay link: the media section carrying it and what the
+/// downstream node needs to publish it in its part of the room.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayTrack {
+    /// The media section of the link's connection.
+    pub mid: String,
+    /// The room the track belongs to.
+    pub room: String,
+    /// The track as its publisher's node knows it (id, publisher, kind, layers).
+    pub track: TrackInfo,
+}
+
+/// Counters of one side of a relay link, for metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RelayStats {
+    /// The other node.
+    pub peer: String,
+    /// Whether this node receives over the link (false: it sends).
+    pub inbound: bool,
+    /// Tracks the link carries.
+    pub tracks: usize,
+    /// RTP packets sent (outbound) or received (inbound) over the link.
+    pub packets: u64,
+    /// Outbound: RTP packets sent per simulcast layer (low, medium, high; audio and
+    /// single-stream video count as low).
+    pub packets_by_layer: [u64; 3],
+    /// Whether ICE and DTLS completed.
+    pub connected: bool,
+}
+
+/// What the core keeps about a participant that is a relay link.
+pub(crate) struct Relay {
+    pub(crate) peer: String,
+    pub(crate) inbound: bool,
+    /// Outbound: the rooms whose local tracks the link carries.
+    pub(crate) rooms: std::collections::BTreeSet<String>,
+    /// Inbound: the track each media section carries (from the upstream's offer).
+    pub(crate) sections: HashMap<String, RelayTrack>,
+    /// Inbound: the upstream node's media address.
+    pub(crate) remote: Option<SocketAddr>,
+    /// Inbound: the DTLS fingerprint of the upstream's offers; another one means the
+    /// upstream rebuilt its side, so this side starts over too.
+    pub(crate) fingerprint: Option<String>,
+    pub(crate) packets: u64,
+    pub(crate) packets_by_layer: [u64; 3],
+}
+
+impl Relay {
+    fn new(peer: &str, inbound: bool) -> Box<Relay> {
+        Box::new(Relay {
+            peer: peer.to_string(),
+            inbound,
+            rooms: Default::default(),
+            sections: HashMap::default(),
+            remote: None,
+            fingerprint: None,
+            packets: 0,
+            packets_by_layer: [0; 3],
+        })
+    }
+}
+
+/// The tracks of an outbound link's offer, one per negotiated section.
+pub(crate) fn offer_tracks(
+    tracks: &HashMap<TrackId, Track>,
+    subscriptions: &HashMap<TrackId, Subscription>,
+) -> Vec<RelayTrack> {
+    let mut out: Vec<RelayTrack> = subscriptions
+        .iter()
+        .filter_map(|(id, sub)| {
+            let t = tracks.get(id)?;
+            Some(RelayTrack {
+                mid: sub.mid?.to_string(),
+                room: t.room.clone(),
+                track: t.info(*id),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.mid.cmp(&b.mid));
+    out
+}
+
+impl Sfu {
+    fn insert_relay(&mut self, now: Instant, peer: &str, inbound: bool, pc: Pc) -> ParticipantId {
+        let id = ParticipantId(self.next_id);
+        self.next_id += 1;
+        // The unused connection of the pair is never offered, so nobody can reach it.
+        let (mut publisher, mut subscriber) = if inbound {
+            (pc, Pc::new(&self.config, now, PcKind::Subscriber))
+        } else {
+            (Pc::new(&self.config, now, PcKind::Publisher), pc)
+        };
+        let used = if inbound {
+            mark_dirty(&mut self.dirty, id, &mut publisher, PcKind::Publisher);
+            PcKind::Publisher
+        } else {
+            mark_dirty(&mut self.dirty, id, &mut subscriber, PcKind::Subscriber);
+            PcKind::Subscriber
+        };
+        if !inbound {
+            // The downstream checks this connection's ICE-lite candidate by ufrag.
+            self.by_ufrag.insert(subscriber.ufrag.clone(), (id, used));
+        }
+        self.participants.insert(
+            id,
+            Participant {
+                room: String::new(),
+                identity: format!("relay:{peer}"),
+                auto_subscribe: false,
+                publisher,
+                subscriber,
+                published: Vec::new(),
+                subscriptions: HashMap::default(),
+                to_add: Vec::new(),
+                to_stop: Vec::new(),
+                idle: Vec::new(),
+                pending_offer: None,
+                estimate_bps: None,
+                announced: HashMap::default(),
+                ssrc_map: HashMap::default(),
+                relay: Some(Relay::new(peer, inbound)),
+            },
+        );
+        if inbound {
+            self.relays_in.insert(peer.to_string(), id);
+        } else {
+            self.relays_out.insert(peer.to_string(), id);
+        }
+        id
+    }
+
+    /// Drops the core's indexes of a relay link being removed.
+    pub(crate) fn forget_relay(&mut self, id: ParticipantId, r: &Relay) {
+        let map = if r.inbound {
+            &mut self.relays_in
+        } else {
+            &mut self.relays_out
+        };
+        if map.get(&r.peer) == Some(&id) {
+            map.remove(&r.peer);
+        }
+        if let Some(addr) = r.remote
+            && self.relay_by_addr.get(&addr) == Some(&id)
+        {
+            self.relay_by_addr.remove(&addr);
+        }
+    }
+
+    /// Upstream side: relays every track published on this node in `room` (now and
+    /// later) to the node `peer`, over the outbound link to it (created on first use).
+    /// The link's offers come out as [`SfuEvent::RelayOffer`].
+    pub fn relay_room(&mut self, now: Instant, peer: &str, room: &str) -> ParticipantId {
+        self.last_now = now;
+        let id = match self.relays_out.get(peer) {
+            Some(id) => *id,
+            None => {
+                let pc = Pc::new_relay_out(&self.config, now);
+                self.insert_relay(now, peer, false, pc)
+            }
+        };
+        if let Some(r) = self
+            .participants
+            .get_mut(&id)
+            .and_then(|p| p.relay.as_mut())
+        {
+            r.rooms.insert(room.to_string());
+        }
+        let local: Vec<TrackId> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| t.room == room && t.origin.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for track in local {
+            // Only the link's track bound can refuse; the rest stay unrelayed.
+            let _ = self.subscribe_inner(id, track);
+        }
+        self.negotiate(id);
+        self.process(now);
+        id
+    }
+
+    /// Upstream side: stops relaying `room` to `peer`; the link closes with its last room.
+    pub fn unrelay_room(&mut self, now: Instant, peer: &str, room: &str) {
+        self.last_now = now;
+        let Some(&id) = self.relays_out.get(peer) else {
+            return;
+        };
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        if let Some(r) = p.relay.as_mut() {
+            r.rooms.remove(room);
+            if r.rooms.is_empty() {
+                self.remove_participant(now, id);
+                return;
+            }
+        }
+        let tracks: Vec<TrackId> = p
+            .subscriptions
+            .keys()
+            .copied()
+            .filter(|t| self.tracks.get(t).is_some_and(|t| t.room == room))
+            .collect();
+        for t in tracks {
+            let _ = self.unsubscribe(now, id, t);
+        }
+    }
+
+    /// Upstream side: applies the downstream's answer to the last [`SfuEvent::RelayOffer`].
+    pub fn handle_relay_answer(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        sdp: &str,
+    ) -> Result<(), MediaError> {
+        let id = *self
+            .relays_out
+            .get(peer)
+            .ok_or(MediaError::NotAllowed("no relay link to that node"))?;
+        self.handle_subscriber_answer(now, id, sdp)
+    }
+
+    /// Upstream side: caps the layer sent to `peer` for `track` (the highest layer the
+    /// downstream's subscribers want; the switch happens at the layer's next keyframe).
+    pub fn set_relay_layer(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        track: TrackId,
+        layer: Layer,
+    ) -> Result<(), MediaError> {
+        let id = *self
+            .relays_out
+            .get(peer)
+            .ok_or(MediaError::NotAllowed("no relay link to that node"))?;
+        self.set_max_layer(now, id, track, layer)
+    }
+
+    /// Downstream side: accepts the upstream node's offer for the link from `peer`
+    /// (whose media socket is `peer_addr`), publishes its tracks in their rooms and
+    /// returns the SDP answer. Sections whose track changed or went inactive end
+    /// their old track.
+    pub fn handle_relay_offer(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        peer_addr: SocketAddr,
+        sdp: &str,
+        tracks: Vec<RelayTrack>,
+    ) -> Result<String, MediaError> {
+        self.last_now = now;
+        let relay_addr = self
+            .config
+            .relay_addr
+            .ok_or(MediaError::NotAllowed("this node takes no relay links"))?;
+        if tracks.len() > self.config.max_relay_tracks {
+            return Err(MediaError::Limit("tracks per relay link"));
+        }
+        let offer =
+            SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        let fingerprint = sdp
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("a=fingerprint:"))
+            .map(str::to_string);
+        let rebuilt = self
+            .relays_in
+            .get(peer)
+            .and_then(|id| self.participants.get(id))
+            .and_then(|p| p.relay.as_ref())
+            .is_some_and(|r| r.fingerprint != fingerprint);
+        if rebuilt {
+            // The upstream's side is new (it restarted or rebuilt the link): so is ours.
+            self.remove_relay_in(now, peer);
+        }
+        let id = match self.relays_in.get(peer) {
+            Some(id) => *id,
+            None => {
+                let pc = Pc::new_relay_in(now, relay_addr);
+                self.insert_relay(now, peer, true, pc)
+            }
+        };
+        // The link's datagrams are told apart by the upstream's address.
+        if let Some(r) = self
+            .participants
+            .get_mut(&id)
+            .and_then(|p| p.relay.as_mut())
+            && r.remote != Some(peer_addr)
+        {
+            if let Some(old) = r.remote.replace(peer_addr) {
+                self.relay_by_addr.remove(&old);
+            }
+            self.relay_by_addr.insert(peer_addr, id);
+        }
+        let sections: HashMap<String, RelayTrack> =
+            tracks.into_iter().map(|t| (t.mid.clone(), t)).collect();
+        // Tracks whose section now carries another track, or none, end here.
+        let ended: Vec<TrackId> = self
+            .participants
+            .get(&id)
+            .map(|p| {
+                p.published
+                    .iter()
+                    .copied()
+                    .filter(|t| {
+                        self.tracks.get(t).is_none_or(|tr| {
+                            sections
+                                .get(&tr.mid.to_string())
+                                .is_none_or(|s| s.track.track_id != t.to_string())
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for t in ended {
+            self.remove_track(t);
+        }
+        let p = self
+            .participants
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownParticipant(id))?;
+        let answer = p
+            .publisher
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
+        let mids: Vec<String> = sections.keys().cloned().collect();
+        if let Some(r) = p.relay.as_mut() {
+            r.sections = sections;
+            r.fingerprint = fingerprint;
+        }
+        for mid in mids {
+            let Some(p) = self.participants.get(&id) else {
+                break;
+            };
+            let mid = Mid::from(mid.as_str());
+            let Some(media) = p.publisher.rtc.media(mid) else {
+                continue;
+            };
+            if !media.direction().is_receiving() {
+                continue;
+            }
+            let kind = media.kind();
+            let codec = pc::primary_codec(&p.publisher.rtc, media.remote_pts());
+            self.add_track(id, mid, kind, &[], codec);
+        }
+        self.process(now);
+        Ok(answer.to_sdp_string())
+    }
+
+    /// Handles one datagram that arrived at the node's relay socket (the inbound
+    /// sides of relay links). Datagrams from an address no link expects are dropped
+    /// and counted as unrouted.
+    pub fn handle_relay_datagram(&mut self, now: Instant, source: SocketAddr, contents: &[u8]) {
+        self.last_now = now;
+        let Some(local) = self.config.relay_addr else {
+            self.stats.datagrams_unrouted += 1;
+            return;
+        };
+        let Ok(receive) = Receive::new(Protocol::Udp, source, local, contents) else {
+            self.stats.datagrams_malformed += 1;
+            return;
+        };
+        let Some(&id) = self.relay_by_addr.get(&source) else {
+            self.stats.datagrams_unrouted += 1;
+            return;
+        };
+        let Some(p) = self.participants.get_mut(&id) else {
+            self.stats.datagrams_unrouted += 1;
+            return;
+        };
+        if p.publisher
+            .rtc
+            .handle_input(Input::Receive(now, receive))
+            .is_err()
+        {
+            self.stats.datagrams_rejected += 1;
+        }
+        mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
+        self.process(now);
+    }
+
+    /// Next datagram to send from the relay socket.
+    pub fn poll_relay_transmit(&mut self) -> Option<Transmit> {
+        self.relay_transmits.pop_front()
+    }
+
+    /// Closes both directions of the links with `peer` (it died, or stopped
+    /// answering). Tracks relayed in from it are unpublished here.
+    pub fn remove_relay(&mut self, now: Instant, peer: &str) {
+        for id in [self.relays_out.get(peer), self.relays_in.get(peer)]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            self.remove_participant(now, id);
+        }
+    }
+
+    /// Closes only the outbound link to `peer` (the downstream lost its side and asks
+    /// for a fresh one); its rooms must be relayed again with [`Sfu::relay_room`].
+    pub fn remove_relay_out(&mut self, now: Instant, peer: &str) {
+        if let Some(id) = self.relays_out.get(peer).copied() {
+            self.remove_participant(now, id);
+        }
+    }
+
+    /// Closes only the inbound link from `peer` (its tracks are unpublished here).
+    pub fn remove_relay_in(&mut self, now: Instant, peer: &str) {
+        if let Some(id) = self.relays_in.get(peer).copied() {
+            self.remove_participant(now, id);
+        }
+    }
+
+    /// The rooms the outbound link to `peer` carries.
+    pub fn relayed_rooms(&self, peer: &str) -> Vec<String> {
+        self.relays_out
+            .get(peer)
+            .and_then(|id| self.participants.get(id))
+            .and_then(|p| p.relay.as_ref())
+            .map(|r| r.rooms.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The nodes this node has relay links with (outbound, inbound).
+    pub fn relay_peers(&self) -> (Vec<String>, Vec<String>) {
+        let mut out: Vec<String> = self.relays_out.keys().cloned().collect();
+        let mut inb: Vec<String> = self.relays_in.keys().cloned().collect();
+        out.sort();
+        inb.sort();
+        (out, inb)
+    }
+
+    /// Counters of every relay link side on this node.
+    pub fn relay_stats(&self) -> Vec<RelayStats> {
+        let mut out: Vec<RelayStats> = self
+            .relays_out
+            .values()
+            .chain(self.relays_in.values())
+            .filter_map(|id| {
+                let p = self.participants.get(id)?;
+                let r = p.relay.as_ref()?;
+                let (tracks, connected) = if r.inbound {
+                    (p.published.len(), p.publisher.connected)
+                } else {
+                    (p.subscriptions.len(), p.subscriber.connected)
+                };
+                Some(RelayStats {
+                    peer: r.peer.clone(),
+                    inbound: r.inbound,
+                    tracks,
+                    packets: r.packets,
+                    packets_by_layer: r.packets_by_layer,
+                    connected,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.peer, a.inbound).cmp(&(&b.peer, b.inbound)));
+        out
+    }
+
+    /// Participants in each room on this node (relay links not counted).
+    pub fn room_sizes(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = self
+            .rooms
+            .iter()
+            .map(|(r, m)| (r.clone(), m.len()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether `track` arrived over a relay link (it is recorded in its publisher's
+    /// node's log, not this node's).
+    pub fn is_relayed(&self, track: TrackId) -> bool {
+        self.tracks.get(&track).is_some_and(|t| t.origin.is_some())
+    }
+
+    /// Downstream side: re-derives the layer to ask of the upstream node for a
+    /// relayed track (the highest any local subscriber wants) and announces a change.
+    pub(crate) fn relay_want(&mut self, track: TrackId) {
+        let Some(t) = self.tracks.get(&track) else {
+            return;
+        };
+        if t.origin.is_none() || t.kind != meridian_protocol::TrackKind::Video {
+            return;
+        }
+        let wanted = t
+            .subscribers
+            .iter()
+            .filter_map(|s| {
+                Some(
+                    self.participants
+                        .get(s)?
+                        .subscriptions
+                        .get(&track)?
+                        .max_layer,
+                )
+            })
+            .max();
+        let Some(wanted) = wanted else {
+            return;
+        };
+        let Some(peer) = self
+            .participants
+            .get(&t.owner)
+            .and_then(|p| p.relay.as_ref())
+            .map(|r| r.peer.clone())
+        else {
+            return;
+        };
+        let Some(t) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        if t.relay_wanted != Some(wanted) {
+            t.relay_wanted = Some(wanted);
+            self.events.push_back(SfuEvent::RelayLayerWanted {
+                peer,
+                track_id: track,
+                layer: Layer::ALL[wanted.min(2)],
+            });
+        }
+    }
+
+    /// The event for a lost connection: a relay link's own, or a participant's.
+    pub(crate) fn disconnected_event(&self, id: ParticipantId, kind: PcKind) -> SfuEvent {
+        match self.participants.get(&id).and_then(|p| p.relay.as_ref()) {
+            Some(r) => SfuEvent::RelayDown {
+                peer: r.peer.clone(),
+                inbound: r.inbound,
+            },
+            None => SfuEvent::Disconnected {
+                participant: id,
+                pc: kind,
+            },
+        }
+    }
+}

@@ -1,0 +1,1006 @@
+//! Rooms across nodes: placement of room parts, the internal relay-control routes,
+//! and the driver that keeps the relay links between parts (the media side is
+//! `meridian_media::relay`).
+//!
+//! * **Placement** ([`place`]): with `[media] max_participants` set, a join goes to a
+//!   part of its room on a node with room; when every part's node is full, a new part
+//!   (`<room>~<node>`, its own log stream with its own fence) is placed on the
+//!   least-loaded live node (participants, then forwarded packets per second).
+//! * **Control** ([`routes`], `/internal/relay/*`): node-to-node only. A caller shows
+//!   a node token (a JWT of the region's key, audience `meridian-node`, subject
+//!   `node:<id>`, room `*`) and must hold a live lease in the region's log; anything
+//!   else gets a typed error and is counted (`meridian_relay_refused_total{reason}`).
+//!   Mount [`routes`] on whichever listener carries internal traffic.
+//! * **Driver** ([`Relay::run`]): every [`RECONCILE_PERIOD`] a node that hosts a part
+//!   asks each other part's node for that part's tracks (`subscribe`); the upstream
+//!   sends the link's SDP offer (`offer`, answered in the response) and the
+//!   downstream's layer wishes go back (`layer`). A link that does not connect within
+//!   [`LINK_SETUP_TIMEOUT`], goes down, or whose peer loses its lease is rebuilt or
+//!   removed.
+//! * [`RelayIo`]: the media loop's relay socket (inbound links) and its queue towards
+//!   the driver.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use meridian_auth::{Claims, Grants, KeySet, Policy};
+use meridian_events::{Event, part_name, room_of_part};
+use meridian_media::{RelayTrack, TrackId, Transmit};
+use meridian_protocol::Layer;
+use meridian_room::{Controller, RelayOutput};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::NodeState;
+use crate::cluster::{Cluster, PlaceError, Placement};
+use crate::mailbox::{Command, RelayOp, RelayReply, SessionSink};
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::udp::MediaSocket;
+
+/// The `aud` of node tokens (client tokens carry another, so they are refused here).
+pub(crate) const NODE_AUDIENCE: &str = "meridian-node";
+/// Lifetime of the node tokens this node signs.
+const NODE_TOKEN_TTL: Duration = Duration::from_secs(120);
+/// Largest relay-control body, either way (an offer of the most tracks a link carries).
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Most room parts one `subscribe` may name.
+const MAX_PARTS_PER_REQUEST: usize = 1024;
+/// How long one request to another node may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the driver compares the links it has with the links it needs.
+pub(crate) const RECONCILE_PERIOD: Duration = Duration::from_millis(500);
+/// How long a requested link may take to connect before it is asked for afresh.
+pub(crate) const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Relay outputs queued towards the driver (one pending offer per link, one layer
+/// wish per track change: far below this in practice).
+pub(crate) const RELAY_OUTPUT_QUEUE: usize = 4096;
+/// Datagrams the relay socket may hold back while the kernel's buffer is full.
+const MAX_OUTGOING: usize = 65_536;
+
+/// Why a relay-control request was refused, with the code sent back.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RelayError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing bearer token")]
+    NoToken,
+    /// The token did not verify (signature, expiry, audience, …).
+    #[error("token refused ({0})")]
+    BadToken(&'static str),
+    /// A valid token, but not a node token of this region.
+    #[error("the token does not name a node of this region")]
+    NotANode,
+    /// The node named holds no live lease.
+    #[error("node {0} holds no live lease in this region")]
+    NoLease(String),
+    /// The body is not a valid request.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The media core refused the operation.
+    #[error("refused by the media core: {0}")]
+    Media(String),
+    /// The node is shutting down.
+    #[error("node unavailable")]
+    Unavailable,
+    /// A request to another node failed.
+    #[error("peer request failed: {0}")]
+    Peer(String),
+}
+
+impl RelayError {
+    /// The stable code on the wire and in `meridian_relay_refused_total{reason}`.
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            RelayError::NoToken => "no_token",
+            RelayError::BadToken(_) => "bad_token",
+            RelayError::NotANode => "not_a_node",
+            RelayError::NoLease(_) => "no_lease",
+            RelayError::BadRequest(_) => "bad_request",
+            RelayError::Media(_) => "refused",
+            RelayError::Unavailable => "unavailable",
+            RelayError::Peer(_) => "peer",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            RelayError::NoToken | RelayError::BadToken(_) => StatusCode::UNAUTHORIZED,
+            RelayError::NotANode | RelayError::NoLease(_) => StatusCode::FORBIDDEN,
+            RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            RelayError::Media(_) => StatusCode::CONFLICT,
+            RelayError::Unavailable | RelayError::Peer(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// The body of every refusal: `{"code": "...", "message": "..."}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ErrorBody {
+    /// Stable code ([`RelayError::code`]).
+    pub code: String,
+    /// Explanation.
+    pub message: String,
+}
+
+impl IntoResponse for RelayError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code().to_string(),
+            message: self.to_string(),
+        };
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+/// `POST /internal/relay/subscribe`: the caller (downstream) wants the tracks of these
+/// parts hosted here; `fresh` asks for a new link (it lost its side).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SubscribeRequest {
+    pub parts: Vec<String>,
+    #[serde(default)]
+    pub fresh: bool,
+}
+
+/// The answer to `subscribe`: the parts this node relays to the caller now.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SubscribeResponse {
+    pub relayed: Vec<String>,
+}
+
+/// `POST /internal/relay/offer`: the upstream's SDP offer for its link to the caller's
+/// node, and its media address (where the link's datagrams come from).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct OfferRequest {
+    pub media_addr: SocketAddr,
+    pub sdp: String,
+    pub tracks: Vec<RelayTrack>,
+}
+
+/// The answer to `offer`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct OfferResponse {
+    pub sdp: String,
+}
+
+/// `POST /internal/relay/layer`: send at most `layer` of `track_id` to the caller.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct LayerRequest {
+    pub track_id: String,
+    pub layer: Layer,
+}
+
+/// `GET /internal/relay/load`: what placement compares nodes by.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct Load {
+    pub participants: usize,
+    pub forwarded_pps: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Ack {
+    ok: bool,
+}
+
+/// The node's relay control: shared by the routes, placement and the driver.
+pub(crate) struct Relay {
+    node: String,
+    region: String,
+    keys: Arc<KeySet>,
+    cluster: Arc<Cluster>,
+    commands: mpsc::Sender<Command>,
+    metrics: Metrics,
+    /// The media address other nodes' inbound links check (this node's candidate).
+    media_addr: SocketAddr,
+    max_participants: usize,
+    /// Downstream: (upstream node, its part) → the local part its tracks join.
+    into: Mutex<HashMap<(String, String), String>>,
+    /// Forwarded packets per second, sampled by the driver (load for placement).
+    forwarded_pps: AtomicU64,
+}
+
+/// What the downstream asked of one upstream node.
+struct Upstream {
+    parts: Vec<String>,
+    asked_at: Instant,
+}
+
+impl Relay {
+    /// The relay control of a node.
+    pub(crate) fn new(
+        keys: Arc<KeySet>,
+        cluster: Arc<Cluster>,
+        commands: mpsc::Sender<Command>,
+        metrics: Metrics,
+        media_addr: SocketAddr,
+        max_participants: usize,
+    ) -> Relay {
+        Relay {
+            node: cluster.node().to_string(),
+            region: cluster.region().to_string(),
+            keys,
+            cluster,
+            commands,
+            metrics,
+            media_addr,
+            max_participants,
+            into: Mutex::new(HashMap::new()),
+            forwarded_pps: AtomicU64::new(0),
+        }
+    }
+
+    /// A node token for this node's requests to other nodes.
+    pub(crate) fn token(&self) -> Result<String, RelayError> {
+        node_token(&self.keys, &self.node, &self.region)
+            .map_err(|e| RelayError::Peer(format!("cannot sign a node token: {e}")))
+    }
+
+    async fn op(&self, op: RelayOp) -> Result<RelayReply, RelayError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Relay { op, reply })
+            .await
+            .map_err(|_| RelayError::Unavailable)?;
+        answer
+            .await
+            .map_err(|_| RelayError::Unavailable)?
+            .map_err(RelayError::Media)
+    }
+
+    async fn local_count(&self) -> usize {
+        let (reply, count) = oneshot::channel();
+        if self.commands.send(Command::Count { reply }).await.is_err() {
+            return usize::MAX;
+        }
+        count.await.unwrap_or(usize::MAX)
+    }
+
+    fn load(&self, participants: usize) -> Load {
+        Load {
+            participants,
+            forwarded_pps: self.forwarded_pps.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Checks a caller's node token and lease; the node's id on success. Every
+    /// refusal is counted.
+    fn authorize(&self, headers: &HeaderMap) -> Result<String, RelayError> {
+        let result = self.check_caller(headers);
+        if let Err(e) = &result {
+            self.metrics
+                .relay
+                .refused
+                .get_or_create(&ReasonLabel { reason: e.code() })
+                .inc();
+            debug!("relay request refused: {e}");
+        }
+        result
+    }
+
+    fn check_caller(&self, headers: &HeaderMap) -> Result<String, RelayError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(RelayError::NoToken)?;
+        let claims = self
+            .keys
+            .verify_with(token, meridian_auth::unix_now(), &node_policy())
+            .map_err(|e| RelayError::BadToken(e.code()))?;
+        let node = claims
+            .sub
+            .strip_prefix("node:")
+            .filter(|n| !n.is_empty() && *n != self.node)
+            .filter(|_| claims.room == meridian_auth::ANY_ROOM && claims.grants.admin)
+            .filter(|_| claims.region.as_deref() == Some(self.region.as_str()))
+            .ok_or(RelayError::NotANode)?;
+        if self.cluster.lease_of(node).is_none() {
+            return Err(RelayError::NoLease(node.to_string()));
+        }
+        Ok(node.to_string())
+    }
+
+    /// Runs the driver until `shutdown`: carries the media core's relay outputs to
+    /// other nodes and keeps the links the hosted parts need.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        mut outputs: mpsc::Receiver<RelayOutput>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(RECONCILE_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut upstreams: HashMap<String, Upstream> = HashMap::new();
+        let mut last_fwd = (Instant::now(), self.metrics.rtp_packets_forwarded.get());
+        loop {
+            let out = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                out = outputs.recv() => match out {
+                    Some(out) => Some(out),
+                    None => return,
+                },
+                _ = tick.tick() => None,
+            };
+            match out {
+                Some(out) => self.handle_output(out, &mut upstreams).await,
+                None => {
+                    let fwd = self.metrics.rtp_packets_forwarded.get();
+                    let secs = last_fwd.0.elapsed().as_secs_f64().max(0.001);
+                    let pps = (fwd.saturating_sub(last_fwd.1) as f64 / secs) as u64;
+                    self.forwarded_pps.store(pps, Ordering::Relaxed);
+                    last_fwd = (Instant::now(), fwd);
+                    self.reconcile(&mut upstreams).await;
+                }
+            }
+        }
+    }
+
+    async fn handle_output(
+        self: &Arc<Self>,
+        out: RelayOutput,
+        upstreams: &mut HashMap<String, Upstream>,
+    ) {
+        match out {
+            RelayOutput::Offer { peer, sdp, tracks } => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let req = OfferRequest {
+                        media_addr: this.media_addr,
+                        sdp,
+                        tracks,
+                    };
+                    let answer: Result<OfferResponse, RelayError> =
+                        this.call(&peer, "/internal/relay/offer", Some(&req)).await;
+                    match answer {
+                        Ok(a) => {
+                            let applied = this
+                                .op(RelayOp::Answer {
+                                    peer: peer.clone(),
+                                    sdp: a.sdp,
+                                })
+                                .await;
+                            if let Err(e) = applied {
+                                warn!(%peer, "relay answer refused: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            // The downstream asks again (fresh) once its side times out.
+                            warn!(%peer, "relay offer not taken: {e}");
+                            let _ = this.op(RelayOp::RemoveOut { peer }).await;
+                        }
+                    }
+                });
+            }
+            RelayOutput::LayerWanted {
+                peer,
+                track_id,
+                layer,
+            } => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let req = LayerRequest {
+                        track_id: track_id.to_string(),
+                        layer,
+                    };
+                    let r: Result<Ack, RelayError> =
+                        this.call(&peer, "/internal/relay/layer", Some(&req)).await;
+                    if let Err(e) = r {
+                        debug!(%peer, "layer wish not delivered: {e}");
+                    }
+                });
+            }
+            RelayOutput::Down { peer, inbound } => {
+                info!(%peer, inbound, "relay link down");
+                if inbound {
+                    upstreams.remove(&peer);
+                    let _ = self.op(RelayOp::RemoveIn { peer }).await;
+                } else {
+                    let _ = self.op(RelayOp::RemoveOut { peer: peer.clone() }).await;
+                    self.cluster
+                        .record(Event::RelayUnlinked {
+                            peer,
+                            reason: "down".into(),
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Compares the links this node has with the ones its parts need, and fixes the
+    /// difference (see the module docs).
+    async fn reconcile(self: &Arc<Self>, upstreams: &mut HashMap<String, Upstream>) {
+        let Ok(RelayReply::Stats(stats)) = self.op(RelayOp::Stats).await else {
+            return;
+        };
+        let live: HashMap<String, String> = self
+            .cluster
+            .live_nodes()
+            .into_iter()
+            .map(|l| (l.node, l.url))
+            .collect();
+        // Upstream role: links to nodes that lost their lease go.
+        for s in stats.iter().filter(|s| !live.contains_key(&s.peer)) {
+            let peer = s.peer.clone();
+            info!(%peer, "relay peer has no lease; closing its links");
+            upstreams.remove(&peer);
+            let _ = self.op(RelayOp::Remove { peer: peer.clone() }).await;
+            if !s.inbound {
+                self.cluster
+                    .record(Event::RelayUnlinked {
+                        peer,
+                        reason: "peer_gone".into(),
+                    })
+                    .await;
+            }
+        }
+        if self.max_participants == 0 {
+            return;
+        }
+        // Downstream role: the other parts of every room with a part here.
+        let held = self.cluster.held_parts();
+        let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        if !held.is_empty() {
+            let placements = match self.cluster.store().placements().await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("reading placements failed: {e}");
+                    return;
+                }
+            };
+            for local in &held {
+                let room = room_of_part(local);
+                for p in &placements {
+                    let Some(part) = p.stream.strip_prefix("room:") else {
+                        continue;
+                    };
+                    if part != local
+                        && room_of_part(part) == room
+                        && p.node != self.node
+                        && live.contains_key(&p.node)
+                    {
+                        want.entry(p.node.clone())
+                            .or_default()
+                            .push((part.to_string(), local.clone()));
+                    }
+                }
+            }
+        }
+        {
+            let mut into = self.into.lock().unwrap_or_else(|e| e.into_inner());
+            into.clear();
+            for (node, pairs) in &want {
+                for (theirs, ours) in pairs {
+                    into.insert((node.clone(), theirs.clone()), ours.clone());
+                }
+            }
+        }
+        for (node, pairs) in &want {
+            let mut parts: Vec<String> = pairs.iter().map(|(t, _)| t.clone()).collect();
+            parts.sort();
+            parts.dedup();
+            let inbound = stats.iter().find(|s| s.inbound && s.peer == *node);
+            let healthy = inbound.is_some_and(|s| s.connected);
+            if let Some(u) = upstreams.get(node)
+                && u.parts == parts
+                && (healthy || u.asked_at.elapsed() < LINK_SETUP_TIMEOUT)
+            {
+                continue;
+            }
+            // A link that never connected (or whose upstream forgot it) is rebuilt.
+            let fresh = !healthy;
+            if fresh && inbound.is_some() {
+                let _ = self.op(RelayOp::RemoveIn { peer: node.clone() }).await;
+            }
+            let req = SubscribeRequest {
+                parts: parts.clone(),
+                fresh,
+            };
+            let r: Result<SubscribeResponse, RelayError> = self
+                .call(node, "/internal/relay/subscribe", Some(&req))
+                .await;
+            match r {
+                Ok(_) => {
+                    upstreams.insert(
+                        node.clone(),
+                        Upstream {
+                            parts,
+                            asked_at: Instant::now(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    warn!(%node, "relay subscribe failed: {e}");
+                    upstreams.remove(node);
+                }
+            }
+        }
+        let gone: Vec<String> = upstreams
+            .keys()
+            .filter(|n| !want.contains_key(*n))
+            .cloned()
+            .collect();
+        for node in gone {
+            upstreams.remove(&node);
+            let req = SubscribeRequest {
+                parts: Vec::new(),
+                fresh: false,
+            };
+            let _: Result<SubscribeResponse, RelayError> = self
+                .call(&node, "/internal/relay/subscribe", Some(&req))
+                .await;
+            let _ = self.op(RelayOp::RemoveIn { peer: node }).await;
+        }
+    }
+
+    /// Sends one relay-control request to `node` (found by its lease) and reads the
+    /// typed answer.
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        node: &str,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, RelayError> {
+        let result = async {
+            let lease = self
+                .cluster
+                .lease_of(node)
+                .ok_or_else(|| RelayError::NoLease(node.to_string()))?;
+            let host = internal_host(&lease.url)
+                .ok_or_else(|| RelayError::Peer(format!("no internal address in {}", lease.url)))?;
+            let body = body
+                .map(serde_json::to_vec)
+                .transpose()
+                .map_err(|e| RelayError::BadRequest(e.to_string()))?;
+            request(&host, path, &self.token()?, body).await
+        }
+        .await;
+        if result.is_err() {
+            self.metrics.relay.peer_errors.inc();
+        }
+        result
+    }
+}
+
+/// Signs a node token for `node` of `region` (see the module docs).
+pub(crate) fn node_token(
+    keys: &KeySet,
+    node: &str,
+    region: &str,
+) -> Result<String, meridian_auth::AuthError> {
+    let claims = Claims::new(
+        format!("node:{node}"),
+        meridian_auth::ANY_ROOM,
+        meridian_auth::unix_now(),
+        NODE_TOKEN_TTL,
+    )
+    .with_grants(Grants::admin())
+    .with_region(region)
+    .with_audience(NODE_AUDIENCE);
+    keys.sign(&claims)
+}
+
+fn node_policy() -> Policy {
+    Policy {
+        audience: NODE_AUDIENCE.into(),
+        max_lifetime: NODE_TOKEN_TTL * 2,
+    }
+}
+
+/// The `host:port` of a node's HTTP listener, from its advertised signaling URL
+/// (`ws://host:port/signal`). The internal listener of the security issue replaces it.
+fn internal_host(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let host = rest.split('/').next()?;
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+/// One HTTP/1.1 request (POST with a body, GET without) with a bearer token, bounded
+/// in time and answer size.
+async fn request<Resp: DeserializeOwned>(
+    host: &str,
+    path: &str,
+    token: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Resp, RelayError> {
+    let peer = |e: &dyn std::fmt::Display| RelayError::Peer(e.to_string());
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(host)
+            .await
+            .map_err(|e| peer(&e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| peer(&e))?;
+        tokio::spawn(conn);
+        let method = if body.is_some() {
+            hyper::Method::POST
+        } else {
+            hyper::Method::GET
+        };
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(Bytes::from(
+                body.unwrap_or_default(),
+            )))
+            .map_err(|e| peer(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| peer(&e))?;
+        let status = resp.status();
+        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| RelayError::Peer(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let why = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| format!("{} {}: {}", status.as_u16(), b.code, b.message))
+                .unwrap_or_else(|_| status.to_string());
+            return Err(RelayError::Peer(why));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| RelayError::Peer(e.to_string()))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| RelayError::Peer(format!("{host}{path}: no answer in {REQUEST_TIMEOUT:?}")))?
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RelayError> {
+    serde_json::from_slice(body).map_err(|e| {
+        RelayError::BadRequest(meridian_protocol::clip(
+            &e.to_string(),
+            meridian_protocol::MAX_ERROR_DETAIL_BYTES,
+        ))
+    })
+}
+
+/// The relay-control routes (`/internal/relay/*`), node-to-node only.
+pub(crate) fn routes() -> Router<NodeState> {
+    Router::new()
+        .route("/internal/relay/subscribe", post(subscribe))
+        .route("/internal/relay/offer", post(offer))
+        .route("/internal/relay/layer", post(layer))
+        .route("/internal/relay/load", get(load))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+async fn subscribe(
+    State(state): State<NodeState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<SubscribeResponse>, RelayError> {
+    let relay = &state.relay;
+    let peer = relay.authorize(&headers)?;
+    let req: SubscribeRequest = parse(&body)?;
+    if req.parts.len() > MAX_PARTS_PER_REQUEST {
+        return Err(RelayError::BadRequest(format!(
+            "more than {MAX_PARTS_PER_REQUEST} parts"
+        )));
+    }
+    // Only parts hosted here can be relayed from here.
+    let held = state.cluster.held_parts();
+    let parts: Vec<String> = req.parts.into_iter().filter(|p| held.contains(p)).collect();
+    let reply = relay
+        .op(RelayOp::Relay {
+            peer: peer.clone(),
+            parts: parts.clone(),
+            fresh: req.fresh,
+        })
+        .await?;
+    if let RelayReply::Linked(linked) = reply {
+        for part in linked {
+            info!(%peer, %part, "relaying a room part");
+            state
+                .cluster
+                .record(Event::RelayLinked {
+                    peer: peer.clone(),
+                    part,
+                })
+                .await;
+        }
+    }
+    Ok(Json(SubscribeResponse { relayed: parts }))
+}
+
+async fn offer(
+    State(state): State<NodeState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<OfferResponse>, RelayError> {
+    let relay = &state.relay;
+    let peer = relay.authorize(&headers)?;
+    let mut req: OfferRequest = parse(&body)?;
+    {
+        let into = relay.into.lock().unwrap_or_else(|e| e.into_inner());
+        for t in &mut req.tracks {
+            // The upstream names its own part; the tracks join the part here. A part
+            // nobody here asked for keeps its name, so no local participant sees it.
+            if let Some(local) = into.get(&(peer.clone(), t.room.clone())) {
+                t.room = local.clone();
+            }
+        }
+    }
+    match relay
+        .op(RelayOp::Offer {
+            peer,
+            peer_addr: req.media_addr,
+            sdp: req.sdp,
+            tracks: req.tracks,
+        })
+        .await?
+    {
+        RelayReply::Answer(sdp) => Ok(Json(OfferResponse { sdp })),
+        _ => Err(RelayError::Media("no answer".into())),
+    }
+}
+
+async fn layer(
+    State(state): State<NodeState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Ack>, RelayError> {
+    let relay = &state.relay;
+    let peer = relay.authorize(&headers)?;
+    let req: LayerRequest = parse(&body)?;
+    let track: TrackId = req
+        .track_id
+        .parse()
+        .map_err(|_| RelayError::BadRequest("not a track id".into()))?;
+    relay
+        .op(RelayOp::Layer {
+            peer,
+            track,
+            layer: req.layer,
+        })
+        .await?;
+    Ok(Json(Ack { ok: true }))
+}
+
+async fn load(
+    State(state): State<NodeState>,
+    headers: HeaderMap,
+) -> Result<Json<Load>, RelayError> {
+    let relay = &state.relay;
+    relay.authorize(&headers)?;
+    let n = relay.local_count().await;
+    Ok(Json(relay.load(n)))
+}
+
+/// Where a join for `room` is served, and in which part. Without a participant cap
+/// the room has one part (the room itself) and [`Cluster::place`] decides.
+pub(crate) async fn place(
+    state: &NodeState,
+    room: &str,
+    resume: Option<&str>,
+) -> Result<(Placement, String), PlaceError> {
+    let cap = state.config.media.max_participants;
+    let cluster = &state.cluster;
+    let resuming = resume.is_some();
+    if cap == 0 || cluster.is_draining() {
+        return cluster
+            .place(room, resuming)
+            .await
+            .map(|p| (p, room.to_string()));
+    }
+    let parts = parts_of(cluster, room).await?;
+    // A resuming client goes back to its own part, found by its resume token's hash in
+    // the parts' logs; that part is placed (waiting out a dead host, taking it over)
+    // exactly as a one-part room is.
+    if let Some(token) = resume {
+        let hash = meridian_room::sha256_hex(token);
+        for (part, _) in &parts {
+            let state = cluster
+                .store()
+                .load_room(&meridian_events::room_stream(part))
+                .await?;
+            if state
+                .participants
+                .values()
+                .any(|p| p.resume_hash.as_deref() == Some(hash.as_str()))
+            {
+                return cluster.place(part, true).await.map(|p| (p, part.clone()));
+            }
+        }
+    }
+    let relay = &state.relay;
+    let me = cluster.node().to_string();
+    let _guard = cluster.placing().await;
+    let here = relay.local_count().await;
+    // 1. A part here with room (a resuming client always comes back to its node).
+    for (part, node) in &parts {
+        if *node == me && (here < cap || resuming) && cluster.take_part(part).await? {
+            return Ok((Placement::Local, part.clone()));
+        }
+    }
+    // 2. A part on another live node with room.
+    let mut loads: Vec<(Load, String)> = Vec::new();
+    for lease in cluster.live_nodes() {
+        if lease.node == me || lease.draining {
+            continue;
+        }
+        match relay
+            .call::<(), Load>(&lease.node, "/internal/relay/load", None)
+            .await
+        {
+            Ok(load) => loads.push((load, lease.node)),
+            Err(e) => debug!(node = %lease.node, "no load from node: {e}"),
+        }
+    }
+    for (part, node) in &parts {
+        if let Some((load, _)) = loads.iter().find(|(_, n)| n == node)
+            && load.participants < cap
+            && let Some(lease) = cluster.lease_of(node)
+        {
+            debug!(%part, %node, "joining a part elsewhere");
+            state.metrics.redirects.inc();
+            return Ok((Placement::Elsewhere(lease.url), part.clone()));
+        }
+    }
+    // 3. A new part on the least-loaded live node.
+    loads.push((relay.load(here), me.clone()));
+    loads.sort_by_key(|(l, n)| (l.participants, l.forwarded_pps, n.clone()));
+    let (_, target) = loads
+        .first()
+        .cloned()
+        .unwrap_or((relay.load(here), me.clone()));
+    if target != me
+        && let Some(lease) = cluster.lease_of(&target)
+    {
+        state.metrics.redirects.inc();
+        return Ok((Placement::Elsewhere(lease.url), room.to_string()));
+    }
+    if let Some((part, _)) = parts.iter().find(|(_, n)| *n == me)
+        && cluster.take_part(part).await?
+    {
+        return Ok((Placement::Local, part.clone()));
+    }
+    let first = !parts.iter().any(|(p, _)| p == room);
+    let part = if first {
+        room.to_string()
+    } else {
+        part_name(room, &me)
+    };
+    let placed = if first {
+        cluster.take_part(&part).await?
+    } else {
+        cluster.place_part(room, &part).await?
+    };
+    if placed {
+        info!(%room, %part, "room part placed here");
+        Ok((Placement::Local, part))
+    } else {
+        Err(PlaceError::Contended)
+    }
+}
+
+/// The parts of `room` placed in the log, with their nodes.
+async fn parts_of(cluster: &Cluster, room: &str) -> Result<Vec<(String, String)>, PlaceError> {
+    Ok(cluster
+        .store()
+        .placements()
+        .await?
+        .into_iter()
+        .filter_map(|p| {
+            let part = p.stream.strip_prefix("room:")?.to_string();
+            (room_of_part(&part) == room).then_some((part, p.node))
+        })
+        .collect())
+}
+
+/// The media loop's side of relay links: the relay socket, datagrams waiting for it,
+/// and the queue of outputs towards the driver.
+pub(crate) struct RelayIo {
+    socket: MediaSocket,
+    outgoing: VecDeque<Transmit>,
+    outputs: mpsc::Sender<RelayOutput>,
+}
+
+/// Waits until the relay socket may be read (forever without one).
+pub(crate) async fn readable(io: &Option<RelayIo>) -> std::io::Result<()> {
+    match io {
+        Some(r) => r.socket.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl RelayIo {
+    pub(crate) fn new(
+        socket: Arc<UdpSocket>,
+        outputs: mpsc::Sender<RelayOutput>,
+    ) -> std::io::Result<RelayIo> {
+        Ok(RelayIo {
+            socket: MediaSocket::new(socket)?,
+            outgoing: VecDeque::new(),
+            outputs,
+        })
+    }
+
+    /// Reads one batch from the relay socket into the controller (the copies are sent
+    /// by the loop's flush right after).
+    pub(crate) fn receive(&mut self, controller: &mut Controller<SessionSink>) {
+        match self.socket.try_recv_batch() {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) => {
+                debug!("relay recv: {e}");
+                return;
+            }
+        }
+        for (source, datagram) in self.socket.received() {
+            controller.handle_relay_datagram(Instant::now(), source, datagram);
+        }
+    }
+
+    /// Sends the controller's relay datagrams; waits for room in the socket's buffer
+    /// only as the main socket's flush does.
+    pub(crate) async fn send(&mut self, controller: &mut Controller<SessionSink>) {
+        while let Some(t) = controller.poll_relay_transmit() {
+            if self.outgoing.len() >= MAX_OUTGOING {
+                self.outgoing.pop_front();
+            }
+            self.outgoing.push_back(t);
+        }
+        while !self.outgoing.is_empty() {
+            match self.socket.try_send_batch(self.outgoing.make_contiguous()) {
+                Ok(n) => drop(self.outgoing.drain(..n)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if self.socket.writable().await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    debug!("relay send: {e}");
+                    self.outgoing.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Queues an output for the driver (dropped, with a warning, if it is far behind).
+    pub(crate) fn output(&self, out: RelayOutput) {
+        if self.outputs.try_send(out).is_err() {
+            warn!("relay driver queue full; a relay output was dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_hosts_come_from_signaling_urls() {
+        assert_eq!(
+            internal_host("ws://127.0.0.1:7880/signal").as_deref(),
+            Some("127.0.0.1:7880")
+        );
+        assert_eq!(internal_host("wss://a.example/signal"), None);
+        assert_eq!(internal_host("ws:///signal"), None);
+    }
+
+    #[test]
+    fn the_core_and_the_log_name_parts_alike() {
+        assert_eq!(
+            meridian_media::PART_SEPARATOR,
+            meridian_events::PART_SEPARATOR
+        );
+        assert_eq!(room_of_part(&part_name("demo", "node-b")), "demo");
+    }
+}

@@ -1,0 +1,503 @@
+//! Rooms across nodes: three node processes on one Postgres with
+//! `--max-participants 11`; one room of a publisher and 30 subscribers spreads over
+//! the three nodes, each part of the room in its own log stream, and each track
+//! crosses each node boundary once over a relay link. Relay control refuses callers
+//! that are not nodes of the region.
+
+mod region;
+
+use std::time::{Duration, Instant};
+
+use meridian_auth::{Claims, Grants};
+use meridian_client::{Client, ClientConfig, ClientStats};
+use meridian_events::Event;
+use region::{Region, light, membership};
+
+/// One region at a time (several node processes and many clients each).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_string())
+}
+
+async fn metrics(addr: &str) -> String {
+    http(addr, "GET", "/metrics", None, "").await.1
+}
+
+/// The value of one series (`name{labels}` exactly as exported), 0 when absent.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn link(metric: &str, direction: &str, peer: &str) -> String {
+    format!("{metric}{{direction=\"{direction}\",peer=\"{peer}\"}}")
+}
+
+/// A publisher and 30 subscribers of `room`, all joining through node-a; waits until
+/// every subscriber receives audio and video.
+async fn spread(region: &Region, room: &str) -> (Client, Vec<Client>) {
+    let urls = region.urls();
+    let publisher = Client::join(
+        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
+            .with_fallback_urls(urls.clone()),
+    )
+    .await
+    .expect("the publisher joins on node-a");
+    let mut subscribers = Vec::new();
+    for i in 0..30 {
+        // Everyone knocks at node-a; placement sends them where the room has room.
+        let token = region.token(&format!("sub-{i}"), room, false);
+        let config =
+            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
+        subscribers.push(Client::join(config).await.expect("a subscriber joins"));
+    }
+    for (i, s) in subscribers.iter().enumerate() {
+        s.wait_for(Duration::from_secs(40), |s| {
+            s.video_tracks_with(10) >= 1 && s.audio_tracks_with(10) >= 1
+        })
+        .await
+        .unwrap_or_else(|s| panic!("sub-{i} gets no audio and video: {s:#?}"));
+    }
+    (publisher, subscribers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_once() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_spread", 3, &["--max-participants", "11"]).await;
+    let room = "big";
+    let (publisher, subscribers) = spread(&region, room).await;
+
+    // Three parts, one per node, each its own stream with its own placement.
+    let parts = [
+        (room.to_string(), "node-a"),
+        (format!("{room}~node-b"), "node-b"),
+        (format!("{room}~node-c"), "node-c"),
+    ];
+    let mut total = 0;
+    for (part, node) in &parts {
+        let state = region.room(part).await;
+        assert_eq!(state.node.as_deref(), Some(*node), "{part}: {state:#?}");
+        assert!(
+            state.participants.len() <= 11,
+            "{part} holds at most 11: {}",
+            state.participants.len()
+        );
+        total += state.participants.len();
+    }
+    assert_eq!(total, 31, "every participant is in one part");
+    let first_b = &region.history(&parts[1].0).await[0].event;
+    assert!(
+        matches!(first_b, Event::RoomPartPlaced { room: r, node, .. } if r == room && node == "node-b"),
+        "a part's stream starts with RoomPartPlaced: {first_b:?}"
+    );
+    let a_events = region
+        .store
+        .read_stream("node:node-a", 1, 10_000)
+        .await
+        .expect("node-a's stream");
+    for peer in ["node-b", "node-c"] {
+        assert!(
+            a_events.iter().any(|e| matches!(&e.event,
+                Event::RelayLinked { peer: p, part } if p == peer && part == room)),
+            "node-a recorded relaying {room} to {peer}"
+        );
+    }
+
+    // One copy per track per link: A sends each of its 2 tracks once to B and once to
+    // C; B and C fan out what they receive to their own subscribers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a = metrics(&region.nodes[0].http).await;
+    for (i, peer) in [(1, "node-b"), (2, "node-c")] {
+        let other = metrics(&region.nodes[i].http).await;
+        let tracks = series(&a, &link("meridian_relay_tracks", "out", peer));
+        assert_eq!(tracks, 2.0, "node-a relays 2 tracks to {peer}");
+        assert_eq!(
+            series(&other, &link("meridian_relay_tracks", "in", "node-a")),
+            2.0
+        );
+        let sent = series(&a, &link("meridian_relay_packets_total", "out", peer));
+        let got = series(
+            &other,
+            &link("meridian_relay_packets_total", "in", "node-a"),
+        );
+        let fanned = series(&other, "meridian_rtp_packets_forwarded_total");
+        let locals = if i == 1 { 11.0 } else { 9.0 };
+        eprintln!(
+            "node-a → {peer}: sent {sent}, received {got}; {peer} forwarded {fanned} to {locals} subscribers"
+        );
+        assert!(sent > 100.0, "media crossed to {peer}: {sent}");
+        assert!(
+            (sent - got).abs() <= sent * 0.05 + 20.0,
+            "what node-a sent {peer} arrived: {sent} vs {got}"
+        );
+        // Each relayed packet went to every local subscriber of that node, and only
+        // one copy crossed: the node forwarded about `locals` times what it received.
+        assert!(
+            fanned >= got * (locals - 2.0) && fanned <= got * locals + 50.0,
+            "{peer} fans out {got} relayed packets to {locals} subscribers: {fanned}"
+        );
+    }
+    let received_a = series(&a, "meridian_rtp_packets_received_total");
+    let sent_b = series(&a, &link("meridian_relay_packets_total", "out", "node-b"));
+    assert!(
+        sent_b < received_a,
+        "one layer of three crosses (sent {sent_b}, node-a received {received_a})"
+    );
+
+    drop(subscribers);
+    drop(publisher);
+    region.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_refuse", 1, &["--max-participants", "11"]).await;
+    let node = region.nodes[0].http.clone();
+    let body = r#"{"parts":["x"]}"#;
+    let now = meridian_auth::unix_now();
+    let node_claims = |sub: &str| {
+        Claims::new(sub, "*", now, Duration::from_secs(60))
+            .with_grants(Grants::admin())
+            .with_region("local")
+            .with_audience("meridian-node")
+    };
+    let client_token = region.token("mallory", "x", true);
+    let no_lease = region.keys.sign(&node_claims("node:node-z")).unwrap();
+    let not_a_node = region.keys.sign(&node_claims("mallory")).unwrap();
+    let other_region = region
+        .keys
+        .sign(&node_claims("node:node-a").with_region("elsewhere"))
+        .unwrap();
+    let cases = [
+        (None, 401, "no_token"),
+        (Some("not-a-jwt"), 401, "bad_token"),
+        (Some(client_token.as_str()), 401, "bad_token"),
+        (Some(not_a_node.as_str()), 403, "not_a_node"),
+        (Some(other_region.as_str()), 403, "not_a_node"),
+        (Some(no_lease.as_str()), 403, "no_lease"),
+    ];
+    for (token, status, code) in cases {
+        let (got, answer) = http(&node, "POST", "/internal/relay/subscribe", token, body).await;
+        assert_eq!(got, status, "{code}: {answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).expect("a JSON error");
+        assert_eq!(v["code"], code, "{answer}");
+    }
+    let text = metrics(&node).await;
+    for (code, n) in [
+        ("no_token", 1.0),
+        ("bad_token", 2.0),
+        ("not_a_node", 2.0),
+        ("no_lease", 1.0),
+    ] {
+        assert_eq!(
+            series(
+                &text,
+                &format!("meridian_relay_refused_total{{reason=\"{code}\"}}")
+            ),
+            n,
+            "{code} counted"
+        );
+    }
+    // Nothing was linked.
+    assert_eq!(
+        series(&text, &link("meridian_relay_tracks", "out", "node-z")),
+        0.0
+    );
+    region.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_node_hosting_a_part_brings_its_subscribers_back_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_kill", 3, &["--max-participants", "11"]).await;
+    let room = "big";
+    let (publisher, subscribers) = spread(&region, room).await;
+    let (b_url, c_url) = (region.nodes[1].url.clone(), region.nodes[2].url.clone());
+    let before: Vec<ClientStats> = subscribers.iter().map(|s| s.stats()).collect();
+    let on_b: Vec<usize> = (0..30).filter(|i| before[*i].url == b_url).collect();
+    let on_c: Vec<usize> = (0..30).filter(|i| before[*i].url == c_url).collect();
+    assert!(!on_b.is_empty() && !on_c.is_empty(), "parts on B and C");
+    let part_b = format!("{room}~node-b");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state_b = region.room(&part_b).await;
+    assert_eq!(state_b.participants.len(), on_b.len());
+
+    let killed = Instant::now();
+    region.nodes[1].signal("KILL");
+    // B's subscribers come back on A or C and receive again.
+    for &i in &on_b {
+        let b = &before[i];
+        let s = subscribers[i]
+            .wait_for(Duration::from_secs(40), |s| {
+                s.reconnects > b.reconnects
+                    && !s.reconnecting()
+                    && s.received_media_after(killed)
+                    && s.since(b).video_tracks_with(5) >= 1
+                    && s.since(b).audio_tracks_with(5) >= 1
+            })
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} (on node-b) gets no media after the kill: {s:#?}"));
+        assert_ne!(s.url, b_url, "sub-{i} moved off node-b");
+    }
+    let back = killed.elapsed();
+    let restored = on_b
+        .iter()
+        .filter(|&&i| subscribers[i].stats().restored_resumes > before[i].restored_resumes)
+        .count();
+    eprintln!(
+        "{} subscribers of node-b receive again {back:?} after SIGKILL ({restored} restored by replay)",
+        on_b.len()
+    );
+    assert!(
+        restored > 0,
+        "subscribers come back by replay of their part"
+    );
+    // C's subscribers never lost their node: media kept coming over the A→C link.
+    let mid = Instant::now();
+    for &i in &on_c {
+        let s = subscribers[i]
+            .wait_for(Duration::from_secs(5), |s| s.received_media_after(mid))
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} (on node-c) stopped receiving: {s:#?}"));
+        assert_eq!(
+            s.reconnects, before[i].reconnects,
+            "sub-{i} stayed on node-c"
+        );
+        for (id, t) in &s.tracks {
+            let freezes = t.freezes - before[i].tracks.get(id).map_or(0, |b| b.freezes);
+            assert!(freezes <= 1, "sub-{i}: track {id} froze {freezes} times");
+        }
+    }
+    // The part that was on B is on a live node now (a new epoch), and every part's
+    // state read through snapshots equals a full replay of its stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now_b = region.room(&part_b).await;
+    assert_ne!(
+        now_b.node.as_deref(),
+        Some("node-b"),
+        "{part_b} left node-b"
+    );
+    assert!(now_b.epoch > state_b.epoch);
+    for part in [room.to_string(), part_b.clone(), format!("{room}~node-c")] {
+        let stream = meridian_events::room_stream(&part);
+        let loaded = region.store.load_room(&stream).await.expect("load");
+        let replayed = region.store.replay_room(&stream).await.expect("replay");
+        assert_eq!(
+            loaded, replayed,
+            "{part}: snapshot + tail equals a full replay"
+        );
+        let history = region.history(&part).await;
+        let mut folded = meridian_events::RoomState::default();
+        for e in &history {
+            folded.apply(e);
+        }
+        assert_eq!(
+            membership(&folded),
+            membership(&replayed),
+            "{part} folds consistently"
+        );
+    }
+    drop(subscribers);
+    drop(publisher);
+    region.cleanup().await;
+}
+
+fn layer_packets(text: &str, peer: &str) -> [f64; 3] {
+    ["low", "medium", "high"].map(|l| {
+        series(
+            text,
+            &format!("meridian_relay_layer_packets_total{{peer=\"{peer}\",layer=\"{l}\"}}"),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_layers", 2, &["--max-participants", "2"]).await;
+    let urls = region.urls();
+    let room = "layers";
+    let publisher = Client::join(
+        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
+            .with_fallback_urls(urls.clone()),
+    )
+    .await
+    .expect("the publisher joins");
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let token = region.token(&format!("sub-{i}"), room, false);
+        let config =
+            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
+        subs.push(Client::join(config).await.expect("joins"));
+    }
+    let far: Vec<usize> = (0..3).filter(|i| subs[*i].stats().url == urls[1]).collect();
+    assert_eq!(far.len(), 2, "two subscribers on node-b");
+    for &i in &far {
+        subs[i]
+            .wait_for(Duration::from_secs(30), |s| s.video_tracks_with(10) >= 1)
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} gets video: {s:#?}"));
+    }
+    let video = publisher
+        .stats()
+        .published
+        .iter()
+        .find(|t| t.kind == meridian_protocol::TrackKind::Video)
+        .expect("a video track")
+        .track_id
+        .clone();
+    // Both subscribers on B want low only: A sends only low to B.
+    for &i in &far {
+        subs[i]
+            .send(meridian_protocol::ClientMessage::SetLayer {
+                track_id: video.clone(),
+                max_layer: meridian_protocol::Layer::Low,
+            })
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a0 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a1 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    eprintln!("node-a → node-b per layer (low, medium, high): {a0:?} → {a1:?}");
+    assert!(a1[0] > a0[0] + 20.0, "low crosses: {a0:?} → {a1:?}");
+    assert_eq!(a1[2], a0[2], "high does not: {a0:?} → {a1:?}");
+    assert_eq!(a1[1], a0[1], "nor medium: {a0:?} → {a1:?}");
+    for &i in &far {
+        let last = subs[i]
+            .stats()
+            .tracks
+            .get(&video)
+            .and_then(|t| t.last_layer);
+        assert_eq!(last, Some(0), "sub-{i} receives the low layer");
+    }
+    // One of them asks for high: the link goes back up, at a keyframe.
+    subs[far[0]]
+        .send(meridian_protocol::ClientMessage::SetLayer {
+            track_id: video.clone(),
+            max_layer: meridian_protocol::Layer::High,
+        })
+        .await;
+    subs[far[0]]
+        .wait_for(Duration::from_secs(10), |s| {
+            s.tracks.get(&video).and_then(|t| t.last_layer) == Some(2)
+        })
+        .await
+        .unwrap_or_else(|s| panic!("high reaches node-b: {s:#?}"));
+    let a2 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a3 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    assert!(a3[2] > a2[2], "high crosses again: {a2:?} → {a3:?}");
+    let s = subs[far[0]].stats();
+    let t = s.tracks.get(&video).unwrap();
+    assert!(
+        t.layer_history.ends_with(&[0, 2]),
+        "low, then high: {:?}",
+        t.layer_history
+    );
+    drop(subs);
+    drop(publisher);
+    region.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
+    let _serial = SERIAL.lock().await;
+    let region = Region::start("relay_stop", 2, &["--max-participants", "2"]).await;
+    let urls = region.urls();
+    let room = "stop";
+    let publisher = Client::join(
+        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
+            .with_fallback_urls(urls.clone()),
+    )
+    .await
+    .expect("the publisher joins");
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let token = region.token(&format!("sub-{i}"), room, false);
+        let config =
+            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
+        subs.push(Client::join(config).await.expect("joins"));
+    }
+    for s in &subs {
+        s.wait_for(Duration::from_secs(30), |s| s.video_tracks_with(5) >= 1)
+            .await
+            .expect("media");
+    }
+    let a = &region.nodes[0].http;
+    assert_eq!(
+        series(
+            &metrics(a).await,
+            &link("meridian_relay_tracks", "out", "node-b")
+        ),
+        2.0
+    );
+    // node-b freezes: it answers nothing (no media, no control, no lease renewal).
+    let stopped = Instant::now();
+    region.nodes[1].signal("STOP");
+    let mut torn_down = None;
+    while stopped.elapsed() < Duration::from_secs(20) {
+        let text = metrics(a).await;
+        if series(&text, &link("meridian_relay_tracks", "out", "node-b")) == 0.0 {
+            torn_down = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    region.nodes[1].signal("CONT");
+    let after = torn_down.expect("node-a tears the link to a silent node-b down within 20 s");
+    eprintln!("relay link to a stopped node torn down after {after:?}");
+    // The unlink is recorded right after the link goes (poll: the append may trail
+    // the metric).
+    let mut recorded = false;
+    for _ in 0..50 {
+        let events = region
+            .store
+            .read_stream("node:node-a", 1, 10_000)
+            .await
+            .expect("node-a's stream");
+        recorded = events
+            .iter()
+            .any(|e| matches!(&e.event, Event::RelayUnlinked { peer, .. } if peer == "node-b"));
+        if recorded {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recorded, "node-a recorded the unlink");
+    drop(subs);
+    drop(publisher);
+    region.cleanup().await;
+}
