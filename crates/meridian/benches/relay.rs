@@ -48,17 +48,6 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-async fn metrics(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut body = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await;
-    body
-}
-
 /// Sum of every series of `name` whose labels contain `with` (any, when empty).
 fn total(text: &str, name: &str, with: &str) -> f64 {
     text.lines()
@@ -115,7 +104,7 @@ async fn main() {
         .collect();
     let mut before_m = Vec::new();
     for n in &region.nodes {
-        before_m.push(metrics(&n.http).await);
+        before_m.push(n.metrics().await);
     }
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
@@ -127,7 +116,7 @@ async fn main() {
         .collect();
     let mut after_m = Vec::new();
     for n in &region.nodes {
-        after_m.push(metrics(&n.http).await);
+        after_m.push(n.metrics().await);
     }
 
     println!("window {window:.1} s; {silent} subscribers never received");

@@ -48,10 +48,6 @@ async fn http(
     (status, body.to_string())
 }
 
-async fn metrics(addr: &str) -> String {
-    http(addr, "GET", "/metrics", None, "").await.1
-}
-
 /// The value of one series (`name{labels}` exactly as exported), 0 when absent.
 fn series(text: &str, name: &str) -> f64 {
     text.lines()
@@ -137,9 +133,9 @@ async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_on
     // One copy per track per link: A sends each of its 2 tracks once to B and once to
     // C; B and C fan out what they receive to their own subscribers.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let a = metrics(&region.nodes[0].http).await;
+    let a = region.nodes[0].metrics().await;
     for (i, peer) in [(1, "node-b"), (2, "node-c")] {
-        let other = metrics(&region.nodes[i].http).await;
+        let other = region.nodes[i].metrics().await;
         let tracks = series(&a, &link("meridian_relay_tracks", "out", peer));
         assert_eq!(tracks, 2.0, "node-a relays 2 tracks to {peer}");
         assert_eq!(
@@ -214,7 +210,7 @@ async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
         let v: serde_json::Value = serde_json::from_str(&answer).expect("a JSON error");
         assert_eq!(v["code"], code, "{answer}");
     }
-    let text = metrics(&node).await;
+    let text = region.nodes[0].metrics().await;
     for (code, n) in [
         ("no_token", 1.0),
         ("bad_token", 2.0),
@@ -388,9 +384,9 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
             .await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let a0 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    let a0 = layer_packets(&region.nodes[0].metrics().await, "node-b");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let a1 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    let a1 = layer_packets(&region.nodes[0].metrics().await, "node-b");
     eprintln!("node-a → node-b per layer (low, medium, high): {a0:?} → {a1:?}");
     assert!(a1[0] > a0[0] + 20.0, "low crosses: {a0:?} → {a1:?}");
     assert_eq!(a1[2], a0[2], "high does not: {a0:?} → {a1:?}");
@@ -416,9 +412,9 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
         })
         .await
         .unwrap_or_else(|s| panic!("high reaches node-b: {s:#?}"));
-    let a2 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    let a2 = layer_packets(&region.nodes[0].metrics().await, "node-b");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let a3 = layer_packets(&metrics(&region.nodes[0].http).await, "node-b");
+    let a3 = layer_packets(&region.nodes[0].metrics().await, "node-b");
     assert!(a3[2] > a2[2], "high crosses again: {a2:?} → {a3:?}");
     let s = subs[far[0]].stats();
     let t = s.tracks.get(&video).unwrap();
@@ -456,10 +452,10 @@ async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
             .await
             .expect("media");
     }
-    let a = &region.nodes[0].http;
+    let a = &region.nodes[0];
     assert_eq!(
         series(
-            &metrics(a).await,
+            &a.metrics().await,
             &link("meridian_relay_tracks", "out", "node-b")
         ),
         2.0
@@ -469,7 +465,7 @@ async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
     region.nodes[1].signal("STOP");
     let mut torn_down = None;
     while stopped.elapsed() < Duration::from_secs(20) {
-        let text = metrics(a).await;
+        let text = a.metrics().await;
         if series(&text, &link("meridian_relay_tracks", "out", "node-b")) == 0.0 {
             torn_down = Some(stopped.elapsed());
             break;
