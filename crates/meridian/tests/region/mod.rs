@@ -94,9 +94,13 @@ pub struct Region {
 impl Region {
     /// A fresh schema and `n` nodes (`node-a`, `node-b`, …) with `extra` flags.
     pub async fn start(name: &str, n: usize, extra: &[&str]) -> Region {
+        // Tests of one binary run as threads of one process, possibly in the same
+        // millisecond: a counter keeps their schemas apart.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let schema = format!(
-            "{name}_{}_{}",
+            "{name}_{}_{}_{}",
             std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .expect("clock after 1970")
