@@ -59,6 +59,26 @@ fn link(metric: &str, direction: &str, peer: &str) -> String {
     format!("{metric}{{direction=\"{direction}\",peer=\"{peer}\"}}")
 }
 
+/// Starts a region of `n` nodes and waits until every node holds a lease and each
+/// node's view of the region (refreshed every lease period, 100 ms) has caught up:
+/// placement only sends joins to nodes it knows are live.
+async fn start(name: &str, n: usize, extra: &[&str]) -> Region {
+    let region = Region::start(name, n, extra).await;
+    for _ in 0..100 {
+        let leases = region.store.leases().await.expect("leases");
+        if region
+            .nodes
+            .iter()
+            .all(|node| leases.iter().any(|l| l.node == node.id))
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return region;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the nodes of {name} did not all take a lease within 10 s");
+}
+
 /// A publisher and 30 subscribers of `room`, all joining through node-a; waits until
 /// every subscriber receives audio and video.
 async fn spread(region: &Region, room: &str) -> (Client, Vec<Client>) {
@@ -90,7 +110,7 @@ async fn spread(region: &Region, room: &str) -> (Client, Vec<Client>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_once() {
     let _serial = SERIAL.lock().await;
-    let region = Region::start("relay_spread", 3, &["--max-participants", "11"]).await;
+    let region = start("relay_spread", 3, &["--max-participants", "11"]).await;
     let room = "big";
     let (publisher, subscribers) = spread(&region, room).await;
 
@@ -179,7 +199,7 @@ async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
     let _serial = SERIAL.lock().await;
-    let region = Region::start("relay_refuse", 1, &["--max-participants", "11"]).await;
+    let region = start("relay_refuse", 1, &["--max-participants", "11"]).await;
     let node = region.nodes[0].http.clone();
     let body = r#"{"parts":["x"]}"#;
     let now = meridian_auth::unix_now();
@@ -237,7 +257,7 @@ async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_a_node_hosting_a_part_brings_its_subscribers_back_elsewhere() {
     let _serial = SERIAL.lock().await;
-    let region = Region::start("relay_kill", 3, &["--max-participants", "11"]).await;
+    let region = start("relay_kill", 3, &["--max-participants", "11"]).await;
     let room = "big";
     let (publisher, subscribers) = spread(&region, room).await;
     let (b_url, c_url) = (region.nodes[1].url.clone(), region.nodes[2].url.clone());
@@ -342,7 +362,7 @@ fn layer_packets(text: &str, peer: &str) -> [f64; 3] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
     let _serial = SERIAL.lock().await;
-    let region = Region::start("relay_layers", 2, &["--max-participants", "2"]).await;
+    let region = start("relay_layers", 2, &["--max-participants", "2"]).await;
     let urls = region.urls();
     let room = "layers";
     let publisher = Client::join(
@@ -431,7 +451,7 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
     let _serial = SERIAL.lock().await;
-    let region = Region::start("relay_stop", 2, &["--max-participants", "2"]).await;
+    let region = start("relay_stop", 2, &["--max-participants", "2"]).await;
     let urls = region.urls();
     let room = "stop";
     let publisher = Client::join(
