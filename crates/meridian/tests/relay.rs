@@ -79,24 +79,30 @@ async fn start(name: &str, n: usize, extra: &[&str]) -> Region {
     panic!("the nodes of {name} did not all take a lease within 10 s");
 }
 
-/// A publisher and 30 subscribers of `room`, all joining through node-a; waits until
-/// every subscriber receives audio and video.
-async fn spread(region: &Region, room: &str) -> (Client, Vec<Client>) {
+/// A publisher `pub` and `n` subscribers `sub-{i}` of `room`, all knocking at node-a
+/// (placement sends them where the room has room), in that order.
+async fn join_at_node_a(region: &Region, room: &str, n: usize) -> (Client, Vec<Client>) {
     let urls = region.urls();
     let publisher = Client::join(
         light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
             .with_fallback_urls(urls.clone()),
     )
     .await
-    .expect("the publisher joins on node-a");
+    .expect("the publisher joins");
     let mut subscribers = Vec::new();
-    for i in 0..30 {
-        // Everyone knocks at node-a; placement sends them where the room has room.
+    for i in 0..n {
         let token = region.token(&format!("sub-{i}"), room, false);
         let config =
             light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
         subscribers.push(Client::join(config).await.expect("a subscriber joins"));
     }
+    (publisher, subscribers)
+}
+
+/// A publisher and 30 subscribers of `room`, all joining through node-a; waits until
+/// every subscriber receives audio and video.
+async fn spread(region: &Region, room: &str) -> (Client, Vec<Client>) {
+    let (publisher, subscribers) = join_at_node_a(region, room, 30).await;
     for (i, s) in subscribers.iter().enumerate() {
         s.wait_for(Duration::from_secs(40), |s| {
             s.video_tracks_with(10) >= 1 && s.audio_tracks_with(10) >= 1
@@ -365,19 +371,7 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
     let region = start("relay_layers", 2, &["--max-participants", "2"]).await;
     let urls = region.urls();
     let room = "layers";
-    let publisher = Client::join(
-        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
-            .with_fallback_urls(urls.clone()),
-    )
-    .await
-    .expect("the publisher joins");
-    let mut subs = Vec::new();
-    for i in 0..3 {
-        let token = region.token(&format!("sub-{i}"), room, false);
-        let config =
-            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
-        subs.push(Client::join(config).await.expect("joins"));
-    }
+    let (publisher, subs) = join_at_node_a(&region, room, 3).await;
     let far: Vec<usize> = (0..3).filter(|i| subs[*i].stats().url == urls[1]).collect();
     assert_eq!(far.len(), 2, "two subscribers on node-b");
     for &i in &far {
@@ -452,21 +446,8 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
 async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
     let _serial = SERIAL.lock().await;
     let region = start("relay_stop", 2, &["--max-participants", "2"]).await;
-    let urls = region.urls();
     let room = "stop";
-    let publisher = Client::join(
-        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
-            .with_fallback_urls(urls.clone()),
-    )
-    .await
-    .expect("the publisher joins");
-    let mut subs = Vec::new();
-    for i in 0..3 {
-        let token = region.token(&format!("sub-{i}"), room, false);
-        let config =
-            light(ClientConfig::subscriber(&urls[0], token)).with_fallback_urls(urls.clone());
-        subs.push(Client::join(config).await.expect("joins"));
-    }
+    let (publisher, subs) = join_at_node_a(&region, room, 3).await;
     for s in &subs {
         s.wait_for(Duration::from_secs(30), |s| s.video_tracks_with(5) >= 1)
             .await
