@@ -58,6 +58,7 @@ pub(crate) struct Cluster {
     node: String,
     region: String,
     url: String,
+    internal_addr: String,
     period: Duration,
     ttl: Duration,
     fences: Fences,
@@ -74,6 +75,8 @@ pub(crate) struct ClusterParams {
     pub node: String,
     pub region: String,
     pub url: String,
+    /// `host:port` of the internal listener for other nodes (`""`: none).
+    pub internal_addr: String,
     pub period: Duration,
     pub ttl: Duration,
 }
@@ -96,6 +99,7 @@ impl Cluster {
             node: params.node,
             region: params.region,
             url: params.url,
+            internal_addr: params.internal_addr,
             period: params.period,
             ttl: params.ttl,
             fences,
@@ -260,7 +264,13 @@ impl Cluster {
         // expire a live node).
         let lease = self
             .store
-            .acquire_lease(&self.node, &self.region, &self.url, self.ttl)
+            .acquire_lease(
+                &self.node,
+                &self.region,
+                &self.url,
+                &self.internal_addr,
+                self.ttl,
+            )
             .await?;
         let (incarnation, expires_at) = (lease.incarnation, lease.expires_at);
         self.store

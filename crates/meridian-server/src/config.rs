@@ -78,6 +78,11 @@ pub struct Config {
 pub struct InternalConfig {
     /// TCP address of the internal listener; port 0 picks one.
     pub listen: SocketAddr,
+    /// `host:port` other nodes of the region call this node's internal listener at
+    /// (relay control), published in the node's lease. The host must be a name the
+    /// listener's certificate carries. Default: the listen address when it is a
+    /// specific IP, else the host of the advertised signaling URL with the listen port.
+    pub advertise: Option<String>,
     /// PEM certificate chain the internal listener serves.
     pub cert: Option<PathBuf>,
     /// PEM private key of `cert`.
@@ -102,6 +107,7 @@ impl Default for InternalConfig {
     fn default() -> Self {
         InternalConfig {
             listen: "127.0.0.1:7883".parse().expect("valid literal"),
+            advertise: None,
             cert: None,
             key: None,
             client_ca: None,
@@ -567,6 +573,14 @@ impl Config {
         if !(1..=3600).contains(&i.reload_interval_secs) {
             return invalid("internal.reload_interval_secs", "must be 1..=3600");
         }
+        if let Some(a) = &i.advertise
+            && split_host_port(a).is_none()
+        {
+            return invalid(
+                "internal.advertise",
+                "must be host:port (a name or IP the internal certificate carries), at most 256 bytes",
+            );
+        }
         if let Some(m) = i.metrics_listen
             && !m.ip().is_loopback()
         {
@@ -637,14 +651,83 @@ impl Config {
             .unwrap_or_else(|| format!("ws://{http}/signal"))
     }
 
+    /// The `host:port` published in the lease for other nodes to reach the internal
+    /// listener bound at `bound` (see [`InternalConfig::advertise`]); `None` when there
+    /// is none to give (a wildcard listen address and no host in the signaling URL).
+    pub fn internal_advertise(&self, bound: SocketAddr, http: SocketAddr) -> Option<String> {
+        if let Some(a) = &self.internal.advertise {
+            return Some(a.clone());
+        }
+        if !bound.ip().is_unspecified() {
+            return Some(bound.to_string());
+        }
+        let url = self.advertise_url(http);
+        let host = url.split_once("://")?.1.split('/').next()?;
+        let (host, _) = split_host_port(host).unwrap_or((host, 0));
+        let wildcard = host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+        match host.parse::<std::net::Ipv6Addr>() {
+            _ if host.is_empty() || wildcard => None,
+            Ok(v6) => Some(format!("[{v6}]:{}", bound.port())),
+            Err(_) => Some(format!("{host}:{}", bound.port())),
+        }
+    }
+
     pub(crate) fn resume_grace(&self) -> Duration {
         Duration::from_secs(self.signaling.resume_grace_secs)
     }
 }
 
+/// Splits `host:port` (`[v6]:port` for IPv6) into its host and port; `None` when it
+/// is not of that form or longer than 256 bytes.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    if addr.len() > 256 || addr.chars().any(|c| c.is_whitespace() || c == '/') {
+        return None;
+    }
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_internal_address_other_nodes_call_is_published_or_derived() {
+        let http: SocketAddr = "0.0.0.0:7880".parse().unwrap();
+        let mut c = Config::default();
+        let bound: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        assert_eq!(
+            c.internal_advertise(bound, http).as_deref(),
+            Some("127.0.0.1:40001")
+        );
+        let wildcard: SocketAddr = "0.0.0.0:7883".parse().unwrap();
+        c.cluster.advertise_url = Some("ws://10.1.2.3:7880/signal".into());
+        assert_eq!(
+            c.internal_advertise(wildcard, http).as_deref(),
+            Some("10.1.2.3:7883")
+        );
+        c.cluster.advertise_url = None;
+        assert_eq!(c.internal_advertise(wildcard, http), None);
+        c.internal.advertise = Some("meridian-0.meridian-nodes.ns.svc:7883".into());
+        assert_eq!(
+            c.internal_advertise(wildcard, http).as_deref(),
+            Some("meridian-0.meridian-nodes.ns.svc:7883")
+        );
+        c.validate().unwrap();
+        for bad in ["no-port", "a:b", "https://x:1", ":7883", "::1:7883"] {
+            c.internal.advertise = Some(bad.into());
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert_eq!(split_host_port("[::1]:7883"), Some(("::1", 7883)));
+    }
 
     #[test]
     fn file_values_override_defaults_and_unknown_keys_are_errors() {

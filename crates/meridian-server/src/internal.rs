@@ -475,6 +475,7 @@ impl InternalTls {
         InternalClient {
             config: self.material().client.clone(),
             timeout: CALL_TIMEOUT,
+            max_response: MAX_RESPONSE_BYTES,
         }
     }
 
@@ -530,11 +531,11 @@ pub(crate) async fn watch_files(
 #[derive(Clone, Debug)]
 pub struct PeerCertificate(pub Arc<CertificateDer<'static>>);
 
-/// Routes other nodes call (relay control at `/internal/relay…`): mount them here;
-/// they are served on the internal listener only, behind mutual TLS, next to
-/// `/metrics`, `/admin/*` and `/audit/*`. Handlers may read [`PeerCertificate`].
-pub(crate) fn node_routes(_state: &NodeState) -> Router {
-    Router::new()
+/// Routes other nodes call (relay control, `/internal/relay/*`): served on the
+/// internal listener only, behind mutual TLS, next to `/metrics`, `/admin/*` and
+/// `/audit/*`. Handlers may read [`PeerCertificate`].
+pub(crate) fn node_routes(state: &NodeState) -> Router {
+    crate::relay::routes().with_state(state.clone())
 }
 
 /// Serves `app` over TLS with required client certificates on `listener` until
@@ -638,6 +639,8 @@ pub struct InternalClient {
     config: Arc<ClientConfig>,
     /// Bound on one whole call (connect, handshake, request, body).
     timeout: Duration,
+    /// Largest response body read.
+    max_response: usize,
 }
 
 /// Default bound on one internal call.
@@ -661,6 +664,7 @@ impl InternalClient {
         Ok(InternalClient {
             config: Arc::new(client_config(roots(ca, &cas)?, chain, key)?),
             timeout: CALL_TIMEOUT,
+            max_response: MAX_RESPONSE_BYTES,
         })
     }
 
@@ -677,6 +681,7 @@ impl InternalClient {
         Ok(InternalClient {
             config: Arc::new(config),
             timeout: CALL_TIMEOUT,
+            max_response: MAX_RESPONSE_BYTES,
         })
     }
 
@@ -686,9 +691,48 @@ impl InternalClient {
         self
     }
 
+    /// The same client reading response bodies of at most `bytes` (default 64 MiB;
+    /// a larger one fails the call).
+    pub fn with_max_response(mut self, bytes: usize) -> InternalClient {
+        self.max_response = bytes;
+        self
+    }
+
+    /// Sends one request to the listener at `host_port` (a `host:port` as published in
+    /// a lease: the host is resolved, and is the TLS server name the listener's
+    /// certificate must carry). Resolution counts against the client's timeout.
+    pub async fn request_to(
+        &self,
+        host_port: &str,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<InternalResponse, InternalError> {
+        let unresolved = |reason: String| InternalError::Call {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: format!("{host_port}: {reason}"),
+        };
+        let (host, port) = crate::config::split_host_port(host_port)
+            .ok_or_else(|| unresolved("not host:port".into()))?;
+        let started = tokio::time::Instant::now();
+        let addr = tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| unresolved(format!("not resolved within {:?}", self.timeout)))?
+            .map_err(|e| unresolved(e.to_string()))?
+            .next()
+            .ok_or_else(|| unresolved("no address".into()))?;
+        let left = self.timeout.saturating_sub(started.elapsed());
+        self.clone()
+            .with_timeout(left)
+            .request(addr, host, method, path, bearer, body)
+            .await
+    }
+
     /// Sends one request to `addr` (TLS server name `server_name`, which the server's
     /// certificate must carry: an IP address or a DNS name) with an optional bearer
-    /// token; reads a response of at most 64 MiB. Bounded by the client's timeout as a
+    /// token; reads a response of at most 64 MiB (see
+    /// [`InternalClient::with_max_response`]). Bounded by the client's timeout as a
     /// whole.
     pub async fn request(
         &self,
@@ -732,7 +776,7 @@ impl InternalClient {
                 .await
                 .map_err(|e| fail(format!("request: {e}")))?;
             let status = res.status().as_u16();
-            let bytes = Limited::new(res.into_body(), MAX_RESPONSE_BYTES)
+            let bytes = Limited::new(res.into_body(), self.max_response)
                 .collect()
                 .await
                 .map_err(|e| fail(format!("body: {e}")))?

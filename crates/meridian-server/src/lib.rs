@@ -301,6 +301,9 @@ impl Node {
                 node: config.node.id.clone(),
                 region: config.node.region.clone(),
                 url: config.advertise_url(http_addr),
+                internal_addr: config
+                    .internal_advertise(internal_addr, http_addr)
+                    .unwrap_or_default(),
                 period: std::time::Duration::from_millis(config.cluster.lease_period_ms),
                 ttl: std::time::Duration::from_millis(config.cluster.lease_ttl_ms),
             },
@@ -419,6 +422,7 @@ impl Node {
             cluster.clone(),
             commands.clone(),
             metrics.clone(),
+            internal_tls.clone(),
             candidate,
             config.media.max_participants,
         ));
@@ -452,8 +456,6 @@ impl Node {
         let internal_app = http::internal_router(state.clone())
             .merge(audit)
             .merge(internal::node_routes(&state));
-        // Relay control authenticates callers with a node token and a live lease
-        // (`relay.rs`), so it is served on the public listener, where peers reach it.
         tokio::spawn(internal::serve(
             internal_listener,
             internal_app,
@@ -474,12 +476,10 @@ impl Node {
                 shutdown.subscribe(),
             ));
         }
-        let app = http::router(state.clone())
-            .merge(relay::routes().with_state(state.clone()))
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                http::check_host,
-            ));
+        let app = http::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http::check_host,
+        ));
         let http_task = tokio::spawn(http::serve(listener, app, state, shutdown_rx));
         info!(%http_addr, %internal_addr, %media_addr, %wt_addr, %candidate, "meridian node started");
         Ok(Node {

@@ -6,11 +6,14 @@
 //!   part of its room on a node with room; when every part's node is full, a new part
 //!   (`<room>~<node>`, its own log stream with its own fence) is placed on the
 //!   least-loaded live node (participants, then forwarded packets per second).
-//! * **Control** ([`routes`], `/internal/relay/*`): node-to-node only. A caller shows
-//!   a node token (a JWT of the region's key, audience `meridian-node`, subject
-//!   `node:<id>`, room `*`) and must hold a live lease in the region's log; anything
-//!   else gets a typed error and is counted (`meridian_relay_refused_total{reason}`).
-//!   Mount [`routes`] on whichever listener carries internal traffic.
+//! * **Control** ([`routes`], `/internal/relay/*`): node-to-node only, served on the
+//!   internal listener (`internal.rs`: mutual TLS, the caller's client certificate
+//!   must chain to the internal CA). The caller also shows a node token (a JWT of the
+//!   region's key, audience `meridian-node`, subject `node:<id>`, room `*`) naming a
+//!   node that holds a live lease in the region's log; anything else gets a typed
+//!   error and is counted (`meridian_relay_refused_total{reason}`). Peers are called
+//!   with [`crate::internal::InternalClient`] at the internal address their lease
+//!   publishes.
 //! * **Driver** ([`Relay::run`]): every [`RECONCILE_PERIOD`] a node that hosts a part
 //!   asks each other part's node for that part's tracks (`subscribe`); the upstream
 //!   sends the link's SDP offer (`offer`, answered in the response) and the
@@ -27,14 +30,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Json;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::BodyExt;
+use axum::{Extension, Json, Router};
 use meridian_auth::{Claims, Grants, KeySet, Policy};
 use meridian_events::{Event, part_name, room_of_part};
 use meridian_media::{RelayTrack, TrackId, Transmit};
@@ -48,6 +49,7 @@ use tracing::{debug, info, warn};
 
 use crate::NodeState;
 use crate::cluster::{Cluster, PlaceError, Placement};
+use crate::internal::{InternalTls, PeerCertificate};
 use crate::mailbox::{Command, RelayOp, RelayReply, SessionSink};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::udp::MediaSocket;
@@ -75,6 +77,10 @@ const MAX_OUTGOING: usize = 65_536;
 /// Why a relay-control request was refused, with the code sent back.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RelayError {
+    /// The request did not come over mutual TLS with a verified client certificate
+    /// (the routes were reached on a listener that does not require one).
+    #[error("no verified client certificate")]
+    NoCertificate,
     /// No `Authorization: Bearer` header.
     #[error("missing bearer token")]
     NoToken,
@@ -105,6 +111,7 @@ impl RelayError {
     /// The stable code on the wire and in `meridian_relay_refused_total{reason}`.
     pub(crate) fn code(&self) -> &'static str {
         match self {
+            RelayError::NoCertificate => "no_certificate",
             RelayError::NoToken => "no_token",
             RelayError::BadToken(_) => "bad_token",
             RelayError::NotANode => "not_a_node",
@@ -118,7 +125,9 @@ impl RelayError {
 
     fn status(&self) -> StatusCode {
         match self {
-            RelayError::NoToken | RelayError::BadToken(_) => StatusCode::UNAUTHORIZED,
+            RelayError::NoCertificate | RelayError::NoToken | RelayError::BadToken(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             RelayError::NotANode | RelayError::NoLease(_) => StatusCode::FORBIDDEN,
             RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RelayError::Media(_) => StatusCode::CONFLICT,
@@ -203,6 +212,9 @@ pub(crate) struct Relay {
     cluster: Arc<Cluster>,
     commands: mpsc::Sender<Command>,
     metrics: Metrics,
+    /// The internal plane's certificates: calls to peers present this node's client
+    /// certificate (the current one, after rotations).
+    tls: Arc<InternalTls>,
     /// The media address other nodes' inbound links check (this node's candidate).
     media_addr: SocketAddr,
     max_participants: usize,
@@ -225,6 +237,7 @@ impl Relay {
         cluster: Arc<Cluster>,
         commands: mpsc::Sender<Command>,
         metrics: Metrics,
+        tls: Arc<InternalTls>,
         media_addr: SocketAddr,
         max_participants: usize,
     ) -> Relay {
@@ -235,6 +248,7 @@ impl Relay {
             cluster,
             commands,
             metrics,
+            tls,
             media_addr,
             max_participants,
             into: Mutex::new(HashMap::new()),
@@ -275,10 +289,17 @@ impl Relay {
         }
     }
 
-    /// Checks a caller's node token and lease; the node's id on success. Every
-    /// refusal is counted.
-    fn authorize(&self, headers: &HeaderMap) -> Result<String, RelayError> {
-        let result = self.check_caller(headers);
+    /// Checks a caller's client certificate (present: the internal listener verified
+    /// its chain), node token and lease; the node's id on success. Every refusal is
+    /// counted.
+    fn authorize(
+        &self,
+        cert: Option<&PeerCertificate>,
+        headers: &HeaderMap,
+    ) -> Result<String, RelayError> {
+        let result = cert
+            .ok_or(RelayError::NoCertificate)
+            .and_then(|_| self.check_caller(headers));
         if let Err(e) = &result {
             self.metrics
                 .relay
@@ -545,8 +566,9 @@ impl Relay {
         }
     }
 
-    /// Sends one relay-control request to `node` (found by its lease) and reads the
-    /// typed answer.
+    /// Sends one relay-control request to `node`'s internal listener (at the address
+    /// its lease publishes, over mutual TLS) and reads the typed answer, bounded by
+    /// [`REQUEST_TIMEOUT`] and [`MAX_BODY_BYTES`].
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         node: &str,
@@ -558,13 +580,31 @@ impl Relay {
                 .cluster
                 .lease_of(node)
                 .ok_or_else(|| RelayError::NoLease(node.to_string()))?;
-            let host = internal_host(&lease.url)
-                .ok_or_else(|| RelayError::Peer(format!("no internal address in {}", lease.url)))?;
+            let addr = lease
+                .internal_addr
+                .ok_or_else(|| RelayError::Peer(format!("{node} publishes no internal address")))?;
+            let method = if body.is_some() { "POST" } else { "GET" };
             let body = body
                 .map(serde_json::to_vec)
                 .transpose()
-                .map_err(|e| RelayError::BadRequest(e.to_string()))?;
-            request(&host, path, &self.token()?, body).await
+                .map_err(|e| RelayError::BadRequest(e.to_string()))?
+                .unwrap_or_default();
+            let token = self.token()?;
+            let resp = self
+                .tls
+                .client()
+                .with_timeout(REQUEST_TIMEOUT)
+                .with_max_response(MAX_BODY_BYTES)
+                .request_to(&addr, method, path, Some(&token), body)
+                .await
+                .map_err(|e| RelayError::Peer(e.to_string()))?;
+            if !(200..300).contains(&resp.status) {
+                let why = serde_json::from_str::<ErrorBody>(&resp.body)
+                    .map(|b| format!("{} {}: {}", resp.status, b.code, b.message))
+                    .unwrap_or_else(|_| format!("HTTP {}", resp.status));
+                return Err(RelayError::Peer(why));
+            }
+            serde_json::from_str(&resp.body).map_err(|e| RelayError::Peer(e.to_string()))
         }
         .await;
         if result.is_err() {
@@ -599,69 +639,6 @@ fn node_policy() -> Policy {
     }
 }
 
-/// The `host:port` of a node's HTTP listener, from its advertised signaling URL
-/// (`ws://host:port/signal`). The internal listener of the security issue replaces it.
-fn internal_host(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .or_else(|| url.strip_prefix("http://"))?;
-    let host = rest.split('/').next()?;
-    (!host.is_empty()).then(|| host.to_string())
-}
-
-/// One HTTP/1.1 request (POST with a body, GET without) with a bearer token, bounded
-/// in time and answer size.
-async fn request<Resp: DeserializeOwned>(
-    host: &str,
-    path: &str,
-    token: &str,
-    body: Option<Vec<u8>>,
-) -> Result<Resp, RelayError> {
-    let peer = |e: &dyn std::fmt::Display| RelayError::Peer(e.to_string());
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(host)
-            .await
-            .map_err(|e| peer(&e))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| peer(&e))?;
-        tokio::spawn(conn);
-        let method = if body.is_some() {
-            hyper::Method::POST
-        } else {
-            hyper::Method::GET
-        };
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, host)
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(http_body_util::Full::new(Bytes::from(
-                body.unwrap_or_default(),
-            )))
-            .map_err(|e| peer(&e))?;
-        let resp = sender.send_request(req).await.map_err(|e| peer(&e))?;
-        let status = resp.status();
-        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| RelayError::Peer(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            let why = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| format!("{} {}: {}", status.as_u16(), b.code, b.message))
-                .unwrap_or_else(|_| status.to_string());
-            return Err(RelayError::Peer(why));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| RelayError::Peer(e.to_string()))
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| RelayError::Peer(format!("{host}{path}: no answer in {REQUEST_TIMEOUT:?}")))?
-}
-
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RelayError> {
     serde_json::from_slice(body).map_err(|e| {
         RelayError::BadRequest(meridian_protocol::clip(
@@ -671,7 +648,8 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RelayError> {
     })
 }
 
-/// The relay-control routes (`/internal/relay/*`), node-to-node only.
+/// The relay-control routes (`/internal/relay/*`), node-to-node only: mounted on the
+/// internal listener (`internal::node_routes`), never on the public one.
 pub(crate) fn routes() -> Router<NodeState> {
     Router::new()
         .route("/internal/relay/subscribe", post(subscribe))
@@ -683,11 +661,12 @@ pub(crate) fn routes() -> Router<NodeState> {
 
 async fn subscribe(
     State(state): State<NodeState>,
+    cert: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<SubscribeResponse>, RelayError> {
     let relay = &state.relay;
-    let peer = relay.authorize(&headers)?;
+    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
     let req: SubscribeRequest = parse(&body)?;
     if req.parts.len() > MAX_PARTS_PER_REQUEST {
         return Err(RelayError::BadRequest(format!(
@@ -721,11 +700,12 @@ async fn subscribe(
 
 async fn offer(
     State(state): State<NodeState>,
+    cert: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<OfferResponse>, RelayError> {
     let relay = &state.relay;
-    let peer = relay.authorize(&headers)?;
+    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
     let mut req: OfferRequest = parse(&body)?;
     {
         let into = relay.into.lock().unwrap_or_else(|e| e.into_inner());
@@ -753,11 +733,12 @@ async fn offer(
 
 async fn layer(
     State(state): State<NodeState>,
+    cert: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Ack>, RelayError> {
     let relay = &state.relay;
-    let peer = relay.authorize(&headers)?;
+    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
     let req: LayerRequest = parse(&body)?;
     let track: TrackId = req
         .track_id
@@ -775,10 +756,11 @@ async fn layer(
 
 async fn load(
     State(state): State<NodeState>,
+    cert: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
 ) -> Result<Json<Load>, RelayError> {
     let relay = &state.relay;
-    relay.authorize(&headers)?;
+    relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
     let n = relay.local_count().await;
     Ok(Json(relay.load(n)))
 }
@@ -984,16 +966,6 @@ impl RelayIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn internal_hosts_come_from_signaling_urls() {
-        assert_eq!(
-            internal_host("ws://127.0.0.1:7880/signal").as_deref(),
-            Some("127.0.0.1:7880")
-        );
-        assert_eq!(internal_host("wss://a.example/signal"), None);
-        assert_eq!(internal_host("ws:///signal"), None);
-    }
 
     #[test]
     fn the_core_and_the_log_name_parts_alike() {

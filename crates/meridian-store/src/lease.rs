@@ -22,6 +22,9 @@ pub struct NodeLease {
     pub region: String,
     /// The node's public signaling URL (WebSocket), where clients are redirected.
     pub url: String,
+    /// Where other nodes reach the node's internal listener (mutual TLS), as
+    /// `host:port`; `None` when the node did not publish one.
+    pub internal_addr: Option<String>,
     /// Random id of the process holding the lease; a restarted node gets a new one.
     pub incarnation: String,
     /// When the lease runs out unless renewed, on the database's clock.
@@ -71,7 +74,7 @@ pub struct Placement {
     pub sequence: u64,
 }
 
-pub(crate) type LeaseRow = (String, String, String, String, i64, bool, i64);
+pub(crate) type LeaseRow = (String, String, String, String, i64, bool, i64, String);
 
 pub(crate) fn time(us: i64, what: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::<Utc>::from_timestamp_micros(us)
@@ -79,12 +82,13 @@ pub(crate) fn time(us: i64, what: &str) -> Result<DateTime<Utc>, StoreError> {
 }
 
 pub(crate) fn lease(row: LeaseRow, read_at: DateTime<Utc>) -> Result<NodeLease, StoreError> {
-    let (node, region, url, incarnation, expires_at_us, draining, now_us) = row;
+    let (node, region, url, incarnation, expires_at_us, draining, now_us, internal_addr) = row;
     let expires_at = time(expires_at_us, &node)?;
     Ok(NodeLease {
         node,
         region,
         url,
+        internal_addr: (!internal_addr.is_empty()).then_some(internal_addr),
         incarnation,
         expires_at,
         draining,
@@ -113,10 +117,10 @@ macro_rules! lease_sql {
         pub(crate) mod $name {
             pub const NOW: &str = concat!("SELECT ", $now);
             pub const ACQUIRE: &str = concat!(
-                "INSERT INTO node_leases (node, region, url, incarnation, expires_at_us, draining) \
-                 VALUES ($1, $2, $3, $4, ", $now, " + $5, false) \
+                "INSERT INTO node_leases (node, region, url, incarnation, expires_at_us, draining, \
+                 internal_addr) VALUES ($1, $2, $3, $4, ", $now, " + $5, false, $6) \
                  ON CONFLICT (node) DO UPDATE SET region = excluded.region, url = excluded.url, \
-                 incarnation = excluded.incarnation, expires_at_us = excluded.expires_at_us, \
+                 internal_addr = excluded.internal_addr, incarnation = excluded.incarnation, expires_at_us = excluded.expires_at_us, \
                  draining = false RETURNING expires_at_us"
             );
             pub const RENEW: &str = concat!(
@@ -125,7 +129,7 @@ macro_rules! lease_sql {
             );
             pub const LIST: &str = concat!(
                 "SELECT node, region, url, incarnation, expires_at_us, draining, ", $now,
-                " FROM node_leases ORDER BY node"
+                ", internal_addr FROM node_leases ORDER BY node"
             );
             pub const EXPIRE: &str = concat!(
                 "DELETE FROM node_leases WHERE node = $1 AND incarnation = $2 AND expires_at_us < ",

@@ -739,18 +739,24 @@ impl Store {
         self.verify_log(&[], &[]).await
     }
 
-    /// Take (or take back) `node`'s lease for `ttl` from now on the database's clock;
-    /// returns the new incarnation, which every renewal must present, and the expiry.
+    /// Take (or take back) `node`'s lease for `ttl` from now on the database's clock,
+    /// publishing its signaling `url` and the `host:port` of its internal listener
+    /// (`""` for none); returns the new incarnation, which every renewal must present,
+    /// and the expiry.
     pub async fn acquire_lease(
         &self,
         node: &str,
         region: &str,
         url: &str,
+        internal_addr: &str,
         ttl: Duration,
     ) -> Result<AcquiredLease, StoreError> {
         check_name("node", node)?;
         check_name("region", region)?;
         check_name("url", url)?;
+        if !internal_addr.is_empty() {
+            check_name("internal_addr", internal_addr)?;
+        }
         // Unique per process start: the time in nanoseconds and the process id.
         let incarnation = format!(
             "{:x}-{:x}",
@@ -764,6 +770,7 @@ impl Store {
             .bind(url)
             .bind(&incarnation)
             .bind(ttl_us(ttl))
+            .bind(internal_addr)
             .fetch_one(pool)
             .await?);
         Ok(AcquiredLease {

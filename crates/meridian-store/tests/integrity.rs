@@ -276,7 +276,13 @@ async fn lease_times_come_from_the_database_clock(h: &Harness) {
     let db_now = s.db_now().await.expect("db clock");
     assert!((db_now - Utc::now()).num_seconds().abs() < 5);
     let a = s
-        .acquire_lease("n1", "local", "ws://n1/signal", Duration::from_secs(30))
+        .acquire_lease(
+            "n1",
+            "local",
+            "ws://n1/signal",
+            "10.0.0.1:7883",
+            Duration::from_secs(30),
+        )
         .await
         .expect("acquire");
     assert!(a.expires_at > db_now);
@@ -285,6 +291,11 @@ async fn lease_times_come_from_the_database_clock(h: &Harness) {
         "a live lease is not expired, whatever the caller's clock"
     );
     let mut l = s.leases().await.expect("leases").remove(0);
+    assert_eq!(
+        l.internal_addr.as_deref(),
+        Some("10.0.0.1:7883"),
+        "the internal listener's address is published in the lease"
+    );
     assert!(l.is_live(Utc::now()));
     assert!(!l.is_live(Utc::now() + chrono::TimeDelta::seconds(31)));
     // The same lease seen by a node whose clock runs an hour ahead.
@@ -293,9 +304,17 @@ async fn lease_times_come_from_the_database_clock(h: &Harness) {
     assert!(l.is_live(Utc::now() + skew), "skew does not expire it");
 
     let b = s
-        .acquire_lease("n2", "local", "ws://n2/signal", Duration::from_millis(200))
+        .acquire_lease(
+            "n2",
+            "local",
+            "ws://n2/signal",
+            "",
+            Duration::from_millis(200),
+        )
         .await
         .expect("acquire");
+    let n2 = s.leases().await.expect("leases");
+    assert_eq!(n2[1].internal_addr, None, "none published");
     assert!(
         s.renew_lease("n2", &b.incarnation, Duration::from_millis(200), false)
             .await

@@ -80,6 +80,11 @@ struct ServeArgs {
     /// routes [default: 127.0.0.1:7883].
     #[arg(long, env = "MERIDIAN_INTERNAL_LISTEN")]
     internal_listen: Option<SocketAddr>,
+    /// host:port other nodes of the region reach the internal listener at (relay
+    /// control); a name or IP its certificate carries [default: the listen address
+    /// when specific, else the --advertise-url host with the listen port].
+    #[arg(long, env = "MERIDIAN_INTERNAL_ADVERTISE")]
+    internal_advertise: Option<String>,
     /// PEM certificate of the internal listener (with --internal-key and
     /// --internal-client-ca; default: development certificates generated under
     /// DATA_DIR/internal/).
@@ -263,6 +268,9 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(a) = args.internal_listen {
         config.internal.listen = a;
+    }
+    if let Some(a) = &args.internal_advertise {
+        config.internal.advertise = Some(a.clone());
     }
     if let (Some(cert), Some(key), Some(ca)) = (
         &args.internal_cert,

@@ -1,8 +1,9 @@
 //! Rooms across nodes: three node processes on one Postgres with
 //! `--max-participants 11`; one room of a publisher and 30 subscribers spreads over
 //! the three nodes, each part of the room in its own log stream, and each track
-//! crosses each node boundary once over a relay link. Relay control refuses callers
-//! that are not nodes of the region.
+//! crosses each node boundary once over a relay link. Relay control is served on the
+//! internal listener only (mutual TLS with the region's CA) and refuses callers that
+//! are not live nodes of the region.
 
 mod region;
 
@@ -204,9 +205,11 @@ async fn a_room_spreads_over_three_nodes_and_each_track_crosses_each_boundary_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
+    use meridian_server::internal::{InternalClient, TlsFiles, generate_pki};
     let _serial = SERIAL.lock().await;
     let region = start("relay_refuse", 1, &["--max-participants", "11"]).await;
-    let node = region.nodes[0].http.clone();
+    let node = &region.nodes[0];
+    let internal: std::net::SocketAddr = node.internal.parse().expect("internal address");
     let body = r#"{"parts":["x"]}"#;
     let now = meridian_auth::unix_now();
     let node_claims = |sub: &str| {
@@ -215,8 +218,55 @@ async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
             .with_region("local")
             .with_audience("meridian-node")
     };
+    let good = region.keys.sign(&node_claims("node:node-z")).unwrap();
+
+    // The public listener no longer serves relay control, whatever the token.
+    for token in [None, Some(good.as_str())] {
+        for (method, path) in [
+            ("POST", "/internal/relay/subscribe"),
+            ("POST", "/internal/relay/offer"),
+            ("POST", "/internal/relay/layer"),
+            ("GET", "/internal/relay/load"),
+        ] {
+            let (got, answer) = http(&node.http, method, path, token, body).await;
+            assert_eq!(got, 404, "{method} {path} on the public listener: {answer}");
+        }
+    }
+
+    // The internal listener: no client certificate, or one of another CA, is refused
+    // in the TLS handshake.
+    let dev = region.data_dir.join(meridian_server::internal::DEV_DIR);
+    let ours = TlsFiles::operator_client(&dev);
+    let post = |client: InternalClient, token: String| async move {
+        client
+            .request(
+                internal,
+                "127.0.0.1",
+                "POST",
+                "/internal/relay/subscribe",
+                Some(&token),
+                body.as_bytes().to_vec(),
+            )
+            .await
+    };
+    let anonymous = InternalClient::without_certificate(&ours.client_ca).expect("client");
+    let refused = post(anonymous, good.clone()).await;
+    assert!(refused.is_err(), "no client certificate: {refused:?}");
+    let foreign_dir = region.data_dir.join("foreign-ca");
+    generate_pki(&foreign_dir, &["localhost", "127.0.0.1"], 1).expect("a foreign CA");
+    let foreign = InternalClient::from_files(
+        &foreign_dir.join("node.pem"),
+        &foreign_dir.join("node.key"),
+        &ours.client_ca,
+    )
+    .expect("client");
+    let refused = post(foreign, good.clone()).await;
+    assert!(refused.is_err(), "a foreign CA's certificate: {refused:?}");
+
+    // A certificate of the region's CA still needs a node token of a live node.
+    let client = InternalClient::from_files(&ours.client_cert, &ours.client_key, &ours.client_ca)
+        .expect("the operator's client certificate");
     let client_token = region.token("mallory", "x", true);
-    let no_lease = region.keys.sign(&node_claims("node:node-z")).unwrap();
     let not_a_node = region.keys.sign(&node_claims("mallory")).unwrap();
     let other_region = region
         .keys
@@ -228,15 +278,25 @@ async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
         (Some(client_token.as_str()), 401, "bad_token"),
         (Some(not_a_node.as_str()), 403, "not_a_node"),
         (Some(other_region.as_str()), 403, "not_a_node"),
-        (Some(no_lease.as_str()), 403, "no_lease"),
+        (Some(good.as_str()), 403, "no_lease"),
     ];
     for (token, status, code) in cases {
-        let (got, answer) = http(&node, "POST", "/internal/relay/subscribe", token, body).await;
-        assert_eq!(got, status, "{code}: {answer}");
-        let v: serde_json::Value = serde_json::from_str(&answer).expect("a JSON error");
-        assert_eq!(v["code"], code, "{answer}");
+        let answer = client
+            .request(
+                internal,
+                "127.0.0.1",
+                "POST",
+                "/internal/relay/subscribe",
+                token,
+                body.as_bytes().to_vec(),
+            )
+            .await
+            .expect("an answer over mutual TLS");
+        assert_eq!(answer.status, status, "{code}: {}", answer.body);
+        let v: serde_json::Value = serde_json::from_str(&answer.body).expect("a JSON error");
+        assert_eq!(v["code"], code, "{}", answer.body);
     }
-    let text = region.nodes[0].metrics().await;
+    let text = node.metrics().await;
     for (code, n) in [
         ("no_token", 1.0),
         ("bad_token", 2.0),
