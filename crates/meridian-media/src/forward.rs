@@ -232,9 +232,16 @@ impl Sfu {
             return;
         };
         t.rates[layer].record(now, ssrc, pkt.payload.len());
-        if t.muted || t.subscribers.is_empty() {
+        // A relayed track's mute is its upstream's business: what crosses is forwarded
+        // (a state arriving after the first packets of an unmute must not drop them).
+        if (t.muted && t.origin.is_none()) || t.subscribers.is_empty() {
             return;
         }
+        // Far subscribers get the layer that crosses the link, whatever its index here.
+        let reported = match t.origin {
+            Some(_) => t.relay_layer,
+            None => None,
+        };
         let pt = pkt.header.payload_type;
         let params = match t.pt_params.iter().find(|(x, _)| *x == pt) {
             Some((_, params)) => *params,
@@ -311,11 +318,26 @@ impl Sfu {
             };
             if out.switched {
                 self.stats.layer_switches += 1;
-                self.events.push_back(SfuEvent::LayerChanged {
-                    participant: *sub_id,
-                    track_id,
-                    layer: Some(Layer::ALL[layer]),
-                });
+                match &sp.relay {
+                    // An outbound link: the downstream node tells its subscribers.
+                    Some(r) => {
+                        self.relay_seq += 1;
+                        self.events.push_back(SfuEvent::RelayTrackState {
+                            peer: r.peer.clone(),
+                            state: crate::RelayTrackState {
+                                track_id: track_id.to_string(),
+                                seq: self.relay_seq,
+                                muted: t.muted,
+                                layer: Some(Layer::ALL[layer]),
+                            },
+                        });
+                    }
+                    None => self.events.push_back(SfuEvent::LayerChanged {
+                        participant: *sub_id,
+                        track_id,
+                        layer: Some(reported.unwrap_or(Layer::ALL[layer])),
+                    }),
+                }
             }
             let (out_pt, out_red) = match sub.pt_map.iter().find(|(i, _, _)| *i == pt) {
                 Some((_, o, r)) => (*o, *r),

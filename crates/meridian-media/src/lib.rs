@@ -44,7 +44,7 @@ use tracing::{trace, warn};
 pub use id::{ParticipantId, TrackId};
 pub use keyframe::starts_keyframe;
 pub use pc::PcKind;
-pub use relay::{RelayStats, RelayTrack};
+pub use relay::{RelayStats, RelayTrack, RelayTrackState};
 pub use room::PART_SEPARATOR;
 
 use pc::mark_dirty;
@@ -242,6 +242,25 @@ pub enum SfuEvent {
         /// The upstream node.
         peer: String,
     },
+    /// Upstream: the state of a track relayed to `peer` changed (its publisher muted
+    /// or unmuted it, or the layer crossing the link switched): send `state` to the
+    /// downstream node ([`Sfu::handle_relay_track_state`] there).
+    RelayTrackState {
+        /// The downstream node.
+        peer: String,
+        /// The track's state now.
+        state: RelayTrackState,
+    },
+    /// Downstream: a track relayed in from another node was muted or unmuted there:
+    /// tell the room's local clients (it is recorded in the upstream node's log).
+    RelayTrackMuted {
+        /// Room name (the local part).
+        room: String,
+        /// The track.
+        track_id: TrackId,
+        /// New state.
+        muted: bool,
+    },
     /// A relay link lost connectivity (ICE/DTLS timed out or failed): remove it with
     /// [`Sfu::remove_relay`] and rebuild it if still needed.
     RelayDown {
@@ -308,6 +327,9 @@ pub struct Sfu {
     relay_by_addr: HashMap<SocketAddr, ParticipantId>,
     /// Datagrams to send from the relay socket.
     relay_transmits: VecDeque<Transmit>,
+    /// Sequence of the [`SfuEvent::RelayTrackState`]s this node sent (the downstream
+    /// ignores one older than the last it applied).
+    relay_seq: u64,
 }
 
 impl Sfu {
@@ -333,6 +355,7 @@ impl Sfu {
             relays_in: HashMap::default(),
             relay_by_addr: HashMap::default(),
             relay_transmits: VecDeque::new(),
+            relay_seq: 0,
         }
     }
 

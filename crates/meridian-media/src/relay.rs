@@ -46,6 +46,22 @@ pub struct RelayTrack {
     pub track: TrackInfo,
 }
 
+/// What the downstream node of a link is told about a track it receives: its mute
+/// state and the layer crossing the link (sent by the upstream on every change,
+/// [`SfuEvent::RelayTrackState`]; applied by [`Sfu::handle_relay_track_state`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayTrackState {
+    /// The track (its id is the same on both nodes).
+    pub track_id: String,
+    /// Increases with every state the upstream node sends: an older one than the last
+    /// applied is ignored (control requests may arrive out of order).
+    pub seq: u64,
+    /// Whether the track's publisher muted it.
+    pub muted: bool,
+    /// The layer crossing the link now (`None`: not known yet).
+    pub layer: Option<Layer>,
+}
+
 /// Counters of one side of a relay link, for metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RelayStats {
@@ -79,6 +95,9 @@ pub(crate) struct Relay {
     pub(crate) fingerprint: Option<String>,
     pub(crate) packets: u64,
     pub(crate) packets_by_layer: [u64; 3],
+    /// Inbound: states of tracks not (yet) published here, by track id; applied when
+    /// the upstream's offer brings the track. At most `max_relay_tracks`.
+    pub(crate) pending: HashMap<String, RelayTrackState>,
 }
 
 impl Relay {
@@ -92,6 +111,7 @@ impl Relay {
             fingerprint: None,
             packets: 0,
             packets_by_layer: [0; 3],
+            pending: HashMap::default(),
         })
     }
 }
@@ -416,6 +436,121 @@ impl Sfu {
         }
         mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
         self.process(now);
+    }
+
+    /// Downstream side: applies the upstream node's state of a track it relays here
+    /// (mute, the layer crossing): the room's clients are told of a mute change
+    /// ([`SfuEvent::RelayTrackMuted`]) and each local subscriber of the track gets a
+    /// [`SfuEvent::LayerChanged`] naming the layer it now gets. A state older than
+    /// the last applied is ignored; one for a track the link has not offered yet is
+    /// kept until it does.
+    pub fn handle_relay_track_state(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        state: RelayTrackState,
+    ) -> Result<(), MediaError> {
+        self.last_now = now;
+        let id = *self
+            .relays_in
+            .get(peer)
+            .ok_or(MediaError::NotAllowed("no relay link from that node"))?;
+        let track: TrackId = state
+            .track_id
+            .parse()
+            .map_err(|_| MediaError::NotAllowed("not a track id"))?;
+        if self.tracks.get(&track).is_some_and(|t| t.owner == id) {
+            self.apply_relay_state(track, state);
+            return Ok(());
+        }
+        let max = self.config.max_relay_tracks;
+        let r = self
+            .participants
+            .get_mut(&id)
+            .and_then(|p| p.relay.as_mut())
+            .ok_or(MediaError::UnknownParticipant(id))?;
+        if r.pending.len() >= max && !r.pending.contains_key(&state.track_id) {
+            return Err(MediaError::Limit("tracks per relay link"));
+        }
+        match r.pending.get(&state.track_id) {
+            Some(old) if old.seq >= state.seq => {}
+            _ => {
+                r.pending.insert(state.track_id.clone(), state);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a relayed track's state (see [`Sfu::handle_relay_track_state`]).
+    pub(crate) fn apply_relay_state(&mut self, track: TrackId, state: RelayTrackState) {
+        let Some(t) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        if state.seq <= t.relay_seq {
+            return;
+        }
+        t.relay_seq = state.seq;
+        if t.muted != state.muted {
+            t.muted = state.muted;
+            self.events.push_back(SfuEvent::RelayTrackMuted {
+                room: t.room.clone(),
+                track_id: track,
+                muted: state.muted,
+            });
+        }
+        if let Some(layer) = state.layer
+            && t.relay_layer != Some(layer)
+        {
+            t.relay_layer = Some(layer);
+            for s in &t.subscribers {
+                let receiving = self
+                    .participants
+                    .get(s)
+                    .and_then(|p| p.subscriptions.get(&track))
+                    .is_some_and(|sub| sub.active && sub.forwarder.current().is_some());
+                if receiving {
+                    self.events.push_back(SfuEvent::LayerChanged {
+                        participant: *s,
+                        track_id: track,
+                        layer: Some(layer),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Upstream side: after a local track's mute state changed, tells every downstream
+    /// node it is relayed to (with the layer crossing each link).
+    pub(crate) fn relay_state_changed(&mut self, track: TrackId) {
+        let Some(t) = self.tracks.get(&track) else {
+            return;
+        };
+        if t.origin.is_some() {
+            return;
+        }
+        for s in &t.subscribers {
+            let Some(p) = self.participants.get(s) else {
+                continue;
+            };
+            let Some(r) = p.relay.as_ref().filter(|r| !r.inbound) else {
+                continue;
+            };
+            let crossing = p
+                .subscriptions
+                .get(&track)
+                .and_then(|sub| sub.forwarder.current())
+                .map(|l| Layer::ALL[l.min(2)]);
+            self.relay_seq += 1;
+            self.events.push_back(SfuEvent::RelayTrackState {
+                peer: r.peer.clone(),
+                state: RelayTrackState {
+                    track_id: track.to_string(),
+                    seq: self.relay_seq,
+                    muted: t.muted,
+                    layer: crossing,
+                },
+            });
+        }
     }
 
     /// Next datagram to send from the relay socket.

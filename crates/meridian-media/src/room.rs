@@ -110,6 +110,11 @@ pub(crate) struct Track {
     pub(crate) origin: Option<ParticipantId>,
     /// For a track relayed in: the layer last asked of the upstream node.
     pub(crate) relay_wanted: Option<usize>,
+    /// For a track relayed in: the layer crossing the link, as the upstream reported
+    /// it (what the local subscribers actually get).
+    pub(crate) relay_layer: Option<Layer>,
+    /// For a track relayed in: the sequence of the last state applied.
+    pub(crate) relay_seq: u64,
 }
 
 impl Track {
@@ -342,6 +347,7 @@ impl Sfu {
                 track_id: track,
                 muted,
             });
+            self.relay_state_changed(track);
             if !muted {
                 self.request_keyframe_for(track, now, true);
             }
@@ -561,15 +567,28 @@ impl Sfu {
             kind,
             source,
             layers,
-            muted: false,
+            muted: relayed.as_ref().is_some_and(|(rt, _)| rt.track.muted),
             subscribers: Vec::new(),
             rates: [LayerRate::default(); 3],
             pt_params: Vec::new(),
             origin,
             relay_wanted: None,
+            relay_layer: None,
+            relay_seq: 0,
         };
         let info = t.info(track);
         self.tracks.insert(track, t);
+        if relayed.is_some() {
+            // A state the upstream sent before its offer reached this node.
+            let pending = self
+                .participants
+                .get_mut(&id)
+                .and_then(|p| p.relay.as_mut())
+                .and_then(|r| r.pending.remove(&track.to_string()));
+            if let Some(state) = pending {
+                self.apply_relay_state(track, state);
+            }
+        }
         debug!(participant = %id, track = %track, "track published");
         self.events.push_back(match relayed {
             Some((_, peer)) => SfuEvent::RelayTrackPublished {

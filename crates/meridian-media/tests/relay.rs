@@ -1,6 +1,7 @@
 //! Relay links between two cores in memory, under virtual time: a track published on
 //! node A reaches subscribers on node B through one relay connection, one copy per
-//! track; B's subscribers' layer wishes decide the one layer that crosses; keyframe
+//! track; B's subscribers' layer wishes decide the one layer that crosses, and they are
+//! told the layer they actually get; a mute on A reaches B's clients; keyframe
 //! requests flow back; a link whose peer vanishes is reported down in bounded time.
 
 mod common;
@@ -27,6 +28,10 @@ struct Pair {
     connected: bool,
     /// Impairment of the link's datagrams from A to B.
     a_to_b: Option<Netem<Vec<u8>>>,
+    /// Whether A's track states (mute, layer crossing) reach B.
+    deliver_states: bool,
+    /// When set, A's relay offers are kept here instead of reaching B.
+    held_offers: Option<Vec<(String, Vec<meridian_media::RelayTrack>)>>,
 }
 
 impl Pair {
@@ -48,6 +53,8 @@ impl Pair {
             b_seen: 0,
             connected: true,
             a_to_b: None,
+            deliver_states: true,
+            held_offers: None,
         }
     }
 
@@ -87,16 +94,31 @@ impl Pair {
             while self.a_seen < self.a.events.len() {
                 let e = self.a.events[self.a_seen].1.clone();
                 self.a_seen += 1;
-                if let SfuEvent::RelayOffer { peer, sdp, tracks } = e {
-                    assert_eq!(peer, "B");
-                    moved = true;
-                    let answer = self
-                        .b
-                        .call(|s, now| s.handle_relay_offer(now, "A", SFU_ADDR, &sdp, tracks))
-                        .expect("B accepts A's relay offer");
-                    self.a
-                        .call(|s, now| s.handle_relay_answer(now, "B", &answer))
-                        .expect("A accepts B's answer");
+                match e {
+                    SfuEvent::RelayOffer { sdp, tracks, .. } if self.held_offers.is_some() => {
+                        if let Some(h) = self.held_offers.as_mut() {
+                            h.push((sdp, tracks));
+                        }
+                    }
+                    SfuEvent::RelayOffer { peer, sdp, tracks } => {
+                        assert_eq!(peer, "B");
+                        moved = true;
+                        let answer = self
+                            .b
+                            .call(|s, now| s.handle_relay_offer(now, "A", SFU_ADDR, &sdp, tracks))
+                            .expect("B accepts A's relay offer");
+                        self.a
+                            .call(|s, now| s.handle_relay_answer(now, "B", &answer))
+                            .expect("A accepts B's answer");
+                    }
+                    SfuEvent::RelayTrackState { peer, state } if self.deliver_states => {
+                        assert_eq!(peer, "B");
+                        moved = true;
+                        self.b
+                            .call(|s, now| s.handle_relay_track_state(now, "A", state))
+                            .expect("B takes A's track state");
+                    }
+                    _ => {}
                 }
             }
             while self.b_seen < self.b.events.len() {
@@ -573,4 +595,247 @@ fn packets_lost_on_the_link_are_recovered_by_nack_across_it() {
             .count();
         assert!(gaps <= 2, "video frames after an unrecovered gap: {gaps}");
     }
+}
+
+/// B's `LayerChanged` events for subscriber `id` and `track` from event `from` on.
+fn layers_told(
+    p: &Pair,
+    from: usize,
+    id: meridian_media::ParticipantId,
+    track: meridian_media::TrackId,
+) -> Vec<Layer> {
+    p.b.events[from..]
+        .iter()
+        .filter_map(|(_, e)| match e {
+            SfuEvent::LayerChanged {
+                participant,
+                track_id,
+                layer: Some(l),
+            } if *participant == id && *track_id == track => Some(*l),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn far_subscribers_are_told_the_layer_that_crosses_not_their_own_wish() {
+    let mut p = Pair::new();
+    let publisher = p.a.add_publisher("room", "alice", MediaConfig::default());
+    let subs: Vec<usize> = (0..2)
+        .map(|i| p.b.add_subscriber("room", &format!("bob{i}")))
+        .collect();
+    p.a.call(|s, now| s.relay_room(now, "B", "room"));
+    assert!(p.run_until(Duration::from_secs(5), Pair::connected));
+    let video = p.a.clients[publisher].track(TrackKind::Video).unwrap();
+    let ids: Vec<_> = subs.iter().map(|&s| p.b.clients[s].id).collect();
+    // Both want low: low crosses, and both are told "low".
+    for &id in &ids {
+        p.b.call(|sfu, now| sfu.set_max_layer(now, id, video, Layer::Low))
+            .unwrap();
+    }
+    p.shuttle();
+    p.run_for(Duration::from_secs(2));
+    for &id in &ids {
+        let told = layers_told(&p, 0, id, video);
+        assert_eq!(told.last(), Some(&Layer::Low), "{id}: {told:?}");
+    }
+    // bob1 asks for high: high crosses at a keyframe, and bob0, who still asks for
+    // low, is told the truth: it gets high too (one layer crosses per link).
+    let mark = p.b.events.len();
+    let frames = p.b.clients[subs[0]].video_frames().count();
+    p.b.call(|sfu, now| sfu.set_max_layer(now, ids[1], video, Layer::High))
+        .unwrap();
+    p.shuttle();
+    assert!(
+        p.run_until(Duration::from_secs(3), |p| ids.iter().all(
+            |&id| layers_told(p, mark, id, video).last() == Some(&Layer::High)
+        )),
+        "both far subscribers are told high: {:?} / {:?}",
+        layers_told(&p, mark, ids[0], video),
+        layers_told(&p, mark, ids[1], video)
+    );
+    p.run_for(Duration::from_millis(500));
+    let got = p.b.clients[subs[0]]
+        .video_frames()
+        .skip(frames)
+        .last()
+        .unwrap()
+        .header
+        .layer;
+    assert_eq!(got, 2, "bob0 receives what it was told");
+    // Without the upstream's states B could only say "low" (its one incoming stream).
+    let mut q = Pair::new();
+    q.deliver_states = false;
+    let publisher = q.a.add_publisher("room", "alice", MediaConfig::default());
+    let sub = q.b.add_subscriber("room", "carol");
+    q.a.call(|s, now| s.relay_room(now, "B", "room"));
+    assert!(q.run_until(Duration::from_secs(5), Pair::connected));
+    q.run_for(Duration::from_secs(2));
+    let video = q.a.clients[publisher].track(TrackKind::Video).unwrap();
+    let id = q.b.clients[sub].id;
+    let frame = q.b.clients[sub].video_frames().last().unwrap().header.layer;
+    assert_eq!(frame, 2, "high crosses by default");
+    assert_eq!(
+        layers_told(&q, 0, id, video).last(),
+        Some(&Layer::Low),
+        "the untold fallback"
+    );
+}
+
+#[test]
+fn a_mute_on_the_publishers_node_reaches_the_far_nodes_clients() {
+    let mut p = Pair::new();
+    let publisher = p.a.add_publisher("room", "alice", MediaConfig::default());
+    let sub = p.b.add_subscriber("room", "bob");
+    p.a.call(|s, now| s.relay_room(now, "B", "room"));
+    assert!(p.run_until(Duration::from_secs(5), Pair::connected));
+    p.run_for(Duration::from_secs(1));
+    let video = p.a.clients[publisher].track(TrackKind::Video).unwrap();
+    let alice = p.a.clients[publisher].id;
+    let muted_at_b = |p: &Pair, from: usize| -> Vec<bool> {
+        p.b.events[from..]
+            .iter()
+            .filter_map(|(_, e)| match e {
+                SfuEvent::RelayTrackMuted {
+                    room,
+                    track_id,
+                    muted,
+                } if *track_id == video && room == "room" => Some(*muted),
+                _ => None,
+            })
+            .collect()
+    };
+    let mark = p.b.events.len();
+    p.a.call(|s, now| s.set_muted(now, alice, video, true))
+        .unwrap();
+    p.shuttle();
+    assert_eq!(
+        muted_at_b(&p, mark),
+        vec![true],
+        "B's clients are told of the mute"
+    );
+    let info = |p: &Pair| {
+        p.b.sfu
+            .room_tracks("room")
+            .into_iter()
+            .find(|t| t.track_id == video.to_string())
+            .unwrap()
+    };
+    assert!(
+        info(&p).muted,
+        "a client joining B now sees the track muted"
+    );
+    p.run_for(Duration::from_millis(500));
+    let frames = p.b.clients[sub].video_frames().count();
+    p.run_for(Duration::from_millis(500));
+    assert_eq!(
+        p.b.clients[sub].video_frames().count(),
+        frames,
+        "nothing flows while muted"
+    );
+
+    // A repeated mute says nothing; an unmute says so and media comes back.
+    let mark = p.b.events.len();
+    p.a.call(|s, now| s.set_muted(now, alice, video, true))
+        .unwrap();
+    p.shuttle();
+    assert!(muted_at_b(&p, mark).is_empty());
+    p.a.call(|s, now| s.set_muted(now, alice, video, false))
+        .unwrap();
+    p.shuttle();
+    assert_eq!(muted_at_b(&p, mark), vec![false]);
+    assert!(!info(&p).muted);
+    assert!(
+        p.run_until(Duration::from_secs(2), |p| p.b.clients[sub]
+            .video_frames()
+            .count()
+            > frames + 5),
+        "media flows again after the unmute"
+    );
+
+    // States may arrive out of order: an older one is ignored.
+    let mark = p.b.events.len();
+    let stale = meridian_media::RelayTrackState {
+        track_id: video.to_string(),
+        seq: 1,
+        muted: true,
+        layer: Some(Layer::Low),
+    };
+    p.b.call(|s, now| s.handle_relay_track_state(now, "A", stale))
+        .unwrap();
+    assert!(
+        muted_at_b(&p, mark).is_empty() && !info(&p).muted,
+        "a stale state changes nothing"
+    );
+    // A state from a node that relays nothing here is refused.
+    let from_c = meridian_media::RelayTrackState {
+        track_id: video.to_string(),
+        seq: u64::MAX,
+        muted: true,
+        layer: None,
+    };
+    assert!(
+        p.b.call(|s, now| s.handle_relay_track_state(now, "C", from_c))
+            .is_err()
+    );
+}
+
+#[test]
+fn a_track_state_that_overtakes_its_offer_is_applied_when_the_track_arrives() {
+    let mut p = Pair::new();
+    p.a.add_publisher("room", "alice", MediaConfig::default());
+    p.b.add_subscriber("room", "bob");
+    p.a.call(|s, now| s.relay_room(now, "B", "room"));
+    assert!(p.run_until(Duration::from_secs(5), Pair::connected));
+    // Dave publishes on A; the offer bringing his tracks to B is held back, and a
+    // state of his video (muted) reaches B first, as when control requests overtake
+    // each other.
+    p.held_offers = Some(Vec::new());
+    let dave = p.a.add_publisher("room", "dave", MediaConfig::default());
+    assert!(p.run_until(Duration::from_secs(2), |p| {
+        p.held_offers.as_ref().is_some_and(|h| !h.is_empty())
+    }));
+    let video = p.a.clients[dave].track(TrackKind::Video).unwrap();
+    let early = meridian_media::RelayTrackState {
+        track_id: video.to_string(),
+        seq: u64::MAX,
+        muted: true,
+        layer: Some(Layer::Medium),
+    };
+    p.b.call(|s, now| s.handle_relay_track_state(now, "A", early))
+        .expect("kept until the track arrives");
+    let known = |p: &Pair| {
+        p.b.sfu
+            .room_tracks("room")
+            .into_iter()
+            .find(|t| t.track_id == video.to_string())
+    };
+    assert!(known(&p).is_none(), "the track has not reached B yet");
+    let mark = p.b.events.len();
+    for (sdp, tracks) in p.held_offers.take().unwrap() {
+        let answer =
+            p.b.call(|s, now| s.handle_relay_offer(now, "A", SFU_ADDR, &sdp, tracks))
+                .expect("B accepts A's relay offer");
+        p.a.call(|s, now| s.handle_relay_answer(now, "B", &answer))
+            .expect("A accepts B's answer");
+    }
+    p.shuttle();
+    let t = known(&p).expect("dave's video is on B");
+    assert!(
+        t.muted,
+        "the early state was applied when the track arrived"
+    );
+    // B's clients are told: in the publication itself or right after it.
+    let told = p.b.events[mark..].iter().any(|(_, e)| match e {
+        SfuEvent::RelayTrackMuted {
+            track_id,
+            muted: true,
+            ..
+        } => *track_id == video,
+        SfuEvent::RelayTrackPublished { track, .. } => {
+            track.track_id == video.to_string() && track.muted
+        }
+        _ => false,
+    });
+    assert!(told, "B's clients are told the track is muted");
 }

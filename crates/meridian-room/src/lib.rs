@@ -157,6 +157,14 @@ pub enum RelayOutput {
         /// The highest layer a local subscriber wants.
         layer: Layer,
     },
+    /// Tell the downstream node `peer` a relayed track's state (mute, the layer
+    /// crossing); it applies it with `Sfu::handle_relay_track_state`.
+    TrackState {
+        /// The downstream node.
+        peer: String,
+        /// The track's state.
+        state: meridian_media::RelayTrackState,
+    },
     /// The link with `peer` lost connectivity.
     Down {
         /// The other node.
@@ -1370,6 +1378,24 @@ impl<S: Clone> Controller<S> {
                 self.outputs
                     .push_back(Output::Relay(RelayOutput::Down { peer, inbound }));
             }
+            SfuEvent::RelayTrackState { peer, state } => {
+                self.outputs
+                    .push_back(Output::Relay(RelayOutput::TrackState { peer, state }));
+            }
+            // A track of another part muted there: told like a local one, recorded in
+            // the log of the part that has it.
+            SfuEvent::RelayTrackMuted {
+                room,
+                track_id,
+                muted,
+            } => self.broadcast(
+                &room,
+                None,
+                ServerMessage::TrackMuted {
+                    track_id: track_id.to_string(),
+                    muted,
+                },
+            ),
             // A track of another part of the room: the clients here see it like a
             // local one; its publication is in the log of the part that has it.
             SfuEvent::RelayTrackPublished { room, track, .. } => {

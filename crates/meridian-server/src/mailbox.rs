@@ -207,6 +207,11 @@ pub(crate) enum RelayOp {
         track: meridian_media::TrackId,
         layer: meridian_protocol::Layer,
     },
+    /// Downstream: the upstream's state of a track it relays here (mute, layer).
+    TrackState {
+        peer: String,
+        state: meridian_media::RelayTrackState,
+    },
     /// Close both directions of the links with `peer`.
     Remove { peer: String },
     /// Close the link on which `peer` sends to this node.

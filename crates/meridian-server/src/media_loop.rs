@@ -384,6 +384,12 @@ impl MediaLoop {
                 })
                 .map(|_| RelayReply::Done)
                 .map_err(|e| e.to_string()),
+            RelayOp::TrackState { peer, state } => c
+                .relay(now, |sfu, now| {
+                    sfu.handle_relay_track_state(now, &peer, state)
+                })
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
             RelayOp::Remove { peer } => {
                 c.relay(now, |sfu, now| sfu.remove_relay(now, &peer));
                 Ok(RelayReply::Done)

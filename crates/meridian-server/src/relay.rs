@@ -16,8 +16,9 @@
 //!   publishes.
 //! * **Driver** ([`Relay::run`]): every [`RECONCILE_PERIOD`] a node that hosts a part
 //!   asks each other part's node for that part's tracks (`subscribe`); the upstream
-//!   sends the link's SDP offer (`offer`, answered in the response) and the
-//!   downstream's layer wishes go back (`layer`). A link that does not connect within
+//!   sends the link's SDP offer (`offer`, answered in the response) and its tracks'
+//!   states (`track`: mute, the layer crossing); the downstream's layer wishes go
+//!   back (`layer`). A link that does not connect within
 //!   [`LINK_SETUP_TIMEOUT`], goes down, or whose peer loses its lease is rebuilt or
 //!   removed.
 //! * [`RelayIo`]: the media loop's relay socket (inbound links) and its queue towards
@@ -422,6 +423,17 @@ impl Relay {
                     }
                 });
             }
+            RelayOutput::TrackState { peer, state } => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let r: Result<Ack, RelayError> = this
+                        .call(&peer, "/internal/relay/track", Some(&state))
+                        .await;
+                    if let Err(e) = r {
+                        debug!(%peer, "track state not delivered: {e}");
+                    }
+                });
+            }
             RelayOutput::Down { peer, inbound } => {
                 info!(%peer, inbound, "relay link down");
                 if inbound {
@@ -655,6 +667,7 @@ pub(crate) fn routes() -> Router<NodeState> {
         .route("/internal/relay/subscribe", post(subscribe))
         .route("/internal/relay/offer", post(offer))
         .route("/internal/relay/layer", post(layer))
+        .route("/internal/relay/track", post(track_state))
         .route("/internal/relay/load", get(load))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
@@ -751,6 +764,19 @@ async fn layer(
             layer: req.layer,
         })
         .await?;
+    Ok(Json(Ack { ok: true }))
+}
+
+async fn track_state(
+    State(state): State<NodeState>,
+    cert: Option<Extension<PeerCertificate>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Ack>, RelayError> {
+    let relay = &state.relay;
+    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
+    let req: meridian_media::RelayTrackState = parse(&body)?;
+    relay.op(RelayOp::TrackState { peer, state: req }).await?;
     Ok(Json(Ack { ok: true }))
 }
 
