@@ -497,6 +497,16 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
         "low, then high: {:?}",
         t.layer_history
     );
+    // Both far subscribers are told the layer they get (high crosses for both, though
+    // one of them still asks for low), not the index of node-b's one incoming stream.
+    for &i in &far {
+        subs[i]
+            .wait_for(Duration::from_secs(10), |s| {
+                s.layers.get(&video) == Some(&Some(meridian_protocol::Layer::High))
+            })
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} is told high: {:?}", s.layers));
+    }
     drop(subs);
     drop(publisher);
     region.cleanup().await;
