@@ -38,6 +38,10 @@ pub(crate) enum PlaceError {
     /// Placement kept racing with other nodes.
     #[error("room placement is contended; retry")]
     Contended,
+    /// The node has not read its region's membership since it started, so it cannot
+    /// tell which nodes have room.
+    #[error("node is starting and has not seen its region yet; retry")]
+    NoView,
     /// The event log failed.
     #[error("event log: {0}")]
     Store(#[from] StoreError),
@@ -66,6 +70,8 @@ pub(crate) struct Cluster {
     outbox: OutboxTx,
     metrics: Metrics,
     lease: Mutex<LeaseState>,
+    /// Becomes true once the region's leases were read (the node knows its peers).
+    view: watch::Sender<bool>,
     /// Serialises placement decisions on this node.
     placing: tokio::sync::Mutex<()>,
 }
@@ -112,6 +118,7 @@ impl Cluster {
                 healthy_since: None,
                 draining: false,
             }),
+            view: watch::channel(false).0,
             placing: tokio::sync::Mutex::new(()),
         };
         cluster.acquire().await?;
@@ -132,6 +139,16 @@ impl Cluster {
     pub(crate) fn is_ready(&self) -> bool {
         let s = self.state();
         s.healthy_since.is_some() && !s.draining
+    }
+
+    /// Waits (at most `timeout`) until the node has read its region's leases once
+    /// since it started; false if it has not.
+    pub(crate) async fn wait_for_view(&self, timeout: Duration) -> bool {
+        let mut rx = self.view.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|seen| *seen)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// The node's region.
@@ -354,6 +371,7 @@ impl Cluster {
             .collect();
         // Only a node that has itself been renewing for a whole lease term declares
         // others dead: after a log outage every node needs one term to renew again.
+        self.view.send_replace(true);
         let trusted = {
             let mut s = self.state();
             s.leases = leases;
@@ -629,5 +647,49 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn placement_waits_for_the_first_view_of_the_region() {
+        let dir = std::env::temp_dir().join(format!(
+            "meridian-cluster-view-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let store = Store::open_embedded(&dir).await.expect("store");
+        let (commands, _rx) = mpsc::channel(8);
+        let (outbox, _outbox_rx) = crate::mailbox::outbox();
+        let cluster = Arc::new(
+            Cluster::start(
+                ClusterParams {
+                    node: "node-a".into(),
+                    region: "local".into(),
+                    url: "ws://127.0.0.1:1/signal".into(),
+                    internal_addr: "127.0.0.1:2".into(),
+                    period: Duration::from_millis(100),
+                    ttl: Duration::from_millis(500),
+                },
+                store,
+                Fences::default(),
+                commands,
+                outbox,
+                Metrics::default(),
+            )
+            .await
+            .expect("cluster"),
+        );
+        // Started, lease taken, but the region's leases not read yet.
+        assert!(!cluster.wait_for_view(Duration::from_millis(50)).await);
+        assert!(cluster.live_nodes().is_empty());
+        cluster.tick().await;
+        assert!(cluster.wait_for_view(Duration::from_millis(50)).await);
+        let me = cluster.lease_of("node-a").expect("its own live lease");
+        assert_eq!(me.internal_addr.as_deref(), Some("127.0.0.1:2"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

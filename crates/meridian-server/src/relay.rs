@@ -65,6 +65,9 @@ const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 const MAX_PARTS_PER_REQUEST: usize = 1024;
 /// How long one request to another node may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a capped join right after the node started waits for the node's first
+/// view of its region (without it every join would look like the only node's).
+const VIEW_WAIT: Duration = Duration::from_secs(2);
 /// How often the driver compares the links it has with the links it needs.
 pub(crate) const RECONCILE_PERIOD: Duration = Duration::from_millis(500);
 /// How long a requested link may take to connect before it is asked for afresh.
@@ -223,6 +226,44 @@ pub(crate) struct Relay {
     into: Mutex<HashMap<(String, String), String>>,
     /// Forwarded packets per second, sampled by the driver (load for placement).
     forwarded_pps: AtomicU64,
+    /// The region's placements as last read (placement and the driver share it).
+    directory: Mutex<Directory>,
+}
+
+/// How long a read of the region's placements serves placement decisions (the driver
+/// re-reads them every [`RECONCILE_PERIOD`], so joins rarely read them themselves).
+const DIRECTORY_TTL: Duration = RECONCILE_PERIOD;
+
+/// The region's room placements, read at most every [`DIRECTORY_TTL`] unless a fresh
+/// read is asked for (after this node placed a part, or a decision on a stale copy
+/// raced with another node).
+#[derive(Default)]
+struct Directory {
+    read: Option<(Instant, Arc<Vec<meridian_store::Placement>>)>,
+}
+
+impl Directory {
+    /// The copy read within `DIRECTORY_TTL` before `now`, if any.
+    fn get(&self, now: Instant) -> Option<Arc<Vec<meridian_store::Placement>>> {
+        self.read
+            .as_ref()
+            .filter(|(at, _)| now.saturating_duration_since(*at) < DIRECTORY_TTL)
+            .map(|(_, p)| p.clone())
+    }
+
+    fn put(
+        &mut self,
+        at: Instant,
+        placements: Vec<meridian_store::Placement>,
+    ) -> Arc<Vec<meridian_store::Placement>> {
+        let p = Arc::new(placements);
+        self.read = Some((at, p.clone()));
+        p
+    }
+
+    fn invalidate(&mut self) {
+        self.read = None;
+    }
 }
 
 /// What the downstream asked of one upstream node.
@@ -254,6 +295,7 @@ impl Relay {
             max_participants,
             into: Mutex::new(HashMap::new()),
             forwarded_pps: AtomicU64::new(0),
+            directory: Mutex::new(Directory::default()),
         }
     }
 
@@ -261,6 +303,24 @@ impl Relay {
     pub(crate) fn token(&self) -> Result<String, RelayError> {
         node_token(&self.keys, &self.node, &self.region)
             .map_err(|e| RelayError::Peer(format!("cannot sign a node token: {e}")))
+    }
+
+    /// The region's placements: the copy read within [`DIRECTORY_TTL`], or a new read
+    /// (always when `fresh`).
+    async fn placements(
+        &self,
+        fresh: bool,
+    ) -> Result<Arc<Vec<meridian_store::Placement>>, meridian_store::StoreError> {
+        if !fresh && let Some(p) = self.directory().get(Instant::now()) {
+            return Ok(p);
+        }
+        let started = Instant::now();
+        let read = self.cluster.store().placements().await?;
+        Ok(self.directory().put(started, read))
+    }
+
+    fn directory(&self) -> std::sync::MutexGuard<'_, Directory> {
+        self.directory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn op(&self, op: RelayOp) -> Result<RelayReply, RelayError> {
@@ -486,7 +546,7 @@ impl Relay {
         let held = self.cluster.held_parts();
         let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
         if !held.is_empty() {
-            let placements = match self.cluster.store().placements().await {
+            let placements = match self.placements(true).await {
                 Ok(p) => p,
                 Err(e) => {
                     warn!("reading placements failed: {e}");
@@ -495,7 +555,7 @@ impl Relay {
             };
             for local in &held {
                 let room = room_of_part(local);
-                for p in &placements {
+                for p in placements.iter() {
                     let Some(part) = p.stream.strip_prefix("room:") else {
                         continue;
                     };
@@ -798,6 +858,20 @@ pub(crate) async fn place(
     room: &str,
     resume: Option<&str>,
 ) -> Result<(Placement, String), PlaceError> {
+    match place_with(state, room, resume, false).await {
+        // Decided on a copy of the placements another node's write had outdated:
+        // once more on a fresh read.
+        Err(PlaceError::Contended) => place_with(state, room, resume, true).await,
+        other => other,
+    }
+}
+
+async fn place_with(
+    state: &NodeState,
+    room: &str,
+    resume: Option<&str>,
+    fresh: bool,
+) -> Result<(Placement, String), PlaceError> {
     let cap = state.config.media.max_participants;
     let cluster = &state.cluster;
     let resuming = resume.is_some();
@@ -807,7 +881,12 @@ pub(crate) async fn place(
             .await
             .map(|p| (p, room.to_string()));
     }
-    let parts = parts_of(cluster, room).await?;
+    // Right after start the node knows no other node: wait for its first view of the
+    // region rather than take every join (and exceed the cap).
+    if !cluster.wait_for_view(VIEW_WAIT).await {
+        return Err(PlaceError::NoView);
+    }
+    let parts = parts_of(&state.relay, room, fresh).await?;
     // A resuming client goes back to its own part, found by its resume token's hash in
     // the parts' logs; that part is placed (waiting out a dead host, taking it over)
     // exactly as a one-part room is.
@@ -890,6 +969,7 @@ pub(crate) async fn place(
     } else {
         cluster.place_part(room, &part).await?
     };
+    state.relay.directory().invalidate();
     if placed {
         info!(%room, %part, "room part placed here");
         Ok((Placement::Local, part))
@@ -898,16 +978,19 @@ pub(crate) async fn place(
     }
 }
 
-/// The parts of `room` placed in the log, with their nodes.
-async fn parts_of(cluster: &Cluster, room: &str) -> Result<Vec<(String, String)>, PlaceError> {
-    Ok(cluster
-        .store()
-        .placements()
+/// The parts of `room` placed in the log, with their nodes (from the directory).
+async fn parts_of(
+    relay: &Relay,
+    room: &str,
+    fresh: bool,
+) -> Result<Vec<(String, String)>, PlaceError> {
+    Ok(relay
+        .placements(fresh)
         .await?
-        .into_iter()
+        .iter()
         .filter_map(|p| {
             let part = p.stream.strip_prefix("room:")?.to_string();
-            (room_of_part(&part) == room).then_some((part, p.node))
+            (room_of_part(&part) == room).then(|| (part, p.node.clone()))
         })
         .collect())
 }
@@ -992,6 +1075,29 @@ impl RelayIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_placement_directory_serves_reads_for_one_period() {
+        let t0 = Instant::now();
+        let mut d = Directory::default();
+        assert!(d.get(t0).is_none(), "nothing read yet");
+        let placement = meridian_store::Placement {
+            stream: "room:big".into(),
+            node: "node-a".into(),
+            epoch: 1,
+            sequence: 2,
+        };
+        d.put(t0, vec![placement.clone()]);
+        let within = t0 + DIRECTORY_TTL - Duration::from_millis(1);
+        assert_eq!(d.get(within).as_deref(), Some(&vec![placement]));
+        assert!(
+            d.get(t0 + DIRECTORY_TTL).is_none(),
+            "stale after one period"
+        );
+        d.put(t0, Vec::new());
+        d.invalidate();
+        assert!(d.get(t0).is_none(), "a write of this node makes it stale");
+    }
 
     #[test]
     fn the_core_and_the_log_name_parts_alike() {
