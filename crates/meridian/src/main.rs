@@ -352,7 +352,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     let files = node.internal_tls.files();
     eprintln!(
-        "Internal plane (metrics, admin, audit) on https://{} with client certificates from {}",
+        "Internal plane (metrics, admin, audit, relay control) on https://{} with client certificates from {}",
         node.internal_addr,
         files.client_ca.display()
     );
