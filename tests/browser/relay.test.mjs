@@ -2,7 +2,8 @@
 // a region on one Postgres schema with `--max-participants 1`. Alice publishes through
 // node A; Bob opens his page on node A too, but A is full, so placement sends him to
 // node B, which hosts a second part of the room. Bob's page decodes Alice's video, which
-// crossed the A→B relay link (node B's relay counters grow, node B hosts the part).
+// crossed the A→B relay link (node B's relay counters grow, node B hosts the part), and
+// his session is told when Alice mutes and unmutes her microphone on node A.
 //
 // Needs the local Postgres (scripts/start-postgres.sh) and psql.
 import { test, before, after } from 'node:test';
@@ -131,6 +132,20 @@ test('a page watches, through node B, a camera published on node A', { timeout: 
     assert.equal(placed, '1', 'the log records the part on node B');
     const playing = await bob.evaluate(() => [...document.querySelectorAll('.tile video')].filter((v) => v.videoWidth > 0).length);
     assert.ok(playing >= 1, 'Bob\'s page shows Alice\'s video');
+    // Alice mutes her microphone on node A: Bob's session on node B is told (the
+    // track's state crosses the link; node B sends `track_muted`), then the unmute.
+    const mic = await alice.evaluate(() => window.meridian.session.ownTracks().find((t) => t.kind === 'audio')?.track_id);
+    assert.ok(mic, 'Alice publishes a microphone');
+    await bob.evaluate(() => {
+      window.mutes = [];
+      window.meridian.session.on('muted', (e) => window.mutes.push([e.trackId, e.muted]));
+    });
+    const told = (muted) => bob.waitForFunction(([id, m]) => window.mutes.some(([t, x]) => t === id && x === m),
+      [mic, muted], { timeout: 15_000 });
+    await alice.click('#mute-audio');
+    await told(true);
+    await alice.click('#mute-audio');
+    await told(false);
     assert.deepEqual(errors, []);
   } catch (e) {
     console.log('---- node A stderr ----\n' + nodeA.stderr().slice(-6000));
