@@ -298,6 +298,7 @@ pub(crate) async fn run(
 ) {
     let mut batch: Vec<Pending> = Vec::new();
     let mut cache = HeadCache::default();
+    let mut held = None;
     while let Some(first) = rx.recv().await {
         let mut n = first.events.len();
         batch.push(first);
@@ -314,10 +315,10 @@ pub(crate) async fn run(
         // other processes) touching the same streams wait for each other instead of
         // deadlocking. Each append keeps its own reply, so the order is free.
         batch.sort_by(|a, b| a.stream.cmp(&b.stream));
-        let mut result = commit(&backend, &batch, &mut cache).await;
+        let mut result = commit(&backend, &batch, &mut cache, &mut held).await;
         if matches!(result, Err(CommitError::StaleCache)) {
             cache.clear();
-            result = commit(&backend, &batch, &mut cache).await;
+            result = commit(&backend, &batch, &mut cache, &mut held).await;
         }
         let result = match result {
             Ok(plan) => {
@@ -358,9 +359,10 @@ async fn commit(
     backend: &Backend,
     batch: &[Pending],
     cache: &mut HeadCache,
+    held: &mut Option<crate::pg::HeldConn>,
 ) -> Result<Plan, CommitError> {
     match backend {
-        Backend::Postgres(p) => p.commit(batch, cache).await,
+        Backend::Postgres(p) => p.commit(batch, held).await,
         Backend::Sqlite(s) => s.commit(batch, cache).await,
     }
 }
