@@ -22,7 +22,11 @@
 -- one element per event, appends' events concatenated: actors, types, payloads.
 -- Returns each append's version before it (the caller decides conflicts from it with
 -- the same rule as here) and, for the rows written in order, positions, prev hashes and
--- hashes. A duplicate (stream, sequence) from two processes creating the same stream at
+-- hashes. `channel`: NULL = no NOTIFY here (the store notifies after the commit, in a
+-- transaction of its own: a notifying transaction holds a cluster-wide lock through
+-- its commit's WAL flush, which would make all lanes' commits wait for each other);
+-- otherwise pg_notify(channel, '<schema> <highest position>') inside the transaction.
+-- A duplicate (stream, sequence) from two processes creating the same stream at
 -- once raises unique_violation; the caller retries the batch.
 CREATE FUNCTION meridian_append(
     streams        TEXT[],
@@ -137,6 +141,8 @@ BEGIN
     SELECT * FROM unnest(h_stream, h_seq, h_pos, h_hash)
     ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence,
         position = excluded.position, hash = excluded.hash;
-    PERFORM pg_notify(channel, current_schema()::text || ' ' || pos::text);
+    IF channel IS NOT NULL THEN
+        PERFORM pg_notify(channel, current_schema()::text || ' ' || pos::text);
+    END IF;
 END
 $$;

@@ -449,6 +449,10 @@ impl Store {
         };
         let (head_tx, head_rx) = watch::channel(head.position);
         let head_tx = Arc::new(head_tx);
+        // This process's commits only (head_tx also moves on other processes'
+        // notifications), for the Postgres notifier.
+        let (committed_tx, committed_rx) = watch::channel(head.position);
+        let committed_tx = Arc::new(committed_tx);
         let mut senders = Vec::new();
         let mut tasks = Vec::new();
         for _ in 0..lanes.clamp(1, 64) {
@@ -458,6 +462,13 @@ impl Store {
                 backend.clone(),
                 rx,
                 Arc::clone(&head_tx),
+                Arc::clone(&committed_tx),
+            )));
+        }
+        if let Backend::Postgres(p) = &backend {
+            tasks.push(tokio::spawn(pg::notify_commits(
+                p.pool.clone(),
+                committed_rx,
             )));
         }
         if let Some(l) = listener {

@@ -1,6 +1,5 @@
 //! The Postgres backend (a region's log).
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +44,50 @@ pub(crate) struct Pg {
 pub(crate) struct ListenerSetup {
     pool: PgPool,
     schema: String,
+}
+
+/// Tell other processes' `wait_for_new` about this process's commits: `pg_notify` with
+/// the highest committed position, sent after the append transactions committed, in a
+/// transaction of its own, one at a time (positions committed meanwhile are coalesced
+/// into the next one).
+///
+/// Not inside the append transaction: a transaction that notifies holds a cluster-wide
+/// lock (Postgres serializes notifying commits so the queue stays in commit order) from
+/// before its commit until after its WAL flush, so every lane's commit, and every other
+/// notifying client of the server, would wait for the others' flushes one by one. This
+/// transaction writes nothing that must survive a crash, so its commit does not wait for
+/// a WAL flush (`synchronous_commit` off for it alone) and holds that lock only briefly.
+/// A lost notification only delays a waiter (it also polls).
+pub(crate) async fn notify_commits(pool: PgPool, mut committed: watch::Receiver<u64>) {
+    let mut conn: Option<sqlx::PgConnection> = None;
+    while committed.changed().await.is_ok() {
+        let position = *committed.borrow_and_update();
+        if pool.is_closed() {
+            return;
+        }
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match pool.acquire().await {
+                Ok(c) => conn.insert(c.detach()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "event log notify: no connection");
+                    continue;
+                }
+            },
+        };
+        let sent = sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), \
+             pg_notify($1, current_schema()::text || ' ' || $2::text)",
+        )
+        .bind(CHANNEL)
+        .bind(i64::try_from(position).unwrap_or(i64::MAX))
+        .execute(&mut *c)
+        .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "event log notify failed");
+            conn = None;
+        }
+    }
 }
 
 impl ListenerSetup {
@@ -214,24 +257,23 @@ impl Pg {
                 payloads.push(e.payload.as_str());
             }
         }
-        let written: Result<(Vec<i64>, Vec<i64>, Vec<String>, Vec<String>), _> =
-            sqlx::query_as(
-                "SELECT actual, positions, prev_hashes, hashes FROM meridian_append(\
+        let written: Result<(Vec<i64>, Vec<i64>, Vec<String>, Vec<String>), _> = sqlx::query_as(
+            "SELECT actual, positions, prev_hashes, hashes FROM meridian_append(\
                  $1::text[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], \
                  $7::int, $8::timestamptz, $9::bigint, $10::text)",
-            )
-            .bind(&streams)
-            .bind(&expected)
-            .bind(&counts)
-            .bind(&actors)
-            .bind(&types)
-            .bind(&payloads)
-            .bind(i32::try_from(CURRENT_SCHEMA_VERSION).unwrap_or(i32::MAX))
-            .bind(now)
-            .bind(now.timestamp_micros())
-            .bind(CHANNEL)
-            .fetch_one(&mut *conn)
-            .await;
+        )
+        .bind(&streams)
+        .bind(&expected)
+        .bind(&counts)
+        .bind(&actors)
+        .bind(&types)
+        .bind(&payloads)
+        .bind(i32::try_from(CURRENT_SCHEMA_VERSION).unwrap_or(i32::MAX))
+        .bind(now)
+        .bind(now.timestamp_micros())
+        .bind(None::<&str>)
+        .fetch_one(&mut *conn)
+        .await;
         let (actual, positions, prev_hashes, hashes) = match written {
             Ok(w) => w,
             // Two processes created the same stream at once: retry with the heads the
@@ -263,8 +305,9 @@ impl Pg {
             }
             let start = rows.len();
             for (k, e) in p.events.iter().enumerate() {
-                let ((position, prev_hash), hash) =
-                    results.next().ok_or_else(|| corrupt("fewer rows than events"))?;
+                let ((position, prev_hash), hash) = results
+                    .next()
+                    .ok_or_else(|| corrupt("fewer rows than events"))?;
                 rows.push(RawRow {
                     position: to_u64(position, position, "position")?,
                     stream: p.stream.clone(),
