@@ -12,8 +12,8 @@
 //! group-commit writers). The run also times `verify_chain` and one signed checkpoint.
 //! `--appends-only`: only the append rows (closed loop and paced), no replay or verify.
 //! Each closed-loop row also shows where the CPU went (Linux `/proc`, Postgres on this
-//! machine): this process's CPU time and all `postgres` processes' CPU time per
-//! 1000 events, and how busy the machine's cores were.
+//! machine): this process's CPU time and that of the Postgres backends serving it, in
+//! µs per event, and how busy the machine's cores were.
 //! Postgres: `MERIDIAN_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
 //! the run uses a schema of its own and drops it at the end.
 
@@ -48,14 +48,35 @@ fn event(i: u64) -> NewEvent {
     }
 }
 
-/// CPU time in clock ticks (utime + stime) of this process, of every process named
-/// `postgres`, and the machine's busy and total ticks over all cores.
-#[derive(Clone, Copy, Default)]
+/// CPU time in clock ticks (utime + stime) of this process, of the Postgres backends
+/// serving this process (by pid), and the machine's busy and total ticks over all cores.
+#[derive(Clone, Default)]
 struct Cpu {
     own: u64,
-    postgres: u64,
+    postgres: std::collections::HashMap<u32, u64>,
     busy: u64,
     total: u64,
+}
+
+/// The Postgres URL and application name of the bench's store, to find its backends.
+static PG_APP: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// Pids of the Postgres backends serving this bench (empty for SQLite).
+async fn backend_pids() -> Vec<u32> {
+    let Some((url, app)) = PG_APP.get() else {
+        return Vec::new();
+    };
+    let Ok(mut c) = sqlx::PgConnection::connect(url).await else {
+        return Vec::new();
+    };
+    let pids: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+            .bind(app)
+            .fetch_all(&mut c)
+            .await
+            .unwrap_or_default();
+    let _ = c.close().await;
+    pids.into_iter().filter_map(|p| u32::try_from(p).ok()).collect()
 }
 
 fn ticks(stat: &str) -> Option<(String, u64)> {
@@ -68,7 +89,7 @@ fn ticks(stat: &str) -> Option<(String, u64)> {
     Some((comm, utime + stime))
 }
 
-fn cpu() -> Cpu {
+async fn cpu() -> Cpu {
     let mut c = Cpu::default();
     if let Some((_, t)) = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -76,15 +97,12 @@ fn cpu() -> Cpu {
     {
         c.own = t;
     }
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            if let Some((comm, t)) = std::fs::read_to_string(e.path().join("stat"))
-                .ok()
-                .and_then(|s| ticks(&s))
-                && comm == "postgres"
-            {
-                c.postgres += t;
-            }
+    for pid in backend_pids().await {
+        if let Some((_, t)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| ticks(&s))
+        {
+            c.postgres.insert(pid, t);
         }
     }
     if let Some(line) = std::fs::read_to_string("/proc/stat")
@@ -104,12 +122,17 @@ fn cpu() -> Cpu {
 }
 
 /// "own / postgres µs per event, machine busy %" between two readings (100 ticks/s).
-fn cpu_use(a: Cpu, b: Cpu, events: u64) -> String {
+fn cpu_use(a: &Cpu, b: &Cpu, events: u64) -> String {
     let per = |t: u64| t as f64 * 10_000.0 / events.max(1) as f64;
+    let postgres: u64 = b
+        .postgres
+        .iter()
+        .map(|(pid, t)| t.saturating_sub(a.postgres.get(pid).copied().unwrap_or(0)))
+        .sum();
     format!(
         "{:.0} / {:.0} µs, {:.0} %",
         per(b.own - a.own),
-        per(b.postgres.saturating_sub(a.postgres)),
+        per(postgres),
         (b.busy - a.busy) as f64 * 100.0 / (b.total - a.total).max(1) as f64
     )
 }
@@ -129,7 +152,7 @@ fn ms(d: Duration) -> String {
 async fn appends(store: &Store, label: &str, streams: usize, per_append: usize, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
-    let cpu_before = cpu();
+    let cpu_before = cpu().await;
     let mut tasks = Vec::new();
     for s in 0..streams {
         let store = store.clone();
@@ -158,7 +181,7 @@ async fn appends(store: &Store, label: &str, streams: usize, per_append: usize, 
         events += v;
     }
     let elapsed = started.elapsed();
-    let cpu_after = cpu();
+    let cpu_after = cpu().await;
     lat.sort_unstable();
     println!(
         "| {label} | {streams} | {per_append} | {} | {} | {} | {} | {:.0} | {} |",
@@ -167,7 +190,7 @@ async fn appends(store: &Store, label: &str, streams: usize, per_append: usize, 
         ms(pct(&lat, 0.99)),
         ms(*lat.last().unwrap_or(&Duration::ZERO)),
         events as f64 / elapsed.as_secs_f64(),
-        cpu_use(cpu_before, cpu_after, events)
+        cpu_use(&cpu_before, &cpu_after, events)
     );
 }
 
@@ -388,7 +411,7 @@ async fn verify(store: &Store, label: &str) {
 async fn bench(store: &Store, label: &str, secs: u64, replay_events: u64, appends_only: bool) {
     println!("\n### {label}\n");
     println!(
-        "| backend | streams | events/append | appends | p50 ms | p99 ms | max ms | events/s | CPU per event: bench / postgres, machine busy |"
+        "| backend | streams | events/append | appends | p50 ms | p99 ms | max ms | events/s | CPU per event: bench / its Postgres backends, machine busy |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for streams in [1, 16, 256] {
@@ -450,6 +473,7 @@ async fn main() {
         .await
         .expect("Postgres reachable");
         println!("postgres writer lanes: {lanes}");
+        let _ = PG_APP.set((url.clone(), format!("meridian-{schema}")));
         if let Some(n) = snapshot_every {
             store.set_snapshot_every(n);
         }
