@@ -76,7 +76,9 @@ async fn backend_pids() -> Vec<u32> {
             .await
             .unwrap_or_default();
     let _ = c.close().await;
-    pids.into_iter().filter_map(|p| u32::try_from(p).ok()).collect()
+    pids.into_iter()
+        .filter_map(|p| u32::try_from(p).ok())
+        .collect()
 }
 
 fn ticks(stat: &str) -> Option<(String, u64)> {

@@ -21,6 +21,10 @@ use crate::{
 /// How long a lane's connection may sit idle before a commit pings it first.
 const IDLE_PING: Duration = Duration::from_secs(1);
 
+/// What `meridian_append` returns: each append's version before it, then the written
+/// rows' positions, prev hashes and hashes.
+type AppendResult = (Vec<i64>, Vec<i64>, Vec<String>, Vec<String>);
+
 /// A writer lane's own connection, detached from the pool.
 pub(crate) struct HeldConn {
     conn: sqlx::PgConnection,
@@ -257,7 +261,7 @@ impl Pg {
                 payloads.push(e.payload.as_str());
             }
         }
-        let written: Result<(Vec<i64>, Vec<i64>, Vec<String>, Vec<String>), _> = sqlx::query_as(
+        let written: Result<AppendResult, _> = sqlx::query_as(
             "SELECT actual, positions, prev_hashes, hashes FROM meridian_append(\
                  $1::text[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], \
                  $7::int, $8::timestamptz, $9::bigint, $10::text)",
