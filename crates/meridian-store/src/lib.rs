@@ -334,14 +334,16 @@ impl fmt::Debug for Store {
 pub struct ConnectOptions {
     /// Postgres schema to use (created if missing); `None` uses the URL's search path.
     pub schema: Option<String>,
-    /// Most pooled connections.
+    /// Most pooled connections. On Postgres each writer lane, the commit notifier and
+    /// the `LISTEN` task keep a connection of their own besides the pool, so a store
+    /// opens up to `max_connections + writer_lanes + 2`.
     pub max_connections: u32,
     /// How long to wait for a connection before failing with
     /// [`StoreError::Unavailable`].
     pub acquire_timeout: Duration,
     /// Postgres writer lanes: appends are sharded by stream over this many group-commit
-    /// writers, each with its own transaction (SQLite always uses one: it has a
-    /// single write lock).
+    /// writers, each committing its batches on a connection of its own in one round
+    /// trip (SQLite always uses one: it has a single write lock).
     pub writer_lanes: usize,
 }
 
