@@ -158,7 +158,11 @@ async fn postgres_lane_connection_lost_while_idle_reconnects() {
     let h = Harness::new(Kind::Postgres).await;
     let schema = h.schema().expect("schema").to_owned();
     h.store
-        .append("room:idle", ExpectedVersion::NoStream, vec![join("p1", "u")])
+        .append(
+            "room:idle",
+            ExpectedVersion::NoStream,
+            vec![join("p1", "u")],
+        )
         .await
         .expect("first append: the lane takes its connection");
     let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url()).expect("url");
@@ -179,7 +183,11 @@ async fn postgres_lane_connection_lost_while_idle_reconnects() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let r = h
         .store
-        .append("room:idle", ExpectedVersion::Exact(1), vec![join("p2", "u")])
+        .append(
+            "room:idle",
+            ExpectedVersion::Exact(1),
+            vec![join("p2", "u")],
+        )
         .await
         .expect("the lane reconnects after its idle connection was lost");
     assert_eq!(r[0].sequence, 2);
