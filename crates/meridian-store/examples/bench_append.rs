@@ -10,6 +10,10 @@
 //! replays the whole region (every room stream), fully and from snapshots.
 //! `--lanes`: Postgres writer lanes (appends sharded by stream over that many
 //! group-commit writers). The run also times `verify_chain` and one signed checkpoint.
+//! `--appends-only`: only the append rows (closed loop and paced), no replay or verify.
+//! Each closed-loop row also shows where the CPU went (Linux `/proc`, Postgres on this
+//! machine): this process's CPU time and that of the Postgres backends serving it, in
+//! µs per event, and how busy the machine's cores were.
 //! Postgres: `MERIDIAN_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
 //! the run uses a schema of its own and drops it at the end.
 
@@ -44,6 +48,97 @@ fn event(i: u64) -> NewEvent {
     }
 }
 
+/// CPU time in clock ticks (utime + stime) of this process, of the Postgres backends
+/// serving this process (by pid), and the machine's busy and total ticks over all cores.
+#[derive(Clone, Default)]
+struct Cpu {
+    own: u64,
+    postgres: std::collections::HashMap<u32, u64>,
+    busy: u64,
+    total: u64,
+}
+
+/// The Postgres URL and application name of the bench's store, to find its backends.
+static PG_APP: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// Pids of the Postgres backends serving this bench (empty for SQLite).
+async fn backend_pids() -> Vec<u32> {
+    let Some((url, app)) = PG_APP.get() else {
+        return Vec::new();
+    };
+    let Ok(mut c) = sqlx::PgConnection::connect(url).await else {
+        return Vec::new();
+    };
+    let pids: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+            .bind(app)
+            .fetch_all(&mut c)
+            .await
+            .unwrap_or_default();
+    let _ = c.close().await;
+    pids.into_iter()
+        .filter_map(|p| u32::try_from(p).ok())
+        .collect()
+}
+
+fn ticks(stat: &str) -> Option<(String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_owned();
+    let f: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+async fn cpu() -> Cpu {
+    let mut c = Cpu::default();
+    if let Some((_, t)) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| ticks(&s))
+    {
+        c.own = t;
+    }
+    for pid in backend_pids().await {
+        if let Some((_, t)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| ticks(&s))
+        {
+            c.postgres.insert(pid, t);
+        }
+    }
+    if let Some(line) = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+    {
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        c.total = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        c.busy = c.total.saturating_sub(idle);
+    }
+    c
+}
+
+/// "own / postgres µs per event, machine busy %" between two readings (100 ticks/s).
+fn cpu_use(a: &Cpu, b: &Cpu, events: u64) -> String {
+    let per = |t: u64| t as f64 * 10_000.0 / events.max(1) as f64;
+    let postgres: u64 = b
+        .postgres
+        .iter()
+        .map(|(pid, t)| t.saturating_sub(a.postgres.get(pid).copied().unwrap_or(0)))
+        .sum();
+    format!(
+        "{:.0} / {:.0} µs, {:.0} %",
+        per(b.own - a.own),
+        per(postgres),
+        (b.busy - a.busy) as f64 * 100.0 / (b.total - a.total).max(1) as f64
+    )
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -59,6 +154,7 @@ fn ms(d: Duration) -> String {
 async fn appends(store: &Store, label: &str, streams: usize, per_append: usize, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
+    let cpu_before = cpu().await;
     let mut tasks = Vec::new();
     for s in 0..streams {
         let store = store.clone();
@@ -87,14 +183,16 @@ async fn appends(store: &Store, label: &str, streams: usize, per_append: usize, 
         events += v;
     }
     let elapsed = started.elapsed();
+    let cpu_after = cpu().await;
     lat.sort_unstable();
     println!(
-        "| {label} | {streams} | {per_append} | {} | {} | {} | {} | {:.0} |",
+        "| {label} | {streams} | {per_append} | {} | {} | {} | {} | {:.0} | {} |",
         lat.len(),
         ms(pct(&lat, 0.50)),
         ms(pct(&lat, 0.99)),
         ms(*lat.last().unwrap_or(&Duration::ZERO)),
-        events as f64 / elapsed.as_secs_f64()
+        events as f64 / elapsed.as_secs_f64(),
+        cpu_use(&cpu_before, &cpu_after, events)
     );
 }
 
@@ -312,12 +410,12 @@ async fn verify(store: &Store, label: &str) {
     );
 }
 
-async fn bench(store: &Store, label: &str, secs: u64, replay_events: u64) {
+async fn bench(store: &Store, label: &str, secs: u64, replay_events: u64, appends_only: bool) {
     println!("\n### {label}\n");
     println!(
-        "| backend | streams | events/append | appends | p50 ms | p99 ms | max ms | events/s |"
+        "| backend | streams | events/append | appends | p50 ms | p99 ms | max ms | events/s | CPU per event: bench / its Postgres backends, machine busy |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for streams in [1, 16, 256] {
         appends(store, label, streams, 1, secs).await;
     }
@@ -327,6 +425,9 @@ async fn bench(store: &Store, label: &str, secs: u64, replay_events: u64) {
     paced(store, label, 16, Duration::from_millis(100), secs).await;
     paced(store, label, 256, Duration::from_millis(100), secs).await;
     paced(store, label, 256, Duration::from_millis(25), secs).await;
+    if appends_only {
+        return;
+    }
     println!(
         "\n| backend | replay events/s (read+fold) of {replay_events} | read_stream {replay_events} ms | JSON decode alone ms | full rebuild ms | snapshot+100 rebuild ms |"
     );
@@ -356,6 +457,7 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(50_000)
         .max(1000);
+    let appends_only = args.iter().any(|a| a == "--appends-only");
     let snapshot_every: Option<u64> = arg("--snapshot-every").and_then(|s| s.parse().ok());
     let url = std::env::var("MERIDIAN_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -373,10 +475,11 @@ async fn main() {
         .await
         .expect("Postgres reachable");
         println!("postgres writer lanes: {lanes}");
+        let _ = PG_APP.set((url.clone(), format!("meridian-{schema}")));
         if let Some(n) = snapshot_every {
             store.set_snapshot_every(n);
         }
-        bench(&store, "postgres", secs, replay_events).await;
+        bench(&store, "postgres", secs, replay_events, appends_only).await;
         store.close().await;
         let mut c = sqlx::PgConnection::connect(&url).await.expect("admin");
         sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
@@ -390,7 +493,7 @@ async fn main() {
         if let Some(n) = snapshot_every {
             store.set_snapshot_every(n);
         }
-        bench(&store, "sqlite", secs, replay_events).await;
+        bench(&store, "sqlite", secs, replay_events, appends_only).await;
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -334,14 +334,16 @@ impl fmt::Debug for Store {
 pub struct ConnectOptions {
     /// Postgres schema to use (created if missing); `None` uses the URL's search path.
     pub schema: Option<String>,
-    /// Most pooled connections.
+    /// Most pooled connections. On Postgres each writer lane, the commit notifier and
+    /// the `LISTEN` task keep a connection of their own besides the pool, so a store
+    /// opens up to `max_connections + writer_lanes + 2`.
     pub max_connections: u32,
     /// How long to wait for a connection before failing with
     /// [`StoreError::Unavailable`].
     pub acquire_timeout: Duration,
     /// Postgres writer lanes: appends are sharded by stream over this many group-commit
-    /// writers, each with its own transaction (SQLite always uses one: it has a
-    /// single write lock).
+    /// writers, each committing its batches on a connection of its own in one round
+    /// trip (SQLite always uses one: it has a single write lock).
     pub writer_lanes: usize,
 }
 
@@ -449,6 +451,10 @@ impl Store {
         };
         let (head_tx, head_rx) = watch::channel(head.position);
         let head_tx = Arc::new(head_tx);
+        // This process's commits only (head_tx also moves on other processes'
+        // notifications), for the Postgres notifier.
+        let (committed_tx, committed_rx) = watch::channel(head.position);
+        let committed_tx = Arc::new(committed_tx);
         let mut senders = Vec::new();
         let mut tasks = Vec::new();
         for _ in 0..lanes.clamp(1, 64) {
@@ -458,6 +464,13 @@ impl Store {
                 backend.clone(),
                 rx,
                 Arc::clone(&head_tx),
+                Arc::clone(&committed_tx),
+            )));
+        }
+        if let Backend::Postgres(p) = &backend {
+            tasks.push(tokio::spawn(pg::notify_commits(
+                p.pool.clone(),
+                committed_rx,
             )));
         }
         if let Some(l) = listener {

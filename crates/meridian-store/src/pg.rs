@@ -1,21 +1,35 @@
 //! The Postgres backend (a region's log).
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 use tokio::sync::watch;
 
+use meridian_events::CURRENT_SCHEMA_VERSION;
+
 use crate::error::{classify, is_unique_violation};
 use crate::row::{FoldRow, RawRow, to_i64, to_u64, truncate_micros};
-use crate::writer::{
-    CommitError, Head, HeadCache, Pending, Plan, cached_conflicts, plan, rows_needed,
+use crate::writer::{CommitError, Head, Outcome, Pending, Plan};
+use crate::{
+    AuditQuery, ConnectOptions, ExpectedVersion, LogHead, Snapshot, StoreError, StreamInfo,
 };
-use crate::{AuditQuery, ConnectOptions, LogHead, Snapshot, StoreError, StreamInfo};
+
+/// How long a lane's connection may sit idle before a commit pings it first.
+const IDLE_PING: Duration = Duration::from_secs(1);
+
+/// What `meridian_append` returns: each append's version before it, then the written
+/// rows' positions, prev hashes and hashes.
+type AppendResult = (Vec<i64>, Vec<i64>, Vec<String>, Vec<String>);
+
+/// A writer lane's own connection, detached from the pool.
+pub(crate) struct HeldConn {
+    conn: sqlx::PgConnection,
+    last_used: Instant,
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
@@ -34,6 +48,50 @@ pub(crate) struct Pg {
 pub(crate) struct ListenerSetup {
     pool: PgPool,
     schema: String,
+}
+
+/// Tell other processes' `wait_for_new` about this process's commits: `pg_notify` with
+/// the highest committed position, sent after the append transactions committed, in a
+/// transaction of its own, one at a time (positions committed meanwhile are coalesced
+/// into the next one).
+///
+/// Not inside the append transaction: a transaction that notifies holds a cluster-wide
+/// lock (Postgres serializes notifying commits so the queue stays in commit order) from
+/// before its commit until after its WAL flush, so every lane's commit, and every other
+/// notifying client of the server, would wait for the others' flushes one by one. This
+/// transaction writes nothing that must survive a crash, so its commit does not wait for
+/// a WAL flush (`synchronous_commit` off for it alone) and holds that lock only briefly.
+/// A lost notification only delays a waiter (it also polls).
+pub(crate) async fn notify_commits(pool: PgPool, mut committed: watch::Receiver<u64>) {
+    let mut conn: Option<sqlx::PgConnection> = None;
+    while committed.changed().await.is_ok() {
+        let position = *committed.borrow_and_update();
+        if pool.is_closed() {
+            return;
+        }
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match pool.acquire().await {
+                Ok(c) => conn.insert(c.detach()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "event log notify: no connection");
+                    continue;
+                }
+            },
+        };
+        let sent = sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), \
+             pg_notify($1, current_schema()::text || ' ' || $2::text)",
+        )
+        .bind(CHANNEL)
+        .bind(i64::try_from(position).unwrap_or(i64::MAX))
+        .execute(&mut *c)
+        .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "event log notify failed");
+            conn = None;
+        }
+    }
 }
 
 impl ListenerSetup {
@@ -134,144 +192,165 @@ impl Pg {
         head(row)
     }
 
-    /// Heads of `streams` as committed now.
-    async fn heads(
-        tx: &mut sqlx::PgConnection,
-        streams: &[String],
-        into: &mut HashMap<String, Head>,
-    ) -> Result<(), StoreError> {
-        if streams.is_empty() {
-            return Ok(());
-        }
-        let found: Vec<(String, i64, String)> = sqlx::query_as(
-            "SELECT stream, sequence, hash FROM stream_heads WHERE stream = ANY($1::text[])",
-        )
-        .bind(streams)
-        .fetch_all(&mut *tx)
-        .await?;
-        for s in streams {
-            into.remove(s);
-        }
-        for (s, v, h) in found {
-            into.insert(s, (to_u64(v, 0, "sequence")?, h));
-        }
-        Ok(())
-    }
-
+    /// Commit one batch in one round trip: a call of `meridian_append` (migration
+    /// `20261207000002_append_function`), which locks the streams' heads, checks each
+    /// append's expected version, takes positions, chains and inserts the rows, moves the
+    /// heads and notifies, as one implicit transaction whose commit (one WAL flush) ends
+    /// the same round trip.
+    ///
+    /// It runs on the lane's own connection (`held`: taken from the pool on first use
+    /// and after a failure, then detached so a batch costs no pool liveness ping). A
+    /// connection idle for longer than [`IDLE_PING`] is pinged first, so a server
+    /// restart while the lane was idle costs one reconnect instead of a failed batch.
     pub async fn commit(
         &self,
         batch: &[Pending],
-        cache: &mut HeadCache,
+        held: &mut Option<HeldConn>,
     ) -> Result<Plan, CommitError> {
-        let mut tx = self.pool.begin().await?;
-        let (mut heads, missing) = cache.lookup(batch);
-        Self::heads(&mut tx, &missing, &mut heads).await?;
+        if self.pool.is_closed() {
+            // `Store::close` closes the pool; the lane's own connection goes with it.
+            *held = None;
+            return Err(CommitError::Store(StoreError::Closed));
+        }
+        if let Some(h) = held
+            && h.last_used.elapsed() > IDLE_PING
+            && h.conn.ping().await.is_err()
+        {
+            *held = None;
+        }
+        let h = match held {
+            Some(h) => h,
+            None => held.insert(HeldConn {
+                conn: self.pool.acquire().await?.detach(),
+                last_used: Instant::now(),
+            }),
+        };
+        let result = Self::commit_on(&mut h.conn, batch).await;
+        h.last_used = Instant::now();
+        if matches!(result, Err(CommitError::Store(_))) {
+            // The connection's state is unknown after a failure: close it and take a
+            // fresh one next time.
+            *held = None;
+        }
+        result
+    }
+
+    async fn commit_on(
+        conn: &mut sqlx::PgConnection,
+        batch: &[Pending],
+    ) -> Result<Plan, CommitError> {
         let now = truncate_micros(Utc::now());
-        let mut probe = plan(&heads, batch, now, &[]);
-        let recheck = cached_conflicts(batch, &probe, &missing);
-        if !recheck.is_empty() {
-            Self::heads(&mut tx, &recheck, &mut heads).await?;
-            probe = plan(&heads, batch, now, &[]);
-        }
-        let n = rows_needed(&heads, batch);
-        if n == 0 {
-            tx.rollback().await?;
-            return Ok(probe);
-        }
-        let positions: Vec<i64> = sqlx::query_scalar(
-            "SELECT nextval('events_position_seq') FROM generate_series(1, $1::int)",
-        )
-        .bind(i32::try_from(n).unwrap_or(i32::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut positions: Vec<u64> = positions
-            .into_iter()
-            .map(|p| to_u64(p, p, "position"))
-            .collect::<Result<_, _>>()?;
-        positions.sort_unstable();
-        let plan = plan(&heads, batch, now, &positions);
-        let n = plan.rows.len();
-        let mut position = Vec::with_capacity(n);
-        let mut stream = Vec::with_capacity(n);
-        let mut sequence = Vec::with_capacity(n);
-        let mut recorded_at = Vec::with_capacity(n);
-        let mut actor = Vec::with_capacity(n);
-        let mut schema_version = Vec::with_capacity(n);
-        let mut event_type = Vec::with_capacity(n);
-        let mut payload = Vec::with_capacity(n);
-        let mut prev_hash = Vec::with_capacity(n);
-        let mut hash = Vec::with_capacity(n);
-        for r in &plan.rows {
-            position.push(to_i64(r.position)?);
-            stream.push(r.stream.as_str());
-            sequence.push(to_i64(r.sequence)?);
-            recorded_at.push(r.recorded_at);
-            actor.push(r.actor.as_str());
-            schema_version.push(i32::try_from(r.schema_version).unwrap_or(i32::MAX));
-            event_type.push(r.event_type.as_str());
-            payload.push(r.payload.as_str());
-            prev_hash.push(r.prev_hash.as_str());
-            hash.push(r.hash.as_str());
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO events (position, stream, sequence, recorded_at, actor, schema_version, \
-             event_type, payload, prev_hash, hash) \
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::timestamptz[], \
-             $5::text[], $6::int[], $7::text[], $8::text[], $9::text[], $10::text[])",
-        )
-        .bind(&position)
-        .bind(&stream)
-        .bind(&sequence)
-        .bind(&recorded_at)
-        .bind(&actor)
-        .bind(&schema_version)
-        .bind(&event_type)
-        .bind(&payload)
-        .bind(&prev_hash)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await;
-        if let Err(e) = inserted {
-            // A duplicate (stream, sequence) means a cached head was stale (another
-            // process appended to the stream): retry with fresh heads.
-            if is_unique_violation(&e) {
-                return Err(CommitError::StaleCache);
+        let mut streams = Vec::with_capacity(batch.len());
+        let mut expected = Vec::with_capacity(batch.len());
+        let mut counts = Vec::with_capacity(batch.len());
+        let n: usize = batch.iter().map(|p| p.events.len()).sum();
+        let mut actors = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for p in batch {
+            streams.push(p.stream.as_str());
+            expected.push(match p.expected {
+                ExpectedVersion::Any => -1,
+                ExpectedVersion::NoStream => 0,
+                ExpectedVersion::Exact(v) => to_i64(v)?,
+            });
+            counts.push(i32::try_from(p.events.len()).unwrap_or(i32::MAX));
+            for e in &p.events {
+                actors.push(e.actor.as_str());
+                types.push(e.event_type);
+                payloads.push(e.payload.as_str());
             }
-            return Err(e.into());
         }
-        let head_stream: Vec<&str> = plan.heads.iter().map(|(s, _)| s.as_str()).collect();
-        let head_seq: Vec<i64> = plan
-            .heads
-            .iter()
-            .map(|(_, h)| to_i64(h.0))
-            .collect::<Result<_, _>>()?;
-        let head_hash: Vec<&str> = plan.heads.iter().map(|(_, h)| h.1.as_str()).collect();
-        let head_pos: Vec<i64> = plan
-            .head_positions
-            .iter()
-            .map(|p| to_i64(*p))
-            .collect::<Result<_, _>>()?;
-        sqlx::query(
-            "INSERT INTO stream_heads (stream, sequence, position, hash) \
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[]) \
-             ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence, \
-             position = excluded.position, hash = excluded.hash",
+        let written: Result<AppendResult, _> = sqlx::query_as(
+            "SELECT actual, positions, prev_hashes, hashes FROM meridian_append(\
+                 $1::text[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], \
+                 $7::int, $8::timestamptz, $9::bigint, $10::text)",
         )
-        .bind(&head_stream)
-        .bind(&head_seq)
-        .bind(&head_pos)
-        .bind(&head_hash)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("SELECT pg_notify($1, current_schema()::text || ' ' || $2::text)")
-            .bind(CHANNEL)
-            .bind(to_i64(plan.max_position())?)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit()
-            .await
-            .map_err(|e| CommitError::Store(classify(e, true)))?;
-        Ok(plan)
+        .bind(&streams)
+        .bind(&expected)
+        .bind(&counts)
+        .bind(&actors)
+        .bind(&types)
+        .bind(&payloads)
+        .bind(i32::try_from(CURRENT_SCHEMA_VERSION).unwrap_or(i32::MAX))
+        .bind(now)
+        .bind(now.timestamp_micros())
+        .bind(None::<&str>)
+        .fetch_one(&mut *conn)
+        .await;
+        let (actual, positions, prev_hashes, hashes) = match written {
+            Ok(w) => w,
+            // Two processes created the same stream at once: retry with the heads the
+            // other one committed.
+            Err(e) if is_unique_violation(&e) => return Err(CommitError::StaleCache),
+            // The commit is part of the call: a lost connection leaves the outcome
+            // unknown.
+            Err(e) => return Err(CommitError::Store(classify(e, true))),
+        };
+        let corrupt = |reason: &str| {
+            CommitError::Store(StoreError::Database(format!("meridian_append: {reason}")))
+        };
+        if actual.len() != batch.len()
+            || positions.len() != prev_hashes.len()
+            || positions.len() != hashes.len()
+        {
+            return Err(corrupt("result arrays of unexpected lengths"));
+        }
+        let mut rows = Vec::with_capacity(positions.len());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut heads: Vec<(String, Head)> = Vec::new();
+        let mut head_positions = Vec::new();
+        let mut results = positions.into_iter().zip(prev_hashes).zip(hashes);
+        for (p, actual) in batch.iter().zip(actual) {
+            let actual = to_u64(actual, 0, "sequence")?;
+            if !p.expected.accepts(actual) {
+                outcomes.push(Outcome::Conflict { actual });
+                continue;
+            }
+            let start = rows.len();
+            for (k, e) in p.events.iter().enumerate() {
+                let ((position, prev_hash), hash) = results
+                    .next()
+                    .ok_or_else(|| corrupt("fewer rows than events"))?;
+                rows.push(RawRow {
+                    position: to_u64(position, position, "position")?,
+                    stream: p.stream.clone(),
+                    sequence: actual + k as u64 + 1,
+                    recorded_at: now,
+                    actor: e.actor.clone(),
+                    schema_version: CURRENT_SCHEMA_VERSION,
+                    event_type: e.event_type.to_owned(),
+                    payload: e.payload.clone(),
+                    prev_hash,
+                    hash,
+                });
+            }
+            if let Some(last) = rows.last().filter(|_| rows.len() > start) {
+                let head = ((last.sequence, last.hash.clone()), last.position);
+                match heads.last_mut() {
+                    Some((s, h)) if *s == p.stream => {
+                        *h = head.0;
+                        if let Some(hp) = head_positions.last_mut() {
+                            *hp = head.1;
+                        }
+                    }
+                    _ => {
+                        heads.push((p.stream.clone(), head.0));
+                        head_positions.push(head.1);
+                    }
+                }
+            }
+            outcomes.push(Outcome::Rows(start..rows.len()));
+        }
+        if results.next().is_some() {
+            return Err(corrupt("more rows than events"));
+        }
+        Ok(Plan {
+            rows,
+            outcomes,
+            heads,
+            head_positions,
+        })
     }
 
     pub async fn read_stream(

@@ -4,11 +4,13 @@
 //! the lane its stream hashes to (one lane on SQLite, several on Postgres; a stream
 //! always uses the same lane, so its appends stay in order). A lane takes the first
 //! queued append plus everything else already waiting (up to [`MAX_TX_EVENTS`]) and
-//! commits them in one transaction: read the streams' heads (or remember them), check
-//! each append's expected version ([`plan`]), take positions, chain each row to the
-//! previous row of its stream, insert the rows, move the streams' heads, commit — then
-//! answer every caller. Lanes share no lock: appends to different streams commit in
-//! parallel. A conflicting append is answered
+//! commits them in one transaction: check each append's expected version against its
+//! stream's head, take positions, chain each row to the previous row of its stream,
+//! insert the rows, move the streams' heads, commit — then answer every caller. On
+//! Postgres all of that is one call of the `meridian_append` function (one round trip,
+//! heads locked in the database); on SQLite the lane plans the batch itself ([`plan`],
+//! heads remembered in a [`HeadCache`]) under `BEGIN IMMEDIATE`. Lanes share no lock:
+//! appends to different streams commit in parallel. A conflicting append is answered
 //! with a conflict and does not affect the others in the batch. If the transaction
 //! fails, every non-conflicting caller gets the error: nothing is acknowledged that was
 //! not committed.
@@ -295,9 +297,11 @@ pub(crate) async fn run(
     backend: Backend,
     mut rx: mpsc::Receiver<Pending>,
     head_tx: Arc<watch::Sender<u64>>,
+    committed_tx: Arc<watch::Sender<u64>>,
 ) {
     let mut batch: Vec<Pending> = Vec::new();
     let mut cache = HeadCache::default();
+    let mut held = None;
     while let Some(first) = rx.recv().await {
         let mut n = first.events.len();
         batch.push(first);
@@ -314,10 +318,10 @@ pub(crate) async fn run(
         // other processes) touching the same streams wait for each other instead of
         // deadlocking. Each append keeps its own reply, so the order is free.
         batch.sort_by(|a, b| a.stream.cmp(&b.stream));
-        let mut result = commit(&backend, &batch, &mut cache).await;
+        let mut result = commit(&backend, &batch, &mut cache, &mut held).await;
         if matches!(result, Err(CommitError::StaleCache)) {
             cache.clear();
-            result = commit(&backend, &batch, &mut cache).await;
+            result = commit(&backend, &batch, &mut cache, &mut held).await;
         }
         let result = match result {
             Ok(plan) => {
@@ -335,13 +339,15 @@ pub(crate) async fn run(
         match result {
             Ok(plan) => {
                 let head = plan.max_position();
-                head_tx.send_if_modified(|h| {
-                    let moved = head > *h;
-                    if moved {
-                        *h = head;
-                    }
-                    moved
-                });
+                for tx in [&head_tx, &committed_tx] {
+                    tx.send_if_modified(|h| {
+                        let moved = head > *h;
+                        if moved {
+                            *h = head;
+                        }
+                        moved
+                    });
+                }
                 answer(batch.drain(..), plan);
             }
             Err(e) => {
@@ -358,9 +364,10 @@ async fn commit(
     backend: &Backend,
     batch: &[Pending],
     cache: &mut HeadCache,
+    held: &mut Option<crate::pg::HeldConn>,
 ) -> Result<Plan, CommitError> {
     match backend {
-        Backend::Postgres(p) => p.commit(batch, cache).await,
+        Backend::Postgres(p) => p.commit(batch, held).await,
         Backend::Sqlite(s) => s.commit(batch, cache).await,
     }
 }

@@ -149,3 +149,48 @@ async fn postgres_connection_dropped_mid_run() {
     );
     h.finish().await;
 }
+
+/// A writer lane keeps its connection between batches; when the server dropped it while
+/// the lane was idle (a restart, an idle-session timeout), the next append reconnects
+/// and succeeds instead of failing.
+#[tokio::test]
+async fn postgres_lane_connection_lost_while_idle_reconnects() {
+    let h = Harness::new(Kind::Postgres).await;
+    let schema = h.schema().expect("schema").to_owned();
+    h.store
+        .append(
+            "room:idle",
+            ExpectedVersion::NoStream,
+            vec![join("p1", "u")],
+        )
+        .await
+        .expect("first append: the lane takes its connection");
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url()).expect("url");
+    let mut admin = sqlx::PgConnection::connect_with(&opts)
+        .await
+        .expect("admin");
+    let app = format!("meridian-{schema}");
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = $1",
+    )
+    .bind(&app)
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(killed > 0, "the store's connections were killed");
+    // The lane pings a connection idle for more than a second before using it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = h
+        .store
+        .append(
+            "room:idle",
+            ExpectedVersion::Exact(1),
+            vec![join("p2", "u")],
+        )
+        .await
+        .expect("the lane reconnects after its idle connection was lost");
+    assert_eq!(r[0].sequence, 2);
+    assert!(h.store.verify_chain().await.expect("verify").is_ok());
+    h.finish().await;
+}
