@@ -156,7 +156,9 @@ impl Sfu {
             .get_mut(&id)
             .ok_or(MediaError::UnknownParticipant(id))?;
         if p.relay.is_some() {
-            return Err(MediaError::NotAllowed("relay links are rebuilt, not restarted"));
+            return Err(MediaError::NotAllowed(
+                "relay links are rebuilt, not restarted",
+            ));
         }
         if !p.subscriber.negotiated {
             return Ok(());

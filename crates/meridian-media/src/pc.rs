@@ -265,9 +265,7 @@ impl Sfu {
                             self.events.push_back(e);
                         }
                     }
-                    IceConnectionState::Connected | IceConnectionState::Completed
-                        if pc.resync =>
-                    {
+                    IceConnectionState::Connected | IceConnectionState::Completed if pc.resync => {
                         self.ice_reconnected(now, id, kind);
                     }
                     _ => {}

@@ -43,7 +43,10 @@ fn an_ice_restart_after_the_path_is_cut_brings_media_back_on_the_same_participan
         h.sfu.ice_ufrags(pub_id).expect("alice is on the node"),
         h.sfu.ice_ufrags(sub_id).expect("bob is on the node"),
     );
-    assert!(frames_of(&h, sub, track, 0) > 0, "video flows before the cut");
+    assert!(
+        frames_of(&h, sub, track, 0) > 0,
+        "video flows before the cut"
+    );
 
     // Both media paths die; signaling (the harness's direct calls) stays up.
     h.cut(publisher, true, true);
@@ -53,7 +56,11 @@ fn an_ice_restart_after_the_path_is_cut_brings_media_back_on_the_same_participan
     let mark = h.clients[sub].frames.len();
     // The node's ICE-lite side gives a path up after 15 s without a check.
     h.run_for(Duration::from_secs(19));
-    assert_eq!(frames_of(&h, sub, track, mark), 0, "nothing arrives while cut");
+    assert_eq!(
+        frames_of(&h, sub, track, mark),
+        0,
+        "nothing arrives while cut"
+    );
     for (id, pc) in [(pub_id, PcKind::Publisher), (sub_id, PcKind::Subscriber)] {
         assert!(
             reported(&h, events_at_cut, |e| *e
@@ -91,18 +98,34 @@ fn an_ice_restart_after_the_path_is_cut_brings_media_back_on_the_same_participan
     assert_eq!(h.sfu.identity(pub_id), Some("alice"));
     assert_eq!(h.sfu.identity(sub_id), Some("bob"));
     assert!(h.sfu.subscriptions_of(sub_id).contains(&track));
-    assert_eq!(h.sfu.room_tracks("room").len(), 2, "alice's two tracks stay");
+    assert_eq!(
+        h.sfu.room_tracks("room").len(),
+        2,
+        "alice's two tracks stay"
+    );
     let ufrags_after = (
         h.sfu.ice_ufrags(pub_id).expect("alice is on the node"),
         h.sfu.ice_ufrags(sub_id).expect("bob is on the node"),
     );
-    assert_ne!(ufrags_after.0.0, ufrags_before.0.0, "alice's publisher ufrag");
-    assert_eq!(ufrags_after.0.1, ufrags_before.0.1, "alice's subscriber untouched");
-    assert_ne!(ufrags_after.1.1, ufrags_before.1.1, "bob's subscriber ufrag");
+    assert_ne!(
+        ufrags_after.0.0, ufrags_before.0.0,
+        "alice's publisher ufrag"
+    );
+    assert_eq!(
+        ufrags_after.0.1, ufrags_before.0.1,
+        "alice's subscriber untouched"
+    );
+    assert_ne!(
+        ufrags_after.1.1, ufrags_before.1.1,
+        "bob's subscriber ufrag"
+    );
     for (id, pc) in [(pub_id, PcKind::Publisher), (sub_id, PcKind::Subscriber)] {
         assert!(
             reported(&h, events_at_restart, |e| *e
-                == SfuEvent::Connected { participant: id, pc }),
+                == SfuEvent::Connected {
+                    participant: id,
+                    pc
+                }),
             "{id}'s {pc:?} connection is reported connected again"
         );
     }
@@ -134,7 +157,11 @@ fn a_restart_during_an_outstanding_offer_follows_its_answer() {
     let offers = h.clients[sub].offers.len();
     assert!(offers >= 2, "carol's tracks were offered to bob");
     h.restart_subscriber_ice(sub);
-    assert_eq!(h.clients[sub].offers.len(), offers, "no second offer while one is out");
+    assert_eq!(
+        h.clients[sub].offers.len(),
+        offers,
+        "no second offer while one is out"
+    );
     assert_eq!(h.sfu.ice_ufrags(sub_id).unwrap().1, before);
     let _ = publisher;
     // Answering the outstanding offer lets the restart go out.
@@ -142,7 +169,11 @@ fn a_restart_during_an_outstanding_offer_follows_its_answer() {
     h.answer_last_offer(sub);
     let after = h.clients[sub].offers.len();
     assert_eq!(after, offers + 1, "the restart offer followed the answer");
-    assert_ne!(h.sfu.ice_ufrags(sub_id).unwrap().1, before, "new credentials");
+    assert_ne!(
+        h.sfu.ice_ufrags(sub_id).unwrap().1,
+        before,
+        "new credentials"
+    );
     h.run_for(Duration::from_secs(2));
     assert!(h.all_connected(), "bob's connection survives the restart");
 }
@@ -180,5 +211,8 @@ fn a_restart_cannot_take_an_address_another_connection_holds() {
         "the attacker's checks from the held address were refused"
     );
     let frames = frames_of(&h, sub, track, mark);
-    assert!(frames >= 85, "the victim's video kept flowing: {frames} frames in 3 s");
+    assert!(
+        frames >= 85,
+        "the victim's video kept flowing: {frames} frames in 3 s"
+    );
 }
