@@ -1304,8 +1304,13 @@ impl Session {
         let Some(counter) = &mut self.counter else {
             return;
         };
+        let batches = counter.stats().batches;
         let others = counter.drain(&self.subscriber.socket);
         let counted = counter.stats().clone();
+        if counted.batches > batches {
+            // Counted media is a live path too (it never reaches `incoming`).
+            self.paths[1].on_datagram(Instant::now());
+        }
         self.stats
             .lock()
             .expect("stats lock never poisoned")

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 ///
 /// A connection's path counts as dead once it was connected and then either nothing
 /// arrived from the node on it for [`silence`](Self::silence) (the node answers the
-/// client's ICE checks every few seconds, so a live path is never that quiet), or ICE
+/// client's ICE checks at least every 3 s, so a live path is never that quiet), or ICE
 /// reported `disconnected` for [`disconnected`](Self::disconnected). With signaling up,
 /// the client then restarts ICE: on the publisher connection it offers new ICE
 /// credentials; for the subscriber connection it sends `ice_restart` and answers the
@@ -31,7 +31,7 @@ impl Default for IceRestartPolicy {
     fn default() -> Self {
         IceRestartPolicy {
             enabled: true,
-            silence: Duration::from_secs(3),
+            silence: Duration::from_secs(5),
             disconnected: Duration::from_secs(1),
             retry: Duration::from_secs(3),
         }
@@ -142,15 +142,15 @@ mod tests {
         w.on_connected(t0);
         w.on_datagram(t0 + ms(1000));
         assert!(
-            !w.restart_due(t0 + ms(3999), &p, true),
-            "quiet for less than 3 s"
+            !w.restart_due(t0 + ms(5999), &p, true),
+            "quiet for less than 5 s"
         );
-        assert!(w.restart_due(t0 + ms(4000), &p, true), "quiet for 3 s");
+        assert!(w.restart_due(t0 + ms(6000), &p, true), "quiet for 5 s");
         assert!(
-            !w.restart_due(t0 + ms(4000), &p, false),
+            !w.restart_due(t0 + ms(6000), &p, false),
             "signaling down: reconnection's business, not a restart"
         );
-        assert!(!w.restart_due(t0 + ms(4000), &IceRestartPolicy::disabled(), true));
+        assert!(!w.restart_due(t0 + ms(6000), &IceRestartPolicy::disabled(), true));
     }
 
     #[test]
@@ -179,15 +179,15 @@ mod tests {
         let t0 = Instant::now();
         let mut w = PathWatch::new();
         w.on_connected(t0);
-        assert!(w.restart_due(t0 + ms(3000), &p, true));
-        w.restarted(t0 + ms(3000));
+        assert!(w.restart_due(t0 + ms(5000), &p, true));
+        w.restarted(t0 + ms(5000));
         assert!(
-            !w.restart_due(t0 + ms(5999), &p, true),
+            !w.restart_due(t0 + ms(7999), &p, true),
             "once per retry interval"
         );
-        assert!(w.restart_due(t0 + ms(6000), &p, true), "still dead: again");
-        w.restarted(t0 + ms(6000));
-        w.on_datagram(t0 + ms(6100));
-        assert!(!w.restart_due(t0 + ms(9000), &p, true), "media is back");
+        assert!(w.restart_due(t0 + ms(8000), &p, true), "still dead: again");
+        w.restarted(t0 + ms(8000));
+        w.on_datagram(t0 + ms(8100));
+        assert!(!w.restart_due(t0 + ms(12_000), &p, true), "media is back");
     }
 }
