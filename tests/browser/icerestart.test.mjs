@@ -1,5 +1,5 @@
 // ICE restart seen from the browser (issue 15): two pages publish and watch each other
-// on `meridian serve --dev`. The node cuts Bob's media path for 8 s (`POST
+// on `meridian serve --dev`. The node cuts Bob's media path for 12 s (`POST
 // /dev/cut-media`: every datagram from and to his two connections dropped, signaling
 // left up). Bob's page sees ICE go `disconnected`, restarts ICE on the same
 // participant (publisher: restartIce + offer; subscriber: `ice_restart` + the node's
@@ -14,7 +14,9 @@ import { checkPrerequisites, checkWebClient, startMeridian, launchChromium } fro
 let node;
 let browser;
 const log = (...args) => console.log('[ice-restart-e2e]', ...args);
-const CUT_MS = 8000;
+// Long enough that Chromium reports ICE `disconnected` (some seconds in) and the SDK
+// restarts (2 s later) well before the path comes back by itself.
+const CUT_MS = 12_000;
 
 before(async () => {
   checkPrerequisites();
