@@ -107,25 +107,42 @@ afterEach(() => {
   FakePeerConnection.all = [];
 });
 
+function makeRoom(node: ReturnType<typeof scriptedNode>): Room {
+  const cam = new FakeStream([new FakeTrack('audio'), new FakeTrack('video')]);
+  const room = new Room({
+    token: 't',
+    nodes: [{ httpOrigin: 'http://node.test' }],
+    transportFactory: node.factory,
+    rtc: {
+      createPeerConnection: (c) => new FakePeerConnection(c) as unknown as RTCPeerConnection,
+      getUserMedia: async () => cam as unknown as MediaStream,
+      getDisplayMedia: async () => cam as unknown as MediaStream,
+      webTransport: false,
+    },
+    policy: { baseMs: 1, maxMs: 4, jitter: 0, maxAttempts: 3, initialAttempts: 2, maxRedirects: 3 },
+    speakerIntervalMs: 0,
+    probeIntervalMs: 0,
+    iceRestart: { disconnectedMs: 0, retryMs: 60_000 },
+  });
+  rooms.push(room);
+  return room;
+}
+
 describe('Room ICE restart', () => {
+  it('a connection that never came up and fails still joins afresh (no path to restart)', async () => {
+    const node = scriptedNode();
+    const room = makeRoom(node);
+    await room.connect();
+    await until(() => room.ownTracks().length === 2);
+    (room.pub as unknown as FakePeerConnection).fail();
+    await until(() => node.joins() === 2);
+    expect(node.sent.some((m) => m.type === 'leave')).toBe(true);
+    expect(room.iceRestarts).toBe(0);
+  });
+
   it('restarts ICE on both connections when their paths die with signaling up, on the same participant', async () => {
     const node = scriptedNode();
-    const cam = new FakeStream([new FakeTrack('audio'), new FakeTrack('video')]);
-    const room = new Room({
-      token: 't',
-      nodes: [{ httpOrigin: 'http://node.test' }],
-      transportFactory: node.factory,
-      rtc: {
-        createPeerConnection: (c) => new FakePeerConnection(c) as unknown as RTCPeerConnection,
-        getUserMedia: async () => cam as unknown as MediaStream,
-        getDisplayMedia: async () => cam as unknown as MediaStream,
-        webTransport: false,
-      },
-      speakerIntervalMs: 0,
-      probeIntervalMs: 0,
-      iceRestart: { disconnectedMs: 0, retryMs: 60_000 },
-    });
-    rooms.push(room);
+    const room = makeRoom(node);
     await room.connect();
     await until(() => room.ownTracks().length === 2);
     const own = room.ownTracks();

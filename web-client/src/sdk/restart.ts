@@ -33,7 +33,7 @@ export type IceAction = 'none' | 'restart' | 'rejoin';
  * ```
  */
 export class IceRestartWatch {
-  private connectedOnce = false;
+  private connected = false;
   private downSince: number | null = null;
   private failed = false;
   private lastRestart: number | null = null;
@@ -47,7 +47,7 @@ export class IceRestartWatch {
     switch (state) {
       case 'connected':
       case 'completed':
-        this.connectedOnce = true;
+        this.connected = true;
         this.downSince = null;
         this.failed = false;
         this.restarts = 0;
@@ -66,9 +66,14 @@ export class IceRestartWatch {
     }
   }
 
+  /** Whether ICE connected at least once (a restart needs a path that worked). */
+  get connectedOnce(): boolean {
+    return this.connected;
+  }
+
   /** Whether the path counts as dead at `nowMs`. */
   dead(nowMs: number): boolean {
-    if (!this.connectedOnce || this.downSince === null) return false;
+    if (!this.connected || this.downSince === null) return false;
     return this.failed || nowMs - this.downSince >= this.policy.disconnectedMs;
   }
 

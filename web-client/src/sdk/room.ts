@@ -561,7 +561,7 @@ export class Room {
       if (!sig || (!stream && !this.screen)) return;
       const pc = this.rtc.createPeerConnection({ bundlePolicy: 'max-bundle' });
       this.pub = pc;
-      this.watchIce(pc);
+      this.watchIce(pc, 'publisher');
       const announced: { t: RTCRtpTransceiver; kind: 'audio' | 'video'; source: string }[] = [];
       for (const track of stream?.getTracks() ?? []) {
         const kind = track.kind === 'video' ? 'video' : 'audio';
@@ -768,7 +768,7 @@ export class Room {
     if (!this.sub) {
       const pc = this.rtc.createPeerConnection({ bundlePolicy: 'max-bundle' });
       this.sub = pc;
-      this.watchIce(pc);
+      this.watchIce(pc, 'subscriber');
       pc.ontrack = (ev) => {
         const mid = ev.transceiver.mid ?? '';
         const info = this.subTracks.get(mid);
@@ -800,12 +800,20 @@ export class Room {
     }
   }
 
-  private watchIce(pc: RTCPeerConnection): void {
+  private watchIce(pc: RTCPeerConnection, which: string): void {
     const watch = new IceRestartWatch({ ...DEFAULT_ICE_RESTART_POLICY, ...this.opts.iceRestart });
     this.iceWatches.set(pc, watch);
     pc.addEventListener('iceconnectionstatechange', () => {
       watch.onState(pc.iceConnectionState, Date.now());
       this.checkIce();
+    });
+    pc.addEventListener('connectionstatechange', () => {
+      if (pc.connectionState !== 'failed' || this.leaving) return;
+      if (pc !== this.pub && pc !== this.sub) return;
+      // A dead ICE path gets ICE restarts (`checkIce`); a connection that never came
+      // up, or whose DTLS failed over a working path, joins afresh.
+      if (watch.connectedOnce && pc.iceConnectionState !== 'connected' && pc.iceConnectionState !== 'completed') return;
+      this.rejoinAfresh(which);
     });
   }
 
