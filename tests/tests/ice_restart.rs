@@ -67,3 +67,58 @@ async fn a_cut_media_path_comes_back_by_ice_restart_on_the_same_participant() {
     sub.leave().await.expect("leave");
     t.node.shutdown().await;
 }
+
+/// `POST /dev/cut-media` on `url`'s host with `body`: the status code.
+async fn post_cut(url: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .expect("a ws:// signaling url");
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let request = format!(
+        "POST /dev/cut-media HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read");
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line")
+}
+
+/// The cut is a dev-mode tool: absent without `--dev`, bounded and checked with it.
+#[tokio::test]
+async fn cut_media_exists_only_in_dev_mode_and_checks_its_input() {
+    let plain = start_node(|_| {}).await;
+    let body = r#"{"participant_id":"PA_1","ms":1000}"#;
+    assert_eq!(
+        post_cut(&plain.url, body).await,
+        404,
+        "no such route without --dev"
+    );
+    plain.node.shutdown().await;
+
+    let dev = start_node(|c| c.http.dev = true).await;
+    assert_eq!(post_cut(&dev.url, body).await, 404, "unknown participant");
+    let too_long = r#"{"participant_id":"PA_1","ms":600000}"#;
+    assert_eq!(post_cut(&dev.url, too_long).await, 400, "more than 60 s");
+    assert_eq!(post_cut(&dev.url, "{").await, 400, "malformed body");
+    let client = Client::join(ClientConfig::subscriber(
+        &dev.url,
+        dev.token("bob", "r1", false),
+    ))
+    .await
+    .expect("bob joins");
+    let id = client.stats().participant_id;
+    let ok = format!(r#"{{"participant_id":"{id}","ms":1000}}"#);
+    assert_eq!(post_cut(&dev.url, &ok).await, 204, "bob's media is cut");
+    client.leave().await.expect("leave");
+    dev.node.shutdown().await;
+}
