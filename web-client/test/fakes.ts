@@ -63,6 +63,9 @@ interface FakeTransceiver {
 export class FakePeerConnection {
   static all: FakePeerConnection[] = [];
   connectionState = 'new';
+  iceConnectionState = 'new';
+  /** `restartIce()` calls. */
+  iceRestarts = 0;
   localDescription: { type: string; sdp: string } | null = null;
   remoteDescription: { type: string; sdp: string } | null = null;
   ontrack: ((ev: { transceiver: FakeTransceiver; track: FakeTrack }) => void) | null = null;
@@ -107,6 +110,12 @@ export class FakePeerConnection {
   async getStats(): Promise<Map<string, unknown>> { return new Map(); }
   addEventListener(type: string, fn: () => void): void { (this.listeners[type] ??= []).push(fn); }
   close(): void { this.connectionState = 'closed'; }
+  restartIce(): void { this.iceRestarts++; }
+  /** ICE moves to `state` (`connected`, `disconnected`, `failed`, …). */
+  setIce(state: string): void {
+    this.iceConnectionState = state;
+    for (const f of this.listeners.iceconnectionstatechange ?? []) f();
+  }
   /** The media path failed (ICE/DTLS). */
   fail(): void { this.connectionState = 'failed'; for (const f of this.listeners.connectionstatechange ?? []) f(); }
 }

@@ -23,6 +23,7 @@ pub mod jitter;
 mod media;
 mod reconnect;
 pub mod region;
+mod restart;
 mod signal;
 mod stats;
 
@@ -55,6 +56,7 @@ pub use reconnect::{
     AttemptFailure, AttemptPlan, ReconnectPolicy, Reconnected, Reconnector, Step, refusal_is_final,
 };
 pub use region::{ProbeConfig, RegionLogin};
+pub use restart::{IceRestartPolicy, PathWatch};
 pub use signal::{WebTransportEndpoint, webtransport_endpoint};
 pub use stats::{
     ClientStats, LossReason, MAX_RECONNECT_RECORDS, ReconnectRecord, RejoinKind, TrackStats,
@@ -156,6 +158,9 @@ pub struct ClientConfig {
     pub fallback_urls: Vec<String>,
     /// When and how to reconnect after losing the node.
     pub reconnect: ReconnectPolicy,
+    /// When to restart ICE on a media connection whose path died while signaling
+    /// stayed up (same participant; no reconnection).
+    pub ice_restart: IceRestartPolicy,
     /// Access token.
     pub token: String,
     /// Publish a synthetic Opus track.
@@ -220,6 +225,7 @@ impl ClientConfig {
             server_certificate_hashes: Vec::new(),
             fallback_urls: Vec::new(),
             reconnect: ReconnectPolicy::default(),
+            ice_restart: IceRestartPolicy::default(),
             token: token.into(),
             publish_audio: true,
             publish_video: true,
@@ -366,6 +372,7 @@ enum Command {
     Send(ClientMessage),
     Refresh(String),
     Impair(Option<NetemConfig>),
+    CutMedia(Duration),
     Leave,
     Drop,
 }
@@ -529,6 +536,13 @@ impl Client {
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), messages.changed()).await;
         }
+    }
+
+    /// Cuts the client's media path for `d`: every datagram of both media connections,
+    /// in and out, is dropped, while signaling stays up (a dead path, for tests and
+    /// chaos runs; the client repairs it by an ICE restart, see [`IceRestartPolicy`]).
+    pub async fn cut_media(&self, d: Duration) {
+        let _ = self.commands.send(Command::CutMedia(d)).await;
     }
 
     /// Leaves the room politely and waits for the session to end. While reconnecting
@@ -722,6 +736,12 @@ struct Session {
     last_heard: Instant,
     /// The counting receiver, once the subscriber connection is up (`count_only`).
     counter: Option<count::Counter>,
+    /// The paths of the publisher (0) and subscriber (1) connections, for ICE restarts.
+    paths: [PathWatch; 2],
+    /// The outstanding publisher offer is an ICE restart (its answer names no tracks).
+    restarting_pub: bool,
+    /// Until when the media path is cut ([`Client::cut_media`]).
+    cut_until: Option<Instant>,
 }
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
@@ -824,6 +844,9 @@ impl Session {
             published: Vec::new(),
             last_heard: now,
             counter: None,
+            paths: [PathWatch::new(), PathWatch::new()],
+            restarting_pub: false,
+            cut_until: None,
         })
     }
 
@@ -940,6 +963,9 @@ impl Session {
                         self.config.token = token.clone();
                         self.out_queue.push(ClientMessage::Refresh { token });
                     }
+                    Some(Command::CutMedia(d)) => {
+                        self.cut_until = Some(Instant::now() + d);
+                    }
                     Some(Command::Impair(c)) => {
                         self.net_in = c.map(Netem::new);
                         self.net_out = c.map(Netem::new);
@@ -982,6 +1008,9 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.tick(Instant::now()).await;
+                    if let Link::Up(_) = link {
+                        self.restart_dead_paths(Instant::now())?;
+                    }
                 }
             }
         }
@@ -1186,6 +1215,8 @@ impl Session {
         self.publisher.renew(now);
         self.subscriber.renew(now);
         self.pending_pub = None;
+        self.restarting_pub = false;
+        self.paths = [PathWatch::new(), PathWatch::new()];
         self.sub_tracks.clear();
         self.buffers.clear();
         {
@@ -1207,8 +1238,51 @@ impl Session {
         }
     }
 
+    /// Whether the media path is cut at `now` ([`Client::cut_media`]).
+    fn cut(&mut self, now: Instant) -> bool {
+        if self.cut_until.is_some_and(|t| now >= t) {
+            self.cut_until = None;
+        }
+        self.cut_until.is_some()
+    }
+
+    /// Restarts ICE on each connection whose path died (signaling is up).
+    fn restart_dead_paths(&mut self, now: Instant) -> Result<(), ClientError> {
+        let policy = self.config.ice_restart.clone();
+        if self.publishes()
+            && self.pending_pub.is_none()
+            && self.paths[0].restart_due(now, &policy, true)
+        {
+            info!("publisher media path dead: ICE restart");
+            self.paths[0].restarted(now);
+            let mut api = self.publisher.rtc.sdp_api();
+            api.ice_restart(true);
+            let (offer, pending) = api
+                .apply()
+                .ok_or_else(|| ClientError::Rtc("an ICE restart is a change".into()))?;
+            self.pending_pub = Some(pending);
+            self.restarting_pub = true;
+            self.out_queue.push(ClientMessage::Offer {
+                sdp: offer.to_sdp_string(),
+                tracks: Vec::new(),
+            });
+            self.stats.lock().expect("stats lock").ice_restarts += 1;
+        }
+        if self.paths[1].restart_due(now, &policy, true) {
+            info!("subscriber media path dead: ICE restart");
+            self.paths[1].restarted(now);
+            self.out_queue.push(ClientMessage::IceRestart);
+            self.stats.lock().expect("stats lock").ice_restarts += 1;
+        }
+        Ok(())
+    }
+
     fn incoming(&mut self, publisher: bool, from: SocketAddr, data: Vec<u8>) {
         let now = Instant::now();
+        if self.cut(now) {
+            return;
+        }
+        self.paths[usize::from(!publisher)].on_datagram(now);
         if self.config.reconnect.media_keeps_alive {
             self.last_heard = now;
         }
@@ -1230,8 +1304,13 @@ impl Session {
         let Some(counter) = &mut self.counter else {
             return;
         };
+        let batches = counter.stats().batches;
         let others = counter.drain(&self.subscriber.socket);
         let counted = counter.stats().clone();
+        if counted.batches > batches {
+            // Counted media is a live path too (it never reaches `incoming`).
+            self.paths[1].on_datagram(Instant::now());
+        }
         self.stats
             .lock()
             .expect("stats lock never poisoned")
@@ -1484,6 +1563,9 @@ impl Session {
                     return;
                 }
                 Ok(Output::Transmit(t)) => {
+                    if self.cut(now) {
+                        continue;
+                    }
                     let data: Vec<u8> = t.contents.into();
                     match &mut self.net_out {
                         Some(net) => net.handle_input(str0m_netem::Input::Packet(
@@ -1511,7 +1593,12 @@ impl Session {
 
     fn handle_event(&mut self, now: Instant, publisher: bool, e: Event) {
         match e {
+            Event::IceConnectionStateChange(state) => {
+                let down = state == str0m::IceConnectionState::Disconnected;
+                self.paths[usize::from(!publisher)].on_ice(now, down);
+            }
             Event::Connected => {
+                self.paths[usize::from(!publisher)].on_connected(now);
                 let mut s = self.stats.lock().expect("stats lock never poisoned");
                 if publisher {
                     s.publisher_connected = true;
@@ -1665,8 +1752,11 @@ impl Session {
                     .sdp_api()
                     .accept_answer(pending, answer)
                     .map_err(|e| ClientError::Rtc(e.to_string()))?;
-                self.published = tracks.clone();
-                self.stats.lock().expect("stats lock").published = tracks;
+                // An ICE restart's answer creates no tracks: the published ones stay.
+                if !std::mem::take(&mut self.restarting_pub) {
+                    self.published = tracks.clone();
+                    self.stats.lock().expect("stats lock").published = tracks;
+                }
                 self.poll(now, true);
             }
             ServerMessage::Offer { sdp, tracks } => {

@@ -161,6 +161,9 @@ pub struct ClientStats {
     pub region: Option<String>,
     /// Reconnections that re-homed the client to another region.
     pub rehomes: u64,
+    /// ICE restarts the client started (a media path died while signaling stayed up;
+    /// see [`IceRestartPolicy`](crate::IceRestartPolicy)), both connections counted.
+    pub ice_restarts: u64,
 }
 
 impl ClientStats {
@@ -227,6 +230,7 @@ impl ClientStats {
         out.fresh_rejoins -= earlier.fresh_rejoins.min(out.fresh_rejoins);
         out.reconnect_attempts -= earlier.reconnect_attempts.min(out.reconnect_attempts);
         out.redirects -= earlier.redirects.min(out.redirects);
+        out.ice_restarts -= earlier.ice_restarts.min(out.ice_restarts);
         let unfinished = earlier
             .reconnect_history
             .last()

@@ -54,6 +54,8 @@ impl Sfu {
             .accept_offer(offer)
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
         mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
+        // New ICE credentials in the offer were an ICE restart: the answer has new ones.
+        self.sync_ufrag(id, PcKind::Publisher);
         // Every receiving media section of the offer is a track of this participant.
         let mut infos = Vec::new();
         for mid in mids {
@@ -111,6 +113,10 @@ impl Sfu {
             .accept_answer(pending, answer)
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
         mark_dirty(&mut self.dirty, id, &mut p.subscriber, PcKind::Subscriber);
+        self.sync_ufrag(id, PcKind::Subscriber);
+        let Some(p) = self.participants.get_mut(&id) else {
+            return Err(MediaError::UnknownParticipant(id));
+        };
         // Bind each negotiated media section to its outgoing stream.
         let mut wanted = Vec::new();
         for (track, sub) in p.subscriptions.iter_mut() {
@@ -137,14 +143,43 @@ impl Sfu {
         Ok(())
     }
 
+    /// Restarts ICE on a participant's subscriber connection, on the client's request
+    /// (its media path died while signaling stayed up; it restarts its publisher
+    /// connection itself, with an offer carrying new credentials). The next subscriber
+    /// offer, at once or after the outstanding one is answered, carries new ICE
+    /// credentials; tracks, subscriptions and ids stay as they are. A connection that
+    /// was never negotiated has nothing to restart: nothing happens.
+    pub fn restart_ice(&mut self, now: Instant, id: ParticipantId) -> Result<(), MediaError> {
+        self.last_now = now;
+        let p = self
+            .participants
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownParticipant(id))?;
+        if p.relay.is_some() {
+            return Err(MediaError::NotAllowed(
+                "relay links are rebuilt, not restarted",
+            ));
+        }
+        if !p.subscriber.negotiated {
+            return Ok(());
+        }
+        p.subscriber.restart_wanted = true;
+        self.negotiate(id);
+        self.process(now);
+        Ok(())
+    }
+
     /// Sends a subscriber offer if there are changes and none is outstanding.
     pub(crate) fn negotiate(&mut self, id: ParticipantId) {
         let Some(p) = self.participants.get_mut(&id) else {
             return;
         };
-        if p.pending_offer.is_some() || (p.to_add.is_empty() && p.to_stop.is_empty()) {
+        if p.pending_offer.is_some()
+            || (p.to_add.is_empty() && p.to_stop.is_empty() && !p.subscriber.restart_wanted)
+        {
             return;
         }
+        let restart = std::mem::take(&mut p.subscriber.restart_wanted);
         // Ended subscriptions' sections go inactive rather than stopped: a stopped
         // section stays in every later offer, so churn would grow the session without
         // bound. Inactive ones are handed to new subscriptions of the same kind.
@@ -161,6 +196,10 @@ impl Sfu {
             })
             .collect();
         let mut api = p.subscriber.rtc.sdp_api();
+        if restart {
+            // The host candidate stays: only the credentials (and the path) change.
+            api.ice_restart(true);
+        }
         for section in released {
             api.set_direction(section.mid, Direction::Inactive);
             p.idle.push(section);

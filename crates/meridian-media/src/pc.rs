@@ -9,7 +9,7 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::ice::TransId;
 use str0m::media::Pt;
 use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{ParticipantId, Sfu, SfuConfig, SfuEvent, TrackId, Transmit};
 
@@ -35,7 +35,16 @@ pub(crate) struct Pc {
     /// The latest verified checks: transaction and source.
     pub(crate) recent_checks: VecDeque<(TransId, SocketAddr)>,
     pub(crate) connected: bool,
+    /// ICE and DTLS completed once (so DTLS is up, and a new ICE path is enough).
+    pub(crate) ever_connected: bool,
     pub(crate) dirty: bool,
+    /// Whether a remote description was ever applied (an ICE restart needs one).
+    pub(crate) negotiated: bool,
+    /// The client asked for an ICE restart the next subscriber offer must carry.
+    pub(crate) restart_wanted: bool,
+    /// Connectivity was lost or ICE restarted: on the next ICE connection the
+    /// connection counts as connected again and its video is refreshed by keyframes.
+    pub(crate) resync: bool,
 }
 
 impl Pc {
@@ -98,7 +107,11 @@ impl Pc {
             last_check: None,
             recent_checks: VecDeque::new(),
             connected: false,
+            ever_connected: false,
             dirty: false,
+            negotiated: false,
+            restart_wanted: false,
+            resync: false,
         }
     }
 }
@@ -213,7 +226,9 @@ impl Sfu {
             }
             Event::Connected => {
                 if let Some(p) = self.participants.get_mut(&id) {
-                    p.pc_mut(kind).connected = true;
+                    let pc = p.pc_mut(kind);
+                    pc.connected = true;
+                    pc.ever_connected = true;
                 }
                 if self
                     .participants
@@ -241,10 +256,19 @@ impl Sfu {
                     return;
                 };
                 let pc = p.pc_mut(kind);
-                if state == IceConnectionState::Disconnected && pc.connected {
-                    pc.connected = false;
-                    let e = self.disconnected_event(id, kind);
-                    self.events.push_back(e);
+                match state {
+                    IceConnectionState::Disconnected => {
+                        pc.resync = true;
+                        if pc.connected {
+                            pc.connected = false;
+                            let e = self.disconnected_event(id, kind);
+                            self.events.push_back(e);
+                        }
+                    }
+                    IceConnectionState::Connected | IceConnectionState::Completed if pc.resync => {
+                        self.ice_reconnected(now, id, kind);
+                    }
+                    _ => {}
                 }
             }
             Event::Closed => {
@@ -259,6 +283,61 @@ impl Sfu {
             }
             _ => {}
         }
+    }
+}
+
+impl Sfu {
+    /// A connection whose path was lost or restarted has ICE again (DTLS survived): it
+    /// is connected again, and the video it missed is refreshed with keyframes.
+    fn ice_reconnected(&mut self, now: Instant, id: ParticipantId, kind: PcKind) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let relay = p.relay.is_some();
+        let pc = p.pc_mut(kind);
+        pc.resync = false;
+        if !pc.negotiated || !pc.ever_connected {
+            return;
+        }
+        if !pc.connected {
+            pc.connected = true;
+            if !relay {
+                self.events.push_back(SfuEvent::Connected {
+                    participant: id,
+                    pc: kind,
+                });
+            }
+        }
+        let tracks: Vec<TrackId> = match kind {
+            PcKind::Subscriber => p.subscriptions.keys().copied().collect(),
+            PcKind::Publisher => p.published.clone(),
+        };
+        for t in tracks {
+            self.request_keyframe_for(t, now, true);
+        }
+    }
+
+    /// Follows a change of a connection's local ICE credentials (an ICE restart was
+    /// applied): STUN with the new ufrag is routed to it, the old ufrag no longer is.
+    /// The address stays bound until a verified check from elsewhere moves it, under
+    /// the usual rules (`demux`).
+    pub(crate) fn sync_ufrag(&mut self, id: ParticipantId, kind: PcKind) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let pc = p.pc_mut(kind);
+        pc.negotiated = true;
+        let ufrag = pc.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag == pc.ufrag {
+            return;
+        }
+        let old = std::mem::replace(&mut pc.ufrag, ufrag.clone());
+        pc.resync = true;
+        if self.by_ufrag.get(&old) == Some(&(id, kind)) {
+            self.by_ufrag.remove(&old);
+        }
+        self.by_ufrag.insert(ufrag, (id, kind));
+        debug!(participant = %id, ?kind, "ICE restarted");
     }
 }
 

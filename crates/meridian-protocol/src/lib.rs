@@ -98,6 +98,12 @@ pub enum ClientMessage {
         #[cfg_attr(feature = "ts", ts(type = "number"))]
         id: u64,
     },
+    /// The client's media path died while signaling stayed up: restart ICE on the
+    /// subscriber connection. The node sends an `offer` with new ICE credentials (at
+    /// once, or after the outstanding one is answered); tracks, subscriptions and ids
+    /// stay. The client restarts its publisher connection itself, with an `offer` that
+    /// carries new credentials.
+    IceRestart,
     /// Leave the room now; the session ends and cannot be resumed.
     Leave,
     /// A newer access token for the same identity and room: the session, which ends
@@ -526,6 +532,7 @@ impl ClientMessage {
             | ClientMessage::Refresh { .. }
             | ClientMessage::Answer { .. }
             | ClientMessage::Ping { .. }
+            | ClientMessage::IceRestart
             | ClientMessage::Leave => {}
         }
         Ok(())

@@ -22,6 +22,7 @@
 //! [`Output::Close`].
 #![deny(missing_docs)]
 
+mod cut;
 mod session;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -37,6 +38,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tracing::{debug, info, warn};
 
+pub use cut::MAX_CUT;
 use session::{Logged, Session};
 
 /// What a session may do, from its token.
@@ -215,6 +217,9 @@ pub struct ControllerStats {
     /// Panics while handling one participant's message or datagram, contained: that
     /// participant was removed, the others carried on.
     pub panics_contained: u64,
+    /// Media datagrams dropped because their participant's path was cut
+    /// ([`Controller::cut_media`], dev mode).
+    pub datagrams_cut: u64,
 }
 
 /// The room controller (see the crate docs).
@@ -243,6 +248,10 @@ pub struct Controller<S> {
     /// (room, identity) removed by an admin → until when it may not join again.
     bans: HashMap<(String, String), Instant>,
     removal_ban: Duration,
+    /// Participants whose media path is cut, until when (dev mode, `cut`).
+    cuts: HashMap<ParticipantId, Instant>,
+    /// The latest time handed in, for expiring cuts.
+    cut_clock: Instant,
 }
 
 impl<S: Clone> Controller<S> {
@@ -273,6 +282,8 @@ impl<S: Clone> Controller<S> {
             stats: ControllerStats::default(),
             bans: HashMap::new(),
             removal_ban: config.removal_ban,
+            cuts: HashMap::new(),
+            cut_clock: now,
         }
     }
 
@@ -308,7 +319,7 @@ impl<S: Clone> Controller<S> {
 
     /// The next datagram to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.sfu.poll_transmit()
+        self.next_uncut_transmit()
     }
 
     /// When [`Controller::handle_timeout`] must be called next.
@@ -322,6 +333,7 @@ impl<S: Clone> Controller<S> {
 
     /// Advances time: the media core's timers and resume-grace expiries.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.cut_clock = now;
         if now >= self.sfu.poll_timeout() {
             self.sfu.handle_timeout(now);
         }
@@ -357,6 +369,10 @@ impl<S: Clone> Controller<S> {
     /// handles it is contained to the participant the datagram belongs to (see
     /// [`Controller::handle_message`]); one that belongs to nobody is re-raised.
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, contents: &[u8]) {
+        self.cut_clock = now;
+        if self.cut_off(source, contents) {
+            return;
+        }
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.sfu.handle_datagram(now, source, contents)
         }));
@@ -1137,6 +1153,9 @@ impl<S: Clone> Controller<S> {
                 self.sfu
                     .handle_subscriber_answer(now, id, &sdp)
                     .map_err(media_refusal)?;
+            }
+            ClientMessage::IceRestart => {
+                self.sfu.restart_ice(now, id).map_err(media_refusal)?;
             }
             ClientMessage::Subscribe { track_ids } => {
                 if !grants.subscribe {

@@ -937,3 +937,140 @@ fn close_signaling_is_scoped_to_the_admin_s_room() {
     w.collect();
     assert_eq!(w.closed, vec![1]);
 }
+
+/// The `a=ice-ufrag` of an SDP.
+fn ufrag(sdp: &str) -> String {
+    sdp.lines()
+        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+        .expect("the SDP has an ICE ufrag")
+        .to_string()
+}
+
+/// Issue 15 item 4: `ice_restart` gets the participant a subscriber offer with new ICE
+/// credentials on the same participant; nothing is recorded in the room's log.
+#[test]
+fn ice_restart_reoffers_the_subscriber_connection_with_new_credentials() {
+    let mut w = World::new(21);
+    let alice = w
+        .join("r", "alice", 1, None)
+        .expect("alice joins")
+        .participant;
+    let bob = w.join("r", "bob", 2, None).expect("bob joins").participant;
+    publish(&mut w, alice, 1, [None, None]);
+    let offers = |w: &World| -> Vec<String> {
+        w.messages(2)
+            .iter()
+            .filter_map(|m| match m {
+                ServerMessage::Offer { sdp, .. } => Some(sdp.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut client = Rtc::builder()
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .build(w.now);
+    // Answers bob's offers from the `seen`-th on (each answer may release the next).
+    let mut answer_all = |w: &mut World, seen: &mut usize| {
+        while let Some(sdp) = offers(w).get(*seen).cloned() {
+            *seen += 1;
+            let answer = client
+                .sdp_api()
+                .accept_offer(str0m::change::SdpOffer::from_sdp_string(&sdp).unwrap())
+                .expect("the node's offer is acceptable");
+            w.send(
+                bob,
+                ClientMessage::Answer {
+                    sdp: answer.to_sdp_string(),
+                },
+            );
+        }
+    };
+    let mut seen = 0;
+    answer_all(&mut w, &mut seen);
+    let first = offers(&w).pop().expect("bob was offered alice's tracks");
+    let logged = w.events("r").len();
+
+    w.send(bob, ClientMessage::IceRestart);
+    assert_eq!(offers(&w).len(), seen + 1, "one more offer for bob");
+    let restart = offers(&w).pop().expect("the restart offer");
+    assert_ne!(ufrag(&restart), ufrag(&first), "new ICE credentials");
+    answer_all(&mut w, &mut seen);
+    assert!(
+        !w.messages(2)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Error { .. })),
+        "no error: {:?}",
+        w.messages(2)
+    );
+    assert_eq!(
+        w.events("r").len(),
+        logged,
+        "an ICE restart is not a room event"
+    );
+    assert_eq!(w.c.sfu().identity(bob), Some("bob"), "the same participant");
+}
+
+/// Dev mode's cut: every datagram of the participant is dropped and counted until the
+/// cut ends; an unknown participant cannot be cut.
+#[test]
+fn a_cut_drops_the_participants_datagrams_until_it_ends() {
+    let mut w = World::new(22);
+    let alice = w
+        .join("r", "alice", 1, None)
+        .expect("alice joins")
+        .participant;
+    // Alice's client offers and takes the answer; its first ICE check is a datagram
+    // of alice's publisher connection (routed by its USERNAME).
+    let from: SocketAddr = "10.0.9.9:4000".parse().unwrap();
+    let mut client = Rtc::builder()
+        .clear_codecs()
+        .enable_opus(true, false)
+        .build(w.now);
+    client.add_local_candidate(str0m::Candidate::host(from, "udp").unwrap());
+    let mut api = client.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let (offer, pending) = api.apply().expect("an offer");
+    w.send(
+        alice,
+        ClientMessage::Offer {
+            sdp: offer.to_sdp_string(),
+            tracks: vec![],
+        },
+    );
+    let answer = w
+        .messages(1)
+        .iter()
+        .find_map(|m| match m {
+            ServerMessage::Answer { sdp, .. } => Some(sdp.clone()),
+            _ => None,
+        })
+        .expect("the node answered");
+    client
+        .sdp_api()
+        .accept_answer(
+            pending,
+            str0m::change::SdpAnswer::from_sdp_string(&answer).unwrap(),
+        )
+        .unwrap();
+    let check = loop {
+        match client.poll_output().expect("the client runs") {
+            str0m::Output::Transmit(t) => break Vec::from(t.contents),
+            str0m::Output::Timeout(_) => client
+                .handle_input(str0m::Input::Timeout(w.now + Duration::from_millis(100)))
+                .unwrap(),
+            str0m::Output::Event(_) => {}
+        }
+    };
+    assert!(!w.c.cut_media(w.now, ParticipantId(999), Duration::from_secs(1)));
+    assert!(w.c.cut_media(w.now, alice, Duration::from_secs(2)));
+    w.c.handle_datagram(w.now, from, &check);
+    assert_eq!(w.c.stats().datagrams_cut, 1, "dropped while cut");
+    assert!(w.c.poll_transmit().is_none(), "no answer while cut");
+    w.advance(Duration::from_secs(3));
+    w.c.handle_datagram(w.now, from, &check);
+    assert_eq!(w.c.stats().datagrams_cut, 1, "not dropped after the cut");
+    let answered = std::iter::from_fn(|| w.c.poll_transmit()).any(|t| t.destination == from);
+    assert!(answered, "the check is answered once the cut is over");
+}

@@ -50,6 +50,10 @@ pub(crate) fn router(state: NodeState) -> Router {
                 .post(dev_token)
                 .layer(DefaultBodyLimit::max(DEV_BODY_BYTES)),
         );
+        router = router.route(
+            "/dev/cut-media",
+            post(dev_cut_media).layer(DefaultBodyLimit::max(DEV_BODY_BYTES)),
+        );
     }
     router.fallback(web_file).with_state(state)
 }
@@ -255,6 +259,53 @@ async fn dev_token(
             format!("cannot sign: {e}\n"),
         )
             .into_response(),
+    }
+}
+
+/// Body of `POST /dev/cut-media`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevCutRequest {
+    participant_id: String,
+    ms: u64,
+}
+
+/// `POST /dev/cut-media` (dev mode only): drops every media datagram from and to one
+/// participant for `ms` (at most 60 s) while its signaling stays up, so tests can kill
+/// a browser's media path and watch it come back by an ICE restart. 204, or 404 for a
+/// participant not on this node.
+async fn dev_cut_media(
+    State(state): State<NodeState>,
+    body: Result<axum::Json<DevCutRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{}\n", e.body_text())).into_response(),
+    };
+    let max = meridian_room::MAX_CUT;
+    if req.ms == 0 || req.ms > max.as_millis() as u64 {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("ms must be 1..={}\n", max.as_millis()),
+        )
+            .into_response();
+    }
+    let Ok(participant) = req.participant_id.parse::<meridian_media::ParticipantId>() else {
+        return (StatusCode::NOT_FOUND, "no such participant\n").into_response();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let command = Command::CutMedia {
+        participant,
+        duration: Duration::from_millis(req.ms),
+        reply,
+    };
+    if state.commands.send(command).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
+    }
+    match answer.await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (StatusCode::NOT_FOUND, "no such participant\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response(),
     }
 }
 

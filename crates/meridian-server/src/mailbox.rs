@@ -175,6 +175,13 @@ pub(crate) enum Command {
     },
     /// How many sessions the node holds.
     Count { reply: oneshot::Sender<usize> },
+    /// Dev mode: cut a participant's media path for `duration` (`POST /dev/cut-media`);
+    /// replies whether the participant is on this node.
+    CutMedia {
+        participant: ParticipantId,
+        duration: std::time::Duration,
+        reply: oneshot::Sender<bool>,
+    },
     /// A relay-control operation on the media core (from `relay.rs`).
     Relay {
         op: RelayOp,

@@ -332,6 +332,13 @@ impl MediaLoop {
             Command::Count { reply } => {
                 let _ = reply.send(self.controller.session_count());
             }
+            Command::CutMedia {
+                participant,
+                duration,
+                reply,
+            } => {
+                let _ = reply.send(self.controller.cut_media(now, participant, duration));
+            }
             Command::Relay { op, reply } => {
                 let _ = reply.send(self.relay_op(now, op));
             }

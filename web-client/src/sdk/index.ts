@@ -3,7 +3,7 @@
  *
  * - {@link Room}: the connection (WebTransport with WebSocket fallback), joining,
  *   reconnecting (resume, backoff, node list, redirect, migrate, slow probing after
- *   giving up), publishing camera, microphone and screen, subscribing to everyone,
+ *   giving up), ICE restarts of a dead media path while signaling stays up, publishing camera, microphone and screen, subscribing to everyone,
  *   active speaker and stats, as typed events ({@link RoomEvents}).
  * - {@link loginToRegion}: probe every region, log in, and get a node list (the chosen
  *   region first, then the fallback regions, each node with its region's token) that a
@@ -45,6 +45,12 @@ export {
   type ReconnectPolicy,
   type StateDetail,
 } from './reconnect';
+export {
+  DEFAULT_ICE_RESTART_POLICY,
+  IceRestartWatch,
+  type IceAction,
+  type IceRestartPolicy,
+} from './restart';
 export { SignalingClient, SignalingError, type JoinOutcome } from './signaling';
 export {
   type NodeTarget,

@@ -19,6 +19,7 @@ import { SignalingClient, SignalingError } from './signaling';
 import { ActiveSpeakerDetector, audioEnergies } from './speaker';
 import { type StatsSummary, entriesOf, summarize } from './stats';
 import { Emitter } from './events';
+import { DEFAULT_ICE_RESTART_POLICY, type IceRestartPolicy, IceRestartWatch } from './restart';
 import {
   type NodeTarget,
   type TransportFactory,
@@ -125,6 +126,11 @@ export interface RoomOptions {
   probe?: (target: NodeTarget) => Promise<boolean>;
   /** How often (ms) audio levels are sampled for the active speaker (default 500; 0: off). */
   speakerIntervalMs?: number;
+  /**
+   * When a peer connection whose media path died while signaling stayed up gets an ICE
+   * restart (same participant, no rejoin); see {@link IceRestartPolicy}.
+   */
+  iceRestart?: Partial<IceRestartPolicy>;
 }
 
 /** The simulcast encodings: rids q/h/f at quarter, half and full resolution. */
@@ -135,6 +141,8 @@ export const SIMULCAST_ENCODINGS: RTCRtpEncodingParameters[] = [
 ];
 
 const PING_INTERVAL_MS = 5000;
+/** How often (ms) the media paths are checked for an ICE restart while signaling is up. */
+const ICE_CHECK_MS = 500;
 /** Refresh this long before the token expires (a short-lived token: at half its remaining life). */
 const REFRESH_LEAD_MS = 60_000;
 /** Fewest ms between two refreshes (a token that is about to expire is not retried in a loop). */
@@ -219,6 +227,8 @@ export class Room {
   restoredCount = 0;
   /** How many times the session was resumed with its resume token. */
   resumedCount = 0;
+  /** ICE restarts made (a media path died while signaling stayed up), both connections counted. */
+  iceRestarts = 0;
 
   private sig: SignalingClient | null = null;
   private token: string;
@@ -245,6 +255,8 @@ export class Room {
   private probeTimer: ReturnType<typeof setTimeout> | null = null;
   private speakerTimer: ReturnType<typeof setInterval> | null = null;
   private refreshTimer: ReturnType<typeof setTimeout> | null = null;
+  private iceTimer: ReturnType<typeof setInterval> | null = null;
+  private readonly iceWatches = new Map<RTCPeerConnection, IceRestartWatch>();
   private readonly speaker = new ActiveSpeakerDetector();
 
   constructor(private readonly opts: RoomOptions) {
@@ -424,6 +436,7 @@ export class Room {
 
   private startPing(): void {
     this.stopPing();
+    this.iceTimer = setInterval(() => this.checkIce(), ICE_CHECK_MS);
     this.pingTimer = setInterval(() => {
       const s = this.sig;
       if (!s) return;
@@ -437,6 +450,8 @@ export class Room {
   private stopPing(): void {
     if (this.pingTimer) clearInterval(this.pingTimer);
     this.pingTimer = null;
+    if (this.iceTimer) clearInterval(this.iceTimer);
+    this.iceTimer = null;
     this.stopRefresh();
   }
 
@@ -483,10 +498,11 @@ export class Room {
       this.restoredCount++;
       if (this.publishMedia) void ok(this.publish(true));
     } else if (resumed) {
-      // Resumed on the same node: the media connections carry on (a publisher
-      // connection that never came up or failed is offered again).
+      // Resumed on the same node: the media connections carry on (one whose path died
+      // meanwhile gets an ICE restart; a publisher connection that never came up is
+      // offered again).
       this.resumedCount++;
-      if (this.publishMedia && (!this.pub || ['failed', 'closed'].includes(this.pub.connectionState))) {
+      if (this.publishMedia && (!this.pub || this.pub.connectionState === 'closed')) {
         this.pub?.close();
         this.pub = null;
         void ok(this.publish(false));
@@ -505,6 +521,7 @@ export class Room {
     this.sub?.close();
     this.pub = null;
     this.sub = null;
+    this.iceWatches.clear();
     this.subQueue = Promise.resolve();
   }
 
@@ -784,18 +801,81 @@ export class Room {
   }
 
   private watchIce(pc: RTCPeerConnection, which: string): void {
+    const watch = new IceRestartWatch({ ...DEFAULT_ICE_RESTART_POLICY, ...this.opts.iceRestart });
+    this.iceWatches.set(pc, watch);
+    pc.addEventListener('iceconnectionstatechange', () => {
+      watch.onState(pc.iceConnectionState, Date.now());
+      this.checkIce();
+    });
     pc.addEventListener('connectionstatechange', () => {
       if (pc.connectionState !== 'failed' || this.leaving) return;
       if (pc !== this.pub && pc !== this.sub) return;
-      // The media path is gone: a resume cannot revive DTLS, so join afresh.
-      this.emitter.emit('notice', `${which} media connection failed; rejoining`);
-      const s = this.sig;
-      if (s) s.send({ type: 'leave' });
-      this.reconnector.resumeToken = undefined;
-      this.dropSignaling();
-      this.resetMedia();
-      if (this.reconnector.state === 'connected') void this.reconnector.lost(`${which} media connection failed`);
+      // A dead ICE path gets ICE restarts (`checkIce`); a connection that never came
+      // up, or whose DTLS failed over a working path, joins afresh.
+      if (watch.connectedOnce && pc.iceConnectionState !== 'connected' && pc.iceConnectionState !== 'completed') return;
+      this.rejoinAfresh(which);
     });
+  }
+
+  /**
+   * Repairs dead media paths while signaling is up: an ICE restart on the same
+   * participant (publisher: `restartIce()` and a new offer; subscriber: `ice_restart`,
+   * answered by the node's offer with new credentials). When restarts do not help, the
+   * participant leaves and joins afresh.
+   */
+  private checkIce(): void {
+    if (this.leaving) return;
+    const now = Date.now();
+    const up = this.sig !== null && this.state === 'connected';
+    for (const [which, pc] of [['publisher', this.pub], ['subscriber', this.sub]] as const) {
+      const watch = pc ? this.iceWatches.get(pc) : undefined;
+      if (!pc || !watch) continue;
+      const action = watch.decide(now, up);
+      if (action === 'restart') {
+        watch.restarted(now);
+        this.iceRestarts++;
+        this.emitter.emit('notice', `${which} media path lost; restarting ICE`);
+        this.restartIce(which, pc).catch((e: unknown) => {
+          this.errors.push(String(e));
+          this.emitter.emit('notice', `ICE restart failed: ${e instanceof Error ? e.message : String(e)}`);
+        });
+      } else if (action === 'rejoin') {
+        this.rejoinAfresh(which);
+        return;
+      }
+    }
+  }
+
+  private restartIce(which: 'publisher' | 'subscriber', pc: RTCPeerConnection): Promise<void> {
+    const sig = this.sig;
+    if (!sig) return Promise.resolve();
+    if (which === 'subscriber') {
+      sig.send({ type: 'ice_restart' });
+      return Promise.resolve();
+    }
+    const run = async () => {
+      if (this.pub !== pc || this.sig !== sig) return;
+      pc.restartIce();
+      await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+      // An ICE restart creates no tracks: the answer names none, the own ones stay.
+      const answer = await sig.offer(pc.localDescription?.sdp ?? '', []);
+      if (this.pub !== pc) return;
+      await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+    };
+    const p = (this.publishing ?? Promise.resolve()).then(run, run);
+    this.publishing = p.catch(() => {});
+    return p;
+  }
+
+  /** Restarts did not bring the media path back: leave, and join as a new participant. */
+  private rejoinAfresh(which: string): void {
+    this.emitter.emit('notice', `${which} media connection failed; rejoining`);
+    const s = this.sig;
+    if (s) s.send({ type: 'leave' });
+    this.reconnector.resumeToken = undefined;
+    this.dropSignaling();
+    this.resetMedia();
+    if (this.reconnector.state === 'connected') void this.reconnector.lost(`${which} media connection failed`);
   }
 
   private emitParticipants(): void {

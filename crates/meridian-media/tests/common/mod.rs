@@ -151,6 +151,8 @@ pub struct PeerPc {
     pub up: Option<Netem<Vec<u8>>>,
     /// The address the node sees, when a NAT maps `addr` elsewhere.
     pub nat: Option<SocketAddr>,
+    /// When set, the path is cut: every datagram between the node and this peer is lost.
+    pub cut: bool,
 }
 
 impl PeerPc {
@@ -170,6 +172,7 @@ impl PeerPc {
             down: None,
             up: None,
             nat: None,
+            cut: false,
         }
     }
 
@@ -214,6 +217,8 @@ pub struct Client {
     pub published: Vec<(TrackId, TrackKind)>,
     /// False once the harness stops driving this client (it vanished).
     pub alive: bool,
+    /// The latest subscriber offer left unanswered (`auto_answer` off).
+    pub unanswered: Option<SfuEvent>,
 }
 
 impl Client {
@@ -391,6 +396,7 @@ impl Harness {
             sent: [0; 4],
             published: Vec::new(),
             alive: true,
+            unanswered: None,
         });
         self.by_addr.insert(pub_addr, (idx, true));
         self.by_addr.insert(sub_addr, (idx, false));
@@ -573,6 +579,60 @@ impl Harness {
         self.by_addr.insert(addr, (idx, publisher));
     }
 
+    /// Cuts (`true`) or restores one of a client's paths to the node.
+    pub fn cut(&mut self, idx: usize, publisher: bool, cut: bool) {
+        pc_of(&mut self.clients[idx], publisher).cut = cut;
+    }
+
+    /// Restarts ICE on a client's publisher connection as a client does: a new offer
+    /// with new ICE credentials, answered by the node.
+    pub fn restart_publisher_ice(&mut self, idx: usize) {
+        let id = self.clients[idx].id;
+        let mut api = self.clients[idx].publisher.rtc.sdp_api();
+        api.ice_restart(true);
+        let (offer, pending) = api.apply().expect("an ICE restart is a change");
+        let sdp = offer.to_sdp_string();
+        let (answer, _) = self
+            .drive(|s, now| s.handle_publisher_offer(now, id, &sdp, Vec::new()))
+            .0
+            .expect("the node accepts the restart offer");
+        self.clients[idx]
+            .publisher
+            .rtc
+            .sdp_api()
+            .accept_answer(
+                pending,
+                SdpAnswer::from_sdp_string(&answer).expect("the node's answer parses"),
+            )
+            .expect("the node's answer is acceptable");
+        self.poll_peer(idx, true);
+        self.pump();
+    }
+
+    /// Asks the node to restart ICE on a client's subscriber connection (its offer is
+    /// answered like any other when `auto_answer` is set).
+    pub fn restart_subscriber_ice(&mut self, idx: usize) {
+        let id = self.clients[idx].id;
+        self.drive(|s, now| s.restart_ice(now, id))
+            .0
+            .expect("the node restarts the subscriber connection");
+        self.pump();
+    }
+
+    /// Answers the latest subscriber offer a client left unanswered (with
+    /// `auto_answer` set again), as if it had just arrived.
+    pub fn answer_last_offer(&mut self, idx: usize) {
+        let e = self.clients[idx]
+            .unanswered
+            .take()
+            .expect("an offer was left unanswered");
+        if let SfuEvent::SubscriberOffer { .. } = &e {
+            self.clients[idx].offers.pop();
+        }
+        self.handle_event(e);
+        self.pump();
+    }
+
     /// Every connection of every live client is connected.
     pub fn all_connected(&self) -> bool {
         self.clients.iter().filter(|c| c.alive).all(|c| {
@@ -683,6 +743,9 @@ impl Harness {
                     continue;
                 }
                 let pc = pc_of(&mut self.clients[idx], publisher);
+                if pc.cut {
+                    continue;
+                }
                 match &mut pc.down {
                     Some(net) => net.handle_input(str0m_netem::Input::Packet(now, t.contents)),
                     None => self.deliver_to_peer(idx, publisher, &t.contents),
@@ -714,6 +777,9 @@ impl Harness {
                     .filter_map(|t| t.track_id.parse().ok())
                     .collect(),
             );
+            if !self.auto_answer {
+                c.unanswered = Some(e.clone());
+            }
             if self.auto_answer && c.alive {
                 for t in tracks {
                     if let Ok(track) = t.track_id.parse() {
@@ -769,6 +835,9 @@ impl Harness {
                     return;
                 }
                 Output::Transmit(t) => {
+                    if pc.cut {
+                        continue;
+                    }
                     let data: Vec<u8> = t.contents.into();
                     let from = pc.public_addr();
                     match &mut pc.up {

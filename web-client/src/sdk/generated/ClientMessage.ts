@@ -69,7 +69,7 @@ muted: boolean, } | { "type": "ping",
 /**
  * Echoed back.
  */
-id: number, } | { "type": "leave" } | { "type": "refresh", 
+id: number, } | { "type": "ice_restart" } | { "type": "leave" } | { "type": "refresh", 
 /**
  * The new access token (JWT).
  */
