@@ -309,6 +309,10 @@ pub struct SignalingConfig {
     /// Joins (and resumes) one source address may attempt per minute, as a token
     /// bucket with a burst of the same size.
     pub joins_per_ip_per_minute: u32,
+    /// Joins (and resumes) the whole node admits per second before it refuses the
+    /// source addresses that have had more than their share (`rate_limited`): many
+    /// addresses, each within its own allowance, cannot queue joins ahead of others.
+    pub node_joins_per_second: u32,
     /// Layer preferences and mute toggles one participant may send per second,
     /// sustained (each is a log event); more are refused with `throttled`.
     pub changes_per_second: u32,
@@ -411,6 +415,7 @@ impl Default for SignalingConfig {
             session_queue_bytes: 1024 * 1024,
             write_timeout_secs: 10,
             joins_per_ip_per_minute: 600,
+            node_joins_per_second: 50,
             changes_per_second: 5,
             change_burst: 20,
             removal_ban_secs: 300,
@@ -493,6 +498,9 @@ impl Config {
         }
         if s.joins_per_ip_per_minute == 0 {
             return invalid("signaling.joins_per_ip_per_minute", "must be positive");
+        }
+        if s.node_joins_per_second == 0 {
+            return invalid("signaling.node_joins_per_second", "must be positive");
         }
         let h = &self.http;
         if let Some(spec) = &self.media.impair {
