@@ -238,6 +238,10 @@ pub struct HttpConfig {
     pub idle_timeout_secs: u64,
     /// Most HTTP (and WebTransport) connections at once from one source address.
     pub max_connections_per_ip: usize,
+    /// New HTTP and WebTransport connections the node accepts per second before it
+    /// closes, at once, those from source addresses that have had more than their
+    /// share (a reconnecting flood costs the node one `accept` each).
+    pub node_connections_per_second: u32,
 }
 
 /// Where the web client is looked for when `http.web_root` is unset.
@@ -336,6 +340,7 @@ impl Default for Config {
                 header_read_timeout_secs: 10,
                 idle_timeout_secs: 60,
                 max_connections_per_ip: 1024,
+                node_connections_per_second: 200,
             },
             media: MediaConfig {
                 addr: "127.0.0.1:7882".parse().expect("valid literal"),
@@ -530,6 +535,9 @@ impl Config {
                 "http.header_read_timeout_secs",
                 "HTTP timeouts must be positive",
             );
+        }
+        if h.node_connections_per_second == 0 {
+            return invalid("http.node_connections_per_second", "must be positive");
         }
         if h.max_connections_per_ip == 0 {
             return invalid("http.max_connections_per_ip", "must be positive");
