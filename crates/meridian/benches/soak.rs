@@ -17,7 +17,8 @@
 //!   (`IP_TRANSPARENT`), ~5 000/s (`SOAK_SPOOF_RATE`).
 //!
 //! `SOAK_ATTACKS` picks some (`slow,oversized,joins,stun,spoof`, default all), to see
-//! which one costs what; `SOAK_NODE_JOINS` sets the node's join budget.
+//! which one costs what; `SOAK_NODE_JOINS` and `SOAK_NODE_CONNECTIONS` set the node's join
+//! and connection budgets (a huge value turns one off).
 //!
 //! Threat model: attackers come from addresses other than the legitimate clients'
 //! (127.0.0.11 slow readers, .12 oversized, .13–.20 join floods, .21 STUN noise, .31
@@ -375,6 +376,8 @@ fn print_stages(
     ];
     let mut spans: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut matched = 0;
+    // (total, the stage that took longest, its ms) per join, for the slowest.
+    let mut slowest: Vec<(f64, usize, f64)> = Vec::new();
     for (identity, c) in times {
         let Some(stages) = node.get(identity) else {
             continue;
@@ -412,9 +415,16 @@ fn print_stages(
             (queued, answered),
             (answered, c.joined),
         ];
+        let mut worst = (0, 0.0);
         for (i, (a, b)) in points.iter().enumerate() {
-            spans[i].push(b.saturating_sub(*a) as f64 / 1000.0);
+            let ms = b.saturating_sub(*a) as f64 / 1000.0;
+            spans[i].push(ms);
+            if ms > worst.1 {
+                worst = (i, ms);
+            }
         }
+        let total = c.joined.saturating_sub(c.connect) as f64 / 1000.0;
+        slowest.push((total, worst.0, worst.1));
     }
     println!("legitimate joins by stage ({matched} joins with node timestamps), p50 / p95 ms:");
     for (name, v) in names.iter().zip(spans.iter_mut()) {
@@ -423,6 +433,11 @@ fn print_stages(
             percentile(v, 0.5),
             percentile(v, 0.95)
         );
+    }
+    slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!("slowest joins (total ms: longest stage, ms):");
+    for (total, stage, ms) in slowest.iter().take(5) {
+        println!("  {total:.1}: {} {ms:.1}", names[*stage]);
     }
 }
 
@@ -870,17 +885,17 @@ async fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("data dir");
     // `SOAK_NODE_JOINS=N` sets the node's join budget (`signaling.node_joins_per_second`;
-    // a huge value turns it off, for a before/after comparison).
+    // a huge value turns it off, for a before/after comparison);
     let config = dir.join("soak.toml");
-    let node_joins = std::env::var("SOAK_NODE_JOINS").ok();
-    std::fs::write(
-        &config,
-        match &node_joins {
-            Some(n) => format!("[signaling]\nnode_joins_per_second = {n}\n"),
-            None => String::new(),
-        },
-    )
-    .expect("config file");
+    // `SOAK_NODE_CONNECTIONS=N` sets `http.node_connections_per_second` the same way.
+    let mut toml = String::new();
+    if let Ok(n) = std::env::var("SOAK_NODE_CONNECTIONS") {
+        toml.push_str(&format!("[http]\nnode_connections_per_second = {n}\n"));
+    }
+    if let Ok(n) = std::env::var("SOAK_NODE_JOINS") {
+        toml.push_str(&format!("[signaling]\nnode_joins_per_second = {n}\n"));
+    }
+    std::fs::write(&config, toml).expect("config file");
     let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["serve", "--http-addr", "127.0.0.1:0", "--media-addr"])
         .arg(media_bind.to_string())
