@@ -20,6 +20,8 @@
 //! which one costs what; `SOAK_NODE_JOINS` and `SOAK_NODE_CONNECTIONS` set the node's join
 //! and connection budgets (a huge value turns one off).
 //!
+//! `SOAK_NODE_NICE` (default 0) sets the node's CPU priority (`nice -n`).
+//!
 //! Threat model: attackers come from addresses other than the legitimate clients'
 //! (127.0.0.11 slow readers, .12 oversized, .13–.20 join floods, .21 STUN noise, .31
 //! the spoofer's signaling, the namespace for its media); the legitimate client and
@@ -896,7 +898,12 @@ async fn main() {
         toml.push_str(&format!("[signaling]\nnode_joins_per_second = {n}\n"));
     }
     std::fs::write(&config, toml).expect("config file");
-    let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+    // `SOAK_NODE_NICE=-10` runs the node at a higher CPU priority than the rest of a
+    // shared machine (other builds, the attackers), as on a machine of its own.
+    let nice = std::env::var("SOAK_NODE_NICE").unwrap_or_else(|_| "0".into());
+    let child = Command::new("nice")
+        .args(["-n", &nice])
+        .arg(env!("CARGO_BIN_EXE_meridian"))
         .args(["serve", "--http-addr", "127.0.0.1:0", "--media-addr"])
         .arg(media_bind.to_string())
         .arg("--config")
