@@ -480,10 +480,11 @@ impl Netns {
         if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let name = line.split_whitespace().next().unwrap_or_default();
-                if let Some(pid) = name.strip_prefix("msk") {
-                    if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
-                        let _ = run(&["ip", "netns", "del", name]);
-                    }
+                if let Some(pid) = name.strip_prefix("msk")
+                    && pid.parse::<u32>().is_ok()
+                    && !Path::new(&format!("/proc/{pid}")).exists()
+                {
+                    let _ = run(&["ip", "netns", "del", name]);
                 }
             }
         }
@@ -652,7 +653,7 @@ fn signed_check(username: &str, pwd: &str, transaction: [u8; 12]) -> Vec<u8> {
         m.extend_from_slice(&kind.to_be_bytes());
         m.extend_from_slice(&(value.len() as u16).to_be_bytes());
         m.extend_from_slice(value);
-        while m.len() % 4 != 0 {
+        while !m.len().is_multiple_of(4) {
             m.push(0);
         }
     }
