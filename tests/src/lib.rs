@@ -162,6 +162,23 @@ impl RawSignal {
         RawSignal { ws }
     }
 
+    /// Opens a WebSocket to the node at `http` from the local address `from` (another
+    /// loopback address stands for another client host).
+    pub async fn connect_from(http: std::net::SocketAddr, from: std::net::IpAddr) -> RawSignal {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::new(from, 0))
+            .expect("bind to the source address");
+        let stream = socket.connect(http).await.expect("tcp connect");
+        let (ws, _) = tokio_tungstenite::client_async(
+            format!("ws://{http}/signal"),
+            tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        )
+        .await
+        .expect("ws connect");
+        RawSignal { ws }
+    }
+
     /// Sends a text frame.
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.expect("ws send");

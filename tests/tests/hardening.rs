@@ -296,6 +296,65 @@ async fn connections_and_joins_per_address_are_capped() {
     t.node.shutdown().await;
 }
 
+/// The node's join budget is shared fairly between source addresses: past it, an
+/// address that has had its share of the second is refused (`rate_limited`) and an
+/// address joining for the first time is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_node_join_budget_only_addresses_over_their_share_are_refused() {
+    let t = start_node(|c| c.signaling.node_joins_per_second = 1).await;
+    let addr = t.node.http_addr;
+    let from = |n: u8| std::net::IpAddr::from([127, 0, 0, n]);
+    let mut sessions = Vec::new();
+    let mut refused = 0;
+    // The budget counts per 1 s window: a round whose joins straddle two windows
+    // refuses nothing, so a few rounds are tried.
+    for round in 0..5u8 {
+        // Another address joins, then 127.0.0.2 twice: its second join is past the
+        // budget and over its share (1 ÷ 2 addresses, at least 1).
+        let mut other = RawSignal::connect_from(addr, from(3)).await;
+        other
+            .send_text(&join_message(&t, &format!("o{round}"), "budget"))
+            .await;
+        let _ = other.recv().await;
+        sessions.push(other);
+        let mut outcome = None;
+        for i in 0..2 {
+            let mut ws = RawSignal::connect_from(addr, from(2)).await;
+            ws.send_text(&join_message(&t, &format!("f{round}-{i}"), "budget"))
+                .await;
+            outcome = ws.recv().await;
+            sessions.push(ws);
+        }
+        if let Some(ServerMessage::Error { code, .. }) = outcome {
+            assert_eq!(code, meridian_protocol::ErrorCode::RateLimited);
+            refused += 1;
+            // A newcomer has a share of its own, in this window or the next.
+            let mut newcomer = RawSignal::connect_from(addr, from(10 + round)).await;
+            newcomer
+                .send_text(&join_message(&t, &format!("n{round}"), "budget"))
+                .await;
+            assert!(
+                matches!(newcomer.recv().await, Some(ServerMessage::Joined { .. })),
+                "an address that has not joined is admitted past the budget"
+            );
+            sessions.push(newcomer);
+            break;
+        }
+    }
+    assert!(refused > 0, "an address over its share was refused");
+    drop(sessions);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        labelled(
+            &t,
+            "meridian_limit_refusals_total{reason=\"node_join_share\"}"
+        )
+        .await
+            >= 1.0
+    );
+    t.node.shutdown().await;
+}
+
 /// Item 9: a page on a foreign site (cross-site WebSocket) or a DNS-rebinding name
 /// cannot reach the node; its own names and addresses can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

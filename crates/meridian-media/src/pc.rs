@@ -93,6 +93,10 @@ impl Pc {
     }
 
     fn from_builder(builder: str0m::RtcConfig, now: Instant, local: SocketAddr) -> Pc {
+        let builder = match shared_dtls_cert() {
+            Some(cert) => builder.set_dtls_cert(cert),
+            None => builder,
+        };
         let mut rtc = builder.build(now);
         let candidate = Candidate::host(local, "udp")
             .expect("a host candidate from a socket address is always valid");
@@ -114,6 +118,23 @@ impl Pc {
             resync: false,
         }
     }
+}
+
+/// One DTLS certificate for every connection of the process (as mediasoup keeps one
+/// per worker). Generating one per connection — two per participant, a key pair and a
+/// signature each — was a large share of a join's work on the media loop, so a join
+/// flood made everyone's joins queue. The SDP fingerprint binds the certificate as
+/// before; DTLS key exchange stays ephemeral per session. `None` (each connection then
+/// makes its own) only if the crypto provider cannot make one.
+fn shared_dtls_cert() -> Option<str0m::crypto::dtls::DtlsCert> {
+    static CERT: std::sync::OnceLock<Option<str0m::crypto::dtls::DtlsCert>> =
+        std::sync::OnceLock::new();
+    CERT.get_or_init(|| {
+        str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+    })
+    .clone()
 }
 
 impl Sfu {

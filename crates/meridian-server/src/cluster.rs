@@ -479,6 +479,12 @@ impl Cluster {
     /// dead before they are sent back to it.
     pub(crate) async fn place(&self, room: &str, resuming: bool) -> Result<Placement, PlaceError> {
         let stream = room_stream(room);
+        // A room this node already hosts needs no placement: answered without waiting
+        // behind other rooms' placements (store reads and appends under the lock), so
+        // joins of a live room do not queue behind a flood of joins into new rooms.
+        if !self.state().draining && matches!(self.fences.get(&stream), Some(Fence::Held { .. })) {
+            return Ok(Placement::Local);
+        }
         let mut waited = false;
         for _ in 0..PLACE_ATTEMPTS {
             let guard = self.placing.lock().await;

@@ -244,6 +244,10 @@ pub struct HttpConfig {
     pub idle_timeout_secs: u64,
     /// Most HTTP (and WebTransport) connections at once from one source address.
     pub max_connections_per_ip: usize,
+    /// New HTTP and WebTransport connections the node accepts per second before it
+    /// closes, at once, those from source addresses that have had more than their
+    /// share (a reconnecting flood costs the node one `accept` each).
+    pub node_connections_per_second: u32,
 }
 
 /// Where the web client is looked for when `http.web_root` is unset.
@@ -315,6 +319,10 @@ pub struct SignalingConfig {
     /// Joins (and resumes) one source address may attempt per minute, as a token
     /// bucket with a burst of the same size.
     pub joins_per_ip_per_minute: u32,
+    /// Joins (and resumes) the whole node admits per second before it refuses the
+    /// source addresses that have had more than their share (`rate_limited`): many
+    /// addresses, each within its own allowance, cannot queue joins ahead of others.
+    pub node_joins_per_second: u32,
     /// Layer preferences and mute toggles one participant may send per second,
     /// sustained (each is a log event); more are refused with `throttled`.
     pub changes_per_second: u32,
@@ -338,6 +346,7 @@ impl Default for Config {
                 header_read_timeout_secs: 10,
                 idle_timeout_secs: 60,
                 max_connections_per_ip: 1024,
+                node_connections_per_second: 200,
             },
             media: MediaConfig {
                 addr: "127.0.0.1:7882".parse().expect("valid literal"),
@@ -417,6 +426,7 @@ impl Default for SignalingConfig {
             session_queue_bytes: 1024 * 1024,
             write_timeout_secs: 10,
             joins_per_ip_per_minute: 600,
+            node_joins_per_second: 50,
             changes_per_second: 5,
             change_burst: 20,
             removal_ban_secs: 300,
@@ -500,6 +510,9 @@ impl Config {
         if s.joins_per_ip_per_minute == 0 {
             return invalid("signaling.joins_per_ip_per_minute", "must be positive");
         }
+        if s.node_joins_per_second == 0 {
+            return invalid("signaling.node_joins_per_second", "must be positive");
+        }
         let h = &self.http;
         if let Some(spec) = &self.media.impair {
             if !h.dev {
@@ -528,6 +541,9 @@ impl Config {
                 "http.header_read_timeout_secs",
                 "HTTP timeouts must be positive",
             );
+        }
+        if h.node_connections_per_second == 0 {
+            return invalid("http.node_connections_per_second", "must be positive");
         }
         if h.max_connections_per_ip == 0 {
             return invalid("http.max_connections_per_ip", "must be positive");

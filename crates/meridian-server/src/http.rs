@@ -670,6 +670,15 @@ pub(crate) async fn serve(
             drop(stream);
             continue;
         };
+        if !state
+            .connection_budget
+            .allow(peer.ip(), std::time::Instant::now())
+        {
+            state.metrics.limit_refused("node_connection_share");
+            tracing::debug!(%peer, "HTTP connection refused: the node is busy and this address had its share");
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             Tracked {

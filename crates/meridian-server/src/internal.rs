@@ -130,6 +130,10 @@ const DEV_VALIDITY_DAYS: i64 = 90;
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
 /// Internal connections served at once (callers are authenticated, but bounded all the same).
 const MAX_CONNECTIONS: usize = 256;
+/// Internal connections one source address may hold at once (an IPv6 /64 counts as
+/// one): a single caller — a peer node, Prometheus, or anyone who reaches the port
+/// without a certificate and stalls handshakes — cannot take every slot.
+const MAX_CONNECTIONS_PER_IP: usize = 64;
 /// Time allowed for a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response body [`InternalClient`] reads.
@@ -539,16 +543,41 @@ pub(crate) fn node_routes(state: &NodeState) -> Router {
 }
 
 /// Serves `app` over TLS with required client certificates on `listener` until
-/// `shutdown`: at most [`MAX_CONNECTIONS`] at once, handshakes within 10 s, request
-/// headers within `http.header_read_timeout_secs`.
+/// `shutdown`: at most [`MAX_CONNECTIONS`] at once and [`MAX_CONNECTIONS_PER_IP`] per
+/// source address, handshakes within 10 s, request headers within
+/// `http.header_read_timeout_secs`.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Arc<InternalTls>,
     header_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_capped(
+        listener,
+        app,
+        tls,
+        header_timeout,
+        MAX_CONNECTIONS_PER_IP,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with `per_ip` connections per source address; a connection over it is
+/// closed before its handshake and counted in
+/// `meridian_limit_refusals_total{reason="internal_connections_per_ip"}`.
+async fn serve_capped(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Arc<InternalTls>,
+    header_timeout: Duration,
+    per_ip: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Only the connection cap is used; join allowances do not apply here.
+    let per_address = Arc::new(crate::limits::IpLimits::new(per_ip, 0));
     loop {
         let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -562,6 +591,11 @@ pub(crate) async fn serve(
             // The guard `wait_for` returns is not `Send`: drop it inside.
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
         };
+        let Some(slot) = per_address.connect(peer.ip()) else {
+            tls.metrics.limit_refused("internal_connections_per_ip");
+            tracing::debug!(%peer, "internal connection refused: too many from this address");
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "internal connection refused: too many");
             continue;
@@ -570,7 +604,7 @@ pub(crate) async fn serve(
         let app = app.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, slot);
             let stream =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => s,
@@ -875,6 +909,72 @@ mod tests {
         for d in [dir, other] {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+
+    /// A TCP connection to `to` from the loopback address `from`.
+    async fn connect_from(from: [u8; 4], to: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((std::net::Ipv4Addr::from(from), 0)))
+            .unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    /// Waits until the node closes `stream` (end of stream or reset).
+    async fn closed(stream: &mut tokio::net::TcpStream) {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 64];
+        // Well under the 10 s handshake timeout, which would close held connections too.
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "the connection over the cap is closed at once: {read:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_per_source_address_are_capped() {
+        let dir = tmp("per-ip");
+        let files = dev_pki(&dir, std::net::IpAddr::from([127, 0, 0, 1])).unwrap();
+        let metrics = Metrics::default();
+        let tls = Arc::new(InternalTls::load(files, metrics.clone()).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve_capped(
+            listener,
+            Router::new(),
+            tls,
+            Duration::from_secs(10),
+            2,
+            shutdown,
+        ));
+        let refused = || {
+            metrics
+                .limit_refusals
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "internal_connections_per_ip",
+                })
+                .get()
+        };
+        // Two connections that never start their handshake hold 127.0.0.1's slots.
+        let _held = [
+            connect_from([127, 0, 0, 1], addr).await,
+            connect_from([127, 0, 0, 1], addr).await,
+        ];
+        let mut third = connect_from([127, 0, 0, 1], addr).await;
+        closed(&mut third).await;
+        assert_eq!(refused(), 1);
+        // Another address has slots of its own. The accept loop takes connections in
+        // order, so once the next refusal from 127.0.0.1 is seen, 127.0.0.2's was
+        // handled before it without a refusal.
+        let _other = connect_from([127, 0, 0, 2], addr).await;
+        let mut fourth = connect_from([127, 0, 0, 1], addr).await;
+        closed(&mut fourth).await;
+        assert_eq!(refused(), 2, "127.0.0.2 was not refused");
+        let _ = stop.send(true);
+        let _ = server.await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

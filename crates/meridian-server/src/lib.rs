@@ -82,6 +82,10 @@ pub(crate) struct NodeState {
     pub web_root: Option<std::sync::Arc<std::path::Path>>,
     /// Connection and join limits per source address.
     pub limits: Arc<limits::IpLimits>,
+    /// The node's join budget, shared fairly between source addresses.
+    pub join_budget: Arc<limits::FairBudget>,
+    /// The node's budget of new connections (HTTP and WebTransport), shared the same way.
+    pub connection_budget: Arc<limits::FairBudget>,
     /// Which `Host` and `Origin` headers are answered.
     pub hosts: Arc<limits::HostPolicy>,
     /// The identity provider's keys `POST /login` accepts; `None`: login disabled.
@@ -430,6 +434,12 @@ impl Node {
             identity_keys,
             relay: relay.clone(),
             limits: Arc::new(ip_limits),
+            join_budget: Arc::new(limits::FairBudget::new(
+                config.signaling.node_joins_per_second,
+            )),
+            connection_budget: Arc::new(limits::FairBudget::new(
+                config.http.node_connections_per_second,
+            )),
             hosts: Arc::new(hosts),
             web_root: web_root.as_deref().map(Arc::from),
             config: Arc::new(config),

@@ -5,7 +5,8 @@
 //! usually holds a whole /64, so counting single IPv6 addresses would let it open
 //! 2^64 times the cap; IPv4-mapped IPv6 addresses count as their IPv4 address) —; its
 //! table is bounded, so a flood of
-//! addresses cannot grow it without end. [`HostPolicy`] decides which `Host` and
+//! addresses cannot grow it without end. [`FairBudget`] bounds the joins (and new
+//! connections) of the whole node and shares them fairly between addresses. [`HostPolicy`] decides which `Host` and
 //! `Origin` headers the node answers (DNS rebinding, cross-site WebSocket hijacking).
 
 use std::collections::HashMap;
@@ -159,6 +160,86 @@ impl IpLimits {
     }
 }
 
+/// Most addresses counted in one window of a node budget; an address beyond it is
+/// treated as over its share while the node is over budget.
+const BUDGET_ADDRESSES: usize = 10_000;
+
+/// Length of one accounting window of a node budget.
+const BUDGET_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A node-wide budget (joins, or new connections, per second) shared fairly between
+/// source addresses.
+///
+/// Each address's own limits ([`IpLimits`]) bound what one address may do; this bounds
+/// what all of them together may make the node do, so that many addresses, each within
+/// its allowance, cannot queue work ahead of everyone else's. Within a window of
+/// [`BUDGET_WINDOW`], requests are admitted while the node has admitted fewer than its
+/// budget; past it only from addresses that have had less than their share (the budget
+/// divided by the addresses seen in the window). An address asking once in a while is
+/// therefore always admitted, and the ones flooding are refused first. The node admits
+/// at most its budget plus one request per address per window (only its budget once
+/// [`BUDGET_ADDRESSES`] addresses were seen). An address alone in its window is not
+/// refused: there is nobody to be fair to, and its own limits bound it (a load
+/// generator, or every client behind one proxy).
+#[derive(Debug)]
+pub(crate) struct FairBudget {
+    per_window: u32,
+    state: Mutex<BudgetWindow>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetWindow {
+    started: Option<Instant>,
+    admitted: u32,
+    per_address: HashMap<IpAddr, u32>,
+}
+
+impl FairBudget {
+    /// A budget of `per_second` requests per second for the whole node.
+    pub(crate) fn new(per_second: u32) -> FairBudget {
+        FairBudget {
+            per_window: per_second.max(1),
+            state: Mutex::new(BudgetWindow::default()),
+        }
+    }
+
+    /// Counts a request from `ip` at `now`; false when the node is over its budget,
+    /// other addresses asked too, and `ip` has had its share of this window.
+    pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = limit_key(ip);
+        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let expired = w
+            .started
+            .is_none_or(|at| now.saturating_duration_since(at) >= BUDGET_WINDOW);
+        if expired {
+            w.started = Some(now);
+            w.admitted = 0;
+            w.per_address.clear();
+        }
+        let under_budget = w.admitted < self.per_window;
+        let known = w.per_address.len();
+        let count = match w.per_address.get(&ip) {
+            Some(c) => *c,
+            None if known < BUDGET_ADDRESSES => 0,
+            // The window has seen too many addresses to count this one: admitted only
+            // while the node is under budget.
+            None => {
+                w.admitted += u32::from(under_budget);
+                return under_budget;
+            }
+        };
+        let share = (self.per_window / u32::try_from(known.max(1)).unwrap_or(u32::MAX)).max(1);
+        let alone = known == 0 || (known == 1 && count > 0);
+        if under_budget || alone || count < share {
+            w.per_address.insert(ip, count + 1);
+            w.admitted += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Which `Host` and `Origin` headers the node answers.
 #[derive(Clone, Debug)]
 pub(crate) struct HostPolicy {
@@ -305,6 +386,66 @@ mod tests {
         assert!(!l.allow_join(ip, t0), "burst spent");
         assert!(l.allow_join(ip, t0 + std::time::Duration::from_secs(1)));
         assert_eq!(l.tracked(), 1);
+    }
+
+    #[test]
+    fn the_node_join_budget_refuses_the_addresses_over_their_share_first() {
+        let budget = FairBudget::new(10);
+        let flood: [IpAddr; 2] = ["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()];
+        let quiet: IpAddr = "198.51.100.7".parse().unwrap();
+        let t0 = Instant::now();
+        // Two flooding addresses spend the window's budget between them...
+        let mut admitted = 0;
+        for i in 0..100 {
+            if budget.allow(flood[i % 2], t0) {
+                admitted += 1;
+            }
+        }
+        assert_eq!(
+            admitted, 10,
+            "past the budget, each has had more than its share"
+        );
+        // ...and an address that joins rarely is still admitted (its share is 10 / 3).
+        assert!(budget.allow(quiet, t0));
+        assert!(budget.allow(quiet, t0));
+        assert!(budget.allow(quiet, t0));
+        assert!(!budget.allow(quiet, t0), "until it has had its share too");
+        // The next window starts afresh.
+        let t1 = t0 + BUDGET_WINDOW;
+        assert!(budget.allow(flood[0], t1));
+        assert!(budget.allow(quiet, t1));
+    }
+
+    #[test]
+    fn the_node_join_budget_bounds_what_many_addresses_admit() {
+        let budget = FairBudget::new(20);
+        let t0 = Instant::now();
+        let mut admitted = 0;
+        // 50 addresses, 10 joins each, in one window: the budget, then one more join
+        // for each address that had none.
+        for round in 0..10 {
+            for a in 0..50u8 {
+                let ip = IpAddr::from([192, 0, 2, a]);
+                if budget.allow(ip, t0 + std::time::Duration::from_millis(round)) {
+                    admitted += 1;
+                }
+            }
+        }
+        assert_eq!(admitted, 50);
+        // IPv6 addresses of one /64 share one share.
+        let b = FairBudget::new(2);
+        let a1: IpAddr = "2001:db8::1".parse().unwrap();
+        let a2: IpAddr = "2001:db8::2".parse().unwrap();
+        assert!(b.allow(a1, t0) && b.allow(a2, t0));
+        assert!(
+            b.allow(a1, t0),
+            "alone in its window, an address is not refused"
+        );
+        assert!(
+            b.allow(IpAddr::from([192, 0, 2, 1]), t0),
+            "a newcomer has a share"
+        );
+        assert!(!b.allow(a1, t0), "then the /64 is over its share");
     }
 
     #[test]

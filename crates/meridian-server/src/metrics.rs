@@ -99,7 +99,9 @@ pub struct Metrics {
     /// Older sessions replaced by a new join of the same identity in the same room.
     pub sessions_replaced: Counter,
     /// Connections and joins refused by a per-address limit, by `reason`
-    /// (`connections_per_ip`, `joins_per_ip`).
+    /// (`connections_per_ip`, `joins_per_ip`, `internal_connections_per_ip`, and
+    /// `node_join_share` / `node_connection_share`: over the address's share of a node
+    /// budget).
     pub limit_refusals: Family<ReasonLabel, Counter>,
     /// HTTP connections closed because headers were not sent in time or the
     /// connection stayed idle.

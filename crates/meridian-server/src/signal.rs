@@ -87,6 +87,55 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// Violations of the rate limit after which the connection is closed.
 const MAX_RATE_VIOLATIONS: u32 = 50;
 
+/// Tracing target of the per-join stage timestamps (`debug`): where a join's time goes
+/// (the soak reads them; `RUST_LOG=meridian::join_timing=debug` shows them).
+pub(crate) const JOIN_TIMING: &str = "meridian::join_timing";
+
+/// Wall-clock microseconds since the Unix epoch: stage timestamps that a client on the
+/// same host can line up with its own.
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// When a join went through each stage (Unix microseconds, 0 for a stage not reached).
+#[derive(Debug, Default)]
+struct JoinStages {
+    /// The session started (the transport was accepted and upgraded).
+    session: u64,
+    /// The join message was read.
+    received: u64,
+    /// The per-address and node-wide join allowances were checked.
+    admitted: u64,
+    /// The token was verified.
+    verified: u64,
+    /// The room was placed on this node.
+    placed: u64,
+    /// The join command was queued to the media loop.
+    queued: u64,
+    /// The controller answered (the `joined` message then waits for the log append).
+    answered: u64,
+}
+
+impl JoinStages {
+    fn log(&self, identity: &str, outcome: &str) {
+        tracing::debug!(
+            target: JOIN_TIMING,
+            identity,
+            outcome,
+            session = self.session,
+            received = self.received,
+            admitted = self.admitted,
+            verified = self.verified,
+            placed = self.placed,
+            queued = self.queued,
+            answered = self.answered,
+            "join stages"
+        );
+    }
+}
+
 /// Counts an open signaling connection for as long as it lives: the gauge goes down
 /// when the guard is dropped, whether the session returns, is cancelled or panics.
 pub(crate) struct OpenConnection(crate::Metrics);
@@ -142,6 +191,7 @@ where
     O: Sink<String> + Unpin + Send + 'static,
 {
     let _open = OpenConnection::new(&state.metrics);
+    let session_started = unix_micros();
     // A transport's stream may not be polled after it ended: fuse it, so the linger
     // read below (and any later poll) sees the end again instead of panicking.
     let mut incoming = incoming.fuse();
@@ -287,12 +337,31 @@ where
                     ));
                     break;
                 }
-                match join(&state, peer, token, resume, auto_subscribe, sink.clone()).await {
+                let mut stages = JoinStages {
+                    session: session_started,
+                    received: unix_micros(),
+                    ..JoinStages::default()
+                };
+                let result = join(
+                    &state,
+                    peer,
+                    JoinArgs {
+                        token,
+                        resume,
+                        auto_subscribe,
+                    },
+                    sink.clone(),
+                    &mut stages,
+                )
+                .await;
+                match result {
                     Ok((j, identity, room)) => {
+                        stages.log(&identity, "joined");
                         joined = Some(j);
                         who = Some((identity, room));
                     }
-                    Err(msg) => {
+                    Err((msg, identity)) => {
+                        stages.log(identity.as_deref().unwrap_or(""), "refused");
                         reply(msg);
                         break;
                     }
@@ -407,26 +476,73 @@ where
     .await;
 }
 
-async fn join(
-    state: &NodeState,
-    peer: SocketAddr,
+/// What a `join` message carries besides its version.
+struct JoinArgs {
     token: String,
     resume: Option<String>,
     auto_subscribe: bool,
+}
+
+/// A joined participant (id, generation), identity and room.
+type Joined = ((meridian_media::ParticipantId, u64), String, String);
+
+/// Admits, verifies and places a join and hands it to the media loop; a refusal comes
+/// with the token's identity when it was verified (for the stage log).
+async fn join(
+    state: &NodeState,
+    peer: SocketAddr,
+    args: JoinArgs,
     session: SessionSink,
-) -> Result<((meridian_media::ParticipantId, u64), String, String), ServerMessage> {
+    stages: &mut JoinStages,
+) -> Result<Joined, (ServerMessage, Option<String>)> {
     // Before the token is even checked: a flood of joins costs one table look-up each.
-    if !state
-        .limits
-        .allow_join(peer.ip(), std::time::Instant::now())
-    {
+    // First the address's own allowance, then its share of the node's join budget
+    // (fair queuing: under pressure the addresses joining most are refused first).
+    let now = std::time::Instant::now();
+    if !state.limits.allow_join(peer.ip(), now) {
         state.metrics.limit_refused("joins_per_ip");
-        return Err(ServerMessage::error(
-            ErrorCode::RateLimited,
-            "too many joins from this address; try again in a minute",
+        return Err((
+            ServerMessage::error(
+                ErrorCode::RateLimited,
+                "too many joins from this address; try again in a minute",
+            ),
+            None,
         ));
     }
-    let claims = state.verify(&token).map_err(auth_error)?;
+    if !state.join_budget.allow(peer.ip(), now) {
+        state.metrics.limit_refused("node_join_share");
+        return Err((
+            ServerMessage::error(
+                ErrorCode::RateLimited,
+                "the node is busy and this address has had its share of joins; try again shortly",
+            ),
+            None,
+        ));
+    }
+    stages.admitted = unix_micros();
+    let claims = state
+        .verify(&args.token)
+        .map_err(|e| (auth_error(e), None))?;
+    stages.verified = unix_micros();
+    let identity = Some(claims.sub.clone());
+    join_verified(state, claims, args, session, stages)
+        .await
+        .map_err(|m| (m, identity))
+}
+
+/// [`join`] after its token was verified.
+async fn join_verified(
+    state: &NodeState,
+    claims: meridian_auth::Claims,
+    args: JoinArgs,
+    session: SessionSink,
+    stages: &mut JoinStages,
+) -> Result<Joined, ServerMessage> {
+    let JoinArgs {
+        resume,
+        auto_subscribe,
+        ..
+    } = args;
     if let Err(AuthError::WrongRegion { region }) = claims.check_region(&state.config.node.region) {
         let url = state
             .config
@@ -464,6 +580,7 @@ async fn join(
         }
         Err(e) => return Err(ServerMessage::error(ErrorCode::Unavailable, e.to_string())),
     };
+    stages.placed = unix_micros();
     let (reply, answer) = oneshot::channel();
     let request = meridian_room::JoinRequest {
         // The part of the room this node hosts (the room itself unless it spans nodes).
@@ -486,10 +603,10 @@ async fn join(
         .send(Command::Join { request, reply })
         .await
         .map_err(|_| internal())?;
-    let joined = answer
-        .await
-        .map_err(|_| internal())?
-        .map_err(|r| ServerMessage::error(r.code, r.message))?;
+    stages.queued = unix_micros();
+    let joined = answer.await.map_err(|_| internal())?;
+    stages.answered = unix_micros();
+    let joined = joined.map_err(|r| ServerMessage::error(r.code, r.message))?;
     Ok((
         (joined.participant, joined.generation),
         claims.sub,

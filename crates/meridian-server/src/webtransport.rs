@@ -272,6 +272,14 @@ pub(crate) async fn serve(
             incoming.refuse();
             continue;
         };
+        if !state
+            .connection_budget
+            .allow(incoming.remote_address().ip(), std::time::Instant::now())
+        {
+            state.metrics.limit_refused("node_connection_share");
+            incoming.refuse();
+            continue;
+        }
         tokio::spawn(connection(state.clone(), incoming, (permit, slot)));
     }
     endpoint.close(VarInt::from_u32(CLOSE_OK), b"node shutting down");
