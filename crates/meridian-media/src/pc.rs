@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::{Bitrate, BweKind};
-use str0m::ice::TransId;
+use str0m::ice::{IceCreds, TransId};
 use str0m::media::Pt;
 use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
 use tracing::warn;
@@ -52,7 +52,11 @@ impl Pc {
         if kind == PcKind::Subscriber {
             builder = builder.enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)));
         }
-        Pc::from_builder(builder, now, config.candidate_addr)
+        Pc::from_builder(
+            builder.set_local_ice_credentials(worker_creds(config)),
+            now,
+            config.candidate_addr,
+        )
     }
 
     /// The sending side of a relay link: like a subscriber connection (ICE-lite, the
@@ -66,7 +70,8 @@ impl Pc {
             .enable_vp8(true)
             .enable_h264(true)
             .set_stats_interval(None)
-            .enable_bwe(Some(Bitrate::bps(config.relay_initial_estimate_bps)));
+            .enable_bwe(Some(Bitrate::bps(config.relay_initial_estimate_bps)))
+            .set_local_ice_credentials(worker_creds(config));
         Pc::from_builder(builder, now, config.candidate_addr)
     }
 
@@ -100,6 +105,19 @@ impl Pc {
             connected: false,
             dirty: false,
         }
+    }
+}
+
+/// Random ICE credentials whose ufrag starts with the core's worker prefix.
+fn worker_creds(config: &SfuConfig) -> IceCreds {
+    let creds = IceCreds::new();
+    IceCreds {
+        ufrag: format!(
+            "{}{}",
+            crate::worker_ufrag_prefix(config.worker),
+            creds.ufrag
+        ),
+        pass: creds.pass,
     }
 }
 

@@ -201,7 +201,7 @@ pub(crate) struct Relay {
     region: String,
     keys: Arc<KeySet>,
     cluster: Arc<Cluster>,
-    commands: mpsc::Sender<Command>,
+    commands: crate::workers::Workers,
     metrics: Metrics,
     /// The media address other nodes' inbound links check (this node's candidate).
     media_addr: SocketAddr,
@@ -223,7 +223,7 @@ impl Relay {
     pub(crate) fn new(
         keys: Arc<KeySet>,
         cluster: Arc<Cluster>,
-        commands: mpsc::Sender<Command>,
+        commands: crate::workers::Workers,
         metrics: Metrics,
         media_addr: SocketAddr,
         max_participants: usize,
