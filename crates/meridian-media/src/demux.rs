@@ -40,7 +40,7 @@ pub fn worker_ufrag_prefix(worker: u8) -> String {
 /// [`worker_ufrag_prefix`]); `Some(0)` for a STUN message without a worker prefix;
 /// `None` for anything that is not STUN (route it by source address).
 pub fn stun_worker(datagram: &[u8]) -> Option<u8> {
-    if !datagram.first().is_some_and(|b| *b < 2) {
+    if datagram.first().is_none_or(|b| *b >= 2) {
         return None;
     }
     let worker = str0m::ice::StunMessage::parse(datagram)

@@ -360,11 +360,11 @@ impl Node {
             };
             let intake = match (index, inbox) {
                 (_, Some(inbox)) => media_loop::Intake::Handoff(inbox),
-                _ => media_loop::Intake::Socket(
+                _ => media_loop::Intake::Socket(Box::new(
                     handoff
                         .take()
                         .expect("worker 0 is the only receiving worker"),
-                ),
+                )),
             };
             let relay = if index == 0 { relay_parts.take() } else { None };
             let socket = socket.try_clone().map_err(|source| NodeError::Bind {

@@ -34,7 +34,7 @@ const OBSERVE_EVERY: Duration = Duration::from_millis(250);
 /// Where a worker's datagrams come from.
 pub(crate) enum Intake {
     /// It reads the media socket (worker 0), handing other workers theirs.
-    Socket(Handoff),
+    Socket(Box<Handoff>),
     /// The receiving worker hands them over.
     Handoff(Inbox),
 }
@@ -102,7 +102,7 @@ impl MediaLoop {
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let (mut handoff, mut inbox) = match self.intake.take() {
-            Some(Intake::Socket(h)) => (Some(h), None),
+            Some(Intake::Socket(h)) => (Some(*h), None),
             Some(Intake::Handoff(i)) => (None, Some(i)),
             None => (None, None),
         };
