@@ -383,7 +383,8 @@ mod tests {
     use super::*;
 
     fn stun_check(local_ufrag: &str) -> Vec<u8> {
-        // A binding request with only a USERNAME attribute (enough for steering).
+        // A binding request with USERNAME, PRIORITY and a dummy MESSAGE-INTEGRITY: enough to
+        // parse; steering does not check the integrity (the worker's core does).
         let username = format!("{local_ufrag}:remote");
         let mut attr = Vec::new();
         attr.extend_from_slice(&0x0006u16.to_be_bytes());
@@ -392,6 +393,12 @@ mod tests {
         while attr.len() % 4 != 0 {
             attr.push(0);
         }
+        attr.extend_from_slice(&0x0024u16.to_be_bytes());
+        attr.extend_from_slice(&4u16.to_be_bytes());
+        attr.extend_from_slice(&1u32.to_be_bytes());
+        attr.extend_from_slice(&0x0008u16.to_be_bytes());
+        attr.extend_from_slice(&20u16.to_be_bytes());
+        attr.extend_from_slice(&[0u8; 20]);
         let mut msg = Vec::new();
         msg.extend_from_slice(&0x0001u16.to_be_bytes());
         msg.extend_from_slice(&(attr.len() as u16).to_be_bytes());
