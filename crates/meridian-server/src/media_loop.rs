@@ -31,6 +31,16 @@ const OUTBOX_LIMIT: usize = 100_000;
 /// Least time between two metric updates (taken only after something happened).
 const OBSERVE_EVERY: Duration = Duration::from_millis(250);
 
+/// What woke a media loop.
+enum Wake {
+    Command(Option<Command>),
+    Timer,
+    Observe,
+    Socket(std::io::Result<()>),
+    Handed(Option<crate::workers::Batch>),
+    Relay(std::io::Result<()>),
+}
+
 /// Where a worker's datagrams come from.
 pub(crate) enum Intake {
     /// It reads the media socket (worker 0), handing other workers theirs.
@@ -114,30 +124,38 @@ impl MediaLoop {
             let next = self.controller.poll_timeout();
             let next = self.impair.poll_timeout().map_or(next, |i| i.min(next));
             let deadline = tokio::time::Instant::from_std(next);
-            tokio::select! {
+            let wake = tokio::select! {
                 biased;
-                cmd = commands.recv() => {
+                cmd = commands.recv() => Wake::Command(cmd),
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+                _ = sleep_until_some(observe_at) => Wake::Observe,
+                // Last: a socket that is always readable (saturation) must not starve
+                // commands (joins timed out at 474 subscribers) or the metrics tick.
+                ready = self.socket.readable(), if handoff.is_some() => Wake::Socket(ready),
+                batch = recv_some(&mut inbox) => Wake::Handed(batch),
+                ready = crate::relay::readable(&self.relay) => Wake::Relay(ready),
+            };
+            let woke = Instant::now();
+            match wake {
+                Wake::Command(cmd) => {
                     let Some(cmd) = cmd.filter(|c| !matches!(c, Command::Shutdown)) else {
                         info!("media loop stopping");
                         return;
                     };
                     self.handle_command(cmd);
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let now = Instant::now();
-                    self.release_impaired(now);
-                    if now >= self.controller.poll_timeout() {
-                        self.controller.handle_timeout(now);
+                Wake::Timer => {
+                    self.release_impaired(woke);
+                    if woke >= self.controller.poll_timeout() {
+                        self.controller.handle_timeout(woke);
                     }
                 }
-                _ = sleep_until_some(observe_at) => {
+                Wake::Observe => {
                     observe_at = None;
                     self.observe();
                     continue;
                 }
-                // Last: a socket that is always readable (saturation) must not starve
-                // commands (joins timed out at 474 subscribers) or the metrics tick.
-                ready = self.socket.readable(), if handoff.is_some() => {
+                Wake::Socket(ready) => {
                     if let Err(e) = ready {
                         warn!("media socket failed: {e}");
                         return;
@@ -150,14 +168,14 @@ impl MediaLoop {
                         relay.receive(&mut self.controller);
                     }
                 }
-                batch = recv_some(&mut inbox) => {
+                Wake::Handed(batch) => {
                     let Some(batch) = batch else {
                         info!("media loop stopping: the receiving worker is gone");
                         return;
                     };
                     self.receive_handed(batch);
                 }
-                ready = crate::relay::readable(&self.relay) => {
+                Wake::Relay(ready) => {
                     if let Some(relay) = &mut self.relay {
                         if let Err(e) = ready {
                             warn!("relay socket failed: {e}");
@@ -168,7 +186,6 @@ impl MediaLoop {
                     }
                 }
             }
-            let woke = Instant::now();
             self.flush().await;
             self.busy += woke.elapsed();
             if observe_at.is_none() {
