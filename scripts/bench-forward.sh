@@ -14,13 +14,21 @@
 #   NODE_BIN     node binary (default target/release/meridian)
 #   LOADGEN_BIN  load generator binary (default target/release/meridian)
 #   SUBS         subscriber counts to run, one run each (default "50 200 500")
-#   PUBS         publishers in the room (default 1)
+#   PUBS         publishers (default 1)
+#   ROOMS        rooms the publishers and subscribers are spread over (default 1;
+#                a room lives on one media worker, so 2 workers need 2 rooms)
 #   KBPS         VP8 bitrate of each publisher, one stream (default 1000) + Opus
 #   FPS          video frames per second (default 30)
 #   DURATION     measured seconds per run (default 10s), after WARMUP (default 4s)
 #   FLOOR        1: run the kernel-floor tool before the first run and after the last
 #   OUT          JSON lines appended here (default /tmp/bench-forward.jsonl)
 #   LABEL        tag written into each JSON line (e.g. "before", "after")
+#   WORKERS      the node's --media-workers (default 1; "" leaves the node's default,
+#                one per core it may use)
+#   NODE_CPU     CPUs the node is pinned to with taskset (default 0; "0,1" for a
+#                2-worker run on this 2-core machine, then the load generator shares
+#                CPU 1 with worker 1)
+#   LOAD_CPU     CPUs the load generator is pinned to (default 1)
 #
 # Each run prints the load generator's summary; its JSON line (plus the machine's
 # load average and the kernel's UDP drop counters of both sides) goes to $OUT.
@@ -32,6 +40,7 @@ NODE_BIN=${NODE_BIN:-target/release/meridian}
 LOADGEN_BIN=${LOADGEN_BIN:-target/release/meridian}
 SUBS=${SUBS:-"50 200 500"}
 PUBS=${PUBS:-1}
+ROOMS=${ROOMS:-1}
 KBPS=${KBPS:-1000}
 FPS=${FPS:-30}
 DURATION=${DURATION:-10s}
@@ -42,6 +51,9 @@ LABEL=${LABEL:-run}
 NODE_CPU=${NODE_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 EXTRA_NODE_ARGS=${EXTRA_NODE_ARGS:-}
+WORKERS=${WORKERS-1}
+WORKER_ARGS=
+[ -n "$WORKERS" ] && WORKER_ARGS="--media-workers $WORKERS"
 
 NS=mbench
 VH=vmb-h
@@ -88,12 +100,12 @@ ip netns exec "$NS" ip link set "$VN" up
 ip netns exec "$NS" ip link set lo up
 
 for subs in $SUBS; do
-  echo "== $LABEL: $PUBS publisher(s) at $KBPS kbit/s → $subs subscribers, node on CPU $NODE_CPU, load generator on CPU $LOAD_CPU"
+  echo "== $LABEL: $PUBS publisher(s) at $KBPS kbit/s → $subs subscribers, node ($WORKER_ARGS) on CPU $NODE_CPU, load generator on CPU $LOAD_CPU"
   echo "   load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   # shellcheck disable=SC2086
   taskset -c "$NODE_CPU" "$NODE_BIN" serve --data-dir "$DATA" --http-addr "$HTTP" \
     --media-addr "$HOST_IP:7892" --wt-addr "$HOST_IP:7891" --internal-listen "$HOST_IP:7893" --node-id bench \
-    $EXTRA_NODE_ARGS > "$DATA/node.log" 2>&1 &
+    $WORKER_ARGS $EXTRA_NODE_ARGS > "$DATA/node.log" 2>&1 &
   NODE_PID=$!
   for _ in $(seq 100); do
     curl -fs "http://$HTTP/healthz" > /dev/null 2>&1 && break
@@ -104,7 +116,7 @@ for subs in $SUBS; do
   load_before=$(cut -d' ' -f1 /proc/loadavg)
   ip netns exec "$NS" taskset -c "$LOAD_CPU" "$LOADGEN_BIN" loadgen \
     --url "ws://$HTTP/signal" --data-dir "$DATA" --bind-ip "$NS_IP" \
-    --publishers "$PUBS" --subscribers "$subs" --single-layer \
+    --publishers "$PUBS" --subscribers "$subs" --rooms "$ROOMS" --single-layer \
     --layer-kbps "150,500,$KBPS" --fps "$FPS" --count-only \
     --duration "$DURATION" --warmup "$WARMUP" \
     --ping-interval 1s --ping-timeout 30s \

@@ -30,6 +30,29 @@ pub(crate) const ADDRESS_HELD_FOR: Duration = Duration::from_secs(15);
 /// (clients check every 1–3 s once connected, so this covers a minute or more).
 pub(crate) const RECENT_CHECKS: usize = 64;
 
+/// The first characters of every local ICE ufrag of the core on media worker
+/// `worker` (two hex digits).
+pub fn worker_ufrag_prefix(worker: u8) -> String {
+    format!("{worker:02x}")
+}
+
+/// For a STUN message, the media worker its USERNAME's local ufrag names (see
+/// [`worker_ufrag_prefix`]); `Some(0)` for a STUN message without a worker prefix;
+/// `None` for anything that is not STUN (route it by source address).
+pub fn stun_worker(datagram: &[u8]) -> Option<u8> {
+    if datagram.first().is_none_or(|b| *b >= 2) {
+        return None;
+    }
+    let worker = str0m::ice::StunMessage::parse(datagram)
+        .ok()
+        .and_then(|m| {
+            let (local, _) = m.split_username()?;
+            u8::from_str_radix(local.get(..2)?, 16).ok()
+        })
+        .unwrap_or(0);
+    Some(worker)
+}
+
 /// Whether `datagram` is a STUN answer to transaction `trans_id`.
 pub(crate) fn answers(datagram: &[u8], trans_id: TransId) -> bool {
     datagram.first().is_some_and(|b| *b < 2)

@@ -41,6 +41,7 @@ use str0m::Input;
 use str0m::net::{Protocol, Receive};
 use tracing::{trace, warn};
 
+pub use demux::{stun_worker, worker_ufrag_prefix};
 pub use id::{ParticipantId, TrackId};
 pub use keyframe::starts_keyframe;
 pub use pc::PcKind;
@@ -104,6 +105,10 @@ pub struct SfuConfig {
     /// Bandwidth estimate an outbound relay link starts from (links run between nodes,
     /// so it starts far above a client's).
     pub relay_initial_estimate_bps: u64,
+    /// The media worker this core runs on: the first two characters of every local
+    /// ICE ufrag name it ([`worker_ufrag_prefix`]), so a node whose workers share one
+    /// UDP port steers a STUN check to its worker with [`stun_worker`].
+    pub worker: u8,
 }
 
 impl SfuConfig {
@@ -119,6 +124,7 @@ impl SfuConfig {
             relay_addr: None,
             max_relay_tracks: 512,
             relay_initial_estimate_bps: 50_000_000,
+            worker: 0,
         }
     }
 }
@@ -548,8 +554,13 @@ impl Sfu {
             // Connections left undrained by the processing bound: at once.
             return self.last_now;
         }
-        self.timers
-            .peek()
-            .unwrap_or(self.last_now + Duration::from_millis(100))
+        // Nothing scheduled: with participants, the next layer reallocation is due;
+        // without, nothing is (an idle node does not wake up).
+        let idle = if self.participants.is_empty() {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(100)
+        };
+        self.timers.peek().unwrap_or(self.last_now + idle)
     }
 }

@@ -53,8 +53,19 @@ impl Sfu {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        let mut answer_sdp = answer.to_sdp_string();
+        // New ICE credentials in the offer were an ICE restart: the answer has new ones,
+        // which must keep this worker's ufrag prefix.
+        let local = p.publisher.rtc.direct_api().local_ice_credentials();
+        if local.ufrag != p.publisher.ufrag {
+            let (creds, sdp) = crate::pc::prefix_restart_creds(&self.config, &local, &answer_sdp);
+            p.publisher
+                .rtc
+                .direct_api()
+                .set_local_ice_credentials(creds);
+            answer_sdp = sdp;
+        }
         mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
-        // New ICE credentials in the offer were an ICE restart: the answer has new ones.
         self.sync_ufrag(id, PcKind::Publisher);
         // Every receiving media section of the offer is a track of this participant.
         let mut infos = Vec::new();
@@ -89,7 +100,7 @@ impl Sfu {
             });
         }
         self.process(now);
-        Ok((answer.to_sdp_string(), infos))
+        Ok((answer_sdp, infos))
     }
 
     /// Applies the client's answer to the node's last subscriber offer.
@@ -112,6 +123,12 @@ impl Sfu {
             .sdp_api()
             .accept_answer(pending, answer)
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        if let Some(creds) = p.subscriber.restart_creds.take() {
+            p.subscriber
+                .rtc
+                .direct_api()
+                .set_local_ice_credentials(creds);
+        }
         mark_dirty(&mut self.dirty, id, &mut p.subscriber, PcKind::Subscriber);
         self.sync_ufrag(id, PcKind::Subscriber);
         let Some(p) = self.participants.get_mut(&id) else {
@@ -180,6 +197,7 @@ impl Sfu {
             return;
         }
         let restart = std::mem::take(&mut p.subscriber.restart_wanted);
+        let mut restart_random = None;
         // Ended subscriptions' sections go inactive rather than stopped: a stopped
         // section stays in every later offer, so churn would grow the session without
         // bound. Inactive ones are handed to new subscriptions of the same kind.
@@ -198,7 +216,7 @@ impl Sfu {
         let mut api = p.subscriber.rtc.sdp_api();
         if restart {
             // The host candidate stays: only the credentials (and the path) change.
-            api.ice_restart(true);
+            restart_random = Some(api.ice_restart(true));
         }
         for section in released {
             api.set_direction(section.mid, Direction::Inactive);
@@ -233,6 +251,12 @@ impl Sfu {
             return;
         };
         p.pending_offer = Some(pending);
+        let mut offer_sdp = offer.to_sdp_string();
+        if let Some(random) = restart_random {
+            let (creds, sdp) = crate::pc::prefix_restart_creds(&self.config, &random, &offer_sdp);
+            p.subscriber.restart_creds = Some(creds);
+            offer_sdp = sdp;
+        }
         mark_dirty(&mut self.dirty, id, &mut p.subscriber, PcKind::Subscriber);
         let mut tracks: Vec<SubscribedTrack> = p
             .subscriptions
@@ -251,14 +275,14 @@ impl Sfu {
             let tracks = crate::relay::offer_tracks(&self.tracks, &p.subscriptions);
             self.events.push_back(SfuEvent::RelayOffer {
                 peer: r.peer.clone(),
-                sdp: offer.to_sdp_string(),
+                sdp: offer_sdp,
                 tracks,
             });
             return;
         }
         self.events.push_back(SfuEvent::SubscriberOffer {
             participant: id,
-            sdp: offer.to_sdp_string(),
+            sdp: offer_sdp,
             tracks,
         });
     }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::{Bitrate, BweKind};
-use str0m::ice::TransId;
+use str0m::ice::{IceCreds, TransId};
 use str0m::media::Pt;
 use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
 use tracing::{debug, warn};
@@ -42,6 +42,9 @@ pub(crate) struct Pc {
     pub(crate) negotiated: bool,
     /// The client asked for an ICE restart the next subscriber offer must carry.
     pub(crate) restart_wanted: bool,
+    /// The worker-prefixed credentials an outstanding restart offer announced; they
+    /// replace str0m's random ones once the answer is applied.
+    pub(crate) restart_creds: Option<IceCreds>,
     /// Connectivity was lost or ICE restarted: on the next ICE connection the
     /// connection counts as connected again and its video is refreshed by keyframes.
     pub(crate) resync: bool,
@@ -61,7 +64,11 @@ impl Pc {
         if kind == PcKind::Subscriber {
             builder = builder.enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)));
         }
-        Pc::from_builder(builder, now, config.candidate_addr)
+        Pc::from_builder(
+            builder.set_local_ice_credentials(worker_creds(config)),
+            now,
+            config.candidate_addr,
+        )
     }
 
     /// The sending side of a relay link: like a subscriber connection (ICE-lite, the
@@ -75,7 +82,8 @@ impl Pc {
             .enable_vp8(true)
             .enable_h264(true)
             .set_stats_interval(None)
-            .enable_bwe(Some(Bitrate::bps(config.relay_initial_estimate_bps)));
+            .enable_bwe(Some(Bitrate::bps(config.relay_initial_estimate_bps)))
+            .set_local_ice_credentials(worker_creds(config));
         Pc::from_builder(builder, now, config.candidate_addr)
     }
 
@@ -115,6 +123,7 @@ impl Pc {
             dirty: false,
             negotiated: false,
             restart_wanted: false,
+            restart_creds: None,
             resync: false,
         }
     }
@@ -135,6 +144,36 @@ fn shared_dtls_cert() -> Option<str0m::crypto::dtls::DtlsCert> {
             .generate_certificate()
     })
     .clone()
+}
+
+/// Random ICE credentials whose ufrag starts with the core's worker prefix.
+fn worker_creds(config: &SfuConfig) -> IceCreds {
+    let creds = IceCreds::new();
+    IceCreds {
+        ufrag: format!(
+            "{}{}",
+            crate::worker_ufrag_prefix(config.worker),
+            creds.ufrag
+        ),
+        pass: creds.pass,
+    }
+}
+
+/// Puts worker-prefixed credentials in place of the random ones str0m chose for an
+/// ICE restart (`random`) in `sdp`, the description that announces them, and returns
+/// the new credentials with the rewritten description: the receiving worker steers
+/// STUN by the ufrag's prefix, so a restarted connection must keep it.
+pub(crate) fn prefix_restart_creds(
+    config: &SfuConfig,
+    random: &IceCreds,
+    sdp: &str,
+) -> (IceCreds, String) {
+    let creds = worker_creds(config);
+    // Candidates name the ufrag too; str0m's random values occur nowhere else.
+    let sdp = sdp
+        .replace(&random.ufrag, &creds.ufrag)
+        .replace(&random.pass, &creds.pass);
+    (creds, sdp)
 }
 
 impl Sfu {

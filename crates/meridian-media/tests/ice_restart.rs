@@ -30,7 +30,12 @@ fn reported(h: &Harness, from: usize, want: impl Fn(&SfuEvent) -> bool) -> bool 
 
 #[test]
 fn an_ice_restart_after_the_path_is_cut_brings_media_back_on_the_same_participant() {
-    let mut h = Harness::new();
+    // A core that is media worker 3: restarted credentials must keep its ufrag prefix,
+    // or the receiving worker would steer the new path's STUN elsewhere.
+    let mut h = Harness::with_config(|mut c| {
+        c.worker = 3;
+        c
+    });
     let publisher = h.add_publisher("room", "alice", MediaConfig::default());
     let sub = h.add_subscriber("room", "bob");
     h.connect(Duration::from_secs(5));
@@ -119,6 +124,13 @@ fn an_ice_restart_after_the_path_is_cut_brings_media_back_on_the_same_participan
         ufrags_after.1.1, ufrags_before.1.1,
         "bob's subscriber ufrag"
     );
+    let prefix = meridian_media::worker_ufrag_prefix(3);
+    for ufrag in [&ufrags_after.0.0, &ufrags_after.1.1] {
+        assert!(
+            ufrag.starts_with(&prefix),
+            "a restarted ufrag {ufrag} keeps worker 3's prefix {prefix}"
+        );
+    }
     for (id, pc) in [(pub_id, PcKind::Publisher), (sub_id, PcKind::Subscriber)] {
         assert!(
             reported(&h, events_at_restart, |e| *e

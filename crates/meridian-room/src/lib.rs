@@ -307,6 +307,11 @@ impl<S: Clone> Controller<S> {
         self.sessions.len()
     }
 
+    /// Whether a session (attached, detached or dormant) of `participant` is held.
+    pub fn has_session(&self, participant: ParticipantId) -> bool {
+        self.sessions.contains_key(&participant)
+    }
+
     /// The log's view of a room hosted here.
     pub fn room_state(&self, room: &str) -> Option<&RoomState> {
         self.rooms.get(room)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use meridian_events::{Event, RoomState, node_stream, room_stream};
 use meridian_store::{ExpectedVersion, NewEvent, NodeLease, Store, StoreError};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::mailbox::{Command, Fence, Fences, Outbound, OutboxTx};
@@ -66,7 +66,7 @@ pub(crate) struct Cluster {
     period: Duration,
     ttl: Duration,
     fences: Fences,
-    commands: mpsc::Sender<Command>,
+    commands: crate::workers::Workers,
     outbox: OutboxTx,
     metrics: Metrics,
     lease: Mutex<LeaseState>,
@@ -96,7 +96,7 @@ impl Cluster {
         params: ClusterParams,
         store: Store,
         fences: Fences,
-        commands: mpsc::Sender<Command>,
+        commands: crate::workers::Workers,
         outbox: OutboxTx,
         metrics: Metrics,
     ) -> Result<Arc<Cluster>, StoreError> {

@@ -290,6 +290,29 @@ pub struct MediaConfig {
     /// UDP address of the relay socket, where this node receives the tracks other
     /// nodes relay to it (default: the media address's IP, any port).
     pub relay_addr: Option<SocketAddr>,
+    /// Media loops (threads), each owning a share of the rooms; 0 (default): one per
+    /// core the process may use (`std::thread::available_parallelism`). All of them
+    /// share the one media port (see ARCHITECTURE.md, "Media workers").
+    pub workers: usize,
+    /// The media socket's kernel receive and send buffers, in bytes (0: the kernel's
+    /// default). Above `net.core.rmem_max`/`wmem_max` the kernel caps it.
+    pub socket_buffer_bytes: usize,
+}
+
+impl MediaConfig {
+    /// Most media workers a node runs (the ICE ufrag names its worker in two hex
+    /// digits).
+    pub const MAX_WORKERS: usize = 256;
+
+    /// The number of media loops to run: `workers`, or the cores available.
+    pub fn worker_count(&self) -> usize {
+        let n = if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.workers
+        };
+        n.clamp(1, Self::MAX_WORKERS)
+    }
 }
 
 /// Signaling limits.
@@ -356,6 +379,8 @@ impl Default for Config {
                 impair_seed: 1,
                 max_participants: 0,
                 relay_addr: None,
+                workers: 0,
+                socket_buffer_bytes: 0,
             },
             signaling: SignalingConfig::default(),
             webtransport: WebTransportConfig {
@@ -490,6 +515,9 @@ impl Config {
                 "signaling.session_queue_bytes",
                 "must be at least max_message_bytes and at most 64 MiB",
             );
+        }
+        if self.media.workers > MediaConfig::MAX_WORKERS {
+            return invalid("media.workers", "must be 0 (one per core) ..= 256");
         }
         let a = &self.auth;
         if a.audience.is_empty() || a.audience.len() > 64 {

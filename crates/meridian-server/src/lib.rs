@@ -22,13 +22,13 @@ mod relay;
 mod signal;
 mod udp;
 mod webtransport;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use meridian_auth::KeySet;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -73,7 +73,7 @@ pub(crate) struct NodeState {
     pub keys: Arc<KeySet>,
     pub metrics: Metrics,
     pub registry: Arc<prometheus_client::registry::Registry>,
-    pub commands: mpsc::Sender<mailbox::Command>,
+    pub commands: workers::Workers,
     pub webtransport: webtransport::Advert,
     pub cluster: Arc<cluster::Cluster>,
     /// Relay control between the nodes hosting parts of a room.
@@ -145,8 +145,10 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     http_task: JoinHandle<()>,
     wt_task: JoinHandle<()>,
-    media_task: oneshot::Receiver<String>,
-    commands: mpsc::Sender<mailbox::Command>,
+    media_task: mpsc::Receiver<String>,
+    commands: workers::Workers,
+    /// How many media workers run.
+    pub media_workers: usize,
     cluster: Arc<cluster::Cluster>,
     cluster_task: JoinHandle<()>,
     drain_timeout: std::time::Duration,
@@ -192,8 +194,16 @@ impl Node {
     /// Like [`Node::start`], with the token keys given.
     pub async fn start_with_keys(config: Config, keys: KeySet) -> Result<Node, NodeError> {
         config.validate()?;
+        let buffer = config.media.socket_buffer_bytes;
         let socket = std::net::UdpSocket::bind(config.media.addr)
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .and_then(|s| {
+                if buffer > 0 {
+                    rustix::net::sockopt::set_socket_recv_buffer_size(&s, buffer)?;
+                    rustix::net::sockopt::set_socket_send_buffer_size(&s, buffer)?;
+                }
+                Ok(s)
+            })
             .map_err(|source| NodeError::Bind {
                 what: "media UDP socket",
                 addr: config.media.addr,
@@ -271,10 +281,11 @@ impl Node {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
-        let (commands, command_rx) = mpsc::channel(4096);
+        let media_workers = config.media.worker_count();
+        // Rooms may span nodes: the relay links and every room live on worker 0.
+        let pinned = config.media.max_participants > 0;
+        let (commands, command_rxs) = workers::Workers::new(media_workers, pinned);
         let candidate = config.candidate_addr(media_addr);
-        // The media loop gets a thread and a single-threaded runtime of its own: every
-        // datagram is handled where it was read, with no cross-thread wake-ups.
         let store = match &config.node.database_url {
             // A region's database may come up after its nodes: retry for a while, then
             // fail with the store's error.
@@ -319,79 +330,117 @@ impl Node {
         )
         .await?;
         let drain_timeout = std::time::Duration::from_secs(config.cluster.drain_timeout_secs);
-        let (media_done, media_task) = oneshot::channel();
-        let impairer = impair::Impairer::new(config.media.impairment().as_ref()).map_err(|e| {
-            ConfigError::Invalid {
+        let (media_done, media_task) = mpsc::channel(media_workers);
+        let impairers = (0..media_workers)
+            .map(|_| impair::Impairer::new(config.media.impairment().as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::Invalid {
                 field: "media.impair",
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         if let Some(i) = &config.media.impair {
             tracing::warn!(impair = %i, direction = ?config.media.impair_direction, "media socket impaired (chaos test)");
         }
-        let mut sfu_config = meridian_media::SfuConfig::new(candidate);
-        sfu_config.relay_addr = Some(config.candidate_addr(relay_addr));
         let (relay_outputs, relay_outputs_rx) = mpsc::channel(relay::RELAY_OUTPUT_QUEUE);
-        let controller = meridian_room::ControllerConfig {
-            sfu: sfu_config,
-            resume_grace: config.resume_grace(),
-            seed: rand::random(),
-            changes_per_second: f64::from(config.signaling.changes_per_second),
-            change_burst: config.signaling.change_burst,
-            removal_ban: std::time::Duration::from_secs(config.signaling.removal_ban_secs),
-        };
-        let loop_metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name("meridian-media".into())
-            .spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a current-thread runtime can always be built");
-                    rt.block_on(async move {
-                        let socket = tokio::net::UdpSocket::from_std(socket)
-                            .expect("a non-blocking UDP socket registers with the runtime");
-                        let relay_socket = tokio::net::UdpSocket::from_std(relay_socket)
-                            .expect("a non-blocking UDP socket registers with the runtime");
-                        let relay_io = relay::RelayIo::new(Arc::new(relay_socket), relay_outputs)
-                            .expect("a bound UDP socket takes its options");
-                        media_loop::MediaLoop::new(
-                            Arc::new(socket),
-                            controller,
-                            loop_metrics,
-                            outbox,
-                        )
-                        .impaired(impairer)
-                        .with_relay(relay_io)
-                        .run(command_rx)
-                        .await
-                    })
-                }));
-                // A panic while handling one participant's message or datagram is
-                // contained by the controller (that participant is removed, counted in
-                // `meridian_media_panics_total`). One that reaches here (timers, joins,
-                // a failed removal) is not: the node reports it and the binary exits
-                // non-zero (Kubernetes restarts it; its rooms fail over to other nodes).
-                let why = match result {
-                    Ok(()) => "media loop stopped".to_string(),
-                    Err(payload) => {
-                        let what = payload
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| payload.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "non-string panic payload".into());
-                        tracing::error!(panic = %what, "media loop panicked; the node stops");
-                        format!("media loop panicked: {what}")
-                    }
-                };
-                let _ = media_done.send(why);
-            })
-            .map_err(|source| NodeError::Bind {
-                what: "media thread",
+        let (handoff, inboxes) = workers::Handoff::new(media_workers, metrics.clone());
+        let socket = Arc::new(socket);
+        let mut relay_parts = Some((relay_socket, relay_outputs));
+        let mut handoff = Some(handoff);
+        // Each media loop gets a thread and a single-threaded runtime of its own: worker
+        // 0 reads the socket and handles its own datagrams where it read them.
+        for (((index, command_rx), impairer), inbox) in command_rxs
+            .into_iter()
+            .enumerate()
+            .zip(impairers)
+            .zip(inboxes)
+        {
+            let mut sfu_config = meridian_media::SfuConfig::new(candidate);
+            sfu_config.relay_addr = Some(config.candidate_addr(relay_addr));
+            sfu_config.worker = u8::try_from(index).unwrap_or(u8::MAX);
+            let controller = meridian_room::ControllerConfig {
+                sfu: sfu_config,
+                resume_grace: config.resume_grace(),
+                seed: rand::random(),
+                changes_per_second: f64::from(config.signaling.changes_per_second),
+                change_burst: config.signaling.change_burst,
+                removal_ban: std::time::Duration::from_secs(config.signaling.removal_ban_secs),
+            };
+            let intake = match (index, inbox) {
+                (_, Some(inbox)) => media_loop::Intake::Handoff(inbox),
+                _ => media_loop::Intake::Socket(Box::new(
+                    handoff
+                        .take()
+                        .expect("worker 0 is the only receiving worker"),
+                )),
+            };
+            let relay = if index == 0 { relay_parts.take() } else { None };
+            let socket = socket.try_clone().map_err(|source| NodeError::Bind {
+                what: "media UDP socket",
                 addr: media_addr,
                 source,
             })?;
+            let loop_metrics = metrics.clone();
+            let outbox = outbox.clone();
+            let routes = commands.routes(index);
+            let media_done = media_done.clone();
+            std::thread::Builder::new()
+                .name(format!("meridian-media-{index}"))
+                .spawn(move || {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a current-thread runtime can always be built");
+                        rt.block_on(async move {
+                            let socket = tokio::net::UdpSocket::from_std(socket)
+                                .expect("a non-blocking UDP socket registers with the runtime");
+                            let mut media = media_loop::MediaLoop::new(
+                                Arc::new(socket),
+                                controller,
+                                loop_metrics,
+                                outbox,
+                                routes,
+                                intake,
+                            )
+                            .impaired(impairer);
+                            if let Some((relay_socket, relay_outputs)) = relay {
+                                let relay_socket = tokio::net::UdpSocket::from_std(relay_socket)
+                                    .expect("a non-blocking UDP socket registers with the runtime");
+                                let relay_io =
+                                    relay::RelayIo::new(Arc::new(relay_socket), relay_outputs)
+                                        .expect("a bound UDP socket takes its options");
+                                media = media.with_relay(relay_io);
+                            }
+                            media.run(command_rx).await
+                        })
+                    }));
+                    // A panic while handling one participant's message or datagram is
+                    // contained by the controller (that participant is removed, counted
+                    // in `meridian_media_panics_total`). One that reaches here (timers,
+                    // joins, a failed removal) is not: the node reports it and the
+                    // binary exits non-zero (Kubernetes restarts it; its rooms fail over
+                    // to other nodes).
+                    let why = match result {
+                        Ok(()) => format!("media loop {index} stopped"),
+                        Err(payload) => {
+                            let what = payload
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| payload.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "non-string panic payload".into());
+                            tracing::error!(panic = %what, worker = index, "media loop panicked; the node stops");
+                            format!("media loop {index} panicked: {what}")
+                        }
+                    };
+                    let _ = media_done.try_send(why);
+                })
+                .map_err(|source| NodeError::Bind {
+                    what: "media thread",
+                    addr: media_addr,
+                    source,
+                })?;
+        }
+        drop(media_done);
         let web_root = config.http.resolved_web_root();
         match &web_root {
             Some(root) if !root.join("index.html").is_file() => tracing::warn!(
@@ -508,6 +557,7 @@ impl Node {
             wt_task,
             media_task,
             commands,
+            media_workers,
             cluster,
             cluster_task,
             drain_timeout,
@@ -543,8 +593,9 @@ impl Node {
     /// Resolves if the media loop ends by itself, which only a bug can cause; the
     /// caller should then exit non-zero rather than keep a node that forwards nothing.
     pub async fn failed(&mut self) -> String {
-        (&mut self.media_task)
+        self.media_task
+            .recv()
             .await
-            .unwrap_or_else(|_| "media thread ended".to_string())
+            .unwrap_or_else(|| "media thread ended".to_string())
     }
 }

@@ -1,7 +1,9 @@
-//! The media loop: the I/O driver of the room controller. It owns the UDP socket and
-//! moves time, datagrams and commands into the Sans-IO [`Controller`], then sends its
-//! datagrams and hands its log appends and client messages to the outbox. Every rule
-//! about sessions, rooms and the log lives in `meridian_room`.
+//! The media loop: the I/O driver of the room controller. One runs per media worker
+//! (`crate::workers`); each moves time, datagrams and commands into its Sans-IO
+//! [`Controller`], then sends its datagrams on its own descriptor of the media socket
+//! and hands its log appends and client messages to the outbox. Worker 0 also reads
+//! the socket and hands other workers their datagrams. Every rule about sessions,
+//! rooms and the log lives in `meridian_room`.
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
@@ -20,11 +22,32 @@ use crate::impair::Impairer;
 use crate::mailbox::{Command, Outbound, OutboxTx, RelayOp, RelayReply, SessionSink};
 use crate::metrics::Metrics;
 use crate::udp::MediaSocket;
+use crate::workers::{Handoff, Inbox, WorkerRoutes};
 
 /// Datagrams handled per wake-up before timers and commands get a turn.
 const RECV_BATCH: usize = 256;
 /// Items the outbox may hold before new joins are refused (the log is far behind).
 const OUTBOX_LIMIT: usize = 100_000;
+/// Least time between two metric updates (taken only after something happened).
+const OBSERVE_EVERY: Duration = Duration::from_millis(250);
+
+/// What woke a media loop.
+enum Wake {
+    Command(Option<Command>),
+    Timer,
+    Observe,
+    Socket(std::io::Result<()>),
+    Handed(Option<crate::workers::Batch>),
+    Relay(std::io::Result<()>),
+}
+
+/// Where a worker's datagrams come from.
+pub(crate) enum Intake {
+    /// It reads the media socket (worker 0), handing other workers theirs.
+    Socket(Box<Handoff>),
+    /// The receiving worker hands them over.
+    Handoff(Inbox),
+}
 
 pub(crate) struct MediaLoop {
     controller: Controller<SessionSink>,
@@ -39,6 +62,12 @@ pub(crate) struct MediaLoop {
     impair: Impairer,
     /// The relay socket and what the relay driver must carry to other nodes.
     relay: Option<crate::relay::RelayIo>,
+    /// This worker's routes (which rooms and participants it holds, its load).
+    routes: WorkerRoutes,
+    /// Where its datagrams come from.
+    intake: Option<Intake>,
+    /// Time spent handling wake-ups since the last metric update.
+    busy: Duration,
 }
 
 impl MediaLoop {
@@ -47,10 +76,19 @@ impl MediaLoop {
         config: ControllerConfig,
         metrics: Metrics,
         outbox: OutboxTx,
+        routes: WorkerRoutes,
+        intake: Intake,
     ) -> MediaLoop {
+        let socket = match &intake {
+            Intake::Socket(_) => MediaSocket::new(socket),
+            Intake::Handoff(_) => MediaSocket::send_only(socket),
+        };
         MediaLoop {
+            routes,
+            intake: Some(intake),
+            busy: Duration::ZERO,
             controller: Controller::new(config, Instant::now()),
-            socket: MediaSocket::new(socket).expect("a bound UDP socket takes its options"),
+            socket: socket.expect("a bound UDP socket takes its options"),
             metrics,
             outgoing: VecDeque::new(),
             outbox,
@@ -73,36 +111,56 @@ impl MediaLoop {
     }
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
+        let (mut handoff, mut inbox) = match self.intake.take() {
+            Some(Intake::Socket(h)) => (Some(*h), None),
+            Some(Intake::Handoff(i)) => (None, Some(i)),
+            None => (None, None),
+        };
+        // Metrics are updated at most every `OBSERVE_EVERY`, and only after something
+        // happened: an idle worker does not wake up.
+        let mut observe_at: Option<tokio::time::Instant> = None;
+        self.observe();
         loop {
             let next = self.controller.poll_timeout();
             let next = self.impair.poll_timeout().map_or(next, |i| i.min(next));
             let deadline = tokio::time::Instant::from_std(next);
-            tokio::select! {
+            let wake = tokio::select! {
                 biased;
-                cmd = commands.recv() => {
+                cmd = commands.recv() => Wake::Command(cmd),
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+                _ = sleep_until_some(observe_at) => Wake::Observe,
+                // Last: a socket that is always readable (saturation) must not starve
+                // commands (joins timed out at 474 subscribers) or the metrics tick.
+                ready = self.socket.readable(), if handoff.is_some() => Wake::Socket(ready),
+                batch = recv_some(&mut inbox) => Wake::Handed(batch),
+                ready = crate::relay::readable(&self.relay) => Wake::Relay(ready),
+            };
+            let woke = Instant::now();
+            match wake {
+                Wake::Command(cmd) => {
                     let Some(cmd) = cmd.filter(|c| !matches!(c, Command::Shutdown)) else {
                         info!("media loop stopping");
                         return;
                     };
                     self.handle_command(cmd);
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let now = Instant::now();
-                    self.release_impaired(now);
-                    if now >= self.controller.poll_timeout() {
-                        self.controller.handle_timeout(now);
+                Wake::Timer => {
+                    self.release_impaired(woke);
+                    if woke >= self.controller.poll_timeout() {
+                        self.controller.handle_timeout(woke);
                     }
                 }
-                _ = housekeeping.tick() => self.observe(),
-                // Last: a socket that is always readable (saturation) must not starve
-                // commands (joins timed out at 474 subscribers) or the metrics tick.
-                ready = self.socket.readable() => {
+                Wake::Observe => {
+                    observe_at = None;
+                    self.observe();
+                    continue;
+                }
+                Wake::Socket(ready) => {
                     if let Err(e) = ready {
                         warn!("media socket failed: {e}");
                         return;
                     }
-                    self.receive_batch();
+                    self.receive_batch(handoff.as_mut());
                     // The relay socket is read on every media wake-up too: behind the
                     // always-busy media socket of a loaded node, its own branch would
                     // rarely get a turn (relayed packets waited hundreds of ms).
@@ -110,7 +168,14 @@ impl MediaLoop {
                         relay.receive(&mut self.controller);
                     }
                 }
-                ready = crate::relay::readable(&self.relay) => {
+                Wake::Handed(batch) => {
+                    let Some(batch) = batch else {
+                        info!("media loop stopping: the receiving worker is gone");
+                        return;
+                    };
+                    self.receive_handed(batch);
+                }
+                Wake::Relay(ready) => {
                     if let Some(relay) = &mut self.relay {
                         if let Err(e) = ready {
                             warn!("relay socket failed: {e}");
@@ -122,52 +187,68 @@ impl MediaLoop {
                 }
             }
             self.flush().await;
+            self.busy += woke.elapsed();
+            if observe_at.is_none() {
+                observe_at = Some(tokio::time::Instant::now() + OBSERVE_EVERY);
+            }
         }
     }
 
-    /// Reads datagrams in `recvmmsg` batches (up to [`RECV_BATCH`] per wake-up) and
-    /// hands each to the controller; the copies one datagram fans out to leave in one
-    /// `sendmmsg` before the next datagram is handled (a packet waits for no other).
-    fn receive_batch(&mut self) {
+    /// Reads datagrams in `recvmmsg` batches (up to [`RECV_BATCH`] per wake-up), hands
+    /// other workers theirs and each of its own to the controller; the copies one
+    /// datagram fans out to leave in one `sendmmsg` before the next datagram is handled
+    /// (a packet waits for no other).
+    fn receive_batch(&mut self, mut handoff: Option<&mut Handoff>) {
+        let me = self.routes.index;
         let mut handled = 0;
         while handled < RECV_BATCH {
             match self.socket.try_recv_batch() {
                 Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 // ICMP errors for earlier sends surface here on Linux: ignore.
                 Err(e) => {
                     debug!("media recv: {e}");
                     continue;
                 }
             }
-            if self.impair.ingress() {
-                let now = Instant::now();
-                for (source, datagram) in self.socket.received() {
-                    handled += 1;
-                    self.impair.receive(now, source, datagram);
-                }
-                continue;
-            }
+            let now = Instant::now();
             for (source, datagram) in self.socket.received() {
                 handled += 1;
-                let now = Instant::now();
-                let forwarded = self.controller.sfu_stats().rtp_packets_forwarded;
-                self.controller.handle_datagram(now, source, datagram);
-                send_ready(
+                if let Some(h) = handoff.as_deref_mut().filter(|h| h.active()) {
+                    let worker = h.steer(now, source, datagram);
+                    if worker != me {
+                        h.push(worker, source, datagram);
+                        continue;
+                    }
+                }
+                handle_received(
                     &self.socket,
                     &mut self.controller,
                     &mut self.impair,
                     &mut self.outgoing,
+                    &self.metrics,
+                    source,
+                    datagram,
                 );
-                if self.controller.sfu_stats().rtp_packets_forwarded > forwarded {
-                    self.metrics
-                        .forward_latency
-                        .observe(now.elapsed().as_secs_f64());
-                }
-                if now >= self.controller.poll_timeout() {
-                    self.controller.handle_timeout(now);
-                }
             }
+            if let Some(h) = handoff.as_deref_mut() {
+                h.flush();
+            }
+        }
+    }
+
+    /// Handles datagrams the receiving worker handed over.
+    fn receive_handed(&mut self, batch: crate::workers::Batch) {
+        for (source, datagram) in &batch {
+            handle_received(
+                &self.socket,
+                &mut self.controller,
+                &mut self.impair,
+                &mut self.outgoing,
+                &self.metrics,
+                *source,
+                datagram,
+            );
         }
     }
 
@@ -263,10 +344,28 @@ impl MediaLoop {
             .outbox_queue
             .set(i64::try_from(self.outbox.depth()).unwrap_or(i64::MAX));
         let sfu = self.controller.sfu();
+        let worker = self.routes.index;
+        if self.relay.is_some() {
+            self.metrics
+                .relay
+                .observe(&sfu.relay_stats(), &sfu.room_sizes());
+        }
+        let label = crate::metrics::WorkerLabel {
+            worker: worker.to_string(),
+        };
         self.metrics
-            .relay
-            .observe(&sfu.relay_stats(), &sfu.room_sizes());
+            .workers
+            .busy_seconds
+            .get_or_create(&label)
+            .inc_by(std::mem::take(&mut self.busy).as_secs_f64());
+        let controller = &self.controller;
+        self.routes.refresh(
+            sfu.participant_count(),
+            |room| controller.room_state(room).is_some(),
+            |p| controller.has_session(p),
+        );
         self.metrics.observe(
+            worker,
             sfu.stats(),
             sfu.participant_count(),
             sfu.room_count(),
@@ -278,6 +377,7 @@ impl MediaLoop {
         let now = Instant::now();
         match cmd {
             Command::Join { request, reply } => {
+                let room = request.room.clone();
                 let result = if self.outbox.depth() > OUTBOX_LIMIT {
                     Err(Refusal {
                         code: ErrorCode::Unavailable,
@@ -286,6 +386,8 @@ impl MediaLoop {
                 } else {
                     self.controller.handle_join(now, request)
                 };
+                self.routes
+                    .handled(&room, result.as_ref().ok().map(|j| j.participant));
                 let _ = reply.send(result);
             }
             Command::Message { participant, msg } => {
@@ -325,7 +427,10 @@ impl MediaLoop {
                 participant,
                 generation,
             } => self.controller.handle_detach(now, participant, generation),
-            Command::Restore { room, state } => self.controller.handle_restore(now, &room, state),
+            Command::Restore { room, state } => {
+                self.controller.handle_restore(now, &room, state);
+                self.routes.handled(&room, None);
+            }
             Command::RoomLost { room, url, reason } => {
                 self.controller.handle_room_lost(now, &room, url, &reason)
             }
@@ -411,6 +516,49 @@ impl MediaLoop {
             }
             RelayOp::Stats => Ok(RelayReply::Stats(c.sfu().relay_stats())),
         }
+    }
+}
+
+/// Waits until `at`, forever when `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next handed-over batch, never when this worker reads the socket itself.
+async fn recv_some(inbox: &mut Option<Inbox>) -> Option<crate::workers::Batch> {
+    match inbox {
+        Some(i) => i.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands one received datagram to the controller (or the ingress impairment) and sends
+/// the copies it produced.
+fn handle_received(
+    socket: &MediaSocket,
+    controller: &mut Controller<SessionSink>,
+    impair: &mut Impairer,
+    outgoing: &mut VecDeque<Transmit>,
+    metrics: &Metrics,
+    source: std::net::SocketAddr,
+    datagram: &[u8],
+) {
+    let now = Instant::now();
+    if impair.ingress() {
+        impair.receive(now, source, datagram);
+        return;
+    }
+    let forwarded = controller.sfu_stats().rtp_packets_forwarded;
+    controller.handle_datagram(now, source, datagram);
+    send_ready(socket, controller, impair, outgoing);
+    if controller.sfu_stats().rtp_packets_forwarded > forwarded {
+        metrics.forward_latency.observe(now.elapsed().as_secs_f64());
+    }
+    if now >= controller.poll_timeout() {
+        controller.handle_timeout(now);
     }
 }
 

@@ -45,6 +45,68 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Label of a media worker (`--media-workers`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    /// The worker's index, from 0.
+    pub worker: String,
+}
+
+/// Per-worker media metrics (`meridian_media_worker_*{worker}`).
+#[derive(Clone, Default)]
+pub struct WorkerMetrics {
+    /// RTP packets written to subscribers, by worker.
+    pub packets_forwarded: Family<WorkerLabel, Counter>,
+    /// Participants, by worker.
+    pub participants: Family<WorkerLabel, Gauge>,
+    /// Rooms, by worker.
+    pub rooms: Family<WorkerLabel, Gauge>,
+    /// Seconds the worker spent handling wake-ups (not waiting), by worker.
+    pub busy_seconds: Family<WorkerLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Datagrams the receiving worker could not hand to their worker (its queue was
+    /// full in datagrams or bytes), by the worker they were for.
+    pub handoff_dropped: Family<WorkerLabel, Counter>,
+}
+
+impl WorkerMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "media_worker_packets_forwarded",
+            "RTP packets forwarded to subscribers, by media worker",
+            self.packets_forwarded.clone(),
+        );
+        r.register(
+            "media_worker_participants",
+            "Participants, by media worker",
+            self.participants.clone(),
+        );
+        r.register(
+            "media_worker_rooms",
+            "Rooms, by media worker",
+            self.rooms.clone(),
+        );
+        r.register(
+            "media_worker_busy_seconds",
+            "Seconds a media worker spent handling wake-ups, not waiting",
+            self.busy_seconds.clone(),
+        );
+        r.register(
+            "media_worker_handoff_dropped",
+            "Datagrams dropped because their media worker's queue was full",
+            self.handoff_dropped.clone(),
+        );
+    }
+}
+
+/// What each media worker reported last (its counters and gauges), so the node-wide
+/// metrics are sums over workers.
+#[derive(Default)]
+struct Observed {
+    stats: Vec<SfuStats>,
+    /// (participants, rooms, outbound video tracks) per worker.
+    gauges: Vec<(usize, usize, usize)>,
+}
+
 /// Every metric the node exports; cheap to clone (atomics behind `Arc`s).
 #[derive(Clone)]
 pub struct Metrics {
@@ -125,7 +187,9 @@ pub struct Metrics {
     pub media_panics: Counter,
     /// Relay links between nodes (see [`RelayMetrics`]).
     pub relay: RelayMetrics,
-    last: std::sync::Arc<std::sync::Mutex<SfuStats>>,
+    /// Per-worker media metrics.
+    pub workers: WorkerMetrics,
+    last: std::sync::Arc<std::sync::Mutex<Observed>>,
 }
 
 impl Default for Metrics {
@@ -175,6 +239,7 @@ impl Default for Metrics {
             certificate_reloads: Family::default(),
             media_panics: Counter::default(),
             relay: RelayMetrics::default(),
+            workers: WorkerMetrics::default(),
             last: Default::default(),
         }
     }
@@ -379,14 +444,35 @@ impl Metrics {
             "Time from a datagram's arrival to its forwarded copies being sent",
             self.forward_latency.clone(),
         );
+        self.workers.register(&mut r);
         r
     }
 
-    /// Adds the growth of the media core's counters since the last call.
-    pub(crate) fn observe(&self, s: &SfuStats, participants: usize, rooms: usize, video: usize) {
-        let mut last = self.last.lock().expect("metrics lock is never poisoned");
-        self.rtp_packets_forwarded
-            .inc_by(s.rtp_packets_forwarded - last.rtp_packets_forwarded);
+    /// Adds the growth of media worker `worker`'s core counters since its last call;
+    /// the node-wide gauges are the sums of every worker's latest figures.
+    pub(crate) fn observe(
+        &self,
+        worker: usize,
+        s: &SfuStats,
+        participants: usize,
+        rooms: usize,
+        video: usize,
+    ) {
+        let mut observed = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if observed.stats.len() <= worker {
+            observed.stats.resize_with(worker + 1, SfuStats::default);
+            observed.gauges.resize(worker + 1, (0, 0, 0));
+        }
+        let last = &observed.stats[worker];
+        let label = WorkerLabel {
+            worker: worker.to_string(),
+        };
+        let forwarded = s.rtp_packets_forwarded - last.rtp_packets_forwarded;
+        self.rtp_packets_forwarded.inc_by(forwarded);
+        self.workers
+            .packets_forwarded
+            .get_or_create(&label)
+            .inc_by(forwarded);
         self.rtp_packets_received
             .inc_by(s.rtp_packets_in - last.rtp_packets_in);
         self.rtp_bytes_forwarded
@@ -407,10 +493,20 @@ impl Metrics {
             .inc_by(s.keyframe_requests - last.keyframe_requests);
         self.layer_switches
             .inc_by(s.layer_switches - last.layer_switches);
-        self.participants.set(participants as i64);
-        self.rooms.set(rooms as i64);
-        self.outbound_video_tracks.set(video as i64);
-        *last = s.clone();
+        observed.stats[worker] = s.clone();
+        observed.gauges[worker] = (participants, rooms, video);
+        self.workers
+            .participants
+            .get_or_create(&label)
+            .set(participants as i64);
+        self.workers.rooms.get_or_create(&label).set(rooms as i64);
+        let sum = observed
+            .gauges
+            .iter()
+            .fold((0, 0, 0), |a, g| (a.0 + g.0, a.1 + g.1, a.2 + g.2));
+        self.participants.set(sum.0 as i64);
+        self.rooms.set(sum.1 as i64);
+        self.outbound_video_tracks.set(sum.2 as i64);
     }
 
     /// Renders the Prometheus text format.

@@ -32,7 +32,7 @@ pub(crate) struct Context {
     pub metrics: crate::Metrics,
     pub fences: Fences,
     /// Tells the media loop when a room was lost to another node.
-    pub commands: mpsc::Sender<Command>,
+    pub commands: crate::workers::Workers,
 }
 
 /// Most events merged into one append.

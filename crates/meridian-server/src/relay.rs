@@ -214,7 +214,7 @@ pub(crate) struct Relay {
     region: String,
     keys: Arc<KeySet>,
     cluster: Arc<Cluster>,
-    commands: mpsc::Sender<Command>,
+    commands: crate::workers::Workers,
     metrics: Metrics,
     /// The internal plane's certificates: calls to peers present this node's client
     /// certificate (the current one, after rotations).
@@ -277,7 +277,7 @@ impl Relay {
     pub(crate) fn new(
         keys: Arc<KeySet>,
         cluster: Arc<Cluster>,
-        commands: mpsc::Sender<Command>,
+        commands: crate::workers::Workers,
         metrics: Metrics,
         tls: Arc<InternalTls>,
         media_addr: SocketAddr,

@@ -9,6 +9,11 @@
 //!
 //! Both calls are non-blocking: they report `WouldBlock` when the socket has nothing to
 //! read or no room to write, and the caller waits for readiness.
+//!
+//! A media worker that does not read (`crate::workers`) sends on a send-only duplicate
+//! of the descriptor ([`MediaSocket::send_only`]), registered with its runtime only
+//! while it waits for room: a descriptor registered for good would wake every worker's
+//! thread each time the shared socket's buffer drains or a datagram arrives.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
@@ -26,10 +31,18 @@ pub(crate) const SEND_BATCH: usize = 256;
 /// Room for one (possibly GRO-coalesced) receive buffer.
 const RECV_BUF: usize = 64 * 1024;
 
+/// The descriptor a [`MediaSocket`] uses.
+enum Fd {
+    /// Read and written; registered with the runtime for both.
+    Full(Arc<UdpSocket>),
+    /// Written only; registered while waiting for room.
+    SendOnly(std::net::UdpSocket),
+}
+
 /// A UDP socket read with `recvmmsg`/GRO and written with `sendmmsg`.
 pub(crate) struct MediaSocket {
-    socket: Arc<UdpSocket>,
-    state: UdpSocketState,
+    socket: Fd,
+    state: Option<UdpSocketState>,
     bufs: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     /// Buffers filled by the last receive.
@@ -42,22 +55,48 @@ impl MediaSocket {
         let state = UdpSocketState::new((&*socket).into())?;
         let batch = quinn_udp::BATCH_SIZE.max(1);
         Ok(MediaSocket {
-            socket,
-            state,
+            socket: Fd::Full(socket),
+            state: Some(state),
             bufs: (0..batch).map(|_| vec![0u8; RECV_BUF]).collect(),
             meta: vec![RecvMeta::default(); batch],
             filled: 0,
         })
     }
 
-    /// Waits until the socket may have datagrams to read.
+    /// A send-only duplicate of `socket`'s descriptor (for a worker that does not
+    /// read).
+    pub(crate) fn send_only(socket: Arc<UdpSocket>) -> io::Result<MediaSocket> {
+        let fd = std::os::fd::AsFd::as_fd(&*socket).try_clone_to_owned()?;
+        let dup = std::net::UdpSocket::from(fd);
+        dup.set_nonblocking(true)?;
+        Ok(MediaSocket {
+            socket: Fd::SendOnly(dup),
+            state: None,
+            bufs: Vec::new(),
+            meta: Vec::new(),
+            filled: 0,
+        })
+    }
+
+    /// Waits until the socket may have datagrams to read (never, for a send-only
+    /// socket).
     pub(crate) async fn readable(&self) -> io::Result<()> {
-        self.socket.readable().await
+        match &self.socket {
+            Fd::Full(s) => s.readable().await,
+            Fd::SendOnly(_) => std::future::pending().await,
+        }
     }
 
     /// Waits until the socket may take datagrams.
     pub(crate) async fn writable(&self) -> io::Result<()> {
-        self.socket.writable().await
+        match &self.socket {
+            Fd::Full(s) => s.writable().await,
+            Fd::SendOnly(s) => {
+                // Registered (a fresh duplicate) only for this wait.
+                let waiting = UdpSocket::from_std(s.try_clone()?)?;
+                waiting.writable().await
+            }
+        }
     }
 
     /// Reads one batch of datagrams without waiting; [`MediaSocket::received`] then
@@ -65,9 +104,12 @@ impl MediaSocket {
     /// was nothing to read.
     pub(crate) fn try_recv_batch(&mut self) -> io::Result<usize> {
         self.filled = 0;
+        let (Fd::Full(socket), Some(state)) = (&self.socket, &self.state) else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
         let mut iovs: Vec<IoSliceMut<'_>> =
             self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let (socket, state, meta) = (&self.socket, &self.state, &mut self.meta);
+        let meta = &mut self.meta;
         let n = socket.try_io(Interest::READABLE, || {
             state.recv((&**socket).into(), &mut iovs, meta)
         })?;
@@ -107,10 +149,14 @@ impl MediaSocket {
             .zip(controls.iter_mut())
             .map(|((addr, iov), control)| MMsgHdr::new_with_addr(addr, iov, control))
             .collect();
-        let result = self.socket.try_io(Interest::WRITABLE, || {
-            rustix::net::sendmmsg(&*self.socket, &mut msgs, SendFlags::empty())
-                .map_err(io::Error::from)
-        });
+        let result = match &self.socket {
+            Fd::Full(s) => s.try_io(Interest::WRITABLE, || {
+                rustix::net::sendmmsg(&**s, &mut msgs, SendFlags::empty()).map_err(io::Error::from)
+            }),
+            Fd::SendOnly(s) => {
+                rustix::net::sendmmsg(s, &mut msgs, SendFlags::empty()).map_err(io::Error::from)
+            }
+        };
         match result {
             Ok(sent) => Ok(sent),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),

@@ -107,6 +107,10 @@ struct ServeArgs {
     /// links between its parts) once its nodes are full [default: 0, no cap].
     #[arg(long, env = "MERIDIAN_MAX_PARTICIPANTS")]
     max_participants: Option<usize>,
+    /// Media loops (threads) sharing the media port, each owning a share of the
+    /// rooms [default: 0, one per core the process may use].
+    #[arg(long, env = "MERIDIAN_MEDIA_WORKERS")]
+    media_workers: Option<usize>,
     /// Directory for keys and data [default: ./meridian-data].
     #[arg(long, env = "MERIDIAN_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -289,6 +293,9 @@ fn serve_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(n) = args.max_participants {
         config.media.max_participants = n;
+    }
+    if let Some(n) = args.media_workers {
+        config.media.workers = n;
     }
     if let Some(d) = &args.data_dir {
         config.node.data_dir = d.clone();
