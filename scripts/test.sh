@@ -21,6 +21,9 @@ cargo build --locked -p meridian
 # Includes tests/tests/fuzz_replay.rs: every fuzz/ target's corpus replayed, then
 # FUZZ_SECS (20) seconds of mutated inputs per target (stable toolchain, no cargo-fuzz).
 FUZZ_SECS="${FUZZ_SECS:-20}" cargo test --locked --workspace --no-fail-fast
+# The attacker soak (issue 17): a bounded run of every attack, the spoofed-STUN one from
+# a network namespace it creates (root); fails if the media room loses a track.
+SOAK_SECS="${SOAK_SECS:-30}" cargo test --locked -p meridian --bench soak
 bash scripts/check-ts-types.sh
 
 (cd web-client && npm test && npm run build && npm run docs)

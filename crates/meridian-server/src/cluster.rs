@@ -668,7 +668,7 @@ mod tests {
             rand::random::<u32>()
         ));
         let store = Store::open_embedded(&dir).await.expect("store");
-        let (commands, _rx) = mpsc::channel(8);
+        let (commands, _rx) = crate::workers::Workers::new(1, false);
         let (outbox, _outbox_rx) = crate::mailbox::outbox();
         let cluster = Arc::new(
             Cluster::start(

@@ -169,7 +169,8 @@ impl Workers {
             | Command::CloseSignaling { participant, .. }
             | Command::Remove { participant, .. }
             | Command::Refresh { participant, .. }
-            | Command::Detach { participant, .. } => self.of_participant(*participant),
+            | Command::Detach { participant, .. }
+            | Command::CutMedia { participant, .. } => self.of_participant(*participant),
             Command::Relay { .. } | Command::Shutdown | Command::Count { .. } => 0,
         };
         self.inner.senders[worker]
