@@ -90,9 +90,11 @@ pub(crate) struct Relay {
     pub(crate) sections: HashMap<String, RelayTrack>,
     /// Inbound: the upstream node's media address.
     pub(crate) remote: Option<SocketAddr>,
-    /// Inbound: the DTLS fingerprint of the upstream's offers; another one means the
-    /// upstream rebuilt its side, so this side starts over too.
-    pub(crate) fingerprint: Option<String>,
+    /// Inbound: the ICE ufrag of the upstream's offers; another one means the upstream
+    /// rebuilt its side (relay links are never ICE-restarted), so this side starts over
+    /// too. Not the DTLS fingerprint: one certificate serves every connection of a
+    /// process, so a link rebuilt by the same process keeps it.
+    pub(crate) upstream_ufrag: Option<String>,
     pub(crate) packets: u64,
     pub(crate) packets_by_layer: [u64; 3],
     /// Inbound: states of tracks not (yet) published here, by track id; applied when
@@ -108,7 +110,7 @@ impl Relay {
             rooms: Default::default(),
             sections: HashMap::default(),
             remote: None,
-            fingerprint: None,
+            upstream_ufrag: None,
             packets: 0,
             packets_by_layer: [0; 3],
             pending: HashMap::default(),
@@ -315,16 +317,16 @@ impl Sfu {
         }
         let offer =
             SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
-        let fingerprint = sdp
+        let upstream_ufrag = sdp
             .lines()
-            .find_map(|l| l.trim().strip_prefix("a=fingerprint:"))
+            .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
             .map(str::to_string);
         let rebuilt = self
             .relays_in
             .get(peer)
             .and_then(|id| self.participants.get(id))
             .and_then(|p| p.relay.as_ref())
-            .is_some_and(|r| r.fingerprint != fingerprint);
+            .is_some_and(|r| r.upstream_ufrag != upstream_ufrag);
         if rebuilt {
             // The upstream's side is new (it restarted or rebuilt the link): so is ours.
             self.remove_relay_in(now, peer);
@@ -385,7 +387,7 @@ impl Sfu {
         let mids: Vec<String> = sections.keys().cloned().collect();
         if let Some(r) = p.relay.as_mut() {
             r.sections = sections;
-            r.fingerprint = fingerprint;
+            r.upstream_ufrag = upstream_ufrag;
         }
         for mid in mids {
             let Some(p) = self.participants.get(&id) else {
