@@ -11,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesDecoded, framesAbove } from './harness.mjs';
 
 const SCHEMA = `browser_failover_${process.pid}_${Date.now()}`;
 const PSQL = ['-h', '127.0.0.1', '-U', 'postgres', '-d', 'test', '-v', 'ON_ERROR_STOP=1', '-c'];
@@ -49,44 +49,21 @@ after(async () => {
   if (dataDir) rmSync(dataDir, { recursive: true, force: true });
 });
 
-async function openPage(name, url, errors) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  await context.grantPermissions(['camera', 'microphone']);
-  const page = await context.newPage();
-  page.on('pageerror', (e) => errors.push(`[${name}] pageerror: ${e.message}`));
-  await page.goto(url, { waitUntil: 'load' });
-  return page;
-}
-
-const frames = async (page) => (await page.evaluate(() => window.meridian.stats()))?.framesDecoded ?? 0;
-
-/** Waits until `page` decoded more than `above` frames; returns the count. */
-async function framesAbove(page, above, timeoutMs = 30_000) {
-  const deadline = Date.now() + timeoutMs;
-  let n = 0;
-  while (Date.now() < deadline) {
-    n = await frames(page);
-    if (n > above) return n;
-    await new Promise((r) => setTimeout(r, 250));
-  }
-  throw new Error(`no new frames within ${timeoutMs} ms (still ${n})`);
-}
-
 test('pages reconnect to the surviving node after SIGKILL and see each other again', { timeout: 120_000 }, async () => {
   const errors = [];
   const room = 'room-failover';
   const nodes = `http://${nodeA.listening.http},http://${nodeB.listening.http}`;
   const url = (who) => `http://${nodeA.listening.http}/?transport=ws&nodes=${encodeURIComponent(nodes)}` +
     `&token=${encodeURIComponent(nodeA.token(room, who, '--name', who, '--publish'))}`;
-  const a = await openPage('alice', url('alice'), errors);
-  const b = await openPage('bob', url('bob'), errors);
+  const a = await openPage(browser, 'alice', url('alice'), errors);
+  const b = await openPage(browser, 'bob', url('bob'), errors);
   try {
     for (const p of [a, b]) {
       await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 20_000 });
       await framesAbove(p, 0);
     }
     const ids = await Promise.all([a, b].map((p) => p.evaluate(() => window.meridian.session.participantId)));
-    const before = await Promise.all([a, b].map(frames));
+    const before = await Promise.all([a, b].map(framesDecoded));
     const killedAt = Date.now();
     nodeA.kill('SIGKILL');
     for (const p of [a, b]) {

@@ -138,3 +138,30 @@ export async function freePort() {
     s.listen(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => resolve(port)); });
   });
 }
+
+/** Opens `url` in a new context of `browser` with camera and microphone granted;
+ * uncaught page errors are pushed to `errors`, tagged with `name`. */
+export async function openPage(browser, name, url, errors) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  await context.grantPermissions(['camera', 'microphone']);
+  const page = await context.newPage();
+  page.on('pageerror', (e) => errors.push(`[${name}] pageerror: ${e.message}`));
+  await page.goto(url, { waitUntil: 'load' });
+  return page;
+}
+
+/** Video frames the meeting page's SDK has decoded so far. */
+export const framesDecoded = async (page) =>
+  (await page.evaluate(() => window.meridian.stats()))?.framesDecoded ?? 0;
+
+/** Waits until `page` decoded more than `above` frames; returns the count. */
+export async function framesAbove(page, above, timeoutMs = 30_000) {
+  const deadline = Date.now() + timeoutMs;
+  let n = 0;
+  while (Date.now() < deadline) {
+    n = await framesDecoded(page);
+    if (n > above) return n;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`no new frames within ${timeoutMs} ms (still ${n})`);
+}

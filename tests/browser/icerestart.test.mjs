@@ -9,7 +9,7 @@
 // Run: scripts/test.sh, or after building: cd tests/browser && node --test icerestart.test.mjs
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesDecoded, framesAbove } from './harness.mjs';
 
 let node;
 let browser;
@@ -34,29 +34,6 @@ after(async () => {
   if (node) await node.stop();
 });
 
-async function openPage(name, url, errors) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  await context.grantPermissions(['camera', 'microphone']);
-  const page = await context.newPage();
-  page.on('pageerror', (e) => errors.push(`[${name}] pageerror: ${e.message}`));
-  await page.goto(url, { waitUntil: 'load' });
-  return page;
-}
-
-const frames = async (page) => (await page.evaluate(() => window.meridian.stats()))?.framesDecoded ?? 0;
-
-/** Waits until `page` decoded more than `above` frames; returns the count. */
-async function framesAbove(page, above, timeoutMs = 30_000) {
-  const deadline = Date.now() + timeoutMs;
-  let n = 0;
-  while (Date.now() < deadline) {
-    n = await frames(page);
-    if (n > above) return n;
-    await new Promise((r) => setTimeout(r, 250));
-  }
-  throw new Error(`no new frames within ${timeoutMs} ms (still ${n})`);
-}
-
 /** `POST /dev/cut-media`: the node drops one participant's media for `ms`. */
 async function cutMedia(participantId, ms) {
   const res = await fetch(`http://${node.listening.http}/dev/cut-media`, {
@@ -72,8 +49,8 @@ test('a page whose media path dies comes back by ICE restart on the same partici
   const room = 'room-ice-restart';
   const url = (who) => `http://${node.listening.http}/?transport=ws` +
     `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
-  const a = await openPage('alice', url('alice'), errors);
-  const b = await openPage('bob', url('bob'), errors);
+  const a = await openPage(browser, 'alice', url('alice'), errors);
+  const b = await openPage(browser, 'bob', url('bob'), errors);
   try {
     for (const p of [a, b]) {
       await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 20_000 });
@@ -94,7 +71,7 @@ test('a page whose media path dies comes back by ICE restart on the same partici
     await b.waitForFunction(() => window.meridian.session.iceRestarts >= 1, null, { timeout: CUT_MS + 20_000 });
     const restartedAfter = Date.now() - cutAt;
     await new Promise((r) => setTimeout(r, Math.max(0, CUT_MS - (Date.now() - cutAt))));
-    const [aliceAtEnd, bobAtEnd] = await Promise.all([a, b].map(frames));
+    const [aliceAtEnd, bobAtEnd] = await Promise.all([a, b].map(framesDecoded));
     const [aliceAfter, bobAfter] = await Promise.all([framesAbove(a, aliceAtEnd + 30), framesAbove(b, bobAtEnd + 30)]);
     log(`first restart ${restartedAfter} ms into the cut; both pages decode again ${Date.now() - cutAt} ms after it began`,
       JSON.stringify({ aliceAtEnd, aliceAfter, bobAtEnd, bobAfter }));

@@ -12,7 +12,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesDecoded, framesAbove } from './harness.mjs';
 
 const SCHEMA = `browser_relay_${process.pid}_${Date.now()}`;
 const PSQL = ['-h', '127.0.0.1', '-U', 'postgres', '-d', 'test', '-v', 'ON_ERROR_STOP=1', '-At', '-c'];
@@ -64,29 +64,6 @@ after(async () => {
   if (dataDir) rmSync(dataDir, { recursive: true, force: true });
 });
 
-async function openPage(name, url, errors) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  await context.grantPermissions(['camera', 'microphone']);
-  const page = await context.newPage();
-  page.on('pageerror', (e) => errors.push(`[${name}] pageerror: ${e.message}`));
-  await page.goto(url, { waitUntil: 'load' });
-  return page;
-}
-
-const frames = async (page) => (await page.evaluate(() => window.meridian.stats()))?.framesDecoded ?? 0;
-
-/** Waits until `page` decoded more than `above` frames; returns the count. */
-async function framesAbove(page, above, timeoutMs = 45_000) {
-  const deadline = Date.now() + timeoutMs;
-  let n = 0;
-  while (Date.now() < deadline) {
-    n = await frames(page);
-    if (n > above) return n;
-    await sleep(250);
-  }
-  throw new Error(`no new frames within ${timeoutMs} ms (still ${n})`);
-}
-
 /** The value of one exported series (`name{labels}` exactly), 0 when absent. */
 function series(text, name) {
   for (const line of text.split('\n')) {
@@ -106,20 +83,20 @@ test('a page watches, through node B, a camera published on node A', { timeout: 
   const room = 'room-relay';
   const base = `http://${nodeA.listening.http}`;
   const nodes = `${base},http://${nodeB.listening.http}`;
-  const alice = await openPage('alice', `${base}/?transport=ws&nodes=${encodeURIComponent(nodes)}` +
+  const alice = await openPage(browser, 'alice', `${base}/?transport=ws&nodes=${encodeURIComponent(nodes)}` +
     `&token=${encodeURIComponent(nodeA.token(room, 'alice', '--name', 'Alice', '--publish'))}`, errors);
   let bob;
   try {
     await alice.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 30_000 });
     // Bob knocks at node A too: it is full, so he is redirected to node B.
-    bob = await openPage('bob', `${base}/?transport=ws&publish=0&nodes=${encodeURIComponent(nodes)}` +
+    bob = await openPage(browser, 'bob', `${base}/?transport=ws&publish=0&nodes=${encodeURIComponent(nodes)}` +
       `&token=${encodeURIComponent(nodeA.token(room, 'bob', '--name', 'Bob', '--subscribe'))}`, errors);
     await bob.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 30_000 });
-    const first = await framesAbove(bob, 0);
+    const first = await framesAbove(bob, 0, 45_000);
     const relayIn = `meridian_relay_packets_total{direction="in",peer="node-a"}`;
     const relayOut = `meridian_relay_packets_total{direction="out",peer="node-b"}`;
     const [b0, a0] = [series(await metrics(nodeB), relayIn), series(await metrics(nodeA), relayOut)];
-    const later = await framesAbove(bob, first + 30);
+    const later = await framesAbove(bob, first + 30, 45_000);
     const textB = await metrics(nodeB);
     const [b1, a1] = [series(textB, relayIn), series(await metrics(nodeA), relayOut)];
     log(JSON.stringify({ framesDecoded: [first, later], relayInAtB: [b0, b1], relayOutAtA: [a0, a1] }));
