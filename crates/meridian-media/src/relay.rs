@@ -159,26 +159,15 @@ impl Sfu {
             // The downstream checks this connection's ICE-lite candidate by ufrag.
             self.by_ufrag.insert(subscriber.ufrag.clone(), (id, used));
         }
-        self.participants.insert(
-            id,
-            Participant {
-                room: String::new(),
-                identity: format!("relay:{peer}"),
-                auto_subscribe: false,
-                publisher,
-                subscriber,
-                published: Vec::new(),
-                subscriptions: HashMap::default(),
-                to_add: Vec::new(),
-                to_stop: Vec::new(),
-                idle: Vec::new(),
-                pending_offer: None,
-                estimate_bps: None,
-                announced: HashMap::default(),
-                ssrc_map: HashMap::default(),
-                relay: Some(Relay::new(peer, inbound)),
-            },
+        let mut participant = Participant::new(
+            String::new(),
+            format!("relay:{peer}"),
+            false,
+            publisher,
+            subscriber,
         );
+        participant.relay = Some(Relay::new(peer, inbound));
+        self.participants.insert(id, participant);
         if inbound {
             self.relays_in.insert(peer.to_string(), id);
         } else {

@@ -58,6 +58,34 @@ pub(crate) struct Participant {
 }
 
 impl Participant {
+    /// A participant with its two connections and nothing published, subscribed or
+    /// negotiated yet.
+    pub(crate) fn new(
+        room: String,
+        identity: String,
+        auto_subscribe: bool,
+        publisher: Pc,
+        subscriber: Pc,
+    ) -> Participant {
+        Participant {
+            room,
+            identity,
+            auto_subscribe,
+            publisher,
+            subscriber,
+            published: Vec::new(),
+            subscriptions: HashMap::default(),
+            to_add: Vec::new(),
+            to_stop: Vec::new(),
+            idle: Vec::new(),
+            pending_offer: None,
+            estimate_bps: None,
+            announced: HashMap::default(),
+            ssrc_map: HashMap::default(),
+            relay: None,
+        }
+    }
+
     pub(crate) fn pc(&self, kind: PcKind) -> &Pc {
         match kind {
             PcKind::Publisher => &self.publisher,
@@ -182,23 +210,13 @@ impl Sfu {
             .insert(subscriber.ufrag.clone(), (id, PcKind::Subscriber));
         self.participants.insert(
             id,
-            Participant {
-                room: room.to_string(),
-                identity: identity.to_string(),
+            Participant::new(
+                room.to_string(),
+                identity.to_string(),
                 auto_subscribe,
                 publisher,
                 subscriber,
-                published: Vec::new(),
-                subscriptions: HashMap::default(),
-                to_add: Vec::new(),
-                to_stop: Vec::new(),
-                idle: Vec::new(),
-                pending_offer: None,
-                estimate_bps: None,
-                announced: HashMap::default(),
-                ssrc_map: HashMap::default(),
-                relay: None,
-            },
+            ),
         );
         self.rooms.entry(room.to_string()).or_default().push(id);
         debug!(participant = %id, room, "participant added");
