@@ -8,6 +8,7 @@
 
 mod cluster;
 pub mod config;
+mod datapath;
 mod http;
 pub mod impair;
 pub mod internal;

@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use meridian_events::RoomState;
 use meridian_media::ParticipantId;
 use meridian_protocol::{ErrorCode, ServerMessage};
-use meridian_room::{JoinRequest, Joined, Refusal};
+use meridian_room::{Controller, JoinRequest, Joined, Refusal};
 use meridian_store::NewEvent;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -227,6 +228,80 @@ pub(crate) enum RelayOp {
     RemoveOut { peer: String },
     /// Counters of every link.
     Stats,
+}
+
+impl RelayOp {
+    /// Carries the operation out on the worker's media core.
+    pub(crate) fn apply(
+        self,
+        c: &mut Controller<SessionSink>,
+        now: Instant,
+    ) -> Result<RelayReply, String> {
+        match self {
+            Self::Relay { peer, parts, fresh } => {
+                let linked = c.relay(now, |sfu, now| {
+                    if fresh {
+                        sfu.remove_relay_out(now, &peer);
+                    }
+                    let before = sfu.relayed_rooms(&peer);
+                    for part in &parts {
+                        sfu.relay_room(now, &peer, part);
+                    }
+                    for part in &before {
+                        if !parts.contains(part) {
+                            sfu.unrelay_room(now, &peer, part);
+                        }
+                    }
+                    parts
+                        .iter()
+                        .filter(|p| !before.contains(p))
+                        .cloned()
+                        .collect()
+                });
+                Ok(RelayReply::Linked(linked))
+            }
+            Self::Offer {
+                peer,
+                peer_addr,
+                sdp,
+                tracks,
+            } => c
+                .relay(now, |sfu, now| {
+                    sfu.handle_relay_offer(now, &peer, peer_addr, &sdp, tracks)
+                })
+                .map(RelayReply::Answer)
+                .map_err(|e| e.to_string()),
+            Self::Answer { peer, sdp } => c
+                .relay(now, |sfu, now| sfu.handle_relay_answer(now, &peer, &sdp))
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
+            Self::Layer { peer, track, layer } => c
+                .relay(now, |sfu, now| {
+                    sfu.set_relay_layer(now, &peer, track, layer)
+                })
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
+            Self::TrackState { peer, state } => c
+                .relay(now, |sfu, now| {
+                    sfu.handle_relay_track_state(now, &peer, state)
+                })
+                .map(|_| RelayReply::Done)
+                .map_err(|e| e.to_string()),
+            Self::Remove { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            Self::RemoveIn { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay_in(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            Self::RemoveOut { peer } => {
+                c.relay(now, |sfu, now| sfu.remove_relay_out(now, &peer));
+                Ok(RelayReply::Done)
+            }
+            Self::Stats => Ok(RelayReply::Stats(c.sfu().relay_stats())),
+        }
+    }
 }
 
 /// What a [`RelayOp`] returns.

@@ -5,27 +5,23 @@
 //! the socket and hands other workers their datagrams. Every rule about sessions,
 //! rooms and the log lives in `meridian_room`.
 
-use std::collections::VecDeque;
-use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meridian_media::Transmit;
 use meridian_protocol::{ErrorCode, ServerMessage};
 use meridian_room::{Controller, ControllerConfig, ControllerStats, Output, Refusal};
 use meridian_store::NewEvent;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use crate::datapath::DataPath;
 use crate::impair::Impairer;
-use crate::mailbox::{Command, Outbound, OutboxTx, RelayOp, RelayReply, SessionSink};
+use crate::mailbox::{Command, Outbound, OutboxTx, SessionSink};
 use crate::metrics::Metrics;
 use crate::udp::MediaSocket;
 use crate::workers::{Handoff, Inbox, WorkerRoutes};
 
-/// Datagrams handled per wake-up before timers and commands get a turn.
-const RECV_BATCH: usize = 256;
 /// Items the outbox may hold before new joins are refused (the log is far behind).
 const OUTBOX_LIMIT: usize = 100_000;
 /// Least time between two metric updates (taken only after something happened).
@@ -51,15 +47,11 @@ pub(crate) enum Intake {
 
 pub(crate) struct MediaLoop {
     controller: Controller<SessionSink>,
-    socket: MediaSocket,
+    path: DataPath,
     metrics: Metrics,
-    /// Datagrams not yet handed to the kernel (the socket's send buffer was full).
-    outgoing: VecDeque<Transmit>,
     outbox: OutboxTx,
     /// Controller counters already added to the metrics.
     counted: ControllerStats,
-    /// Chaos-test emulators between the socket and the controller (dev mode only).
-    impair: Impairer,
     /// The relay socket and what the relay driver must carry to other nodes.
     relay: Option<crate::relay::RelayIo>,
     /// This worker's routes (which rooms and participants it holds, its load).
@@ -88,19 +80,17 @@ impl MediaLoop {
             intake: Some(intake),
             busy: Duration::ZERO,
             controller: Controller::new(config, Instant::now()),
-            socket: socket.expect("a bound UDP socket takes its options"),
+            path: DataPath::new(socket.expect("a bound UDP socket takes its options")),
             metrics,
-            outgoing: VecDeque::new(),
             outbox,
             counted: ControllerStats::default(),
-            impair: Impairer::default(),
             relay: None,
         }
     }
 
     /// Passes the socket's datagrams through `impair` (`--impair`, dev mode).
     pub(crate) fn impaired(mut self, impair: Impairer) -> MediaLoop {
-        self.impair = impair;
+        self.path.set_impairment(impair);
         self
     }
 
@@ -122,7 +112,7 @@ impl MediaLoop {
         self.observe();
         loop {
             let next = self.controller.poll_timeout();
-            let next = self.impair.poll_timeout().map_or(next, |i| i.min(next));
+            let next = self.path.poll_timeout().map_or(next, |i| i.min(next));
             let deadline = tokio::time::Instant::from_std(next);
             let wake = tokio::select! {
                 biased;
@@ -131,7 +121,7 @@ impl MediaLoop {
                 _ = sleep_until_some(observe_at) => Wake::Observe,
                 // Last: a socket that is always readable (saturation) must not starve
                 // commands (joins timed out at 474 subscribers) or the metrics tick.
-                ready = self.socket.readable(), if handoff.is_some() => Wake::Socket(ready),
+                ready = self.path.readable(), if handoff.is_some() => Wake::Socket(ready),
                 batch = recv_some(&mut inbox) => Wake::Handed(batch),
                 ready = crate::relay::readable(&self.relay) => Wake::Relay(ready),
             };
@@ -145,7 +135,7 @@ impl MediaLoop {
                     self.handle_command(cmd);
                 }
                 Wake::Timer => {
-                    self.release_impaired(woke);
+                    self.path.release_impaired(&mut self.controller, woke);
                     if woke >= self.controller.poll_timeout() {
                         self.controller.handle_timeout(woke);
                     }
@@ -160,7 +150,13 @@ impl MediaLoop {
                         warn!("media socket failed: {e}");
                         return;
                     }
-                    self.receive_batch(handoff.as_mut());
+                    let me = self.routes.index;
+                    self.path.receive_batch(
+                        &mut self.controller,
+                        &self.metrics,
+                        handoff.as_mut(),
+                        me,
+                    );
                     // The relay socket is read on every media wake-up too: behind the
                     // always-busy media socket of a loaded node, its own branch would
                     // rarely get a turn (relayed packets waited hundreds of ms).
@@ -173,7 +169,8 @@ impl MediaLoop {
                         info!("media loop stopping: the receiving worker is gone");
                         return;
                     };
-                    self.receive_handed(batch);
+                    self.path
+                        .receive_handed(&mut self.controller, &self.metrics, batch);
                 }
                 Wake::Relay(ready) => {
                     if let Some(relay) = &mut self.relay {
@@ -194,91 +191,9 @@ impl MediaLoop {
         }
     }
 
-    /// Reads datagrams in `recvmmsg` batches (up to [`RECV_BATCH`] per wake-up), hands
-    /// other workers theirs and each of its own to the controller; the copies one
-    /// datagram fans out to leave in one `sendmmsg` before the next datagram is handled
-    /// (a packet waits for no other).
-    fn receive_batch(&mut self, mut handoff: Option<&mut Handoff>) {
-        let me = self.routes.index;
-        let mut handled = 0;
-        while handled < RECV_BATCH {
-            match self.socket.try_recv_batch() {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                // ICMP errors for earlier sends surface here on Linux: ignore.
-                Err(e) => {
-                    debug!("media recv: {e}");
-                    continue;
-                }
-            }
-            let now = Instant::now();
-            for (source, datagram) in self.socket.received() {
-                handled += 1;
-                if let Some(h) = handoff.as_deref_mut().filter(|h| h.active()) {
-                    let worker = h.steer(now, source, datagram);
-                    if worker != me {
-                        h.push(worker, source, datagram);
-                        continue;
-                    }
-                }
-                handle_received(
-                    &self.socket,
-                    &mut self.controller,
-                    &mut self.impair,
-                    &mut self.outgoing,
-                    &self.metrics,
-                    source,
-                    datagram,
-                );
-            }
-            if let Some(h) = handoff.as_deref_mut() {
-                h.flush();
-            }
-        }
-    }
-
-    /// Handles datagrams the receiving worker handed over.
-    fn receive_handed(&mut self, batch: crate::workers::Batch) {
-        for (source, datagram) in &batch {
-            handle_received(
-                &self.socket,
-                &mut self.controller,
-                &mut self.impair,
-                &mut self.outgoing,
-                &self.metrics,
-                *source,
-                datagram,
-            );
-        }
-    }
-
-    /// Hands the impairment's due datagrams on: received ones to the controller, sent
-    /// ones to the socket's queue.
-    fn release_impaired(&mut self, now: Instant) {
-        while let Some((source, datagram)) = self.impair.poll_receive(now) {
-            self.controller.handle_datagram(now, source, &datagram);
-            if now >= self.controller.poll_timeout() {
-                self.controller.handle_timeout(now);
-            }
-        }
-        while let Some(t) = self.impair.poll_send(now) {
-            self.outgoing.push_back(t);
-        }
-    }
-
     /// Sends queued datagrams and hands the controller's outputs to the outbox.
     async fn flush(&mut self) {
-        while !send_ready(
-            &self.socket,
-            &mut self.controller,
-            &mut self.impair,
-            &mut self.outgoing,
-        ) {
-            if let Err(e) = self.socket.writable().await {
-                warn!("media socket failed: {e}");
-                break;
-            }
-        }
+        self.path.send_all(&mut self.controller).await;
         if let Some(relay) = &mut self.relay {
             relay.send(&mut self.controller).await;
         }
@@ -445,76 +360,8 @@ impl MediaLoop {
                 let _ = reply.send(self.controller.cut_media(now, participant, duration));
             }
             Command::Relay { op, reply } => {
-                let _ = reply.send(self.relay_op(now, op));
+                let _ = reply.send(op.apply(&mut self.controller, now));
             }
-        }
-    }
-
-    fn relay_op(&mut self, now: Instant, op: RelayOp) -> Result<RelayReply, String> {
-        let c = &mut self.controller;
-        match op {
-            RelayOp::Relay { peer, parts, fresh } => {
-                let linked = c.relay(now, |sfu, now| {
-                    if fresh {
-                        sfu.remove_relay_out(now, &peer);
-                    }
-                    let before = sfu.relayed_rooms(&peer);
-                    for part in &parts {
-                        sfu.relay_room(now, &peer, part);
-                    }
-                    for part in &before {
-                        if !parts.contains(part) {
-                            sfu.unrelay_room(now, &peer, part);
-                        }
-                    }
-                    parts
-                        .iter()
-                        .filter(|p| !before.contains(p))
-                        .cloned()
-                        .collect()
-                });
-                Ok(RelayReply::Linked(linked))
-            }
-            RelayOp::Offer {
-                peer,
-                peer_addr,
-                sdp,
-                tracks,
-            } => c
-                .relay(now, |sfu, now| {
-                    sfu.handle_relay_offer(now, &peer, peer_addr, &sdp, tracks)
-                })
-                .map(RelayReply::Answer)
-                .map_err(|e| e.to_string()),
-            RelayOp::Answer { peer, sdp } => c
-                .relay(now, |sfu, now| sfu.handle_relay_answer(now, &peer, &sdp))
-                .map(|_| RelayReply::Done)
-                .map_err(|e| e.to_string()),
-            RelayOp::Layer { peer, track, layer } => c
-                .relay(now, |sfu, now| {
-                    sfu.set_relay_layer(now, &peer, track, layer)
-                })
-                .map(|_| RelayReply::Done)
-                .map_err(|e| e.to_string()),
-            RelayOp::TrackState { peer, state } => c
-                .relay(now, |sfu, now| {
-                    sfu.handle_relay_track_state(now, &peer, state)
-                })
-                .map(|_| RelayReply::Done)
-                .map_err(|e| e.to_string()),
-            RelayOp::Remove { peer } => {
-                c.relay(now, |sfu, now| sfu.remove_relay(now, &peer));
-                Ok(RelayReply::Done)
-            }
-            RelayOp::RemoveIn { peer } => {
-                c.relay(now, |sfu, now| sfu.remove_relay_in(now, &peer));
-                Ok(RelayReply::Done)
-            }
-            RelayOp::RemoveOut { peer } => {
-                c.relay(now, |sfu, now| sfu.remove_relay_out(now, &peer));
-                Ok(RelayReply::Done)
-            }
-            RelayOp::Stats => Ok(RelayReply::Stats(c.sfu().relay_stats())),
         }
     }
 }
@@ -533,57 +380,4 @@ async fn recv_some(inbox: &mut Option<Inbox>) -> Option<crate::workers::Batch> {
         Some(i) => i.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// Hands one received datagram to the controller (or the ingress impairment) and sends
-/// the copies it produced.
-fn handle_received(
-    socket: &MediaSocket,
-    controller: &mut Controller<SessionSink>,
-    impair: &mut Impairer,
-    outgoing: &mut VecDeque<Transmit>,
-    metrics: &Metrics,
-    source: std::net::SocketAddr,
-    datagram: &[u8],
-) {
-    let now = Instant::now();
-    if impair.ingress() {
-        impair.receive(now, source, datagram);
-        return;
-    }
-    let forwarded = controller.sfu_stats().rtp_packets_forwarded;
-    controller.handle_datagram(now, source, datagram);
-    send_ready(socket, controller, impair, outgoing);
-    if controller.sfu_stats().rtp_packets_forwarded > forwarded {
-        metrics.forward_latency.observe(now.elapsed().as_secs_f64());
-    }
-    if now >= controller.poll_timeout() {
-        controller.handle_timeout(now);
-    }
-}
-
-/// Moves the controller's datagrams to `outgoing` and sends them with `sendmmsg`
-/// (through the egress impairment, if any) without waiting. Returns whether everything
-/// left (false: the send buffer is full).
-fn send_ready(
-    socket: &MediaSocket,
-    controller: &mut Controller<SessionSink>,
-    impair: &mut Impairer,
-    outgoing: &mut VecDeque<Transmit>,
-) -> bool {
-    let now = Instant::now();
-    while let Some(t) = controller.poll_transmit() {
-        impair.send(now, t, outgoing);
-    }
-    while !outgoing.is_empty() {
-        match socket.try_send_batch(outgoing.make_contiguous()) {
-            Ok(n) => drop(outgoing.drain(..n)),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-            Err(e) => {
-                debug!("media send: {e}");
-                outgoing.pop_front();
-            }
-        }
-    }
-    true
 }
