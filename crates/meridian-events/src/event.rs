@@ -201,6 +201,42 @@ pub enum Event {
         /// Why, in words (`down`, `peer_gone`, …).
         reason: String,
     },
+    /// A room part's tracks started crossing a region boundary over a relay link:
+    /// recorded by both ends (on each one's `node:<id>` stream, in its own region's
+    /// log), so an auditor of either region sees where its users' media went.
+    RegionRelayLinked {
+        /// The room (the name in clients' tokens).
+        room: String,
+        /// The sending part (its stream in the sending region's log).
+        part: String,
+        /// The sending region and node.
+        from_region: String,
+        /// The node publishing the tracks.
+        from_node: String,
+        /// The receiving region.
+        to_region: String,
+        /// The node receiving the tracks.
+        to_node: String,
+    },
+    /// The tracks of `part` stopped crossing from `from_node` to `to_node` (recorded
+    /// by both ends, as [`Event::RegionRelayLinked`]).
+    RegionRelayUnlinked {
+        /// The room.
+        room: String,
+        /// The sending part.
+        part: String,
+        /// The sending region.
+        from_region: String,
+        /// The sending node.
+        from_node: String,
+        /// The receiving region.
+        to_region: String,
+        /// The receiving node.
+        to_node: String,
+        /// Why, in words (`left`: no part of the room is left on one side,
+        /// `peer_gone`: the other region stopped answering or its node left).
+        reason: String,
+    },
 }
 
 impl Event {
@@ -225,6 +261,8 @@ impl Event {
             Event::RoomPartPlaced { .. } => "RoomPartPlaced",
             Event::RelayLinked { .. } => "RelayLinked",
             Event::RelayUnlinked { .. } => "RelayUnlinked",
+            Event::RegionRelayLinked { .. } => "RegionRelayLinked",
+            Event::RegionRelayUnlinked { .. } => "RegionRelayUnlinked",
         }
     }
 
