@@ -472,16 +472,18 @@ impl Node {
             config.signaling.joins_per_ip_per_minute,
         );
         let keys = Arc::new(keys);
-        let relay = Arc::new(relay::Relay::new(
-            keys.clone(),
-            cluster.clone(),
-            commands.clone(),
-            metrics.clone(),
-            internal_tls.clone(),
-            candidate,
-            config.media.max_participants,
-            &config.regions,
-        ));
+        let relay = Arc::new(
+            relay::Relay::new(
+                keys.clone(),
+                cluster.clone(),
+                commands.clone(),
+                metrics.clone(),
+                internal_tls.clone(),
+                candidate,
+                config.media.max_participants,
+            )
+            .with_regions(&config.regions),
+        );
         let state = NodeState {
             identity_keys,
             relay: relay.clone(),

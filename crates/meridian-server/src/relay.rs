@@ -287,14 +287,8 @@ impl Relay {
         tls: Arc<InternalTls>,
         media_addr: SocketAddr,
         max_participants: usize,
-        regions: &[crate::regions::RegionEntry],
     ) -> Relay {
         let region = cluster.region().to_string();
-        let other_regions = regions
-            .iter()
-            .filter(|r| r.id != region && r.relay_addr.is_some())
-            .cloned()
-            .collect();
         Relay {
             node: cluster.node().to_string(),
             region,
@@ -308,9 +302,19 @@ impl Relay {
             into: Mutex::new(HashMap::new()),
             forwarded_pps: AtomicU64::new(0),
             directory: Mutex::new(Directory::default()),
-            other_regions,
+            other_regions: Vec::new(),
             foreign: Mutex::new(Default::default()),
         }
+    }
+
+    /// Lets rooms span the directory's other regions that have a `relay_addr`.
+    pub(crate) fn with_regions(mut self, regions: &[crate::regions::RegionEntry]) -> Relay {
+        self.other_regions = regions
+            .iter()
+            .filter(|r| r.id != self.region && r.relay_addr.is_some())
+            .cloned()
+            .collect();
+        self
     }
 
     /// A node token for this node's requests to other nodes.
