@@ -313,7 +313,7 @@ jq -cn \
     wan_packets_before_failure: ($wan_before.pairs | map({key: "\(.from)->\(.to)", value: .packets_out}) | from_entries),
     wan_packets_total: ($wan.pairs | map({key: "\(.from)->\(.to)", value: .packets_out}) | from_entries),
     wan_drops: ($wan.overflow_drops + $wan.reader_drops),
-    measured: "bytes and copies from the nodes' metrics 1 s before the failure; cross pairs from the subscribers of x3 (eu→us, eu→ap) and xua (us→ap)"
+    measured: "bytes and copies from the metrics of the nodes 1 s before the failure; cross pairs from the subscribers of x3 (eu→us, eu→ap) and xua (us→ap)"
   }' >"$WORK/result.json"
 PLOT=${PLOT:-$ROOT/target/bench-regions.png}
 # Debian's python3 (matplotlib from apt), not a pyenv shim that cannot see it.
