@@ -15,7 +15,7 @@
 #
 # Root only (ip netns). Everything made here is removed on every exit path.
 # Knobs (env): ROOMS (per region, 4), PUBS (per room, 1), SUBS (per room, 2),
-# DURATION (s of measurement, 20), KILL_AT (s after the clients start, 12),
+# DURATION (s of measurement, 24), KILL_AT (s after the clients start, 16),
 # VICTIM (ap), WAN_LOSS (0%), MERIDIAN_BIN / NETSIM_BIN (default: a debug build),
 # KEEP=1 (keep the work folder with every log), PLOT=FILE.png (where the plot of
 # locality, latency per region pair and probe RTTs goes; default target/bench-regions.png).
@@ -27,8 +27,8 @@ cd "$ROOT"
 ROOMS=${ROOMS:-4}
 PUBS=${PUBS:-1}
 SUBS=${SUBS:-2}
-DURATION=${DURATION:-20}
-KILL_AT=${KILL_AT:-12}
+DURATION=${DURATION:-24}
+KILL_AT=${KILL_AT:-16}
 VICTIM=${VICTIM:-ap}
 WAN_LOSS=${WAN_LOSS:-0%}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -195,19 +195,21 @@ done
 # ---- clients of the rooms that span regions ----
 # x3: publisher (+1 subscriber) in eu, SUBS subscribers in us (the whole run, through
 # the failure) and in ap; xua: publisher in us, SUBS subscribers in ap. The clients in
-# ap measure before the failure.
-SHORT=$((KILL_AT - 3 - 2))
+# ap measure before the failure. Their warm-up (6 s from start) covers probing every
+# region (~1.4 s from ap), the join, discovery and the link's set-up over the WAN.
+CROSS_WARMUP=6
+SHORT=$((KILL_AT - CROSS_WARMUP - 2))
 cross_lg() { # name region-index region room pubs subs duration-s
   ip netns exec "$TAG-$3" "$BIN" loadgen --login "http://$NET.$2.2:7880" --identity-key "$WORK/idp.pem" \
     --identity-kid idp-1 --publishers "$5" --subscribers "$6" --rooms 1 --room-prefix "$4" \
-    --bind-ip "$NET.$2.5" --layer-kbps 60,120,250 --fps 15 --warmup 3s --duration "${7}s" --json \
+    --bind-ip "$NET.$2.5" --layer-kbps 60,120,250 --fps 15 --warmup "${CROSS_WARMUP}s" --duration "${7}s" --json \
     >"$WORK/lg-$1.out" 2>"$WORK/lg-$1.err" &
   PIDS+=($!)
   eval "LG_$1=$!"
 }
 cross_lg x3eu 1 eu x3 1 1 "$DURATION"
 sleep 1 # the publisher first: the subscribers' first frames then come from the relay
-cross_lg x3us 2 us x3 0 "$SUBS" "$DURATION"
+cross_lg x3us 2 us x3 0 "$SUBS" "$((DURATION - CROSS_WARMUP + 3))"
 cross_lg x3ap 3 ap x3 0 "$SUBS" "$SHORT"
 cross_lg xuaus 2 us xua 1 0 "$SHORT"
 sleep 1
