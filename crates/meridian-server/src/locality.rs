@@ -310,6 +310,25 @@ mod tests {
     }
 
     #[test]
+    fn boundary_figures_are_exported_per_peer_region() {
+        let m = RegionMetrics::default();
+        m.configure("eu", Prices::default());
+        m.boundary("us", 1, 4);
+        m.boundary("ap", 0, 0);
+        let mut r = Registry::with_prefix("meridian");
+        m.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        for line in [
+            r#"meridian_region_boundary_copies_max{peer_region="us"} 1"#,
+            r#"meridian_region_boundary_tracks{peer_region="us"} 4"#,
+            r#"meridian_region_boundary_copies_max{peer_region="ap"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+    }
+
+    #[test]
     fn peer_regions_are_bounded() {
         let m = RegionMetrics::default();
         m.configure("eu", Prices::default());
