@@ -329,30 +329,23 @@ impl Relay {
             }
             (added, removed)
         };
-        for part in added {
-            self.cluster
-                .record(Event::RegionRelayLinked {
-                    room: room_of_part(&part).to_string(),
-                    part,
-                    from_region: from_region.into(),
-                    from_node: from.into(),
-                    to_region: to_region.into(),
-                    to_node: to.into(),
-                })
-                .await;
-        }
-        for part in removed {
-            self.cluster
-                .record(Event::RegionRelayUnlinked {
-                    room: room_of_part(&part).to_string(),
-                    part,
-                    from_region: from_region.into(),
-                    from_node: from.into(),
-                    to_region: to_region.into(),
-                    to_node: to.into(),
-                    reason: reason.into(),
-                })
-                .await;
+        let link = |part: String| meridian_events::RegionLink {
+            room: room_of_part(&part).to_string(),
+            part,
+            from_region: from_region.to_string(),
+            from_node: from.to_string(),
+            to_region: to_region.to_string(),
+            to_node: to.to_string(),
+        };
+        let events = added
+            .into_iter()
+            .map(|p| Event::RegionRelayLinked { link: link(p) })
+            .chain(removed.into_iter().map(|p| Event::RegionRelayUnlinked {
+                link: link(p),
+                reason: reason.to_string(),
+            }));
+        for event in events.collect::<Vec<_>>() {
+            self.cluster.record(event).await;
         }
     }
 
