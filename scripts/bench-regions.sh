@@ -215,14 +215,15 @@ cross_lg xuaus 2 us xua 1 0 "$SHORT"
 sleep 1
 cross_lg xuaap 3 ap xua 0 "$SUBS" "$SHORT"
 
-metrics_of() { # region index, region, host → "in_region cross_region copies_max" of the node
+metrics_of() { # region index, region, host → "in_region cross_region copies_max relay_packets_in" of the node
   local pki="$WORK/pki" # the shared internal CA's operator certificate (mutual TLS)
   in_ns "$2" curl -sf --cacert "$pki/ca.pem" --cert "$pki/client.pem" --key "$pki/client.key" \
     "https://$NET.$1.$3:7883/metrics" 2>/dev/null |
     awk '/^meridian_media_bytes_total\{path="in_region"/ {i+=$2}
       /^meridian_media_bytes_total\{path="cross_region"/ {c+=$2}
       /^meridian_region_boundary_copies_max\{/ {if ($2 > m) m = $2}
-      END {printf "%d %d %d\n", i, c, m}'
+      /^meridian_relay_packets_total\{direction="in"/ {p+=$2}
+      END {printf "%d %d %d %d\n", i, c, m, p}'
 }
 sleep "$((KILL_AT - 1))"
 IN=0
@@ -233,7 +234,7 @@ for i in 1 2 3; do
   r=${REGIONS[$((i - 1))]}
   IN_BY[$r]=0
   for h in 2 3; do
-    read -r a b m < <(metrics_of "$i" "$r" "$h")
+    read -r a b m _ < <(metrics_of "$i" "$r" "$h")
     IN=$((IN + a))
     IN_BY[$r]=$((IN_BY[$r] + a))
     CROSS=$((CROSS + b))
@@ -242,8 +243,16 @@ for i in 1 2 3; do
 done
 sleep 1
 cp "$WORK/wan.json" "$WORK/wan-before.json" 2>/dev/null || echo '{"pairs":[]}' >"$WORK/wan-before.json"
+us_relay_in() { # relay packets us's nodes received so far (x3: eu's tracks)
+  local sum=0 p
+  for h in 2 3; do read -r _ _ _ p < <(metrics_of 2 us "$h"); sum=$((sum + p)); done
+  echo "$sum"
+}
 log "killing both nodes of $VICTIM (SIGKILL)"
+US_RELAY_AT_KILL=$(us_relay_in)
 for h in 2 3; do kill -9 "${NODE_PIDS[$VICTIM-$h]}"; done
+sleep 6
+US_RELAY_AFTER=$(( $(us_relay_in) - US_RELAY_AT_KILL ))
 
 for r in "${REGIONS[@]}" x3eu x3us x3ap xuaus xuaap; do
   pid_var="LG_$r"
@@ -264,7 +273,7 @@ jq -cn \
   --argjson eu "$EU" --argjson us "$US" --argjson ap "$AP" --argjson victim "$VJ" \
   --argjson x3us "$X3US" --argjson x3ap "$X3AP" --argjson xuaap "$XUAAP" --argjson x3eu "$X3EU" \
   --argjson copies "$COPIES" --argjson in_eu "${IN_BY[eu]}" --argjson in_us "${IN_BY[us]}" \
-  --argjson in_ap "${IN_BY[ap]}" \
+  --argjson in_ap "${IN_BY[ap]}" --argjson us_relay_after "$US_RELAY_AFTER" \
   --argjson wan "$(cat "$WORK/wan.json")" --argjson wan_before "$(cat "$WORK/wan-before.json")" \
   --arg victim_name "$VICTIM" --argjson in_bytes "$IN" --argjson cross_bytes "$CROSS" \
   --argjson rooms "$ROOMS" --arg loss "$WAN_LOSS" '
@@ -294,7 +303,8 @@ jq -cn \
       "eu-us": $x3us.latency_ms_p95, "us-ap": $xuaap.latency_ms_p95, "eu-ap": $x3ap.latency_ms_p95},
     cross_room_tracks_received: {"x3@eu": "\($x3eu.tracks_received)", "x3@us": "\($x3us.tracks_received)",
       "x3@ap": "\($x3ap.tracks_received)", "xua@ap": "\($xuaap.tracks_received)"},
-    x3_us_through_failure: {rehomes: $x3us.rehomes, clients_failed: $x3us.clients_failed,
+    x3_us_through_failure: {relay_packets_into_us_in_6s_after_failure: $us_relay_after,
+      rehomes: $x3us.rehomes, clients_failed: $x3us.clients_failed,
       tracks_received: $x3us.tracks_received, latency_ms_p95: $x3us.latency_ms_p95},
     probe_rtt_ms_median: {
       "eu->eu": med($eu; "eu"), "eu->us": med($eu; "us"), "eu->ap": med($eu; "ap"),
