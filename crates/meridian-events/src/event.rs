@@ -201,6 +201,42 @@ pub enum Event {
         /// Why, in words (`down`, `peer_gone`, …).
         reason: String,
     },
+    /// A room part's tracks started crossing a region boundary over a relay link:
+    /// recorded by both ends (on each one's `node:<id>` stream, in its own region's
+    /// log), so an auditor of either region sees where its users' media went.
+    RegionRelayLinked {
+        /// Who sends what to whom.
+        #[serde(flatten)]
+        link: RegionLink,
+    },
+    /// The tracks of a part stopped crossing (recorded by both ends, as
+    /// [`Event::RegionRelayLinked`]).
+    RegionRelayUnlinked {
+        /// The link that ended.
+        #[serde(flatten)]
+        link: RegionLink,
+        /// Why, in words (`left`: the part is no longer relayed, `down`: the link
+        /// went down, `peer_gone`: the other region stopped naming the node).
+        reason: String,
+    },
+}
+
+/// A relay link of one room part across a region boundary (fields of
+/// [`Event::RegionRelayLinked`] and [`Event::RegionRelayUnlinked`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionLink {
+    /// The room (the name in clients' tokens).
+    pub room: String,
+    /// The sending part (its stream in the sending region's log).
+    pub part: String,
+    /// The sending region.
+    pub from_region: String,
+    /// The node publishing the tracks.
+    pub from_node: String,
+    /// The receiving region.
+    pub to_region: String,
+    /// The node receiving the tracks.
+    pub to_node: String,
 }
 
 impl Event {
@@ -225,6 +261,8 @@ impl Event {
             Event::RoomPartPlaced { .. } => "RoomPartPlaced",
             Event::RelayLinked { .. } => "RelayLinked",
             Event::RelayUnlinked { .. } => "RelayUnlinked",
+            Event::RegionRelayLinked { .. } => "RegionRelayLinked",
+            Event::RegionRelayUnlinked { .. } => "RegionRelayUnlinked",
         }
     }
 
@@ -271,4 +309,33 @@ pub struct RecordedEvent {
     pub hash: String,
     /// The previous record's hash in the region log (hex), or [`crate::GENESIS_HASH`].
     pub prev_hash: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_links_are_flat_json_and_round_trip() {
+        let link = RegionLink {
+            room: "x3".into(),
+            part: "x3".into(),
+            from_region: "eu".into(),
+            from_node: "eu-2".into(),
+            to_region: "us".into(),
+            to_node: "us-3".into(),
+        };
+        let event = Event::RegionRelayUnlinked {
+            link,
+            reason: "peer_gone".into(),
+        };
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], "RegionRelayUnlinked");
+        assert_eq!(json["from_region"], "eu");
+        assert_eq!(json["to_node"], "us-3");
+        assert_eq!(json["reason"], "peer_gone");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(back.event_type(), "RegionRelayUnlinked");
+    }
 }

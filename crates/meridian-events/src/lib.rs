@@ -25,8 +25,8 @@ pub mod upcast;
 pub use chain::{GENESIS_HASH, HashInput, chain_hash};
 pub use decide::{Command, DomainError, decide};
 pub use event::{
-    CURRENT_SCHEMA_VERSION, Event, LeaveReason, PART_SEPARATOR, RecordedEvent, TrackKind,
-    node_stream, part_name, room_of_part, room_stream,
+    CURRENT_SCHEMA_VERSION, Event, LeaveReason, PART_SEPARATOR, RecordedEvent, RegionLink,
+    TrackKind, node_stream, part_name, room_of_part, room_stream,
 };
 pub use room::{NodeLeaseState, Participant, RoomState, Track};
 pub use upcast::{EventError, decode_event};

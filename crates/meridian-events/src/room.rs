@@ -185,7 +185,9 @@ impl RoomState {
             | Event::NodeLeaseExpired { .. }
             | Event::RoomPartPlaced { .. }
             | Event::RelayLinked { .. }
-            | Event::RelayUnlinked { .. } => {}
+            | Event::RelayUnlinked { .. }
+            | Event::RegionRelayLinked { .. }
+            | Event::RegionRelayUnlinked { .. } => {}
         }
     }
 

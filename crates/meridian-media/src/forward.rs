@@ -407,6 +407,8 @@ impl Sfu {
             if let Some(r) = sp.relay.as_mut() {
                 r.packets += 1;
                 r.packets_by_layer[layer] += 1;
+                r.bytes += pkt.payload.len() as u64;
+                self.stats.rtp_bytes_relayed += pkt.payload.len() as u64;
             }
             self.stats.rtp_packets_forwarded += 1;
             self.stats.rtp_bytes_forwarded += pkt.payload.len() as u64;

@@ -284,8 +284,10 @@ pub struct SfuStats {
     pub rtp_packets_in: u64,
     /// RTP packets written to subscribers.
     pub rtp_packets_forwarded: u64,
-    /// RTP payload bytes written to subscribers.
+    /// RTP payload bytes written to subscribers (relay links included).
     pub rtp_bytes_forwarded: u64,
+    /// The part of `rtp_bytes_forwarded` written to outbound relay links.
+    pub rtp_bytes_relayed: u64,
     /// Datagrams dropped because no participant claims them.
     pub datagrams_unrouted: u64,
     /// Datagrams dropped because they were not STUN, DTLS, RTP or RTCP.

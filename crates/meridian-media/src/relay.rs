@@ -76,6 +76,10 @@ pub struct RelayStats {
     /// Outbound: RTP packets sent per simulcast layer (low, medium, high; audio and
     /// single-stream video count as low).
     pub packets_by_layer: [u64; 3],
+    /// Outbound: RTP payload bytes sent over the link.
+    pub bytes: u64,
+    /// Outbound: the tracks the link carries now (one copy each), sorted.
+    pub track_ids: Vec<TrackId>,
     /// Whether ICE and DTLS completed.
     pub connected: bool,
 }
@@ -97,6 +101,8 @@ pub(crate) struct Relay {
     pub(crate) upstream_ufrag: Option<String>,
     pub(crate) packets: u64,
     pub(crate) packets_by_layer: [u64; 3],
+    /// Outbound: RTP payload bytes sent.
+    pub(crate) bytes: u64,
     /// Inbound: states of tracks not (yet) published here, by track id; applied when
     /// the upstream's offer brings the track. At most `max_relay_tracks`.
     pub(crate) pending: HashMap<String, RelayTrackState>,
@@ -113,6 +119,7 @@ impl Relay {
             upstream_ufrag: None,
             packets: 0,
             packets_by_layer: [0; 3],
+            bytes: 0,
             pending: HashMap::default(),
         })
     }
@@ -610,12 +617,20 @@ impl Sfu {
                 } else {
                     (p.subscriptions.len(), p.subscriber.connected)
                 };
+                let mut track_ids: Vec<TrackId> = if r.inbound {
+                    Vec::new()
+                } else {
+                    p.subscriptions.keys().copied().collect()
+                };
+                track_ids.sort();
                 Some(RelayStats {
                     peer: r.peer.clone(),
                     inbound: r.inbound,
                     tracks,
                     packets: r.packets,
                     packets_by_layer: r.packets_by_layer,
+                    bytes: r.bytes,
+                    track_ids,
                     connected,
                 })
             })

@@ -679,6 +679,14 @@ impl Config {
         Ok(())
     }
 
+    /// Whether rooms may span regions: the directory names another region than this
+    /// node's with a `relay_addr` (its relay links then live on media worker 0).
+    pub fn cross_region(&self) -> bool {
+        self.regions
+            .iter()
+            .any(|r| r.id != self.node.region && r.relay_addr.is_some())
+    }
+
     /// The address advertised in ICE candidates.
     pub fn candidate_addr(&self, bound: SocketAddr) -> SocketAddr {
         match self.media.public_ip {

@@ -18,6 +18,7 @@ mod mailbox;
 mod media_loop;
 pub mod metrics;
 mod outbox;
+mod region_relay;
 pub mod regions;
 mod relay;
 mod signal;
@@ -284,7 +285,7 @@ impl Node {
         let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
         let media_workers = config.media.worker_count();
         // Rooms may span nodes: the relay links and every room live on worker 0.
-        let pinned = config.media.max_participants > 0;
+        let pinned = config.media.max_participants > 0 || config.cross_region();
         let (commands, command_rxs) = workers::Workers::new(media_workers, pinned);
         let candidate = config.candidate_addr(media_addr);
         let store = match &config.node.database_url {
@@ -471,15 +472,18 @@ impl Node {
             config.signaling.joins_per_ip_per_minute,
         );
         let keys = Arc::new(keys);
-        let relay = Arc::new(relay::Relay::new(
-            keys.clone(),
-            cluster.clone(),
-            commands.clone(),
-            metrics.clone(),
-            internal_tls.clone(),
-            candidate,
-            config.media.max_participants,
-        ));
+        let relay = Arc::new(
+            relay::Relay::new(
+                keys.clone(),
+                cluster.clone(),
+                commands.clone(),
+                metrics.clone(),
+                internal_tls.clone(),
+                candidate,
+                config.media.max_participants,
+            )
+            .with_regions(&config.regions),
+        );
         let state = NodeState {
             identity_keys,
             relay: relay.clone(),

@@ -53,6 +53,13 @@ pub struct RegionLabel {
     pub region: String,
 }
 
+/// Label of the per-boundary figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BoundaryLabel {
+    /// The region on the other side of the boundary.
+    pub peer_region: String,
+}
+
 /// Media bytes by where they went, for one room, region or run.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Locality {
@@ -96,6 +103,13 @@ pub struct RegionMetrics {
     /// `meridian_egress_cost_estimate{kind}`: cost of this node's egress since start,
     /// from the region's price table.
     pub cost: Family<CostLabel, Gauge<f64, AtomicU64>>,
+    /// `meridian_region_boundary_copies_max{peer_region}`: the most relay links from
+    /// this node to `peer_region` carrying one track now (1 when each track crosses
+    /// the boundary once; 0 when none crosses).
+    pub boundary_copies_max: Family<BoundaryLabel, Gauge>,
+    /// `meridian_region_boundary_tracks{peer_region}`: tracks of this node crossing to
+    /// `peer_region` now.
+    pub boundary_tracks: Family<BoundaryLabel, Gauge>,
     state: std::sync::Arc<Mutex<State>>,
 }
 
@@ -181,6 +195,20 @@ impl RegionMetrics {
         self.publish();
     }
 
+    /// Sets the per-boundary figures for `peer_region`: the most links one track
+    /// crosses to it on, and how many tracks cross.
+    pub fn boundary(&self, peer_region: &str, copies_max: u64, tracks: usize) {
+        let label = BoundaryLabel {
+            peer_region: peer_region.to_string(),
+        };
+        self.boundary_copies_max
+            .get_or_create(&label)
+            .set(i64::try_from(copies_max).unwrap_or(i64::MAX));
+        self.boundary_tracks
+            .get_or_create(&label)
+            .set(i64::try_from(tracks).unwrap_or(i64::MAX));
+    }
+
     /// This node's bytes by where they went.
     pub fn locality(&self) -> Locality {
         let s = self.lock();
@@ -230,6 +258,16 @@ impl RegionMetrics {
             "Egress cost since start from the region's price table, by kind",
             self.cost.clone(),
         );
+        r.register(
+            "region_boundary_copies_max",
+            "Most relay links from this node to a region carrying one track now",
+            self.boundary_copies_max.clone(),
+        );
+        r.register(
+            "region_boundary_tracks",
+            "Tracks of this node crossing to a region now",
+            self.boundary_tracks.clone(),
+        );
     }
 }
 
@@ -269,6 +307,25 @@ mod tests {
             text.contains(r#"meridian_region_locality_ratio{region="eu"} 0.77"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn boundary_figures_are_exported_per_peer_region() {
+        let m = RegionMetrics::default();
+        m.configure("eu", Prices::default());
+        m.boundary("us", 1, 4);
+        m.boundary("ap", 0, 0);
+        let mut r = Registry::with_prefix("meridian");
+        m.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        for line in [
+            r#"meridian_region_boundary_copies_max{peer_region="us"} 1"#,
+            r#"meridian_region_boundary_tracks{peer_region="us"} 4"#,
+            r#"meridian_region_boundary_copies_max{peer_region="ap"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

@@ -477,8 +477,11 @@ impl Metrics {
             .inc_by(s.rtp_packets_in - last.rtp_packets_in);
         self.rtp_bytes_forwarded
             .inc_by(s.rtp_bytes_forwarded - last.rtp_bytes_forwarded);
-        self.regions
-            .client_egress(s.rtp_bytes_forwarded - last.rtp_bytes_forwarded);
+        // Relay links' bytes are counted by the relay driver, by the region they go to.
+        self.regions.client_egress(
+            (s.rtp_bytes_forwarded - last.rtp_bytes_forwarded)
+                .saturating_sub(s.rtp_bytes_relayed - last.rtp_bytes_relayed),
+        );
         for (reason, now, before) in [
             ("unrouted", s.datagrams_unrouted, last.datagrams_unrouted),
             ("malformed", s.datagrams_malformed, last.datagrams_malformed),

@@ -45,6 +45,11 @@ pub struct Prices {
     pub cross_region_per_gb: f64,
     /// Per GB sent to clients on the internet.
     pub internet_per_gb: f64,
+    /// Per GB of media (either direction) of a client served from another region:
+    /// internet egress plus the cross-region transfer, transit and NAT processing
+    /// (the capacity planner's `--remote-usd-per-gb`). Only for the one-region
+    /// comparison of the egress estimate (`docs/regions.md`).
+    pub remote_client_per_gb: f64,
 }
 
 impl Default for Prices {
@@ -55,6 +60,7 @@ impl Default for Prices {
             in_region_per_gb: 0.0,
             cross_region_per_gb: 0.02,
             internet_per_gb: 0.09,
+            remote_client_per_gb: 0.15,
         }
     }
 }
@@ -228,6 +234,7 @@ pub(crate) fn validate(regions: &[RegionEntry], login: &LoginConfig) -> Result<(
             (p.in_region_per_gb, "in_region_per_gb"),
             (p.cross_region_per_gb, "cross_region_per_gb"),
             (p.internet_per_gb, "internet_per_gb"),
+            (p.remote_client_per_gb, "remote_client_per_gb"),
         ] {
             if !v.is_finite() || !(0.0..=1000.0).contains(&v) {
                 return Err(invalid(

@@ -62,7 +62,7 @@ const NODE_TOKEN_TTL: Duration = Duration::from_secs(120);
 /// Largest relay-control body, either way (an offer of the most tracks a link carries).
 const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// Most room parts one `subscribe` may name.
-const MAX_PARTS_PER_REQUEST: usize = 1024;
+pub(crate) const MAX_PARTS_PER_REQUEST: usize = 1024;
 /// How long one request to another node may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a capped join right after the node started waits for the node's first
@@ -91,8 +91,9 @@ pub(crate) enum RelayError {
     /// The token did not verify (signature, expiry, audience, …).
     #[error("token refused ({0})")]
     BadToken(&'static str),
-    /// A valid token, but not a node token of this region.
-    #[error("the token does not name a node of this region")]
+    /// A valid token, but not a node token of this region or of another region of
+    /// the directory.
+    #[error("the token does not name a node of this region or of another region of the directory")]
     NotANode,
     /// The node named holds no live lease.
     #[error("node {0} holds no live lease in this region")]
@@ -210,12 +211,12 @@ struct Ack {
 
 /// The node's relay control: shared by the routes, placement and the driver.
 pub(crate) struct Relay {
-    node: String,
-    region: String,
+    pub(crate) node: String,
+    pub(crate) region: String,
     keys: Arc<KeySet>,
-    cluster: Arc<Cluster>,
+    pub(crate) cluster: Arc<Cluster>,
     commands: crate::workers::Workers,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// The internal plane's certificates: calls to peers present this node's client
     /// certificate (the current one, after rotations).
     tls: Arc<InternalTls>,
@@ -228,6 +229,10 @@ pub(crate) struct Relay {
     forwarded_pps: AtomicU64,
     /// The region's placements as last read (placement and the driver share it).
     directory: Mutex<Directory>,
+    /// The directory's other regions with a `relay_addr` (rooms may span them).
+    pub(crate) other_regions: Vec<crate::regions::RegionEntry>,
+    /// What this node knows of the other regions' nodes and parts.
+    pub(crate) foreign: Mutex<crate::region_relay::Foreign>,
 }
 
 /// How long a read of the region's placements serves placement decisions (the driver
@@ -283,9 +288,10 @@ impl Relay {
         media_addr: SocketAddr,
         max_participants: usize,
     ) -> Relay {
+        let region = cluster.region().to_string();
         Relay {
             node: cluster.node().to_string(),
-            region: cluster.region().to_string(),
+            region,
             keys,
             cluster,
             commands,
@@ -296,7 +302,19 @@ impl Relay {
             into: Mutex::new(HashMap::new()),
             forwarded_pps: AtomicU64::new(0),
             directory: Mutex::new(Directory::default()),
+            other_regions: Vec::new(),
+            foreign: Mutex::new(Default::default()),
         }
+    }
+
+    /// Lets rooms span the directory's other regions that have a `relay_addr`.
+    pub(crate) fn with_regions(mut self, regions: &[crate::regions::RegionEntry]) -> Relay {
+        self.other_regions = regions
+            .iter()
+            .filter(|r| r.id != self.region && r.relay_addr.is_some())
+            .cloned()
+            .collect();
+        self
     }
 
     /// A node token for this node's requests to other nodes.
@@ -307,7 +325,7 @@ impl Relay {
 
     /// The region's placements: the copy read within [`DIRECTORY_TTL`], or a new read
     /// (always when `fresh`).
-    async fn placements(
+    pub(crate) async fn placements(
         &self,
         fresh: bool,
     ) -> Result<Arc<Vec<meridian_store::Placement>>, meridian_store::StoreError> {
@@ -351,16 +369,35 @@ impl Relay {
     }
 
     /// Checks a caller's client certificate (present: the internal listener verified
-    /// its chain), node token and lease; the node's id on success. Every refusal is
-    /// counted.
-    fn authorize(
+    /// its chain), node token and lease (for a node of another region: that its
+    /// region names it live); the node's id on success. Every refusal is counted.
+    pub(crate) async fn authorize(
         &self,
         cert: Option<&PeerCertificate>,
         headers: &HeaderMap,
     ) -> Result<String, RelayError> {
-        let result = cert
+        self.authorize_with(cert, headers, true).await
+    }
+
+    /// [`Relay::authorize`]; without `confirm` a node of another region is not
+    /// confirmed with its region (for `region/parts`, which its region's nodes call
+    /// while confirming this node's callers: asking back would never end).
+    pub(crate) async fn authorize_with(
+        &self,
+        cert: Option<&PeerCertificate>,
+        headers: &HeaderMap,
+        confirm: bool,
+    ) -> Result<String, RelayError> {
+        let mut result = cert
             .ok_or(RelayError::NoCertificate)
             .and_then(|_| self.check_caller(headers));
+        if confirm
+            && let Ok((node, Some(region))) = &result
+            && !self.confirm_foreign(region, node).await
+        {
+            result = Err(RelayError::NoLease(node.clone()));
+        }
+        let result = result.map(|(node, _)| node);
         if let Err(e) = &result {
             self.metrics
                 .relay
@@ -372,7 +409,9 @@ impl Relay {
         result
     }
 
-    fn check_caller(&self, headers: &HeaderMap) -> Result<String, RelayError> {
+    /// The caller's node id, and its region when that is another region of the
+    /// directory (its lease is not in this region's log: the caller confirms it).
+    fn check_caller(&self, headers: &HeaderMap) -> Result<(String, Option<String>), RelayError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -387,12 +426,20 @@ impl Relay {
             .strip_prefix("node:")
             .filter(|n| !n.is_empty() && *n != self.node)
             .filter(|_| claims.room == meridian_auth::ANY_ROOM && claims.grants.admin)
-            .filter(|_| claims.region.as_deref() == Some(self.region.as_str()))
             .ok_or(RelayError::NotANode)?;
-        if self.cluster.lease_of(node).is_none() {
-            return Err(RelayError::NoLease(node.to_string()));
+        match claims.region.as_deref() {
+            Some(r) if r == self.region => {
+                if self.cluster.lease_of(node).is_none() {
+                    return Err(RelayError::NoLease(node.to_string()));
+                }
+                Ok((node.to_string(), None))
+            }
+            // Another region's node may not pass for one of ours.
+            Some(r) if self.is_other_region(r) && self.cluster.lease_of(node).is_none() => {
+                Ok((node.to_string(), Some(r.to_string())))
+            }
+            _ => Err(RelayError::NotANode),
         }
-        Ok(node.to_string())
     }
 
     /// Runs the driver until `shutdown`: carries the media core's relay outputs to
@@ -501,6 +548,15 @@ impl Relay {
                     let _ = self.op(RelayOp::RemoveIn { peer }).await;
                 } else {
                     let _ = self.op(RelayOp::RemoveOut { peer: peer.clone() }).await;
+                    if let Some((region, _)) = self.foreign_peer(&peer) {
+                        self.record_region_links(
+                            (&self.region, &self.node),
+                            (&region, &peer),
+                            &[],
+                            "down",
+                        )
+                        .await;
+                    }
                     self.cluster
                         .record(Event::RelayUnlinked {
                             peer,
@@ -518,18 +574,37 @@ impl Relay {
         let Ok(RelayReply::Stats(stats)) = self.op(RelayOp::Stats).await else {
             return;
         };
-        let live: HashMap<String, String> = self
+        self.count_relayed(&stats);
+        let held = self.cluster.held_parts();
+        // The other regions' parts of the rooms with a part here (asked while this
+        // node holds a part or relays to another region: the answers also keep the
+        // other regions' nodes live).
+        let views = if self.cross_region()
+            && (!held.is_empty() || stats.iter().any(|s| self.foreign_peer(&s.peer).is_some()))
+        {
+            let mut rooms: Vec<String> = held.iter().map(|p| room_of_part(p).to_string()).collect();
+            rooms.sort();
+            rooms.dedup();
+            self.region_views(&rooms).await
+        } else {
+            Vec::new()
+        };
+        let mut live: HashMap<String, String> = self
             .cluster
             .live_nodes()
             .into_iter()
             .map(|l| (l.node, l.url))
             .collect();
+        for peer in self.live_foreign_peers() {
+            live.entry(peer).or_default();
+        }
         // Upstream role: links to nodes that lost their lease go.
         for s in stats.iter().filter(|s| !live.contains_key(&s.peer)) {
             let peer = s.peer.clone();
             info!(%peer, "relay peer has no lease; closing its links");
             upstreams.remove(&peer);
             let _ = self.op(RelayOp::Remove { peer: peer.clone() }).await;
+            self.record_region_peer_gone(&peer, "peer_gone").await;
             if !s.inbound {
                 self.cluster
                     .record(Event::RelayUnlinked {
@@ -539,13 +614,24 @@ impl Relay {
                     .await;
             }
         }
-        if self.max_participants == 0 {
+        if self.max_participants == 0 && views.is_empty() {
             return;
         }
         // Downstream role: the other parts of every room with a part here.
-        let held = self.cluster.held_parts();
         let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
-        if !held.is_empty() {
+        for view in &views {
+            for p in &view.parts {
+                if !live.contains_key(&p.node) {
+                    continue;
+                }
+                for local in held.iter().filter(|l| room_of_part(l) == p.room) {
+                    want.entry(p.node.clone())
+                        .or_default()
+                        .push((p.part.clone(), local.clone()));
+                }
+            }
+        }
+        if !held.is_empty() && self.max_participants > 0 {
             let placements = match self.placements(true).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -605,7 +691,16 @@ impl Relay {
                 .call(node, "/internal/relay/subscribe", Some(&req))
                 .await;
             match r {
-                Ok(_) => {
+                Ok(answer) => {
+                    if let Some((region, _)) = self.foreign_peer(node) {
+                        self.record_region_links(
+                            (&region, node),
+                            (&self.region, &self.node),
+                            &answer.relayed,
+                            "left",
+                        )
+                        .await;
+                    }
                     upstreams.insert(
                         node.clone(),
                         Upstream {
@@ -634,6 +729,10 @@ impl Relay {
             let _: Result<SubscribeResponse, RelayError> = self
                 .call(&node, "/internal/relay/subscribe", Some(&req))
                 .await;
+            if let Some((region, _)) = self.foreign_peer(&node) {
+                self.record_region_links((&region, &node), (&self.region, &self.node), &[], "left")
+                    .await;
+            }
             let _ = self.op(RelayOp::RemoveIn { peer: node }).await;
         }
     }
@@ -647,14 +746,33 @@ impl Relay {
         path: &str,
         body: Option<&Req>,
     ) -> Result<Resp, RelayError> {
-        let result = async {
-            let lease = self
-                .cluster
-                .lease_of(node)
-                .ok_or_else(|| RelayError::NoLease(node.to_string()))?;
-            let addr = lease
+        let addr = match self.cluster.lease_of(node) {
+            Some(lease) => lease
                 .internal_addr
-                .ok_or_else(|| RelayError::Peer(format!("{node} publishes no internal address")))?;
+                .ok_or_else(|| RelayError::Peer(format!("{node} publishes no internal address"))),
+            None => self
+                .foreign_peer(node)
+                .map(|(_, addr)| addr)
+                .ok_or_else(|| RelayError::NoLease(node.to_string())),
+        };
+        match addr {
+            Ok(addr) => self.call_addr(&addr, path, body).await,
+            Err(e) => {
+                self.metrics.relay.peer_errors.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends one relay-control request to the internal listener at `addr`
+    /// (`host:port`); see [`Relay::call`].
+    pub(crate) async fn call_addr<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, RelayError> {
+        let result = async {
             let method = if body.is_some() { "POST" } else { "GET" };
             let body = body
                 .map(serde_json::to_vec)
@@ -667,7 +785,7 @@ impl Relay {
                 .client()
                 .with_timeout(REQUEST_TIMEOUT)
                 .with_max_response(MAX_BODY_BYTES)
-                .request_to(&addr, method, path, Some(&token), body)
+                .request_to(addr, method, path, Some(&token), body)
                 .await
                 .map_err(|e| RelayError::Peer(e.to_string()))?;
             if !(200..300).contains(&resp.status) {
@@ -711,7 +829,7 @@ fn node_policy() -> Policy {
     }
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RelayError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RelayError> {
     serde_json::from_slice(body).map_err(|e| {
         RelayError::BadRequest(meridian_protocol::clip(
             &e.to_string(),
@@ -729,6 +847,7 @@ pub(crate) fn routes() -> Router<NodeState> {
         .route("/internal/relay/layer", post(layer))
         .route("/internal/relay/track", post(track_state))
         .route("/internal/relay/load", get(load))
+        .route("/internal/region/parts", post(crate::region_relay::parts))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
@@ -739,7 +858,9 @@ async fn subscribe(
     body: Bytes,
 ) -> Result<Json<SubscribeResponse>, RelayError> {
     let relay = &state.relay;
-    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
+    let peer = relay
+        .authorize(cert.as_ref().map(|c| &c.0), &headers)
+        .await?;
     let req: SubscribeRequest = parse(&body)?;
     if req.parts.len() > MAX_PARTS_PER_REQUEST {
         return Err(RelayError::BadRequest(format!(
@@ -756,6 +877,16 @@ async fn subscribe(
             fresh: req.fresh,
         })
         .await?;
+    if let Some((peer_region, _)) = relay.foreign_peer(&peer) {
+        relay
+            .record_region_links(
+                (&relay.region, &relay.node),
+                (&peer_region, &peer),
+                &parts,
+                "left",
+            )
+            .await;
+    }
     if let RelayReply::Linked(linked) = reply {
         for part in linked {
             info!(%peer, %part, "relaying a room part");
@@ -778,7 +909,9 @@ async fn offer(
     body: Bytes,
 ) -> Result<Json<OfferResponse>, RelayError> {
     let relay = &state.relay;
-    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
+    let peer = relay
+        .authorize(cert.as_ref().map(|c| &c.0), &headers)
+        .await?;
     let mut req: OfferRequest = parse(&body)?;
     {
         let into = relay.into.lock().unwrap_or_else(|e| e.into_inner());
@@ -811,7 +944,9 @@ async fn layer(
     body: Bytes,
 ) -> Result<Json<Ack>, RelayError> {
     let relay = &state.relay;
-    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
+    let peer = relay
+        .authorize(cert.as_ref().map(|c| &c.0), &headers)
+        .await?;
     let req: LayerRequest = parse(&body)?;
     let track: TrackId = req
         .track_id
@@ -834,7 +969,9 @@ async fn track_state(
     body: Bytes,
 ) -> Result<Json<Ack>, RelayError> {
     let relay = &state.relay;
-    let peer = relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
+    let peer = relay
+        .authorize(cert.as_ref().map(|c| &c.0), &headers)
+        .await?;
     let req: meridian_media::RelayTrackState = parse(&body)?;
     relay.op(RelayOp::TrackState { peer, state: req }).await?;
     Ok(Json(Ack { ok: true }))
@@ -846,7 +983,9 @@ async fn load(
     headers: HeaderMap,
 ) -> Result<Json<Load>, RelayError> {
     let relay = &state.relay;
-    relay.authorize(cert.as_ref().map(|c| &c.0), &headers)?;
+    relay
+        .authorize(cert.as_ref().map(|c| &c.0), &headers)
+        .await?;
     let n = relay.local_count().await;
     Ok(Json(relay.load(n)))
 }

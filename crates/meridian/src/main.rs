@@ -52,6 +52,20 @@ enum ConfigCommand {
         /// The file (see meridian.example.toml).
         file: PathBuf,
     },
+    /// Write an internal-plane CA and the certificates it signs into DIR (`ca.pem`,
+    /// `node.pem`/`node.key` for every NAME, `client.pem`/`client.key`): the layout
+    /// of the development set, for nodes of several regions that must share one CA
+    /// (development and tests; in a cluster cert-manager issues them).
+    Pki {
+        /// The folder to create.
+        dir: PathBuf,
+        /// DNS names and IP addresses the node certificate carries.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
 }
 
 /// Flags of `meridian serve`; each overrides the config file and has an env variable.
@@ -238,6 +252,12 @@ fn main() -> Result<()> {
                     std::process::exit(1);
                 }
             }
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Pki { dir, names, days }) => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            meridian_server::internal::generate_pki(&dir, &names, days)?;
+            println!("{}: internal CA and certificates written", dir.display());
             Ok(())
         }
         Command::Plan(args) => {

@@ -44,6 +44,9 @@ impl World {
         let config = tmp.join("regions.toml");
         let eu_ports = [free_port(), free_port()];
         let us_ports = [free_port(), free_port()];
+        // Each node's internal listener: the first node's is its region's `relay_addr`.
+        let eu_internal = [free_port(), free_port()];
+        let us_internal = [free_port(), free_port()];
         let cfg = config.to_str().unwrap().to_string();
         let eu = Region::start("eu", 0, &["--config", &cfg, "--region", "eu"]).await;
         let us = Region::start("us", 0, &["--config", &cfg, "--region", "us"]).await;
@@ -59,10 +62,20 @@ impl World {
             us.data_dir.join("keys").join(key.file_name().unwrap()),
         )
         .unwrap();
-        let entry = |id: &str, ports: &[u16; 2], log: String| {
+        // One internal CA for both regions (their nodes call each other over mutual
+        // TLS): eu's development set, copied to us before any node starts.
+        let ca = eu.data_dir.join(meridian_server::internal::DEV_DIR);
+        meridian_server::internal::dev_pki(&ca, [127, 0, 0, 1].into()).expect("internal CA");
+        let us_ca = us.data_dir.join(meridian_server::internal::DEV_DIR);
+        std::fs::create_dir_all(&us_ca).unwrap();
+        for f in std::fs::read_dir(&ca).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, us_ca.join(f.file_name().unwrap())).unwrap();
+        }
+        let entry = |id: &str, ports: &[u16; 2], internal: u16, log: String| {
             format!(
                 "[[regions]]\nid = \"{id}\"\nsignal_urls = [\"ws://127.0.0.1:{a}/signal\", \"ws://127.0.0.1:{b}/signal\"]\n\
-                 probe_url = \"http://127.0.0.1:{a}/probe\"\nrelay_addr = \"127.0.0.1:{a}\"\nlog = \"{log}\"\n",
+                 probe_url = \"http://127.0.0.1:{a}/probe\"\nrelay_addr = \"127.0.0.1:{internal}\"\nlog = \"{log}\"\n",
                 a = ports[0],
                 b = ports[1]
             )
@@ -72,15 +85,23 @@ impl World {
             format!(
                 "[login]\nidentity_keys_dir = \"{}\"\n\n{}\n{}",
                 idp_dir.display(),
-                entry("eu", &eu_ports, eu.database_url()),
-                entry("us", &us_ports, us.database_url()),
+                entry("eu", &eu_ports, eu_internal[0], eu.database_url()),
+                entry("us", &us_ports, us_internal[0], us.database_url()),
             ),
         )
         .unwrap();
         let mut world = World { tmp, eu, us, idp };
-        for (r, ports) in [(&mut world.eu, eu_ports), (&mut world.us, us_ports)] {
-            for (i, port) in ports.iter().enumerate() {
-                let node = r.spawn_at(&format!("node-{i}"), &format!("127.0.0.1:{port}"));
+        for (name, r, ports, internal) in [
+            ("eu", &mut world.eu, eu_ports, eu_internal),
+            ("us", &mut world.us, us_ports, us_internal),
+        ] {
+            for (i, (port, int)) in ports.iter().zip(internal).enumerate() {
+                // Node ids are unique across regions (links are keyed by node).
+                let node = r.spawn_with(
+                    &format!("{name}-{i}"),
+                    &format!("127.0.0.1:{port}"),
+                    &format!("127.0.0.1:{int}"),
+                );
                 r.nodes.push(node);
             }
         }
@@ -354,5 +375,210 @@ async fn clients_of_a_dead_region_re_home_to_their_fallback_region() {
     );
     drop(publisher);
     drop(subs);
+    w.cleanup().await;
+}
+
+/// The value of one series (`name{labels}` exactly as exported), 0 when absent.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Events of every node stream of `region`'s log.
+async fn node_events(region: &Region) -> Vec<meridian_events::Event> {
+    let mut out = Vec::new();
+    for n in &region.nodes {
+        let stream = format!("node:{}", n.id);
+        let events = region
+            .store
+            .read_stream(&stream, 1, 10_000)
+            .await
+            .expect("a node stream");
+        out.extend(events.into_iter().map(|e| e.event));
+    }
+    out
+}
+
+/// A relay-control request to `node`'s internal listener with the operator's
+/// development client certificate (`with_cert`) or none, and `token`: `POST
+/// /internal/region/parts` (answered to any node of a directory region) or, with
+/// `load`, `GET /internal/relay/load` (a node of another region must be one its
+/// region names live).
+async fn internal_call(
+    region: &Region,
+    node: &region::NodeProc,
+    token: &str,
+    with_cert: bool,
+    load: bool,
+) -> Result<(u16, String), String> {
+    let dir = region.data_dir.join(meridian_server::internal::DEV_DIR);
+    let f = meridian_server::internal::TlsFiles::operator_client(&dir);
+    let client = if with_cert {
+        meridian_server::internal::InternalClient::from_files(
+            &f.client_cert,
+            &f.client_key,
+            &f.client_ca,
+        )
+    } else {
+        meridian_server::internal::InternalClient::without_certificate(&f.client_ca)
+    }
+    .expect("client");
+    client
+        .request_to(
+            &node.internal,
+            if load { "GET" } else { "POST" },
+            if load {
+                "/internal/relay/load"
+            } else {
+                "/internal/region/parts"
+            },
+            Some(token),
+            if load {
+                Vec::new()
+            } else {
+                br#"{"rooms":["cross"]}"#.to_vec()
+            },
+        )
+        .await
+        .map(|r| (r.status, r.body))
+        .map_err(|e| e.to_string())
+}
+
+fn node_token(keys: &KeySet, node: &str, region: &str) -> String {
+    let claims = Claims::new(
+        format!("node:{node}"),
+        meridian_auth::ANY_ROOM,
+        meridian_auth::unix_now(),
+        Duration::from_secs(60),
+    )
+    .with_grants(Grants::admin())
+    .with_region(region)
+    .with_audience("meridian-node");
+    keys.sign(&claims).expect("node token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spans_two_regions_each_log_keeps_its_part_and_both_record_the_link() {
+    let w = World::start().await;
+    let node = w.login_node();
+    let t = Duration::from_secs(5);
+    // The publisher is nearest eu, the subscriber nearest us: one room, two regions.
+    let publisher_login = login_with(
+        &node,
+        &w.identity("pub", "cross", true),
+        rtts(10.0, 80.0),
+        t,
+    )
+    .await
+    .expect("login");
+    assert_eq!(publisher_login.region, "eu");
+    let publisher = Client::join(light(ClientConfig::new("", "")).with_login(&publisher_login, 0))
+        .await
+        .expect("the publisher joins eu");
+    let sub_login = login_with(
+        &node,
+        &w.identity("sub", "cross", false),
+        rtts(80.0, 10.0),
+        t,
+    )
+    .await
+    .expect("login");
+    assert_eq!(sub_login.region, "us");
+    let subscriber =
+        Client::join(light(ClientConfig::subscriber("", "")).with_login(&sub_login, 0))
+            .await
+            .expect("the subscriber joins us");
+    subscriber
+        .wait_for(Duration::from_secs(20), |s| {
+            s.video_tracks_with(10) >= 1 && s.audio_tracks_with(10) >= 1
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the us subscriber gets no eu media: {s:#?}"));
+    assert_eq!(subscriber.stats().region.as_deref(), Some("us"));
+
+    // Each region's log holds its own part only.
+    let eu_room = w.eu.room("cross").await;
+    let us_room = w.us.room("cross").await;
+    let identities = |r: &meridian_events::RoomState| {
+        let mut v: Vec<String> = r
+            .participants
+            .values()
+            .map(|p| p.identity.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(identities(&eu_room), ["pub"], "{eu_room:#?}");
+    assert_eq!(identities(&us_room), ["sub"], "{us_room:#?}");
+
+    // Both logs record the link eu → us (who linked what).
+    let linked = |events: &[meridian_events::Event]| {
+        events.iter().any(|e| {
+            matches!(e, meridian_events::Event::RegionRelayLinked { link }
+                if link.room == "cross" && link.from_region == "eu" && link.to_region == "us")
+        })
+    };
+    assert!(
+        linked(&node_events(&w.eu).await),
+        "eu's log records the link"
+    );
+    assert!(
+        linked(&node_events(&w.us).await),
+        "us's log records the link"
+    );
+
+    // The eu node hosting the publisher counts the bytes crossing to us, one copy
+    // per track.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let host = eu_room.node.clone().expect("eu's part is placed");
+    let eu_node = &w.eu.nodes[w.eu.index_of(&host)];
+    let m = eu_node.metrics().await;
+    let crossed = series(
+        &m,
+        r#"meridian_media_bytes_total{path="cross_region",peer_region="us"}"#,
+    );
+    assert!(crossed > 10_000.0, "bytes crossed to us: {crossed}");
+    assert_eq!(
+        series(
+            &m,
+            r#"meridian_region_boundary_copies_max{peer_region="us"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        series(&m, r#"meridian_region_boundary_tracks{peer_region="us"}"#),
+        2.0
+    );
+
+    // Callers that are not nodes of a region of the directory are refused; a live
+    // node of us is served (region/parts answers eu's part of the room).
+    let cases = [
+        ("mars-0", "mars", false, 403, "not_a_node"),
+        ("us-9", "us", true, 403, "no_lease"),
+        ("us-0", "us", true, 200, "participants"),
+        ("us-0", "us", false, 200, r#""part":"cross""#),
+    ];
+    for (node, region, load, status, needle) in cases {
+        let token = node_token(&w.eu.keys, node, region);
+        let (got, body) = internal_call(&w.eu, eu_node, &token, true, load)
+            .await
+            .expect("an answer");
+        assert_eq!(got, status, "{node} of {region}: {body}");
+        assert!(body.contains(needle), "{node} of {region}: {body}");
+    }
+    let real = node_token(&w.eu.keys, "us-0", "us");
+    assert!(
+        internal_call(&w.eu, eu_node, &real, false, false)
+            .await
+            .is_err(),
+        "no client certificate: no TLS session at all"
+    );
+    let m = eu_node.metrics().await;
+    assert!(series(&m, r#"meridian_relay_refused_total{reason="not_a_node"}"#) >= 1.0);
+    assert!(series(&m, r#"meridian_relay_refused_total{reason="no_lease"}"#) >= 1.0);
+    drop(publisher);
+    drop(subscriber);
     w.cleanup().await;
 }

@@ -161,16 +161,25 @@ impl Region {
 
     /// Starts one node process on the HTTP address `http` (`127.0.0.1:0`: any port).
     pub fn spawn_at(&self, id: &str, http: &str) -> NodeProc {
+        self.spawn_with(id, http, "127.0.0.1:0")
+    }
+
+    /// Starts one node process on the HTTP address `http` with its internal listener
+    /// on `internal` (a fixed one when another region's directory names it).
+    pub fn spawn_with(&self, id: &str, http: &str, internal: &str) -> NodeProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(["serve", "--http-addr", http, "--media-addr"])
             .args(["127.0.0.1:0", "--wt-addr", "127.0.0.1:0", "--node-id", id])
-            .args(["--internal-listen", "127.0.0.1:0"])
+            .args(["--internal-listen", internal])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--database-url")
             .arg(self.database_url())
             .args(&self.extra_args)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("MERIDIAN_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
