@@ -30,6 +30,7 @@ mod rate;
 pub mod red;
 mod relay;
 mod room;
+mod rtx;
 mod timers;
 
 use std::collections::VecDeque;
