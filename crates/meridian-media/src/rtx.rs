@@ -73,6 +73,7 @@ impl Sfu {
         if let Some(tx) = p.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None) {
             tx.set_rtx_cache(packets, wanted, Some(0.15));
             sub.rtx_age = wanted;
+            self.stats.rtx_cache_resizes += 1;
         }
     }
 }
