@@ -29,6 +29,10 @@
 #                2-worker run on this 2-core machine, then the load generator shares
 #                CPU 1 with worker 1)
 #   LOAD_CPU     CPUs the load generator is pinned to (default 1)
+#   PERF         if set, a path prefix: the node is profiled with `perf record`
+#                (flat, 999 Hz, all its threads) for DURATION seconds, starting
+#                PERF_DELAY seconds (default 15) after it started; written to
+#                $PERF.<subs>.data (read with `perf report -i ... --sort dso,sym`)
 #
 # Each run prints the load generator's summary; its JSON line (plus the machine's
 # load average and the kernel's UDP drop counters of both sides) goes to $OUT.
@@ -111,6 +115,10 @@ for subs in $SUBS; do
     curl -fs "http://$HTTP/healthz" > /dev/null 2>&1 && break
     sleep 0.1
   done
+  if [ -n "${PERF:-}" ]; then
+    (sleep "${PERF_DELAY:-15}"; perf record -F 999 -o "$PERF.$subs.data" -p "$NODE_PID" \
+      -- sleep "${DURATION%s}") > "$DATA/perf.log" 2>&1 &
+  fi
   host_before=$(udp_drops "")
   ns_before=$(udp_drops "$NS")
   load_before=$(cut -d' ' -f1 /proc/loadavg)

@@ -30,6 +30,7 @@ mod rate;
 pub mod red;
 mod relay;
 mod room;
+mod rtx;
 mod timers;
 
 use std::collections::VecDeque;
@@ -305,6 +306,8 @@ pub struct SfuStats {
     pub red_malformed: u64,
     /// Audio packets sent to subscribers with RED the node added.
     pub red_added: u64,
+    /// Outgoing streams whose RTX cache was resized for a measured RTT.
+    pub rtx_cache_resizes: u64,
 }
 
 /// How often every subscriber's layers are reconsidered as layer rates change.

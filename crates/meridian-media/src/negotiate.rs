@@ -1,7 +1,7 @@
 //! Negotiation: the publisher's offer, the subscriber's answer, and the node's
 //! re-offers on the subscriber connection as subscriptions come and go.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use meridian_protocol::{SubscribedTrack, TrackAnnouncement, TrackInfo, TrackKind};
 use str0m::change::{SdpAnswer, SdpOffer};
@@ -9,12 +9,8 @@ use str0m::media::{Direction, MediaKind, Mid, Rids};
 
 use crate::pc::{self, mark_dirty};
 use crate::room::IdleSection;
+use crate::rtx;
 use crate::{MediaError, ParticipantId, PcKind, Sfu, SfuEvent};
-
-/// Packets kept per outgoing stream to answer NACKs.
-pub(crate) const RTX_CACHE_PACKETS: usize = 512;
-/// How old a packet may be and still be resent.
-pub(crate) const RTX_CACHE_AGE: Duration = Duration::from_secs(1);
 
 impl Sfu {
     /// Accepts the client's offer on its publisher connection and returns the SDP
@@ -140,9 +136,10 @@ impl Sfu {
             if let (Some(mid), None) = (sub.mid, sub.out_ssrc)
                 && let Some(tx) = p.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None)
             {
-                // 1 s of history answers NACKs on any usable path and keeps a
-                // subscriber's memory small (str0m's default keeps 3 s).
-                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(0.15));
+                // 1 s of history answers NACKs on any usable path (str0m's default
+                // keeps 3 s) until the stream's RTT is known; then `rtx` sizes it.
+                tx.set_rtx_cache(rtx::MAX_PACKETS, rtx::INITIAL_AGE, Some(0.15));
+                sub.rtx_age = rtx::INITIAL_AGE;
                 // The publisher already paced these packets; a second pacer here only
                 // adds latency. Layer choice keeps the rate within the estimate.
                 tx.set_unpaced(true);

@@ -62,7 +62,10 @@ impl Pc {
             .enable_h264(true)
             .set_stats_interval(None);
         if kind == PcKind::Subscriber {
-            builder = builder.enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)));
+            builder = builder
+                .enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)))
+                // Per-stream RTT from receiver reports sizes the RTX caches (`rtx`).
+                .set_stats_interval(Some(crate::rtx::STATS_INTERVAL));
         }
         Pc::from_builder(
             builder.set_local_ice_credentials(worker_creds(config)),
@@ -329,6 +332,11 @@ impl Sfu {
                         self.ice_reconnected(now, id, kind);
                     }
                     _ => {}
+                }
+            }
+            Event::MediaEgressStats(stats) if kind == PcKind::Subscriber => {
+                if let Some(rtt) = stats.rtt {
+                    self.resize_rtx_cache(id, stats.mid, rtt);
                 }
             }
             Event::Closed => {

@@ -120,6 +120,8 @@ pub(crate) struct Subscription {
     pub(crate) active: bool,
     /// RED added by the node to this subscriber's audio (publisher sends plain Opus).
     pub(crate) red: crate::red::RedAdder,
+    /// The history the outgoing stream's RTX cache keeps (see `rtx`).
+    pub(crate) rtx_age: std::time::Duration,
 }
 
 pub(crate) struct Track {
@@ -446,6 +448,7 @@ impl Sfu {
                 pt_map: Vec::new(),
                 active: false,
                 red: Default::default(),
+                rtx_age: crate::rtx::INITIAL_AGE,
             },
         );
         p.to_add.push(track);

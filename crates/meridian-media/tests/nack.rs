@@ -69,4 +69,10 @@ fn lost_video_packets_are_retransmitted_to_subscribers() {
             .count();
         assert!(gaps <= 2, "video frames after an unrecovered gap: {gaps}");
     }
+    // The repair above ran with caches sized by the measured RTT (1 s before it).
+    let resizes = h.sfu.stats().rtx_cache_resizes;
+    assert!(
+        resizes >= 2,
+        "both subscribers' video caches follow their RTT: {resizes}"
+    );
 }
