@@ -21,6 +21,7 @@
 
 mod alloc;
 mod demux;
+pub mod fec;
 mod forward;
 mod id;
 mod keyframe;

@@ -1,0 +1,522 @@
+//! Video forward error correction: ULPFEC (RFC 5109) carried in RED (RFC 2198), as
+//! Chromium negotiates it for video (`red/90000` + `ulpfec/90000`).
+//!
+//! Pure and Sans-IO: packets in, packets out, no clock.
+//!
+//! * [`FecEncoder`] takes one subscriber's outgoing video packets (after the node's
+//!   rewrite) and, every [`FecEncoder::group`] packets or at the end of a frame,
+//!   returns one ULPFEC packet: the XOR parity of the group (level 0, one mask).
+//!   Any one packet of a group lost on the way is rebuilt by the receiver from the
+//!   others and the parity, without a retransmission.
+//! * [`FecDecoder`] is the receiving side: it keeps the latest media and FEC packets
+//!   of one stream and returns every packet it can rebuild.
+//! * [`group_for_loss`] turns a subscriber's measured loss into a group size (the
+//!   protection rate follows the loss), and [`fec_bps`] what that costs.
+//! * [`red_wrap`] / [`red_unwrap`] are the one-block RED encapsulation that carries
+//!   both media and FEC on the video payload type `red/90000`.
+//!
+//! What is protected is the packet as the node writes it: payload type, marker,
+//! timestamp and payload. RTP header extensions and CSRCs are not (their bytes are
+//! written by the peer connection after this point; the FEC header's X and CC
+//! recovery fields are 0), which the Rust client's decoder matches. A receiver that
+//! XORs the extension bytes into its recovery, as libwebrtc does, needs the FEC made
+//! after serialization: see `docs/benchmarks.md` ("Video FEC").
+
+use std::collections::VecDeque;
+
+/// Smallest group (one parity packet per two media packets: 50 % overhead).
+pub const MIN_GROUP: usize = 2;
+/// Largest group (the 16-bit mask of a short ULPFEC header).
+pub const MAX_GROUP: usize = 16;
+/// Loss below which no FEC is sent (NACK repairs it well enough).
+pub const MIN_LOSS_FOR_FEC: f32 = 0.005;
+/// Bytes of the ULPFEC header plus one short level-0 header.
+const FEC_HEADER: usize = 10 + 4;
+/// Largest protected payload accepted (a UDP datagram).
+const MAX_PAYLOAD: usize = 1500;
+/// Media packets a decoder keeps to rebuild from.
+const DECODER_MEDIA: usize = 256;
+/// FEC packets a decoder keeps waiting for their group.
+const DECODER_FEC: usize = 32;
+
+/// Why a RED or ULPFEC payload was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FecError {
+    /// A RED payload without a block, or with more than one (video RED has one).
+    #[error("malformed video RED payload")]
+    MalformedRed,
+    /// A ULPFEC payload shorter than its headers, or with fields out of range.
+    #[error("malformed ULPFEC payload")]
+    MalformedFec,
+    /// A protection length or payload over the datagram size.
+    #[error("FEC payload too long")]
+    TooLong,
+}
+
+/// Wraps a payload as single-block RED (`red/90000`): one header byte with the
+/// block's payload type `pt` (F bit 0), then the payload.
+pub fn red_wrap(pt: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 1);
+    out.push(pt & 0x7f);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The block payload type and payload of a single-block RED payload.
+pub fn red_unwrap(data: &[u8]) -> Result<(u8, &[u8]), FecError> {
+    match data.split_first() {
+        Some((&h, rest)) if h & 0x80 == 0 => Ok((h, rest)),
+        _ => Err(FecError::MalformedRed),
+    }
+}
+
+/// The group size for a subscriber that reports `loss` (fraction lost, 0..1): no FEC
+/// under [`MIN_LOSS_FOR_FEC`], else about four times the loss in overhead (one
+/// parity per `1 / (4 loss)` packets), between [`MIN_GROUP`] and [`MAX_GROUP`].
+pub fn group_for_loss(loss: f32) -> Option<usize> {
+    if loss.is_nan() || loss < MIN_LOSS_FOR_FEC {
+        return None;
+    }
+    let group = (1.0 / (4.0 * loss)).round() as usize;
+    Some(group.clamp(MIN_GROUP, MAX_GROUP))
+}
+
+/// The bitrate FEC adds to `media_bps` of video with one parity packet per `group`
+/// media packets (parity packets are as long as the longest in their group, so this
+/// slightly underestimates; the headers are a few bytes).
+pub fn fec_bps(media_bps: u64, group: Option<usize>) -> u64 {
+    match group {
+        Some(g) if g > 0 => media_bps / g as u64,
+        _ => 0,
+    }
+}
+
+/// One media packet as protected: header fields that FEC recovers and the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaPacket {
+    /// RTP sequence number.
+    pub seq: u16,
+    /// RTP timestamp.
+    pub ts: u32,
+    /// Payload type of the media (not of RED).
+    pub pt: u8,
+    /// RTP marker bit.
+    pub marker: bool,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// A parsed ULPFEC payload (level 0, short or long mask).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FecPacket {
+    pt_recovery: u8,
+    marker_recovery: bool,
+    sn_base: u16,
+    ts_recovery: u32,
+    length_recovery: u16,
+    /// Protected sequence numbers, from the mask.
+    protected: Vec<u16>,
+    /// Level-0 parity, `protection length` bytes.
+    parity: Vec<u8>,
+}
+
+impl FecPacket {
+    fn parse(data: &[u8]) -> Result<FecPacket, FecError> {
+        if data.len() < FEC_HEADER {
+            return Err(FecError::MalformedFec);
+        }
+        // E must be 0; P, X and CC recovery are not used by this node (its packets
+        // have no padding, no extensions in the protected view, no CSRCs).
+        if data[0] & 0x80 != 0 {
+            return Err(FecError::MalformedFec);
+        }
+        let long = data[0] & 0x40 != 0;
+        let mask_len = if long { 6 } else { 2 };
+        let level0 = 10;
+        let header_len = level0 + 2 + mask_len;
+        if data.len() < header_len {
+            return Err(FecError::MalformedFec);
+        }
+        let protection_len = u16::from_be_bytes([data[level0], data[level0 + 1]]) as usize;
+        if protection_len > MAX_PAYLOAD {
+            return Err(FecError::TooLong);
+        }
+        let parity = data
+            .get(header_len..header_len + protection_len)
+            .ok_or(FecError::MalformedFec)?;
+        let sn_base = u16::from_be_bytes([data[2], data[3]]);
+        let mut protected = Vec::new();
+        for (i, byte) in data[level0 + 2..header_len].iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (0x80 >> bit) != 0 {
+                    protected.push(sn_base.wrapping_add((i * 8 + bit) as u16));
+                }
+            }
+        }
+        if protected.is_empty() {
+            return Err(FecError::MalformedFec);
+        }
+        let length_recovery = u16::from_be_bytes([data[8], data[9]]);
+        if length_recovery as usize > protection_len {
+            return Err(FecError::MalformedFec);
+        }
+        Ok(FecPacket {
+            pt_recovery: data[1] & 0x7f,
+            marker_recovery: data[1] & 0x80 != 0,
+            sn_base,
+            ts_recovery: u32::from_be_bytes([data[4], data[5], data[6], data[7]]),
+            length_recovery,
+            protected,
+            parity: parity.to_vec(),
+        })
+    }
+}
+
+/// Builds the ULPFEC payload protecting `group` (consecutive sequence numbers
+/// starting at the first; at most [`MAX_GROUP`]).
+fn encode_group(group: &[MediaPacket]) -> Option<Vec<u8>> {
+    let first = group.first()?;
+    if group.len() > MAX_GROUP {
+        return None;
+    }
+    let protection_len = group.iter().map(|p| p.payload.len()).max()?;
+    let mut pt_m = 0u8;
+    let mut ts = 0u32;
+    let mut len = 0u16;
+    let mut mask = 0u16;
+    let mut parity = vec![0u8; protection_len];
+    for p in group {
+        pt_m ^= (p.pt & 0x7f) | if p.marker { 0x80 } else { 0 };
+        ts ^= p.ts;
+        len ^= p.payload.len() as u16;
+        let offset = p.seq.wrapping_sub(first.seq) as usize;
+        if offset >= MAX_GROUP {
+            return None;
+        }
+        mask |= 0x8000 >> offset;
+        for (x, y) in parity.iter_mut().zip(&p.payload) {
+            *x ^= *y;
+        }
+    }
+    let mut out = Vec::with_capacity(FEC_HEADER + protection_len);
+    out.push(0); // E=0, L=0 (short mask), P, X, CC recovery = 0
+    out.push(pt_m);
+    out.extend_from_slice(&first.seq.to_be_bytes());
+    out.extend_from_slice(&ts.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&(protection_len as u16).to_be_bytes());
+    out.extend_from_slice(&mask.to_be_bytes());
+    out.extend_from_slice(&parity);
+    Some(out)
+}
+
+/// Makes ULPFEC for one outgoing video stream.
+#[derive(Debug, Default, Clone)]
+pub struct FecEncoder {
+    /// Media packets per parity packet; `None` sends no FEC.
+    group: Option<usize>,
+    pending: Vec<MediaPacket>,
+}
+
+impl FecEncoder {
+    /// The current group size (`None`: FEC off).
+    pub fn group(&self) -> Option<usize> {
+        self.group
+    }
+
+    /// Sets the group size (see [`group_for_loss`]); it applies from the next group.
+    pub fn set_group(&mut self, group: Option<usize>) {
+        self.group = group.map(|g| g.clamp(MIN_GROUP, MAX_GROUP));
+        if self.group.is_none() {
+            self.pending.clear();
+        }
+    }
+
+    /// Takes the next media packet written to the stream; returns the ULPFEC payload
+    /// to send right after it when a group is complete: `group` packets, or the end
+    /// of a frame (marker) once half a group has gathered, so a frame's repair does
+    /// not wait for the next frame. A gap in sequence numbers (a packet written out
+    /// of order) closes the group before it.
+    pub fn push(&mut self, packet: MediaPacket) -> Option<Vec<u8>> {
+        let group = self.group?;
+        if packet.payload.len() > MAX_PAYLOAD {
+            return None;
+        }
+        let mut out = None;
+        if let Some(last) = self.pending.last()
+            && packet.seq != last.seq.wrapping_add(1)
+        {
+            out = self.flush();
+        }
+        let marker = packet.marker;
+        self.pending.push(packet);
+        if self.pending.len() >= group || (marker && self.pending.len() * 2 >= group) {
+            // A parity made here supersedes one flushed at a gap (rare): the gap's
+            // group is short and the packets around it are retransmittable.
+            out = self.flush().or(out);
+        }
+        out
+    }
+
+    fn flush(&mut self) -> Option<Vec<u8>> {
+        let group = std::mem::take(&mut self.pending);
+        encode_group(&group)
+    }
+}
+
+/// Rebuilds lost media packets of one stream from ULPFEC.
+#[derive(Debug, Default, Clone)]
+pub struct FecDecoder {
+    media: VecDeque<MediaPacket>,
+    fec: VecDeque<FecPacket>,
+    /// Packets rebuilt so far.
+    pub recovered: u64,
+    /// FEC payloads refused as malformed.
+    pub malformed: u64,
+}
+
+impl FecDecoder {
+    fn has(&self, seq: u16) -> bool {
+        self.media.iter().any(|m| m.seq == seq)
+    }
+
+    /// Takes a media packet that arrived; returns packets it lets FEC rebuild.
+    pub fn on_media(&mut self, packet: MediaPacket) -> Vec<MediaPacket> {
+        if self.has(packet.seq) {
+            return Vec::new();
+        }
+        self.remember(packet);
+        self.recover()
+    }
+
+    /// Takes a ULPFEC payload that arrived; returns the packets it rebuilds.
+    pub fn on_fec(&mut self, data: &[u8]) -> Result<Vec<MediaPacket>, FecError> {
+        let fec = FecPacket::parse(data).inspect_err(|_| self.malformed += 1)?;
+        if self.fec.len() >= DECODER_FEC {
+            self.fec.pop_front();
+        }
+        self.fec.push_back(fec);
+        Ok(self.recover())
+    }
+
+    fn remember(&mut self, packet: MediaPacket) {
+        if self.media.len() >= DECODER_MEDIA {
+            self.media.pop_front();
+        }
+        self.media.push_back(packet);
+    }
+
+    /// Rebuilds every packet that is the only one missing from a kept FEC group,
+    /// repeatedly (a rebuilt packet can complete another group).
+    fn recover(&mut self) -> Vec<MediaPacket> {
+        let mut out = Vec::new();
+        loop {
+            let mut progress = false;
+            let mut i = 0;
+            while i < self.fec.len() {
+                let missing: Vec<u16> = self.fec[i]
+                    .protected
+                    .iter()
+                    .copied()
+                    .filter(|s| !self.has(*s))
+                    .collect();
+                match missing.as_slice() {
+                    [] => {
+                        self.fec.remove(i);
+                    }
+                    [seq] => {
+                        let fec = self.fec.remove(i).expect("index in range");
+                        if let Some(p) = self.rebuild(&fec, *seq) {
+                            self.recovered += 1;
+                            self.remember(p.clone());
+                            out.push(p);
+                            progress = true;
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            if !progress {
+                return out;
+            }
+        }
+    }
+
+    fn rebuild(&self, fec: &FecPacket, seq: u16) -> Option<MediaPacket> {
+        let mut pt_m = fec.pt_recovery | if fec.marker_recovery { 0x80 } else { 0 };
+        let mut ts = fec.ts_recovery;
+        let mut len = fec.length_recovery;
+        let mut payload = fec.parity.clone();
+        for s in fec.protected.iter().filter(|s| **s != seq) {
+            let p = self.media.iter().find(|m| m.seq == *s)?;
+            if p.payload.len() > payload.len() {
+                return None; // not the packet this FEC protected
+            }
+            pt_m ^= (p.pt & 0x7f) | if p.marker { 0x80 } else { 0 };
+            ts ^= p.ts;
+            len ^= p.payload.len() as u16;
+            for (x, y) in payload.iter_mut().zip(&p.payload) {
+                *x ^= *y;
+            }
+        }
+        let len = len as usize;
+        if len > payload.len() {
+            return None;
+        }
+        payload.truncate(len);
+        Some(MediaPacket {
+            seq,
+            ts,
+            pt: pt_m & 0x7f,
+            marker: pt_m & 0x80 != 0,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(seq: u16, len: usize, marker: bool) -> MediaPacket {
+        MediaPacket {
+            seq,
+            ts: 90_000 + u32::from(seq / 4) * 3000,
+            pt: 96,
+            marker,
+            payload: (0..len).map(|i| (i as u16 ^ seq) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn any_one_lost_packet_of_a_group_is_rebuilt_exactly() {
+        // Sequence numbers wrap inside the group.
+        let packets: Vec<MediaPacket> = (0..6u16)
+            .map(|i| packet(65533u16.wrapping_add(i), 300 + 97 * i as usize, i == 5))
+            .collect();
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(6));
+        let mut fec = None;
+        for p in &packets {
+            fec = enc.push(p.clone()).or(fec);
+        }
+        let fec = fec.expect("a full group makes a parity packet");
+        for lost in 0..packets.len() {
+            let mut dec = FecDecoder::default();
+            let mut got = Vec::new();
+            for (i, p) in packets.iter().enumerate() {
+                if i != lost {
+                    got.extend(dec.on_media(p.clone()));
+                }
+            }
+            assert!(got.is_empty(), "nothing to rebuild before the FEC");
+            let rebuilt = dec
+                .on_fec(&red_unwrap(&red_wrap(125, &fec)).unwrap().1)
+                .unwrap();
+            assert_eq!(rebuilt, vec![packets[lost].clone()], "lost {lost}");
+            assert_eq!(dec.recovered, 1);
+        }
+    }
+
+    #[test]
+    fn fec_arriving_before_the_rest_still_rebuilds() {
+        let packets: Vec<MediaPacket> = (10..14).map(|s| packet(s, 200, s == 13)).collect();
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(4));
+        let fec = packets.iter().filter_map(|p| enc.push(p.clone())).last();
+        let mut dec = FecDecoder::default();
+        assert!(dec.on_fec(&fec.unwrap()).unwrap().is_empty());
+        assert!(dec.on_media(packets[0].clone()).is_empty());
+        assert!(dec.on_media(packets[3].clone()).is_empty());
+        let rebuilt = dec.on_media(packets[2].clone());
+        assert_eq!(rebuilt, vec![packets[1].clone()]);
+    }
+
+    #[test]
+    fn two_losses_in_a_group_are_not_rebuilt() {
+        let packets: Vec<MediaPacket> = (0..4).map(|s| packet(s, 100, false)).collect();
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(4));
+        let fec = packets.iter().filter_map(|p| enc.push(p.clone())).last();
+        let mut dec = FecDecoder::default();
+        dec.on_media(packets[0].clone());
+        dec.on_media(packets[1].clone());
+        assert!(dec.on_fec(&fec.unwrap()).unwrap().is_empty());
+        assert_eq!(dec.recovered, 0);
+    }
+
+    #[test]
+    fn frames_end_groups_once_half_full_and_gaps_close_them() {
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(8));
+        for s in 0..3 {
+            assert!(enc.push(packet(s, 50, false)).is_none());
+        }
+        assert!(
+            enc.push(packet(3, 50, true)).is_some(),
+            "frame end at 4 of 8"
+        );
+        assert!(enc.push(packet(4, 50, true)).is_none(), "1 of 8: wait");
+        // A gap: the open group (packet 4) is closed and returned.
+        let fec = enc
+            .push(packet(9, 50, false))
+            .expect("gap closes the group");
+        let parsed = FecPacket::parse(&fec).unwrap();
+        assert_eq!(parsed.protected, vec![4]);
+        enc.set_group(None);
+        assert!(enc.push(packet(10, 50, true)).is_none(), "FEC off");
+    }
+
+    #[test]
+    fn protection_follows_loss() {
+        assert_eq!(group_for_loss(0.0), None);
+        assert_eq!(group_for_loss(f32::NAN), None);
+        assert!(matches!(group_for_loss(0.02), Some(12 | 13)));
+        assert_eq!(group_for_loss(0.025), Some(10));
+        assert_eq!(group_for_loss(0.05), Some(5));
+        assert_eq!(group_for_loss(0.5), Some(MIN_GROUP));
+        assert_eq!(group_for_loss(0.006), Some(MAX_GROUP));
+        assert_eq!(fec_bps(1_200_000, Some(12)), 100_000);
+        assert_eq!(fec_bps(1_200_000, None), 0);
+    }
+
+    #[test]
+    fn malformed_red_and_fec_are_refused_without_panicking() {
+        assert_eq!(red_unwrap(&[]), Err(FecError::MalformedRed));
+        assert_eq!(
+            red_unwrap(&[0x80 | 96, 0, 0, 4]),
+            Err(FecError::MalformedRed)
+        );
+        let mut dec = FecDecoder::default();
+        assert_eq!(dec.on_fec(&[0; 5]), Err(FecError::MalformedFec));
+        // Protection length past the end.
+        let mut bad = vec![0u8; 14];
+        bad[10] = 0x01;
+        bad[12] = 0x80;
+        assert_eq!(dec.on_fec(&bad), Err(FecError::MalformedFec));
+        // Empty mask.
+        assert_eq!(dec.on_fec(&[0u8; 14]), Err(FecError::MalformedFec));
+        // Protection length over a datagram.
+        bad[10] = 0xff;
+        assert_eq!(dec.on_fec(&bad), Err(FecError::TooLong));
+        assert_eq!(dec.malformed, 4);
+        // Garbage of every short length and many byte patterns: an answer, never a
+        // panic, and the decoder's state stays bounded.
+        let mut x = 0x1234_5678u32;
+        for len in 0..64 {
+            for _ in 0..200 {
+                let data: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        x as u8
+                    })
+                    .collect();
+                let _ = dec.on_fec(&data);
+                let _ = red_unwrap(&data);
+            }
+        }
+        assert!(dec.fec.len() <= DECODER_FEC && dec.media.len() <= DECODER_MEDIA);
+    }
+}
