@@ -24,6 +24,99 @@
 
 use std::collections::VecDeque;
 
+use str0m::format::{CodecConfig, FormatParams};
+use str0m::media::Frequency;
+
+/// Payload type of the RED stream that carries a subscriber's video and its ULPFEC.
+pub const RED_PT: u8 = 40;
+/// Payload type of that RED stream's retransmissions (RTX, `apt=40`).
+pub const RED_RTX_PT: u8 = 41;
+/// Block payload type of ULPFEC inside RED.
+pub const ULPFEC_PT: u8 = 42;
+/// The codec name [`RED_PT`] carries on the wire. Not `red/90000`: the FEC here does
+/// not protect header extensions, so only receivers built for it (Meridian's Rust
+/// client and load generator) may negotiate it; a browser does not know the name and
+/// leaves it out of its answer.
+pub const WIRE_CODEC: &str = "x-meridian-fec-red";
+/// The codec str0m is told [`RED_PT`] is (str0m 0.25 negotiates RED for audio only):
+/// VP9, which Meridian does not forward. [`sdp_to_wire`] and [`sdp_from_wire`]
+/// rename it.
+const LOCAL_CODEC: &str = "VP9";
+
+/// Adds the RED-with-ULPFEC payload type to a peer connection's codecs, so it can be
+/// offered or answered (with [`sdp_to_wire`] / [`sdp_from_wire`] around the SDP).
+pub fn add_codec(codecs: &mut CodecConfig) {
+    codecs.add_config(
+        RED_PT.into(),
+        Some(RED_RTX_PT.into()),
+        str0m::format::Codec::Vp9,
+        Frequency::NINETY_KHZ,
+        None,
+        FormatParams::default(),
+    );
+}
+
+/// Whether `pts`, a media section's negotiated payload types, include the
+/// RED-with-ULPFEC one.
+pub fn negotiated(pts: &[str0m::media::Pt]) -> bool {
+    pts.iter().any(|pt| **pt == RED_PT)
+}
+
+fn rename(sdp: &str, from: &str, to: &str) -> String {
+    let needle = format!("a=rtpmap:{RED_PT} {from}/");
+    sdp.replace(&needle, &format!("a=rtpmap:{RED_PT} {to}/"))
+}
+
+/// An SDP from this side's str0m as it goes on the wire: the placeholder codec of
+/// [`RED_PT`] named [`WIRE_CODEC`].
+pub fn sdp_to_wire(sdp: &str) -> String {
+    rename(sdp, LOCAL_CODEC, WIRE_CODEC)
+}
+
+/// An SDP from the wire as this side's str0m must read it.
+pub fn sdp_from_wire(sdp: &str) -> String {
+    rename(sdp, WIRE_CODEC, LOCAL_CODEC)
+}
+
+/// Rewrites a VP8 payload descriptor's picture id and TL0PICIDX in place (what
+/// str0m's VP8 patch does at send time for plain VP8, done here because the payload
+/// goes out inside RED and FEC must protect the bytes sent). A descriptor without
+/// those fields, or too short, is left as it is.
+pub fn patch_vp8(payload: &mut [u8], picture_id: Option<u16>, tl0: Option<u8>) {
+    let Some(&b0) = payload.first() else {
+        return;
+    };
+    if b0 & 0x80 == 0 {
+        return;
+    }
+    let Some(&b1) = payload.get(1) else {
+        return;
+    };
+    let mut at = 2;
+    if b1 & 0x80 != 0 {
+        let Some(&m) = payload.get(at) else {
+            return;
+        };
+        if m & 0x80 != 0 {
+            if let (Some(pic), true) = (picture_id, payload.len() > at + 1) {
+                payload[at] = 0x80 | ((pic >> 8) as u8 & 0x7f);
+                payload[at + 1] = pic as u8;
+            }
+            at += 2;
+        } else {
+            if let Some(pic) = picture_id {
+                payload[at] = pic as u8 & 0x7f;
+            }
+            at += 1;
+        }
+    }
+    if b1 & 0x40 != 0
+        && let (Some(t), Some(slot)) = (tl0, payload.get_mut(at))
+    {
+        *slot = t;
+    }
+}
+
 /// Smallest group (one parity packet per two media packets: 50 % overhead).
 pub const MIN_GROUP: usize = 2;
 /// Largest group (the 16-bit mask of a short ULPFEC header).
@@ -465,6 +558,35 @@ mod tests {
         assert_eq!(parsed.protected, vec![4]);
         enc.set_group(None);
         assert!(enc.push(packet(10, 50, true)).is_none(), "FEC off");
+    }
+
+    #[test]
+    fn vp8_descriptor_fields_are_rewritten_in_place() {
+        // X, I (15-bit picture id), L.
+        let mut p = vec![0x90, 0xc0, 0x80 | 0x12, 0x34, 7, 0xaa];
+        patch_vp8(&mut p, Some(0x0567), Some(9));
+        assert_eq!(p, vec![0x90, 0xc0, 0x85, 0x67, 9, 0xaa]);
+        // 7-bit picture id, no L.
+        let mut p = vec![0x90, 0x80, 0x05, 0xaa];
+        patch_vp8(&mut p, Some(0x0181), Some(9));
+        assert_eq!(p, vec![0x90, 0x80, 0x01, 0xaa]);
+        // No X: untouched; truncated: no panic.
+        let mut p = vec![0x10, 0xaa];
+        patch_vp8(&mut p, Some(1), Some(1));
+        assert_eq!(p, vec![0x10, 0xaa]);
+        for len in 0..4 {
+            let mut p = vec![0xff; len];
+            patch_vp8(&mut p, Some(1), Some(1));
+        }
+    }
+
+    #[test]
+    fn placeholder_codec_is_renamed_both_ways() {
+        let local = "a=rtpmap:96 VP8/90000\r\na=rtpmap:40 VP9/90000\r\n";
+        let wire = sdp_to_wire(local);
+        assert!(wire.contains("a=rtpmap:40 x-meridian-fec-red/90000"));
+        assert!(wire.contains("a=rtpmap:96 VP8/90000"));
+        assert_eq!(sdp_from_wire(&wire), local);
     }
 
     #[test]

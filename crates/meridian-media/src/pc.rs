@@ -62,7 +62,12 @@ impl Pc {
             .enable_h264(true)
             .set_stats_interval(None);
         if kind == PcKind::Subscriber {
-            builder = builder.enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)));
+            builder = builder
+                .enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)))
+                // Receiver reports' loss, every second, sets each video stream's FEC.
+                .set_stats_interval(Some(std::time::Duration::from_secs(1)));
+            // Video in RED with ULPFEC, for subscribers that decode it (`fec`).
+            crate::fec::add_codec(builder.codec_config());
         }
         Pc::from_builder(
             builder.set_local_ice_credentials(worker_creds(config)),
@@ -276,6 +281,9 @@ impl Sfu {
                 if let Some(track) = track {
                     self.request_keyframe_for(track, now, false);
                 }
+            }
+            Event::MediaEgressStats(stats) if kind == PcKind::Subscriber => {
+                self.fec_loss(id, stats.mid, stats.loss);
             }
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. })
             | Event::EgressBitrateEstimate(BweKind::Remb { estimate, .. }) => {

@@ -120,6 +120,9 @@ pub(crate) struct Subscription {
     pub(crate) active: bool,
     /// RED added by the node to this subscriber's audio (publisher sends plain Opus).
     pub(crate) red: crate::red::RedAdder,
+    /// ULPFEC for this subscriber's video, when its connection negotiated it
+    /// ([`crate::fec`]); the group follows the loss it reports.
+    pub(crate) fec: Option<crate::fec::FecEncoder>,
 }
 
 pub(crate) struct Track {
@@ -446,6 +449,7 @@ impl Sfu {
                 pt_map: Vec::new(),
                 active: false,
                 red: Default::default(),
+                fec: None,
             },
         );
         p.to_add.push(track);
