@@ -127,6 +127,8 @@ pub const MIN_LOSS_FOR_FEC: f32 = 0.005;
 const FEC_HEADER: usize = 10 + 4;
 /// Largest protected payload accepted (a UDP datagram).
 const MAX_PAYLOAD: usize = 1500;
+/// Packets an encoder gathers waiting for a frame's end before it gives them up.
+const MAX_PENDING: usize = 8 * MAX_GROUP;
 /// Media packets a decoder keeps to rebuild from.
 const DECODER_MEDIA: usize = 256;
 /// FEC packets a decoder keeps waiting for their group.
@@ -325,35 +327,38 @@ impl FecEncoder {
         }
     }
 
-    /// Takes the next media packet written to the stream; returns the ULPFEC payload
-    /// to send right after it when a group is complete: `group` packets, or the end
-    /// of a frame (marker) once half a group has gathered, so a frame's repair does
-    /// not wait for the next frame. A gap in sequence numbers (a packet written out
-    /// of order) closes the group before it.
-    pub fn push(&mut self, packet: MediaPacket) -> Option<Vec<u8>> {
-        let group = self.group?;
+    /// Takes the next media packet written to the stream; returns the ULPFEC payloads
+    /// to send right after it. Parity goes out only after a frame's last packet
+    /// (marker), so it never splits a frame's sequence numbers: once at least half a
+    /// group has gathered, the packets gathered are cut into groups of at most
+    /// `group` and each gets one parity packet. A gap in sequence numbers (a packet
+    /// written out of order) drops what was gathered, unprotected.
+    pub fn push(&mut self, packet: MediaPacket) -> Vec<Vec<u8>> {
+        let Some(group) = self.group else {
+            return Vec::new();
+        };
         if packet.payload.len() > MAX_PAYLOAD {
-            return None;
+            self.pending.clear();
+            return Vec::new();
         }
-        let mut out = None;
         if let Some(last) = self.pending.last()
             && packet.seq != last.seq.wrapping_add(1)
         {
-            out = self.flush();
+            self.pending.clear();
         }
         let marker = packet.marker;
         self.pending.push(packet);
-        if self.pending.len() >= group || (marker && self.pending.len() * 2 >= group) {
-            // A parity made here supersedes one flushed at a gap (rare): the gap's
-            // group is short and the packets around it are retransmittable.
-            out = self.flush().or(out);
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.clear();
+            return Vec::new();
         }
-        out
-    }
-
-    fn flush(&mut self) -> Option<Vec<u8>> {
-        let group = std::mem::take(&mut self.pending);
-        encode_group(&group)
+        if !marker || self.pending.len() * 2 < group {
+            return Vec::new();
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let groups = pending.len().div_ceil(group);
+        let size = pending.len().div_ceil(groups);
+        pending.chunks(size).filter_map(encode_group).collect()
     }
 }
 
@@ -489,11 +494,12 @@ mod tests {
             .collect();
         let mut enc = FecEncoder::default();
         enc.set_group(Some(6));
-        let mut fec = None;
+        let mut fec = Vec::new();
         for p in &packets {
-            fec = enc.push(p.clone()).or(fec);
+            fec.extend(enc.push(p.clone()));
         }
-        let fec = fec.expect("a full group makes a parity packet");
+        assert_eq!(fec.len(), 1, "one group, one parity packet");
+        let fec = &fec[0];
         for lost in 0..packets.len() {
             let mut dec = FecDecoder::default();
             let mut got = Vec::new();
@@ -516,7 +522,7 @@ mod tests {
         let packets: Vec<MediaPacket> = (10..14).map(|s| packet(s, 200, s == 13)).collect();
         let mut enc = FecEncoder::default();
         enc.set_group(Some(4));
-        let fec = packets.iter().filter_map(|p| enc.push(p.clone())).last();
+        let fec = packets.iter().flat_map(|p| enc.push(p.clone())).last();
         let mut dec = FecDecoder::default();
         assert!(dec.on_fec(&fec.unwrap()).unwrap().is_empty());
         assert!(dec.on_media(packets[0].clone()).is_empty());
@@ -527,10 +533,10 @@ mod tests {
 
     #[test]
     fn two_losses_in_a_group_are_not_rebuilt() {
-        let packets: Vec<MediaPacket> = (0..4).map(|s| packet(s, 100, false)).collect();
+        let packets: Vec<MediaPacket> = (0..4).map(|s| packet(s, 100, s == 3)).collect();
         let mut enc = FecEncoder::default();
         enc.set_group(Some(4));
-        let fec = packets.iter().filter_map(|p| enc.push(p.clone())).last();
+        let fec = packets.iter().flat_map(|p| enc.push(p.clone())).last();
         let mut dec = FecDecoder::default();
         dec.on_media(packets[0].clone());
         dec.on_media(packets[1].clone());
@@ -539,25 +545,36 @@ mod tests {
     }
 
     #[test]
-    fn frames_end_groups_once_half_full_and_gaps_close_them() {
+    fn parity_follows_frame_ends_only_and_big_frames_get_several() {
         let mut enc = FecEncoder::default();
         enc.set_group(Some(8));
-        for s in 0..3 {
-            assert!(enc.push(packet(s, 50, false)).is_none());
+        for s in 0..9 {
+            assert!(enc.push(packet(s, 50, false)).is_empty(), "mid-frame: none");
         }
-        assert!(
-            enc.push(packet(3, 50, true)).is_some(),
-            "frame end at 4 of 8"
+        // A frame of 10 packets: two groups of 5, two parity packets after it.
+        let fec = enc.push(packet(9, 50, true));
+        assert_eq!(fec.len(), 2);
+        let groups: Vec<Vec<u16>> = fec
+            .iter()
+            .map(|f| FecPacket::parse(f).unwrap().protected)
+            .collect();
+        assert_eq!(
+            groups,
+            vec![(0..5).collect::<Vec<u16>>(), (5..10).collect()]
         );
-        assert!(enc.push(packet(4, 50, true)).is_none(), "1 of 8: wait");
-        // A gap: the open group (packet 4) is closed and returned.
-        let fec = enc
-            .push(packet(9, 50, false))
-            .expect("gap closes the group");
-        let parsed = FecPacket::parse(&fec).unwrap();
-        assert_eq!(parsed.protected, vec![4]);
+        // A one-packet frame waits for half a group.
+        for s in 10..13 {
+            assert!(enc.push(packet(s, 50, true)).is_empty());
+        }
+        assert_eq!(enc.push(packet(13, 50, true)).len(), 1, "4 of 8 gathered");
+        // A gap drops what was gathered.
+        for s in 14..17 {
+            enc.push(packet(s, 50, true));
+        }
+        let fec = enc.push(packet(30, 50, true));
+        assert!(fec.is_empty(), "gathered after the gap: 1 of 8");
         enc.set_group(None);
-        assert!(enc.push(packet(10, 50, true)).is_none(), "FEC off");
+        assert!(enc.push(packet(31, 50, true)).is_empty(), "FEC off");
     }
 
     #[test]

@@ -477,9 +477,10 @@ impl Sfu {
                     marker: pkt.header.marker,
                     payload: media,
                 });
-                if let Some(parity) = parity
-                    && let Some(seq) = sub.forwarder.insert_packet()
-                {
+                for parity in parity {
+                    let Some(seq) = sub.forwarder.insert_packet() else {
+                        break;
+                    };
                     self.stats.fec_packets += 1;
                     self.stats.fec_bytes += parity.len() as u64;
                     let fec = crate::fec::red_wrap(crate::fec::ULPFEC_PT, &parity);
