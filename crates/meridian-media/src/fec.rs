@@ -176,6 +176,32 @@ pub fn group_for_loss(loss: f32) -> Option<usize> {
     Some(group.clamp(MIN_GROUP, MAX_GROUP))
 }
 
+/// A subscriber stream's loss as FEC must see it, from the sender's statistics.
+///
+/// A receiver report's fraction lost counts retransmitted packets as received, so
+/// once NACK repairs the loss it reports almost none; the NACKs the subscriber sent
+/// for the packets the node sent in the same interval show the loss on the path.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LossMeter {
+    last: Option<(u64, u64)>,
+}
+
+impl LossMeter {
+    /// Takes the stream's cumulative packets sent and NACKs received, and the latest
+    /// receiver report's loss; returns the larger of that and the NACKed share of the
+    /// packets sent since the previous call.
+    pub fn update(&mut self, packets: u64, nacks: u64, reported: Option<f32>) -> f32 {
+        let nacked = match self.last {
+            Some((p0, n0)) if packets > p0 => {
+                (nacks.saturating_sub(n0) as f32 / (packets - p0) as f32).min(1.0)
+            }
+            _ => 0.0,
+        };
+        self.last = Some((packets, nacks));
+        nacked.max(reported.unwrap_or(0.0))
+    }
+}
+
 /// The bitrate FEC adds to `media_bps` of video with one parity packet per `group`
 /// media packets (parity packets are as long as the longest in their group, so this
 /// slightly underestimates; the headers are a few bytes).
@@ -604,6 +630,15 @@ mod tests {
         assert!(wire.contains("a=rtpmap:40 x-meridian-fec-red/90000"));
         assert!(wire.contains("a=rtpmap:96 VP8/90000"));
         assert_eq!(sdp_from_wire(&wire), local);
+    }
+
+    #[test]
+    fn loss_is_seen_through_nacks_when_reports_show_none() {
+        let mut m = LossMeter::default();
+        assert_eq!(m.update(1000, 10, None), 0.0, "no interval yet");
+        assert!((m.update(2000, 40, Some(0.0)) - 0.03).abs() < 1e-6);
+        assert_eq!(m.update(2000, 40, Some(0.05)), 0.05, "report larger");
+        assert_eq!(m.update(2000, 90, None), 0.0, "nothing sent: no ratio");
     }
 
     #[test]

@@ -239,27 +239,22 @@ impl Forwarder {
 }
 
 impl Sfu {
-    /// A subscriber's receiver report for its media section `mid` said `loss`: its
-    /// video FEC group follows it (never below the configured floor).
-    pub(crate) fn fec_loss(
-        &mut self,
-        id: ParticipantId,
-        mid: str0m::media::Mid,
-        loss: Option<f32>,
-    ) {
-        let Some(loss) = loss else {
-            return;
-        };
+    /// A subscriber media section's statistics (every second): its video FEC group
+    /// follows the loss they show (never below the configured floor).
+    pub(crate) fn fec_loss(&mut self, id: ParticipantId, stats: &str0m::stats::MediaEgressStats) {
         let floor = self.config.fec_loss_floor;
         let Some(p) = self.participants.get_mut(&id) else {
             return;
         };
-        if let Some(enc) = p
+        let Some(sub) = p
             .subscriptions
             .values_mut()
-            .find(|s| s.mid == Some(mid))
-            .and_then(|s| s.fec.as_mut())
-        {
+            .find(|s| s.mid == Some(stats.mid) && s.fec.is_some())
+        else {
+            return;
+        };
+        let loss = sub.loss.update(stats.packets, stats.nacks, stats.loss);
+        if let Some(enc) = sub.fec.as_mut() {
             enc.set_group(crate::fec::group_for_loss(loss.max(floor)));
         }
     }

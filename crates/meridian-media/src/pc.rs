@@ -283,7 +283,7 @@ impl Sfu {
                 }
             }
             Event::MediaEgressStats(stats) if kind == PcKind::Subscriber => {
-                self.fec_loss(id, stats.mid, stats.loss);
+                self.fec_loss(id, &stats);
             }
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. })
             | Event::EgressBitrateEstimate(BweKind::Remb { estimate, .. }) => {

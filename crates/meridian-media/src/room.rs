@@ -123,6 +123,8 @@ pub(crate) struct Subscription {
     /// ULPFEC for this subscriber's video, when its connection negotiated it
     /// ([`crate::fec`]); the group follows the loss it reports.
     pub(crate) fec: Option<crate::fec::FecEncoder>,
+    /// The loss that sets `fec`'s group.
+    pub(crate) loss: crate::fec::LossMeter,
 }
 
 pub(crate) struct Track {
@@ -450,6 +452,7 @@ impl Sfu {
                 active: false,
                 red: Default::default(),
                 fec: None,
+                loss: Default::default(),
             },
         );
         p.to_add.push(track);
