@@ -48,6 +48,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 HTTP=${HTTP:-127.0.0.1:7990}
 MEDIA=${MEDIA:-127.0.0.1:7992}
 WT=${WT:-127.0.0.1:7991}
+METRICS=${METRICS:-127.0.0.1:7993}
 DATA=$(mktemp -d /tmp/bench-chaos.XXXXXX)
 NODE_PID=
 mkdir -p "$PLOTDIR"
@@ -77,7 +78,7 @@ for scenario in $SCENARIOS; do
   echo "== $scenario: impair ${impair:-none} (node egress), playout deadline $deadline, ${red[*]:-no RED}, $PUBS publishers → $SUBS subscribers, $DURATION"
   echo "   load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   args=(serve --dev --data-dir "$DATA" --http-addr "$HTTP" --media-addr "$MEDIA"
-        --wt-addr "$WT" --node-id chaos)
+        --wt-addr "$WT" --metrics-listen "$METRICS" --node-id chaos)
   [ -n "$impair" ] && args+=(--impair "$impair" --impair-direction egress --impair-seed 7)
   taskset -c "$NODE_CPU" "$BIN" "${args[@]}" > "$DATA/node.log" 2>&1 &
   NODE_PID=$!
@@ -89,7 +90,7 @@ for scenario in $SCENARIOS; do
     --publishers "$PUBS" --subscribers "$SUBS" --duration "$DURATION" --warmup "$WARMUP" \
     --playout-deadline "$deadline" "${red[@]}" --latency-out "$PLOTDIR/$scenario.txt" \
     --ping-interval 1s --ping-timeout 30s \
-    --node-pid "$NODE_PID" --node-metrics "$HTTP" --json | tee "$DATA/loadgen.out"
+    --node-pid "$NODE_PID" --node-metrics "$METRICS" --json | tee "$DATA/loadgen.out"
   tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"scenario\":\"$scenario\",\"injected_delay_ms\":$([ -n "$impair" ] && echo 200 || echo 0),/" >> "$OUT"
   kill "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
   rm -rf "${DATA:?}"/*

@@ -1565,7 +1565,11 @@ impl Session {
         let mut packets = Vec::new();
         let rebuilt = if block_pt == fec::ULPFEC_PT {
             b.buffer.insert_padding(ext);
-            b.fec.on_fec(body).unwrap_or_default()
+            let rebuilt = b.fec.on_fec(body).unwrap_or_default();
+            for s in std::mem::take(&mut b.fec.lost_parity) {
+                b.buffer.insert_padding(extend(s));
+            }
+            rebuilt
         } else {
             let media = MediaPacket {
                 seq: seq16,

@@ -397,6 +397,11 @@ pub struct FecDecoder {
     pub recovered: u64,
     /// FEC payloads refused as malformed.
     pub malformed: u64,
+    /// Newest sequence number a FEC packet protected.
+    protected_end: Option<u16>,
+    /// Sequence numbers found to be parity packets (lost ones among them), for the
+    /// caller to drain: its playout must not wait for them.
+    pub lost_parity: Vec<u16>,
 }
 
 impl FecDecoder {
@@ -416,6 +421,26 @@ impl FecDecoder {
     /// Takes a ULPFEC payload that arrived; returns the packets it rebuilds.
     pub fn on_fec(&mut self, data: &[u8]) -> Result<Vec<MediaPacket>, FecError> {
         let fec = FecPacket::parse(data).inspect_err(|_| self.malformed += 1)?;
+        // Parity follows a frame's last packet and the next group starts right after
+        // it: what lies between the previous group's end and this group's start is
+        // parity (this one's arrival is the caller's to note).
+        let end = *fec.protected.last().expect("parse refuses an empty mask");
+        if let Some(prev) = self.protected_end {
+            let gap = fec.sn_base.wrapping_sub(prev);
+            if (2..=MAX_GROUP as u16).contains(&gap) && self.lost_parity.len() < DECODER_FEC {
+                let parity: Vec<u16> = (1..gap)
+                    .map(|i| prev.wrapping_add(i))
+                    .filter(|s| !self.has(*s))
+                    .collect();
+                self.lost_parity.extend(parity);
+            }
+        }
+        if self
+            .protected_end
+            .is_none_or(|prev| end.wrapping_sub(prev) as i16 > 0)
+        {
+            self.protected_end = Some(end);
+        }
         if self.fec.len() >= DECODER_FEC {
             self.fec.pop_front();
         }
@@ -555,6 +580,35 @@ mod tests {
         assert!(dec.on_media(packets[3].clone()).is_empty());
         let rebuilt = dec.on_media(packets[2].clone());
         assert_eq!(rebuilt, vec![packets[1].clone()]);
+    }
+
+    #[test]
+    fn sequence_numbers_between_groups_are_parity() {
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(4));
+        let mut dec = FecDecoder::default();
+        let mut seq = 100u16;
+        let mut parities = Vec::new();
+        for frame in 0..2 {
+            for i in 0..4 {
+                let p = packet(seq, 60, i == 3);
+                seq += 1;
+                dec.on_media(p.clone());
+                for f in enc.push(p) {
+                    parities.push((seq, f, frame));
+                    seq += 1;
+                }
+            }
+        }
+        assert_eq!(parities.iter().map(|p| p.0).collect::<Vec<_>>(), vec![104, 109]);
+        // The first group's parity (seq 104) is lost: the second one's, protecting
+        // 105..=108, names 104 as parity once the decoder knows where a group ended.
+        dec.on_fec(&parities[1].1).unwrap();
+        assert!(dec.lost_parity.is_empty(), "no earlier group to measure from");
+        let mut dec = FecDecoder::default();
+        dec.on_fec(&parities[0].1).unwrap();
+        dec.on_fec(&parities[1].1).unwrap();
+        assert_eq!(dec.lost_parity, vec![104]);
     }
 
     #[test]
