@@ -561,7 +561,7 @@ mod tests {
             }
             assert!(got.is_empty(), "nothing to rebuild before the FEC");
             let rebuilt = dec
-                .on_fec(&red_unwrap(&red_wrap(125, &fec)).unwrap().1)
+                .on_fec(red_unwrap(&red_wrap(125, fec)).unwrap().1)
                 .unwrap();
             assert_eq!(rebuilt, vec![packets[lost].clone()], "lost {lost}");
             assert_eq!(dec.recovered, 1);
@@ -600,11 +600,17 @@ mod tests {
                 }
             }
         }
-        assert_eq!(parities.iter().map(|p| p.0).collect::<Vec<_>>(), vec![104, 109]);
+        assert_eq!(
+            parities.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![104, 109]
+        );
         // The first group's parity (seq 104) is lost: the second one's, protecting
         // 105..=108, names 104 as parity once the decoder knows where a group ended.
         dec.on_fec(&parities[1].1).unwrap();
-        assert!(dec.lost_parity.is_empty(), "no earlier group to measure from");
+        assert!(
+            dec.lost_parity.is_empty(),
+            "no earlier group to measure from"
+        );
         let mut dec = FecDecoder::default();
         dec.on_fec(&parities[0].1).unwrap();
         dec.on_fec(&parities[1].1).unwrap();
