@@ -489,34 +489,26 @@ impl Sfu {
                     .nackable(true);
                     tx.write_rtp(write);
                 }
-                self.stats.rtp_packets_forwarded += 1;
-                self.stats.rtp_bytes_forwarded += pkt.payload.len() as u64;
-                mark_dirty(
-                    &mut self.dirty,
-                    *sub_id,
-                    &mut sp.subscriber,
-                    PcKind::Subscriber,
-                );
-                continue;
+            } else {
+                let mut write =
+                    RtpWrite::new(out_pt, SeqNo::from(out.seq), out.ts, pkt.timestamp, payload)
+                        .marker(pkt.header.marker)
+                        .ext_vals(ext.clone())
+                        .nackable(video);
+                if let Some(d) = vp8 {
+                    let mut patch = d.patch();
+                    if let Some(pic) = out.picture_id {
+                        patch = patch.picture_id(pic);
+                    }
+                    if let Some(tl0) = out.tl0 {
+                        patch = patch.tl0_pic_idx(tl0);
+                    }
+                    if let Ok(patch) = patch.build() {
+                        write = write.vp8_patch(patch);
+                    }
+                }
+                tx.write_rtp(write);
             }
-            let mut write =
-                RtpWrite::new(out_pt, SeqNo::from(out.seq), out.ts, pkt.timestamp, payload)
-                    .marker(pkt.header.marker)
-                    .ext_vals(ext.clone())
-                    .nackable(video);
-            if let Some(d) = vp8 {
-                let mut patch = d.patch();
-                if let Some(pic) = out.picture_id {
-                    patch = patch.picture_id(pic);
-                }
-                if let Some(tl0) = out.tl0 {
-                    patch = patch.tl0_pic_idx(tl0);
-                }
-                if let Ok(patch) = patch.build() {
-                    write = write.vp8_patch(patch);
-                }
-            }
-            tx.write_rtp(write);
             if let Some(r) = sp.relay.as_mut() {
                 r.packets += 1;
                 r.packets_by_layer[layer] += 1;
