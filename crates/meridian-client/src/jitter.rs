@@ -313,6 +313,40 @@ mod tests {
     }
 
     #[test]
+    fn padding_between_frames_is_stepped_over_without_waiting() {
+        let t0 = Instant::now();
+        let mut b = JitterBuffer::new(true, DEADLINE);
+        // Frame 0 at 0..=2, a FEC packet at 3, frame 1 at 4..=6 (frame 1 shifted by one).
+        for p in frame(0) {
+            b.insert(t0, p);
+        }
+        for (i, p) in frame(1).into_iter().enumerate() {
+            b.insert(
+                t0,
+                Packet {
+                    seq: 4 + i as u64,
+                    ..p
+                },
+            );
+        }
+        assert_eq!(drain(&mut b, t0).len(), 1, "frame 1 waits behind seq 3");
+        b.insert_padding(3);
+        let out = drain(&mut b, t0);
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Played::Frame {
+                    missing_reference: false,
+                    ..
+                }]
+            ),
+            "frame 1 plays at once: {out:?}"
+        );
+        b.insert_padding(2); // already played: ignored
+        assert!(b.padding.is_empty());
+    }
+
+    #[test]
     fn complete_frames_play_at_once_in_order_even_when_reordered() {
         let t0 = Instant::now();
         let mut b = JitterBuffer::new(true, DEADLINE);
