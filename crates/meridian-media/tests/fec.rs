@@ -115,3 +115,29 @@ fn subscribers_without_fec_get_plain_video_and_no_parity() {
     );
     assert_eq!(h.sfu.stats().fec_packets, 0);
 }
+
+/// The node's subscriber offer names the FEC stream by its private codec name only: a
+/// browser, whose ULPFEC would not match this parity, never sees a codec it accepts
+/// on that payload type.
+#[test]
+fn the_offer_names_fec_privately() {
+    let mut h = Harness::new();
+    h.add_publisher("room", "alice", MediaConfig::default());
+    h.add_subscriber("room", "bob");
+    h.connect(Duration::from_secs(5));
+    let offers: Vec<&String> = h
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            meridian_media::SfuEvent::SubscriberOffer { sdp, .. } => Some(sdp),
+            _ => None,
+        })
+        .collect();
+    assert!(!offers.is_empty());
+    let pt = meridian_media::fec::RED_PT;
+    for sdp in offers {
+        assert!(sdp.contains(&format!("a=rtpmap:{pt} x-meridian-fec-red/90000")));
+        assert!(!sdp.contains(&format!("a=rtpmap:{pt} VP9")), "{sdp}");
+        assert!(!sdp.contains("ulpfec") && !sdp.contains(" red/90000"));
+    }
+}
