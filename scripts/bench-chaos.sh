@@ -17,7 +17,7 @@
 #   PUBS, SUBS   publishers and subscribers (default 2 and 20)
 #   DURATION     measured time per run (default 60s), after WARMUP (default 5s)
 #   SCENARIOS    subset of: clean loss2-hold loss2 loss2-red loss5-red burst-red
-#                (default: all)
+#                loss2-fec loss5-fec burst-fec (default: all)
 #   OUT          JSON lines appended here (default /tmp/bench-chaos.jsonl)
 #   PLOTDIR      latency samples and the PNG (default /tmp/bench-chaos)
 #   NODE_CPU, LOAD_CPU  CPUs the node and the load generator are pinned to (0, 1)
@@ -29,6 +29,9 @@
 #   loss2-red   the same with audio RED negotiated (redundancy on)
 #   loss5-red   5 % loss, deadline, RED
 #   burst-red   2 % loss in Gilbert-Elliott bursts of 4 packets on average, deadline, RED
+#   loss2-fec, loss5-fec, burst-fec  the three above with video FEC too (`--fec`: the
+#               node sends ULPFEC at a rate following each subscriber's reported loss)
+# FEC off vs on: SCENARIOS="loss2-red loss2-fec" draws both CDFs in one PNG.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,12 +40,15 @@ PUBS=${PUBS:-2}
 SUBS=${SUBS:-20}
 DURATION=${DURATION:-60s}
 WARMUP=${WARMUP:-5s}
-SCENARIOS=${SCENARIOS:-"clean loss2-hold loss2 loss2-red loss5-red burst-red"}
+SCENARIOS=${SCENARIOS:-"clean loss2-hold loss2 loss2-red loss5-red burst-red loss2-fec loss5-fec burst-fec"}
 OUT=${OUT:-/tmp/bench-chaos.jsonl}
 PLOTDIR=${PLOTDIR:-/tmp/bench-chaos}
 NODE_CPU=${NODE_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-HTTP=127.0.0.1:7990
+HTTP=${HTTP:-127.0.0.1:7990}
+MEDIA=${MEDIA:-127.0.0.1:7992}
+WT=${WT:-127.0.0.1:7991}
+METRICS=${METRICS:-127.0.0.1:7993}
 DATA=$(mktemp -d /tmp/bench-chaos.XXXXXX)
 NODE_PID=
 mkdir -p "$PLOTDIR"
@@ -64,12 +70,15 @@ for scenario in $SCENARIOS; do
     loss2-red) impair="$CHAOS,loss=2%"; red=(--red) ;;
     loss5-red) impair="$CHAOS,loss=5%"; red=(--red) ;;
     burst-red) impair="$CHAOS,loss=2%,burst=4"; red=(--red) ;;
+    loss2-fec) impair="$CHAOS,loss=2%"; red=(--red --fec) ;;
+    loss5-fec) impair="$CHAOS,loss=5%"; red=(--red --fec) ;;
+    burst-fec) impair="$CHAOS,loss=2%,burst=4"; red=(--red --fec) ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
   echo "== $scenario: impair ${impair:-none} (node egress), playout deadline $deadline, ${red[*]:-no RED}, $PUBS publishers → $SUBS subscribers, $DURATION"
   echo "   load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-  args=(serve --dev --data-dir "$DATA" --http-addr "$HTTP" --media-addr 127.0.0.1:7992
-        --wt-addr 127.0.0.1:7991 --node-id chaos)
+  args=(serve --dev --data-dir "$DATA" --http-addr "$HTTP" --media-addr "$MEDIA"
+        --wt-addr "$WT" --metrics-listen "$METRICS" --node-id chaos)
   [ -n "$impair" ] && args+=(--impair "$impair" --impair-direction egress --impair-seed 7)
   taskset -c "$NODE_CPU" "$BIN" "${args[@]}" > "$DATA/node.log" 2>&1 &
   NODE_PID=$!
@@ -81,7 +90,7 @@ for scenario in $SCENARIOS; do
     --publishers "$PUBS" --subscribers "$SUBS" --duration "$DURATION" --warmup "$WARMUP" \
     --playout-deadline "$deadline" "${red[@]}" --latency-out "$PLOTDIR/$scenario.txt" \
     --ping-interval 1s --ping-timeout 30s \
-    --node-pid "$NODE_PID" --node-metrics "$HTTP" --json | tee "$DATA/loadgen.out"
+    --node-pid "$NODE_PID" --node-metrics "$METRICS" --json | tee "$DATA/loadgen.out"
   tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"scenario\":\"$scenario\",\"injected_delay_ms\":$([ -n "$impair" ] && echo 200 || echo 0),/" >> "$OUT"
   kill "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
   rm -rf "${DATA:?}"/*

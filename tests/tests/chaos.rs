@@ -216,3 +216,36 @@ async fn audio_red_recovers_what_the_impaired_node_drops() {
     sub.leave().await.expect("leave");
     t.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn video_fec_rebuilds_what_the_impaired_node_drops() {
+    let _serial = SERIAL.lock().await;
+    let t = start_node(|c| {
+        c.http.dev = true;
+        c.media.impair = Some("delay=50ms,loss=5%".into());
+        c.media.impair_seed = 9;
+    })
+    .await;
+    let config = ClientConfig::new(&t.url, t.token("alice", "r1", true));
+    let publisher = Client::join(config).await.expect("publisher joins");
+    let mut config = ClientConfig::subscriber(&t.url, t.token("bob", "r1", false));
+    config.fec = true;
+    config.playout_deadline = Some(Duration::from_millis(60));
+    let sub = Client::join(config).await.expect("subscriber joins");
+    // The group follows the loss the subscriber's NACKs show, from the first second.
+    let stats = sub
+        .wait_for(Duration::from_secs(30), |st| {
+            st.video_tracks_with(150) == 1
+                && st.tracks.values().any(|t| t.video && t.fec_recovered >= 10)
+        })
+        .await
+        .unwrap_or_else(|st| panic!("no video rebuilt from FEC: {st:#?}"));
+    let video = stats.tracks.values().find(|t| t.video).expect("video");
+    eprintln!(
+        "FEC through 5 % egress loss: {} frames, {} skips, {} packets rebuilt from FEC",
+        video.frames, video.skips, video.fec_recovered
+    );
+    publisher.leave().await.expect("leave");
+    sub.leave().await.expect("leave");
+    t.node.shutdown().await;
+}

@@ -76,6 +76,8 @@ pub struct JitterBuffer {
     /// A frame was skipped and no keyframe has been played since.
     broken: bool,
     last_keyframe_request: Option<Instant>,
+    /// Sequence numbers that carry no media (FEC packets), skipped by playout.
+    padding: std::collections::BTreeSet<u64>,
 }
 
 impl JitterBuffer {
@@ -91,7 +93,17 @@ impl JitterBuffer {
             started: false,
             broken: false,
             last_keyframe_request: None,
+            padding: Default::default(),
         }
+    }
+
+    /// Marks a sequence number that carries no media (a FEC packet between frames):
+    /// playout steps over it instead of waiting for it.
+    pub fn insert_padding(&mut self, seq: u64) {
+        if seq < self.floor || self.padding.len() >= MAX_PACKETS {
+            return;
+        }
+        self.padding.insert(seq);
     }
 
     /// Takes a received packet; returns false for a late, duplicate or stale one,
@@ -163,7 +175,13 @@ impl JitterBuffer {
     }
 
     /// Plays the frame starting at `next` if all its packets are here.
-    fn complete_frame(&mut self, next: u64) -> Option<Played> {
+    fn complete_frame(&mut self, mut next: u64) -> Option<Played> {
+        while self.padding.remove(&next) {
+            next += 1;
+            self.next = Some(next);
+            self.floor = next;
+        }
+        self.padding = self.padding.split_off(&next);
         let (first, _) = self.packets.get(&next)?;
         if !first.frame_start {
             return None;
@@ -292,6 +310,40 @@ mod tests {
 
     fn drain(b: &mut JitterBuffer, now: Instant) -> Vec<Played> {
         std::iter::from_fn(|| b.poll(now)).collect()
+    }
+
+    #[test]
+    fn padding_between_frames_is_stepped_over_without_waiting() {
+        let t0 = Instant::now();
+        let mut b = JitterBuffer::new(true, DEADLINE);
+        // Frame 0 at 0..=2, a FEC packet at 3, frame 1 at 4..=6 (frame 1 shifted by one).
+        for p in frame(0) {
+            b.insert(t0, p);
+        }
+        for (i, p) in frame(1).into_iter().enumerate() {
+            b.insert(
+                t0,
+                Packet {
+                    seq: 4 + i as u64,
+                    ..p
+                },
+            );
+        }
+        assert_eq!(drain(&mut b, t0).len(), 1, "frame 1 waits behind seq 3");
+        b.insert_padding(3);
+        let out = drain(&mut b, t0);
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Played::Frame {
+                    missing_reference: false,
+                    ..
+                }]
+            ),
+            "frame 1 plays at once: {out:?}"
+        );
+        b.insert_padding(2); // already played: ignored
+        assert!(b.padding.is_empty());
     }
 
     #[test]

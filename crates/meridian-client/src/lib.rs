@@ -192,6 +192,10 @@ pub struct ClientConfig {
     /// it without a retransmission (str0m does it in frame mode, the jitter buffer with
     /// `playout_deadline`).
     pub red: bool,
+    /// Negotiate video FEC with the node (`meridian_media::fec`: VP8 in RED with
+    /// ULPFEC, rebuilt here without a retransmission). Needs `playout_deadline` (RTP
+    /// mode); ignored without it.
+    pub fec: bool,
     /// How long to wait for `joined` on the first join.
     pub join_timeout: Duration,
     /// Benchmark receiver: once the subscriber connection is up, count its SRTP
@@ -238,6 +242,7 @@ impl ClientConfig {
             impairment: None,
             playout_deadline: None,
             red: false,
+            fec: false,
             join_timeout: Duration::from_secs(10),
             count_only: false,
             regions: Vec::new(),
@@ -660,6 +665,8 @@ struct Playout {
     mid: Mid,
     video: bool,
     buffer: jitter::JitterBuffer,
+    /// Rebuilds lost video packets from the node's ULPFEC (when negotiated).
+    fec: meridian_media::fec::FecDecoder,
 }
 
 struct Pc {
@@ -672,12 +679,14 @@ struct Pc {
     rtp_mode: bool,
     /// Negotiate audio RED (`red/48000/2`).
     red: bool,
+    /// Negotiate video FEC (subscriber side, RTP mode).
+    fec: bool,
 }
 
 impl Pc {
     /// A new peer connection on the same socket.
     fn renew(&mut self, now: Instant) {
-        self.rtc = new_rtc(now, self.local, self.rtp_mode, self.red);
+        self.rtc = new_rtc(now, self.local, self.rtp_mode, self.red, self.fec);
         self.next_timeout = now;
     }
 }
@@ -746,14 +755,17 @@ struct Session {
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
 /// fixed layer rates has nothing to adapt (str0m's pacer would only add latency).
-fn new_rtc(now: Instant, local: SocketAddr, rtp_mode: bool, red: bool) -> Rtc {
-    let mut rtc = Rtc::builder()
+fn new_rtc(now: Instant, local: SocketAddr, rtp_mode: bool, red: bool, fec: bool) -> Rtc {
+    let mut builder = Rtc::builder()
         .set_rtp_mode(rtp_mode)
         .clear_codecs()
         .enable_opus(true, red)
         .enable_vp8(true)
-        .set_stats_interval(Some(Duration::from_secs(1)))
-        .build(now);
+        .set_stats_interval(Some(Duration::from_secs(1)));
+    if fec && rtp_mode {
+        meridian_media::fec::add_codec(builder.codec_config());
+    }
+    let mut rtc = builder.build(now);
     rtc.add_local_candidate(Candidate::host(local, "udp").expect("valid host candidate"));
     rtc
 }
@@ -813,20 +825,22 @@ impl Session {
             net_in: config.impairment.map(Netem::new),
             net_out: config.impairment.map(Netem::new),
             publisher: Pc {
-                rtc: new_rtc(now, pub_local, false, config.red),
+                rtc: new_rtc(now, pub_local, false, config.red, false),
                 socket: pub_socket,
                 local: pub_local,
                 next_timeout: now,
                 rtp_mode: false,
                 red: config.red,
+                fec: false,
             },
             subscriber: Pc {
-                rtc: new_rtc(now, sub_local, deadline_mode, config.red),
+                rtc: new_rtc(now, sub_local, deadline_mode, config.red, config.fec),
                 socket: sub_socket,
                 local: sub_local,
                 next_timeout: now,
                 rtp_mode: deadline_mode,
                 red: config.red,
+                fec: config.fec && deadline_mode,
             },
             buffers: HashMap::new(),
             config,
@@ -1456,6 +1470,7 @@ impl Session {
                     mid,
                     video,
                     buffer: jitter::JitterBuffer::new(video, deadline),
+                    fec: Default::default(),
                 },
             );
         }
@@ -1506,6 +1521,10 @@ impl Session {
                 return;
             }
         }
+        if b.video && *p.header.payload_type == meridian_media::fec::RED_PT {
+            self.on_fec_rtp(now, ssrc, &p);
+            return;
+        }
         let (frame_start, keyframe, at) = if b.video {
             match jitter::vp8_descriptor(&p.payload) {
                 Some(d) => d,
@@ -1525,6 +1544,67 @@ impl Session {
                 payload: p.payload[at..].to_vec(),
             },
         );
+        self.play_out(now, Some(ssrc));
+    }
+
+    /// A video packet in RED (`meridian_media::fec`): VP8 goes to the jitter buffer
+    /// and the FEC decoder; a ULPFEC packet's sequence number is padding to the jitter
+    /// buffer, and whatever it lets the decoder rebuild joins the buffer as received.
+    fn on_fec_rtp(&mut self, now: Instant, ssrc: str0m::rtp::Ssrc, p: &str0m::rtp::RtpPacket) {
+        use meridian_media::fec::{self, MediaPacket};
+        let Some(b) = self.buffers.get_mut(&ssrc) else {
+            return;
+        };
+        let Ok((block_pt, body)) = fec::red_unwrap(&p.payload) else {
+            return;
+        };
+        let ext = *p.seq_no;
+        let seq16 = p.header.sequence_number;
+        // Extends a rebuilt packet's 16-bit sequence number next to this packet's.
+        let extend = |s: u16| ext.wrapping_add_signed(i64::from(s.wrapping_sub(seq16) as i16));
+        let mut packets = Vec::new();
+        let rebuilt = if block_pt == fec::ULPFEC_PT {
+            b.buffer.insert_padding(ext);
+            let rebuilt = b.fec.on_fec(body).unwrap_or_default();
+            for s in std::mem::take(&mut b.fec.lost_parity) {
+                b.buffer.insert_padding(extend(s));
+            }
+            rebuilt
+        } else {
+            let media = MediaPacket {
+                seq: seq16,
+                ts: p.header.timestamp,
+                pt: block_pt,
+                marker: p.header.marker,
+                payload: body.to_vec(),
+            };
+            let rebuilt = b.fec.on_media(media.clone());
+            packets.push(media);
+            rebuilt
+        };
+        let recovered = rebuilt.len() as u64;
+        packets.extend(rebuilt);
+        for m in packets {
+            let Some((frame_start, keyframe, at)) = jitter::vp8_descriptor(&m.payload) else {
+                continue;
+            };
+            b.buffer.insert(
+                now,
+                jitter::Packet {
+                    seq: extend(m.seq),
+                    timestamp: u64::from(m.ts),
+                    marker: m.marker,
+                    frame_start,
+                    keyframe,
+                    payload: m.payload[at..].to_vec(),
+                },
+            );
+        }
+        if recovered > 0 {
+            let track = self.sub_tracks.get(&b.mid).cloned().unwrap_or_default();
+            let mut s = self.stats.lock().expect("stats lock never poisoned");
+            s.tracks.entry(track).or_default().fec_recovered += recovered;
+        }
         self.play_out(now, Some(ssrc));
     }
 
@@ -1760,6 +1840,7 @@ impl Session {
                 self.poll(now, true);
             }
             ServerMessage::Offer { sdp, tracks } => {
+                let sdp = meridian_media::fec::sdp_from_wire(&sdp);
                 let offer =
                     SdpOffer::from_sdp_string(&sdp).map_err(|e| ClientError::Rtc(e.to_string()))?;
                 for t in &tracks {
@@ -1773,7 +1854,7 @@ impl Session {
                     .accept_offer(offer)
                     .map_err(|e| ClientError::Rtc(e.to_string()))?;
                 self.out_queue.push(ClientMessage::Answer {
-                    sdp: answer.to_sdp_string(),
+                    sdp: meridian_media::fec::sdp_to_wire(&answer.to_sdp_string()),
                 });
                 self.poll(now, false);
             }

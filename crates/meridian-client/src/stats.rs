@@ -85,6 +85,8 @@ pub struct TrackStats {
     pub frames_missing_reference: u64,
     /// Audio packets the jitter buffer recovered from RED before they were missed.
     pub red_recovered: u64,
+    /// Video packets rebuilt from the node's ULPFEC (RTP mode with `fec`).
+    pub fec_recovered: u64,
     /// RTP packets received (from str0m's ingress stats).
     pub packets: u64,
     /// Loss fraction reported by str0m, if known.
@@ -248,6 +250,7 @@ impl ClientStats {
             t.freezes -= e.freezes.min(t.freezes);
             t.skips -= e.skips.min(t.skips);
             t.red_recovered -= e.red_recovered.min(t.red_recovered);
+            t.fec_recovered -= e.fec_recovered.min(t.fec_recovered);
             t.keyframes_requested -= e.keyframes_requested.min(t.keyframes_requested);
             t.frames_missing_reference -=
                 e.frames_missing_reference.min(t.frames_missing_reference);

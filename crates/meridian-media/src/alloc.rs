@@ -118,7 +118,19 @@ impl Sfu {
         if ids.is_empty() {
             return;
         }
-        let chosen = allocate(estimate.saturating_sub(audio), &demands);
+        // FEC rides on the video it protects: one parity per `group` packets takes
+        // 1 / (group + 1) of what video may use (the densest group of this subscriber).
+        let video_budget = estimate.saturating_sub(audio);
+        let video_budget = match p
+            .subscriptions
+            .values()
+            .filter_map(|s| s.fec.as_ref()?.group())
+            .min()
+        {
+            Some(g) => video_budget * g as u64 / (g as u64 + 1),
+            None => video_budget,
+        };
+        let chosen = allocate(video_budget, &demands);
         let desired: u64 = demands.iter().map(Demand::desired).sum::<u64>() + audio;
         // Let the estimator probe towards what the subscriptions could use.
         p.subscriber.rtc.bwe().set_bitrate(

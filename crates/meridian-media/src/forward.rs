@@ -75,7 +75,16 @@ pub(crate) struct Forwarder {
     last_out_at: Option<Instant>,
     last_out_pic: Option<u16>,
     last_out_tl0: Option<u8>,
+    /// Packets the node inserted (FEC) since the current layer began, and the latest
+    /// insertions' positions: the input sequence number each came after.
+    inserted: u64,
+    recent_inserts: std::collections::VecDeque<u64>,
+    /// Input sequence number of the newest packet forwarded.
+    last_in_seq: Option<u64>,
 }
+
+/// Insertions remembered to place late (retransmitted or reordered) packets.
+const RECENT_INSERTS: usize = 64;
 
 const PIC_MASK: u16 = 0x7fff;
 
@@ -91,7 +100,36 @@ impl Forwarder {
             last_out_at: None,
             last_out_pic: None,
             last_out_tl0: None,
+            inserted: 0,
+            recent_inserts: Default::default(),
+            last_in_seq: None,
         }
+    }
+
+    /// Takes the next outgoing sequence number for a packet the node adds to the
+    /// stream (a FEC packet written right after the last forwarded one); later
+    /// packets are shifted past it. `None` before anything was forwarded.
+    pub(crate) fn insert_packet(&mut self) -> Option<u64> {
+        self.offsets?;
+        let seq = self.last_out_seq? + 1;
+        let after_in = self.last_in_seq?;
+        self.last_out_seq = Some(seq);
+        self.inserted += 1;
+        if self.recent_inserts.len() >= RECENT_INSERTS {
+            self.recent_inserts.pop_front();
+        }
+        self.recent_inserts.push_back(after_in);
+        Some(seq)
+    }
+
+    /// How far insertions shift the packet of input sequence number `seq`; `None`
+    /// for one older than every insertion remembered (it cannot be placed).
+    fn shift(&self, seq: u64) -> Option<u64> {
+        let later = self.recent_inserts.iter().filter(|a| **a >= seq).count() as u64;
+        if later == self.recent_inserts.len() as u64 && self.inserted > later {
+            return None;
+        }
+        Some(self.inserted - later)
     }
 
     /// Continues the outgoing stream `previous` wrote (a reused media section): the
@@ -105,6 +143,8 @@ impl Forwarder {
         self.last_out_tl0 = previous.last_out_tl0;
         self.current = None;
         self.offsets = None;
+        self.inserted = 0;
+        self.recent_inserts.clear();
     }
 
     pub(crate) fn current(&self) -> Option<usize> {
@@ -147,12 +187,13 @@ impl Forwarder {
             // Older than the keyframe we switched at: its frame was never started.
             return None;
         }
-        let seq = p.seq.wrapping_add(off.seq);
+        let seq = p.seq.wrapping_add(off.seq).wrapping_add(self.shift(p.seq)?);
         let ts = p.ts.wrapping_add(off.ts);
         let picture_id = p.picture_id.map(|pic| pic.wrapping_add(off.pic) & PIC_MASK);
         let tl0 = p.tl0.map(|t| t.wrapping_add(off.tl0));
         if self.last_out_seq.is_none_or(|last| seq > last) {
             self.last_out_seq = Some(seq);
+            self.last_in_seq = Some(p.seq);
             self.last_out_ts = ts;
             self.last_out_at = Some(p.arrival);
             self.last_out_pic = picture_id.or(self.last_out_pic);
@@ -191,11 +232,33 @@ impl Forwarder {
             tl0: next_tl0.wrapping_sub(p.tl0.unwrap_or(0)),
             first_in_seq: p.seq,
         });
+        self.inserted = 0;
+        self.recent_inserts.clear();
         self.current = Some(p.layer);
     }
 }
 
 impl Sfu {
+    /// A subscriber media section's statistics (every second): its video FEC group
+    /// follows the loss they show (never below the configured floor).
+    pub(crate) fn fec_loss(&mut self, id: ParticipantId, stats: &str0m::stats::MediaEgressStats) {
+        let floor = self.config.fec_loss_floor;
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        let Some(sub) = p
+            .subscriptions
+            .values_mut()
+            .find(|s| s.mid == Some(stats.mid) && s.fec.is_some())
+        else {
+            return;
+        };
+        let loss = sub.loss.update(stats.packets, stats.nacks, stats.loss);
+        if let Some(enc) = sub.fec.as_mut() {
+            enc.set_group(crate::fec::group_for_loss(loss.max(floor)));
+        }
+    }
+
     pub(crate) fn forward(&mut self, now: Instant, publisher: ParticipantId, pkt: RtpPacket) {
         self.stats.rtp_packets_in += 1;
         let Some(p) = self.participants.get_mut(&publisher) else {
@@ -382,28 +445,70 @@ impl Sfu {
                         .clone(),
                 ),
             };
-            let mut write =
-                RtpWrite::new(out_pt, SeqNo::from(out.seq), out.ts, pkt.timestamp, payload)
-                    .marker(pkt.header.marker)
-                    .ext_vals(ext.clone())
-                    .nackable(video);
-            if let Some(d) = vp8 {
-                let mut patch = d.patch();
-                if let Some(pic) = out.picture_id {
-                    patch = patch.picture_id(pic);
-                }
-                if let Some(tl0) = out.tl0 {
-                    patch = patch.tl0_pic_idx(tl0);
-                }
-                if let Ok(patch) = patch.build() {
-                    write = write.vp8_patch(patch);
-                }
-            }
             let mut api = sp.subscriber.rtc.direct_api();
             let Some(tx) = api.stream_tx(&out_ssrc) else {
                 continue;
             };
-            tx.write_rtp(write);
+            if let (Some(enc), true) = (sub.fec.as_mut(), codec == Codec::Vp8) {
+                // Video in RED, with a ULPFEC packet after each group (see `fec`).
+                let mut media = pkt.payload.to_vec();
+                crate::fec::patch_vp8(&mut media, out.picture_id, out.tl0);
+                let red = crate::fec::red_wrap(*out_pt, &media);
+                let write = RtpWrite::new(
+                    crate::fec::RED_PT.into(),
+                    SeqNo::from(out.seq),
+                    out.ts,
+                    pkt.timestamp,
+                    Arc::<[u8]>::from(red),
+                )
+                .marker(pkt.header.marker)
+                .ext_vals(ext.clone())
+                .nackable(true);
+                tx.write_rtp(write);
+                let parity = enc.push(crate::fec::MediaPacket {
+                    seq: out.seq as u16,
+                    ts: out.ts,
+                    pt: *out_pt,
+                    marker: pkt.header.marker,
+                    payload: media,
+                });
+                for parity in parity {
+                    let Some(seq) = sub.forwarder.insert_packet() else {
+                        break;
+                    };
+                    self.stats.fec_packets += 1;
+                    self.stats.fec_bytes += parity.len() as u64;
+                    let fec = crate::fec::red_wrap(crate::fec::ULPFEC_PT, &parity);
+                    let write = RtpWrite::new(
+                        crate::fec::RED_PT.into(),
+                        SeqNo::from(seq),
+                        out.ts,
+                        pkt.timestamp,
+                        Arc::<[u8]>::from(fec),
+                    )
+                    .nackable(true);
+                    tx.write_rtp(write);
+                }
+            } else {
+                let mut write =
+                    RtpWrite::new(out_pt, SeqNo::from(out.seq), out.ts, pkt.timestamp, payload)
+                        .marker(pkt.header.marker)
+                        .ext_vals(ext.clone())
+                        .nackable(video);
+                if let Some(d) = vp8 {
+                    let mut patch = d.patch();
+                    if let Some(pic) = out.picture_id {
+                        patch = patch.picture_id(pic);
+                    }
+                    if let Some(tl0) = out.tl0 {
+                        patch = patch.tl0_pic_idx(tl0);
+                    }
+                    if let Ok(patch) = patch.build() {
+                        write = write.vp8_patch(patch);
+                    }
+                }
+                tx.write_rtp(write);
+            }
             if let Some(r) = sp.relay.as_mut() {
                 r.packets += 1;
                 r.packets_by_layer[layer] += 1;
@@ -514,6 +619,29 @@ mod tests {
         assert_eq!(a.picture_id, Some(PIC_MASK));
         assert_eq!(b.picture_id, Some(0));
         assert_eq!(b.ts, 10);
+    }
+
+    #[test]
+    fn inserted_packets_shift_later_ones_and_late_ones_keep_their_place() {
+        let t0 = Instant::now();
+        let mut f = Forwarder::new(90_000);
+        f.set_target(Some(0));
+        assert_eq!(f.insert_packet(), None, "nothing forwarded yet");
+        assert_eq!(f.handle(&pkt(0, 100, 0, true, 1, t0)).unwrap().seq, 1);
+        assert_eq!(f.handle(&pkt(0, 102, 0, false, 1, t0)).unwrap().seq, 3);
+        assert_eq!(f.insert_packet(), Some(4));
+        assert_eq!(f.handle(&pkt(0, 103, 0, false, 1, t0)).unwrap().seq, 5);
+        // 101 was late (a retransmission from the publisher): its place is before the
+        // inserted packet.
+        assert_eq!(f.handle(&pkt(0, 101, 0, false, 1, t0)).unwrap().seq, 2);
+        for i in 0..RECENT_INSERTS as u64 {
+            f.handle(&pkt(0, 104 + i, 0, false, 1, t0)).unwrap();
+            f.insert_packet().unwrap();
+        }
+        assert!(
+            f.handle(&pkt(0, 102, 0, false, 1, t0)).is_none(),
+            "too old to place among the insertions"
+        );
     }
 
     #[test]

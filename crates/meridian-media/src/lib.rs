@@ -21,6 +21,7 @@
 
 mod alloc;
 mod demux;
+pub mod fec;
 mod forward;
 mod id;
 mod keyframe;
@@ -110,6 +111,9 @@ pub struct SfuConfig {
     /// ICE ufrag name it ([`worker_ufrag_prefix`]), so a node whose workers share one
     /// UDP port steers a STUN check to its worker with [`stun_worker`].
     pub worker: u8,
+    /// Loss assumed at least for every subscriber's video FEC (0: FEC follows the
+    /// loss subscribers report only; see [`fec::group_for_loss`]).
+    pub fec_loss_floor: f32,
 }
 
 impl SfuConfig {
@@ -126,6 +130,7 @@ impl SfuConfig {
             max_relay_tracks: 512,
             relay_initial_estimate_bps: 50_000_000,
             worker: 0,
+            fec_loss_floor: 0.0,
         }
     }
 }
@@ -308,6 +313,10 @@ pub struct SfuStats {
     pub red_added: u64,
     /// Outgoing streams whose RTX cache was resized for a measured RTT.
     pub rtx_cache_resizes: u64,
+    /// ULPFEC packets the node sent with subscribers' video ([`fec`]).
+    pub fec_packets: u64,
+    /// Bytes of those ULPFEC packets' payloads.
+    pub fec_bytes: u64,
 }
 
 /// How often every subscriber's layers are reconsidered as layer rates change.

@@ -111,8 +111,8 @@ impl Sfu {
             .participants
             .get_mut(&id)
             .ok_or(MediaError::UnknownParticipant(id))?;
-        let answer =
-            SdpAnswer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        let answer = SdpAnswer::from_sdp_string(&crate::fec::sdp_from_wire(sdp))
+            .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
         let pending = p.pending_offer.take().ok_or(MediaError::NoPendingOffer)?;
         p.subscriber
             .rtc
@@ -145,6 +145,15 @@ impl Sfu {
                 tx.set_unpaced(true);
                 sub.out_ssrc = Some(tx.ssrc());
                 sub.active = true;
+                let fec =
+                    p.subscriber.rtc.media(mid).is_some_and(|m| {
+                        m.kind().is_video() && crate::fec::negotiated(m.remote_pts())
+                    });
+                sub.fec = fec.then(|| {
+                    let mut e = crate::fec::FecEncoder::default();
+                    e.set_group(crate::fec::group_for_loss(self.config.fec_loss_floor));
+                    e
+                });
                 wanted.push(*track);
             }
         }
@@ -248,7 +257,7 @@ impl Sfu {
             return;
         };
         p.pending_offer = Some(pending);
-        let mut offer_sdp = offer.to_sdp_string();
+        let mut offer_sdp = crate::fec::sdp_to_wire(&offer.to_sdp_string());
         if let Some(random) = restart_random {
             let (creds, sdp) = crate::pc::prefix_restart_creds(&self.config, &random, &offer_sdp);
             p.subscriber.restart_creds = Some(creds);

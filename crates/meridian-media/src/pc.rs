@@ -64,8 +64,11 @@ impl Pc {
         if kind == PcKind::Subscriber {
             builder = builder
                 .enable_bwe(Some(Bitrate::bps(config.initial_estimate_bps)))
-                // Per-stream RTT from receiver reports sizes the RTX caches (`rtx`).
+                // Receiver reports' loss and RTT, every second, set each video
+                // stream's FEC (`fec`) and RTX cache (`rtx`).
                 .set_stats_interval(Some(crate::rtx::STATS_INTERVAL));
+            // Video in RED with ULPFEC, for subscribers that decode it (`fec`).
+            crate::fec::add_codec(builder.codec_config());
         }
         Pc::from_builder(
             builder.set_local_ice_credentials(worker_creds(config)),
@@ -280,6 +283,12 @@ impl Sfu {
                     self.request_keyframe_for(track, now, false);
                 }
             }
+            Event::MediaEgressStats(stats) if kind == PcKind::Subscriber => {
+                self.fec_loss(id, &stats);
+                if let Some(rtt) = stats.rtt {
+                    self.resize_rtx_cache(id, stats.mid, rtt);
+                }
+            }
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. })
             | Event::EgressBitrateEstimate(BweKind::Remb { estimate, .. }) => {
                 if let Some(p) = self.participants.get_mut(&id) {
@@ -332,11 +341,6 @@ impl Sfu {
                         self.ice_reconnected(now, id, kind);
                     }
                     _ => {}
-                }
-            }
-            Event::MediaEgressStats(stats) if kind == PcKind::Subscriber => {
-                if let Some(rtt) = stats.rtt {
-                    self.resize_rtx_cache(id, stats.mid, rtt);
                 }
             }
             Event::Closed => {

@@ -122,6 +122,11 @@ pub(crate) struct Subscription {
     pub(crate) red: crate::red::RedAdder,
     /// The history the outgoing stream's RTX cache keeps (see `rtx`).
     pub(crate) rtx_age: std::time::Duration,
+    /// ULPFEC for this subscriber's video, when its connection negotiated it
+    /// ([`crate::fec`]); the group follows the loss it reports.
+    pub(crate) fec: Option<crate::fec::FecEncoder>,
+    /// The loss that sets `fec`'s group.
+    pub(crate) loss: crate::fec::LossMeter,
 }
 
 pub(crate) struct Track {
@@ -449,6 +454,8 @@ impl Sfu {
                 active: false,
                 red: Default::default(),
                 rtx_age: crate::rtx::INITIAL_AGE,
+                fec: None,
+                loss: Default::default(),
             },
         );
         p.to_add.push(track);

@@ -15,8 +15,8 @@ use str0m::media::Mid;
 
 use crate::{ParticipantId, Sfu};
 
-/// How often a subscriber connection reports its streams' RTT.
-pub(crate) const STATS_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a subscriber connection reports its streams' RTT (and loss, for `fec`).
+pub(crate) const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// History kept before the stream's RTT is known.
 pub(crate) const INITIAL_AGE: Duration = Duration::from_secs(1);
 /// Packets kept before the subscriber's bitrate is known, and at most.

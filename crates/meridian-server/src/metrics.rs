@@ -122,6 +122,8 @@ pub struct Metrics {
     pub keyframe_requests: Counter,
     /// Simulcast layer switches.
     pub layer_switches: Counter,
+    /// ULPFEC payload bytes sent with subscribers' video (`meridian_media::fec`).
+    pub fec_bytes: Counter,
     /// Video tracks being forwarded to subscribers (the HPA metric).
     pub outbound_video_tracks: Gauge,
     /// Participants on the node.
@@ -201,6 +203,7 @@ impl Default for Metrics {
             datagrams_dropped: Family::default(),
             keyframe_requests: Counter::default(),
             layer_switches: Counter::default(),
+            fec_bytes: Counter::default(),
             outbound_video_tracks: Gauge::default(),
             participants: Gauge::default(),
             rooms: Gauge::default(),
@@ -313,6 +316,11 @@ impl Metrics {
             "layer_switches",
             "Simulcast layer switches",
             self.layer_switches.clone(),
+        );
+        r.register(
+            "fec_bytes",
+            "ULPFEC payload bytes sent with subscribers' video",
+            self.fec_bytes.clone(),
         );
         r.register(
             "outbound_video_tracks",
@@ -496,6 +504,7 @@ impl Metrics {
             .inc_by(s.keyframe_requests - last.keyframe_requests);
         self.layer_switches
             .inc_by(s.layer_switches - last.layer_switches);
+        self.fec_bytes.inc_by(s.fec_bytes - last.fec_bytes);
         observed.stats[worker] = s.clone();
         observed.gauges[worker] = (participants, rooms, video);
         self.workers

@@ -85,6 +85,11 @@ pub struct LoadgenArgs {
     /// inside the next one, subscribers recover single losses from it.
     #[arg(long)]
     red: bool,
+    /// Subscribers negotiate video FEC with the node (VP8 in RED with ULPFEC, sent at
+    /// a rate following each subscriber's reported loss) and rebuild lost packets
+    /// from it. Needs a playout deadline.
+    #[arg(long)]
+    fec: bool,
     /// Write every video frame latency sample (ms, one a line) to this file, e.g. for
     /// a CDF plot (`scripts/bench-chaos.sh`).
     #[arg(long)]
@@ -207,6 +212,9 @@ struct NodeSample {
     cpu_s: f64,
     forwarded: f64,
     received: f64,
+    /// RTP payload bytes forwarded, and ULPFEC payload bytes sent, to subscribers.
+    bytes_forwarded: f64,
+    fec_bytes: f64,
     /// Cumulative `forward_latency_seconds` buckets: (upper bound, count).
     latency_buckets: Vec<(f64, f64)>,
 }
@@ -239,6 +247,10 @@ impl NodeSample {
                     s.forwarded = v;
                 } else if name == "meridian_rtp_packets_received_total" {
                     s.received = v;
+                } else if name == "meridian_rtp_bytes_forwarded_total" {
+                    s.bytes_forwarded = v;
+                } else if name == "meridian_fec_bytes_total" {
+                    s.fec_bytes = v;
                 } else if let Some(le) = name
                     .strip_prefix("meridian_forward_latency_seconds_bucket{le=\"")
                     .and_then(|r| r.strip_suffix("\"}"))
@@ -465,6 +477,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         );
         c.auto_subscribe = false;
         c.red = args.red;
+        c.fec = args.fec;
         c.layer_bitrates = [kbps[0] * 1000, kbps[1] * 1000, kbps[2] * 1000];
         c.bind_ip = args.bind_ip;
         c.fps = args.fps;
@@ -501,6 +514,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         c.count_only = args.count_only;
         c.playout_deadline = args.playout_deadline.0;
         c.red = args.red;
+        c.fec = args.fec;
         if let Some(login) = &login {
             let room = format!("{}-{}", args.room_prefix, i % rooms);
             c = login
@@ -583,6 +597,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let skips: u64 = all_tracks.clone().map(|t| t.skips).sum();
     let keyframes_requested: u64 = all_tracks.clone().map(|t| t.keyframes_requested).sum();
     let red_recovered: u64 = all_tracks.clone().map(|t| t.red_recovered).sum();
+    let fec_recovered: u64 = all_tracks.clone().map(|t| t.fec_recovered).sum();
     let missing_reference: u64 = all_tracks.clone().map(|t| t.frames_missing_reference).sum();
     let latency = sorted(
         all_tracks
@@ -731,6 +746,12 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "keyframes_requested": keyframes_requested,
         "red": args.red,
         "red_recovered": red_recovered,
+        "fec": args.fec,
+        "fec_recovered": fec_recovered,
+        "node_media_kbps": (node_after.bytes_forwarded - node_before.bytes_forwarded) * 8.0
+            / secs
+            / 1000.0,
+        "node_fec_kbps": (node_after.fec_bytes - node_before.fec_bytes) * 8.0 / secs / 1000.0,
     });
     let mut summary = summary;
     for more in [bench, regions, playout] {

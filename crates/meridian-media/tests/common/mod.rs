@@ -156,13 +156,17 @@ pub struct PeerPc {
 }
 
 impl PeerPc {
-    fn new(now: Instant, addr: SocketAddr, red: bool) -> PeerPc {
-        let mut rtc = Rtc::builder()
+    fn new(now: Instant, addr: SocketAddr, red: bool, fec: bool) -> PeerPc {
+        let mut builder = Rtc::builder()
             .clear_codecs()
             .enable_opus(true, red)
             .enable_vp8(true)
-            .set_stats_interval(None)
-            .build(now);
+            .set_rtp_mode(fec)
+            .set_stats_interval(None);
+        if fec {
+            meridian_media::fec::add_codec(builder.codec_config());
+        }
+        let mut rtc = builder.build(now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").expect("valid host candidate"));
         PeerPc {
             rtc,
@@ -219,6 +223,13 @@ pub struct Client {
     pub alive: bool,
     /// The latest subscriber offer left unanswered (`auto_answer` off).
     pub unanswered: Option<SfuEvent>,
+    /// Video FEC decoder of a client added with [`Harness::fec`] on.
+    pub fec: Option<meridian_media::fec::FecDecoder>,
+    /// Video packets a FEC client got: arrival, sequence number, and whether FEC
+    /// rebuilt it (rather than it arriving).
+    pub video_packets: Vec<(Instant, u16, bool)>,
+    /// Sequence numbers of the FEC (parity) packets that arrived.
+    pub parity_packets: Vec<u16>,
 }
 
 impl Client {
@@ -297,6 +308,9 @@ pub struct Harness {
     /// Clients added from now on negotiate audio RED (`red/48000/2`; str0m sends and
     /// decodes it in frame mode). Default false.
     pub red: bool,
+    /// Clients added from now on negotiate video in RED with ULPFEC (their subscriber
+    /// connection in RTP mode, video packets kept in `video_packets`, not `frames`).
+    pub fec: bool,
 }
 
 /// Most rounds one `pump` may take before giving up (guards against livelock).
@@ -334,6 +348,7 @@ impl Harness {
             new_events: VecDeque::new(),
             next_host: 1,
             red: false,
+            fec: false,
         }
     }
 
@@ -386,8 +401,8 @@ impl Harness {
         let idx = self.clients.len();
         self.clients.push(Client {
             id,
-            publisher: PeerPc::new(self.now, pub_addr, self.red),
-            subscriber: PeerPc::new(self.now, sub_addr, self.red),
+            publisher: PeerPc::new(self.now, pub_addr, self.red, false),
+            subscriber: PeerPc::new(self.now, sub_addr, self.red, self.fec),
             source: None,
             frames: Vec::new(),
             sub_tracks: HashMap::new(),
@@ -397,6 +412,9 @@ impl Harness {
             published: Vec::new(),
             alive: true,
             unanswered: None,
+            fec: self.fec.then(Default::default),
+            video_packets: Vec::new(),
+            parity_packets: Vec::new(),
         });
         self.by_addr.insert(pub_addr, (idx, true));
         self.by_addr.insert(sub_addr, (idx, false));
@@ -786,7 +804,8 @@ impl Harness {
                         c.sub_tracks.insert(Mid::from(t.mid.as_str()), track);
                     }
                 }
-                let offer = SdpOffer::from_sdp_string(sdp).expect("the node's offer parses");
+                let sdp = meridian_media::fec::sdp_from_wire(sdp);
+                let offer = SdpOffer::from_sdp_string(&sdp).expect("the node's offer parses");
                 let answer = c
                     .subscriber
                     .rtc
@@ -794,6 +813,7 @@ impl Harness {
                     .accept_offer(offer)
                     .expect("the node's offer is acceptable")
                     .to_sdp_string();
+                let answer = meridian_media::fec::sdp_to_wire(&answer);
                 let id = *participant;
                 self.poll_peer(idx, false);
                 self.drive(|s, now| s.handle_subscriber_answer(now, id, &answer))
@@ -860,6 +880,32 @@ impl Harness {
                                 }
                             }
                         }
+                    }
+                    Event::RtpPacket(p) if !publisher => {
+                        use meridian_media::fec::{self, MediaPacket};
+                        let (Some(dec), fec::RED_PT) = (c.fec.as_mut(), *p.header.payload_type)
+                        else {
+                            continue;
+                        };
+                        let Ok((block_pt, body)) = fec::red_unwrap(&p.payload) else {
+                            continue;
+                        };
+                        let rebuilt = if block_pt == fec::ULPFEC_PT {
+                            c.parity_packets.push(p.header.sequence_number);
+                            dec.on_fec(body).unwrap_or_default()
+                        } else {
+                            let seq = p.header.sequence_number;
+                            c.video_packets.push((now, seq, false));
+                            dec.on_media(MediaPacket {
+                                seq,
+                                ts: p.header.timestamp,
+                                pt: block_pt,
+                                marker: p.header.marker,
+                                payload: body.to_vec(),
+                            })
+                        };
+                        c.video_packets
+                            .extend(rebuilt.iter().map(|m| (now, m.seq, true)));
                     }
                     Event::MediaData(d) if !publisher => {
                         if let Some(header) = FrameHeader::parse(&d.data) {

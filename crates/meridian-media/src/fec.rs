@@ -1,0 +1,756 @@
+//! Video forward error correction: ULPFEC (RFC 5109) carried in RED (RFC 2198), as
+//! Chromium negotiates it for video (`red/90000` + `ulpfec/90000`).
+//!
+//! Pure and Sans-IO: packets in, packets out, no clock.
+//!
+//! * [`FecEncoder`] takes one subscriber's outgoing video packets (after the node's
+//!   rewrite) and, every [`FecEncoder::group`] packets or at the end of a frame,
+//!   returns one ULPFEC packet: the XOR parity of the group (level 0, one mask).
+//!   Any one packet of a group lost on the way is rebuilt by the receiver from the
+//!   others and the parity, without a retransmission.
+//! * [`FecDecoder`] is the receiving side: it keeps the latest media and FEC packets
+//!   of one stream and returns every packet it can rebuild.
+//! * [`group_for_loss`] turns a subscriber's measured loss into a group size (the
+//!   protection rate follows the loss), and [`fec_bps`] what that costs.
+//! * [`red_wrap`] / [`red_unwrap`] are the one-block RED encapsulation that carries
+//!   both media and FEC on the video payload type `red/90000`.
+//!
+//! What is protected is the packet as the node writes it: payload type, marker,
+//! timestamp and payload. RTP header extensions and CSRCs are not (their bytes are
+//! written by the peer connection after this point; the FEC header's X and CC
+//! recovery fields are 0), which the Rust client's decoder matches. A receiver that
+//! XORs the extension bytes into its recovery, as libwebrtc does, needs the FEC made
+//! after serialization: see `docs/benchmarks.md` ("Video FEC").
+
+use std::collections::VecDeque;
+
+use str0m::format::{CodecConfig, FormatParams};
+use str0m::media::Frequency;
+
+/// Payload type of the RED stream that carries a subscriber's video and its ULPFEC.
+pub const RED_PT: u8 = 40;
+/// Payload type of that RED stream's retransmissions (RTX, `apt=40`).
+pub const RED_RTX_PT: u8 = 41;
+/// Block payload type of ULPFEC inside RED.
+pub const ULPFEC_PT: u8 = 42;
+/// The codec name [`RED_PT`] carries on the wire. Not `red/90000`: the FEC here does
+/// not protect header extensions, so only receivers built for it (Meridian's Rust
+/// client and load generator) may negotiate it; a browser does not know the name and
+/// leaves it out of its answer.
+pub const WIRE_CODEC: &str = "x-meridian-fec-red";
+/// The codec str0m is told [`RED_PT`] is (str0m 0.25 negotiates RED for audio only):
+/// VP9, which Meridian does not forward. [`sdp_to_wire`] and [`sdp_from_wire`]
+/// rename it.
+const LOCAL_CODEC: &str = "VP9";
+
+/// Adds the RED-with-ULPFEC payload type to a peer connection's codecs, so it can be
+/// offered or answered (with [`sdp_to_wire`] / [`sdp_from_wire`] around the SDP).
+pub fn add_codec(codecs: &mut CodecConfig) {
+    codecs.add_config(
+        RED_PT.into(),
+        Some(RED_RTX_PT.into()),
+        str0m::format::Codec::Vp9,
+        Frequency::NINETY_KHZ,
+        None,
+        FormatParams::default(),
+    );
+}
+
+/// Whether `pts`, a media section's negotiated payload types, include the
+/// RED-with-ULPFEC one.
+pub fn negotiated(pts: &[str0m::media::Pt]) -> bool {
+    pts.iter().any(|pt| **pt == RED_PT)
+}
+
+fn rename(sdp: &str, from: &str, to: &str) -> String {
+    let needle = format!("a=rtpmap:{RED_PT} {from}/");
+    sdp.replace(&needle, &format!("a=rtpmap:{RED_PT} {to}/"))
+}
+
+/// An SDP from this side's str0m as it goes on the wire: the placeholder codec of
+/// [`RED_PT`] named [`WIRE_CODEC`].
+pub fn sdp_to_wire(sdp: &str) -> String {
+    rename(sdp, LOCAL_CODEC, WIRE_CODEC)
+}
+
+/// An SDP from the wire as this side's str0m must read it.
+pub fn sdp_from_wire(sdp: &str) -> String {
+    rename(sdp, WIRE_CODEC, LOCAL_CODEC)
+}
+
+/// Rewrites a VP8 payload descriptor's picture id and TL0PICIDX in place (what
+/// str0m's VP8 patch does at send time for plain VP8, done here because the payload
+/// goes out inside RED and FEC must protect the bytes sent). A descriptor without
+/// those fields, or too short, is left as it is.
+pub fn patch_vp8(payload: &mut [u8], picture_id: Option<u16>, tl0: Option<u8>) {
+    let Some(&b0) = payload.first() else {
+        return;
+    };
+    if b0 & 0x80 == 0 {
+        return;
+    }
+    let Some(&b1) = payload.get(1) else {
+        return;
+    };
+    let mut at = 2;
+    if b1 & 0x80 != 0 {
+        let Some(&m) = payload.get(at) else {
+            return;
+        };
+        if m & 0x80 != 0 {
+            if let (Some(pic), true) = (picture_id, payload.len() > at + 1) {
+                payload[at] = 0x80 | ((pic >> 8) as u8 & 0x7f);
+                payload[at + 1] = pic as u8;
+            }
+            at += 2;
+        } else {
+            if let Some(pic) = picture_id {
+                payload[at] = pic as u8 & 0x7f;
+            }
+            at += 1;
+        }
+    }
+    if b1 & 0x40 != 0
+        && let (Some(t), Some(slot)) = (tl0, payload.get_mut(at))
+    {
+        *slot = t;
+    }
+}
+
+/// Smallest group (one parity packet per two media packets: 50 % overhead).
+pub const MIN_GROUP: usize = 2;
+/// Largest group (the 16-bit mask of a short ULPFEC header).
+pub const MAX_GROUP: usize = 16;
+/// Loss below which no FEC is sent (NACK repairs it well enough).
+pub const MIN_LOSS_FOR_FEC: f32 = 0.005;
+/// Bytes of the ULPFEC header plus one short level-0 header.
+const FEC_HEADER: usize = 10 + 4;
+/// Largest protected payload accepted (a UDP datagram).
+const MAX_PAYLOAD: usize = 1500;
+/// Packets an encoder gathers waiting for a frame's end before it gives them up.
+const MAX_PENDING: usize = 8 * MAX_GROUP;
+/// Media packets a decoder keeps to rebuild from.
+const DECODER_MEDIA: usize = 256;
+/// FEC packets a decoder keeps waiting for their group.
+const DECODER_FEC: usize = 32;
+
+/// Why a RED or ULPFEC payload was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FecError {
+    /// A RED payload without a block, or with more than one (video RED has one).
+    #[error("malformed video RED payload")]
+    MalformedRed,
+    /// A ULPFEC payload shorter than its headers, or with fields out of range.
+    #[error("malformed ULPFEC payload")]
+    MalformedFec,
+    /// A protection length or payload over the datagram size.
+    #[error("FEC payload too long")]
+    TooLong,
+}
+
+/// Wraps a payload as single-block RED (`red/90000`): one header byte with the
+/// block's payload type `pt` (F bit 0), then the payload.
+pub fn red_wrap(pt: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 1);
+    out.push(pt & 0x7f);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The block payload type and payload of a single-block RED payload.
+pub fn red_unwrap(data: &[u8]) -> Result<(u8, &[u8]), FecError> {
+    match data.split_first() {
+        Some((&h, rest)) if h & 0x80 == 0 => Ok((h, rest)),
+        _ => Err(FecError::MalformedRed),
+    }
+}
+
+/// The group size for a subscriber that reports `loss` (fraction lost, 0..1): no FEC
+/// under [`MIN_LOSS_FOR_FEC`], else about four times the loss in overhead (one
+/// parity per `1 / (4 loss)` packets), between [`MIN_GROUP`] and [`MAX_GROUP`].
+pub fn group_for_loss(loss: f32) -> Option<usize> {
+    if loss.is_nan() || loss < MIN_LOSS_FOR_FEC {
+        return None;
+    }
+    let group = (1.0 / (4.0 * loss)).round() as usize;
+    Some(group.clamp(MIN_GROUP, MAX_GROUP))
+}
+
+/// A subscriber stream's loss as FEC must see it, from the sender's statistics.
+///
+/// A receiver report's fraction lost counts retransmitted packets as received, so
+/// once NACK repairs the loss it reports almost none; the NACKs the subscriber sent
+/// for the packets the node sent in the same interval show the loss on the path.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LossMeter {
+    last: Option<(u64, u64)>,
+}
+
+impl LossMeter {
+    /// Takes the stream's cumulative packets sent and NACKs received, and the latest
+    /// receiver report's loss; returns the larger of that and the NACKed share of the
+    /// packets sent since the previous call.
+    pub fn update(&mut self, packets: u64, nacks: u64, reported: Option<f32>) -> f32 {
+        let nacked = match self.last {
+            Some((p0, n0)) if packets > p0 => {
+                (nacks.saturating_sub(n0) as f32 / (packets - p0) as f32).min(1.0)
+            }
+            _ => 0.0,
+        };
+        self.last = Some((packets, nacks));
+        nacked.max(reported.unwrap_or(0.0))
+    }
+}
+
+/// The bitrate FEC adds to `media_bps` of video with one parity packet per `group`
+/// media packets (parity packets are as long as the longest in their group, so this
+/// slightly underestimates; the headers are a few bytes).
+pub fn fec_bps(media_bps: u64, group: Option<usize>) -> u64 {
+    match group {
+        Some(g) if g > 0 => media_bps / g as u64,
+        _ => 0,
+    }
+}
+
+/// One media packet as protected: header fields that FEC recovers and the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaPacket {
+    /// RTP sequence number.
+    pub seq: u16,
+    /// RTP timestamp.
+    pub ts: u32,
+    /// Payload type of the media (not of RED).
+    pub pt: u8,
+    /// RTP marker bit.
+    pub marker: bool,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// A parsed ULPFEC payload (level 0, short or long mask).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FecPacket {
+    pt_recovery: u8,
+    marker_recovery: bool,
+    sn_base: u16,
+    ts_recovery: u32,
+    length_recovery: u16,
+    /// Protected sequence numbers, from the mask.
+    protected: Vec<u16>,
+    /// Level-0 parity, `protection length` bytes.
+    parity: Vec<u8>,
+}
+
+impl FecPacket {
+    fn parse(data: &[u8]) -> Result<FecPacket, FecError> {
+        if data.len() < FEC_HEADER {
+            return Err(FecError::MalformedFec);
+        }
+        // E must be 0; P, X and CC recovery are not used by this node (its packets
+        // have no padding, no extensions in the protected view, no CSRCs).
+        if data[0] & 0x80 != 0 {
+            return Err(FecError::MalformedFec);
+        }
+        let long = data[0] & 0x40 != 0;
+        let mask_len = if long { 6 } else { 2 };
+        let level0 = 10;
+        let header_len = level0 + 2 + mask_len;
+        if data.len() < header_len {
+            return Err(FecError::MalformedFec);
+        }
+        let protection_len = u16::from_be_bytes([data[level0], data[level0 + 1]]) as usize;
+        if protection_len > MAX_PAYLOAD {
+            return Err(FecError::TooLong);
+        }
+        let parity = data
+            .get(header_len..header_len + protection_len)
+            .ok_or(FecError::MalformedFec)?;
+        let sn_base = u16::from_be_bytes([data[2], data[3]]);
+        let mut protected = Vec::new();
+        for (i, byte) in data[level0 + 2..header_len].iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (0x80 >> bit) != 0 {
+                    protected.push(sn_base.wrapping_add((i * 8 + bit) as u16));
+                }
+            }
+        }
+        if protected.is_empty() {
+            return Err(FecError::MalformedFec);
+        }
+        let length_recovery = u16::from_be_bytes([data[8], data[9]]);
+        if length_recovery as usize > protection_len {
+            return Err(FecError::MalformedFec);
+        }
+        Ok(FecPacket {
+            pt_recovery: data[1] & 0x7f,
+            marker_recovery: data[1] & 0x80 != 0,
+            sn_base,
+            ts_recovery: u32::from_be_bytes([data[4], data[5], data[6], data[7]]),
+            length_recovery,
+            protected,
+            parity: parity.to_vec(),
+        })
+    }
+}
+
+/// Builds the ULPFEC payload protecting `group` (consecutive sequence numbers
+/// starting at the first; at most [`MAX_GROUP`]).
+fn encode_group(group: &[MediaPacket]) -> Option<Vec<u8>> {
+    let first = group.first()?;
+    if group.len() > MAX_GROUP {
+        return None;
+    }
+    let protection_len = group.iter().map(|p| p.payload.len()).max()?;
+    let mut pt_m = 0u8;
+    let mut ts = 0u32;
+    let mut len = 0u16;
+    let mut mask = 0u16;
+    let mut parity = vec![0u8; protection_len];
+    for p in group {
+        pt_m ^= (p.pt & 0x7f) | if p.marker { 0x80 } else { 0 };
+        ts ^= p.ts;
+        len ^= p.payload.len() as u16;
+        let offset = p.seq.wrapping_sub(first.seq) as usize;
+        if offset >= MAX_GROUP {
+            return None;
+        }
+        mask |= 0x8000 >> offset;
+        for (x, y) in parity.iter_mut().zip(&p.payload) {
+            *x ^= *y;
+        }
+    }
+    let mut out = Vec::with_capacity(FEC_HEADER + protection_len);
+    out.push(0); // E=0, L=0 (short mask), P, X, CC recovery = 0
+    out.push(pt_m);
+    out.extend_from_slice(&first.seq.to_be_bytes());
+    out.extend_from_slice(&ts.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&(protection_len as u16).to_be_bytes());
+    out.extend_from_slice(&mask.to_be_bytes());
+    out.extend_from_slice(&parity);
+    Some(out)
+}
+
+/// Makes ULPFEC for one outgoing video stream.
+#[derive(Debug, Default, Clone)]
+pub struct FecEncoder {
+    /// Media packets per parity packet; `None` sends no FEC.
+    group: Option<usize>,
+    pending: Vec<MediaPacket>,
+}
+
+impl FecEncoder {
+    /// The current group size (`None`: FEC off).
+    pub fn group(&self) -> Option<usize> {
+        self.group
+    }
+
+    /// Sets the group size (see [`group_for_loss`]); it applies from the next group.
+    pub fn set_group(&mut self, group: Option<usize>) {
+        self.group = group.map(|g| g.clamp(MIN_GROUP, MAX_GROUP));
+        if self.group.is_none() {
+            self.pending.clear();
+        }
+    }
+
+    /// Takes the next media packet written to the stream; returns the ULPFEC payloads
+    /// to send right after it. Parity goes out only after a frame's last packet
+    /// (marker), so it never splits a frame's sequence numbers: once at least half a
+    /// group has gathered, the packets gathered are cut into groups of at most
+    /// `group` and each gets one parity packet. A gap in sequence numbers (a packet
+    /// written out of order) drops what was gathered, unprotected.
+    pub fn push(&mut self, packet: MediaPacket) -> Vec<Vec<u8>> {
+        let Some(group) = self.group else {
+            return Vec::new();
+        };
+        if packet.payload.len() > MAX_PAYLOAD {
+            self.pending.clear();
+            return Vec::new();
+        }
+        if let Some(last) = self.pending.last()
+            && packet.seq != last.seq.wrapping_add(1)
+        {
+            self.pending.clear();
+        }
+        let marker = packet.marker;
+        self.pending.push(packet);
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.clear();
+            return Vec::new();
+        }
+        if !marker || self.pending.len() * 2 < group {
+            return Vec::new();
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let groups = pending.len().div_ceil(group);
+        let size = pending.len().div_ceil(groups);
+        pending.chunks(size).filter_map(encode_group).collect()
+    }
+}
+
+/// Rebuilds lost media packets of one stream from ULPFEC.
+#[derive(Debug, Default, Clone)]
+pub struct FecDecoder {
+    media: VecDeque<MediaPacket>,
+    fec: VecDeque<FecPacket>,
+    /// Packets rebuilt so far.
+    pub recovered: u64,
+    /// FEC payloads refused as malformed.
+    pub malformed: u64,
+    /// Newest sequence number a FEC packet protected.
+    protected_end: Option<u16>,
+    /// Sequence numbers found to be parity packets (lost ones among them), for the
+    /// caller to drain: its playout must not wait for them.
+    pub lost_parity: Vec<u16>,
+}
+
+impl FecDecoder {
+    fn has(&self, seq: u16) -> bool {
+        self.media.iter().any(|m| m.seq == seq)
+    }
+
+    /// Takes a media packet that arrived; returns packets it lets FEC rebuild.
+    pub fn on_media(&mut self, packet: MediaPacket) -> Vec<MediaPacket> {
+        if self.has(packet.seq) {
+            return Vec::new();
+        }
+        self.remember(packet);
+        self.recover()
+    }
+
+    /// Takes a ULPFEC payload that arrived; returns the packets it rebuilds.
+    pub fn on_fec(&mut self, data: &[u8]) -> Result<Vec<MediaPacket>, FecError> {
+        let fec = FecPacket::parse(data).inspect_err(|_| self.malformed += 1)?;
+        // Parity follows a frame's last packet and the next group starts right after
+        // it: what lies between the previous group's end and this group's start is
+        // parity (this one's arrival is the caller's to note).
+        let end = *fec.protected.last().expect("parse refuses an empty mask");
+        if let Some(prev) = self.protected_end {
+            let gap = fec.sn_base.wrapping_sub(prev);
+            if (2..=MAX_GROUP as u16).contains(&gap) && self.lost_parity.len() < DECODER_FEC {
+                let parity: Vec<u16> = (1..gap)
+                    .map(|i| prev.wrapping_add(i))
+                    .filter(|s| !self.has(*s))
+                    .collect();
+                self.lost_parity.extend(parity);
+            }
+        }
+        if self
+            .protected_end
+            .is_none_or(|prev| end.wrapping_sub(prev) as i16 > 0)
+        {
+            self.protected_end = Some(end);
+        }
+        if self.fec.len() >= DECODER_FEC {
+            self.fec.pop_front();
+        }
+        self.fec.push_back(fec);
+        Ok(self.recover())
+    }
+
+    fn remember(&mut self, packet: MediaPacket) {
+        if self.media.len() >= DECODER_MEDIA {
+            self.media.pop_front();
+        }
+        self.media.push_back(packet);
+    }
+
+    /// Rebuilds every packet that is the only one missing from a kept FEC group,
+    /// repeatedly (a rebuilt packet can complete another group).
+    fn recover(&mut self) -> Vec<MediaPacket> {
+        let mut out = Vec::new();
+        loop {
+            let mut progress = false;
+            let mut i = 0;
+            while i < self.fec.len() {
+                let missing: Vec<u16> = self.fec[i]
+                    .protected
+                    .iter()
+                    .copied()
+                    .filter(|s| !self.has(*s))
+                    .collect();
+                match missing.as_slice() {
+                    [] => {
+                        self.fec.remove(i);
+                    }
+                    [seq] => {
+                        let fec = self.fec.remove(i).expect("index in range");
+                        if let Some(p) = self.rebuild(&fec, *seq) {
+                            self.recovered += 1;
+                            self.remember(p.clone());
+                            out.push(p);
+                            progress = true;
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            if !progress {
+                return out;
+            }
+        }
+    }
+
+    fn rebuild(&self, fec: &FecPacket, seq: u16) -> Option<MediaPacket> {
+        let mut pt_m = fec.pt_recovery | if fec.marker_recovery { 0x80 } else { 0 };
+        let mut ts = fec.ts_recovery;
+        let mut len = fec.length_recovery;
+        let mut payload = fec.parity.clone();
+        for s in fec.protected.iter().filter(|s| **s != seq) {
+            let p = self.media.iter().find(|m| m.seq == *s)?;
+            if p.payload.len() > payload.len() {
+                return None; // not the packet this FEC protected
+            }
+            pt_m ^= (p.pt & 0x7f) | if p.marker { 0x80 } else { 0 };
+            ts ^= p.ts;
+            len ^= p.payload.len() as u16;
+            for (x, y) in payload.iter_mut().zip(&p.payload) {
+                *x ^= *y;
+            }
+        }
+        let len = len as usize;
+        if len > payload.len() {
+            return None;
+        }
+        payload.truncate(len);
+        Some(MediaPacket {
+            seq,
+            ts,
+            pt: pt_m & 0x7f,
+            marker: pt_m & 0x80 != 0,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(seq: u16, len: usize, marker: bool) -> MediaPacket {
+        MediaPacket {
+            seq,
+            ts: 90_000 + u32::from(seq / 4) * 3000,
+            pt: 96,
+            marker,
+            payload: (0..len).map(|i| (i as u16 ^ seq) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn any_one_lost_packet_of_a_group_is_rebuilt_exactly() {
+        // Sequence numbers wrap inside the group.
+        let packets: Vec<MediaPacket> = (0..6u16)
+            .map(|i| packet(65533u16.wrapping_add(i), 300 + 97 * i as usize, i == 5))
+            .collect();
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(6));
+        let mut fec = Vec::new();
+        for p in &packets {
+            fec.extend(enc.push(p.clone()));
+        }
+        assert_eq!(fec.len(), 1, "one group, one parity packet");
+        let fec = &fec[0];
+        for lost in 0..packets.len() {
+            let mut dec = FecDecoder::default();
+            let mut got = Vec::new();
+            for (i, p) in packets.iter().enumerate() {
+                if i != lost {
+                    got.extend(dec.on_media(p.clone()));
+                }
+            }
+            assert!(got.is_empty(), "nothing to rebuild before the FEC");
+            let rebuilt = dec
+                .on_fec(red_unwrap(&red_wrap(125, fec)).unwrap().1)
+                .unwrap();
+            assert_eq!(rebuilt, vec![packets[lost].clone()], "lost {lost}");
+            assert_eq!(dec.recovered, 1);
+        }
+    }
+
+    #[test]
+    fn fec_arriving_before_the_rest_still_rebuilds() {
+        let packets: Vec<MediaPacket> = (10..14).map(|s| packet(s, 200, s == 13)).collect();
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(4));
+        let fec = packets.iter().flat_map(|p| enc.push(p.clone())).last();
+        let mut dec = FecDecoder::default();
+        assert!(dec.on_fec(&fec.unwrap()).unwrap().is_empty());
+        assert!(dec.on_media(packets[0].clone()).is_empty());
+        assert!(dec.on_media(packets[3].clone()).is_empty());
+        let rebuilt = dec.on_media(packets[2].clone());
+        assert_eq!(rebuilt, vec![packets[1].clone()]);
+    }
+
+    #[test]
+    fn sequence_numbers_between_groups_are_parity() {
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(4));
+        let mut dec = FecDecoder::default();
+        let mut seq = 100u16;
+        let mut parities = Vec::new();
+        for frame in 0..2 {
+            for i in 0..4 {
+                let p = packet(seq, 60, i == 3);
+                seq += 1;
+                dec.on_media(p.clone());
+                for f in enc.push(p) {
+                    parities.push((seq, f, frame));
+                    seq += 1;
+                }
+            }
+        }
+        assert_eq!(
+            parities.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![104, 109]
+        );
+        // The first group's parity (seq 104) is lost: the second one's, protecting
+        // 105..=108, names 104 as parity once the decoder knows where a group ended.
+        dec.on_fec(&parities[1].1).unwrap();
+        assert!(
+            dec.lost_parity.is_empty(),
+            "no earlier group to measure from"
+        );
+        let mut dec = FecDecoder::default();
+        dec.on_fec(&parities[0].1).unwrap();
+        dec.on_fec(&parities[1].1).unwrap();
+        assert_eq!(dec.lost_parity, vec![104]);
+    }
+
+    #[test]
+    fn two_losses_in_a_group_are_not_rebuilt() {
+        let packets: Vec<MediaPacket> = (0..4).map(|s| packet(s, 100, s == 3)).collect();
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(4));
+        let fec = packets.iter().flat_map(|p| enc.push(p.clone())).last();
+        let mut dec = FecDecoder::default();
+        dec.on_media(packets[0].clone());
+        dec.on_media(packets[1].clone());
+        assert!(dec.on_fec(&fec.unwrap()).unwrap().is_empty());
+        assert_eq!(dec.recovered, 0);
+    }
+
+    #[test]
+    fn parity_follows_frame_ends_only_and_big_frames_get_several() {
+        let mut enc = FecEncoder::default();
+        enc.set_group(Some(8));
+        for s in 0..9 {
+            assert!(enc.push(packet(s, 50, false)).is_empty(), "mid-frame: none");
+        }
+        // A frame of 10 packets: two groups of 5, two parity packets after it.
+        let fec = enc.push(packet(9, 50, true));
+        assert_eq!(fec.len(), 2);
+        let groups: Vec<Vec<u16>> = fec
+            .iter()
+            .map(|f| FecPacket::parse(f).unwrap().protected)
+            .collect();
+        assert_eq!(
+            groups,
+            vec![(0..5).collect::<Vec<u16>>(), (5..10).collect()]
+        );
+        // A one-packet frame waits for half a group.
+        for s in 10..13 {
+            assert!(enc.push(packet(s, 50, true)).is_empty());
+        }
+        assert_eq!(enc.push(packet(13, 50, true)).len(), 1, "4 of 8 gathered");
+        // A gap drops what was gathered.
+        for s in 14..17 {
+            enc.push(packet(s, 50, true));
+        }
+        let fec = enc.push(packet(30, 50, true));
+        assert!(fec.is_empty(), "gathered after the gap: 1 of 8");
+        enc.set_group(None);
+        assert!(enc.push(packet(31, 50, true)).is_empty(), "FEC off");
+    }
+
+    #[test]
+    fn vp8_descriptor_fields_are_rewritten_in_place() {
+        // X, I (15-bit picture id), L.
+        let mut p = vec![0x90, 0xc0, 0x80 | 0x12, 0x34, 7, 0xaa];
+        patch_vp8(&mut p, Some(0x0567), Some(9));
+        assert_eq!(p, vec![0x90, 0xc0, 0x85, 0x67, 9, 0xaa]);
+        // 7-bit picture id, no L.
+        let mut p = vec![0x90, 0x80, 0x05, 0xaa];
+        patch_vp8(&mut p, Some(0x0181), Some(9));
+        assert_eq!(p, vec![0x90, 0x80, 0x01, 0xaa]);
+        // No X: untouched; truncated: no panic.
+        let mut p = vec![0x10, 0xaa];
+        patch_vp8(&mut p, Some(1), Some(1));
+        assert_eq!(p, vec![0x10, 0xaa]);
+        for len in 0..4 {
+            let mut p = vec![0xff; len];
+            patch_vp8(&mut p, Some(1), Some(1));
+        }
+    }
+
+    #[test]
+    fn placeholder_codec_is_renamed_both_ways() {
+        let local = "a=rtpmap:96 VP8/90000\r\na=rtpmap:40 VP9/90000\r\n";
+        let wire = sdp_to_wire(local);
+        assert!(wire.contains("a=rtpmap:40 x-meridian-fec-red/90000"));
+        assert!(wire.contains("a=rtpmap:96 VP8/90000"));
+        assert_eq!(sdp_from_wire(&wire), local);
+    }
+
+    #[test]
+    fn loss_is_seen_through_nacks_when_reports_show_none() {
+        let mut m = LossMeter::default();
+        assert_eq!(m.update(1000, 10, None), 0.0, "no interval yet");
+        assert!((m.update(2000, 40, Some(0.0)) - 0.03).abs() < 1e-6);
+        assert_eq!(m.update(2000, 40, Some(0.05)), 0.05, "report larger");
+        assert_eq!(m.update(2000, 90, None), 0.0, "nothing sent: no ratio");
+    }
+
+    #[test]
+    fn protection_follows_loss() {
+        assert_eq!(group_for_loss(0.0), None);
+        assert_eq!(group_for_loss(f32::NAN), None);
+        assert!(matches!(group_for_loss(0.02), Some(12 | 13)));
+        assert_eq!(group_for_loss(0.025), Some(10));
+        assert_eq!(group_for_loss(0.05), Some(5));
+        assert_eq!(group_for_loss(0.5), Some(MIN_GROUP));
+        assert_eq!(group_for_loss(0.006), Some(MAX_GROUP));
+        assert_eq!(fec_bps(1_200_000, Some(12)), 100_000);
+        assert_eq!(fec_bps(1_200_000, None), 0);
+    }
+
+    #[test]
+    fn malformed_red_and_fec_are_refused_without_panicking() {
+        assert_eq!(red_unwrap(&[]), Err(FecError::MalformedRed));
+        assert_eq!(
+            red_unwrap(&[0x80 | 96, 0, 0, 4]),
+            Err(FecError::MalformedRed)
+        );
+        let mut dec = FecDecoder::default();
+        assert_eq!(dec.on_fec(&[0; 5]), Err(FecError::MalformedFec));
+        // Protection length past the end.
+        let mut bad = vec![0u8; 14];
+        bad[10] = 0x01;
+        bad[12] = 0x80;
+        assert_eq!(dec.on_fec(&bad), Err(FecError::MalformedFec));
+        // Empty mask.
+        assert_eq!(dec.on_fec(&[0u8; 14]), Err(FecError::MalformedFec));
+        // Protection length over a datagram.
+        bad[10] = 0xff;
+        assert_eq!(dec.on_fec(&bad), Err(FecError::TooLong));
+        assert_eq!(dec.malformed, 4);
+        // Garbage of every short length and many byte patterns: an answer, never a
+        // panic, and the decoder's state stays bounded.
+        let mut x = 0x1234_5678u32;
+        for len in 0..64 {
+            for _ in 0..200 {
+                let data: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        x as u8
+                    })
+                    .collect();
+                let _ = dec.on_fec(&data);
+                let _ = red_unwrap(&data);
+            }
+        }
+        assert!(dec.fec.len() <= DECODER_FEC && dec.media.len() <= DECODER_MEDIA);
+    }
+}
