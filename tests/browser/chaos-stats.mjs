@@ -1,0 +1,171 @@
+// Chromium under node-side chaos (issue 15): `meridian serve --dev --impair …` impairs the
+// node's own media socket (egress, seeded str0m-netem: one impaired hop, as the article
+// did), two headless Chromium pages join one room on the web client's meeting page, both
+// publishing the fake camera + microphone, and after a warm-up the script reads
+// `getStats()` of each page's subscriber connection at the start and the end of a
+// measured window. It prints one JSON line: per page, the window's deltas of the inbound
+// video (framesDecoded, framesDropped, freezeCount, totalFreezesDuration, jitterBufferDelay
+// per emitted frame, nackCount, fecPacketsReceived/Recovered, packetsLost) and audio
+// (concealedSamples / totalSamplesReceived, packetsLost, FEC, the negotiated codec).
+//
+// Not part of `npm test`: a measurement, run by hand from the repository root after
+// building the node and the web client (scripts/test.sh builds both):
+//   node tests/browser/chaos-stats.mjs                       # 60 s, delay=200ms,jitter=20ms,loss=2%
+//   DURATION=30 IMPAIR=off node tests/browser/chaos-stats.mjs
+//   DURATION=30 RED=0 node tests/browser/chaos-stats.mjs     # Chromium without audio RED
+//   MERIDIAN_BIN=../../target/release/meridian node tests/browser/chaos-stats.mjs
+//
+// Environment:
+//   DURATION  measured seconds (default 60), after WARMUP seconds (default 5) of decoding
+//   IMPAIR    the node's --impair spec (default delay=200ms,jitter=20ms,loss=2%), `off` for none
+//   SEED      --impair-seed (default 7)
+//   RED       1 (default): Chromium offers audio RED (red/48000/2) as it does by default and
+//             the node negotiates it; 0: Chromium's field trial WebRTC-Audio-Red-For-Opus is
+//             disabled, so audio is plain Opus (the node cannot add RED for a browser that
+//             did not negotiate it)
+//   MERIDIAN_BIN, CHROMIUM, MERIDIAN_WEB_ROOT as in harness.mjs
+//
+// Video FEC: off for browsers whatever the knobs (docs/benchmarks.md, "Video FEC": the
+// node names its ULPFEC-in-RED codec `x-meridian-fec-red`, which Chromium leaves out of
+// its answer), so fecPacketsReceived on video is expected to be 0; on audio it counts
+// Opus in-band FEC / RED recoveries as Chromium reports them.
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove } from './harness.mjs';
+
+const DURATION = Number(process.env.DURATION || 60);
+const WARMUP = Number(process.env.WARMUP || 5);
+const IMPAIR = process.env.IMPAIR || 'delay=200ms,jitter=20ms,loss=2%';
+const SEED = process.env.SEED || '7';
+const RED = (process.env.RED ?? '1') !== '0';
+const log = (...args) => console.error('[chaos-stats]', ...args);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Sums of the subscriber connection's inbound-rtp counters per kind, and codec names. */
+function readInbound(page) {
+  return page.evaluate(async () => {
+    const pc = window.meridian?.session?.sub;
+    if (!pc) return null;
+    const report = await pc.getStats();
+    const fields = ['framesDecoded', 'framesDropped', 'framesReceived', 'freezeCount', 'totalFreezesDuration',
+      'jitterBufferDelay', 'jitterBufferEmittedCount', 'nackCount', 'pliCount', 'fecPacketsReceived',
+      'fecPacketsDiscarded', 'packetsLost', 'packetsReceived', 'concealedSamples', 'totalSamplesReceived',
+      'bytesReceived'];
+    const out = { video: { streams: 0, codecs: [] }, audio: { streams: 0, codecs: [] } };
+    report.forEach((s) => {
+      if (s.type !== 'inbound-rtp' || !out[s.kind]) return;
+      const k = out[s.kind];
+      k.streams += 1;
+      for (const f of fields) if (typeof s[f] === 'number') k[f] = (k[f] ?? 0) + s[f];
+      const codec = s.codecId && report.get(s.codecId);
+      if (codec && !k.codecs.includes(codec.mimeType)) k.codecs.push(codec.mimeType);
+    });
+    // What was negotiated, from the SDP answers (getStats lists only codecs in use, and
+    // RED arrives unwrapped as Opus): codec names of the page's answer to the node's
+    // subscriber offer, and of the node's answer to the page's publisher offer.
+    const names = (sdp) => [...new Set([...(sdp ?? '').matchAll(/a=rtpmap:\d+ ([^\r\n]+)/g)].map((m) => m[1].toLowerCase()))];
+    out.negotiated = {
+      subscribe: names(pc.currentLocalDescription?.sdp),
+      publish: names(window.meridian.session.pub?.currentRemoteDescription?.sdp),
+    };
+    return out;
+  });
+}
+
+/** The window's figures from two readings. */
+function figures(a, b) {
+  const d = (kind, f) => (b[kind][f] ?? 0) - (a[kind][f] ?? 0);
+  const round = (x, n = 3) => (Number.isFinite(x) ? Number(x.toFixed(n)) : null);
+  const emitted = d('video', 'jitterBufferEmittedCount');
+  const aEmitted = d('audio', 'jitterBufferEmittedCount');
+  const vReceived = d('video', 'packetsReceived');
+  const vLost = d('video', 'packetsLost');
+  const aReceived = d('audio', 'packetsReceived');
+  const aLost = d('audio', 'packetsLost');
+  return {
+    video: {
+      codecs: b.video.codecs,
+      framesDecoded: d('video', 'framesDecoded'),
+      framesPerSecond: round(d('video', 'framesDecoded') / DURATION, 1),
+      framesDropped: d('video', 'framesDropped'),
+      freezeCount: d('video', 'freezeCount'),
+      totalFreezesDuration_s: round(d('video', 'totalFreezesDuration')),
+      jitterBufferDelay_ms_per_frame: round((d('video', 'jitterBufferDelay') / emitted) * 1000, 1),
+      nackCount: d('video', 'nackCount'),
+      pliCount: d('video', 'pliCount'),
+      fecPacketsReceived: d('video', 'fecPacketsReceived'),
+      fecPacketsDiscarded: d('video', 'fecPacketsDiscarded'),
+      packetsReceived: vReceived,
+      packetsLost: vLost,
+      lost_pct: round((100 * vLost) / (vReceived + vLost), 2),
+      kbit_s: round((8 * d('video', 'bytesReceived')) / DURATION / 1000, 0),
+    },
+    audio: {
+      codecs: b.audio.codecs,
+      concealedSamples: d('audio', 'concealedSamples'),
+      totalSamplesReceived: d('audio', 'totalSamplesReceived'),
+      concealed_pct: round((100 * d('audio', 'concealedSamples')) / d('audio', 'totalSamplesReceived'), 2),
+      jitterBufferDelay_ms_per_sample: round((d('audio', 'jitterBufferDelay') / aEmitted) * 1000, 1),
+      fecPacketsReceived: d('audio', 'fecPacketsReceived'),
+      fecPacketsDiscarded: d('audio', 'fecPacketsDiscarded'),
+      nackCount: d('audio', 'nackCount'),
+      packetsReceived: aReceived,
+      packetsLost: aLost,
+      lost_pct: round((100 * aLost) / (aReceived + aLost), 2),
+    },
+    red_audio: {
+      subscribe: b.negotiated.subscribe.includes('red/48000/2'),
+      publish: b.negotiated.publish.includes('red/48000/2'),
+    },
+    video_fec_negotiated: b.negotiated.subscribe.some((c) => c.startsWith('ulpfec') || c.startsWith('flexfec')),
+    negotiated: b.negotiated,
+  };
+}
+
+async function main() {
+  checkPrerequisites();
+  checkWebClient();
+  const nodeArgs = ['--dev'];
+  if (IMPAIR !== 'off') nodeArgs.push('--impair', IMPAIR, '--impair-seed', SEED);
+  const loadStart = (await import('node:fs')).readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+  log(`node ${nodeArgs.join(' ')}; RED ${RED ? 'on' : 'off'}; ${WARMUP} s warm-up, ${DURATION} s measured; load ${loadStart}`);
+  const node = await startMeridian('meridian-chaos-stats', nodeArgs);
+  const chromiumArgs = ['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+    '--allow-loopback-in-peer-connection'];
+  if (!RED) chromiumArgs.push('--force-fieldtrials=WebRTC-Audio-Red-For-Opus/Disabled/');
+  const browser = await launchChromium(chromiumArgs);
+  const errors = [];
+  const pages = [];
+  try {
+    const room = 'room-chaos-stats';
+    const url = (who) => `http://${node.listening.http}/?transport=ws` +
+      `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
+    for (const who of ['alice', 'bob']) pages.push([who, await openPage(browser, who, url(who), errors)]);
+    for (const [, p] of pages) {
+      await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 30_000 });
+      await framesAbove(p, 10, 60_000);
+    }
+    await sleep(WARMUP * 1000);
+    const start = await Promise.all(pages.map(([, p]) => readInbound(p)));
+    await sleep(DURATION * 1000);
+    const end = await Promise.all(pages.map(([, p]) => readInbound(p)));
+    const result = {
+      impair: IMPAIR, impair_seed: IMPAIR === 'off' ? null : Number(SEED), red: RED, video_fec: false,
+      duration_s: DURATION, load_avg_start: loadStart, node_bin: process.env.MERIDIAN_BIN || '../../target/debug/meridian',
+      pages: {},
+    };
+    pages.forEach(([who], i) => {
+      if (!start[i] || !end[i]) throw new Error(`${who}: no subscriber connection`);
+      result.pages[who] = figures(start[i], end[i]);
+    });
+    if (errors.length) result.page_errors = errors;
+    console.log(JSON.stringify(result));
+  } catch (e) {
+    console.error('---- node stderr ----\n' + node.stderr().slice(-4000));
+    throw e;
+  } finally {
+    for (const [, p] of pages) await p.context().close().catch(() => {});
+    await browser.close().catch(() => {});
+    await node.stop();
+  }
+}
+
+main().catch((e) => { console.error(e); process.exit(1); });
