@@ -144,13 +144,19 @@ fn malformed_red_from_a_publisher_is_dropped_and_counted() {
         h.write_audio_rtp(p, red_pt, seq, ts, good);
         seq += 1;
         if i % 6 == 3 {
-            // Malformed: a redundant header whose length runs past the end, a lone
-            // redundant header, a primary of another payload type, nothing at all.
-            let garbage = match bad % 4 {
+            // Malformed: a redundant header whose length runs past the end, a
+            // truncated redundant header (3 of its 4 bytes), a primary of another
+            // payload type, nothing at all, more redundant blocks than the limit (4).
+            let garbage = match bad % 5 {
                 0 => vec![0x80 | opus_pt, 0, 0x0f, 0xff, opus_pt, 1, 2, 3],
                 1 => vec![0x80 | opus_pt, 0, 4],
                 2 => vec![96, 0xfc, 1, 2, 3],
-                _ => vec![],
+                3 => vec![],
+                _ => {
+                    let mut many = [0x80 | opus_pt, 0, 4, 0].repeat(6);
+                    many.extend_from_slice(&[opus_pt, 1, 2, 3]);
+                    many
+                }
             };
             h.write_audio_rtp(p, red_pt, seq, ts + 480, garbage);
             seq += 1;
