@@ -19,6 +19,17 @@
 //   DURATION  measured seconds (default 60), after WARMUP seconds (default 5) of decoding
 //   IMPAIR    the node's --impair spec (default delay=200ms,jitter=20ms,loss=2%), `off` for none
 //   SEED      --impair-seed (default 7)
+//   RED       1 (default): audio RED (red/48000/2) negotiated both ways, as Chromium and
+//             the node do by default; 0: the pages strip RED from every description the
+//             node sends them (its answer to the publisher, its offer to the subscriber), so
+//             neither side sends it and audio is plain Opus (the node cannot add RED for a
+//             page that did not negotiate it)
+//   MERIDIAN_BIN=../../target/release/meridian node tests/browser/chaos-stats.mjs
+//
+// Environment:
+//   DURATION  measured seconds (default 60), after WARMUP seconds (default 5) of decoding
+//   IMPAIR    the node's --impair spec (default delay=200ms,jitter=20ms,loss=2%), `off` for none
+//   SEED      --impair-seed (default 7)
 //   RED       1 (default): Chromium offers audio RED (red/48000/2) as it does by default and
 //             the node negotiates it; 0: Chromium's field trial WebRTC-Audio-Red-For-Opus is
 //             disabled, so audio is plain Opus (the node cannot add RED for a browser that
@@ -39,6 +50,23 @@ const RED = (process.env.RED ?? '1') !== '0';
 const log = (...args) => console.error('[chaos-stats]', ...args);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/** Page script (RED=0): removes `red/48000/2` from remote descriptions before use. */
+function stripRed() {
+  const strip = (sdp) => {
+    const red = [...sdp.matchAll(/a=rtpmap:(\d+) red\/48000\/2/gi)].map((m) => m[1]);
+    if (!red.length) return sdp;
+    const own = (l) => red.some((pt) => [`a=rtpmap:${pt} `, `a=fmtp:${pt} `, `a=rtcp-fb:${pt} `].some((x) => l.startsWith(x)));
+    return sdp.split('\r\n').filter((l) => !own(l))
+      .map((l) => (l.startsWith('m=audio') ? l.split(' ').filter((t, i) => i < 3 || !red.includes(t)).join(' ') : l))
+      .join('\r\n');
+  };
+  const set = RTCPeerConnection.prototype.setRemoteDescription;
+  RTCPeerConnection.prototype.setRemoteDescription = function (desc, ...rest) {
+    if (desc && desc.sdp) desc = { type: desc.type, sdp: strip(desc.sdp) };
+    return set.call(this, desc, ...rest);
+  };
+}
+
 /** Sums of the subscriber connection's inbound-rtp counters per kind, and codec names. */
 function readInbound(page) {
   return page.evaluate(async () => {
@@ -48,7 +76,7 @@ function readInbound(page) {
     const fields = ['framesDecoded', 'framesDropped', 'framesReceived', 'freezeCount', 'totalFreezesDuration',
       'jitterBufferDelay', 'jitterBufferEmittedCount', 'nackCount', 'pliCount', 'fecPacketsReceived',
       'fecPacketsDiscarded', 'packetsLost', 'packetsReceived', 'concealedSamples', 'totalSamplesReceived',
-      'bytesReceived'];
+      'bytesReceived', 'silentConcealedSamples', 'concealmentEvents'];
     const out = { video: { streams: 0, codecs: [] }, audio: { streams: 0, codecs: [] } };
     report.forEach((s) => {
       if (s.type !== 'inbound-rtp' || !out[s.kind]) return;
@@ -62,6 +90,13 @@ function readInbound(page) {
     // RED arrives unwrapped as Opus): codec names of the page's answer to the node's
     // subscriber offer, and of the node's answer to the page's publisher offer.
     const names = (sdp) => [...new Set([...(sdp ?? '').matchAll(/a=rtpmap:\d+ ([^\r\n]+)/g)].map((m) => m[1].toLowerCase()))];
+    // The codec the page's publisher sends its audio with (audio/red when it sends RED).
+    const pubReport = await window.meridian.session.pub?.getStats();
+    out.sendAudio = [];
+    pubReport?.forEach((s) => {
+      const c = s.type === 'outbound-rtp' && s.kind === 'audio' && s.codecId && pubReport.get(s.codecId);
+      if (c && !out.sendAudio.includes(c.mimeType)) out.sendAudio.push(c.mimeType);
+    });
     out.negotiated = {
       subscribe: names(pc.currentLocalDescription?.sdp),
       publish: names(window.meridian.session.pub?.currentRemoteDescription?.sdp),
@@ -102,6 +137,8 @@ function figures(a, b) {
       codecs: b.audio.codecs,
       concealedSamples: d('audio', 'concealedSamples'),
       totalSamplesReceived: d('audio', 'totalSamplesReceived'),
+      silentConcealedSamples: d('audio', 'silentConcealedSamples'),
+      concealmentEvents: d('audio', 'concealmentEvents'),
       concealed_pct: round((100 * d('audio', 'concealedSamples')) / d('audio', 'totalSamplesReceived'), 2),
       jitterBufferDelay_ms_per_sample: round((d('audio', 'jitterBufferDelay') / aEmitted) * 1000, 1),
       fecPacketsReceived: d('audio', 'fecPacketsReceived'),
@@ -111,6 +148,7 @@ function figures(a, b) {
       packetsLost: aLost,
       lost_pct: round((100 * aLost) / (aReceived + aLost), 2),
     },
+    send_audio_codecs: b.sendAudio,
     red_audio: {
       subscribe: b.negotiated.subscribe.includes('red/48000/2'),
       publish: b.negotiated.publish.includes('red/48000/2'),
@@ -130,7 +168,6 @@ async function main() {
   const node = await startMeridian('meridian-chaos-stats', nodeArgs);
   const chromiumArgs = ['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
     '--allow-loopback-in-peer-connection'];
-  if (!RED) chromiumArgs.push('--force-fieldtrials=WebRTC-Audio-Red-For-Opus/Disabled/');
   const browser = await launchChromium(chromiumArgs);
   const errors = [];
   const pages = [];
@@ -138,7 +175,14 @@ async function main() {
     const room = 'room-chaos-stats';
     const url = (who) => `http://${node.listening.http}/?transport=ws` +
       `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
-    for (const who of ['alice', 'bob']) pages.push([who, await openPage(browser, who, url(who), errors)]);
+    for (const who of ['alice', 'bob']) {
+      const page = await openPage(browser, who, url(who), errors);
+      if (!RED) {
+        await page.context().addInitScript(stripRed);
+        await page.reload({ waitUntil: 'load' });
+      }
+      pages.push([who, page]);
+    }
     for (const [, p] of pages) {
       await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 30_000 });
       await framesAbove(p, 10, 60_000);
