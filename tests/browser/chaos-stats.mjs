@@ -139,6 +139,11 @@ function figures(a, b) {
       totalSamplesReceived: d('audio', 'totalSamplesReceived'),
       silentConcealedSamples: d('audio', 'silentConcealedSamples'),
       concealmentEvents: d('audio', 'concealmentEvents'),
+      // Concealment outside silence (the fake microphone is silent between beeps, and
+      // Chromium counts the comfort noise it plays there as concealed too).
+      audibleConcealedSamples: d('audio', 'concealedSamples') - d('audio', 'silentConcealedSamples'),
+      audible_concealed_pct: round((100 * (d('audio', 'concealedSamples') - d('audio', 'silentConcealedSamples')))
+        / d('audio', 'totalSamplesReceived'), 2),
       concealed_pct: round((100 * d('audio', 'concealedSamples')) / d('audio', 'totalSamplesReceived'), 2),
       jitterBufferDelay_ms_per_sample: round((d('audio', 'jitterBufferDelay') / aEmitted) * 1000, 1),
       fecPacketsReceived: d('audio', 'fecPacketsReceived'),
