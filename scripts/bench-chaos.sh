@@ -32,6 +32,12 @@
 #   loss2-fec, loss5-fec, burst-fec  the three above with video FEC too (`--fec`: the
 #               node sends ULPFEC at a rate following each subscriber's reported loss)
 # FEC off vs on: SCENARIOS="loss2-red loss2-fec" draws both CDFs in one PNG.
+#
+# BROWSER (default empty) adds runs of two headless Chromium pages against the same
+# binary (tests/browser/chaos-stats.mjs: getStats figures as one JSON line, appended to
+# $OUT; needs the built web client and tests/browser/node_modules), after the scenarios:
+#   clean (no impairment), red (2 % with audio RED), nored (2 %, RED stripped).
+#   SCENARIOS= BROWSER="clean red nored" DURATION=30s scripts/bench-chaos.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +46,7 @@ PUBS=${PUBS:-2}
 SUBS=${SUBS:-20}
 DURATION=${DURATION:-60s}
 WARMUP=${WARMUP:-5s}
-SCENARIOS=${SCENARIOS:-"clean loss2-hold loss2 loss2-red loss5-red burst-red loss2-fec loss5-fec burst-fec"}
+SCENARIOS=${SCENARIOS-"clean loss2-hold loss2 loss2-red loss5-red burst-red loss2-fec loss5-fec burst-fec"}
 OUT=${OUT:-/tmp/bench-chaos.jsonl}
 PLOTDIR=${PLOTDIR:-/tmp/bench-chaos}
 NODE_CPU=${NODE_CPU:-0}
@@ -95,6 +101,19 @@ for scenario in $SCENARIOS; do
   kill "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
   rm -rf "${DATA:?}"/*
 done
+
+for run in ${BROWSER:-}; do
+  case $run in
+    clean) benv=(IMPAIR=off RED=1) ;;
+    red) benv=(IMPAIR="$CHAOS,loss=2%" RED=1) ;;
+    nored) benv=(IMPAIR="$CHAOS,loss=2%" RED=0) ;;
+    *) echo "unknown browser run $run" >&2; exit 2 ;;
+  esac
+  echo "== browser-$run: ${benv[*]}, two Chromium pages, $DURATION"
+  env "${benv[@]}" DURATION="${DURATION%s}" MERIDIAN_BIN="$(realpath "$BIN")" node tests/browser/chaos-stats.mjs \
+    | sed "s/^{/{\"scenario\":\"browser-$run\",/" | tee -a "$OUT"
+done
+[ -n "$SCENARIOS" ] || exit 0
 
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
   python3 -m pip install --quiet matplotlib 2>/dev/null \
