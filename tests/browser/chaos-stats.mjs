@@ -3,16 +3,19 @@
 // did), two headless Chromium pages join one room on the web client's meeting page, both
 // publishing the fake camera + microphone, and after a warm-up the script reads
 // `getStats()` of each page's subscriber connection at the start and the end of a
-// measured window. It prints one JSON line: per page, the window's deltas of the inbound
-// video (framesDecoded, framesDropped, freezeCount, totalFreezesDuration, jitterBufferDelay
-// per emitted frame, nackCount, fecPacketsReceived/Recovered, packetsLost) and audio
-// (concealedSamples / totalSamplesReceived, packetsLost, FEC, the negotiated codec).
+// measured window. It prints one JSON line (logs go to stderr): per page, the window's
+// deltas of the inbound video (framesDecoded, framesDropped, freezeCount,
+// totalFreezesDuration, jitterBufferDelay per emitted frame, nackCount,
+// fecPacketsReceived/Discarded — Chromium has no "recovered" counter — packetsLost) and
+// audio (concealedSamples, silent and audible, / totalSamplesReceived, concealmentEvents,
+// packetsLost, FEC), and what each page negotiated (audio RED, video FEC).
 //
 // Not part of `npm test`: a measurement, run by hand from the repository root after
-// building the node and the web client (scripts/test.sh builds both):
+// building the node and the web client (scripts/test.sh builds both), or from
+// scripts/bench-chaos.sh with BROWSER="clean red nored":
 //   node tests/browser/chaos-stats.mjs                       # 60 s, delay=200ms,jitter=20ms,loss=2%
 //   DURATION=30 IMPAIR=off node tests/browser/chaos-stats.mjs
-//   DURATION=30 RED=0 node tests/browser/chaos-stats.mjs     # Chromium without audio RED
+//   DURATION=30 RED=0 node tests/browser/chaos-stats.mjs     # audio without RED
 //   MERIDIAN_BIN=../../target/release/meridian node tests/browser/chaos-stats.mjs
 //
 // Environment:
@@ -24,22 +27,12 @@
 //             node sends them (its answer to the publisher, its offer to the subscriber), so
 //             neither side sends it and audio is plain Opus (the node cannot add RED for a
 //             page that did not negotiate it)
-//   MERIDIAN_BIN=../../target/release/meridian node tests/browser/chaos-stats.mjs
-//
-// Environment:
-//   DURATION  measured seconds (default 60), after WARMUP seconds (default 5) of decoding
-//   IMPAIR    the node's --impair spec (default delay=200ms,jitter=20ms,loss=2%), `off` for none
-//   SEED      --impair-seed (default 7)
-//   RED       1 (default): Chromium offers audio RED (red/48000/2) as it does by default and
-//             the node negotiates it; 0: Chromium's field trial WebRTC-Audio-Red-For-Opus is
-//             disabled, so audio is plain Opus (the node cannot add RED for a browser that
-//             did not negotiate it)
 //   MERIDIAN_BIN, CHROMIUM, MERIDIAN_WEB_ROOT as in harness.mjs
 //
-// Video FEC: off for browsers whatever the knobs (docs/benchmarks.md, "Video FEC": the
-// node names its ULPFEC-in-RED codec `x-meridian-fec-red`, which Chromium leaves out of
-// its answer), so fecPacketsReceived on video is expected to be 0; on audio it counts
-// Opus in-band FEC / RED recoveries as Chromium reports them.
+// Video FEC: off for browsers whatever the knobs (docs/benchmarks.md, "Browsers do not
+// get it (yet)": the node names its ULPFEC-in-RED codec `x-meridian-fec-red`, which
+// Chromium leaves out of its answer), so fecPacketsReceived on video is expected to be 0;
+// on audio it counts Opus in-band FEC data Chromium saw.
 import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove } from './harness.mjs';
 
 const DURATION = Number(process.env.DURATION || 60);
