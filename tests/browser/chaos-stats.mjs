@@ -83,7 +83,8 @@ function readInbound(page) {
     // RED arrives unwrapped as Opus): codec names of the page's answer to the node's
     // subscriber offer, and of the node's answer to the page's publisher offer.
     const names = (sdp) => [...new Set([...(sdp ?? '').matchAll(/a=rtpmap:\d+ ([^\r\n]+)/g)].map((m) => m[1].toLowerCase()))];
-    // The codec the page's publisher sends its audio with (audio/red when it sends RED).
+    // The codec of the page's outbound audio as Chromium reports it (audio/opus also when
+    // RED is negotiated: the stats name the primary codec).
     const pubReport = await window.meridian.session.pub?.getStats();
     out.sendAudio = [];
     pubReport?.forEach((s) => {
@@ -151,6 +152,9 @@ function figures(a, b) {
       subscribe: b.negotiated.subscribe.includes('red/48000/2'),
       publish: b.negotiated.publish.includes('red/48000/2'),
     },
+    // A subscriber connection replaced during the window restarts its counters: the
+    // deltas are then meaningless.
+    counters_reset: d('video', 'framesDecoded') < 0 || d('audio', 'totalSamplesReceived') < 0,
     video_fec_negotiated: b.negotiated.subscribe.some((c) => c.startsWith('ulpfec') || c.startsWith('flexfec')),
     negotiated: b.negotiated,
   };
@@ -176,6 +180,7 @@ async function main() {
     for (const who of ['alice', 'bob']) {
       const page = await openPage(browser, who, url(who), errors);
       if (!RED) {
+        // Joined once with RED; the reload joins again (same identity) with it stripped.
         await page.context().addInitScript(stripRed);
         await page.reload({ waitUntil: 'load' });
       }
