@@ -202,7 +202,9 @@ fn a_track_crosses_once_and_fans_out_on_the_other_node() {
         p.b.events
             .iter()
             .filter_map(|(_, e)| match e {
-                SfuEvent::RelayTrackPublished { room, track, peer } => {
+                SfuEvent::RelayTrackPublished {
+                    room, track, peer, ..
+                } => {
                     assert_eq!((room.as_str(), peer.as_str()), ("room", "A"));
                     assert_eq!(track.participant_id, alice.to_string());
                     Some(track.track_id.clone())
