@@ -1101,11 +1101,11 @@ fn last_relay_offer(w: &mut World) -> (String, Vec<meridian_media::RelayTrack>) 
         .as_mut()
         .expect("a relay world")
         .drain(..)
-        .filter_map(|o| match o {
+        .rev()
+        .find_map(|o| match o {
             RelayOutput::Offer { sdp, tracks, .. } => Some((sdp, tracks)),
             _ => None,
         })
-        .last()
         .expect("a relay offer")
 }
 
