@@ -1256,6 +1256,11 @@ fn a_relayed_publisher_is_a_participant_of_the_far_part_until_its_last_track_goe
     b.c.relay(now, |sfu, now| sfu.remove_relay(now, "A"));
     b.collect();
     assert_eq!(comings_and_goings(&b, 2, alice), "+-");
+    assert_eq!(
+        b.c.stats().decisions_refused,
+        0,
+        "the link's tracks end as relayed ones: nothing is decided about them here"
+    );
     let now = a.now;
     a.c.relay(now, |sfu, now| {
         sfu.remove_relay_out(now, "B");
