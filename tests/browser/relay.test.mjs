@@ -3,7 +3,8 @@
 // node A; Bob opens his page on node A too, but A is full, so placement sends him to
 // node B, which hosts a second part of the room. Bob's page decodes Alice's video, which
 // crossed the A→B relay link (node B's relay counters grow, node B hosts the part), and
-// his session is told when Alice mutes and unmutes her microphone on node A.
+// his session is told when Alice mutes and unmutes her microphone on node A; his page
+// names Alice's tile and badges her microphone mute (node B is told who publishes).
 //
 // Needs the local Postgres (scripts/start-postgres.sh) and psql.
 import { test, before, after } from 'node:test';
@@ -109,6 +110,13 @@ test('a page watches, through node B, a camera published on node A', { timeout: 
     assert.equal(placed, '1', 'the log records the part on node B');
     const playing = await bob.evaluate(() => [...document.querySelectorAll('.tile video')].filter((v) => v.videoWidth > 0).length);
     assert.ok(playing >= 1, 'Bob\'s page shows Alice\'s video');
+    // Bob's node is told who publishes it (Alice is in node A's part): her tile is named.
+    await bob.waitForFunction(() => [...document.querySelectorAll('.tile .name')].some((n) => n.textContent === 'Alice'),
+      null, { timeout: 10_000 });
+    const aliceBadges = () => bob.evaluate(() => {
+      const tile = [...document.querySelectorAll('.tile')].find((t) => t.querySelector('.name')?.textContent === 'Alice');
+      return tile ? [...tile.querySelectorAll('[data-badge="mic"], [data-badge="cam"]')].map((b) => b.textContent) : null;
+    });
     // Alice mutes her microphone on node A: Bob's session on node B is told (the
     // track's state crosses the link; node B sends `track_muted`), then the unmute.
     const mic = await alice.evaluate(() => window.meridian.session.ownTracks().find((t) => t.kind === 'audio')?.track_id);
@@ -121,8 +129,11 @@ test('a page watches, through node B, a camera published on node A', { timeout: 
       [mic, muted], { timeout: 15_000 });
     await alice.click('#mute-audio');
     await told(true);
+    // Her microphone mute badges her tile's microphone (not the camera).
+    assert.deepEqual(await aliceBadges(), ['mic muted']);
     await alice.click('#mute-audio');
     await told(false);
+    assert.deepEqual(await aliceBadges(), []);
     assert.deepEqual(errors, []);
   } catch (e) {
     console.log('---- node A stderr ----\n' + nodeA.stderr().slice(-6000));

@@ -132,6 +132,9 @@ pub struct ClientStats {
     pub participants_joined: Vec<String>,
     /// Participants seen leaving.
     pub participants_left: Vec<String>,
+    /// Identity and display name of each participant seen joining, by participant id
+    /// (the latest announcement of each).
+    pub participant_names: HashMap<String, (String, Option<String>)>,
     /// Layer the node says it forwards, per track.
     pub layers: HashMap<String, Option<Layer>>,
     /// Error codes the node sent.
@@ -330,9 +333,21 @@ impl ClientStats {
             ServerMessage::TrackPublished { track } => {
                 self.room_tracks.push(track.track_id.clone())
             }
-            ServerMessage::ParticipantJoined { participant } => self
-                .participants_joined
-                .push(participant.participant_id.clone()),
+            ServerMessage::ParticipantJoined { participant } => {
+                self.participants_joined
+                    .push(participant.participant_id.clone());
+                // Bounded like the other records: the first names seen are kept.
+                if self.participant_names.len() < MAX_SAMPLES
+                    || self
+                        .participant_names
+                        .contains_key(&participant.participant_id)
+                {
+                    self.participant_names.insert(
+                        participant.participant_id.clone(),
+                        (participant.identity.clone(), participant.name.clone()),
+                    );
+                }
+            }
             ServerMessage::ParticipantLeft { participant_id } => {
                 self.participants_left.push(participant_id.clone())
             }

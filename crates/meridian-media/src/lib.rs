@@ -47,7 +47,9 @@ pub use demux::{stun_worker, worker_ufrag_prefix};
 pub use id::{ParticipantId, TrackId};
 pub use keyframe::starts_keyframe;
 pub use pc::PcKind;
-pub use relay::{RelayStats, RelayTrack, RelayTrackState};
+pub use relay::{
+    MAX_RELAY_IDENTITY_BYTES, MAX_RELAY_NAME_BYTES, RelayStats, RelayTrack, RelayTrackState,
+};
 pub use room::PART_SEPARATOR;
 
 use pc::mark_dirty;
@@ -244,6 +246,10 @@ pub enum SfuEvent {
         track: TrackInfo,
         /// The upstream node.
         peer: String,
+        /// The publisher's identity, as its node announced it (empty if it did not).
+        identity: String,
+        /// The publisher's display name, as its node announced it.
+        name: Option<String>,
     },
     /// A relayed track is gone from this node (unpublished upstream, or the link closed).
     RelayTrackUnpublished {

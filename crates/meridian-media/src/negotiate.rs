@@ -244,10 +244,11 @@ impl Sfu {
                 sub.mid = Some(section.mid);
                 continue;
             }
+            // A relayed track's stream is its publisher's (on its node), as clients know it.
             let mid = api.add_media(
                 kind,
                 Direction::SendOnly,
-                Some(t.owner.to_string()),
+                Some(t.origin.unwrap_or(t.owner).to_string()),
                 Some(track.to_string()),
                 None,
             );
@@ -272,7 +273,7 @@ impl Sfu {
                 Some(SubscribedTrack {
                     mid: sub.mid?.to_string(),
                     track_id: track.to_string(),
-                    participant_id: t.owner.to_string(),
+                    participant_id: t.origin.unwrap_or(t.owner).to_string(),
                 })
             })
             .collect();

@@ -44,7 +44,21 @@ pub struct RelayTrack {
     pub room: String,
     /// The track as its publisher's node knows it (id, publisher, kind, layers).
     pub track: TrackInfo,
+    /// The publisher's identity (its token's subject), so the far part's clients see
+    /// who publishes it (at most [`MAX_RELAY_IDENTITY_BYTES`]; empty from a node that
+    /// does not send it).
+    #[serde(default)]
+    pub identity: String,
+    /// The publisher's display name, if its token gave one (at most
+    /// [`MAX_RELAY_NAME_BYTES`]).
+    #[serde(default)]
+    pub name: Option<String>,
 }
+
+/// Longest publisher identity a relay offer may carry (a token's subject bound).
+pub const MAX_RELAY_IDENTITY_BYTES: usize = 128;
+/// Longest publisher display name a relay offer may carry (a token's name bound).
+pub const MAX_RELAY_NAME_BYTES: usize = 256;
 
 /// What the downstream node of a link is told about a track it receives: its mute
 /// state and the layer crossing the link (sent by the upstream on every change,
@@ -138,6 +152,8 @@ pub(crate) fn offer_tracks(
                 mid: sub.mid?.to_string(),
                 room: t.room.clone(),
                 track: t.info(*id),
+                identity: String::new(),
+                name: None,
             })
         })
         .collect();
@@ -310,6 +326,16 @@ impl Sfu {
             .ok_or(MediaError::NotAllowed("this node takes no relay links"))?;
         if tracks.len() > self.config.max_relay_tracks {
             return Err(MediaError::Limit("tracks per relay link"));
+        }
+        if tracks.iter().any(|t| {
+            t.identity.len() > MAX_RELAY_IDENTITY_BYTES
+                || t.name
+                    .as_ref()
+                    .is_some_and(|n| n.len() > MAX_RELAY_NAME_BYTES)
+        }) {
+            return Err(MediaError::Limit(
+                "publisher identity or name of a relayed track",
+            ));
         }
         let offer =
             SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;

@@ -271,8 +271,10 @@ impl Sfu {
             }
             self.relay_want(*track);
         }
+        // A relay link's tracks end as relayed ones (it is no longer a participant).
+        let link = p.relay.as_ref().map(|r| r.peer.as_str());
         for track in p.published.clone() {
-            self.remove_track(track);
+            self.remove_track_of(track, link);
         }
         if let Some(members) = self.rooms.get_mut(&p.room) {
             members.retain(|m| *m != id);
@@ -471,6 +473,12 @@ impl Sfu {
     }
 
     pub(crate) fn remove_track(&mut self, track: TrackId) {
+        self.remove_track_of(track, None);
+    }
+
+    /// Removes a track; `link` names the relay link it came over when that link is
+    /// being removed (and so no longer among the participants).
+    fn remove_track_of(&mut self, track: TrackId, link: Option<&str>) {
         let Some(t) = self.tracks.remove(&track) else {
             return;
         };
@@ -492,7 +500,8 @@ impl Sfu {
             .participants
             .get(&t.owner)
             .and_then(|o| o.relay.as_ref())
-            .map(|r| r.peer.clone());
+            .map(|r| r.peer.clone())
+            .or_else(|| link.map(str::to_string));
         self.events.push_back(match relayed_from {
             Some(peer) => SfuEvent::RelayTrackUnpublished {
                 room: t.room.clone(),
@@ -619,10 +628,12 @@ impl Sfu {
         }
         debug!(participant = %id, track = %track, "track published");
         self.events.push_back(match relayed {
-            Some((_, peer)) => SfuEvent::RelayTrackPublished {
+            Some((rt, peer)) => SfuEvent::RelayTrackPublished {
                 room: room.clone(),
                 track: info,
                 peer,
+                identity: rt.identity,
+                name: rt.name,
             },
             None => SfuEvent::TrackPublished {
                 room: room.clone(),

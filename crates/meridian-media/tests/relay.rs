@@ -202,7 +202,9 @@ fn a_track_crosses_once_and_fans_out_on_the_other_node() {
         p.b.events
             .iter()
             .filter_map(|(_, e)| match e {
-                SfuEvent::RelayTrackPublished { room, track, peer } => {
+                SfuEvent::RelayTrackPublished {
+                    room, track, peer, ..
+                } => {
                     assert_eq!((room.as_str(), peer.as_str()), ("room", "A"));
                     assert_eq!(track.participant_id, alice.to_string());
                     Some(track.track_id.clone())
@@ -230,6 +232,22 @@ fn a_track_crosses_once_and_fans_out_on_the_other_node() {
             .map(|t| t.layers.clone()),
         Some(Layer::ALL.to_vec()),
         "clients on B see the publisher's layers"
+    );
+    // B's clients are offered the tracks under their publisher (not the link).
+    let offered: Vec<(String, String)> =
+        p.b.events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                SfuEvent::SubscriberOffer { tracks, .. } => Some(tracks),
+                _ => None,
+            })
+            .flatten()
+            .map(|t| (t.track_id.clone(), t.participant_id.clone()))
+            .collect();
+    assert!(!offered.is_empty());
+    assert!(
+        offered.iter().all(|(_, p)| *p == alice.to_string()),
+        "offered under alice {alice}: {offered:?}"
     );
 
     for &c in &remote {

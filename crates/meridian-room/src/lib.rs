@@ -25,7 +25,7 @@
 mod cut;
 mod session;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -252,6 +252,19 @@ pub struct Controller<S> {
     cuts: HashMap<ParticipantId, Instant>,
     /// The latest time handed in, for expiring cuts.
     cut_clock: Instant,
+    /// Participants of other parts of a room (on other nodes or regions) whose tracks
+    /// are relayed in, by local part and participant id: what this part's clients are
+    /// told of them. Bounded by the relayed tracks (each has at least one); never
+    /// recorded here (they are in their own part's log).
+    remote: HashMap<String, BTreeMap<String, RemoteParticipant>>,
+}
+
+/// A participant of another part of a room, known from the tracks relayed in.
+struct RemoteParticipant {
+    identity: String,
+    name: Option<String>,
+    /// Its tracks relayed in (it is gone from here with the last).
+    tracks: BTreeSet<String>,
 }
 
 impl<S: Clone> Controller<S> {
@@ -284,6 +297,7 @@ impl<S: Clone> Controller<S> {
             removal_ban: config.removal_ban,
             cuts: HashMap::new(),
             cut_clock: now,
+            remote: HashMap::new(),
         }
     }
 
@@ -986,6 +1000,95 @@ impl<S: Clone> Controller<S> {
         })
     }
 
+    /// The participants of other parts whose tracks are relayed into `room`.
+    fn remote_infos(&self, room: &str) -> Vec<ParticipantInfo> {
+        let Some(members) = self.remote.get(room) else {
+            return Vec::new();
+        };
+        let tracks = self.sfu.room_tracks(room);
+        members
+            .iter()
+            .map(|(pid, r)| ParticipantInfo {
+                participant_id: pid.clone(),
+                identity: r.identity.clone(),
+                name: r.name.clone(),
+                tracks: tracks
+                    .iter()
+                    .filter(|t| t.participant_id == *pid)
+                    .cloned()
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Whether `pid` names a participant of this node (not another part's).
+    fn is_local(&self, pid: &str) -> bool {
+        pid.parse::<ParticipantId>()
+            .is_ok_and(|p| self.sessions.contains_key(&p))
+    }
+
+    /// A track of another part's participant arrived: the first one makes the
+    /// participant known to this part's clients (`participant_joined`).
+    fn remote_track_published(
+        &mut self,
+        room: &str,
+        track: &meridian_protocol::TrackInfo,
+        identity: String,
+        name: Option<String>,
+    ) {
+        let pid = track.participant_id.clone();
+        if self.is_local(&pid) {
+            return;
+        }
+        let members = self.remote.entry(room.to_string()).or_default();
+        let new = !members.contains_key(&pid);
+        members
+            .entry(pid.clone())
+            .or_insert(RemoteParticipant {
+                identity,
+                name,
+                tracks: BTreeSet::new(),
+            })
+            .tracks
+            .insert(track.track_id.clone());
+        if new {
+            let info = self
+                .remote_infos(room)
+                .into_iter()
+                .find(|p| p.participant_id == pid);
+            if let Some(participant) = info {
+                self.broadcast(room, None, ServerMessage::ParticipantJoined { participant });
+            }
+        }
+    }
+
+    /// A track of another part's participant is gone from here: with its last one,
+    /// the participant leaves for this part's clients (`participant_left`).
+    fn remote_track_unpublished(&mut self, room: &str, track_id: &str) {
+        let Some(members) = self.remote.get_mut(room) else {
+            return;
+        };
+        let gone = members.iter_mut().find_map(|(pid, r)| {
+            (r.tracks.remove(track_id) && r.tracks.is_empty()).then(|| pid.clone())
+        });
+        let Some(pid) = gone else {
+            return;
+        };
+        members.remove(&pid);
+        if members.is_empty() {
+            self.remote.remove(room);
+        }
+        if !self.is_local(&pid) {
+            self.broadcast(
+                room,
+                None,
+                ServerMessage::ParticipantLeft {
+                    participant_id: pid,
+                },
+            );
+        }
+    }
+
     fn announce_joined(&mut self, id: ParticipantId) {
         if let Some(info) = self.participant_info(id) {
             let room = self.sessions[&id].room.clone();
@@ -1009,6 +1112,7 @@ impl<S: Clone> Controller<S> {
             .into_iter()
             .filter(|p| *p != id)
             .filter_map(|p| self.participant_info(p))
+            .chain(self.remote_infos(&room))
             .collect();
         self.send(
             id,
@@ -1383,7 +1487,19 @@ impl<S: Clone> Controller<S> {
                     self.start_grace(participant, now);
                 }
             }
-            SfuEvent::RelayOffer { peer, sdp, tracks } => {
+            SfuEvent::RelayOffer {
+                peer,
+                sdp,
+                mut tracks,
+            } => {
+                // The far part's clients are told who publishes each track.
+                for t in &mut tracks {
+                    let publisher = t.track.participant_id.parse::<ParticipantId>().ok();
+                    if let Some(s) = publisher.and_then(|p| self.sessions.get(&p)) {
+                        t.identity = s.identity.clone();
+                        t.name = s.name.clone();
+                    }
+                }
                 self.outputs
                     .push_back(Output::Relay(RelayOutput::Offer { peer, sdp, tracks }));
             }
@@ -1420,18 +1536,29 @@ impl<S: Clone> Controller<S> {
                     muted,
                 },
             ),
-            // A track of another part of the room: the clients here see it like a
-            // local one; its publication is in the log of the part that has it.
-            SfuEvent::RelayTrackPublished { room, track, .. } => {
+            // A track of another part of the room: the clients here see it (and its
+            // publisher) like a local one; both are in the log of the part that has it.
+            SfuEvent::RelayTrackPublished {
+                room,
+                track,
+                identity,
+                name,
+                ..
+            } => {
+                self.remote_track_published(&room, &track, identity, name);
                 self.broadcast(&room, None, ServerMessage::TrackPublished { track })
             }
-            SfuEvent::RelayTrackUnpublished { room, track_id, .. } => self.broadcast(
-                &room,
-                None,
-                ServerMessage::TrackUnpublished {
-                    track_id: track_id.to_string(),
-                },
-            ),
+            SfuEvent::RelayTrackUnpublished { room, track_id, .. } => {
+                let track_id = track_id.to_string();
+                self.broadcast(
+                    &room,
+                    None,
+                    ServerMessage::TrackUnpublished {
+                        track_id: track_id.clone(),
+                    },
+                );
+                self.remote_track_unpublished(&room, &track_id);
+            }
             SfuEvent::Subscribed {
                 participant,
                 track_id,

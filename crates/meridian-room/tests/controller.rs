@@ -12,7 +12,9 @@ use meridian_media::{ParticipantId, SfuConfig};
 use meridian_protocol::{
     ClientMessage, ErrorCode, Layer, ServerMessage, TrackAnnouncement, TrackKind,
 };
-use meridian_room::{Controller, ControllerConfig, Grants, JoinRequest, Joined, Output};
+use meridian_room::{
+    Controller, ControllerConfig, Grants, JoinRequest, Joined, Output, RelayOutput,
+};
 use str0m::Rtc;
 use str0m::media::{Direction, MediaKind, Simulcast, SimulcastLayer};
 
@@ -36,13 +38,27 @@ struct World {
     closed: Vec<Conn>,
     /// Expiry given to the tokens of the next joins.
     token_expiry: Option<Instant>,
+    /// Relay outputs, kept only by worlds made with [`World::with_relay`] (the others
+    /// must make none).
+    relay: Option<Vec<RelayOutput>>,
 }
 
 impl World {
     fn new(seed: u64) -> World {
+        World::with_sfu(seed, SfuConfig::new(NODE), None)
+    }
+
+    /// A node taking relay links on `relay_addr`; its relay outputs are kept.
+    fn with_relay(seed: u64, node: SocketAddr, relay_addr: SocketAddr) -> World {
+        let mut sfu = SfuConfig::new(node);
+        sfu.relay_addr = Some(relay_addr);
+        World::with_sfu(seed, sfu, Some(Vec::new()))
+    }
+
+    fn with_sfu(seed: u64, sfu: SfuConfig, relay: Option<Vec<RelayOutput>>) -> World {
         let now = Instant::now();
         let config = ControllerConfig {
-            sfu: SfuConfig::new(NODE),
+            sfu,
             resume_grace: GRACE,
             seed,
             changes_per_second: CHANGES_PER_SECOND,
@@ -56,6 +72,7 @@ impl World {
             inbox: BTreeMap::new(),
             closed: Vec::new(),
             token_expiry: None,
+            relay,
         }
     }
 
@@ -75,7 +92,10 @@ impl World {
                 }
                 Output::Deliver { to, msg, .. } => self.inbox.entry(to).or_default().push(msg),
                 Output::Close { to, .. } => self.closed.push(to),
-                Output::Relay(out) => panic!("no relay link in these tests: {out:?}"),
+                Output::Relay(out) => match &mut self.relay {
+                    Some(kept) => kept.push(out),
+                    None => panic!("no relay link in this test: {out:?}"),
+                },
             }
         }
         while self.c.poll_transmit().is_some() {}
@@ -1073,4 +1093,203 @@ fn a_cut_drops_the_participants_datagrams_until_it_ends() {
     assert_eq!(w.c.stats().datagrams_cut, 1, "not dropped after the cut");
     let answered = std::iter::from_fn(|| w.c.poll_transmit()).any(|t| t.destination == from);
     assert!(answered, "the check is answered once the cut is over");
+}
+
+/// Takes the last relay offer node `w` made (its SDP and tracks).
+fn last_relay_offer(w: &mut World) -> (String, Vec<meridian_media::RelayTrack>) {
+    w.relay
+        .as_mut()
+        .expect("a relay world")
+        .drain(..)
+        .rev()
+        .find_map(|o| match o {
+            RelayOutput::Offer { sdp, tracks, .. } => Some((sdp, tracks)),
+            _ => None,
+        })
+        .expect("a relay offer")
+}
+
+/// Hands A's relay offers to B and B's answers back to A until A has none left.
+fn shuttle_offer(a: &mut World, b: &mut World) {
+    for _ in 0..8 {
+        let offered = a
+            .relay
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| matches!(o, RelayOutput::Offer { .. })));
+        if !offered {
+            return;
+        }
+        let (sdp, tracks) = last_relay_offer(a);
+        let now = b.now;
+        let answer =
+            b.c.relay(now, |sfu, now| {
+                sfu.handle_relay_offer(now, "A", RELAY_A, &sdp, tracks)
+            })
+            .expect("B takes A's offer");
+        b.collect();
+        let now = a.now;
+        a.c.relay(now, |sfu, now| sfu.handle_relay_answer(now, "B", &answer))
+            .expect("A takes B's answer");
+        a.collect();
+    }
+    panic!("A's relay offers did not settle");
+}
+
+/// The comings (`+`) and goings (`-`) of `who` announced to `conn`, in order.
+fn comings_and_goings(w: &World, conn: Conn, who: ParticipantId) -> String {
+    let who = who.to_string();
+    w.messages(conn)
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::ParticipantJoined { participant }
+                if participant.participant_id == who =>
+            {
+                Some('+')
+            }
+            ServerMessage::ParticipantLeft { participant_id } if *participant_id == who => {
+                Some('-')
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+const RELAY_A: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 5001);
+const NODE_B: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 5000);
+const RELAY_B: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 5001);
+
+#[test]
+fn a_relayed_publisher_is_a_participant_of_the_far_part_until_its_last_track_goes() {
+    let mut a = World::with_relay(51, NODE, RELAY_A);
+    let mut b = World::with_relay(52, NODE_B, RELAY_B);
+    let alice = a.join("r", "alice", 1, None).expect("joins A").participant;
+    let tracks = publish(&mut a, alice, 1, [None, None]);
+    let bob = b.join("r", "bob", 2, None).expect("joins B").participant;
+    let now = a.now;
+    a.c.relay(now, |sfu, now| sfu.relay_room(now, "B", "r"));
+    a.collect();
+
+    // A's offer names the publisher of each track; B's clients learn it once, before
+    // its tracks, and nothing of it is recorded in B's log.
+    let (sdp, offered) = last_relay_offer(&mut a);
+    assert_eq!(offered.len(), 2);
+    for t in &offered {
+        assert_eq!(
+            (t.identity.as_str(), t.name.as_deref()),
+            ("alice", Some("ALICE"))
+        );
+    }
+    // A hostile offer (a name over the bound) is refused with a typed error.
+    let mut hostile = offered.clone();
+    hostile[0].name = Some("x".repeat(meridian_media::MAX_RELAY_NAME_BYTES + 1));
+    let now = b.now;
+    let refused = b.c.relay(now, |sfu, now| {
+        sfu.handle_relay_offer(now, "A", RELAY_A, &sdp, hostile)
+    });
+    assert!(
+        matches!(refused, Err(meridian_media::MediaError::Limit(_))),
+        "{refused:?}"
+    );
+    b.collect();
+    a.relay
+        .as_mut()
+        .expect("relay world")
+        .push(RelayOutput::Offer {
+            peer: "B".into(),
+            sdp,
+            tracks: offered,
+        });
+    shuttle_offer(&mut a, &mut b);
+    assert_eq!(comings_and_goings(&b, 2, alice), "+");
+    let joined_at = b
+        .messages(2)
+        .iter()
+        .position(|m| matches!(m, ServerMessage::ParticipantJoined { .. }))
+        .expect("joined");
+    let Some(ServerMessage::ParticipantJoined { participant }) = b.messages(2).get(joined_at)
+    else {
+        unreachable!()
+    };
+    assert_eq!(participant.identity, "alice");
+    assert_eq!(participant.name.as_deref(), Some("ALICE"));
+    let published_at: Vec<usize> = b
+        .messages(2)
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| matches!(m, ServerMessage::TrackPublished { track } if track.participant_id == alice.to_string()))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(published_at.len(), 2, "both tracks announced");
+    assert!(published_at.iter().all(|i| *i > joined_at));
+    assert!(
+        !b.events("r").iter().any(|e| matches!(
+            e,
+            Event::ParticipantJoined { identity, .. } if identity == "alice"
+        )),
+        "alice is in A's log, not B's: {:?}",
+        b.events("r")
+    );
+
+    // A late joiner on B finds alice, with her tracks, in `joined`.
+    b.join("r", "carol", 3, None).expect("joins B");
+    let ServerMessage::Joined { participants, .. } = &b.messages(3)[0] else {
+        panic!("joined first");
+    };
+    let listed = participants
+        .iter()
+        .find(|p| p.participant_id == alice.to_string())
+        .expect("alice listed for a late joiner");
+    assert_eq!(listed.name.as_deref(), Some("ALICE"));
+    let mut listed_tracks: Vec<String> = listed.tracks.iter().map(|t| t.track_id.clone()).collect();
+    listed_tracks.sort();
+    let mut want = tracks.clone();
+    want.sort();
+    assert_eq!(listed_tracks, want);
+    assert!(
+        participants
+            .iter()
+            .any(|p| p.participant_id == bob.to_string())
+    );
+
+    // The link drops: alice leaves B's clients; it comes back: she is back.
+    let now = b.now;
+    b.c.relay(now, |sfu, now| sfu.remove_relay(now, "A"));
+    b.collect();
+    assert_eq!(comings_and_goings(&b, 2, alice), "+-");
+    assert_eq!(
+        b.c.stats().decisions_refused,
+        0,
+        "the link's tracks end as relayed ones: nothing is decided about them here"
+    );
+    let now = a.now;
+    a.c.relay(now, |sfu, now| {
+        sfu.remove_relay_out(now, "B");
+        sfu.relay_room(now, "B", "r");
+    });
+    a.collect();
+    shuttle_offer(&mut a, &mut b);
+    assert_eq!(comings_and_goings(&b, 2, alice), "+-+");
+
+    // Alice leaves A: her tracks go from the link and, with the last, she leaves B.
+    a.send(alice, ClientMessage::Leave);
+    shuttle_offer(&mut a, &mut b);
+    assert_eq!(comings_and_goings(&b, 2, alice), "+-+-");
+    assert_eq!(
+        comings_and_goings(&b, 3, alice),
+        "-+-",
+        "carol saw her in `joined`, then the link drop, its return and her leave"
+    );
+    let ServerMessage::Joined { participants, .. } = b
+        .join("r", "dave", 4, None)
+        .map(|_| b.messages(4)[0].clone())
+        .expect("joins B")
+    else {
+        panic!("joined first");
+    };
+    assert!(
+        participants
+            .iter()
+            .all(|p| p.participant_id != alice.to_string()),
+        "alice is gone for later joiners"
+    );
 }

@@ -496,6 +496,16 @@ async fn a_room_spans_two_regions_each_log_keeps_its_part_and_both_record_the_li
         .await
         .unwrap_or_else(|s| panic!("the us subscriber gets no eu media: {s:#?}"));
     assert_eq!(subscriber.stats().region.as_deref(), Some("us"));
+    // The us client is told who publishes: the eu publisher, by id and identity.
+    let publisher_id = publisher.stats().participant_id;
+    let names = subscriber.stats().participant_names;
+    assert_eq!(
+        names
+            .get(&publisher_id)
+            .map(|(identity, _)| identity.as_str()),
+        Some("pub"),
+        "the us subscriber is told of the eu publisher: {names:?}"
+    );
 
     // Each region's log holds its own part only.
     let eu_room = w.eu.room("cross").await;
@@ -578,7 +588,14 @@ async fn a_room_spans_two_regions_each_log_keeps_its_part_and_both_record_the_li
     let m = eu_node.metrics().await;
     assert!(series(&m, r#"meridian_relay_refused_total{reason="not_a_node"}"#) >= 1.0);
     assert!(series(&m, r#"meridian_relay_refused_total{reason="no_lease"}"#) >= 1.0);
-    drop(publisher);
+    // The publisher leaves eu: it leaves the us client's room too.
+    publisher.leave().await.expect("the publisher leaves");
+    subscriber
+        .wait_for(Duration::from_secs(10), |s| {
+            s.participants_left.contains(&publisher_id)
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the us subscriber is told the publisher left: {s:#?}"));
     drop(subscriber);
     w.cleanup().await;
 }

@@ -80,16 +80,26 @@ async fn start(name: &str, n: usize, extra: &[&str]) -> Region {
     panic!("the nodes of {name} did not all take a lease within 10 s");
 }
 
+/// The display name of the publisher `pub` (in its token).
+const PUBLISHER_NAME: &str = "The Publisher";
+
 /// A publisher `pub` and `n` subscribers `sub-{i}` of `room`, all knocking at node-a
 /// (placement sends them where the room has room), in that order.
 async fn join_at_node_a(region: &Region, room: &str, n: usize) -> (Client, Vec<Client>) {
     let urls = region.urls();
-    let publisher = Client::join(
-        light(ClientConfig::new(&urls[0], region.token("pub", room, true)))
-            .with_fallback_urls(urls.clone()),
+    let claims = Claims::new(
+        "pub",
+        room,
+        meridian_auth::unix_now(),
+        Duration::from_secs(600),
     )
-    .await
-    .expect("the publisher joins");
+    .with_grants(Grants::publisher())
+    .with_name(PUBLISHER_NAME);
+    let token = region.keys.sign(&claims).expect("token");
+    let publisher =
+        Client::join(light(ClientConfig::new(&urls[0], token)).with_fallback_urls(urls.clone()))
+            .await
+            .expect("the publisher joins");
     let mut subscribers = Vec::new();
     for i in 0..n {
         let token = region.token(&format!("sub-{i}"), room, false);
@@ -440,6 +450,16 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
             .await
             .unwrap_or_else(|s| panic!("sub-{i} gets video: {s:#?}"));
     }
+    // The far subscribers know who publishes what they get (it is in node-a's part).
+    let publisher_id = publisher.stats().participant_id;
+    for &i in &far {
+        let names = subs[i].stats().participant_names;
+        assert_eq!(
+            names.get(&publisher_id),
+            Some(&("pub".to_string(), Some(PUBLISHER_NAME.to_string()))),
+            "sub-{i} on node-b is told of the publisher on node-a: {names:?}"
+        );
+    }
     let video = publisher
         .stats()
         .published
@@ -507,8 +527,18 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
             .await
             .unwrap_or_else(|s| panic!("sub-{i} is told high: {:?}", s.layers));
     }
+    // The publisher leaves node-a: its tracks stop crossing and it leaves node-b's
+    // clients too.
+    publisher.leave().await.expect("the publisher leaves");
+    for &i in &far {
+        subs[i]
+            .wait_for(Duration::from_secs(10), |s| {
+                s.participants_left.contains(&publisher_id)
+            })
+            .await
+            .unwrap_or_else(|s| panic!("sub-{i} is told the publisher left: {s:#?}"));
+    }
     drop(subs);
-    drop(publisher);
     region.cleanup().await;
 }
 
