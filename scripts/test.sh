@@ -15,6 +15,11 @@ bash scripts/start-postgres.sh
 export CARGO_TERM_COLOR=never
 # Style, lints and docs first: they fail fast.
 cargo fmt --all -- --check
+# Merge-conflict markers left in any tracked file (docs included; the compiler sees only code).
+if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!*.lock' >&2; then
+  echo "test.sh: merge-conflict markers in the files above" >&2
+  exit 1
+fi
 cargo clippy --locked --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS=-Dwarnings cargo doc --locked --workspace --no-deps
 cargo build --locked -p meridian
