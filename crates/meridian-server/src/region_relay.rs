@@ -100,6 +100,8 @@ pub(crate) struct Foreign {
     peers: HashMap<String, ForeignPeer>,
     /// The last good answer of each region, by region id.
     views: HashMap<String, View>,
+    /// Regions being asked now (see [`Relay::region_views`]).
+    asking: BTreeSet<String>,
     /// Cross-region links recorded in the log: (from node, to node) → parts.
     recorded: HashMap<(String, String), BTreeSet<String>>,
     /// Outbound relay bytes last counted, per peer node.
@@ -170,7 +172,8 @@ impl Relay {
         if let Some(view) = self.foreign().views.get(&region.id) {
             addrs.extend(view.answer.nodes.iter().map(|n| n.internal_addr.clone()));
         }
-        addrs.dedup();
+        let mut seen = BTreeSet::new();
+        addrs.retain(|a| seen.insert(a.clone()));
         let req = PartsRequest {
             rooms: rooms.to_vec(),
         };
@@ -226,38 +229,38 @@ impl Relay {
         Err(last)
     }
 
-    /// The other regions' parts of `rooms`: each region's answer within [`VIEW_TTL`]
-    /// (asked afresh, all regions at once), or its last answer within [`PEER_TTL`]
-    /// when it does not answer now.
-    pub(crate) async fn region_views(&self, rooms: &[String]) -> Vec<Arc<PartsResponse>> {
+    /// The other regions' parts of `rooms`: each region's last answer within
+    /// [`PEER_TTL`]. A region whose answer is older than [`VIEW_TTL`] or did not cover
+    /// `rooms` is asked again in a task of its own (one at a time per region), so a
+    /// region that stops answering (each call waits up to its timeout, at up to four
+    /// addresses) never holds up the reconciliation of this region's own links; its
+    /// answer serves from the next reconciliation on.
+    pub(crate) fn region_views(self: &Arc<Self>, rooms: &[String]) -> Vec<Arc<PartsResponse>> {
         let rooms: Vec<String> = rooms.iter().take(MAX_PARTS_PER_REQUEST).cloned().collect();
-        let asks = self.other_regions.iter().map(|r| {
-            let rooms = &rooms;
-            async move {
-                let cached = self.foreign().views.get(&r.id).cloned();
-                if let Some(view) = &cached
-                    && view.at.elapsed() < VIEW_TTL
-                    && rooms.iter().all(|room| view.asked.contains(room))
-                {
-                    return Some(view.answer.clone());
-                }
-                match self.ask_region(r, rooms).await {
-                    Ok(view) => Some(view),
-                    Err(e) => {
-                        debug!(region = %r.id, "region did not answer: {e}");
-                        cached
-                            .filter(|v| v.at.elapsed() < PEER_TTL)
-                            .map(|v| v.answer)
-                    }
-                }
+        let mut views = Vec::new();
+        let mut f = self.foreign();
+        for r in &self.other_regions {
+            let cached = f.views.get(&r.id);
+            let fresh = cached.is_some_and(|v| {
+                v.at.elapsed() < VIEW_TTL && rooms.iter().all(|room| v.asked.contains(room))
+            });
+            if let Some(view) = cached.filter(|v| v.at.elapsed() < PEER_TTL) {
+                views.push(view.answer.clone());
             }
-        });
-        let views = futures_util::future::join_all(asks).await;
-        {
-            let mut f = self.foreign();
-            f.peers.retain(|_, p| p.seen.elapsed() < PEER_TTL * 2);
+            if !fresh && f.asking.insert(r.id.clone()) {
+                let relay = self.clone();
+                let region = r.clone();
+                let rooms = rooms.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = relay.ask_region(&region, &rooms).await {
+                        debug!(region = %region.id, "region did not answer: {e}");
+                    }
+                    relay.foreign().asking.remove(&region.id);
+                });
+            }
         }
-        views.into_iter().flatten().collect()
+        f.peers.retain(|_, p| p.seen.elapsed() < PEER_TTL * 2);
+        views
     }
 
     /// Counts the bytes each outbound link sent since the last call, by the region it

@@ -585,7 +585,7 @@ impl Relay {
             let mut rooms: Vec<String> = held.iter().map(|p| room_of_part(p).to_string()).collect();
             rooms.sort();
             rooms.dedup();
-            self.region_views(&rooms).await
+            self.region_views(&rooms)
         } else {
             Vec::new()
         };
