@@ -297,6 +297,11 @@ jq -cn \
     egress_cost_one_region: (($in_eu * 0.09 + ($in_us + $in_ap) * 0.15) / 1e9),
     egress_saving_pct: (if ($in_eu + $in_us + $in_ap) > 0 then
       (100 * (1 - ($in_bytes * 0.09 + $cross_bytes * 0.02) / ($in_eu * 0.09 + ($in_us + $in_ap) * 0.15))) else null end),
+    boundary_formula: "spending on media crossing a region boundary (cross-region transfer, transit, NAT; internet egress to each client left out, as it is paid either way): multi = relayed cross-region bytes x cross_region; one region (eu) = other regions client bytes x (remote_client - internet)",
+    boundary_cost_multi_region: ($cross_bytes * 0.02 / 1e9),
+    boundary_cost_one_region: (($in_us + $in_ap) * (0.15 - 0.09) / 1e9),
+    boundary_cost_saving_pct: (if ($in_us + $in_ap) > 0 then
+      (100 * (1 - ($cross_bytes * 0.02) / (($in_us + $in_ap) * (0.15 - 0.09)))) else null end),
     latency_ms_p50_by_pair: {"eu-eu": $eu.latency_ms_p50, "us-us": $us.latency_ms_p50, "ap-ap": $ap.latency_ms_p50,
       "eu-us": $x3us.latency_ms_p50, "us-ap": $xuaap.latency_ms_p50, "eu-ap": $x3ap.latency_ms_p50},
     latency_ms_p95_by_pair: {"eu-eu": $eu.latency_ms_p95, "us-us": $us.latency_ms_p95, "ap-ap": $ap.latency_ms_p95,
