@@ -213,14 +213,19 @@ impl Relay {
                             },
                         );
                     }
-                    f.views.insert(
-                        region.id.clone(),
-                        View {
-                            at: now,
-                            answer: view.clone(),
-                            asked: rooms.iter().cloned().collect(),
-                        },
-                    );
+                    // A liveness check (no rooms asked) must not replace a view that
+                    // names parts: the links built on it would be taken down until the
+                    // next full answer.
+                    if !rooms.is_empty() || !f.views.contains_key(&region.id) {
+                        f.views.insert(
+                            region.id.clone(),
+                            View {
+                                at: now,
+                                answer: view.clone(),
+                                asked: rooms.iter().cloned().collect(),
+                            },
+                        );
+                    }
                     return Ok(view);
                 }
                 Err(e) => last = e,
