@@ -16,6 +16,7 @@
 //   node tests/browser/chaos-stats.mjs                       # 60 s, delay=200ms,jitter=20ms,loss=2%
 //   DURATION=30 IMPAIR=off node tests/browser/chaos-stats.mjs
 //   DURATION=30 RED=0 node tests/browser/chaos-stats.mjs     # audio without RED
+//   DURATION=30 FEC=0 node tests/browser/chaos-stats.mjs     # video without FEC
 //   MERIDIAN_BIN=../../target/release/meridian node tests/browser/chaos-stats.mjs
 //
 // Environment:
@@ -29,10 +30,13 @@
 //             page that did not negotiate it)
 //   MERIDIAN_BIN, CHROMIUM, MERIDIAN_WEB_ROOT as in harness.mjs
 //
-// Video FEC: off for browsers whatever the knobs (docs/benchmarks.md, "Browsers do not
-// get it (yet)": the node names its ULPFEC-in-RED codec `x-meridian-fec-red`, which
-// Chromium leaves out of its answer), so fecPacketsReceived on video is expected to be 0;
-// on audio it counts Opus in-band FEC data Chromium saw.
+//   FEC       1 (default): video FEC negotiated (the node offers `red/90000` + `ulpfec/90000`
+//             and makes ULPFEC a browser rebuilds byte for byte, at a rate following the
+//             page's loss); 0: the pages strip video `red`/`ulpfec` (and RED's rtx) from the
+//             node's subscriber offers, so video is plain VP8 repaired by NACK only
+//
+// fecPacketsReceived on video counts the ULPFEC packets Chromium got; on audio it counts
+// Opus in-band FEC data Chromium saw.
 import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove } from './harness.mjs';
 
 const DURATION = Number(process.env.DURATION || 60);
@@ -40,6 +44,7 @@ const WARMUP = Number(process.env.WARMUP || 5);
 const IMPAIR = process.env.IMPAIR || 'delay=200ms,jitter=20ms,loss=2%';
 const SEED = process.env.SEED || '7';
 const RED = (process.env.RED ?? '1') !== '0';
+const FEC = (process.env.FEC ?? '1') !== '0';
 const log = (...args) => console.error('[chaos-stats]', ...args);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -51,6 +56,26 @@ function stripRed() {
     const own = (l) => red.some((pt) => [`a=rtpmap:${pt} `, `a=fmtp:${pt} `, `a=rtcp-fb:${pt} `].some((x) => l.startsWith(x)));
     return sdp.split('\r\n').filter((l) => !own(l))
       .map((l) => (l.startsWith('m=audio') ? l.split(' ').filter((t, i) => i < 3 || !red.includes(t)).join(' ') : l))
+      .join('\r\n');
+  };
+  const set = RTCPeerConnection.prototype.setRemoteDescription;
+  RTCPeerConnection.prototype.setRemoteDescription = function (desc, ...rest) {
+    if (desc && desc.sdp) desc = { type: desc.type, sdp: strip(desc.sdp) };
+    return set.call(this, desc, ...rest);
+  };
+}
+
+/** Page script (FEC=0): removes video `red/90000`, `ulpfec/90000` and RED's rtx from
+ * remote descriptions before use. */
+function stripVideoFec() {
+  const strip = (sdp) => {
+    const fec = [...sdp.matchAll(/a=rtpmap:(\d+) (red|ulpfec)\/90000/gi)].map((m) => m[1]);
+    if (!fec.length) return sdp;
+    const rtx = [...sdp.matchAll(/a=fmtp:(\d+) apt=(\d+)/gi)].filter((m) => fec.includes(m[2])).map((m) => m[1]);
+    const gone = [...fec, ...rtx];
+    const own = (l) => gone.some((pt) => [`a=rtpmap:${pt} `, `a=fmtp:${pt} `, `a=rtcp-fb:${pt} `].some((x) => l.startsWith(x)));
+    return sdp.split('\r\n').filter((l) => !own(l))
+      .map((l) => (l.startsWith('m=video') ? l.split(' ').filter((t, i) => i < 3 || !gone.includes(t)).join(' ') : l))
       .join('\r\n');
   };
   const set = RTCPeerConnection.prototype.setRemoteDescription;
@@ -166,7 +191,7 @@ async function main() {
   const nodeArgs = ['--dev'];
   if (IMPAIR !== 'off') nodeArgs.push('--impair', IMPAIR, '--impair-seed', SEED);
   const loadStart = (await import('node:fs')).readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-  log(`node ${nodeArgs.join(' ')}; RED ${RED ? 'on' : 'off'}; ${WARMUP} s warm-up, ${DURATION} s measured; load ${loadStart}`);
+  log(`node ${nodeArgs.join(' ')}; RED ${RED ? 'on' : 'off'}; FEC ${FEC ? 'on' : 'off'}; ${WARMUP} s warm-up, ${DURATION} s measured; load ${loadStart}`);
   const node = await startMeridian('meridian-chaos-stats', nodeArgs);
   const chromiumArgs = ['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
     '--allow-loopback-in-peer-connection'];
@@ -179,9 +204,11 @@ async function main() {
       `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
     for (const who of ['alice', 'bob']) {
       const page = await openPage(browser, who, url(who), errors);
-      if (!RED) {
-        // Joined once with RED; the reload joins again (same identity) with it stripped.
-        await page.context().addInitScript(stripRed);
+      if (!RED || !FEC) {
+        // Joined once with RED and FEC; the reload joins again (same identity) with the
+        // knobs' codecs stripped.
+        if (!RED) await page.context().addInitScript(stripRed);
+        if (!FEC) await page.context().addInitScript(stripVideoFec);
         await page.reload({ waitUntil: 'load' });
       }
       pages.push([who, page]);
@@ -195,7 +222,7 @@ async function main() {
     await sleep(DURATION * 1000);
     const end = await Promise.all(pages.map(([, p]) => readInbound(p)));
     const result = {
-      impair: IMPAIR, impair_seed: IMPAIR === 'off' ? null : Number(SEED), red: RED, video_fec: false,
+      impair: IMPAIR, impair_seed: IMPAIR === 'off' ? null : Number(SEED), red: RED, video_fec: FEC,
       duration_s: DURATION, load_avg_start: loadStart, node_bin: process.env.MERIDIAN_BIN || '../../target/debug/meridian',
       pages: {},
     };
