@@ -35,9 +35,12 @@
 //             page's loss); 0: the pages strip video `red`/`ulpfec` (and RED's rtx) from the
 //             node's subscriber offers, so video is plain VP8 repaired by NACK only
 //
-// fecPacketsReceived on video counts the ULPFEC packets Chromium got; on audio it counts
-// Opus in-band FEC data Chromium saw.
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove } from './harness.mjs';
+// Chromium reports no ULPFEC counter in getStats() (video fecPacketsReceived is FlexFEC's
+// only; on audio it counts Opus in-band FEC data): after the window the pages close their
+// subscriber connections and the script reads the ULPFEC receiver's UMA histograms from
+// chrome://histograms (`chromium_ulpfec`: FEC share of the RED packets received, packets
+// rebuilt per 100 FEC packets, RED bitrate).
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove, webrtcHistograms } from './harness.mjs';
 
 const DURATION = Number(process.env.DURATION || 60);
 const WARMUP = Number(process.env.WARMUP || 5);
@@ -230,6 +233,18 @@ async function main() {
       if (!start[i] || !end[i]) throw new Error(`${who}: no subscriber connection`);
       result.pages[who] = figures(start[i], end[i]);
     });
+    // Chromium's ULPFEC receiver counters (UMA, recorded when a receive stream ends; means
+    // over both pages' video streams): FEC packets among the RED packets received, and
+    // packets rebuilt per 100 FEC packets. getStats() has no ULPFEC counter.
+    for (const [, p] of pages) await p.evaluate(() => window.meridian.session.sub.close()).catch(() => {});
+    await sleep(2_000);
+    const h = await webrtcHistograms(browser);
+    const pick = (n) => (h[n] ? { samples: h[n].samples, mean: h[n].mean } : null);
+    result.chromium_ulpfec = {
+      received_fec_packets_pct: pick('WebRTC.Video.ReceivedFecPacketsInPercent'),
+      recovered_packets_per_100_fec: pick('WebRTC.Video.RecoveredMediaPacketsInPercentOfFec'),
+      red_kbps: pick('WebRTC.Video.FecBitrateReceivedInKbps'),
+    };
     if (errors.length) result.page_errors = errors;
     console.log(JSON.stringify(result));
   } catch (e) {
