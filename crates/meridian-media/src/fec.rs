@@ -950,6 +950,88 @@ mod tests {
     }
 
     #[test]
+    fn extension_block_is_written_as_str0m_writes_it() {
+        let mid = Mid::from("0");
+        let values = ExtensionValues::default();
+        let ext = |map| OutgoingExtensions {
+            map,
+            values: &values,
+            mid: Some(mid),
+            rid: None,
+        };
+        // Chrome's ids (str0m's standard map): abs-send-time 2 and TWCC 3 as zeros,
+        // MID 4; RID, repaired RID, orientation and audio level have no value here.
+        // One-byte form, padded to 4 bytes.
+        let standard = ExtensionMap::standard();
+        assert_eq!(
+            libwebrtc_extensions(ext(&standard)).unwrap(),
+            vec![
+                0xbe, 0xde, 0, 3, // profile, 3 words
+                0x22, 0, 0, 0, // abs-send-time
+                0x31, 0, 0, // transport-wide sequence number
+                0x40, b'0', // MID
+                0, 0, 0, // padding
+            ]
+        );
+        // An id over 14 anywhere in the map: two-byte form for every element.
+        let mut map = ExtensionMap::empty();
+        map.set(3, Extension::TransportSequenceNumber);
+        map.set(15, Extension::RtpMid);
+        assert_eq!(
+            libwebrtc_extensions(ext(&map)).unwrap(),
+            vec![0x10, 0x00, 0, 2, 3, 2, 0, 0, 15, 1, b'0', 0]
+        );
+        // An empty block still has its 4-byte header (str0m always sets X).
+        let mut map = ExtensionMap::empty();
+        map.set(4, Extension::RtpMid);
+        let none = OutgoingExtensions {
+            map: &map,
+            values: &values,
+            mid: None,
+            rid: None,
+        };
+        assert_eq!(libwebrtc_extensions(none).unwrap(), vec![0xbe, 0xde, 0, 0]);
+        // A value whose bytes are not mirrored here: no block, so no browser FEC.
+        let mut map = ExtensionMap::empty();
+        map.set(5, Extension::FrameMarking);
+        let marked = ExtensionValues {
+            frame_mark: Some(7),
+            ..ExtensionValues::default()
+        };
+        let e = OutgoingExtensions {
+            map: &map,
+            values: &marked,
+            mid: None,
+            rid: None,
+        };
+        assert_eq!(libwebrtc_extensions(e), None);
+    }
+
+    #[test]
+    fn parity_for_a_browser_covers_the_extension_block() {
+        let mut packets: Vec<MediaPacket> = (0..3u16).map(|s| packet(s, 40, s == 2)).collect();
+        for p in &mut packets {
+            p.ext = vec![0xbe, 0xde, 0, 1, 0x40, b'0', 0, 0];
+        }
+        let mut enc = FecEncoder::new(true);
+        assert!(enc.libwebrtc());
+        enc.set_group(Some(3));
+        let fec = packets.iter().flat_map(|p| enc.push(p.clone())).last();
+        let fec = FecPacket::parse(&fec.unwrap()).unwrap();
+        // Three packets with X set: X recovery 1; lengths and parity include the block.
+        assert_eq!(fec.parity.len(), 48);
+        assert_eq!(fec.length_recovery, 48);
+        let mut enc = FecEncoder::new(true);
+        enc.set_group(Some(3));
+        let raw = packets.iter().flat_map(|p| enc.push(p.clone())).last();
+        assert_eq!(raw.unwrap()[0], 0x10, "E 0, L 0, X recovery 1");
+        // A packet whose block is unknown drops what was gathered.
+        enc.push(packet(3, 40, false));
+        enc.skip();
+        assert!(enc.push(packet(4, 40, true)).is_empty(), "1 of 3 gathered");
+    }
+
+    #[test]
     fn loss_is_seen_through_nacks_when_reports_show_none() {
         let mut m = LossMeter::default();
         assert_eq!(m.update(1000, 10, None), 0.0, "no interval yet");
