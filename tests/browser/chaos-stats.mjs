@@ -6,9 +6,10 @@
 // measured window. It prints one JSON line (logs go to stderr): per page, the window's
 // deltas of the inbound video (framesDecoded, framesDropped, freezeCount,
 // totalFreezesDuration, jitterBufferDelay per emitted frame, nackCount,
-// fecPacketsReceived/Discarded — Chromium has no "recovered" counter — packetsLost) and
-// audio (concealedSamples, silent and audible, / totalSamplesReceived, concealmentEvents,
-// packetsLost, FEC), and what each page negotiated (audio RED, video FEC).
+// fecPacketsReceived/Discarded — FlexFEC only in Chromium, absent with ULPFEC —
+// packetsLost) and audio (concealedSamples, silent and audible, / totalSamplesReceived,
+// concealmentEvents, packetsLost, FEC), what each page negotiated (audio RED, video FEC),
+// and Chromium's ULPFEC receiver counters from its UMA histograms (`chromium_ulpfec`).
 //
 // Not part of `npm test`: a measurement, run by hand from the repository root after
 // building the node and the web client (scripts/test.sh builds both), or from
