@@ -36,8 +36,9 @@
 # BROWSER (default empty) adds runs of two headless Chromium pages against the same
 # binary (tests/browser/chaos-stats.mjs: getStats figures as one JSON line, appended to
 # $OUT; needs the built web client and tests/browser/node_modules), after the scenarios:
-#   clean (no impairment), red (2 % with audio RED), nored (2 %, RED stripped).
-#   SCENARIOS= BROWSER="clean red nored" DURATION=30s scripts/bench-chaos.sh
+#   clean (no impairment), red (2 % with audio RED and video FEC, both negotiated by
+#   default), nored (2 %, audio RED stripped), nofec (2 %, video FEC stripped).
+#   SCENARIOS= BROWSER="clean red nored nofec" DURATION=30s scripts/bench-chaos.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -104,9 +105,10 @@ done
 
 for run in ${BROWSER:-}; do
   case $run in
-    clean) benv=(IMPAIR=off RED=1) ;;
-    red) benv=(IMPAIR="$CHAOS,loss=2%" RED=1) ;;
-    nored) benv=(IMPAIR="$CHAOS,loss=2%" RED=0) ;;
+    clean) benv=(IMPAIR=off RED=1 FEC=1) ;;
+    red) benv=(IMPAIR="$CHAOS,loss=2%" RED=1 FEC=1) ;;
+    nored) benv=(IMPAIR="$CHAOS,loss=2%" RED=0 FEC=1) ;;
+    nofec) benv=(IMPAIR="$CHAOS,loss=2%" RED=1 FEC=0) ;;
     *) echo "unknown browser run $run" >&2; exit 2 ;;
   esac
   echo "== browser-$run: ${benv[*]}, two Chromium pages, $DURATION"

@@ -6,9 +6,10 @@
 // measured window. It prints one JSON line (logs go to stderr): per page, the window's
 // deltas of the inbound video (framesDecoded, framesDropped, freezeCount,
 // totalFreezesDuration, jitterBufferDelay per emitted frame, nackCount,
-// fecPacketsReceived/Discarded — Chromium has no "recovered" counter — packetsLost) and
-// audio (concealedSamples, silent and audible, / totalSamplesReceived, concealmentEvents,
-// packetsLost, FEC), and what each page negotiated (audio RED, video FEC).
+// fecPacketsReceived/Discarded — FlexFEC only in Chromium, absent with ULPFEC —
+// packetsLost) and audio (concealedSamples, silent and audible, / totalSamplesReceived,
+// concealmentEvents, packetsLost, FEC), what each page negotiated (audio RED, video FEC),
+// and Chromium's ULPFEC receiver counters from its UMA histograms (`chromium_ulpfec`).
 //
 // Not part of `npm test`: a measurement, run by hand from the repository root after
 // building the node and the web client (scripts/test.sh builds both), or from
@@ -16,6 +17,7 @@
 //   node tests/browser/chaos-stats.mjs                       # 60 s, delay=200ms,jitter=20ms,loss=2%
 //   DURATION=30 IMPAIR=off node tests/browser/chaos-stats.mjs
 //   DURATION=30 RED=0 node tests/browser/chaos-stats.mjs     # audio without RED
+//   DURATION=30 FEC=0 node tests/browser/chaos-stats.mjs     # video without FEC
 //   MERIDIAN_BIN=../../target/release/meridian node tests/browser/chaos-stats.mjs
 //
 // Environment:
@@ -29,17 +31,24 @@
 //             page that did not negotiate it)
 //   MERIDIAN_BIN, CHROMIUM, MERIDIAN_WEB_ROOT as in harness.mjs
 //
-// Video FEC: off for browsers whatever the knobs (docs/benchmarks.md, "Browsers do not
-// get it (yet)": the node names its ULPFEC-in-RED codec `x-meridian-fec-red`, which
-// Chromium leaves out of its answer), so fecPacketsReceived on video is expected to be 0;
-// on audio it counts Opus in-band FEC data Chromium saw.
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove } from './harness.mjs';
+//   FEC       1 (default): video FEC negotiated (the node offers `red/90000` + `ulpfec/90000`
+//             and makes ULPFEC a browser rebuilds byte for byte, at a rate following the
+//             page's loss); 0: the pages strip video `red`/`ulpfec` (and RED's rtx) from the
+//             node's subscriber offers, so video is plain VP8 repaired by NACK only
+//
+// Chromium reports no ULPFEC counter in getStats() (video fecPacketsReceived is FlexFEC's
+// only; on audio it counts Opus in-band FEC data): after the window the pages close their
+// subscriber connections and the script reads the ULPFEC receiver's UMA histograms from
+// chrome://histograms (`chromium_ulpfec`: FEC share of the RED packets received, packets
+// rebuilt per 100 FEC packets, RED bitrate).
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove, webrtcHistograms } from './harness.mjs';
 
 const DURATION = Number(process.env.DURATION || 60);
 const WARMUP = Number(process.env.WARMUP || 5);
 const IMPAIR = process.env.IMPAIR || 'delay=200ms,jitter=20ms,loss=2%';
 const SEED = process.env.SEED || '7';
 const RED = (process.env.RED ?? '1') !== '0';
+const FEC = (process.env.FEC ?? '1') !== '0';
 const log = (...args) => console.error('[chaos-stats]', ...args);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -51,6 +60,26 @@ function stripRed() {
     const own = (l) => red.some((pt) => [`a=rtpmap:${pt} `, `a=fmtp:${pt} `, `a=rtcp-fb:${pt} `].some((x) => l.startsWith(x)));
     return sdp.split('\r\n').filter((l) => !own(l))
       .map((l) => (l.startsWith('m=audio') ? l.split(' ').filter((t, i) => i < 3 || !red.includes(t)).join(' ') : l))
+      .join('\r\n');
+  };
+  const set = RTCPeerConnection.prototype.setRemoteDescription;
+  RTCPeerConnection.prototype.setRemoteDescription = function (desc, ...rest) {
+    if (desc && desc.sdp) desc = { type: desc.type, sdp: strip(desc.sdp) };
+    return set.call(this, desc, ...rest);
+  };
+}
+
+/** Page script (FEC=0): removes video `red/90000`, `ulpfec/90000` and RED's rtx from
+ * remote descriptions before use. */
+function stripVideoFec() {
+  const strip = (sdp) => {
+    const fec = [...sdp.matchAll(/a=rtpmap:(\d+) (red|ulpfec)\/90000/gi)].map((m) => m[1]);
+    if (!fec.length) return sdp;
+    const rtx = [...sdp.matchAll(/a=fmtp:(\d+) apt=(\d+)/gi)].filter((m) => fec.includes(m[2])).map((m) => m[1]);
+    const gone = [...fec, ...rtx];
+    const own = (l) => gone.some((pt) => [`a=rtpmap:${pt} `, `a=fmtp:${pt} `, `a=rtcp-fb:${pt} `].some((x) => l.startsWith(x)));
+    return sdp.split('\r\n').filter((l) => !own(l))
+      .map((l) => (l.startsWith('m=video') ? l.split(' ').filter((t, i) => i < 3 || !gone.includes(t)).join(' ') : l))
       .join('\r\n');
   };
   const set = RTCPeerConnection.prototype.setRemoteDescription;
@@ -166,7 +195,7 @@ async function main() {
   const nodeArgs = ['--dev'];
   if (IMPAIR !== 'off') nodeArgs.push('--impair', IMPAIR, '--impair-seed', SEED);
   const loadStart = (await import('node:fs')).readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-  log(`node ${nodeArgs.join(' ')}; RED ${RED ? 'on' : 'off'}; ${WARMUP} s warm-up, ${DURATION} s measured; load ${loadStart}`);
+  log(`node ${nodeArgs.join(' ')}; RED ${RED ? 'on' : 'off'}; FEC ${FEC ? 'on' : 'off'}; ${WARMUP} s warm-up, ${DURATION} s measured; load ${loadStart}`);
   const node = await startMeridian('meridian-chaos-stats', nodeArgs);
   const chromiumArgs = ['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
     '--allow-loopback-in-peer-connection'];
@@ -179,9 +208,11 @@ async function main() {
       `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
     for (const who of ['alice', 'bob']) {
       const page = await openPage(browser, who, url(who), errors);
-      if (!RED) {
-        // Joined once with RED; the reload joins again (same identity) with it stripped.
-        await page.context().addInitScript(stripRed);
+      if (!RED || !FEC) {
+        // Joined once with RED and FEC; the reload joins again (same identity) with the
+        // knobs' codecs stripped.
+        if (!RED) await page.context().addInitScript(stripRed);
+        if (!FEC) await page.context().addInitScript(stripVideoFec);
         await page.reload({ waitUntil: 'load' });
       }
       pages.push([who, page]);
@@ -195,7 +226,7 @@ async function main() {
     await sleep(DURATION * 1000);
     const end = await Promise.all(pages.map(([, p]) => readInbound(p)));
     const result = {
-      impair: IMPAIR, impair_seed: IMPAIR === 'off' ? null : Number(SEED), red: RED, video_fec: false,
+      impair: IMPAIR, impair_seed: IMPAIR === 'off' ? null : Number(SEED), red: RED, video_fec: FEC,
       duration_s: DURATION, load_avg_start: loadStart, node_bin: process.env.MERIDIAN_BIN || '../../target/debug/meridian',
       pages: {},
     };
@@ -203,6 +234,18 @@ async function main() {
       if (!start[i] || !end[i]) throw new Error(`${who}: no subscriber connection`);
       result.pages[who] = figures(start[i], end[i]);
     });
+    // Chromium's ULPFEC receiver counters (UMA, recorded when a receive stream ends; means
+    // over both pages' video streams): FEC packets among the RED packets received, and
+    // packets rebuilt per 100 FEC packets. getStats() has no ULPFEC counter.
+    for (const [, p] of pages) await p.evaluate(() => window.meridian.session.sub.close()).catch(() => {});
+    await sleep(2_000);
+    const h = await webrtcHistograms(browser);
+    const pick = (n) => (h[n] ? { samples: h[n].samples, mean: h[n].mean } : null);
+    result.chromium_ulpfec = {
+      received_fec_packets_pct: pick('WebRTC.Video.ReceivedFecPacketsInPercent'),
+      recovered_packets_per_100_fec: pick('WebRTC.Video.RecoveredMediaPacketsInPercentOfFec'),
+      red_kbps: pick('WebRTC.Video.FecBitrateReceivedInKbps'),
+    };
     if (errors.length) result.page_errors = errors;
     console.log(JSON.stringify(result));
   } catch (e) {

@@ -165,3 +165,37 @@ export async function framesAbove(page, above, timeoutMs = 30_000) {
   }
   throw new Error(`no new frames within ${timeoutMs} ms (still ${n})`);
 }
+
+/**
+ * Chromium's WebRTC UMA histograms whose names start with `prefix`, read from
+ * chrome://histograms in a new context of `browser` (renderer histograms included):
+ * `{ name: { samples, mean } }`. libwebrtc records some only when a stream ends, e.g.
+ * the ULPFEC receiver's `WebRTC.Video.ReceivedFecPacketsInPercent` and
+ * `WebRTC.Video.RecoveredMediaPacketsInPercentOfFec` (after at least 10 s of FEC),
+ * which getStats() does not report (its video `fecPacketsReceived` is FlexFEC's only).
+ */
+export async function webrtcHistograms(browser, prefix = 'WebRTC.Video') {
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    await page.goto(`chrome://histograms/${prefix}`);
+    // "Include histograms from subprocesses" (the renderer's WebRTC), then reload.
+    for (const box of await page.$$('input[type=checkbox]')) if (!(await box.isChecked())) await box.check();
+    await page.reload();
+    // Subprocess histograms arrive asynchronously: read until the list settles.
+    let text = '';
+    for (let i = 0; i < 10; i += 1) {
+      await new Promise((r) => setTimeout(r, 500));
+      const t = await page.evaluate(() => document.body.innerText);
+      if (t === text && t.includes('Histogram:')) break;
+      text = t;
+    }
+    const out = {};
+    for (const m of text.matchAll(/Histogram: (\S+) recorded (\d+) samples, mean = ([\d.]+)/g)) {
+      out[m[1]] = { samples: Number(m[2]), mean: Number(m[3]) };
+    }
+    return out;
+  } finally {
+    await context.close().catch(() => {});
+  }
+}

@@ -1576,6 +1576,7 @@ impl Session {
                 ts: p.header.timestamp,
                 pt: block_pt,
                 marker: p.header.marker,
+                ext: Vec::new(),
                 payload: body.to_vec(),
             };
             let rebuilt = b.fec.on_media(media.clone());

@@ -15,28 +15,37 @@
 //! * [`red_wrap`] / [`red_unwrap`] are the one-block RED encapsulation that carries
 //!   both media and FEC on the video payload type `red/90000`.
 //!
-//! What is protected is the packet as the node writes it: payload type, marker,
-//! timestamp and payload. RTP header extensions and CSRCs are not (their bytes are
-//! written by the peer connection after this point; the FEC header's X and CC
-//! recovery fields are 0), which the Rust client's decoder matches. A receiver that
-//! XORs the extension bytes into its recovery, as libwebrtc does, needs the FEC made
-//! after serialization: see `docs/benchmarks.md` ("Video FEC").
+//! What is protected depends on the receiver ([`FecEncoder::new`]):
+//!
+//! * Meridian's Rust client and load generator (codec name [`WIRE_CODEC`]): payload
+//!   type, marker, timestamp and payload. Header extensions and CSRCs are not
+//!   covered (the FEC header's X and CC recovery fields are 0).
+//! * Browsers (`red/90000` + `ulpfec/90000`): what libwebrtc's ULPFEC receiver XORs,
+//!   the whole packet after its 12-byte fixed header — the header extension block
+//!   as str0m will serialize it, with the values libwebrtc zeroes before FEC
+//!   (transport-wide sequence number, abs-send-time, transmission offset) zeroed —
+//!   then the payload; [`libwebrtc_extensions`] builds that block. The X recovery bit
+//!   and the length recovery field then cover the extension block too
+//!   (RFC 5109 §7.3), and a browser rebuilds a lost packet byte for byte.
 
 use std::collections::VecDeque;
 
+use str0m::Rtc;
 use str0m::format::{CodecConfig, FormatParams};
-use str0m::media::Frequency;
+use str0m::media::{Frequency, Mid, Rid};
+use str0m::rtp::{Extension, ExtensionMap, ExtensionValues, Ssrc};
 
 /// Payload type of the RED stream that carries a subscriber's video and its ULPFEC.
 pub const RED_PT: u8 = 40;
 /// Payload type of that RED stream's retransmissions (RTX, `apt=40`).
 pub const RED_RTX_PT: u8 = 41;
-/// Block payload type of ULPFEC inside RED.
+/// Block payload type of ULPFEC inside RED; offered to browsers as `ulpfec/90000`
+/// (str0m never sends it as an RTP payload type, so it is not in str0m's codecs).
 pub const ULPFEC_PT: u8 = 42;
-/// The codec name [`RED_PT`] carries on the wire. Not `red/90000`: the FEC here does
-/// not protect header extensions, so only receivers built for it (Meridian's Rust
-/// client and load generator) may negotiate it; a browser does not know the name and
-/// leaves it out of its answer.
+/// The codec name Meridian's Rust receivers answer for [`RED_PT`]: their FEC does not
+/// cover header extensions (see the module doc). The node offers `red/90000` and
+/// tells the two kinds of receivers apart by the name in the answer
+/// ([`answer_is_standard`]).
 pub const WIRE_CODEC: &str = "x-meridian-fec-red";
 /// The codec str0m is told [`RED_PT`] is (str0m 0.25 negotiates RED for audio only):
 /// VP9, which Meridian does not forward. [`sdp_to_wire`] and [`sdp_from_wire`]
@@ -67,15 +76,203 @@ fn rename(sdp: &str, from: &str, to: &str) -> String {
     sdp.replace(&needle, &format!("a=rtpmap:{RED_PT} {to}/"))
 }
 
-/// An SDP from this side's str0m as it goes on the wire: the placeholder codec of
-/// [`RED_PT`] named [`WIRE_CODEC`].
+/// An SDP from this side's str0m as it goes on the wire to another Meridian peer (the
+/// Rust client's answer): the placeholder codec of [`RED_PT`] named [`WIRE_CODEC`].
 pub fn sdp_to_wire(sdp: &str) -> String {
     rename(sdp, LOCAL_CODEC, WIRE_CODEC)
 }
 
-/// An SDP from the wire as this side's str0m must read it.
+/// The node's subscriber offer as it goes on the wire: [`RED_PT`] named `red/90000`
+/// and, in each video section that has it, `ulpfec/90000` on [`ULPFEC_PT`], as
+/// Chromium offers them. A browser that decodes ULPFEC keeps both in its answer;
+/// Meridian's Rust client answers [`WIRE_CODEC`].
+pub fn offer_to_wire(sdp: &str) -> String {
+    let sdp = rename(sdp, LOCAL_CODEC, "red");
+    let red = format!("a=rtpmap:{RED_PT} red/90000");
+    let mut out = String::with_capacity(sdp.len() + 64);
+    for line in sdp.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\r', '\n']);
+        let eol = &line[bare.len()..];
+        if bare.starts_with("m=video ") && bare.split(' ').skip(3).any(|t| t == "40") {
+            out.push_str(bare);
+            out.push_str(&format!(" {ULPFEC_PT}"));
+            out.push_str(eol);
+        } else if bare == red {
+            out.push_str(line);
+            out.push_str(&format!("a=rtpmap:{ULPFEC_PT} ulpfec/90000"));
+            out.push_str(if eol.is_empty() { "\r\n" } else { eol });
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// An SDP from the wire as this side's str0m must read it: [`RED_PT`], named
+/// `red/90000` (node offers, browser answers) or [`WIRE_CODEC`] (Rust client
+/// answers), becomes the placeholder again, and [`ULPFEC_PT`] is taken out of the
+/// video sections (str0m need not know it).
 pub fn sdp_from_wire(sdp: &str) -> String {
-    rename(sdp, WIRE_CODEC, LOCAL_CODEC)
+    let sdp = rename(&rename(sdp, WIRE_CODEC, LOCAL_CODEC), "red", LOCAL_CODEC);
+    let pt = ULPFEC_PT.to_string();
+    let own = [
+        format!("a=rtpmap:{pt} "),
+        format!("a=fmtp:{pt} "),
+        format!("a=rtcp-fb:{pt} "),
+    ];
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\r', '\n']);
+        let eol = &line[bare.len()..];
+        if own.iter().any(|o| bare.starts_with(o.as_str())) {
+            continue;
+        }
+        if bare.starts_with("m=video ") {
+            let kept: Vec<&str> = bare
+                .split(' ')
+                .enumerate()
+                .filter(|(i, t)| *i < 3 || *t != pt)
+                .map(|(_, t)| t)
+                .collect();
+            out.push_str(&kept.join(" "));
+            out.push_str(eol);
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// Whether an answer to the node's subscriber offer took [`RED_PT`] as standard
+/// `red/90000` with `ulpfec/90000` (a browser: its FEC must cover header extensions,
+/// see [`libwebrtc_extensions`]) rather than as [`WIRE_CODEC`].
+pub fn answer_is_standard(sdp: &str) -> bool {
+    sdp.contains(&format!("a=rtpmap:{RED_PT} red/90000"))
+        && sdp.contains(&format!("a=rtpmap:{ULPFEC_PT} ulpfec/90000"))
+}
+
+/// What a packet's header extensions are, as str0m 0.25 will write them, to be
+/// protected for a libwebrtc receiver.
+#[derive(Debug, Clone, Copy)]
+pub struct OutgoingExtensions<'a> {
+    /// The media section's negotiated extensions (`Media::remote_extmap`), which str0m
+    /// writes with (`Session::poll_packet`).
+    pub map: &'a ExtensionMap,
+    /// The values the node passes to `write_rtp`.
+    pub values: &'a ExtensionValues,
+    /// The section's MID and the stream's RID, when str0m attaches them (see
+    /// [`mid_always_attached`]).
+    pub mid: Option<Mid>,
+    /// The stream's RID, written with the MID.
+    pub rid: Option<Rid>,
+}
+
+/// Whether str0m 0.25 writes the MID (and RID) on every packet of a stream: true when
+/// the stream has an RTX SSRC. str0m stops writing them after the first receiver
+/// report for the stream (`remote_acked_ssrc`), but it sets that flag only for a
+/// stream without RTX (`StreamTx::handle_rtcp`, send.rs lines 1021-1030: the check of
+/// the media SSRC is the `else` branch of the RTX one). A stream without RTX drops
+/// the MID at a moment the node cannot see, so it gets no libwebrtc FEC.
+pub fn mid_always_attached(has_rtx: bool) -> bool {
+    has_rtx
+}
+
+/// The bytes after a packet's 12-byte fixed header as a libwebrtc ULPFEC receiver
+/// XORs them, for a packet the node writes with `ext` (no CSRCs): the header
+/// extension block exactly as str0m 0.25 serializes it — `RtpHeader::write_to`
+/// (header.rs lines 60-78: form, 4-byte block header, elements, zero padding to 4
+/// bytes) and `ExtensionMap::write_to` / `Extension::write_to` (ext.rs lines 528-570
+/// and 624-760: elements in id order, one-byte form unless an id exceeds 14) — with
+/// abs-send-time and the transport-wide sequence number, which str0m fills at send
+/// time and libwebrtc zeroes before FEC (`RtpPacket::ZeroMutableExtensions`), as
+/// zeros. `None` when the map holds an extension whose bytes cannot be known here.
+pub fn libwebrtc_extensions(ext: OutgoingExtensions<'_>) -> Option<Vec<u8>> {
+    const MAX_ID_ONE_BYTE: u8 = 14;
+    let mut elements: Vec<(u8, Vec<u8>)> = Vec::new();
+    for (id, e) in ext.map.iter() {
+        let v = ext.values;
+        let data: Option<Vec<u8>> = match e {
+            // Filled by str0m at send time whenever negotiated; zeroed by libwebrtc.
+            Extension::AbsoluteSendTime => Some(vec![0; 3]),
+            Extension::TransportSequenceNumber => Some(vec![0; 2]),
+            Extension::TransmissionTimeOffset => v.tx_time_offs.map(|_| vec![0; 4]),
+            Extension::RtpMid => ext.mid.map(|m| m.as_bytes().to_vec()),
+            Extension::RtpStreamId => ext.rid.map(|r| r.as_bytes().to_vec()),
+            Extension::RepairedRtpStreamId => None,
+            Extension::VideoOrientation => v.video_orientation.map(|o| vec![o as u8]),
+            Extension::AudioLevel => match (v.audio_level, v.voice_activity) {
+                (Some(l), Some(a)) => {
+                    Some(vec![if a { 0x80 } else { 0 } | (l.unsigned_abs() & 0x7f)])
+                }
+                _ => None,
+            },
+            Extension::VideoContentType => v.video_content_type.map(|c| vec![c]),
+            Extension::ColorSpace => None,
+            // Written only with values the node never sets: absent, they are skipped.
+            Extension::PlayoutDelay if v.play_delay_min.is_none() || v.play_delay_max.is_none() => {
+                None
+            }
+            Extension::VideoTiming if v.video_timing.is_none() => None,
+            Extension::FrameMarking if v.frame_mark.is_none() => None,
+            Extension::AbsoluteCaptureTime if v.abs_capture_time.is_none() => None,
+            _ => return None,
+        };
+        if let Some(d) = data {
+            elements.push((id, d));
+        }
+    }
+    let two_byte = ext.map.iter().any(|(id, _)| id > MAX_ID_ONE_BYTE);
+    let mut body = Vec::with_capacity(32);
+    for (id, d) in &elements {
+        if two_byte {
+            body.push(*id);
+            body.push(d.len() as u8);
+        } else {
+            if d.is_empty() || d.len() > 16 {
+                return None;
+            }
+            body.push((id << 4) | (d.len() as u8 - 1));
+        }
+        body.extend_from_slice(d);
+    }
+    while body.len() % 4 != 0 {
+        body.push(0);
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(if two_byte {
+        &[0x10, 0x00]
+    } else {
+        &[0xbe, 0xde]
+    });
+    out.extend_from_slice(&((body.len() / 4) as u16).to_be_bytes());
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
+/// [`libwebrtc_extensions`] for a packet the node writes with `values` to the stream
+/// `ssrc` of media section `mid` on `rtc`: `None` when those bytes cannot be known
+/// (no such stream or section, no RTX, see [`mid_always_attached`]).
+pub fn libwebrtc_extensions_for(
+    rtc: &mut Rtc,
+    mid: Option<Mid>,
+    ssrc: Ssrc,
+    values: &ExtensionValues,
+) -> Option<Vec<u8>> {
+    let mid = mid?;
+    let (rtx, rid) = {
+        let mut api = rtc.direct_api();
+        let tx = api.stream_tx(&ssrc)?;
+        (tx.rtx().is_some(), tx.rid())
+    };
+    if !mid_always_attached(rtx) {
+        return None;
+    }
+    libwebrtc_extensions(OutgoingExtensions {
+        map: rtc.media(mid)?.remote_extmap(),
+        values,
+        mid: Some(mid),
+        rid,
+    })
 }
 
 /// Rewrites a VP8 payload descriptor's picture id and TL0PICIDX in place (what
@@ -223,8 +420,29 @@ pub struct MediaPacket {
     pub pt: u8,
     /// RTP marker bit.
     pub marker: bool,
+    /// The bytes between the 12-byte fixed header and the payload as the receiver's
+    /// FEC sees them: empty for Meridian's receivers, the extension block from
+    /// [`libwebrtc_extensions`] for a browser. Protected like the payload, before it.
+    pub ext: Vec<u8>,
     /// The payload.
     pub payload: Vec<u8>,
+}
+
+impl MediaPacket {
+    /// Length of the protected bytes after the fixed header.
+    fn protected_len(&self) -> usize {
+        self.ext.len() + self.payload.len()
+    }
+
+    /// The protected bytes after the fixed header.
+    fn protected(&self) -> impl Iterator<Item = &u8> {
+        self.ext.iter().chain(&self.payload)
+    }
+
+    /// The first header byte's P, X and CC bits (X set when there is an extension block).
+    fn pxcc(&self) -> u8 {
+        if self.ext.is_empty() { 0 } else { 0x10 }
+    }
 }
 
 /// A parsed ULPFEC payload (level 0, short or long mask).
@@ -300,27 +518,29 @@ fn encode_group(group: &[MediaPacket]) -> Option<Vec<u8>> {
     if group.len() > MAX_GROUP {
         return None;
     }
-    let protection_len = group.iter().map(|p| p.payload.len()).max()?;
+    let protection_len = group.iter().map(MediaPacket::protected_len).max()?;
+    let mut pxcc = 0u8;
     let mut pt_m = 0u8;
     let mut ts = 0u32;
     let mut len = 0u16;
     let mut mask = 0u16;
     let mut parity = vec![0u8; protection_len];
     for p in group {
+        pxcc ^= p.pxcc();
         pt_m ^= (p.pt & 0x7f) | if p.marker { 0x80 } else { 0 };
         ts ^= p.ts;
-        len ^= p.payload.len() as u16;
+        len ^= p.protected_len() as u16;
         let offset = p.seq.wrapping_sub(first.seq) as usize;
         if offset >= MAX_GROUP {
             return None;
         }
         mask |= 0x8000 >> offset;
-        for (x, y) in parity.iter_mut().zip(&p.payload) {
+        for (x, y) in parity.iter_mut().zip(p.protected()) {
             *x ^= *y;
         }
     }
     let mut out = Vec::with_capacity(FEC_HEADER + protection_len);
-    out.push(0); // E=0, L=0 (short mask), P, X, CC recovery = 0
+    out.push(pxcc & 0x3f); // E=0, L=0 (short mask), P, X and CC recovery
     out.push(pt_m);
     out.extend_from_slice(&first.seq.to_be_bytes());
     out.extend_from_slice(&ts.to_be_bytes());
@@ -334,6 +554,8 @@ fn encode_group(group: &[MediaPacket]) -> Option<Vec<u8>> {
 /// Makes ULPFEC for one outgoing video stream.
 #[derive(Debug, Default, Clone)]
 pub struct FecEncoder {
+    /// The receiver XORs header extensions too (a browser's libwebrtc).
+    libwebrtc: bool,
     /// Media packets per parity packet; `None` sends no FEC.
     group: Option<usize>,
     pending: Vec<MediaPacket>,
@@ -343,6 +565,27 @@ impl FecEncoder {
     /// The current group size (`None`: FEC off).
     pub fn group(&self) -> Option<usize> {
         self.group
+    }
+
+    /// An encoder whose parity a libwebrtc receiver (a browser) decodes when
+    /// `libwebrtc`: the caller then passes each packet's extension block in
+    /// [`MediaPacket::ext`]. Otherwise for Meridian's receivers (`ext` empty).
+    pub fn new(libwebrtc: bool) -> FecEncoder {
+        FecEncoder {
+            libwebrtc,
+            ..FecEncoder::default()
+        }
+    }
+
+    /// Whether this encoder's receiver is a libwebrtc one (see [`FecEncoder::new`]).
+    pub fn libwebrtc(&self) -> bool {
+        self.libwebrtc
+    }
+
+    /// Drops the packets gathered, unprotected: the caller writes one whose
+    /// protected bytes it cannot know (its group must not include it).
+    pub fn skip(&mut self) {
+        self.pending.clear();
     }
 
     /// Sets the group size (see [`group_for_loss`]); it applies from the next group.
@@ -363,7 +606,7 @@ impl FecEncoder {
         let Some(group) = self.group else {
             return Vec::new();
         };
-        if packet.payload.len() > MAX_PAYLOAD {
+        if packet.protected_len() > MAX_PAYLOAD {
             self.pending.clear();
             return Vec::new();
         }
@@ -498,13 +741,13 @@ impl FecDecoder {
         let mut payload = fec.parity.clone();
         for s in fec.protected.iter().filter(|s| **s != seq) {
             let p = self.media.iter().find(|m| m.seq == *s)?;
-            if p.payload.len() > payload.len() {
+            if p.protected_len() > payload.len() {
                 return None; // not the packet this FEC protected
             }
             pt_m ^= (p.pt & 0x7f) | if p.marker { 0x80 } else { 0 };
             ts ^= p.ts;
-            len ^= p.payload.len() as u16;
-            for (x, y) in payload.iter_mut().zip(&p.payload) {
+            len ^= p.protected_len() as u16;
+            for (x, y) in payload.iter_mut().zip(p.protected()) {
                 *x ^= *y;
             }
         }
@@ -518,6 +761,7 @@ impl FecDecoder {
             ts,
             pt: pt_m & 0x7f,
             marker: pt_m & 0x80 != 0,
+            ext: Vec::new(),
             payload,
         })
     }
@@ -533,6 +777,7 @@ mod tests {
             ts: 90_000 + u32::from(seq / 4) * 3000,
             pt: 96,
             marker,
+            ext: Vec::new(),
             payload: (0..len).map(|i| (i as u16 ^ seq) as u8).collect(),
         }
     }
@@ -685,11 +930,105 @@ mod tests {
 
     #[test]
     fn placeholder_codec_is_renamed_both_ways() {
-        let local = "a=rtpmap:96 VP8/90000\r\na=rtpmap:40 VP9/90000\r\n";
+        let local = "m=video 9 UDP/TLS/RTP/SAVPF 96 40 41\r\na=rtpmap:96 VP8/90000\r\n\
+                     a=rtpmap:40 VP9/90000\r\na=rtpmap:41 rtx/90000\r\na=fmtp:41 apt=40\r\n";
         let wire = sdp_to_wire(local);
         assert!(wire.contains("a=rtpmap:40 x-meridian-fec-red/90000"));
         assert!(wire.contains("a=rtpmap:96 VP8/90000"));
+        assert!(!answer_is_standard(&wire));
         assert_eq!(sdp_from_wire(&wire), local);
+        // The node's offer: standard names, ULPFEC added to the section.
+        let offer = offer_to_wire(local);
+        assert!(offer.starts_with("m=video 9 UDP/TLS/RTP/SAVPF 96 40 41 42\r\n"));
+        assert!(offer.contains("a=rtpmap:40 red/90000\r\na=rtpmap:42 ulpfec/90000\r\n"));
+        assert!(answer_is_standard(&offer));
+        assert_eq!(sdp_from_wire(&offer), local);
+        // Audio RED on another payload type is left alone.
+        let audio = "m=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\na=rtpmap:63 red/48000/2\r\n";
+        assert_eq!(offer_to_wire(audio), audio);
+        assert_eq!(sdp_from_wire(audio), audio);
+    }
+
+    #[test]
+    fn extension_block_is_written_as_str0m_writes_it() {
+        let mid = Mid::from("0");
+        let values = ExtensionValues::default();
+        let ext = |map| OutgoingExtensions {
+            map,
+            values: &values,
+            mid: Some(mid),
+            rid: None,
+        };
+        // Chrome's ids (str0m's standard map): abs-send-time 2 and TWCC 3 as zeros,
+        // MID 4; RID, repaired RID, orientation and audio level have no value here.
+        // One-byte form, padded to 4 bytes.
+        let standard = ExtensionMap::standard();
+        assert_eq!(
+            libwebrtc_extensions(ext(&standard)).unwrap(),
+            vec![
+                0xbe, 0xde, 0, 3, // profile, 3 words
+                0x22, 0, 0, 0, // abs-send-time
+                0x31, 0, 0, // transport-wide sequence number
+                0x40, b'0', // MID
+                0, 0, 0, // padding
+            ]
+        );
+        // An id over 14 anywhere in the map: two-byte form for every element.
+        let mut map = ExtensionMap::empty();
+        map.set(3, Extension::TransportSequenceNumber);
+        map.set(15, Extension::RtpMid);
+        assert_eq!(
+            libwebrtc_extensions(ext(&map)).unwrap(),
+            vec![0x10, 0x00, 0, 2, 3, 2, 0, 0, 15, 1, b'0', 0]
+        );
+        // An empty block still has its 4-byte header (str0m always sets X).
+        let mut map = ExtensionMap::empty();
+        map.set(4, Extension::RtpMid);
+        let none = OutgoingExtensions {
+            map: &map,
+            values: &values,
+            mid: None,
+            rid: None,
+        };
+        assert_eq!(libwebrtc_extensions(none).unwrap(), vec![0xbe, 0xde, 0, 0]);
+        // A value whose bytes are not mirrored here: no block, so no browser FEC.
+        let mut map = ExtensionMap::empty();
+        map.set(5, Extension::FrameMarking);
+        let marked = ExtensionValues {
+            frame_mark: Some(7),
+            ..ExtensionValues::default()
+        };
+        let e = OutgoingExtensions {
+            map: &map,
+            values: &marked,
+            mid: None,
+            rid: None,
+        };
+        assert_eq!(libwebrtc_extensions(e), None);
+    }
+
+    #[test]
+    fn parity_for_a_browser_covers_the_extension_block() {
+        let mut packets: Vec<MediaPacket> = (0..3u16).map(|s| packet(s, 40, s == 2)).collect();
+        for p in &mut packets {
+            p.ext = vec![0xbe, 0xde, 0, 1, 0x40, b'0', 0, 0];
+        }
+        let mut enc = FecEncoder::new(true);
+        assert!(enc.libwebrtc());
+        enc.set_group(Some(3));
+        let fec = packets.iter().flat_map(|p| enc.push(p.clone())).last();
+        let fec = FecPacket::parse(&fec.unwrap()).unwrap();
+        // Three packets with X set: X recovery 1; lengths and parity include the block.
+        assert_eq!(fec.parity.len(), 48);
+        assert_eq!(fec.length_recovery, 48);
+        let mut enc = FecEncoder::new(true);
+        enc.set_group(Some(3));
+        let raw = packets.iter().flat_map(|p| enc.push(p.clone())).last();
+        assert_eq!(raw.unwrap()[0], 0x10, "E 0, L 0, X recovery 1");
+        // A packet whose block is unknown drops what was gathered.
+        enc.push(packet(3, 40, false));
+        enc.skip();
+        assert!(enc.push(packet(4, 40, true)).is_empty(), "1 of 3 gathered");
     }
 
     #[test]

@@ -445,6 +445,16 @@ impl Sfu {
                         .clone(),
                 ),
             };
+            // A browser's FEC also covers the header extensions str0m will write.
+            let fec_ext = match &sub.fec {
+                Some(e) if e.libwebrtc() && codec == Codec::Vp8 => {
+                    let rtc = &mut sp.subscriber.rtc;
+                    Some(crate::fec::libwebrtc_extensions_for(
+                        rtc, sub.mid, out_ssrc, &ext,
+                    ))
+                }
+                _ => None,
+            };
             let mut api = sp.subscriber.rtc.direct_api();
             let Some(tx) = api.stream_tx(&out_ssrc) else {
                 continue;
@@ -465,13 +475,20 @@ impl Sfu {
                 .ext_vals(ext.clone())
                 .nackable(true);
                 tx.write_rtp(write);
-                let parity = enc.push(crate::fec::MediaPacket {
-                    seq: out.seq as u16,
-                    ts: out.ts,
-                    pt: *out_pt,
-                    marker: pkt.header.marker,
-                    payload: media,
-                });
+                let parity = match fec_ext {
+                    Some(None) => {
+                        enc.skip();
+                        Vec::new()
+                    }
+                    ext => enc.push(crate::fec::MediaPacket {
+                        seq: out.seq as u16,
+                        ts: out.ts,
+                        pt: *out_pt,
+                        marker: pkt.header.marker,
+                        ext: ext.flatten().unwrap_or_default(),
+                        payload: media,
+                    }),
+                };
                 for parity in parity {
                     let Some(seq) = sub.forwarder.insert_packet() else {
                         break;

@@ -111,6 +111,7 @@ impl Sfu {
             .participants
             .get_mut(&id)
             .ok_or(MediaError::UnknownParticipant(id))?;
+        let standard_fec = crate::fec::answer_is_standard(sdp);
         let answer = SdpAnswer::from_sdp_string(&crate::fec::sdp_from_wire(sdp))
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
         let pending = p.pending_offer.take().ok_or(MediaError::NoPendingOffer)?;
@@ -150,7 +151,7 @@ impl Sfu {
                         m.kind().is_video() && crate::fec::negotiated(m.remote_pts())
                     });
                 sub.fec = fec.then(|| {
-                    let mut e = crate::fec::FecEncoder::default();
+                    let mut e = crate::fec::FecEncoder::new(standard_fec);
                     e.set_group(crate::fec::group_for_loss(self.config.fec_loss_floor));
                     e
                 });
@@ -258,7 +259,8 @@ impl Sfu {
             return;
         };
         p.pending_offer = Some(pending);
-        let mut offer_sdp = crate::fec::sdp_to_wire(&offer.to_sdp_string());
+        // Relay links carry no FEC (their peer connections lack the codec).
+        let mut offer_sdp = crate::fec::offer_to_wire(&offer.to_sdp_string());
         if let Some(random) = restart_random {
             let (creds, sdp) = crate::pc::prefix_restart_creds(&self.config, &random, &offer_sdp);
             p.subscriber.restart_creds = Some(creds);

@@ -230,6 +230,12 @@ pub struct Client {
     pub video_packets: Vec<(Instant, u16, bool)>,
     /// Sequence numbers of the FEC (parity) packets that arrived.
     pub parity_packets: Vec<u16>,
+    /// With [`Harness::capture_video`]: every datagram the node sent to this client's
+    /// subscriber connection, as sent (SRTP: headers in clear, payload encrypted).
+    pub sent_to_subscriber: Vec<Vec<u8>>,
+    /// With [`Harness::capture_video`]: the decrypted payload of each RED video packet
+    /// that arrived, by sequence number.
+    pub red_payloads: HashMap<u16, Vec<u8>>,
 }
 
 impl Client {
@@ -311,6 +317,11 @@ pub struct Harness {
     /// Clients added from now on negotiate video in RED with ULPFEC (their subscriber
     /// connection in RTP mode, video packets kept in `video_packets`, not `frames`).
     pub fec: bool,
+    /// FEC clients answer the node's offer as Chromium does (`red/90000` and
+    /// `ulpfec/90000`), so the node makes its FEC for a libwebrtc receiver.
+    pub fec_browser: bool,
+    /// Keep `sent_to_subscriber` and `red_payloads` of every client.
+    pub capture_video: bool,
 }
 
 /// Most rounds one `pump` may take before giving up (guards against livelock).
@@ -349,6 +360,8 @@ impl Harness {
             next_host: 1,
             red: false,
             fec: false,
+            fec_browser: false,
+            capture_video: false,
         }
     }
 
@@ -415,6 +428,8 @@ impl Harness {
             fec: self.fec.then(Default::default),
             video_packets: Vec::new(),
             parity_packets: Vec::new(),
+            sent_to_subscriber: Vec::new(),
+            red_payloads: HashMap::new(),
         });
         self.by_addr.insert(pub_addr, (idx, true));
         self.by_addr.insert(sub_addr, (idx, false));
@@ -760,6 +775,11 @@ impl Harness {
                 if !self.clients[idx].alive {
                     continue;
                 }
+                if self.capture_video && !publisher {
+                    self.clients[idx]
+                        .sent_to_subscriber
+                        .push(t.contents.to_vec());
+                }
                 let pc = pc_of(&mut self.clients[idx], publisher);
                 if pc.cut {
                     continue;
@@ -813,7 +833,11 @@ impl Harness {
                     .accept_offer(offer)
                     .expect("the node's offer is acceptable")
                     .to_sdp_string();
-                let answer = meridian_media::fec::sdp_to_wire(&answer);
+                let answer = if self.fec_browser {
+                    meridian_media::fec::offer_to_wire(&answer)
+                } else {
+                    meridian_media::fec::sdp_to_wire(&answer)
+                };
                 let id = *participant;
                 self.poll_peer(idx, false);
                 self.drive(|s, now| s.handle_subscriber_answer(now, id, &answer))
@@ -887,6 +911,10 @@ impl Harness {
                         else {
                             continue;
                         };
+                        if self.capture_video {
+                            c.red_payloads
+                                .insert(p.header.sequence_number, p.payload.to_vec());
+                        }
                         let Ok((block_pt, body)) = fec::red_unwrap(&p.payload) else {
                             continue;
                         };
@@ -901,6 +929,7 @@ impl Harness {
                                 ts: p.header.timestamp,
                                 pt: block_pt,
                                 marker: p.header.marker,
+                                ext: Vec::new(),
                                 payload: body.to_vec(),
                             })
                         };
