@@ -306,6 +306,8 @@ jq -cn \
       "eu-us": $x3us.latency_ms_p50, "us-ap": $xuaap.latency_ms_p50, "eu-ap": $x3ap.latency_ms_p50},
     latency_ms_p95_by_pair: {"eu-eu": $eu.latency_ms_p95, "us-us": $us.latency_ms_p95, "ap-ap": $ap.latency_ms_p95,
       "eu-us": $x3us.latency_ms_p95, "us-ap": $xuaap.latency_ms_p95, "eu-ap": $x3ap.latency_ms_p95},
+    latency_breakdown_ms_by_pair: ({"eu-eu": $eu, "us-us": $us, "ap-ap": $ap, "eu-us": $x3us, "us-ap": $xuaap, "eu-ap": $x3ap}
+      | map_values(.latency_breakdown_ms // null | if . == null then null else map_values({p50, p95}) end)),
     cross_room_tracks_received: {"x3@eu": "\($x3eu.tracks_received)", "x3@us": "\($x3us.tracks_received)",
       "x3@ap": "\($x3ap.tracks_received)", "xua@ap": "\($xuaap.tracks_received)"},
     x3_us_through_failure: {relay_packets_into_us_in_6s_after_failure: $us_relay_after,

@@ -50,6 +50,10 @@ pub enum Played {
         keyframe: bool,
         /// A frame it depends on was skipped and no keyframe has come since (video).
         missing_reference: bool,
+        /// When the frame's first packet to arrive was inserted.
+        first_arrival: Instant,
+        /// When its last packet to arrive was inserted (the frame was complete then).
+        last_arrival: Instant,
     },
     /// Frames that missed their deadline were given up.
     Skipped {
@@ -182,13 +186,16 @@ impl JitterBuffer {
             self.floor = next;
         }
         self.padding = self.padding.split_off(&next);
-        let (first, _) = self.packets.get(&next)?;
+        let (first, first_at) = self.packets.get(&next)?;
         if !first.frame_start {
             return None;
         }
+        let (mut first_arrival, mut last_arrival) = (*first_at, *first_at);
         let mut end = next;
         loop {
-            let (p, _) = self.packets.get(&end)?;
+            let (p, at) = self.packets.get(&end)?;
+            first_arrival = first_arrival.min(*at);
+            last_arrival = last_arrival.max(*at);
             if p.timestamp != first.timestamp {
                 // A new frame began without the marker: the last packet is missing.
                 return None;
@@ -215,6 +222,8 @@ impl JitterBuffer {
             data,
             keyframe,
             missing_reference: self.video && self.broken,
+            first_arrival,
+            last_arrival,
         })
     }
 
@@ -347,6 +356,26 @@ mod tests {
     }
 
     #[test]
+    fn a_played_frame_says_when_its_first_and_last_packets_arrived() {
+        let t0 = Instant::now();
+        let mut b = JitterBuffer::new(true, DEADLINE);
+        let [a, c, d] = frame(0);
+        // Out of order: the frame's last packet arrives first, its middle one last.
+        b.insert(t0, d);
+        b.insert(t0 + Duration::from_millis(2), a);
+        b.insert(t0 + Duration::from_millis(5), c);
+        let out = drain(&mut b, t0 + Duration::from_millis(5));
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Played::Frame { first_arrival, last_arrival, .. }]
+                    if *first_arrival == t0 && *last_arrival == t0 + Duration::from_millis(5)
+            ),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn complete_frames_play_at_once_in_order_even_when_reordered() {
         let t0 = Instant::now();
         let mut b = JitterBuffer::new(true, DEADLINE);
@@ -362,7 +391,9 @@ mod tests {
             [Played::Frame {
                 data: vec![0, 1, 2],
                 keyframe: true,
-                missing_reference: false
+                missing_reference: false,
+                first_arrival: t0,
+                last_arrival: t0,
             }]
         );
         for p in frame(1) {
@@ -422,7 +453,9 @@ mod tests {
             [Played::Frame {
                 data: vec![12, 13, 14],
                 keyframe: true,
-                missing_reference: false
+                missing_reference: false,
+                first_arrival: t1 + DEADLINE,
+                last_arrival: t1 + DEADLINE,
             }]
         );
     }

@@ -753,6 +753,10 @@ struct Session {
     cut_until: Option<Instant>,
 }
 
+/// Already-due timeouts one [`Session::poll`] handles at once before leaving the rest
+/// to the loop's next wake-up.
+const MAX_DUE_ROUNDS: u32 = 4;
+
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
 /// fixed layer rates has nothing to adapt (str0m's pacer would only add latency).
 fn new_rtc(now: Instant, local: SocketAddr, rtp_mode: bool, red: bool, fec: bool) -> Rtc {
@@ -1408,10 +1412,19 @@ impl Session {
                     jitter::Played::Frame {
                         data,
                         missing_reference,
+                        first_arrival,
+                        last_arrival,
                         ..
                     } => {
                         let since_start = self.started.elapsed().as_secs_f64() * 1000.0;
-                        s.on_frame(&track, video, &data, now, since_start);
+                        s.on_frame(
+                            &track,
+                            video,
+                            &data,
+                            now,
+                            since_start,
+                            Some((first_arrival, last_arrival)),
+                        );
                         if missing_reference {
                             s.tracks
                                 .entry(track.clone())
@@ -1620,6 +1633,7 @@ impl Session {
             }
             self.net_in = Some(net);
         }
+        let mut sent = Vec::new();
         if let Some(net) = &mut self.net_out {
             net.handle_input(str0m_netem::Input::Timeout(now));
             while let Some(out) = net.poll_output() {
@@ -1630,16 +1644,57 @@ impl Session {
                         &self.subscriber.socket
                     };
                     let _ = socket.try_send_to(&d.data, d.peer);
+                    if d.publisher {
+                        sent.push(d.data);
+                    }
                 }
             }
+        }
+        for data in sent {
+            self.note_sent(&data);
+        }
+    }
+
+    /// Publisher: records how long after its write a video frame's last packet left
+    /// (`ClientStats::frame_sent_ms`).
+    fn note_sent(&self, datagram: &[u8]) {
+        if datagram.get(1).is_none_or(|b| b & 0x80 == 0) {
+            return; // no RTP marker
+        }
+        let Some(pt) = self
+            .video
+            .as_ref()
+            .and_then(|_| media::vp8_pt(&self.publisher.rtc))
+        else {
+            return;
+        };
+        if let Some(ms) = media::frame_sent_ms(datagram, *pt, Instant::now()) {
+            self.stats
+                .lock()
+                .expect("stats lock never poisoned")
+                .on_frame_sent(ms);
         }
     }
 
     fn poll(&mut self, now: Instant, publisher: bool) {
+        let mut due_rounds = 0;
         loop {
             let out = self.pc(publisher).rtc.poll_output();
             match out {
                 Ok(Output::Timeout(t)) => {
+                    // str0m asks for a timeout that is already due whenever written
+                    // media waits to be packetized or released by its pacer: handle it
+                    // now rather than at the loop's next wake-up (a frame waited two
+                    // of them, ≥ 1 ms each on tokio's timer, before leaving). Bounded,
+                    // so a connection that keeps asking cannot spin the task.
+                    let at = Instant::now();
+                    if t <= at && due_rounds < MAX_DUE_ROUNDS {
+                        due_rounds += 1;
+                        if let Err(e) = self.pc(publisher).rtc.handle_input(Input::Timeout(at)) {
+                            debug!("client timeout: {e}");
+                        }
+                        continue;
+                    }
                     self.pc(publisher).next_timeout = t;
                     return;
                 }
@@ -1659,6 +1714,9 @@ impl Session {
                         )),
                         None => {
                             let _ = self.pc(publisher).socket.try_send_to(&data, t.destination);
+                            if publisher {
+                                self.note_sent(&data);
+                            }
                         }
                     }
                 }
@@ -1719,7 +1777,7 @@ impl Session {
                 let mut s = self.stats.lock().expect("stats lock never poisoned");
                 let first_frame_ms = self.started.elapsed().as_secs_f64() * 1000.0;
                 let video = data.params.spec().codec.is_video();
-                s.on_frame(&track, video, &data.data, now, first_frame_ms);
+                s.on_frame(&track, video, &data.data, now, first_frame_ms, None);
                 drop(s);
                 self.notify.send_modify(|n| *n += 1);
             }

@@ -245,7 +245,28 @@ impl AudioSource {
     }
 }
 
-fn vp8_pt(rtc: &Rtc) -> Option<Pt> {
+/// For an outgoing SRTP datagram that is the last packet (RTP marker) of a synthetic
+/// video frame with payload type `video_pt`: how long ago the frame was written, ms,
+/// read from its RTP timestamp (the time since [`epoch`] at the write, 90 kHz; the RTP
+/// header is clear text in SRTP). `None` for anything else (STUN, DTLS, RTCP, audio,
+/// other packets of a frame).
+pub(crate) fn frame_sent_ms(datagram: &[u8], video_pt: u8, now: Instant) -> Option<f64> {
+    let header = datagram.get(..12)?;
+    let (b0, b1) = (header[0], header[1]);
+    // RTP version 2, marker set, the video payload type (RTCP types are 192..=223).
+    if b0 >> 6 != 2 || b1 & 0x80 == 0 || b1 & 0x7f != video_pt || (192..=223).contains(&b1) {
+        return None;
+    }
+    let ts = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let now_90k = (now.saturating_duration_since(epoch()).as_micros() as u64 * 9 / 100) as u32;
+    let ticks = now_90k.wrapping_sub(ts) as i32;
+    // Anything outside a second is not a frame of this process's sources.
+    (0..90_000)
+        .contains(&ticks)
+        .then(|| f64::from(ticks) / 90.0)
+}
+
+pub(crate) fn vp8_pt(rtc: &Rtc) -> Option<Pt> {
     rtc.codec_config()
         .find(|p| p.spec().codec == str0m::format::Codec::Vp8)
         .map(|p| p.pt())
@@ -270,5 +291,29 @@ mod tests {
             assert_eq!(FrameHeader::parse(&frame), Some(h));
         }
         assert_eq!(FrameHeader::parse(b"nothing here"), None);
+    }
+
+    #[test]
+    fn a_frames_last_packet_tells_how_long_ago_the_frame_was_written() {
+        let written = epoch() + Duration::from_millis(500);
+        let ts = (Duration::from_millis(500).as_micros() as u64 * 9 / 100) as u32;
+        let mut d = vec![0x80, 0x80 | 96, 0, 1];
+        d.extend_from_slice(&ts.to_be_bytes());
+        d.extend_from_slice(&[0, 0, 0, 7, 0xaa, 0xbb]);
+        let ms = frame_sent_ms(&d, 96, written + Duration::from_millis(3)).expect("a sample");
+        assert!((ms - 3.0).abs() < 0.02, "{ms}");
+        // Not the marker packet, another payload type, RTCP, too old, too short.
+        let mut no_marker = d.clone();
+        no_marker[1] = 96;
+        assert_eq!(frame_sent_ms(&no_marker, 96, written), None);
+        assert_eq!(frame_sent_ms(&d, 111, written), None);
+        let mut rtcp = d.clone();
+        rtcp[1] = 200;
+        assert_eq!(frame_sent_ms(&rtcp, 200 & 0x7f, written), None);
+        assert_eq!(
+            frame_sent_ms(&d, 96, written + Duration::from_secs(2)),
+            None
+        );
+        assert_eq!(frame_sent_ms(&d[..8], 96, written), None);
     }
 }

@@ -99,8 +99,16 @@ pub struct TrackStats {
     pub last_layer: Option<u8>,
     /// Layers seen, in order of change.
     pub layer_history: Vec<u8>,
-    /// One-way frame latency samples, ms.
+    /// One-way frame latency samples, ms: the publisher's frame time to playout.
     pub latency_ms: Vec<f64>,
+    /// Per played frame (jitter-buffer playout only), the one-way latency of the
+    /// frame's first packet to arrive, ms (same clock as `latency_ms`): with
+    /// `last_packet_ms` and `latency_ms` it splits a frame's latency into path,
+    /// frame spread and playout.
+    pub first_packet_ms: Vec<f64>,
+    /// Per played frame (jitter-buffer playout only), the one-way latency of the
+    /// frame's last packet to arrive (the frame was complete then), ms.
+    pub last_packet_ms: Vec<f64>,
     /// Interarrival jitter samples (RFC 3550 estimator), ms.
     pub jitter_ms: Vec<f64>,
     last_seq: Option<u64>,
@@ -141,6 +149,10 @@ pub struct ClientStats {
     pub errors: Vec<String>,
     /// Keyframe requests received from the node.
     pub keyframe_requests: u64,
+    /// Publisher: per video frame and layer, the time from the frame's write to
+    /// handing its last packet (RTP marker) to the socket, ms: what the publisher's
+    /// own connection and task add to a frame's latency.
+    pub frame_sent_ms: Vec<f64>,
     /// Signaling URL the client is connected (or last connected) to.
     pub url: String,
     /// Losses of the node detected (closed, failed, `migrate`, ping timeout).
@@ -229,6 +241,8 @@ impl ClientStats {
     pub fn since(&self, earlier: &ClientStats) -> ClientStats {
         let mut out = self.clone();
         out.counted = self.counted.since(&earlier.counted);
+        out.frame_sent_ms
+            .drain(..earlier.frame_sent_ms.len().min(out.frame_sent_ms.len()));
         out.losses -= earlier.losses.min(out.losses);
         out.reconnects -= earlier.reconnects.min(out.reconnects);
         out.restored_resumes -= earlier.restored_resumes.min(out.restored_resumes);
@@ -261,6 +275,10 @@ impl ClientStats {
             t.bytes -= e.bytes.min(t.bytes);
             t.latency_ms
                 .drain(..e.latency_ms.len().min(t.latency_ms.len()));
+            t.first_packet_ms
+                .drain(..e.first_packet_ms.len().min(t.first_packet_ms.len()));
+            t.last_packet_ms
+                .drain(..e.last_packet_ms.len().min(t.last_packet_ms.len()));
             t.jitter_ms
                 .drain(..e.jitter_ms.len().min(t.jitter_ms.len()));
         }
@@ -274,6 +292,7 @@ impl ClientStats {
         data: &[u8],
         now: Instant,
         since_start_ms: f64,
+        arrivals: Option<(Instant, Instant)>,
     ) {
         self.last_frame_at = Some(now);
         if let Some(r) = self.reconnect_history.last_mut()
@@ -310,6 +329,11 @@ impl ClientStats {
         let latency = now_micros().saturating_sub(h.sent_micros) as f64 / 1000.0;
         if t.latency_ms.len() < MAX_SAMPLES {
             t.latency_ms.push(latency);
+            if let Some((first, last)) = arrivals {
+                let before = |at: Instant| now.saturating_duration_since(at).as_secs_f64() * 1000.0;
+                t.first_packet_ms.push(latency - before(first));
+                t.last_packet_ms.push(latency - before(last));
+            }
         }
         if let (Some(prev_arrival), Some(prev_sent)) = (t.last_arrival, t.last_sent) {
             let arrival_ms = now.saturating_duration_since(prev_arrival).as_secs_f64() * 1000.0;
@@ -326,6 +350,13 @@ impl ClientStats {
         }
         t.last_arrival = Some(now);
         t.last_sent = Some(h.sent_micros);
+    }
+
+    /// Publisher: a video frame's last packet left `ms` after the frame was written.
+    pub(crate) fn on_frame_sent(&mut self, ms: f64) {
+        if self.frame_sent_ms.len() < MAX_SAMPLES {
+            self.frame_sent_ms.push(ms);
+        }
     }
 
     pub(crate) fn on_message(&mut self, msg: &ServerMessage) {

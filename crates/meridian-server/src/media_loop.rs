@@ -27,6 +27,11 @@ const OUTBOX_LIMIT: usize = 100_000;
 /// Least time between two metric updates (taken only after something happened).
 const OBSERVE_EVERY: Duration = Duration::from_millis(250);
 
+/// Rounds of already-due timeouts one wake-up handles before sending (see
+/// [`MediaLoop::release_due`]): more than the packets of a large keyframe that one
+/// connection may have queued at once.
+const MAX_DUE_ROUNDS: usize = 64;
+
 /// What woke a media loop.
 enum Wake {
     Command(Option<Command>),
@@ -191,8 +196,29 @@ impl MediaLoop {
         }
     }
 
+    /// Handles the controller's timeouts that are already due, until none is.
+    ///
+    /// A connection with a bandwidth estimate (a subscriber's, a relay link's sending
+    /// side) releases one written packet per timeout (str0m's leaky-bucket pacer, even
+    /// for unpaced streams) and asks for the next timeout at once. The media socket's
+    /// path handles one timeout per received datagram, which keeps up while each
+    /// datagram makes one packet per connection, but a burst written at once — a
+    /// frame's packets arriving in one batch over a relay link, a keyframe — left its
+    /// later packets to the loop's timer, one wake-up (≥ 1 ms on tokio's timer) per
+    /// packet. Connections with nothing queued are not due and cost nothing here.
+    fn release_due(&mut self) {
+        for _ in 0..MAX_DUE_ROUNDS {
+            let now = Instant::now();
+            if now < self.controller.poll_timeout() {
+                return;
+            }
+            self.controller.handle_timeout(now);
+        }
+    }
+
     /// Sends queued datagrams and hands the controller's outputs to the outbox.
     async fn flush(&mut self) {
+        self.release_due();
         self.path.send_all(&mut self.controller).await;
         if let Some(relay) = &mut self.relay {
             relay.send(&mut self.controller).await;

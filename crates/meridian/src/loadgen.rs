@@ -537,6 +537,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let node_metrics = args.node_metrics.as_deref();
     let node_before = NodeSample::take(args.node_pid, node_metrics, &args.data_dir).await;
     let at_warmup: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
+    let pub_at_warmup: Vec<ClientStats> = publishers.iter().map(Client::stats).collect();
     let started = Instant::now();
     tokio::time::sleep(args.duration).await;
     let sub_end: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
@@ -606,6 +607,41 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             .flat_map(|t| t.latency_ms.clone())
             .collect(),
     );
+    // Where a frame's latency goes: publisher write → its last packet handed to the
+    // socket (publishers, measured window) → first and last packet read by the
+    // subscriber → played out.
+    let pub_sent = sorted(
+        pub_stats
+            .iter()
+            .zip(&pub_at_warmup)
+            .flat_map(|(c, w)| c.since(w).frame_sent_ms)
+            .collect(),
+    );
+    let video_samples = |f: fn(&meridian_client::TrackStats) -> &Vec<f64>| {
+        sorted(
+            all_tracks
+                .clone()
+                .filter(|t| t.video)
+                .flat_map(|t| f(t).clone())
+                .collect(),
+        )
+    };
+    let first_packet = video_samples(|t| &t.first_packet_ms);
+    let last_packet = video_samples(|t| &t.last_packet_ms);
+    let quantiles = |v: &[f64]| {
+        serde_json::json!({
+            "samples": v.len(),
+            "p50": percentile(v, 0.50),
+            "p95": percentile(v, 0.95),
+            "p99": percentile(v, 0.99),
+        })
+    };
+    let breakdown = serde_json::json!({
+        "publisher_last_packet_sent": quantiles(&pub_sent),
+        "subscriber_first_packet_read": quantiles(&first_packet),
+        "subscriber_last_packet_read": quantiles(&last_packet),
+        "played": quantiles(&latency),
+    });
     let jitter = sorted(
         all_tracks
             .clone()
@@ -669,6 +705,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "latency_ms_p50": percentile(&latency, 0.50),
         "latency_ms_p95": percentile(&latency, 0.95),
         "latency_ms_p99": percentile(&latency, 0.99),
+        "latency_breakdown_ms": breakdown,
         "jitter_ms_p90": percentile(&jitter, 0.90),
         "join_ms_p50": percentile(&joins, 0.50),
         "join_ms_p95": percentile(&joins, 0.95),
@@ -793,6 +830,19 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         percentile(&latency, 0.99),
         percentile(&jitter, 0.9)
     );
+    if !last_packet.is_empty() {
+        println!(
+            "  latency parts ms  p50/p95: publisher sent {:.1}/{:.1}, first packet read {:.1}/{:.1}, last packet read {:.1}/{:.1}, played {:.1}/{:.1}",
+            percentile(&pub_sent, 0.5),
+            percentile(&pub_sent, 0.95),
+            percentile(&first_packet, 0.5),
+            percentile(&first_packet, 0.95),
+            percentile(&last_packet, 0.5),
+            percentile(&last_packet, 0.95),
+            percentile(&latency, 0.5),
+            percentile(&latency, 0.95),
+        );
+    }
     println!(
         "  join ms           p50 {:.1}  p95 {:.1}   first frame p50 {:.1}  p95 {:.1}",
         percentile(&joins, 0.5),
