@@ -27,9 +27,7 @@ const OUTBOX_LIMIT: usize = 100_000;
 /// Least time between two metric updates (taken only after something happened).
 const OBSERVE_EVERY: Duration = Duration::from_millis(250);
 
-/// Rounds of already-due timeouts one wake-up handles before sending (see
-/// [`MediaLoop::release_due`]): more than the packets of a large keyframe that one
-/// connection may have queued at once.
+/// Most rounds of already-due timeouts one wake-up handles (`MediaLoop::release_due`).
 const MAX_DUE_ROUNDS: usize = 64;
 
 /// What woke a media loop.
@@ -139,12 +137,8 @@ impl MediaLoop {
                     };
                     self.handle_command(cmd);
                 }
-                Wake::Timer => {
-                    self.path.release_impaired(&mut self.controller, woke);
-                    if woke >= self.controller.poll_timeout() {
-                        self.controller.handle_timeout(woke);
-                    }
-                }
+                // The controller's due timeouts are handled by `flush`.
+                Wake::Timer => self.path.release_impaired(&mut self.controller, woke),
                 Wake::Observe => {
                     observe_at = None;
                     self.observe();
@@ -196,16 +190,10 @@ impl MediaLoop {
         }
     }
 
-    /// Handles the controller's timeouts that are already due, until none is.
-    ///
-    /// A connection with a bandwidth estimate (a subscriber's, a relay link's sending
-    /// side) releases one written packet per timeout (str0m's leaky-bucket pacer, even
-    /// for unpaced streams) and asks for the next timeout at once. The media socket's
-    /// path handles one timeout per received datagram, which keeps up while each
-    /// datagram makes one packet per connection, but a burst written at once — a
-    /// frame's packets arriving in one batch over a relay link, a keyframe — left its
-    /// later packets to the loop's timer, one wake-up (≥ 1 ms on tokio's timer) per
-    /// packet. Connections with nothing queued are not due and cost nothing here.
+    /// Handles the controller's already-due timeouts: a connection with a bandwidth
+    /// estimate releases one written packet per timeout (str0m's pacer, unpaced streams
+    /// too), so a burst (a relayed frame, a keyframe) would otherwise leave one loop
+    /// wake-up (≥ 1 ms) per packet. Connections with nothing queued are not due.
     fn release_due(&mut self) {
         for _ in 0..MAX_DUE_ROUNDS {
             let now = Instant::now();
