@@ -12,12 +12,14 @@
 //! the deadlines that moved earlier since, and a connection whose deadline moves on
 //! every packet costs no heap operation for it.
 //!
-//! A deadline already due when it is set (str0m asks for a timeout "now" after every
-//! packet a connection sends: its pacer releases the next one only after it) does not
-//! go into the heap: it is kept in a plain list, taken first by the next
-//! [`TimerHeap::pop_due`]. So the common per-packet round — due now, handled, next
-//! deadline set — costs a list push and pop instead of a heap push and pop, each
-//! O(log n) in the connections with a cache miss per level.
+//! A deadline already due when it is set does not go into the heap: it is kept in a
+//! plain list, taken first by the next [`TimerHeap::pop_due`]. str0m sets one for every
+//! packet written to a connection (a stream with unsent packets asks for a timeout at
+//! once: its pacer picks the queue to send from only in `handle_timeout`), so the
+//! common per-packet round — due now, handled, next deadline set — costs a list push
+//! and pop instead of a heap push and pop, each O(log n) in the connections with a
+//! cache miss per level. (The pacer then asks for another timeout 1 µs after the packet
+//! leaves, before it releases the next: that one goes through the heap.)
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
