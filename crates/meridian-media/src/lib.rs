@@ -537,7 +537,7 @@ impl Sfu {
             if pc.next_timeout > now {
                 // The deadline moved later since: wait for it.
                 self.timers
-                    .update((id, kind), pc.next_timeout, &mut pc.scheduled);
+                    .update((id, kind), pc.next_timeout, now, &mut pc.scheduled);
                 continue;
             }
             if let Err(e) = pc.rtc.handle_input(Input::Timeout(now)) {

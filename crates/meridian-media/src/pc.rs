@@ -210,7 +210,7 @@ impl Sfu {
                 match pc.rtc.poll_output() {
                     Ok(Output::Timeout(t)) => {
                         pc.next_timeout = t;
-                        self.timers.update((id, kind), t, &mut pc.scheduled);
+                        self.timers.update((id, kind), t, now, &mut pc.scheduled);
                         break;
                     }
                     Ok(Output::Transmit(t)) => queue.push_back(Transmit {
@@ -222,7 +222,7 @@ impl Sfu {
                         warn!(participant = %id, ?kind, "connection failed: {e}");
                         pc.next_timeout = now + Duration::from_secs(3600);
                         self.timers
-                            .update((id, kind), pc.next_timeout, &mut pc.scheduled);
+                            .update((id, kind), pc.next_timeout, now, &mut pc.scheduled);
                         if pc.connected {
                             pc.connected = false;
                             disconnected = true;

@@ -173,12 +173,16 @@ fn handle(
     }
     let forwarded = controller.sfu_stats().rtp_packets_forwarded;
     controller.handle_datagram(now, source, datagram);
+    // The copies of a forwarded packet come out of the timeout that follows, not out of
+    // `handle_datagram`: str0m's pacer picks the queue to send from only when a timeout
+    // is handled, and every written stream asks for one at once. So the timeout goes
+    // before the send, and the copies leave now (not with the next datagram's send).
+    if now >= controller.poll_timeout() {
+        controller.handle_timeout(now);
+    }
     send_ready(socket, controller, impair, outgoing);
     if controller.sfu_stats().rtp_packets_forwarded > forwarded {
         metrics.forward_latency.observe(now.elapsed().as_secs_f64());
-    }
-    if now >= controller.poll_timeout() {
-        controller.handle_timeout(now);
     }
 }
 
