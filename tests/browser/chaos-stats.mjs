@@ -41,7 +41,7 @@
 // subscriber connections and the script reads the ULPFEC receiver's UMA histograms from
 // chrome://histograms (`chromium_ulpfec`: FEC share of the RED packets received, packets
 // rebuilt per 100 FEC packets, RED bitrate).
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove, webrtcHistograms } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesAbove, webrtcHistograms } from './harness.mjs';
 
 const DURATION = Number(process.env.DURATION || 60);
 const WARMUP = Number(process.env.WARMUP || 5);
@@ -197,9 +197,7 @@ async function main() {
   const loadStart = (await import('node:fs')).readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
   log(`node ${nodeArgs.join(' ')}; RED ${RED ? 'on' : 'off'}; FEC ${FEC ? 'on' : 'off'}; ${WARMUP} s warm-up, ${DURATION} s measured; load ${loadStart}`);
   const node = await startMeridian('meridian-chaos-stats', nodeArgs);
-  const chromiumArgs = ['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-    '--allow-loopback-in-peer-connection'];
-  const browser = await launchChromium(chromiumArgs);
+  const browser = await launchChromium(FAKE_MEDIA);
   const errors = [];
   const pages = [];
   try {

@@ -11,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesDecoded, framesAbove } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesDecoded, framesAbove } from './harness.mjs';
 
 const SCHEMA = `browser_failover_${process.pid}_${Date.now()}`;
 const PSQL = ['-h', '127.0.0.1', '-U', 'postgres', '-d', 'test', '-v', 'ON_ERROR_STOP=1', '-c'];
@@ -32,11 +32,7 @@ before(async () => {
   const region = (id) => ['--database-url', DB_URL, '--node-id', id, '--resume-grace-secs', '30'];
   nodeA = await startMeridian('failover-a', region('node-a'), { dataDir });
   nodeB = await startMeridian('failover-b', region('node-b'), { dataDir });
-  browser = await launchChromium([
-    '--use-fake-device-for-media-stream',
-    '--use-fake-ui-for-media-stream',
-    '--allow-loopback-in-peer-connection',
-  ]);
+  browser = await launchChromium(FAKE_MEDIA);
 });
 
 after(async () => {

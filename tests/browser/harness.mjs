@@ -111,6 +111,14 @@ function internalRequest(hostPort, dataDir, method, urlPath, bearer) {
   });
 }
 
+/** Chromium flags for pages that publish: fake camera and microphone, no permission
+ * prompt, WebRTC on loopback. */
+export const FAKE_MEDIA = [
+  '--use-fake-device-for-media-stream',
+  '--use-fake-ui-for-media-stream',
+  '--allow-loopback-in-peer-connection',
+];
+
 /** Launches headless Chromium; `extraArgs` add to the flags every test needs. */
 export function launchChromium(extraArgs = []) {
   return chromium.launch({

@@ -9,7 +9,7 @@
 // Run: scripts/test.sh, or after building: cd tests/browser && node --test icerestart.test.mjs
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesDecoded, framesAbove } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesDecoded, framesAbove } from './harness.mjs';
 
 let node;
 let browser;
@@ -22,11 +22,7 @@ before(async () => {
   checkPrerequisites();
   checkWebClient();
   node = await startMeridian('meridian-ice-restart', ['--dev']);
-  browser = await launchChromium([
-    '--use-fake-device-for-media-stream',
-    '--use-fake-ui-for-media-stream',
-    '--allow-loopback-in-peer-connection',
-  ]);
+  browser = await launchChromium(FAKE_MEDIA);
 });
 
 after(async () => {

@@ -23,7 +23,7 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, freePort } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, freePort } from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SHOTS = path.resolve(HERE, '../../docs/screenshots');
@@ -41,9 +41,7 @@ before(async () => {
   mkdirSync(SHOTS, { recursive: true });
   node = await startMeridian('meridian-meeting', ['--dev']);
   browser = await launchChromium([
-    '--use-fake-device-for-media-stream',
-    '--use-fake-ui-for-media-stream',
-    '--allow-loopback-in-peer-connection',
+    ...FAKE_MEDIA,
     '--autoplay-policy=no-user-gesture-required',
   ]);
 });

@@ -13,7 +13,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesDecoded, framesAbove } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesDecoded, framesAbove } from './harness.mjs';
 
 const SCHEMA = `browser_relay_${process.pid}_${Date.now()}`;
 const PSQL = ['-h', '127.0.0.1', '-U', 'postgres', '-d', 'test', '-v', 'ON_ERROR_STOP=1', '-At', '-c'];
@@ -48,11 +48,7 @@ before(async () => {
     await sleep(200);
   }
   await sleep(1_000);
-  browser = await launchChromium([
-    '--use-fake-device-for-media-stream',
-    '--use-fake-ui-for-media-stream',
-    '--allow-loopback-in-peer-connection',
-  ]);
+  browser = await launchChromium(FAKE_MEDIA);
 });
 
 after(async () => {

@@ -14,7 +14,7 @@
 // Run: scripts/test.sh, or after building: cd tests/browser && node --test videofec.test.mjs
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, openPage, framesAbove, webrtcHistograms } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesAbove, webrtcHistograms } from './harness.mjs';
 
 let node;
 let browser;
@@ -25,11 +25,7 @@ before(async () => {
   checkPrerequisites();
   checkWebClient();
   node = await startMeridian('meridian-video-fec', ['--dev', '--impair', 'loss=5%', '--impair-seed', '3']);
-  browser = await launchChromium([
-    '--use-fake-device-for-media-stream',
-    '--use-fake-ui-for-media-stream',
-    '--allow-loopback-in-peer-connection',
-  ]);
+  browser = await launchChromium(FAKE_MEDIA);
 });
 
 after(async () => {

@@ -15,7 +15,7 @@ import { mkdirSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA } from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ARTIFACTS = path.join(HERE, 'artifacts');
@@ -35,11 +35,7 @@ before(async () => {
   mkdirSync(ARTIFACTS, { recursive: true });
   node = await startMeridian('meridian-web-e2e', ['--dev', '--resume-grace-secs', '30']);
   log('dev node listening', JSON.stringify(node.listening));
-  browser = await launchChromium([
-    '--use-fake-device-for-media-stream',
-    '--use-fake-ui-for-media-stream',
-    '--allow-loopback-in-peer-connection',
-  ]);
+  browser = await launchChromium(FAKE_MEDIA);
   log('chromium', browser.version());
 });
 
