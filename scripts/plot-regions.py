@@ -24,6 +24,9 @@ if copies is not None:
     extra.append(f"copies/boundary max {copies}")
 if saving is not None:
     extra.append(f"egress saving {saving:.0f} %")
+boundary = result.get("boundary_cost_saving_pct")
+if boundary is not None:
+    extra.append(f"boundary cost saving {boundary:.0f} %")
 ax1.set_title("Locality (goal: in-region ≥ 80 %)" + ("\n" + ", ".join(extra) if extra else ""))
 
 pairs = list(result["latency_ms_p95_by_pair"].keys())
