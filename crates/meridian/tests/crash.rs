@@ -18,6 +18,9 @@ const JOINS: usize = 60;
 async fn acknowledged_joins_survive_sigkill() {
     let dir = std::env::temp_dir().join(format!("meridian-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // The node's log, shown if the assertions below fail.
+    let log_path = dir.with_extension("log");
+    let log_file = std::fs::File::create(&log_path).expect("a log file in the temp dir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args([
             "serve",
@@ -35,7 +38,7 @@ async fn acknowledged_joins_survive_sigkill() {
         .arg("--data-dir")
         .arg(&dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(log_file))
         .spawn()
         .expect("meridian serve starts");
     let mut line = String::new();
@@ -126,12 +129,18 @@ async fn acknowledged_joins_survive_sigkill() {
         })
         .collect();
     for id in &acked {
-        assert!(
-            joined.contains(id),
-            "acknowledged join {id} missing from the log"
-        );
+        if !joined.contains(id) {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!(
+                "acknowledged join {id} missing from the log ({} of {} acknowledged joins \
+                 in it); the node's log:\n{log}",
+                acked.iter().filter(|a| joined.contains(a)).count(),
+                acked.len()
+            );
+        }
     }
     let report = store.verify_chain().await.expect("verify");
     assert!(report.first_break.is_none(), "{report:?}");
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log_path);
 }

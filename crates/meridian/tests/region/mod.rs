@@ -253,16 +253,22 @@ impl Region {
     }
 }
 
-/// Drops the test's schema.
+/// Drops the test's schema. The killed nodes' Postgres backends may still hold a
+/// transaction's locks until the server notices their sockets closed (the DROP then
+/// deadlocks with them: seen once in CI), so a failed DROP is tried again, 10 times
+/// at most.
 async fn sqlx_drop(schema: &str) {
     use sqlx::Connection;
     let mut c = sqlx::PgConnection::connect(PG_URL)
         .await
         .expect("Postgres is running");
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .execute(&mut c)
-        .await
-        .expect("drop the test's schema");
+    let drop = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+    let mut tries = 0;
+    while let Err(e) = sqlx::query(&drop).execute(&mut c).await {
+        tries += 1;
+        assert!(tries < 10, "drop the test's schema: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// What a room's state says, without where it is hosted: the part a failover must keep.
