@@ -465,12 +465,15 @@ impl Cluster {
     }
 
     async fn host(&self, stream: &str, version: u64, epoch: u64, state: RoomState) {
-        self.fences.set(stream, Fence::Held { version, epoch });
         if !state.participants.is_empty() {
             self.metrics.rooms_taken_over.inc();
         }
         let room = stream.strip_prefix("room:").unwrap_or(stream).to_string();
+        // The room's state reaches its worker before the fence lets other joins take
+        // the fast path in `place`: a join queued ahead of it was decided on an empty
+        // state under epoch 0, and its events were refused by the fence (seen in CI).
         let _ = self.commands.send(Command::Restore { room, state }).await;
+        self.fences.set(stream, Fence::Held { version, epoch });
     }
 
     /// Decides where a join for `room` is served, placing the room on this node when
