@@ -206,11 +206,11 @@ test('pre-join preview, three people with a screen share, active speaker, Leave 
     // (3) active speaker: only Alice's microphone on → Alice; then only Bob's → Bob.
     await b.click('#mute-audio');
     await c.click('#mute-audio');
-    await c.waitForFunction(() => window.meridian.activeSpeaker() === 'Alice', null, { timeout: 20_000 });
+    await c.waitForFunction(() => window.meridian.activeSpeaker() === 'Alice', null, { timeout: 40_000 });
     await c.locator('.tile.speaking .name', { hasText: 'Alice' }).waitFor();
     await b.click('#mute-audio'); // Bob unmutes
     await a.click('#mute-audio'); // Alice mutes
-    await c.waitForFunction(() => window.meridian.activeSpeaker() === 'Bob', null, { timeout: 20_000 });
+    await c.waitForFunction(() => window.meridian.activeSpeaker() === 'Bob', null, { timeout: 40_000 });
     await c.locator('#participant-list li.speaking', { hasText: 'Bob' }).waitFor();
     await c.locator('#participant-list li', { hasText: /Alice.*mic muted/ }).waitFor();
     log('active speaker follows the unmuted microphone: Alice, then Bob');
