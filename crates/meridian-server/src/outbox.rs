@@ -156,7 +156,9 @@ async fn handle(cx: &Context, items: Vec<Outbound>, stored: &mut bool) {
                 Some(b) => b.held.push(other),
                 // The append this message follows was refused (it came in an earlier
                 // receive): the message acknowledges events that are not in the log.
-                None if !*stored && matches!(other, Outbound::Deliver { .. }) => {}
+                // Messages that move or end a session (`migrate` once the room is lost)
+                // still go out.
+                None if !*stored && acknowledges(&other) => {}
                 None => release(cx, other),
             },
         }
@@ -178,6 +180,14 @@ async fn flush(cx: &Context, b: Batch) -> bool {
         }
     }
     stored
+}
+
+/// Whether `item` is a message that may acknowledge the events queued before it: any
+/// delivery but those that move or end a session.
+fn acknowledges(item: &Outbound) -> bool {
+    use meridian_protocol::ServerMessage as M;
+    matches!(item, Outbound::Deliver { msg, .. }
+        if !matches!(msg, M::Migrate { .. } | M::Redirect { .. } | M::Left { .. } | M::Error { .. }))
 }
 
 /// Sends a message or closes a session (items that wait for no append).
@@ -406,6 +416,21 @@ mod tests {
             early.is_err(),
             "the acknowledgement of a refused append went out"
         );
+        // Telling the client to move still goes out.
+        let migrate = Outbound::Deliver {
+            stream: STREAM.into(),
+            to: sink.clone(),
+            msg: ServerMessage::Migrate {
+                url: None,
+                reason: "fenced".into(),
+            },
+        };
+        handle(&cx, vec![migrate], &mut stored).await;
+        let moved = tokio::time::timeout(Duration::from_secs(5), queue.recv())
+            .await
+            .expect("migrate goes out after a refused append")
+            .expect("queue open");
+        assert!(format!("{moved:?}").contains("migrate"), "{moved:?}");
 
         handle(&cx, vec![append(2)], &mut stored).await;
         assert!(stored);
