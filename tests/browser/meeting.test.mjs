@@ -134,6 +134,18 @@ async function diagnostics(pages) {
         errors: window.meridian?.session?.errors,
         notices: [...document.querySelectorAll('#notices li')].map((l) => l.textContent),
         frames: (await window.meridian?.stats())?.framesDecoded,
+        // Active speaker inputs: the detector's smoothed powers and the audio receive stats.
+        speaker: window.meridian?.session?.speaker?.current ?? null,
+        powers: Object.fromEntries(window.meridian?.session?.speaker?.powers?.() ?? []),
+        audioIn: await (async () => {
+          const s = window.meridian?.session;
+          const owners = Object.fromEntries([...(s?.subTracks ?? [])].map(([mid, t]) => [mid, t.participant_id]));
+          const stats = s?.sub ? [...(await s.sub.getStats()).values()] : [];
+          return stats.filter((r) => r.type === 'inbound-rtp' && r.kind === 'audio').map((r) => ({
+            mid: r.mid, owner: owners[r.mid], packets: r.packetsReceived, energy: r.totalAudioEnergy,
+            duration: r.totalSamplesDuration, level: r.audioLevel, concealed: r.concealedSamples,
+          }));
+        })(),
       }));
       console.log(`${name}:`, JSON.stringify(d, null, 2));
     } catch (e) {

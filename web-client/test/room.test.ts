@@ -354,7 +354,7 @@ describe('Room (SDK public API)', () => {
 
 describe('active speaker and quality', () => {
   const sample = (e: Record<string, [number, number]>) =>
-    Object.entries(e).map(([participantId, [totalAudioEnergy, totalSamplesDuration]]) => ({ participantId, totalAudioEnergy, totalSamplesDuration }));
+    Object.entries(e).map(([participantId, [totalAudioEnergy, totalSamplesDuration]]) => ({ participantId, source: `in-${participantId}`, totalAudioEnergy, totalSamplesDuration }));
 
   it('picks the loudest participant, keeps it against a slightly louder one, and moves when it goes quiet', () => {
     const d = new ActiveSpeakerDetector({ threshold: 1e-4, switchRatio: 1.5, smoothing: 0 });
@@ -363,6 +363,24 @@ describe('active speaker and quality', () => {
     expect(d.update(sample({ a: [0.02, 2], b: [0.014, 2] }))).toBe('a'); // b 1.2× louder: no switch
     expect(d.update(sample({ a: [0.02, 3], b: [0.024, 3] }))).toBe('b'); // a muted
     expect(d.update(sample({ a: [0.02, 4], b: [0.024, 4] }))).toBeNull(); // silence
+  });
+
+  it('reads each participant\'s counters per stats entry: a stale entry of an old SSRC does not mix into the live one', () => {
+    // Seen in Chromium: after a stream's SSRC changes, getStats keeps the old SSRC's
+    // inbound-rtp (counters frozen) next to the new one, both with the same mid. Mixing
+    // the two gave averages over the whole call, so a long speaker kept the highlight.
+    const d = new ActiveSpeakerDetector({ threshold: 1e-4, switchRatio: 1.5, smoothing: 0 });
+    const at = (t: number, a: number, bLive: number) => [
+      { participantId: 'a', source: 'a-old', totalAudioEnergy: 0, totalSamplesDuration: 5 },
+      { participantId: 'a', source: 'a-new', totalAudioEnergy: a, totalSamplesDuration: t },
+      { participantId: 'b', source: 'b-old', totalAudioEnergy: 0, totalSamplesDuration: 4 },
+      { participantId: 'b', source: 'b-new', totalAudioEnergy: bLive, totalSamplesDuration: t },
+    ];
+    d.update(at(40, 10, 0));
+    expect(d.update(at(41, 10.5, 0))).toBe('a');
+    // a mutes (its counters stop), b speaks quietly: b within one sample.
+    expect(d.update(at(42, 10.5, 0.01))).toBe('b');
+    expect(d.powers().get('a')).toBe(0);
   });
 
   it('grades connection quality from loss and RTT', () => {

@@ -19,6 +19,12 @@ export const DEFAULT_SPEAKER_POLICY: SpeakerPolicy = { threshold: 1e-4, switchRa
 export interface AudioEnergy {
   /** Who: a participant id. */
   participantId: string;
+  /**
+   * Which counters: the stats entry's id. One participant can have several at once (a
+   * receiver keeps the entry of an SSRC it no longer receives next to the new one),
+   * and counters are only comparable within one entry.
+   */
+  source: string;
   /** `totalAudioEnergy` (sum of audioLevel² × duration). */
   totalAudioEnergy: number;
   /** `totalSamplesDuration`, seconds. */
@@ -40,12 +46,12 @@ export function audioEnergies(
     if (r.type !== 'inbound-rtp' || r.kind !== 'audio') continue;
     const who = owners.get(r.mid ?? '');
     if (who === undefined || r.totalAudioEnergy === undefined || r.totalSamplesDuration === undefined) continue;
-    out.push({ participantId: who, totalAudioEnergy: r.totalAudioEnergy, totalSamplesDuration: r.totalSamplesDuration });
+    out.push({ participantId: who, source: r.id ?? `in:${r.mid}`, totalAudioEnergy: r.totalAudioEnergy, totalSamplesDuration: r.totalSamplesDuration });
   }
   for (const r of pub) {
     if (r.type !== 'media-source' || r.kind !== 'audio') continue;
     if (r.totalAudioEnergy === undefined || r.totalSamplesDuration === undefined) continue;
-    out.push({ participantId: self, totalAudioEnergy: r.totalAudioEnergy, totalSamplesDuration: r.totalSamplesDuration });
+    out.push({ participantId: self, source: r.id ?? 'self', totalAudioEnergy: r.totalAudioEnergy, totalSamplesDuration: r.totalSamplesDuration });
   }
   return out;
 }
@@ -70,23 +76,25 @@ export class ActiveSpeakerDetector {
 
   /** Feeds one sample of counters; returns the active speaker (null: nobody). */
   update(samples: AudioEnergy[]): string | null {
-    const seen = new Set<string>();
+    // Mean power per participant over the interval: the sum over its entries (an entry
+    // that stopped counting adds nothing).
+    const now = new Map<string, number>();
+    const sources = new Set<string>();
     for (const s of samples) {
-      seen.add(s.participantId);
-      const prev = this.last.get(s.participantId);
-      this.last.set(s.participantId, { e: s.totalAudioEnergy, d: s.totalSamplesDuration });
+      sources.add(s.source);
+      const prev = this.last.get(s.source);
+      this.last.set(s.source, { e: s.totalAudioEnergy, d: s.totalSamplesDuration });
       if (!prev) continue;
       const dd = s.totalSamplesDuration - prev.d;
       const de = s.totalAudioEnergy - prev.e;
       const p = dd > 0 && de >= 0 ? de / dd : 0;
-      const old = this.power.get(s.participantId) ?? p;
-      this.power.set(s.participantId, old * this.policy.smoothing + p * (1 - this.policy.smoothing));
+      now.set(s.participantId, (now.get(s.participantId) ?? 0) + p);
     }
-    for (const id of [...this.power.keys()]) {
-      if (!seen.has(id)) {
-        this.power.delete(id);
-        this.last.delete(id);
-      }
+    for (const id of [...this.last.keys()]) if (!sources.has(id)) this.last.delete(id);
+    for (const id of [...this.power.keys()]) if (!now.has(id)) this.power.delete(id);
+    for (const [id, p] of now) {
+      const old = this.power.get(id) ?? p;
+      this.power.set(id, old * this.policy.smoothing + p * (1 - this.policy.smoothing));
     }
     let best: string | null = null;
     let bestP = this.policy.threshold;
