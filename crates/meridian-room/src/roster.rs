@@ -98,7 +98,10 @@ fn check(roster: &[RosterEntry]) -> Result<(), RosterError> {
         if e.identity.is_empty() || e.identity.len() > MAX_RELAY_IDENTITY_BYTES {
             return Err(RosterError::BadEntry("identity empty or too long"));
         }
-        if e.name.as_ref().is_some_and(|n| n.len() > MAX_RELAY_NAME_BYTES) {
+        if e.name
+            .as_ref()
+            .is_some_and(|n| n.len() > MAX_RELAY_NAME_BYTES)
+        {
             return Err(RosterError::BadEntry("name too long"));
         }
         if !ids.insert(e.participant_id.as_str()) {
@@ -383,7 +386,11 @@ impl<S: Clone> Controller<S> {
             self.shown.insert(part.to_string(), now_shown);
         }
         for participant_id in gone {
-            self.broadcast(part, None, ServerMessage::ParticipantLeft { participant_id });
+            self.broadcast(
+                part,
+                None,
+                ServerMessage::ParticipantLeft { participant_id },
+            );
         }
         for participant in joined {
             self.broadcast(part, None, ServerMessage::ParticipantJoined { participant });

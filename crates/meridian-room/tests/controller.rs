@@ -1307,7 +1307,12 @@ fn listed(pid: &str, identity: &str, name: Option<&str>, joined_ago_ms: u64) -> 
 }
 
 impl World {
-    fn roster(&mut self, part: &str, source: &str, roster: Vec<RosterEntry>) -> Result<(), RosterError> {
+    fn roster(
+        &mut self,
+        part: &str,
+        source: &str,
+        roster: Vec<RosterEntry>,
+    ) -> Result<(), RosterError> {
         let r = self.c.handle_remote_roster(self.now, part, source, roster);
         self.collect();
         r
@@ -1316,7 +1321,9 @@ impl World {
     /// The name `conn` was last told for `pid` (by `participant_joined`).
     fn told_name(&self, conn: Conn, pid: &str) -> Option<Option<String>> {
         self.messages(conn).iter().rev().find_map(|m| match m {
-            ServerMessage::ParticipantJoined { participant } if participant.participant_id == pid => {
+            ServerMessage::ParticipantJoined { participant }
+                if participant.participant_id == pid =>
+            {
                 Some(participant.name.clone())
             }
             _ => None,
@@ -1328,7 +1335,10 @@ impl World {
         let Some(ServerMessage::Joined { participants, .. }) = self.messages(conn).first() else {
             panic!("joined first");
         };
-        participants.iter().map(|p| p.participant_id.clone()).collect()
+        participants
+            .iter()
+            .map(|p| p.participant_id.clone())
+            .collect()
     }
 }
 
@@ -1345,7 +1355,11 @@ fn far_participants_who_publish_nothing_come_go_and_change_name_from_their_part_
     b.roster("r", "node-a/r", far.clone()).expect("taken");
     assert_eq!(comings_and_goings(&b, 2, "9000001"), "+");
     assert_eq!(comings_and_goings(&b, 2, "9000002"), "+");
-    assert_eq!(comings_and_goings(&b, 2, bob), "", "bob is not told of himself");
+    assert_eq!(
+        comings_and_goings(&b, 2, bob),
+        "",
+        "bob is not told of himself"
+    );
     assert_eq!(b.told_name(2, "9000001"), Some(Some("Alice".into())));
     // The same roster again tells nobody anything.
     let before = b.messages(2).len();
@@ -1367,9 +1381,17 @@ fn far_participants_who_publish_nothing_come_go_and_change_name_from_their_part_
         b.events("r")
     );
     // Alice changes her name; carol leaves.
-    b.roster("r", "node-a/r", vec![listed("9000001", "alice", Some("Alice B."), 0)])
-        .expect("taken");
-    assert_eq!(comings_and_goings(&b, 2, "9000001"), "++", "told again, renamed");
+    b.roster(
+        "r",
+        "node-a/r",
+        vec![listed("9000001", "alice", Some("Alice B."), 0)],
+    )
+    .expect("taken");
+    assert_eq!(
+        comings_and_goings(&b, 2, "9000001"),
+        "++",
+        "told again, renamed"
+    );
     assert_eq!(b.told_name(2, "9000001"), Some(Some("Alice B.".into())));
     assert_eq!(b.told_name(3, "9000001"), Some(Some("Alice B.".into())));
     assert_eq!(comings_and_goings(&b, 2, "9000002"), "+-");
@@ -1388,9 +1410,17 @@ fn of_one_identity_in_two_far_parts_the_newest_is_shown() {
         .expect("taken");
     // Alice joins again in a third part while her older session waits out its grace.
     b.now += Duration::from_millis(500);
-    b.roster("r", "node-c/r~node-c", vec![listed("2", "alice", None, 100)])
-        .expect("taken");
-    assert_eq!(comings_and_goings(&b, 2, "1"), "+-", "the older one is replaced");
+    b.roster(
+        "r",
+        "node-c/r~node-c",
+        vec![listed("2", "alice", None, 100)],
+    )
+    .expect("taken");
+    assert_eq!(
+        comings_and_goings(&b, 2, "1"),
+        "+-",
+        "the older one is replaced"
+    );
     assert_eq!(comings_and_goings(&b, 2, "2"), "+");
     let order: Vec<&ServerMessage> = b.messages(2).iter().rev().take(2).collect();
     assert!(
@@ -1402,8 +1432,12 @@ fn of_one_identity_in_two_far_parts_the_newest_is_shown() {
     b.now += Duration::from_millis(500);
     b.roster("r", "node-a/r", vec![listed("1", "alice", None, 60_500)])
         .expect("taken");
-    b.roster("r", "node-c/r~node-c", vec![listed("2", "alice", None, 600)])
-        .expect("taken");
+    b.roster(
+        "r",
+        "node-c/r~node-c",
+        vec![listed("2", "alice", None, 600)],
+    )
+    .expect("taken");
     assert_eq!(comings_and_goings(&b, 2, "1"), "+-");
     assert_eq!(comings_and_goings(&b, 2, "2"), "+");
     b.join("r", "dave", 3, None).expect("joins");
@@ -1428,7 +1462,11 @@ fn a_far_part_that_stops_listing_takes_its_people_after_the_grace() {
         b.roster("r", "node-c/r~node-c", vec![listed("2", "erin", None, 0)])
             .expect("taken");
     }
-    assert_eq!(comings_and_goings(&b, 2, "1"), "+", "still within the grace");
+    assert_eq!(
+        comings_and_goings(&b, 2, "1"),
+        "+",
+        "still within the grace"
+    );
     b.advance(Duration::from_millis(600));
     assert_eq!(comings_and_goings(&b, 2, "1"), "+-", "gone with its part");
     assert_eq!(comings_and_goings(&b, 2, "2"), "+");
@@ -1459,7 +1497,10 @@ fn bad_rosters_are_refused_with_a_typed_error_and_change_nothing() {
         b.roster("r", "node-a/r", vec![long_identity]),
         Err(RosterError::BadEntry(_))
     ));
-    let twice = vec![listed("1", "alice", None, 0), listed("1", "mallory", None, 0)];
+    let twice = vec![
+        listed("1", "alice", None, 0),
+        listed("1", "mallory", None, 0),
+    ];
     assert!(matches!(
         b.roster("r", "node-a/r", twice),
         Err(RosterError::BadEntry(_))
@@ -1470,7 +1511,8 @@ fn bad_rosters_are_refused_with_a_typed_error_and_change_nothing() {
     ));
     assert_eq!(b.messages(2).len(), before, "nothing told");
     for i in 0..MAX_ROSTER_SOURCES {
-        b.roster("r", &format!("node-{i}/r"), Vec::new()).expect("taken");
+        b.roster("r", &format!("node-{i}/r"), Vec::new())
+            .expect("taken");
     }
     assert_eq!(
         b.roster("r", "one-too-many/r", vec![listed("1", "alice", None, 0)]),
@@ -1488,9 +1530,15 @@ fn a_node_lists_its_own_participants_and_parts_on_one_node_see_each_other() {
     let mut w = World::new(65);
     let alice = w.join("r", "alice", 1, None).expect("joins").participant;
     w.now += Duration::from_millis(1500);
-    let bob = w.join("r~node-b", "bob", 2, None).expect("joins").participant;
+    let bob = w
+        .join("r~node-b", "bob", 2, None)
+        .expect("joins")
+        .participant;
     let roster = w.c.roster(w.now, "r");
-    assert_eq!(roster, vec![listed(&alice.to_string(), "alice", Some("ALICE"), 1500)]);
+    assert_eq!(
+        roster,
+        vec![listed(&alice.to_string(), "alice", Some("ALICE"), 1500)]
+    );
     assert_eq!(w.c.roster(w.now, "r~node-b").len(), 1);
     assert!(w.c.roster(w.now, "other").is_empty());
     // Neither part knows the other's participant until the rosters are shared.
