@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 mod cut;
+mod roster;
 mod session;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -39,6 +40,7 @@ use rand::{Rng, SeedableRng};
 use tracing::{debug, info, warn};
 
 pub use cut::MAX_CUT;
+pub use roster::{MAX_ROSTER, MAX_ROSTER_SOURCES, ROSTER_GRACE, RosterEntry, RosterError};
 use session::{Logged, Session};
 
 /// What a session may do, from its token.
@@ -253,18 +255,19 @@ pub struct Controller<S> {
     /// The latest time handed in, for expiring cuts.
     cut_clock: Instant,
     /// Participants of other parts of a room (on other nodes or regions) whose tracks
-    /// are relayed in, by local part and participant id: what this part's clients are
-    /// told of them. Bounded by the relayed tracks (each has at least one); never
-    /// recorded here (they are in their own part's log).
-    remote: HashMap<String, BTreeMap<String, RemoteParticipant>>,
-}
-
-/// A participant of another part of a room, known from the tracks relayed in.
-struct RemoteParticipant {
-    identity: String,
-    name: Option<String>,
-    /// Its tracks relayed in (it is gone from here with the last).
-    tracks: BTreeSet<String>,
+    /// are relayed in, by local part and participant id. Bounded by the relayed
+    /// tracks (each has at least one); never recorded here (they are in their own
+    /// part's log).
+    remote: HashMap<String, BTreeMap<String, roster::RemoteParticipant>>,
+    /// The other parts' rosters, by local part and source (`roster.rs`); bounded by
+    /// [`MAX_ROSTER_SOURCES`] × [`MAX_ROSTER`] per part.
+    rosters: roster::Rosters,
+    /// The far participants each part's clients were told of.
+    shown: HashMap<String, roster::Shown>,
+    /// When the next far roster runs out of its grace.
+    roster_expiry: Option<Instant>,
+    /// The controller's creation: far participants' join times are kept relative to it.
+    origin: Instant,
 }
 
 impl<S: Clone> Controller<S> {
@@ -298,6 +301,10 @@ impl<S: Clone> Controller<S> {
             cuts: HashMap::new(),
             cut_clock: now,
             remote: HashMap::new(),
+            rosters: HashMap::new(),
+            shown: HashMap::new(),
+            roster_expiry: None,
+            origin: now,
         }
     }
 
@@ -347,7 +354,9 @@ impl<S: Clone> Controller<S> {
         [self.expiries.first(), self.token_expiries.first()]
             .into_iter()
             .flatten()
-            .fold(media, |t, (at, _)| t.min(*at))
+            .map(|(at, _)| *at)
+            .chain(self.roster_expiry)
+            .fold(media, Instant::min)
     }
 
     /// Advances time: the media core's timers and resume-grace expiries.
@@ -381,6 +390,7 @@ impl<S: Clone> Controller<S> {
                 ),
             );
         }
+        self.expire_rosters(now);
         self.drain_sfu_events(now);
     }
 
@@ -643,6 +653,7 @@ impl<S: Clone> Controller<S> {
                 self.resume_index.insert(resume_hash.clone(), id);
             }
             let mut s = Session::dormant(room, &p.identity, &p.name, resume_hash);
+            s.since = Some(now);
             s.logged = Logged {
                 tracks,
                 subscriptions: p.subscriptions.clone(),
@@ -693,6 +704,7 @@ impl<S: Clone> Controller<S> {
             }
         }
         self.rooms.remove(room);
+        self.forget_remote(room);
         self.forgetting = None;
     }
 
@@ -768,6 +780,7 @@ impl<S: Clone> Controller<S> {
             session: Some(session),
             generation,
             dormant: false,
+            since: Some(now),
             ..Session::dormant(&room, &identity, "", resume_hash)
         };
         self.sessions.insert(id, s);
@@ -998,95 +1011,6 @@ impl<S: Clone> Controller<S> {
                 .filter(|t| t.participant_id == pid)
                 .collect(),
         })
-    }
-
-    /// The participants of other parts whose tracks are relayed into `room`.
-    fn remote_infos(&self, room: &str) -> Vec<ParticipantInfo> {
-        let Some(members) = self.remote.get(room) else {
-            return Vec::new();
-        };
-        let tracks = self.sfu.room_tracks(room);
-        members
-            .iter()
-            .map(|(pid, r)| ParticipantInfo {
-                participant_id: pid.clone(),
-                identity: r.identity.clone(),
-                name: r.name.clone(),
-                tracks: tracks
-                    .iter()
-                    .filter(|t| t.participant_id == *pid)
-                    .cloned()
-                    .collect(),
-            })
-            .collect()
-    }
-
-    /// Whether `pid` names a participant of this node (not another part's).
-    fn is_local(&self, pid: &str) -> bool {
-        pid.parse::<ParticipantId>()
-            .is_ok_and(|p| self.sessions.contains_key(&p))
-    }
-
-    /// A track of another part's participant arrived: the first one makes the
-    /// participant known to this part's clients (`participant_joined`).
-    fn remote_track_published(
-        &mut self,
-        room: &str,
-        track: &meridian_protocol::TrackInfo,
-        identity: String,
-        name: Option<String>,
-    ) {
-        let pid = track.participant_id.clone();
-        if self.is_local(&pid) {
-            return;
-        }
-        let members = self.remote.entry(room.to_string()).or_default();
-        let new = !members.contains_key(&pid);
-        members
-            .entry(pid.clone())
-            .or_insert(RemoteParticipant {
-                identity,
-                name,
-                tracks: BTreeSet::new(),
-            })
-            .tracks
-            .insert(track.track_id.clone());
-        if new {
-            let info = self
-                .remote_infos(room)
-                .into_iter()
-                .find(|p| p.participant_id == pid);
-            if let Some(participant) = info {
-                self.broadcast(room, None, ServerMessage::ParticipantJoined { participant });
-            }
-        }
-    }
-
-    /// A track of another part's participant is gone from here: with its last one,
-    /// the participant leaves for this part's clients (`participant_left`).
-    fn remote_track_unpublished(&mut self, room: &str, track_id: &str) {
-        let Some(members) = self.remote.get_mut(room) else {
-            return;
-        };
-        let gone = members.iter_mut().find_map(|(pid, r)| {
-            (r.tracks.remove(track_id) && r.tracks.is_empty()).then(|| pid.clone())
-        });
-        let Some(pid) = gone else {
-            return;
-        };
-        members.remove(&pid);
-        if members.is_empty() {
-            self.remote.remove(room);
-        }
-        if !self.is_local(&pid) {
-            self.broadcast(
-                room,
-                None,
-                ServerMessage::ParticipantLeft {
-                    participant_id: pid,
-                },
-            );
-        }
     }
 
     fn announce_joined(&mut self, id: ParticipantId) {

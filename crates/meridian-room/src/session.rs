@@ -40,6 +40,9 @@ pub(crate) struct Session<S> {
     pub changes: Option<(f64, Instant)>,
     /// When the session's token expires (the session ends then unless refreshed).
     pub token_expires: Option<Instant>,
+    /// Since when it is a participant of its part here (a join, or a restore from the
+    /// log): the age the room's other parts compare identities by.
+    pub since: Option<Instant>,
 }
 
 impl<S> Session<S> {
@@ -63,6 +66,7 @@ impl<S> Session<S> {
             logged: Logged::default(),
             changes: None,
             token_expires: None,
+            since: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The room controller under virtual time: joins, resume within and after the grace,
 //! restore from a room's log with the old track ids, a room lost to another node
-//! (fenced or drained), identity replacement, no-op changes, and the rule that the log
-//! only receives events its fold accepts.
+//! (fenced or drained), identity replacement, no-op changes, the rule that the log
+//! only receives events its fold accepts, and the other parts' participants (relayed
+//! tracks, rosters).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,7 +14,8 @@ use meridian_protocol::{
     ClientMessage, ErrorCode, Layer, ServerMessage, TrackAnnouncement, TrackKind,
 };
 use meridian_room::{
-    Controller, ControllerConfig, Grants, JoinRequest, Joined, Output, RelayOutput,
+    Controller, ControllerConfig, Grants, JoinRequest, Joined, MAX_ROSTER, MAX_ROSTER_SOURCES,
+    Output, ROSTER_GRACE, RelayOutput, RosterEntry, RosterError,
 };
 use str0m::Rtc;
 use str0m::media::{Direction, MediaKind, Simulcast, SimulcastLayer};
@@ -1136,7 +1138,7 @@ fn shuttle_offer(a: &mut World, b: &mut World) {
 }
 
 /// The comings (`+`) and goings (`-`) of `who` announced to `conn`, in order.
-fn comings_and_goings(w: &World, conn: Conn, who: ParticipantId) -> String {
+fn comings_and_goings(w: &World, conn: Conn, who: impl ToString) -> String {
     let who = who.to_string();
     w.messages(conn)
         .iter()
@@ -1292,4 +1294,267 @@ fn a_relayed_publisher_is_a_participant_of_the_far_part_until_its_last_track_goe
             .all(|p| p.participant_id != alice.to_string()),
         "alice is gone for later joiners"
     );
+}
+
+/// One participant of another part, as its node lists it.
+fn listed(pid: &str, identity: &str, name: Option<&str>, joined_ago_ms: u64) -> RosterEntry {
+    RosterEntry {
+        participant_id: pid.into(),
+        identity: identity.into(),
+        name: name.map(str::to_string),
+        joined_ago_ms,
+    }
+}
+
+impl World {
+    fn roster(
+        &mut self,
+        part: &str,
+        source: &str,
+        roster: Vec<RosterEntry>,
+    ) -> Result<(), RosterError> {
+        let r = self.c.handle_remote_roster(self.now, part, source, roster);
+        self.collect();
+        r
+    }
+
+    /// The name `conn` was last told for `pid` (by `participant_joined`).
+    fn told_name(&self, conn: Conn, pid: &str) -> Option<Option<String>> {
+        self.messages(conn).iter().rev().find_map(|m| match m {
+            ServerMessage::ParticipantJoined { participant }
+                if participant.participant_id == pid =>
+            {
+                Some(participant.name.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// The other participants `conn` was given in its `joined`.
+    fn joined_list(&self, conn: Conn) -> Vec<String> {
+        let Some(ServerMessage::Joined { participants, .. }) = self.messages(conn).first() else {
+            panic!("joined first");
+        };
+        participants
+            .iter()
+            .map(|p| p.participant_id.clone())
+            .collect()
+    }
+}
+
+#[test]
+fn far_participants_who_publish_nothing_come_go_and_change_name_from_their_part_s_roster() {
+    let mut b = World::new(61);
+    let bob = b.join("r", "bob", 2, None).expect("joins").participant;
+    let far = vec![
+        listed("9000001", "alice", Some("Alice"), 0),
+        listed("9000002", "carol", None, 0),
+        // Bob himself, as a confused node might list him: not a far participant.
+        listed(&bob.to_string(), "bob", Some("BOB"), 0),
+    ];
+    b.roster("r", "node-a/r", far.clone()).expect("taken");
+    assert_eq!(comings_and_goings(&b, 2, "9000001"), "+");
+    assert_eq!(comings_and_goings(&b, 2, "9000002"), "+");
+    assert_eq!(
+        comings_and_goings(&b, 2, bob),
+        "",
+        "bob is not told of himself"
+    );
+    assert_eq!(b.told_name(2, "9000001"), Some(Some("Alice".into())));
+    // The same roster again tells nobody anything.
+    let before = b.messages(2).len();
+    b.roster("r", "node-a/r", far).expect("taken");
+    assert_eq!(b.messages(2).len(), before);
+    // A late joiner finds them in `joined`; nothing of them is in this part's log.
+    b.join("r", "dave", 3, None).expect("joins");
+    let mut list = b.joined_list(3);
+    list.sort();
+    let mut want = vec![bob.to_string(), "9000001".into(), "9000002".into()];
+    want.sort();
+    assert_eq!(list, want);
+    assert!(
+        !b.events("r").iter().any(|e| matches!(
+            e,
+            Event::ParticipantJoined { identity, .. } if identity == "alice" || identity == "carol"
+        )),
+        "{:?}",
+        b.events("r")
+    );
+    // Alice changes her name; carol leaves.
+    b.roster(
+        "r",
+        "node-a/r",
+        vec![listed("9000001", "alice", Some("Alice B."), 0)],
+    )
+    .expect("taken");
+    assert_eq!(
+        comings_and_goings(&b, 2, "9000001"),
+        "++",
+        "told again, renamed"
+    );
+    assert_eq!(b.told_name(2, "9000001"), Some(Some("Alice B.".into())));
+    assert_eq!(b.told_name(3, "9000001"), Some(Some("Alice B.".into())));
+    assert_eq!(comings_and_goings(&b, 2, "9000002"), "+-");
+    assert_eq!(comings_and_goings(&b, 3, "9000002"), "-");
+    // Her part empties: she leaves.
+    b.roster("r", "node-a/r", Vec::new()).expect("taken");
+    assert_eq!(comings_and_goings(&b, 2, "9000001"), "++-");
+    assert_eq!(b.c.stats().decisions_refused, 0);
+}
+
+#[test]
+fn of_one_identity_in_two_far_parts_the_newest_is_shown() {
+    let mut b = World::new(62);
+    b.join("r", "bob", 2, None).expect("joins");
+    b.roster("r", "node-a/r", vec![listed("1", "alice", None, 60_000)])
+        .expect("taken");
+    // Alice joins again in a third part while her older session waits out its grace.
+    b.now += Duration::from_millis(500);
+    b.roster(
+        "r",
+        "node-c/r~node-c",
+        vec![listed("2", "alice", None, 100)],
+    )
+    .expect("taken");
+    assert_eq!(
+        comings_and_goings(&b, 2, "1"),
+        "+-",
+        "the older one is replaced"
+    );
+    assert_eq!(comings_and_goings(&b, 2, "2"), "+");
+    let order: Vec<&ServerMessage> = b.messages(2).iter().rev().take(2).collect();
+    assert!(
+        matches!(order[1], ServerMessage::ParticipantLeft { .. })
+            && matches!(order[0], ServerMessage::ParticipantJoined { .. }),
+        "the older one leaves before the newer comes: {order:?}"
+    );
+    // Renewals of both keep the choice.
+    b.now += Duration::from_millis(500);
+    b.roster("r", "node-a/r", vec![listed("1", "alice", None, 60_500)])
+        .expect("taken");
+    b.roster(
+        "r",
+        "node-c/r~node-c",
+        vec![listed("2", "alice", None, 600)],
+    )
+    .expect("taken");
+    assert_eq!(comings_and_goings(&b, 2, "1"), "+-");
+    assert_eq!(comings_and_goings(&b, 2, "2"), "+");
+    b.join("r", "dave", 3, None).expect("joins");
+    assert!(!b.joined_list(3).contains(&"1".to_string()));
+    // Her older session's grace ends: nothing to tell.
+    b.roster("r", "node-a/r", Vec::new()).expect("taken");
+    assert_eq!(comings_and_goings(&b, 2, "1"), "+-");
+    assert_eq!(comings_and_goings(&b, 2, "2"), "+");
+}
+
+#[test]
+fn a_far_part_that_stops_listing_takes_its_people_after_the_grace() {
+    let mut b = World::new(63);
+    b.join("r", "bob", 2, None).expect("joins");
+    b.roster("r", "node-a/r", vec![listed("1", "alice", None, 0)])
+        .expect("taken");
+    b.roster("r", "node-c/r~node-c", vec![listed("2", "erin", None, 0)])
+        .expect("taken");
+    // node-c keeps answering, node-a falls silent.
+    for _ in 0..((ROSTER_GRACE.as_millis() / 500) - 1) {
+        b.advance(Duration::from_millis(500));
+        b.roster("r", "node-c/r~node-c", vec![listed("2", "erin", None, 0)])
+            .expect("taken");
+    }
+    assert_eq!(
+        comings_and_goings(&b, 2, "1"),
+        "+",
+        "still within the grace"
+    );
+    b.advance(Duration::from_millis(600));
+    assert_eq!(comings_and_goings(&b, 2, "1"), "+-", "gone with its part");
+    assert_eq!(comings_and_goings(&b, 2, "2"), "+");
+    // Silence from node-c too: its people go.
+    b.advance(ROSTER_GRACE);
+    assert_eq!(comings_and_goings(&b, 2, "2"), "+-");
+}
+
+#[test]
+fn bad_rosters_are_refused_with_a_typed_error_and_change_nothing() {
+    let mut b = World::new(64);
+    b.join("r", "bob", 2, None).expect("joins");
+    let before = b.messages(2).len();
+    let many: Vec<RosterEntry> = (0..=MAX_ROSTER)
+        .map(|i| listed(&i.to_string(), &format!("u{i}"), None, 0))
+        .collect();
+    assert_eq!(
+        b.roster("r", "node-a/r", many),
+        Err(RosterError::TooLarge(MAX_ROSTER + 1))
+    );
+    let long_name = listed("1", "alice", Some(&"x".repeat(257)), 0);
+    assert!(matches!(
+        b.roster("r", "node-a/r", vec![long_name]),
+        Err(RosterError::BadEntry(_))
+    ));
+    let long_identity = listed("1", &"x".repeat(129), None, 0);
+    assert!(matches!(
+        b.roster("r", "node-a/r", vec![long_identity]),
+        Err(RosterError::BadEntry(_))
+    ));
+    let twice = vec![
+        listed("1", "alice", None, 0),
+        listed("1", "mallory", None, 0),
+    ];
+    assert!(matches!(
+        b.roster("r", "node-a/r", twice),
+        Err(RosterError::BadEntry(_))
+    ));
+    assert!(matches!(
+        b.roster("r", "node-a/r", vec![listed("", "alice", None, u64::MAX)]),
+        Err(RosterError::BadEntry(_))
+    ));
+    assert_eq!(b.messages(2).len(), before, "nothing told");
+    for i in 0..MAX_ROSTER_SOURCES {
+        b.roster("r", &format!("node-{i}/r"), Vec::new())
+            .expect("taken");
+    }
+    assert_eq!(
+        b.roster("r", "one-too-many/r", vec![listed("1", "alice", None, 0)]),
+        Err(RosterError::TooManySources("r".into()))
+    );
+    assert_eq!(b.messages(2).len(), before);
+    // A join time far in the past is taken (saturating), not a panic.
+    b.roster("r", "node-0/r", vec![listed("1", "alice", None, u64::MAX)])
+        .expect("taken");
+    assert_eq!(comings_and_goings(&b, 2, "1"), "+");
+}
+
+#[test]
+fn a_node_lists_its_own_participants_and_parts_on_one_node_see_each_other() {
+    let mut w = World::new(65);
+    let alice = w.join("r", "alice", 1, None).expect("joins").participant;
+    w.now += Duration::from_millis(1500);
+    let bob = w
+        .join("r~node-b", "bob", 2, None)
+        .expect("joins")
+        .participant;
+    let roster = w.c.roster(w.now, "r");
+    assert_eq!(
+        roster,
+        vec![listed(&alice.to_string(), "alice", Some("ALICE"), 1500)]
+    );
+    assert_eq!(w.c.roster(w.now, "r~node-b").len(), 1);
+    assert!(w.c.roster(w.now, "other").is_empty());
+    // Neither part knows the other's participant until the rosters are shared.
+    assert_eq!(comings_and_goings(&w, 1, bob), "");
+    let parts = vec!["r".to_string(), "r~node-b".to_string(), "x".to_string()];
+    w.c.share_local_rosters(w.now, &parts);
+    w.collect();
+    assert_eq!(comings_and_goings(&w, 1, bob), "+");
+    assert_eq!(comings_and_goings(&w, 2, alice), "+");
+    // A far roster never passes on: r lists only its own.
+    w.roster("r", "node-c/r~node-c", vec![listed("7", "carol", None, 0)])
+        .expect("taken");
+    assert!(w.c.roster(w.now, "r").iter().all(|e| e.identity == "alice"));
+    // Bob leaves: alice's part hears it at the next sharing.
+    w.send(bob, ClientMessage::Leave);
+    w.c.share_local_rosters(w.now, &parts);
+    w.collect();
+    assert_eq!(comings_and_goings(&w, 1, bob), "+-");
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use meridian_events::RoomState;
 use meridian_media::ParticipantId;
 use meridian_protocol::{ErrorCode, ServerMessage};
-use meridian_room::{Controller, JoinRequest, Joined, Refusal};
+use meridian_room::{Controller, JoinRequest, Joined, Refusal, RosterEntry};
 use meridian_store::NewEvent;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -228,6 +228,15 @@ pub(crate) enum RelayOp {
     RemoveOut { peer: String },
     /// Counters of every link.
     Stats,
+    /// Upstream: the participants of these parts hosted here, for another node.
+    Roster { parts: Vec<String> },
+    /// Downstream: rosters of other parts, each as `(local part, source, roster)`
+    /// (`source` names the other part with its node).
+    RemoteRosters {
+        rosters: Vec<(String, String, Vec<RosterEntry>)>,
+    },
+    /// The parts of one room among these (all hosted here) see each other's people.
+    ShareLocalRosters { parts: Vec<String> },
 }
 
 impl RelayOp {
@@ -300,6 +309,34 @@ impl RelayOp {
                 Ok(RelayReply::Done)
             }
             Self::Stats => Ok(RelayReply::Stats(c.sfu().relay_stats())),
+            Self::Roster { parts } => {
+                // One answer lists at most MAX_ROSTER people in all (its body stays
+                // within the relay-control bound); parts past it wait for the next ask.
+                let mut total = 0;
+                let mut out = Vec::new();
+                for part in parts {
+                    let roster = c.roster(now, &part);
+                    total += roster.len();
+                    if total > meridian_room::MAX_ROSTER && !out.is_empty() {
+                        break;
+                    }
+                    out.push((part, roster));
+                }
+                Ok(RelayReply::Rosters(out))
+            }
+            Self::RemoteRosters { rosters } => {
+                let mut refused = None;
+                for (part, source, roster) in rosters {
+                    if let Err(e) = c.handle_remote_roster(now, &part, &source, roster) {
+                        refused = Some(format!("roster of {source}: {e}"));
+                    }
+                }
+                refused.map_or(Ok(RelayReply::Done), Err)
+            }
+            Self::ShareLocalRosters { parts } => {
+                c.share_local_rosters(now, &parts);
+                Ok(RelayReply::Done)
+            }
         }
     }
 }
@@ -315,6 +352,8 @@ pub(crate) enum RelayReply {
     Answer(String),
     /// Link counters.
     Stats(Vec<meridian_media::RelayStats>),
+    /// The participants of each part asked for.
+    Rosters(Vec<(String, Vec<RosterEntry>)>),
 }
 
 /// One item leaving the node through the outbox, in order within its room stream.

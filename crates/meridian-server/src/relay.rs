@@ -24,7 +24,7 @@
 //! * [`RelayIo`]: the media loop's relay socket (inbound links) and its queue towards
 //!   the driver.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +41,7 @@ use meridian_auth::{Claims, Grants, KeySet, Policy};
 use meridian_events::{Event, part_name, room_of_part};
 use meridian_media::{RelayTrack, TrackId, Transmit};
 use meridian_protocol::Layer;
-use meridian_room::{Controller, RelayOutput};
+use meridian_room::{Controller, RelayOutput, RosterEntry};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
@@ -197,6 +197,27 @@ pub(crate) struct LayerRequest {
     pub layer: Layer,
 }
 
+/// `POST /internal/relay/roster`: the caller wants the participants of these parts
+/// hosted here (its clients list them).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RosterRequest {
+    pub parts: Vec<String>,
+}
+
+/// The answer to `roster`: the participants of each part asked for that is hosted
+/// here (a part not listed is not, or did not fit in this answer).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RosterResponse {
+    pub parts: Vec<PartRoster>,
+}
+
+/// One part's participants.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PartRoster {
+    pub part: String,
+    pub participants: Vec<RosterEntry>,
+}
+
 /// `GET /internal/relay/load`: what placement compares nodes by.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) struct Load {
@@ -233,6 +254,8 @@ pub(crate) struct Relay {
     pub(crate) other_regions: Vec<crate::regions::RegionEntry>,
     /// What this node knows of the other regions' nodes and parts.
     pub(crate) foreign: Mutex<crate::region_relay::Foreign>,
+    /// Nodes whose roster is being asked for now (one request per node at a time).
+    rosters_asked: Mutex<HashSet<String>>,
 }
 
 /// How long a read of the region's placements serves placement decisions (the driver
@@ -304,6 +327,7 @@ impl Relay {
             directory: Mutex::new(Directory::default()),
             other_regions: Vec::new(),
             foreign: Mutex::new(Default::default()),
+            rosters_asked: Mutex::new(HashSet::new()),
         }
     }
 
@@ -667,6 +691,22 @@ impl Relay {
             }
         }
         for (node, pairs) in &want {
+            self.ask_roster(node, pairs);
+        }
+        let mut rooms: Vec<&str> = held.iter().map(|p| room_of_part(p)).collect();
+        rooms.sort_unstable();
+        let shared: Vec<String> = held
+            .iter()
+            .filter(|p| {
+                let r = room_of_part(p);
+                rooms.partition_point(|x| *x < r) + 1 < rooms.partition_point(|x| *x <= r)
+            })
+            .cloned()
+            .collect();
+        if !shared.is_empty() {
+            let _ = self.op(RelayOp::ShareLocalRosters { parts: shared }).await;
+        }
+        for (node, pairs) in &want {
             let mut parts: Vec<String> = pairs.iter().map(|(t, _)| t.clone()).collect();
             parts.sort();
             parts.dedup();
@@ -735,6 +775,54 @@ impl Relay {
             }
             let _ = self.op(RelayOp::RemoveIn { peer: node }).await;
         }
+    }
+
+    /// Asks `node` (in the background, one request at a time) for the participants of
+    /// its parts in `pairs` (`(its part, the local part)`) and hands them to the
+    /// local parts' controller, each named `<node>/<part>`. A part it does not list
+    /// keeps what it listed last, until the controller's grace drops it.
+    fn ask_roster(self: &Arc<Self>, node: &str, pairs: &[(String, String)]) {
+        {
+            let mut asked = self.rosters_asked.lock().unwrap_or_else(|e| e.into_inner());
+            if !asked.insert(node.to_string()) {
+                return;
+            }
+        }
+        let mut parts: Vec<String> = pairs.iter().map(|(t, _)| t.clone()).collect();
+        parts.sort();
+        parts.dedup();
+        let (this, node, pairs) = (self.clone(), node.to_string(), pairs.to_vec());
+        tokio::spawn(async move {
+            let req = RosterRequest { parts };
+            let answer: Result<RosterResponse, RelayError> =
+                this.call(&node, "/internal/relay/roster", Some(&req)).await;
+            match answer {
+                Ok(answer) => {
+                    let rosters: Vec<(String, String, Vec<RosterEntry>)> = answer
+                        .parts
+                        .into_iter()
+                        .flat_map(|r| {
+                            let source = format!("{node}/{}", r.part);
+                            pairs
+                                .iter()
+                                .filter(|(theirs, _)| *theirs == r.part)
+                                .map(|(_, ours)| {
+                                    (ours.clone(), source.clone(), r.participants.clone())
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    if let Err(e) = this.op(RelayOp::RemoteRosters { rosters }).await {
+                        warn!(%node, "roster refused: {e}");
+                    }
+                }
+                Err(e) => debug!(%node, "roster not read: {e}"),
+            }
+            this.rosters_asked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&node);
+        });
     }
 
     /// Sends one relay-control request to `node`'s internal listener (at the address
@@ -846,6 +934,7 @@ pub(crate) fn routes() -> Router<NodeState> {
         .route("/internal/relay/offer", post(offer))
         .route("/internal/relay/layer", post(layer))
         .route("/internal/relay/track", post(track_state))
+        .route("/internal/relay/roster", post(roster))
         .route("/internal/relay/load", get(load))
         .route("/internal/region/parts", post(crate::region_relay::parts))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -975,6 +1064,35 @@ async fn track_state(
     let req: meridian_media::RelayTrackState = parse(&body)?;
     relay.op(RelayOp::TrackState { peer, state: req }).await?;
     Ok(Json(Ack { ok: true }))
+}
+
+async fn roster(
+    State(state): State<NodeState>,
+    cert: Option<Extension<PeerCertificate>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<RosterResponse>, RelayError> {
+    let relay = &state.relay;
+    relay
+        .authorize(cert.as_ref().map(|c| &c.0), &headers)
+        .await?;
+    let req: RosterRequest = parse(&body)?;
+    if req.parts.len() > MAX_PARTS_PER_REQUEST {
+        return Err(RelayError::BadRequest(format!(
+            "more than {MAX_PARTS_PER_REQUEST} parts"
+        )));
+    }
+    let held = state.cluster.held_parts();
+    let parts: Vec<String> = req.parts.into_iter().filter(|p| held.contains(p)).collect();
+    match relay.op(RelayOp::Roster { parts }).await? {
+        RelayReply::Rosters(rosters) => Ok(Json(RosterResponse {
+            parts: rosters
+                .into_iter()
+                .map(|(part, participants)| PartRoster { part, participants })
+                .collect(),
+        })),
+        _ => Err(RelayError::Media("no roster".into())),
+    }
 }
 
 async fn load(

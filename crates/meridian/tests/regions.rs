@@ -506,6 +506,17 @@ async fn a_room_spans_two_regions_each_log_keeps_its_part_and_both_record_the_li
         Some("pub"),
         "the us subscriber is told of the eu publisher: {names:?}"
     );
+    // And the eu publisher is told of the us subscriber, who publishes nothing: from
+    // the roster of its part.
+    let sub_id = subscriber.stats().participant_id;
+    publisher
+        .wait_for(Duration::from_secs(10), |s| {
+            s.participant_names
+                .get(&sub_id)
+                .is_some_and(|(identity, _)| identity == "sub")
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the eu publisher is told of the us subscriber: {s:#?}"));
 
     // Each region's log holds its own part only.
     let eu_room = w.eu.room("cross").await;

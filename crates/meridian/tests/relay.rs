@@ -3,7 +3,8 @@
 //! the three nodes, each part of the room in its own log stream, and each track
 //! crosses each node boundary once over a relay link. Relay control is served on the
 //! internal listener only (mutual TLS with the region's CA) and refuses callers that
-//! are not live nodes of the region.
+//! are not live nodes of the region. Participants who publish nothing are listed on
+//! the other nodes too (rosters).
 
 mod region;
 
@@ -236,6 +237,7 @@ async fn relay_control_refuses_callers_that_are_not_nodes_of_the_region() {
             ("POST", "/internal/relay/subscribe"),
             ("POST", "/internal/relay/offer"),
             ("POST", "/internal/relay/layer"),
+            ("POST", "/internal/relay/roster"),
             ("GET", "/internal/relay/load"),
         ] {
             let (got, answer) = http(&node.http, method, path, token, body).await;
@@ -539,6 +541,80 @@ async fn the_far_nodes_subscribers_choose_the_layer_that_crosses() {
             .unwrap_or_else(|s| panic!("sub-{i} is told the publisher left: {s:#?}"));
     }
     drop(subs);
+    region.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_on_another_node_is_listed_and_its_leaving_is_seen() {
+    let _serial = SERIAL.lock().await;
+    let region = start("relay_roster", 2, &["--max-participants", "1"]).await;
+    let urls = region.urls();
+    let room = "roster";
+    let config = |identity: &str| {
+        light(ClientConfig::subscriber(
+            &urls[0],
+            region.token(identity, room, false),
+        ))
+        .with_fallback_urls(urls.clone())
+    };
+    let watcher = Client::join(config("watcher")).await.expect("joins");
+    assert_eq!(watcher.stats().url, urls[0], "the watcher is on node-a");
+    let joined = Instant::now();
+    let listener = Client::join(config("listener")).await.expect("joins");
+    assert_eq!(
+        listener.stats().url,
+        urls[1],
+        "the cap sends the listener to node-b"
+    );
+    let (wid, lid) = (
+        watcher.stats().participant_id,
+        listener.stats().participant_id,
+    );
+    // Neither publishes anything: each is listed on the other node all the same.
+    watcher
+        .wait_for(Duration::from_secs(10), |s| {
+            s.participant_names.get(&lid) == Some(&("listener".to_string(), None))
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the watcher on node-a is told of the listener: {s:#?}"));
+    eprintln!(
+        "listener on node-b listed on node-a {:?} after its join",
+        joined.elapsed()
+    );
+    listener
+        .wait_for(Duration::from_secs(10), |s| {
+            s.participant_names.contains_key(&wid)
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the listener on node-b is told of the watcher: {s:#?}"));
+    let a_part = region.room(room).await;
+    assert!(
+        a_part
+            .participants
+            .values()
+            .all(|p| p.identity != "listener"),
+        "the listener is in node-b's part's log only: {a_part:#?}"
+    );
+    let left = Instant::now();
+    listener.leave().await.expect("the listener leaves");
+    watcher
+        .wait_for(Duration::from_secs(10), |s| {
+            s.participants_left.contains(&lid)
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the watcher is told the listener left: {s:#?}"));
+    eprintln!("listener's leave seen on node-a after {:?}", left.elapsed());
+    assert_eq!(
+        watcher
+            .stats()
+            .participants_joined
+            .iter()
+            .filter(|p| **p == lid)
+            .count(),
+        1,
+        "announced once"
+    );
+    drop(watcher);
     region.cleanup().await;
 }
 
