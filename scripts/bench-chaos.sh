@@ -104,6 +104,7 @@ for scenario in $SCENARIOS; do
     --ping-interval 1s --ping-timeout 30s \
     --node-pid "$NODE_PID" --node-metrics "$METRICS" --json | tee "$DATA/loadgen.out"
   tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"scenario\":\"$scenario${TAG:-}\",\"injected_delay_ms\":$([ -n "$impair" ] && echo 200 || echo 0),/" >> "$OUT"
+  echo "   node: $(curl -fs "http://$METRICS/metrics" | grep -E '^meridian_(rtx_copies|fec_bytes)_total' | tr '\n' ' ')"
   kill "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
   rm -rf "${DATA:?}"/*
 done

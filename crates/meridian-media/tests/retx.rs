@@ -163,19 +163,20 @@ fn a_subscribers_nack_is_answered_in_the_wake_up_it_arrives() {
     let per_nack = resend_delays(&h, s, down, mark);
     let all: Vec<Duration> = per_nack.iter().flatten().map(|(_, d)| *d).collect();
     let firsts = per_nack.iter().flatten().filter(|(i, _)| *i == 0).count();
+    let at_once = per_nack
+        .iter()
+        .flatten()
+        .filter(|(i, d)| *i == 0 && d.is_zero())
+        .count();
     eprintln!(
-        "{} NACKs, {} packets answered ({firsts} named first): NACK → retransmission at the node mean {:?}, max {:?}",
+        "{} NACKs, {} packets answered ({firsts} named first, {at_once} of them at once): \
+         NACK → retransmission at the node mean {:?}, max {:?}",
         per_nack.len(),
         all.len(),
         mean(&all),
         all.iter().max()
     );
     assert!(firsts >= 10, "NACKs answered: {firsts}");
-    let at_once = per_nack
-        .iter()
-        .flatten()
-        .filter(|(i, d)| *i == 0 && d.is_zero())
-        .count();
     assert!(
         at_once * 10 >= firsts * 8,
         "the first packet of most NACKs leaves at once: {at_once} of {firsts}"

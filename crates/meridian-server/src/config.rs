@@ -838,6 +838,18 @@ mod tests {
     }
 
     #[test]
+    fn the_retransmission_copy_threshold_is_a_share() {
+        let mut c = Config::default();
+        c.media.rtx_copy_loss = 0.0;
+        c.validate().unwrap();
+        for bad in [-0.1, 1.5, f32::NAN] {
+            c.media.rtx_copy_loss = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("media.rtx_copy_loss"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn binding_all_interfaces_needs_a_public_ip() {
         let mut c = Config::default();
         c.media.addr = "0.0.0.0:7882".parse().unwrap();
