@@ -21,6 +21,9 @@
 #   OUT          JSON lines appended here (default /tmp/bench-chaos.jsonl)
 #   PLOTDIR      latency samples and the PNG (default /tmp/bench-chaos)
 #   NODE_CPU, LOAD_CPU  CPUs the node and the load generator are pinned to (0, 1)
+#   NODE_ARGS    extra arguments for `meridian serve` (e.g. `--config off.toml` with
+#                `[media] rtx_copy_loss = 0` to compare without retransmission copies)
+#   TAG          suffix of the scenario names in $OUT and $PLOTDIR (compare variants)
 #
 # Scenarios (all with delay=200ms,jitter=20ms on the node's egress except `clean`):
 #   clean       no impairment (node CPU before chaos)
@@ -87,6 +90,8 @@ for scenario in $SCENARIOS; do
   args=(serve --dev --data-dir "$DATA" --http-addr "$HTTP" --media-addr "$MEDIA"
         --wt-addr "$WT" --metrics-listen "$METRICS" --node-id chaos)
   [ -n "$impair" ] && args+=(--impair "$impair" --impair-direction egress --impair-seed 7)
+  read -ra extra <<< "${NODE_ARGS:-}"
+  args+=("${extra[@]}")
   taskset -c "$NODE_CPU" "$BIN" "${args[@]}" > "$DATA/node.log" 2>&1 &
   NODE_PID=$!
   for _ in $(seq 100); do
@@ -95,10 +100,11 @@ for scenario in $SCENARIOS; do
   done
   taskset -c "$LOAD_CPU" "$BIN" loadgen --url "ws://$HTTP/signal" --data-dir "$DATA" \
     --publishers "$PUBS" --subscribers "$SUBS" --duration "$DURATION" --warmup "$WARMUP" \
-    --playout-deadline "$deadline" "${red[@]}" --latency-out "$PLOTDIR/$scenario.txt" \
+    --playout-deadline "$deadline" "${red[@]}" --latency-out "$PLOTDIR/$scenario${TAG:-}.txt" \
     --ping-interval 1s --ping-timeout 30s \
     --node-pid "$NODE_PID" --node-metrics "$METRICS" --json | tee "$DATA/loadgen.out"
-  tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"scenario\":\"$scenario\",\"injected_delay_ms\":$([ -n "$impair" ] && echo 200 || echo 0),/" >> "$OUT"
+  tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"scenario\":\"$scenario${TAG:-}\",\"injected_delay_ms\":$([ -n "$impair" ] && echo 200 || echo 0),/" >> "$OUT"
+  echo "   node: $(curl -fs "http://$METRICS/metrics" | grep -E '^meridian_(rtx_copies|fec_bytes)_total' | tr '\n' ' ')"
   kill "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
   rm -rf "${DATA:?}"/*
 done
@@ -129,6 +135,7 @@ import matplotlib.pyplot as plt
 plotdir, scenarios = sys.argv[1], sys.argv[2:]
 fig, ax = plt.subplots(figsize=(8, 5))
 for s in scenarios:
+    s += os.environ.get("TAG", "")
     path = os.path.join(plotdir, s + ".txt")
     if not os.path.exists(path):
         continue

@@ -1589,7 +1589,7 @@ impl Session {
                 ts: p.header.timestamp,
                 pt: block_pt,
                 marker: p.header.marker,
-                ext: Vec::new(),
+                ext: std::sync::Arc::from(Vec::new()),
                 payload: body.to_vec(),
             };
             let rebuilt = b.fec.on_media(media.clone());

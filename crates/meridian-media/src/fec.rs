@@ -29,6 +29,7 @@
 //!   (RFC 5109 §7.3), and a browser rebuilds a lost packet byte for byte.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use str0m::Rtc;
 use str0m::format::{CodecConfig, FormatParams};
@@ -423,7 +424,8 @@ pub struct MediaPacket {
     /// The bytes between the 12-byte fixed header and the payload as the receiver's
     /// FEC sees them: empty for Meridian's receivers, the extension block from
     /// [`libwebrtc_extensions`] for a browser. Protected like the payload, before it.
-    pub ext: Vec<u8>,
+    /// Shared: the node writes the same block on most packets of a stream.
+    pub ext: Arc<[u8]>,
     /// The payload.
     pub payload: Vec<u8>,
 }
@@ -761,7 +763,7 @@ impl FecDecoder {
             ts,
             pt: pt_m & 0x7f,
             marker: pt_m & 0x80 != 0,
-            ext: Vec::new(),
+            ext: Arc::from(Vec::new()),
             payload,
         })
     }
@@ -777,7 +779,7 @@ mod tests {
             ts: 90_000 + u32::from(seq / 4) * 3000,
             pt: 96,
             marker,
-            ext: Vec::new(),
+            ext: Arc::from(Vec::new()),
             payload: (0..len).map(|i| (i as u16 ^ seq) as u8).collect(),
         }
     }
@@ -1011,7 +1013,7 @@ mod tests {
     fn parity_for_a_browser_covers_the_extension_block() {
         let mut packets: Vec<MediaPacket> = (0..3u16).map(|s| packet(s, 40, s == 2)).collect();
         for p in &mut packets {
-            p.ext = vec![0xbe, 0xde, 0, 1, 0x40, b'0', 0, 0];
+            p.ext = Arc::from(vec![0xbe, 0xde, 0, 1, 0x40, b'0', 0, 0]);
         }
         let mut enc = FecEncoder::new(true);
         assert!(enc.libwebrtc());

@@ -240,8 +240,13 @@ impl Forwarder {
 
 impl Sfu {
     /// A subscriber media section's statistics (every second): its video FEC group
-    /// follows the loss they show (never below the configured floor).
-    pub(crate) fn fec_loss(&mut self, id: ParticipantId, stats: &str0m::stats::MediaEgressStats) {
+    /// follows the loss they show (never below the configured floor), and so do
+    /// copies of retransmissions (`retx`).
+    pub(crate) fn egress_loss(
+        &mut self,
+        id: ParticipantId,
+        stats: &str0m::stats::MediaEgressStats,
+    ) {
         let floor = self.config.fec_loss_floor;
         let Some(p) = self.participants.get_mut(&id) else {
             return;
@@ -249,11 +254,12 @@ impl Sfu {
         let Some(sub) = p
             .subscriptions
             .values_mut()
-            .find(|s| s.mid == Some(stats.mid) && s.fec.is_some())
+            .find(|s| s.mid == Some(stats.mid))
         else {
             return;
         };
         let loss = sub.loss.update(stats.packets, stats.nacks, stats.loss);
+        sub.path_loss = loss;
         if let Some(enc) = sub.fec.as_mut() {
             enc.set_group(crate::fec::group_for_loss(loss.max(floor)));
         }
@@ -447,12 +453,13 @@ impl Sfu {
             };
             // A browser's FEC also covers the header extensions str0m will write.
             let fec_ext = match &sub.fec {
-                Some(e) if e.libwebrtc() && codec == Codec::Vp8 => {
-                    let rtc = &mut sp.subscriber.rtc;
-                    Some(crate::fec::libwebrtc_extensions_for(
-                        rtc, sub.mid, out_ssrc, &ext,
-                    ))
-                }
+                Some(e) if e.libwebrtc() && codec == Codec::Vp8 => Some(cached_extensions(
+                    &mut sub.fec_ext,
+                    &mut sp.subscriber.rtc,
+                    sub.mid,
+                    out_ssrc,
+                    &ext,
+                )),
                 _ => None,
             };
             let mut api = sp.subscriber.rtc.direct_api();
@@ -485,7 +492,7 @@ impl Sfu {
                         ts: out.ts,
                         pt: *out_pt,
                         marker: pkt.header.marker,
-                        ext: ext.flatten().unwrap_or_default(),
+                        ext: ext.flatten().unwrap_or_else(|| Arc::from(Vec::new())),
                         payload: media,
                     }),
                 };
@@ -558,6 +565,32 @@ impl Sfu {
             self.request_layer_keyframe(track_id, layer, now, false);
         }
     }
+}
+
+/// Extension blocks kept per subscription: the values the node writes on video
+/// (video orientation, mostly absent) take few distinct forms.
+const EXT_CACHE: usize = 4;
+
+/// [`crate::fec::libwebrtc_extensions_for`] for `values`, from `cache` when it was
+/// made for the same values (the map, MID and RTX it also depends on change only by
+/// a negotiation, which empties the cache).
+fn cached_extensions(
+    cache: &mut Vec<(ExtensionValues, Option<Arc<[u8]>>)>,
+    rtc: &mut str0m::Rtc,
+    mid: Option<str0m::media::Mid>,
+    ssrc: str0m::rtp::Ssrc,
+    values: &ExtensionValues,
+) -> Option<Arc<[u8]>> {
+    if let Some((_, block)) = cache.iter().find(|(v, _)| v == values) {
+        return block.clone();
+    }
+    let block: Option<Arc<[u8]>> =
+        crate::fec::libwebrtc_extensions_for(rtc, mid, ssrc, values).map(Arc::from);
+    if cache.len() >= EXT_CACHE {
+        cache.remove(0);
+    }
+    cache.push((values.clone(), block.clone()));
+    block
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ mod pc;
 mod rate;
 pub mod red;
 mod relay;
+mod retx;
 mod room;
 mod rtx;
 mod timers;
@@ -116,6 +117,9 @@ pub struct SfuConfig {
     /// Loss assumed at least for every subscriber's video FEC (0: FEC follows the
     /// loss subscribers report only; see [`fec::group_for_loss`]).
     pub fec_loss_floor: f32,
+    /// Measured loss from which every retransmission to a subscriber is sent twice
+    /// (see `retx`); 0 turns the copies off.
+    pub rtx_copy_loss: f32,
 }
 
 impl SfuConfig {
@@ -133,6 +137,7 @@ impl SfuConfig {
             relay_initial_estimate_bps: 50_000_000,
             worker: 0,
             fec_loss_floor: 0.0,
+            rtx_copy_loss: 0.01,
         }
     }
 }
@@ -323,6 +328,8 @@ pub struct SfuStats {
     pub fec_packets: u64,
     /// Bytes of those ULPFEC packets' payloads.
     pub fec_bytes: u64,
+    /// Retransmissions sent a second time to lossy subscribers (`retx`).
+    pub rtx_copies: u64,
 }
 
 /// How often every subscriber's layers are reconsidered as layer rates change.
@@ -356,6 +363,8 @@ pub struct Sfu {
     /// Sequence of the [`SfuEvent::RelayTrackState`]s this node sent (the downstream
     /// ignores one older than the last it applied).
     relay_seq: u64,
+    /// Copies of retransmissions to lossy subscribers, by send time (`retx`).
+    pending_copies: VecDeque<(Instant, Transmit)>,
 }
 
 impl Sfu {
@@ -382,6 +391,7 @@ impl Sfu {
             relay_by_addr: HashMap::default(),
             relay_transmits: VecDeque::new(),
             relay_seq: 0,
+            pending_copies: VecDeque::new(),
         }
     }
 
@@ -495,6 +505,9 @@ impl Sfu {
             trace!(participant = %id, ?kind, %source, "check refused (address held, or replayed)");
             return;
         }
+        if kind == PcKind::Subscriber {
+            self.arm_rtx_copies(now, id, contents);
+        }
         let Some(p) = self.participants.get_mut(&id) else {
             self.stats.datagrams_unrouted += 1;
             return;
@@ -524,6 +537,7 @@ impl Sfu {
     /// Advances time: call at (or after) [`Sfu::poll_timeout`].
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
+        self.release_copies(now);
         // Only the connections that are due: O(due · log n), not O(participants).
         while let Some((at, (id, kind))) = self.timers.pop_due(now) {
             let Some(p) = self.participants.get_mut(&id) else {
@@ -581,6 +595,10 @@ impl Sfu {
         } else {
             Duration::from_millis(100)
         };
-        self.timers.peek().unwrap_or(self.last_now + idle)
+        let next = self.timers.peek().unwrap_or(self.last_now + idle);
+        match self.pending_copies.front() {
+            Some((at, _)) => next.min(*at),
+            None => next,
+        }
     }
 }

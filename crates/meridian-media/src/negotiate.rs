@@ -134,6 +134,7 @@ impl Sfu {
         // Bind each negotiated media section to its outgoing stream.
         let mut wanted = Vec::new();
         for (track, sub) in p.subscriptions.iter_mut() {
+            sub.fec_ext.clear();
             if let (Some(mid), None) = (sub.mid, sub.out_ssrc)
                 && let Some(tx) = p.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None)
             {
@@ -145,6 +146,7 @@ impl Sfu {
                 // adds latency. Layer choice keeps the rate within the estimate.
                 tx.set_unpaced(true);
                 sub.out_ssrc = Some(tx.ssrc());
+                sub.out_rtx = tx.rtx();
                 sub.active = true;
                 let fec =
                     p.subscriber.rtc.media(mid).is_some_and(|m| {

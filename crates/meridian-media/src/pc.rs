@@ -48,6 +48,9 @@ pub(crate) struct Pc {
     /// Connectivity was lost or ICE restarted: on the next ICE connection the
     /// connection counts as connected again and its video is refreshed by keyframes.
     pub(crate) resync: bool,
+    /// Retransmissions to copy (a subscriber connection on a lossy path, right
+    /// after an RTCP datagram that may carry a NACK: `retx`).
+    pub(crate) rtx_copy: Option<crate::retx::CopyWindow>,
 }
 
 impl Pc {
@@ -131,6 +134,7 @@ impl Pc {
             restart_wanted: false,
             restart_creds: None,
             resync: false,
+            rtx_copy: None,
         }
     }
 }
@@ -213,10 +217,19 @@ impl Sfu {
                         self.timers.update((id, kind), t, now, &mut pc.scheduled);
                         break;
                     }
-                    Ok(Output::Transmit(t)) => queue.push_back(Transmit {
-                        destination: t.destination,
-                        contents: t.contents.into(),
-                    }),
+                    Ok(Output::Transmit(t)) => {
+                        let t = Transmit {
+                            destination: t.destination,
+                            contents: t.contents.into(),
+                        };
+                        if let Some(w) = pc.rtx_copy.as_mut()
+                            && w.take(now, &t.contents)
+                            && crate::retx::queue_copy(&mut self.pending_copies, now, &t)
+                        {
+                            self.stats.rtx_copies += 1;
+                        }
+                        queue.push_back(t);
+                    }
                     Ok(Output::Event(e)) => events.push(e),
                     Err(e) => {
                         warn!(participant = %id, ?kind, "connection failed: {e}");
@@ -284,7 +297,7 @@ impl Sfu {
                 }
             }
             Event::MediaEgressStats(stats) if kind == PcKind::Subscriber => {
-                self.fec_loss(id, &stats);
+                self.egress_loss(id, &stats);
                 if let Some(rtt) = stats.rtt {
                     self.resize_rtx_cache(id, stats.mid, rtt);
                 }

@@ -1,13 +1,14 @@
 //! Room bookkeeping: rooms, participants, published tracks and subscriptions, and the
 //! commands that change them.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use meridian_protocol::{Layer, TrackAnnouncement, TrackInfo, TrackKind};
 use str0m::change::SdpPendingOffer;
 use str0m::format::PayloadParams;
 use str0m::media::{MediaKind, Mid, Pt};
-use str0m::rtp::Ssrc;
+use str0m::rtp::{ExtensionValues, Ssrc};
 use tracing::{debug, warn};
 
 use crate::forward::Forwarder;
@@ -112,6 +113,8 @@ pub(crate) struct IdleSection {
 pub(crate) struct Subscription {
     pub(crate) mid: Option<Mid>,
     pub(crate) out_ssrc: Option<Ssrc>,
+    /// The outgoing stream's RTX SSRC, if it has one (its retransmissions: `retx`).
+    pub(crate) out_rtx: Option<Ssrc>,
     pub(crate) max_layer: usize,
     pub(crate) forwarder: Forwarder,
     /// Incoming payload type → outgoing payload type, and the subscriber's RED payload
@@ -127,6 +130,12 @@ pub(crate) struct Subscription {
     pub(crate) fec: Option<crate::fec::FecEncoder>,
     /// The loss that sets `fec`'s group.
     pub(crate) loss: crate::fec::LossMeter,
+    /// The latest loss `loss` measured (whether retransmissions are copied: `retx`).
+    pub(crate) path_loss: f32,
+    /// The extension blocks a browser's FEC protects, by the values written
+    /// (`fec::libwebrtc_extensions_for`; `None`: none can be known). Emptied when a
+    /// negotiation may change the extension map.
+    pub(crate) fec_ext: Vec<(ExtensionValues, Option<Arc<[u8]>>)>,
 }
 
 pub(crate) struct Track {
@@ -450,6 +459,7 @@ impl Sfu {
             Subscription {
                 mid: None,
                 out_ssrc: None,
+                out_rtx: None,
                 max_layer: 2,
                 forwarder: Forwarder::new(clock),
                 pt_map: Vec::new(),
@@ -458,6 +468,8 @@ impl Sfu {
                 rtx_age: crate::rtx::INITIAL_AGE,
                 fec: None,
                 loss: Default::default(),
+                path_loss: 0.0,
+                fec_ext: Vec::new(),
             },
         );
         p.to_add.push(track);

@@ -297,6 +297,9 @@ pub struct MediaConfig {
     /// The media socket's kernel receive and send buffers, in bytes (0: the kernel's
     /// default). Above `net.core.rmem_max`/`wmem_max` the kernel caps it.
     pub socket_buffer_bytes: usize,
+    /// Measured loss of a subscriber's path from which the node sends every
+    /// retransmission to it twice, 5 ms apart (0: never; default 0.01).
+    pub rtx_copy_loss: f32,
 }
 
 impl MediaConfig {
@@ -381,6 +384,7 @@ impl Default for Config {
                 relay_addr: None,
                 workers: 0,
                 socket_buffer_bytes: 0,
+                rtx_copy_loss: 0.01,
             },
             signaling: SignalingConfig::default(),
             webtransport: WebTransportConfig {
@@ -515,6 +519,9 @@ impl Config {
                 "signaling.session_queue_bytes",
                 "must be at least max_message_bytes and at most 64 MiB",
             );
+        }
+        if !(0.0..=1.0).contains(&self.media.rtx_copy_loss) {
+            return invalid("media.rtx_copy_loss", "must be 0 ..= 1");
         }
         if self.media.workers > MediaConfig::MAX_WORKERS {
             return invalid("media.workers", "must be 0 (one per core) ..= 256");
@@ -828,6 +835,18 @@ mod tests {
         c.validate().unwrap();
         c.http.public_names = vec!["https://x.example".into()];
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_retransmission_copy_threshold_is_a_share() {
+        let mut c = Config::default();
+        c.media.rtx_copy_loss = 0.0;
+        c.validate().unwrap();
+        for bad in [-0.1, 1.5, f32::NAN] {
+            c.media.rtx_copy_loss = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("media.rtx_copy_loss"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -359,6 +359,7 @@ impl Node {
             let mut sfu_config = meridian_media::SfuConfig::new(candidate);
             sfu_config.relay_addr = Some(config.candidate_addr(relay_addr));
             sfu_config.worker = u8::try_from(index).unwrap_or(u8::MAX);
+            sfu_config.rtx_copy_loss = config.media.rtx_copy_loss;
             let controller = meridian_room::ControllerConfig {
                 sfu: sfu_config,
                 resume_grace: config.resume_grace(),

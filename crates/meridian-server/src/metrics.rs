@@ -124,6 +124,9 @@ pub struct Metrics {
     pub layer_switches: Counter,
     /// ULPFEC payload bytes sent with subscribers' video (`meridian_media::fec`).
     pub fec_bytes: Counter,
+    /// Retransmissions sent a second time to lossy subscribers (`meridian_media`'s
+    /// `retx`).
+    pub rtx_copies: Counter,
     /// Video tracks being forwarded to subscribers (the HPA metric).
     pub outbound_video_tracks: Gauge,
     /// Participants on the node.
@@ -204,6 +207,7 @@ impl Default for Metrics {
             keyframe_requests: Counter::default(),
             layer_switches: Counter::default(),
             fec_bytes: Counter::default(),
+            rtx_copies: Counter::default(),
             outbound_video_tracks: Gauge::default(),
             participants: Gauge::default(),
             rooms: Gauge::default(),
@@ -321,6 +325,11 @@ impl Metrics {
             "fec_bytes",
             "ULPFEC payload bytes sent with subscribers' video",
             self.fec_bytes.clone(),
+        );
+        r.register(
+            "rtx_copies",
+            "Retransmissions sent a second time to subscribers on lossy paths",
+            self.rtx_copies.clone(),
         );
         r.register(
             "outbound_video_tracks",
@@ -505,6 +514,7 @@ impl Metrics {
         self.layer_switches
             .inc_by(s.layer_switches - last.layer_switches);
         self.fec_bytes.inc_by(s.fec_bytes - last.fec_bytes);
+        self.rtx_copies.inc_by(s.rtx_copies - last.rtx_copies);
         observed.stats[worker] = s.clone();
         observed.gauges[worker] = (participants, rooms, video);
         self.workers

@@ -153,15 +153,18 @@ pub struct PeerPc {
     pub nat: Option<SocketAddr>,
     /// When set, the path is cut: every datagram between the node and this peer is lost.
     pub cut: bool,
+    /// str0m's raw packet log is on ([`Harness::raw_rtcp`]).
+    pub rtc_raw: bool,
 }
 
 impl PeerPc {
-    fn new(now: Instant, addr: SocketAddr, red: bool, fec: bool) -> PeerPc {
+    fn new(now: Instant, addr: SocketAddr, red: bool, fec: bool, raw: bool) -> PeerPc {
         let mut builder = Rtc::builder()
             .clear_codecs()
             .enable_opus(true, red)
             .enable_vp8(true)
             .set_rtp_mode(fec)
+            .enable_raw_packets(raw)
             .set_stats_interval(None);
         if fec {
             meridian_media::fec::add_codec(builder.codec_config());
@@ -177,6 +180,7 @@ impl PeerPc {
             up: None,
             nat: None,
             cut: false,
+            rtc_raw: raw,
         }
     }
 
@@ -236,6 +240,18 @@ pub struct Client {
     /// With [`Harness::capture_video`]: the decrypted payload of each RED video packet
     /// that arrived, by sequence number.
     pub red_payloads: HashMap<u16, Vec<u8>>,
+    /// With [`Harness::raw_rtcp`]: NACKs the subscriber connection sent (time, media
+    /// SSRC, sequence numbers named).
+    pub nacks_sent: Vec<(Instant, u32, Vec<u16>)>,
+    /// With [`Harness::raw_rtcp`]: NACKs the publisher connection received.
+    pub nacks_received: Vec<(Instant, u32, Vec<u16>)>,
+    /// With [`Harness::raw_rtcp`]: RTP packets the subscriber connection accepted
+    /// (decrypted, duplicates dropped): time, SSRC, payload type, sequence number, and
+    /// the first two payload bytes (a retransmission's original sequence number).
+    pub rtp_received: Vec<(Instant, u32, u8, u16, Option<u16>)>,
+    /// With [`Harness::raw_rtcp`]: RTP datagrams of the publisher connection as they
+    /// reached the node (time, SSRC, sequence number).
+    pub rtp_at_node: Vec<(Instant, u32, u16)>,
 }
 
 impl Client {
@@ -322,6 +338,10 @@ pub struct Harness {
     pub fec_browser: bool,
     /// Keep `sent_to_subscriber` and `red_payloads` of every client.
     pub capture_video: bool,
+    /// Clients added from now on log the RTP and RTCP their connections handle (str0m's
+    /// raw packets), kept in `nacks_sent`, `nacks_received`, `rtp_received` and
+    /// `rtp_at_node`.
+    pub raw_rtcp: bool,
 }
 
 /// Most rounds one `pump` may take before giving up (guards against livelock).
@@ -362,6 +382,7 @@ impl Harness {
             fec: false,
             fec_browser: false,
             capture_video: false,
+            raw_rtcp: false,
         }
     }
 
@@ -414,8 +435,8 @@ impl Harness {
         let idx = self.clients.len();
         self.clients.push(Client {
             id,
-            publisher: PeerPc::new(self.now, pub_addr, self.red, false),
-            subscriber: PeerPc::new(self.now, sub_addr, self.red, self.fec),
+            publisher: PeerPc::new(self.now, pub_addr, self.red, false, self.raw_rtcp),
+            subscriber: PeerPc::new(self.now, sub_addr, self.red, self.fec, self.raw_rtcp),
             source: None,
             frames: Vec::new(),
             sub_tracks: HashMap::new(),
@@ -430,6 +451,10 @@ impl Harness {
             parity_packets: Vec::new(),
             sent_to_subscriber: Vec::new(),
             red_payloads: HashMap::new(),
+            nacks_sent: Vec::new(),
+            nacks_received: Vec::new(),
+            rtp_received: Vec::new(),
+            rtp_at_node: Vec::new(),
         });
         self.by_addr.insert(pub_addr, (idx, true));
         self.by_addr.insert(sub_addr, (idx, false));
@@ -761,6 +786,15 @@ impl Harness {
                     self.captured_stun.push((source, data.clone()));
                 }
                 let rtp = is_rtp(&data);
+                if rtp
+                    && data.len() >= 12
+                    && let Some(&(idx, true)) = self.by_addr.get(&source)
+                    && self.clients[idx].publisher.rtc_raw
+                {
+                    let ssrc = u32::from_be_bytes([data[8], data[9], data[10], data[11]]);
+                    let seq = u16::from_be_bytes([data[2], data[3]]);
+                    self.clients[idx].rtp_at_node.push((now, ssrc, seq));
+                }
                 let (_, spent) = self.drive(|s, now| s.handle_datagram(now, source, &data));
                 if rtp && let Some(p) = &mut self.profile {
                     p.rtp_latencies.push(spent);
@@ -929,12 +963,36 @@ impl Harness {
                                 ts: p.header.timestamp,
                                 pt: block_pt,
                                 marker: p.header.marker,
-                                ext: Vec::new(),
+                                ext: std::sync::Arc::from(Vec::new()),
                                 payload: body.to_vec(),
                             })
                         };
                         c.video_packets
                             .extend(rebuilt.iter().map(|m| (now, m.seq, true)));
+                    }
+                    Event::RawPacket(raw) => {
+                        use str0m::rtp::RawPacket;
+                        use str0m::rtp::rtcp::Rtcp;
+                        match *raw {
+                            RawPacket::RtcpTx(Rtcp::Nack(n)) if !publisher => {
+                                c.nacks_sent.push((now, *n.ssrc, nack_seqs(&n)));
+                            }
+                            RawPacket::RtcpRx(Rtcp::Nack(n)) if publisher => {
+                                c.nacks_received.push((now, *n.ssrc, nack_seqs(&n)));
+                            }
+                            RawPacket::RtpRx(h, data) if !publisher => {
+                                let osn = (data.len() >= 2)
+                                    .then(|| u16::from_be_bytes([data[0], data[1]]));
+                                c.rtp_received.push((
+                                    now,
+                                    *h.ssrc,
+                                    *h.payload_type,
+                                    h.sequence_number,
+                                    osn,
+                                ));
+                            }
+                            _ => {}
+                        }
                     }
                     Event::MediaData(d) if !publisher => {
                         if let Some(header) = FrameHeader::parse(&d.data) {
@@ -1085,6 +1143,20 @@ pub fn is_rtp(data: &[u8]) -> bool {
         let pt = data[1] & 0x7f;
         !(64..96).contains(&pt)
     }
+}
+
+/// The sequence numbers a NACK names (RFC 4585 §6.2.1: PID and the bitmask after it).
+pub fn nack_seqs(n: &str0m::rtp::rtcp::Nack) -> Vec<u16> {
+    let mut out = Vec::new();
+    for e in n.reports.iter() {
+        out.push(e.pid);
+        for i in 0..16u16 {
+            if e.blp & (1 << i) != 0 {
+                out.push(e.pid.wrapping_add(i + 1));
+            }
+        }
+    }
+    out
 }
 
 /// A seeded link with `loss` (0..1) random loss and `latency`.
