@@ -322,6 +322,9 @@ pub struct Harness {
     pub fec_browser: bool,
     /// Keep `sent_to_subscriber` and `red_payloads` of every client.
     pub capture_video: bool,
+    /// When set, datagrams the peers send to the node are held here instead of handed
+    /// in (for a test to hand them in itself, e.g. all at one instant).
+    pub held: Option<Vec<(SocketAddr, Vec<u8>)>>,
 }
 
 /// Most rounds one `pump` may take before giving up (guards against livelock).
@@ -362,6 +365,7 @@ impl Harness {
             fec: false,
             fec_browser: false,
             capture_video: false,
+            held: None,
         }
     }
 
@@ -757,6 +761,10 @@ impl Harness {
             }
             while let Some((source, data)) = self.to_sfu.pop_front() {
                 moved = true;
+                if let Some(held) = &mut self.held {
+                    held.push((source, data));
+                    continue;
+                }
                 if self.capture_stun && data.first().is_some_and(|b| *b < 2) {
                     self.captured_stun.push((source, data.clone()));
                 }
