@@ -7,11 +7,10 @@
 //! `quinn_proto::Connection`: the driver hands it time and input
 //! ([`Controller::handle_join`], [`Controller::handle_message`],
 //! [`Controller::handle_datagram`], [`Controller::handle_timeout`] and, before sending,
-//! [`Controller::handle_due`], …) and takes what it
-//! produced ([`Controller::poll_output`] for log appends and client messages,
-//! [`Controller::poll_transmit`] for datagrams, [`Controller::poll_timeout`] for when to
-//! call again). It holds no socket, clock, task or channel, so every rule here is tested
-//! with virtual time.
+//! [`Controller::handle_due`], …) and takes what it produced ([`Controller::poll_output`]
+//! for log appends and client messages, [`Controller::poll_transmit`] for datagrams,
+//! [`Controller::poll_timeout`] for when to call again). It holds no socket, clock, task
+//! or channel, so every rule here is tested with virtual time.
 //!
 //! Every change of a room is decided against the room's state
 //! ([`meridian_events::decide()`]) before it is queued for the log, so the log only ever
