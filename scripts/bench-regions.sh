@@ -121,6 +121,15 @@ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/idp.p
 openssl pkey -in "$WORK/idp.pem" -pubout -out "$WORK/idp/idp-1.es256.pub.pem" 2>/dev/null
 
 # ---- the region directory, the same in every node's config ----
+# The directory's prices, written once: every region's entry and the result's cost
+# figures read them from here.
+cat >"$WORK/prices.json" <<'JSON'
+{"in_region_per_gb": 0.0, "cross_region_per_gb": 0.02, "internet_per_gb": 0.09, "remote_client_per_gb": 0.15}
+JSON
+# As a TOML inline table (every value written as a float).
+PRICES_TOML=$(jq -r 'to_entries
+  | map("\(.key) = \(.value | tostring | if test("[.eE]") then . else . + ".0" end)")
+  | "{ \(join(", ")) }"' "$WORK/prices.json")
 DIRECTORY=""
 for i in 1 2 3; do
   r=${REGIONS[$((i - 1))]}
@@ -131,7 +140,7 @@ signal_urls = [\"ws://$NET.$i.2:7880/signal\", \"ws://$NET.$i.3:7880/signal\"]
 probe_url = \"http://$NET.$i.2:7880/probe\"
 relay_addr = \"$NET.$i.2:7883\"
 log = \"postgres://postgres@$NET.$i.4:5432/postgres\"
-prices = { in_region_per_gb = 0.0, cross_region_per_gb = 0.02, internet_per_gb = 0.09, remote_client_per_gb = 0.15 }
+prices = $PRICES_TOML
 "
 done
 declare -A NODE_PIDS
@@ -275,10 +284,12 @@ jq -cn \
   --argjson copies "$COPIES" --argjson in_eu "${IN_BY[eu]}" --argjson in_us "${IN_BY[us]}" \
   --argjson in_ap "${IN_BY[ap]}" --argjson us_relay_after "$US_RELAY_AFTER" \
   --argjson wan "$(cat "$WORK/wan.json")" --argjson wan_before "$(cat "$WORK/wan-before.json")" \
+  --argjson p "$(cat "$WORK/prices.json")" \
   --arg victim_name "$VICTIM" --argjson in_bytes "$IN" --argjson cross_bytes "$CROSS" \
   --argjson rooms "$ROOMS" --arg loss "$WAN_LOSS" '
   def med(r; to): (r.region_rtts // [] | map(select(.region == to)) | .[0].samples_ms // [] | sort) as $s
     | if ($s | length) == 0 then null else $s[(($s | length) / 2 | floor)] end;
+  $p.internet_per_gb as $internet | $p.cross_region_per_gb as $cross | $p.remote_client_per_gb as $remote |
   {
     bench: "regions",
     regions: ["eu", "us", "ap"],
@@ -291,17 +302,17 @@ jq -cn \
     in_region_bytes: $in_bytes,
     cross_region_bytes: $cross_bytes,
     in_region_bytes_by_region: {eu: $in_eu, us: $in_us, ap: $in_ap},
-    egress_formula: "multi = client bytes x internet + relayed cross-region bytes x cross_region; one region (eu) = eu client bytes x internet + other regions client bytes x remote_client (prices of the directory: 0.09, 0.02, 0.15 per GB)",
+    egress_formula: "multi = client bytes x internet + relayed cross-region bytes x cross_region; one region (eu) = eu client bytes x internet + other regions client bytes x remote_client (prices of the directory: \($internet), \($cross), \($remote) per GB)",
     copies_per_boundary_max: $copies,
-    egress_cost_multi_region: (($in_bytes * 0.09 + $cross_bytes * 0.02) / 1e9),
-    egress_cost_one_region: (($in_eu * 0.09 + ($in_us + $in_ap) * 0.15) / 1e9),
+    egress_cost_multi_region: (($in_bytes * $internet + $cross_bytes * $cross) / 1e9),
+    egress_cost_one_region: (($in_eu * $internet + ($in_us + $in_ap) * $remote) / 1e9),
     egress_saving_pct: (if ($in_eu + $in_us + $in_ap) > 0 then
-      (100 * (1 - ($in_bytes * 0.09 + $cross_bytes * 0.02) / ($in_eu * 0.09 + ($in_us + $in_ap) * 0.15))) else null end),
+      (100 * (1 - ($in_bytes * $internet + $cross_bytes * $cross) / ($in_eu * $internet + ($in_us + $in_ap) * $remote))) else null end),
     boundary_formula: "spending on media crossing a region boundary (cross-region transfer, transit, NAT; internet egress to each client left out, as it is paid either way): multi = relayed cross-region bytes x cross_region; one region (eu) = other regions client bytes x (remote_client - internet)",
-    boundary_cost_multi_region: ($cross_bytes * 0.02 / 1e9),
-    boundary_cost_one_region: (($in_us + $in_ap) * (0.15 - 0.09) / 1e9),
+    boundary_cost_multi_region: ($cross_bytes * $cross / 1e9),
+    boundary_cost_one_region: (($in_us + $in_ap) * ($remote - $internet) / 1e9),
     boundary_cost_saving_pct: (if ($in_us + $in_ap) > 0 then
-      (100 * (1 - ($cross_bytes * 0.02) / (($in_us + $in_ap) * (0.15 - 0.09)))) else null end),
+      (100 * (1 - ($cross_bytes * $cross) / (($in_us + $in_ap) * ($remote - $internet)))) else null end),
     latency_ms_p50_by_pair: {"eu-eu": $eu.latency_ms_p50, "us-us": $us.latency_ms_p50, "ap-ap": $ap.latency_ms_p50,
       "eu-us": $x3us.latency_ms_p50, "us-ap": $xuaap.latency_ms_p50, "eu-ap": $x3ap.latency_ms_p50},
     latency_ms_p95_by_pair: {"eu-eu": $eu.latency_ms_p95, "us-us": $us.latency_ms_p95, "ap-ap": $ap.latency_ms_p95,

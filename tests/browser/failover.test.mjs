@@ -11,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesDecoded, framesAbove } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPair, framesDecoded, framesAbove } from './harness.mjs';
 
 const SCHEMA = `browser_failover_${process.pid}_${Date.now()}`;
 const PSQL = ['-h', '127.0.0.1', '-U', 'postgres', '-d', 'test', '-v', 'ON_ERROR_STOP=1', '-c'];
@@ -47,17 +47,12 @@ after(async () => {
 
 test('pages reconnect to the surviving node after SIGKILL and see each other again', { timeout: 120_000 }, async () => {
   const errors = [];
-  const room = 'room-failover';
   const nodes = `http://${nodeA.listening.http},http://${nodeB.listening.http}`;
-  const url = (who) => `http://${nodeA.listening.http}/?transport=ws&nodes=${encodeURIComponent(nodes)}` +
-    `&token=${encodeURIComponent(nodeA.token(room, who, '--name', who, '--publish'))}`;
-  const a = await openPage(browser, 'alice', url('alice'), errors);
-  const b = await openPage(browser, 'bob', url('bob'), errors);
+  let a;
+  let b;
   try {
-    for (const p of [a, b]) {
-      await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 20_000 });
-      await framesAbove(p, 0);
-    }
+    [a, b] = await openPair(browser, nodeA, 'room-failover', errors,
+      { query: `&nodes=${encodeURIComponent(nodes)}`, frames: 0 });
     const ids = await Promise.all([a, b].map((p) => p.evaluate(() => window.meridian.session.participantId)));
     const before = await Promise.all([a, b].map(framesDecoded));
     const killedAt = Date.now();
@@ -75,13 +70,12 @@ test('pages reconnect to the surviving node after SIGKILL and see each other aga
   } catch (e) {
     console.log('---- node B stderr ----\n' + nodeB.stderr().slice(-8000));
     for (const [n, p] of [['alice', a], ['bob', b]]) {
-      const d = await p.evaluate(() => ({ history: window.meridian?.statusHistory, errors: window.meridian?.session?.errors }))
+      const d = await p?.evaluate(() => ({ history: window.meridian?.statusHistory, errors: window.meridian?.session?.errors }))
         .catch((err) => String(err));
       console.log(n, JSON.stringify(d));
     }
     throw e;
   } finally {
-    await a.context().close().catch(() => {});
-    await b.context().close().catch(() => {});
+    for (const p of [a, b]) await p?.context().close().catch(() => {});
   }
 });

@@ -175,6 +175,36 @@ export async function framesAbove(page, above, timeoutMs = 30_000) {
 }
 
 /**
+ * Opens Alice's and Bob's pages, both publishing in `room` on `node` (the web client at
+ * `?transport=ws` plus `query`, e.g. `&nodes=…`), and waits until both are connected and
+ * each decoded more than `frames` video frames. Resolves `[alice, bob]`; on failure logs
+ * each page's status history, closes both pages and rejects. Uncaught page errors go to
+ * `errors`.
+ */
+export async function openPair(browser, node, room, errors,
+  { query = '', frames = 10, connectMs = 30_000, framesMs = 30_000 } = {}) {
+  const names = ['alice', 'bob'];
+  const url = (who) => `http://${node.listening.http}/?transport=ws${query}` +
+    `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
+  const pages = [];
+  try {
+    for (const who of names) pages.push(await openPage(browser, who, url(who), errors));
+    for (const p of pages) {
+      await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: connectMs });
+      await framesAbove(p, frames, framesMs);
+    }
+    return pages;
+  } catch (e) {
+    for (const [i, p] of pages.entries()) {
+      const history = await p.evaluate(() => window.meridian?.statusHistory).catch((err) => String(err));
+      console.log(`[openPair] ${names[i]} status history: ${JSON.stringify(history)}`);
+      await p.context().close().catch(() => {});
+    }
+    throw e;
+  }
+}
+
+/**
  * Chromium's WebRTC UMA histograms whose names start with `prefix`, read from
  * chrome://histograms in a new context of `browser` (renderer histograms included):
  * `{ name: { samples, mean } }`. libwebrtc records some only when a stream ends, e.g.

@@ -9,7 +9,7 @@
 // Run: scripts/test.sh, or after building: cd tests/browser && node --test icerestart.test.mjs
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesDecoded, framesAbove } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPair, framesDecoded, framesAbove } from './harness.mjs';
 
 let node;
 let browser;
@@ -42,16 +42,10 @@ async function cutMedia(participantId, ms) {
 
 test('a page whose media path dies comes back by ICE restart on the same participant', { timeout: 120_000 }, async () => {
   const errors = [];
-  const room = 'room-ice-restart';
-  const url = (who) => `http://${node.listening.http}/?transport=ws` +
-    `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
-  const a = await openPage(browser, 'alice', url('alice'), errors);
-  const b = await openPage(browser, 'bob', url('bob'), errors);
+  let a;
+  let b;
   try {
-    for (const p of [a, b]) {
-      await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 20_000 });
-      await framesAbove(p, 10);
-    }
+    [a, b] = await openPair(browser, node, 'room-ice-restart', errors);
     const session = (p) => p.evaluate(() => ({
       id: window.meridian.session.participantId,
       restarts: window.meridian.session.iceRestarts,
@@ -83,13 +77,12 @@ test('a page whose media path dies comes back by ICE restart on the same partici
   } catch (e) {
     console.log('---- node stderr ----\n' + node.stderr().slice(-8000));
     for (const [n, p] of [['alice', a], ['bob', b]]) {
-      const d = await p.evaluate(() => ({ history: window.meridian?.statusHistory, errors: window.meridian?.session?.errors }))
+      const d = await p?.evaluate(() => ({ history: window.meridian?.statusHistory, errors: window.meridian?.session?.errors }))
         .catch((err) => String(err));
       console.log(n, JSON.stringify(d));
     }
     throw e;
   } finally {
-    await a.context().close().catch(() => {});
-    await b.context().close().catch(() => {});
+    for (const p of [a, b]) await p?.context().close().catch(() => {});
   }
 });

@@ -14,7 +14,7 @@
 // Run: scripts/test.sh, or after building: cd tests/browser && node --test videofec.test.mjs
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPage, framesAbove, webrtcHistograms } from './harness.mjs';
+import { checkPrerequisites, checkWebClient, startMeridian, launchChromium, FAKE_MEDIA, openPair, webrtcHistograms } from './harness.mjs';
 
 let node;
 let browser;
@@ -49,16 +49,8 @@ function inboundVideo(page) {
 
 test('Chromium negotiates the node\'s video FEC, rebuilds lost packets from it and keeps decoding', { timeout: 180_000 }, async () => {
   const errors = [];
-  const room = 'room-video-fec';
-  const url = (who) => `http://${node.listening.http}/?transport=ws` +
-    `&token=${encodeURIComponent(node.token(room, who, '--name', who, '--publish'))}`;
-  const a = await openPage(browser, 'alice', url('alice'), errors);
-  const b = await openPage(browser, 'bob', url('bob'), errors);
+  const [a, b] = await openPair(browser, node, 'room-video-fec', errors, { framesMs: 60_000 });
   try {
-    for (const p of [a, b]) {
-      await p.waitForFunction(() => window.meridian?.state() === 'connected', null, { timeout: 30_000 });
-      await framesAbove(p, 10, 60_000);
-    }
     // The node's FEC group follows the NACKed share it measures each second.
     await new Promise((r) => setTimeout(r, 3_000));
     const start = await Promise.all([a, b].map(inboundVideo));

@@ -755,7 +755,7 @@ struct Session {
 
 /// Already-due timeouts one [`Session::poll`] handles at once before leaving the rest
 /// to the loop's next wake-up.
-const MAX_DUE_ROUNDS: u32 = 4;
+const MAX_DUE_ROUNDS: usize = 4;
 
 /// A client connection. The publisher side sends unpaced, as a synthetic source with
 /// fixed layer rates has nothing to adapt (str0m's pacer would only add latency).
@@ -1676,25 +1676,39 @@ impl Session {
         }
     }
 
+    /// Drains a connection's output, then handles its timeouts that are already due
+    /// ([`meridian_media::due_rounds`], at most [`MAX_DUE_ROUNDS`]): str0m asks for one
+    /// whenever written media waits to be packetized or released by its pacer, and
+    /// left to the loop's next wake-up (≥ 1 ms each on tokio's timer) a frame waited
+    /// two of them before leaving.
     fn poll(&mut self, now: Instant, publisher: bool) {
-        let mut due_rounds = 0;
+        self.drain_pc(now, publisher);
+        meridian_media::due_rounds(
+            self,
+            MAX_DUE_ROUNDS,
+            Instant::now,
+            |s| {
+                if publisher {
+                    s.publisher.next_timeout
+                } else {
+                    s.subscriber.next_timeout
+                }
+            },
+            |s, at| {
+                if let Err(e) = s.pc(publisher).rtc.handle_input(Input::Timeout(at)) {
+                    debug!("client timeout: {e}");
+                }
+                s.drain_pc(now, publisher);
+            },
+        );
+    }
+
+    /// Sends, emulates or handles a connection's output until it asks for a timeout.
+    fn drain_pc(&mut self, now: Instant, publisher: bool) {
         loop {
             let out = self.pc(publisher).rtc.poll_output();
             match out {
                 Ok(Output::Timeout(t)) => {
-                    // str0m asks for a timeout that is already due whenever written
-                    // media waits to be packetized or released by its pacer: handle it
-                    // now rather than at the loop's next wake-up (a frame waited two
-                    // of them, ≥ 1 ms each on tokio's timer, before leaving). Bounded,
-                    // so a connection that keeps asking cannot spin the task.
-                    let at = Instant::now();
-                    if t <= at && due_rounds < MAX_DUE_ROUNDS {
-                        due_rounds += 1;
-                        if let Err(e) = self.pc(publisher).rtc.handle_input(Input::Timeout(at)) {
-                            debug!("client timeout: {e}");
-                        }
-                        continue;
-                    }
                     self.pc(publisher).next_timeout = t;
                     return;
                 }

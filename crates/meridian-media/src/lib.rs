@@ -9,7 +9,8 @@
 //!
 //! Like `str0m::Rtc`, the core never touches a socket or a clock:
 //!
-//! * input: [`Sfu::handle_datagram`], [`Sfu::handle_timeout`] and the commands
+//! * input: [`Sfu::handle_datagram`], [`Sfu::handle_timeout`] (and
+//!   [`Sfu::handle_due`] before sending) and the commands
 //!   (`add_participant`, `handle_publisher_offer`, `subscribe`, …), each with `now`;
 //! * output: [`Sfu::poll_transmit`] (datagrams to send), [`Sfu::poll_event`]
 //!   (things signaling must tell clients) and [`Sfu::poll_timeout`] (when to call
@@ -335,6 +336,26 @@ pub struct SfuStats {
 /// How often every subscriber's layers are reconsidered as layer rates change.
 const REALLOCATE_INTERVAL: Duration = Duration::from_millis(500);
 
+/// The rounds of [`Sfu::handle_due`], for a Sans-IO machine that wraps an [`Sfu`] (the
+/// room controller): calls `handle` at each time `clock` gives while that time has
+/// reached `timeout`, at most `max_rounds` times; returns the calls made.
+pub fn due_rounds<T>(
+    machine: &mut T,
+    max_rounds: usize,
+    mut clock: impl FnMut() -> Instant,
+    timeout: impl Fn(&T) -> Instant,
+    mut handle: impl FnMut(&mut T, Instant),
+) -> usize {
+    for round in 0..max_rounds {
+        let now = clock();
+        if now < timeout(machine) {
+            return round;
+        }
+        handle(machine, now);
+    }
+    max_rounds
+}
+
 /// The Sans-IO SFU: see the crate documentation.
 pub struct Sfu {
     config: SfuConfig,
@@ -569,6 +590,25 @@ impl Sfu {
             }
         }
         self.process(now);
+    }
+
+    /// Handles timeouts that are already due, round after round, until none is or
+    /// `max_rounds` were taken; returns the rounds taken. For drivers, before they
+    /// send: a connection with a bandwidth estimate (subscribers, a relay link's
+    /// sending side) releases one written packet per timeout, unpaced streams too
+    /// (str0m's pacer), then asks for a timeout 1 µs later, so a burst (a relayed
+    /// frame, a keyframe) would otherwise leave at one driver wake-up per packet.
+    /// `clock` gives each round's time and must advance as the driver's does: at a
+    /// frozen time each connection releases one packet. Connections with nothing
+    /// queued are not due. (Not part of `handle_datagram`: every packet would pay.)
+    pub fn handle_due(&mut self, max_rounds: usize, clock: impl FnMut() -> Instant) -> usize {
+        due_rounds(
+            self,
+            max_rounds,
+            clock,
+            Sfu::poll_timeout,
+            Sfu::handle_timeout,
+        )
     }
 
     /// Next datagram to send.

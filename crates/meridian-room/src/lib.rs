@@ -6,11 +6,11 @@
 //! ([`RoomState`]). It is Sans-IO in the manner of `str0m::Rtc` and
 //! `quinn_proto::Connection`: the driver hands it time and input
 //! ([`Controller::handle_join`], [`Controller::handle_message`],
-//! [`Controller::handle_datagram`], [`Controller::handle_timeout`], …) and takes what it
-//! produced ([`Controller::poll_output`] for log appends and client messages,
-//! [`Controller::poll_transmit`] for datagrams, [`Controller::poll_timeout`] for when to
-//! call again). It holds no socket, clock, task or channel, so every rule here is tested
-//! with virtual time.
+//! [`Controller::handle_datagram`], [`Controller::handle_timeout`] and, before sending,
+//! [`Controller::handle_due`], …) and takes what it produced ([`Controller::poll_output`]
+//! for log appends and client messages, [`Controller::poll_transmit`] for datagrams,
+//! [`Controller::poll_timeout`] for when to call again). It holds no socket, clock, task
+//! or channel, so every rule here is tested with virtual time.
 //!
 //! Every change of a room is decided against the room's state
 //! ([`meridian_events::decide()`]) before it is queued for the log, so the log only ever
@@ -392,6 +392,19 @@ impl<S: Clone> Controller<S> {
         }
         self.expire_rosters(now);
         self.drain_sfu_events(now);
+    }
+
+    /// Handles already-due timeouts (the media core's and expiries), at most
+    /// `max_rounds` rounds, each at the time `clock` gives; returns the rounds taken.
+    /// Drivers call it before they send: see [`Sfu::handle_due`] for why.
+    pub fn handle_due(&mut self, max_rounds: usize, clock: impl FnMut() -> Instant) -> usize {
+        meridian_media::due_rounds(
+            self,
+            max_rounds,
+            clock,
+            Controller::poll_timeout,
+            Controller::handle_timeout,
+        )
     }
 
     /// A media datagram arrived on the node's socket. A panic while the media core

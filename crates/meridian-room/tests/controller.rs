@@ -352,6 +352,29 @@ fn a_stale_detach_does_not_start_the_grace() {
 }
 
 #[test]
+fn handle_due_handles_what_is_due_and_nothing_before() {
+    let mut w = World::new(41);
+    let a = w.join("r", "alice", 1, None).expect("joins");
+    w.c.handle_detach(w.now, a.participant, a.generation);
+    w.collect();
+    // Before the grace runs out nothing of it is due.
+    let early = w.now + GRACE / 2;
+    w.c.handle_due(8, || early);
+    w.collect();
+    assert_eq!(w.c.session_count(), 1);
+    // After it, one call removes the participant.
+    let late = w.now + GRACE + Duration::from_millis(1);
+    let rounds = w.c.handle_due(8, || late);
+    w.collect();
+    assert!(rounds >= 1, "{rounds}");
+    assert_eq!(w.c.session_count(), 0);
+    assert!(w.events("r").contains(&Event::ParticipantLeft {
+        participant_id: a.participant.to_string(),
+        reason: LeaveReason::Timeout,
+    }));
+}
+
+#[test]
 fn after_the_grace_the_participant_has_left_and_cannot_resume() {
     let mut w = World::new(4);
     let a = w.join("r", "alice", 1, None).expect("joins");

@@ -20,6 +20,9 @@ use crate::workers::{Batch, Handoff};
 
 /// Datagrams handled per wake-up before timers and commands get a turn.
 const RECV_BATCH: usize = 256;
+/// Rounds of already-due timeouts after each datagram: one releases the copies it
+/// made (one per connection); the media loop takes the rest of a burst before it sends.
+const DUE_ROUNDS_PER_DATAGRAM: usize = 1;
 
 /// The socket side of one media worker.
 pub(crate) struct DataPath {
@@ -129,9 +132,7 @@ impl DataPath {
     ) {
         while let Some((source, datagram)) = self.impair.poll_receive(now) {
             controller.handle_datagram(now, source, &datagram);
-            if now >= controller.poll_timeout() {
-                controller.handle_timeout(now);
-            }
+            controller.handle_due(DUE_ROUNDS_PER_DATAGRAM, || now);
         }
         while let Some(t) = self.impair.poll_send(now) {
             self.outgoing.push_back(t);
@@ -177,9 +178,7 @@ fn handle(
     // `handle_datagram`: str0m's pacer picks the queue to send from only when a timeout
     // is handled, and every written stream asks for one at once. So the timeout goes
     // before the send, and the copies leave now (not with the next datagram's send).
-    if now >= controller.poll_timeout() {
-        controller.handle_timeout(now);
-    }
+    controller.handle_due(DUE_ROUNDS_PER_DATAGRAM, || now);
     send_ready(socket, controller, impair, outgoing);
     if controller.sfu_stats().rtp_packets_forwarded > forwarded {
         metrics.forward_latency.observe(now.elapsed().as_secs_f64());

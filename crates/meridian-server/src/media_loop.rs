@@ -27,7 +27,8 @@ const OUTBOX_LIMIT: usize = 100_000;
 /// Least time between two metric updates (taken only after something happened).
 const OBSERVE_EVERY: Duration = Duration::from_millis(250);
 
-/// Most rounds of already-due timeouts one wake-up handles (`MediaLoop::release_due`).
+/// Most rounds of already-due timeouts one wake-up handles before it sends
+/// (`Controller::handle_due`: a burst of packets to one connection leaves in them).
 const MAX_DUE_ROUNDS: usize = 64;
 
 /// What woke a media loop.
@@ -190,23 +191,9 @@ impl MediaLoop {
         }
     }
 
-    /// Handles the controller's already-due timeouts: a connection with a bandwidth
-    /// estimate releases one written packet per timeout (str0m's pacer, unpaced streams
-    /// too), so a burst (a relayed frame, a keyframe) would otherwise leave one loop
-    /// wake-up (≥ 1 ms) per packet. Connections with nothing queued are not due.
-    fn release_due(&mut self) {
-        for _ in 0..MAX_DUE_ROUNDS {
-            let now = Instant::now();
-            if now < self.controller.poll_timeout() {
-                return;
-            }
-            self.controller.handle_timeout(now);
-        }
-    }
-
     /// Sends queued datagrams and hands the controller's outputs to the outbox.
     async fn flush(&mut self) {
-        self.release_due();
+        self.controller.handle_due(MAX_DUE_ROUNDS, Instant::now);
         self.path.send_all(&mut self.controller).await;
         if let Some(relay) = &mut self.relay {
             relay.send(&mut self.controller).await;

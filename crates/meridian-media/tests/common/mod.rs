@@ -342,6 +342,9 @@ pub struct Harness {
     /// raw packets), kept in `nacks_sent`, `nacks_received`, `rtp_received` and
     /// `rtp_at_node`.
     pub raw_rtcp: bool,
+    /// When set, datagrams the peers send to the node are held here instead of handed
+    /// in (for a test to hand them in itself, e.g. all at one instant).
+    pub held: Option<Vec<(SocketAddr, Vec<u8>)>>,
 }
 
 /// Most rounds one `pump` may take before giving up (guards against livelock).
@@ -383,6 +386,7 @@ impl Harness {
             fec_browser: false,
             capture_video: false,
             raw_rtcp: false,
+            held: None,
         }
     }
 
@@ -782,6 +786,10 @@ impl Harness {
             }
             while let Some((source, data)) = self.to_sfu.pop_front() {
                 moved = true;
+                if let Some(held) = &mut self.held {
+                    held.push((source, data));
+                    continue;
+                }
                 if self.capture_stun && data.first().is_some_and(|b| *b < 2) {
                     self.captured_stun.push((source, data.clone()));
                 }
