@@ -28,7 +28,7 @@ use crate::{ParticipantId, Sfu, Transmit};
 
 /// How long after a possible NACK retransmissions are looked for. str0m releases
 /// one packet per timeout, and a NACK's retransmissions follow each other within
-/// the same wake-up of the media loop (`MediaLoop::release_due`).
+/// the same wake-up (`Controller::handle_due` in the media loop's `flush`).
 pub(crate) const WINDOW: Duration = Duration::from_millis(20);
 /// Most datagrams copied per possible NACK (one NACK entry names up to 17 packets).
 pub(crate) const MAX_COPIES: u8 = 17;

@@ -143,7 +143,7 @@ fn resend_delays(
 /// (b) A subscriber's NACK: str0m queues the retransmissions while it receives the
 /// NACK and runs its timeout right after, so the first one leaves in the same
 /// wake-up; str0m's pacer releases one packet per timeout, so the k-th of one NACK
-/// waits for k − 1 more (in the server, `MediaLoop::release_due` runs them at once;
+/// waits for k − 1 more (in the server, the media loop's `Controller::handle_due` runs them at once;
 /// here each is a 1 ms harness step).
 #[test]
 fn a_subscribers_nack_is_answered_in_the_wake_up_it_arrives() {
