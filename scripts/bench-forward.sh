@@ -34,7 +34,8 @@
 #                PERF_DELAY seconds (default 15) after it started; written to
 #                $PERF.<subs>.data (read with `perf report -i ... --sort dso,sym`)
 #
-# Each run prints the load generator's summary; its JSON line (plus the machine's
+# Each run prints the load generator's summary (the node's log is left in
+# /tmp/bench-forward.<label>.<subs>.node.log); its JSON line (plus the machine's
 # load average and the kernel's UDP drop counters of both sides) goes to $OUT.
 # The network namespace, veth pair and node are removed on exit, also after failure.
 set -euo pipefail
@@ -136,6 +137,7 @@ for subs in $SUBS; do
   tail -n1 "$DATA/loadgen.out" | sed "s/^{/{\"label\":\"$LABEL\",\"loadavg\":$load_before,\"node_rcvbuf_drops\":$((h_rcv2 - h_rcv)),\"node_sndbuf_drops\":$((h_snd2 - h_snd)),\"loadgen_rcvbuf_drops\":$((n_rcv2 - n_rcv)),/" >> "$OUT"
   echo "   UDP drops during the run (whole run, joins included): node receive $((h_rcv2 - h_rcv)), node send $((h_snd2 - h_snd)), load generator receive $((n_rcv2 - n_rcv))"
   kill "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true; NODE_PID=
+  cp "$DATA/node.log" "/tmp/bench-forward.$LABEL.$subs.node.log"
   rm -rf "${DATA:?}"/*
 done
 

@@ -669,9 +669,39 @@ struct Playout {
     fec: meridian_media::fec::FecDecoder,
 }
 
+/// A connection's socket: read by the session's task, or (a counting receiver's, once
+/// connected) read by the counting thread, when the task only sends on it and the
+/// runtime no longer watches it: a datagram then wakes no thread of the runtime (on a
+/// veth pair the sender's CPU pays for each such wake-up, which would bill the load
+/// generator's wake-ups to the node under test).
+enum PcSocket {
+    Task(UdpSocket),
+    Counted(std::net::UdpSocket),
+    /// Only while the socket changes hands.
+    Moving,
+}
+
+impl PcSocket {
+    fn try_send_to(&self, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        match self {
+            PcSocket::Task(s) => s.try_send_to(data, to),
+            PcSocket::Counted(s) => s.send_to(data, to),
+            PcSocket::Moving => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// The next datagram, if the task reads this socket; never ready otherwise.
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        match self {
+            PcSocket::Task(s) => s.recv_from(buf).await,
+            _ => std::future::pending().await,
+        }
+    }
+}
+
 struct Pc {
     rtc: Rtc,
-    socket: UdpSocket,
+    socket: PcSocket,
     local: SocketAddr,
     next_timeout: Instant,
     /// RTP mode: received packets come out as packets (for the client's own jitter
@@ -744,7 +774,7 @@ struct Session {
     /// Last sign of life from the node (a message, or a datagram if the policy says so).
     last_heard: Instant,
     /// The counting receiver, once the subscriber connection is up (`count_only`).
-    counter: Option<count::Counter>,
+    counter: Option<count::Counted>,
     /// The paths of the publisher (0) and subscriber (1) connections, for ICE restarts.
     paths: [PathWatch; 2],
     /// The outstanding publisher offer is an ICE restart (its answer names no tracks).
@@ -772,6 +802,15 @@ fn new_rtc(now: Instant, local: SocketAddr, rtp_mode: bool, red: bool, fec: bool
     let mut rtc = builder.build(now);
     rtc.add_local_candidate(Candidate::host(local, "udp").expect("valid host candidate"));
     rtc
+}
+
+/// The next datagram a counting receiver did not count, for the connection; never
+/// ready without one.
+async fn next_uncounted(counter: &mut Option<count::Counted>) -> Option<(SocketAddr, Vec<u8>)> {
+    match counter {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Socket errors that a UDP receive may report for an earlier send (ICMP), not a
@@ -830,7 +869,7 @@ impl Session {
             net_out: config.impairment.map(Netem::new),
             publisher: Pc {
                 rtc: new_rtc(now, pub_local, false, config.red, false),
-                socket: pub_socket,
+                socket: PcSocket::Task(pub_socket),
                 local: pub_local,
                 next_timeout: now,
                 rtp_mode: false,
@@ -839,7 +878,7 @@ impl Session {
             },
             subscriber: Pc {
                 rtc: new_rtc(now, sub_local, deadline_mode, config.red, config.fec),
-                socket: sub_socket,
+                socket: PcSocket::Task(sub_socket),
                 local: sub_local,
                 next_timeout: now,
                 rtp_mode: deadline_mode,
@@ -960,14 +999,13 @@ impl Session {
                     Err(e) if transient_socket_error(&e) => debug!("publisher socket: {e}"),
                     Err(e) => return Err(e.into()),
                 },
-                r = self.subscriber.socket.recv_from(&mut buf_sub), if self.counter.is_none() => match r {
+                r = self.subscriber.socket.recv_from(&mut buf_sub) => match r {
                     Ok((n, from)) => self.incoming(false, from, buf_sub[..n].to_vec()),
                     Err(e) if transient_socket_error(&e) => debug!("subscriber socket: {e}"),
                     Err(e) => return Err(e.into()),
                 },
-                r = self.subscriber.socket.readable(), if self.counter.is_some() => match r {
-                    Ok(()) => self.count_batch(),
-                    Err(e) => return Err(e.into()),
+                Some((from, data)) = next_uncounted(&mut self.counter) => {
+                    self.incoming(false, from, data);
                 },
                 cmd = commands.recv() => match cmd {
                     Some(Command::Send(m)) => {
@@ -1286,6 +1324,14 @@ impl Session {
             });
             self.stats.lock().expect("stats lock").ice_restarts += 1;
         }
+        if self
+            .counter
+            .as_ref()
+            .is_some_and(count::Counted::media_since_last)
+        {
+            // Counted media is a live path too (it never reaches `incoming`).
+            self.paths[1].on_datagram(now);
+        }
         if self.paths[1].restart_due(now, &policy, true) {
             info!("subscriber media path dead: ICE restart");
             self.paths[1].restarted(now);
@@ -1314,27 +1360,6 @@ impl Session {
                 },
             )),
             None => self.deliver(now, publisher, from, &data),
-        }
-    }
-
-    /// Counts what the subscriber socket holds; hands the rest to the connection.
-    fn count_batch(&mut self) {
-        let Some(counter) = &mut self.counter else {
-            return;
-        };
-        let batches = counter.stats().batches;
-        let others = counter.drain(&self.subscriber.socket);
-        let counted = counter.stats().clone();
-        if counted.batches > batches {
-            // Counted media is a live path too (it never reaches `incoming`).
-            self.paths[1].on_datagram(Instant::now());
-        }
-        self.stats
-            .lock()
-            .expect("stats lock never poisoned")
-            .counted = counted;
-        for (from, data) in others {
-            self.incoming(false, from, data);
         }
     }
 
@@ -1773,10 +1798,29 @@ impl Session {
                         })
                         .map(|p| *p.pt())
                         .collect();
-                    match count::Counter::new(&self.subscriber.socket, video_pts) {
-                        Ok(c) => self.counter = Some(c),
-                        Err(e) => warn!("counting receiver: {e}"),
-                    }
+                    self.subscriber.socket =
+                        match std::mem::replace(&mut self.subscriber.socket, PcSocket::Moving) {
+                            PcSocket::Task(socket) => match socket.into_std() {
+                                Ok(socket) => {
+                                    match count::register(&socket, video_pts, self.stats.clone()) {
+                                        Ok(c) => {
+                                            self.counter = Some(c);
+                                            PcSocket::Counted(socket)
+                                        }
+                                        Err(e) => {
+                                            warn!("counting receiver: {e}");
+                                            UdpSocket::from_std(socket)
+                                                .map_or(PcSocket::Moving, PcSocket::Task)
+                                        }
+                                    }
+                                }
+                                Err(e) => {
+                                    warn!("subscriber socket lost: {e}");
+                                    PcSocket::Moving
+                                }
+                            },
+                            other => other,
+                        };
                 }
             }
             Event::KeyframeRequest(KeyframeRequest { rid, .. }) => {

@@ -121,8 +121,10 @@ impl MediaLoop {
             let wake = tokio::select! {
                 biased;
                 cmd = commands.recv() => Wake::Command(cmd),
-                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+                // Before the timer: at saturation the controller's timer is due on every
+                // turn, and the metrics must still move.
                 _ = sleep_until_some(observe_at) => Wake::Observe,
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
                 // Last: a socket that is always readable (saturation) must not starve
                 // commands (joins timed out at 474 subscribers) or the metrics tick.
                 ready = self.path.readable(), if handoff.is_some() => Wake::Socket(ready),
@@ -138,8 +140,15 @@ impl MediaLoop {
                     };
                     self.handle_command(cmd);
                 }
-                // The controller's due timeouts are handled by `flush`.
-                Wake::Timer => self.path.release_impaired(&mut self.controller, woke),
+                // The controller's due timeouts are handled by `flush`. The socket is read
+                // too: a timer that is due on every turn (saturation) would otherwise
+                // starve it, and the kernel would drop what waits there.
+                Wake::Timer => {
+                    self.path.release_impaired(&mut self.controller, woke);
+                    if handoff.is_some() {
+                        self.receive(handoff.as_mut());
+                    }
+                }
                 Wake::Observe => {
                     observe_at = None;
                     self.observe();
@@ -150,19 +159,7 @@ impl MediaLoop {
                         warn!("media socket failed: {e}");
                         return;
                     }
-                    let me = self.routes.index;
-                    self.path.receive_batch(
-                        &mut self.controller,
-                        &self.metrics,
-                        handoff.as_mut(),
-                        me,
-                    );
-                    // The relay socket is read on every media wake-up too: behind the
-                    // always-busy media socket of a loaded node, its own branch would
-                    // rarely get a turn (relayed packets waited hundreds of ms).
-                    if let Some(relay) = &mut self.relay {
-                        relay.receive(&mut self.controller);
-                    }
+                    self.receive(handoff.as_mut());
                 }
                 Wake::Handed(batch) => {
                     let Some(batch) = batch else {
@@ -188,6 +185,18 @@ impl MediaLoop {
             if observe_at.is_none() {
                 observe_at = Some(tokio::time::Instant::now() + OBSERVE_EVERY);
             }
+        }
+    }
+
+    /// Reads a batch from the media socket, then the relay socket: behind the
+    /// always-busy media socket of a loaded node, the relay's own branch would rarely
+    /// get a turn (relayed packets waited hundreds of ms).
+    fn receive(&mut self, handoff: Option<&mut Handoff>) {
+        let me = self.routes.index;
+        self.path
+            .receive_batch(&mut self.controller, &self.metrics, handoff, me);
+        if let Some(relay) = &mut self.relay {
+            relay.receive(&mut self.controller);
         }
     }
 

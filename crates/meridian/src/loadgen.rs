@@ -205,6 +205,17 @@ impl LoginContext {
     }
 }
 
+/// CPU seconds (user + system, all threads) of process `pid` ("self" for this one).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    Some((ticks(14)? + ticks(15)?) / 100.0) // USER_HZ is 100 on Linux
+}
+
 /// The node's counters at one instant (see `--node-pid`, `--node-metrics`).
 #[derive(Clone, Debug, Default)]
 struct NodeSample {
@@ -222,17 +233,8 @@ struct NodeSample {
 impl NodeSample {
     async fn take(pid: Option<u32>, metrics: Option<&str>, data_dir: &Path) -> NodeSample {
         let mut s = NodeSample::default();
-        if let Some(pid) = pid
-            && let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        {
-            // Fields after the command name (which may hold spaces): state is field 3,
-            // utime 14, stime 15.
-            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-            if let (Some(u), Some(k)) = (ticks(14), ticks(15)) {
-                s.cpu_s = (u + k) / 100.0; // USER_HZ is 100 on Linux
-            }
+        if let Some(pid) = pid {
+            s.cpu_s = cpu_seconds(&pid.to_string()).unwrap_or(0.0);
         }
         if let Some(addr) = metrics
             && let Ok(text) = scrape(addr, data_dir).await
@@ -536,6 +538,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     tokio::time::sleep(args.warmup).await;
     let node_metrics = args.node_metrics.as_deref();
     let node_before = NodeSample::take(args.node_pid, node_metrics, &args.data_dir).await;
+    let own_cpu_before = cpu_seconds("self");
     let at_warmup: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
     let pub_at_warmup: Vec<ClientStats> = publishers.iter().map(Client::stats).collect();
     let started = Instant::now();
@@ -543,6 +546,9 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let sub_end: Vec<ClientStats> = subscribers.iter().map(Client::stats).collect();
     let elapsed = started.elapsed();
     let node_after = NodeSample::take(args.node_pid, node_metrics, &args.data_dir).await;
+    let own_cpu_s = cpu_seconds("self")
+        .zip(own_cpu_before)
+        .map(|(after, before)| after - before);
 
     let pub_stats: Vec<ClientStats> = publishers.iter().map(Client::stats).collect();
     let sub_full: Vec<ClientStats> = sub_end;
@@ -759,6 +765,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "counted_latency_us_p99": percentile(&count_latency, 0.99),
         "counted_latency_samples": count_latency.len(),
         "node_cpu_pct": node_cpu_s * 100.0 / secs,
+        "loadgen_cpu_pct": own_cpu_s.map(|c| c * 100.0 / secs),
         "node_forwarded_pps": node_forwarded / secs,
         "node_received_pps": (node_after.received - node_before.received) / secs,
         "node_us_per_forwarded_packet": node_us_per_packet,
@@ -860,6 +867,9 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             percentile(&count_latency, 0.5),
             percentile(&count_latency, 0.99)
         );
+        if let Some(c) = own_cpu_s {
+            println!("  load generator    {:.1}% of a core", c * 100.0 / secs);
+        }
     }
     if args.node_pid.is_some() || args.node_metrics.is_some() {
         println!(
