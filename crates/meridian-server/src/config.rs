@@ -295,9 +295,9 @@ pub struct MediaConfig {
     /// share the one media port (see ARCHITECTURE.md, "Media workers").
     pub workers: usize,
     /// The media socket's kernel receive and send buffers, in bytes (0: the kernel's
-    /// default). Above `net.core.rmem_max`/`wmem_max` the kernel caps it. Larger
-    /// buffers queue the bursts a busy worker would drop, and an overloaded worker's
-    /// backlog with them (ARCHITECTURE.md, "Media workers").
+    /// default; default 1 MiB). Above `net.core.rmem_max`/`wmem_max` the kernel caps
+    /// it. Larger buffers queue the bursts a busy worker would drop, and an overloaded
+    /// worker's backlog with them (ARCHITECTURE.md, "Media workers").
     pub socket_buffer_bytes: usize,
     /// Measured loss of a subscriber's path from which the node sends every
     /// retransmission to it twice, 5 ms apart (0: never; default 0.01).
@@ -385,7 +385,7 @@ impl Default for Config {
                 max_participants: 0,
                 relay_addr: None,
                 workers: 0,
-                socket_buffer_bytes: 0,
+                socket_buffer_bytes: 1 << 20,
                 rtx_copy_loss: 0.01,
             },
             signaling: SignalingConfig::default(),
