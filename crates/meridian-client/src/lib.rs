@@ -677,7 +677,7 @@ struct Playout {
 enum PcSocket {
     Task(UdpSocket),
     Counted(std::net::UdpSocket),
-    /// Only while the socket changes hands.
+    /// While the socket changes hands, and after a hand-over that failed (sends fail).
     Moving,
 }
 
@@ -1363,6 +1363,36 @@ impl Session {
         }
     }
 
+    /// Hands the subscriber socket to the counting thread (`count_only`, once connected);
+    /// on failure the task keeps reading it.
+    fn start_counting(&mut self, video_pts: Vec<u8>) {
+        let socket = match std::mem::replace(&mut self.subscriber.socket, PcSocket::Moving) {
+            PcSocket::Task(socket) => socket,
+            other => {
+                self.subscriber.socket = other;
+                return;
+            }
+        };
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!("subscriber socket lost: {e}");
+                return;
+            }
+        };
+        match count::register(&socket, video_pts, self.stats.clone()) {
+            Ok(c) => {
+                self.counter = Some(c);
+                self.subscriber.socket = PcSocket::Counted(socket);
+            }
+            Err(e) => {
+                warn!("counting receiver: {e}");
+                self.subscriber.socket =
+                    UdpSocket::from_std(socket).map_or(PcSocket::Moving, PcSocket::Task);
+            }
+        }
+    }
+
     fn deliver(&mut self, now: Instant, publisher: bool, from: SocketAddr, data: &[u8]) {
         let pc = self.pc(publisher);
         let Ok(receive) = Receive::new(Protocol::Udp, from, pc.local, data) else {
@@ -1798,29 +1828,7 @@ impl Session {
                         })
                         .map(|p| *p.pt())
                         .collect();
-                    self.subscriber.socket =
-                        match std::mem::replace(&mut self.subscriber.socket, PcSocket::Moving) {
-                            PcSocket::Task(socket) => match socket.into_std() {
-                                Ok(socket) => {
-                                    match count::register(&socket, video_pts, self.stats.clone()) {
-                                        Ok(c) => {
-                                            self.counter = Some(c);
-                                            PcSocket::Counted(socket)
-                                        }
-                                        Err(e) => {
-                                            warn!("counting receiver: {e}");
-                                            UdpSocket::from_std(socket)
-                                                .map_or(PcSocket::Moving, PcSocket::Task)
-                                        }
-                                    }
-                                }
-                                Err(e) => {
-                                    warn!("subscriber socket lost: {e}");
-                                    PcSocket::Moving
-                                }
-                            },
-                            other => other,
-                        };
+                    self.start_counting(video_pts);
                 }
             }
             Event::KeyframeRequest(KeyframeRequest { rid, .. }) => {

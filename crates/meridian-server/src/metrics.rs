@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use meridian_media::SfuStats;
+
 /// Bucket bounds of `meridian_forward_latency_seconds`, 10 µs … 50 ms: finest around the
 /// 2 ms goal for the latency a node adds (the alert in deploy/helm's rules is p99 > 2 ms),
 /// so a p99 on either side of it can be read off the buckets.
@@ -14,8 +16,6 @@ const FORWARD_LATENCY_BUCKETS: [f64; 14] = [
     0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.001_5, 0.002, 0.003, 0.005,
     0.01, 0.02, 0.05,
 ];
-
-use meridian_media::SfuStats;
 
 /// Label for dropped datagrams.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
