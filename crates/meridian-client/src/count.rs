@@ -263,8 +263,8 @@ fn read(r: &mut Receiver, bufs: &mut [Vec<u8>], meta: &mut [RecvMeta]) {
             break; // fewer than asked for: the socket was empty
         }
     }
-    drop(stats);
     if counted {
+        // Before the lock is let go: whoever sees the count sees the flag.
         r.live.store(true, Ordering::Relaxed);
     }
 }
