@@ -940,6 +940,18 @@ pub(crate) fn routes() -> Router<NodeState> {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
+/// The parts a peer asked for that this node hosts; more than
+/// [`MAX_PARTS_PER_REQUEST`] asked is refused.
+fn held_of(state: &NodeState, asked: Vec<String>) -> Result<Vec<String>, RelayError> {
+    if asked.len() > MAX_PARTS_PER_REQUEST {
+        return Err(RelayError::BadRequest(format!(
+            "more than {MAX_PARTS_PER_REQUEST} parts"
+        )));
+    }
+    let held = state.cluster.held_parts();
+    Ok(asked.into_iter().filter(|p| held.contains(p)).collect())
+}
+
 async fn subscribe(
     State(state): State<NodeState>,
     cert: Option<Extension<PeerCertificate>>,
@@ -951,14 +963,8 @@ async fn subscribe(
         .authorize(cert.as_ref().map(|c| &c.0), &headers)
         .await?;
     let req: SubscribeRequest = parse(&body)?;
-    if req.parts.len() > MAX_PARTS_PER_REQUEST {
-        return Err(RelayError::BadRequest(format!(
-            "more than {MAX_PARTS_PER_REQUEST} parts"
-        )));
-    }
     // Only parts hosted here can be relayed from here.
-    let held = state.cluster.held_parts();
-    let parts: Vec<String> = req.parts.into_iter().filter(|p| held.contains(p)).collect();
+    let parts = held_of(&state, req.parts)?;
     let reply = relay
         .op(RelayOp::Relay {
             peer: peer.clone(),
@@ -1077,13 +1083,7 @@ async fn roster(
         .authorize(cert.as_ref().map(|c| &c.0), &headers)
         .await?;
     let req: RosterRequest = parse(&body)?;
-    if req.parts.len() > MAX_PARTS_PER_REQUEST {
-        return Err(RelayError::BadRequest(format!(
-            "more than {MAX_PARTS_PER_REQUEST} parts"
-        )));
-    }
-    let held = state.cluster.held_parts();
-    let parts: Vec<String> = req.parts.into_iter().filter(|p| held.contains(p)).collect();
+    let parts = held_of(&state, req.parts)?;
     match relay.op(RelayOp::Roster { parts }).await? {
         RelayReply::Rosters(rosters) => Ok(Json(RosterResponse {
             parts: rosters
