@@ -118,6 +118,7 @@ impl MediaLoop {
             let next = self.controller.poll_timeout();
             let next = self.path.poll_timeout().map_or(next, |i| i.min(next));
             let deadline = tokio::time::Instant::from_std(next);
+            let overdue = next <= Instant::now();
             let wake = tokio::select! {
                 biased;
                 cmd = commands.recv() => Wake::Command(cmd),
@@ -140,12 +141,12 @@ impl MediaLoop {
                     };
                     self.handle_command(cmd);
                 }
-                // The controller's due timeouts are handled by `flush`. The socket is read
-                // too: a timer that is due on every turn (saturation) would otherwise
-                // starve it, and the kernel would drop what waits there.
+                // The controller's due timeouts are handled by `flush`. A timer that was
+                // due before the wait (saturation: due on every turn) reads the socket
+                // too, else it would starve and the kernel drop what waits there.
                 Wake::Timer => {
                     self.path.release_impaired(&mut self.controller, woke);
-                    if handoff.is_some() {
+                    if overdue && handoff.is_some() {
                         self.receive(handoff.as_mut());
                     }
                 }
