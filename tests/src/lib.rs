@@ -123,6 +123,32 @@ impl TestNode {
     }
 }
 
+/// A JSON `POST` to a dev-mode route (`path`) on the host of the signaling `url`
+/// (`ws://…`): the status code. Waits up to 15 s (a worker stall takes up to 10).
+pub async fn dev_post(url: &str, path: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .expect("a ws:// signaling url");
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_string(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read");
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line")
+}
+
 /// A plain HTTP/1.1 GET over TCP (tests need no HTTP client dependency).
 pub async fn http_get(url: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -70,27 +70,7 @@ async fn a_cut_media_path_comes_back_by_ice_restart_on_the_same_participant() {
 
 /// `POST /dev/cut-media` on `url`'s host with `body`: the status code.
 async fn post_cut(url: &str, body: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = url
-        .strip_prefix("ws://")
-        .and_then(|r| r.split('/').next())
-        .expect("a ws:// signaling url");
-    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
-    let request = format!(
-        "POST /dev/cut-media HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .expect("response in time")
-        .expect("read");
-    out.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status line")
+    meridian_tests::dev_post(url, "/dev/cut-media", body).await
 }
 
 /// The cut is a dev-mode tool: absent without `--dev`, bounded and checked with it.

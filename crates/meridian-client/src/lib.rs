@@ -409,13 +409,19 @@ pub struct Client {
 impl Client {
     /// Connects, joins, starts publishing and subscribing; returns once `joined` arrived.
     ///
-    /// The first join goes to [`ClientConfig::url`] only, within
+    /// The first join goes to [`ClientConfig::url`], within
     /// [`ClientConfig::join_timeout`]; with reconnection enabled it follows up to
-    /// [`ReconnectPolicy::max_redirects`] `redirect`s (or `migrate{url}`s).
+    /// [`ReconnectPolicy::max_redirects`] `redirect`s (or `migrate{url}`s), and a node
+    /// that cannot take the session now (`unavailable`: draining, overloaded, its log
+    /// unreachable) is asked again, or the next of [`ClientConfig::node_urls`], after
+    /// the policy's backoff.
     pub async fn join(config: ClientConfig) -> Result<Client, ClientError> {
         let started = Instant::now();
         let mut url = config.url.clone();
         let mut redirects = 0u64;
+        let mut unavailable = 0u32;
+        let mut rotation = UrlRotation::new(&config.url, &config.fallback_urls);
+        let mut jitter = reconnect::Jitter::new(now_micros());
         let (signal, joined) = loop {
             let outcome = attempt(
                 Target::new(&config, &url),
@@ -427,6 +433,23 @@ impl Client {
             let next = match outcome {
                 Attempt::Joined { signal, joined } => break (signal, joined),
                 Attempt::Failed(e) => return Err(e),
+                Attempt::Refused {
+                    code: ErrorCode::Unavailable,
+                    message,
+                } if config.reconnect.enabled => {
+                    let delay = config.reconnect.backoff(unavailable, jitter.next_u64());
+                    if started.elapsed() + delay >= config.join_timeout {
+                        return Err(ClientError::Refused {
+                            code: ErrorCode::Unavailable,
+                            message,
+                        });
+                    }
+                    debug!(%url, "join refused ({message}); trying again");
+                    unavailable += 1;
+                    tokio::time::sleep(delay).await;
+                    url = rotation.next_after(&url);
+                    continue;
+                }
                 Attempt::Refused { code, message } => {
                     return Err(ClientError::Refused { code, message });
                 }

@@ -302,6 +302,10 @@ pub struct MediaConfig {
     /// Measured loss of a subscriber's path from which the node sends every
     /// retransmission to it twice, 5 ms apart (0: never; default 0.01).
     pub rtx_copy_loss: f32,
+    /// Busy share (0..=1, over about the last second) from which a media worker is
+    /// overloaded: it refuses fresh joins with `unavailable` and gets no new rooms, and
+    /// a node whose workers all are reports not ready (0: never; default 0.9).
+    pub overload_busy_share: f64,
 }
 
 impl MediaConfig {
@@ -387,6 +391,7 @@ impl Default for Config {
                 workers: 0,
                 socket_buffer_bytes: 1 << 20,
                 rtx_copy_loss: 0.01,
+                overload_busy_share: 0.9,
             },
             signaling: SignalingConfig::default(),
             webtransport: WebTransportConfig {
@@ -524,6 +529,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.media.rtx_copy_loss) {
             return invalid("media.rtx_copy_loss", "must be 0 ..= 1");
+        }
+        if !(0.0..=1.0).contains(&self.media.overload_busy_share) {
+            return invalid("media.overload_busy_share", "must be 0 ..= 1");
         }
         if self.media.workers > MediaConfig::MAX_WORKERS {
             return invalid("media.workers", "must be 0 (one per core) ..= 256");
@@ -840,7 +848,7 @@ mod tests {
     }
 
     #[test]
-    fn the_retransmission_copy_threshold_is_a_share() {
+    fn the_retransmission_copy_and_overload_thresholds_are_shares() {
         let mut c = Config::default();
         c.media.rtx_copy_loss = 0.0;
         c.validate().unwrap();
@@ -849,6 +857,14 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains("media.rtx_copy_loss"), "{bad}: {err}");
         }
+        c.media.rtx_copy_loss = 0.0;
+        for bad in [-0.1, 1.5, f64::NAN] {
+            c.media.overload_busy_share = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("media.overload_busy_share"), "{bad}: {err}");
+        }
+        c.media.overload_busy_share = 0.0;
+        c.validate().unwrap();
     }
 
     #[test]

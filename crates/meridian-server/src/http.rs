@@ -54,6 +54,10 @@ pub(crate) fn router(state: NodeState) -> Router {
             "/dev/cut-media",
             post(dev_cut_media).layer(DefaultBodyLimit::max(DEV_BODY_BYTES)),
         );
+        router = router.route(
+            "/dev/stall-worker",
+            post(dev_stall_worker).layer(DefaultBodyLimit::max(DEV_BODY_BYTES)),
+        );
     }
     router.fallback(web_file).with_state(state)
 }
@@ -309,6 +313,52 @@ async fn dev_cut_media(
     }
 }
 
+/// Body of `POST /dev/stall-worker`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevStallRequest {
+    worker: usize,
+    ms: u64,
+}
+
+/// Longest stall `POST /dev/stall-worker` takes.
+const MAX_STALL: Duration = Duration::from_secs(10);
+
+/// `POST /dev/stall-worker` (dev mode only): keeps one media worker busy for `ms` (at
+/// most 10 s), as a worker past its capacity is, so tests can watch the node refuse
+/// fresh joins and report not ready while it is overloaded (`crate::overload`). 204
+/// once the stall is over, 404 for a worker that does not exist.
+async fn dev_stall_worker(
+    State(state): State<NodeState>,
+    body: Result<axum::Json<DevStallRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{}\n", e.body_text())).into_response(),
+    };
+    if req.ms == 0 || req.ms > MAX_STALL.as_millis() as u64 {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("ms must be 1..={}\n", MAX_STALL.as_millis()),
+        )
+            .into_response();
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let command = Command::Stall {
+        worker: req.worker,
+        duration: Duration::from_millis(req.ms),
+        reply,
+    };
+    if state.commands.send(command).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
+    }
+    match answer.await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (StatusCode::NOT_FOUND, "no such worker\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response(),
+    }
+}
+
 /// The bearer token of an admin request, verified with the `admin` grant; its room
 /// scope is `None` for an every-room (`*`) token, else the one room it administers.
 #[allow(clippy::result_large_err)]
@@ -456,8 +506,9 @@ async fn healthz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Readiness: 200 while the node holds its lease in the region's log and does not
-/// drain; 503 otherwise, so a load balancer stops sending it new clients.
+/// Readiness: 200 while the node holds its lease in the region's log, does not drain
+/// and is not overloaded (`crate::overload`); 503 otherwise, so a load balancer stops
+/// sending it new clients.
 async fn readyz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
     if state.cluster.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -465,6 +516,11 @@ async fn readyz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "no lease: the event log is unreachable\n",
+        )
+    } else if state.commands.overloaded() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded: the media workers are past [media] overload_busy_share\n",
         )
     } else {
         (StatusCode::OK, "ready\n")

@@ -18,6 +18,7 @@ mod mailbox;
 mod media_loop;
 pub mod metrics;
 mod outbox;
+mod overload;
 mod region_relay;
 pub mod regions;
 mod relay;
@@ -383,6 +384,7 @@ impl Node {
                 source,
             })?;
             let loop_metrics = metrics.clone();
+            let overload_busy_share = config.media.overload_busy_share;
             let outbox = outbox.clone();
             let routes = commands.routes(index);
             let media_done = media_done.clone();
@@ -405,7 +407,8 @@ impl Node {
                                 routes,
                                 intake,
                             )
-                            .impaired(impairer);
+                            .impaired(impairer)
+                            .refusing_when_busy(overload_busy_share);
                             if let Some((relay_socket, relay_outputs)) = relay {
                                 let relay_socket = tokio::net::UdpSocket::from_std(relay_socket)
                                     .expect("a non-blocking UDP socket registers with the runtime");

@@ -183,6 +183,14 @@ pub(crate) enum Command {
         duration: std::time::Duration,
         reply: oneshot::Sender<bool>,
     },
+    /// Dev mode: keep media worker `worker` busy for `duration`, as a worker past its
+    /// capacity is (`POST /dev/stall-worker`); replies once it is done, `false` for a
+    /// worker that does not exist.
+    Stall {
+        worker: usize,
+        duration: std::time::Duration,
+        reply: oneshot::Sender<bool>,
+    },
     /// A relay-control operation on the media core (from `relay.rs`).
     Relay {
         op: RelayOp,

@@ -19,6 +19,7 @@ use crate::datapath::DataPath;
 use crate::impair::Impairer;
 use crate::mailbox::{Command, Outbound, OutboxTx, SessionSink};
 use crate::metrics::Metrics;
+use crate::overload::LoadMeter;
 use crate::udp::MediaSocket;
 use crate::workers::{Handoff, Inbox, WorkerRoutes};
 
@@ -64,6 +65,10 @@ pub(crate) struct MediaLoop {
     intake: Option<Intake>,
     /// Time spent handling wake-ups since the last metric update.
     busy: Duration,
+    /// Whether this worker is past its capacity (it then refuses fresh joins).
+    meter: LoadMeter,
+    /// The meter's verdict as last reported to the routes.
+    reported_overloaded: bool,
 }
 
 impl MediaLoop {
@@ -83,6 +88,8 @@ impl MediaLoop {
             routes,
             intake: Some(intake),
             busy: Duration::ZERO,
+            meter: LoadMeter::new(Instant::now(), 0.0),
+            reported_overloaded: false,
             controller: Controller::new(config, Instant::now()),
             path: DataPath::new(socket.expect("a bound UDP socket takes its options")),
             metrics,
@@ -95,6 +102,13 @@ impl MediaLoop {
     /// Passes the socket's datagrams through `impair` (`--impair`, dev mode).
     pub(crate) fn impaired(mut self, impair: Impairer) -> MediaLoop {
         self.path.set_impairment(impair);
+        self
+    }
+
+    /// Refuses fresh joins while the worker's busy share is past `threshold`
+    /// (`[media] overload_busy_share`; 0: never).
+    pub(crate) fn refusing_when_busy(mut self, threshold: f64) -> MediaLoop {
+        self.meter = LoadMeter::new(Instant::now(), threshold);
         self
     }
 
@@ -133,6 +147,7 @@ impl MediaLoop {
                 ready = crate::relay::readable(&self.relay) => Wake::Relay(ready),
             };
             let woke = Instant::now();
+            self.meter.idle_until(woke);
             match wake {
                 Wake::Command(cmd) => {
                     let Some(cmd) = cmd.filter(|c| !matches!(c, Command::Shutdown)) else {
@@ -151,8 +166,13 @@ impl MediaLoop {
                     }
                 }
                 Wake::Observe => {
-                    observe_at = None;
+                    self.report_overload();
                     self.observe();
+                    // An overloaded worker that went quiet must still see its load fall.
+                    observe_at = self
+                        .meter
+                        .overloaded()
+                        .then(|| tokio::time::Instant::now() + OBSERVE_EVERY);
                     continue;
                 }
                 Wake::Socket(ready) => {
@@ -182,7 +202,10 @@ impl MediaLoop {
                 }
             }
             self.flush().await;
-            self.busy += woke.elapsed();
+            let done = Instant::now();
+            self.busy += done - woke;
+            self.meter.busy_until(done);
+            self.report_overload();
             if observe_at.is_none() {
                 observe_at = Some(tokio::time::Instant::now() + OBSERVE_EVERY);
             }
@@ -253,6 +276,28 @@ impl MediaLoop {
         }
     }
 
+    /// Tells the routes (placement, readiness) when the meter's verdict changed.
+    fn report_overload(&mut self) {
+        let overloaded = self.meter.overloaded();
+        if overloaded == self.reported_overloaded {
+            return;
+        }
+        self.reported_overloaded = overloaded;
+        self.routes.set_overloaded(overloaded);
+        let level = self.meter.level();
+        if overloaded {
+            warn!(
+                worker = self.routes.index,
+                level, "media worker overloaded: refusing fresh joins"
+            );
+        } else {
+            info!(
+                worker = self.routes.index,
+                level, "media worker no longer overloaded"
+            );
+        }
+    }
+
     fn observe(&mut self) {
         let stats = self.controller.stats().clone();
         self.metrics.joins.inc_by(stats.joins - self.counted.joins);
@@ -284,6 +329,16 @@ impl MediaLoop {
             .busy_seconds
             .get_or_create(&label)
             .inc_by(std::mem::take(&mut self.busy).as_secs_f64());
+        self.metrics
+            .workers
+            .load
+            .get_or_create(&label)
+            .set(self.meter.level());
+        self.metrics
+            .workers
+            .overloaded
+            .get_or_create(&label)
+            .set(i64::from(self.meter.overloaded()));
         let controller = &self.controller;
         self.routes.refresh(
             sfu.participant_count(),
@@ -308,6 +363,22 @@ impl MediaLoop {
                     Err(Refusal {
                         code: ErrorCode::Unavailable,
                         message: "the node's event log is behind; try again shortly".into(),
+                    })
+                } else if request.resume.is_none() && self.meter.overloaded() {
+                    self.metrics
+                        .workers
+                        .joins_refused
+                        .get_or_create(&crate::metrics::WorkerLabel {
+                            worker: self.routes.index.to_string(),
+                        })
+                        .inc();
+                    Err(Refusal {
+                        code: ErrorCode::Unavailable,
+                        message: format!(
+                            "the node's media worker is overloaded (busy {:.0} % of the time); \
+                             try again shortly or another node",
+                            self.meter.level() * 100.0
+                        ),
                     })
                 } else {
                     self.controller.handle_join(now, request)
@@ -369,6 +440,12 @@ impl MediaLoop {
                 reply,
             } => {
                 let _ = reply.send(self.controller.cut_media(now, participant, duration));
+            }
+            Command::Stall {
+                duration, reply, ..
+            } => {
+                std::thread::sleep(duration);
+                let _ = reply.send(true);
             }
             Command::Relay { op, reply } => {
                 let _ = reply.send(op.apply(&mut self.controller, now));

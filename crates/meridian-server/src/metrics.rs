@@ -74,6 +74,12 @@ pub struct WorkerMetrics {
     /// Datagrams the receiving worker could not hand to their worker (its queue was
     /// full in datagrams or bytes), by the worker they were for.
     pub handoff_dropped: Family<WorkerLabel, Counter>,
+    /// The worker's recent busy share, 0..=1 (`crate::overload`), by worker.
+    pub load: Family<WorkerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while the worker is overloaded and refuses fresh joins, by worker.
+    pub overloaded: Family<WorkerLabel, Gauge>,
+    /// Fresh joins refused because their worker was overloaded, by worker.
+    pub joins_refused: Family<WorkerLabel, Counter>,
 }
 
 impl WorkerMetrics {
@@ -102,6 +108,21 @@ impl WorkerMetrics {
             "media_worker_handoff_dropped",
             "Datagrams dropped because their media worker's queue was full",
             self.handoff_dropped.clone(),
+        );
+        r.register(
+            "media_worker_load",
+            "A media worker's busy share over about the last second (0 to 1)",
+            self.load.clone(),
+        );
+        r.register(
+            "media_worker_overloaded",
+            "1 while a media worker is past [media] overload_busy_share and refuses fresh joins",
+            self.overloaded.clone(),
+        );
+        r.register(
+            "media_worker_joins_refused",
+            "Fresh joins refused because their media worker was overloaded",
+            self.joins_refused.clone(),
         );
     }
 }

@@ -223,6 +223,10 @@ pub(crate) struct PartRoster {
 pub(crate) struct Load {
     pub participants: usize,
     pub forwarded_pps: u64,
+    /// The node's media workers are past their capacity (`crate::overload`): it counts
+    /// as full. Absent from a node of an older version.
+    #[serde(default)]
+    pub overloaded: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -389,6 +393,7 @@ impl Relay {
         Load {
             participants,
             forwarded_pps: self.forwarded_pps.load(Ordering::Relaxed),
+            overloaded: self.commands.overloaded(),
         }
     }
 
@@ -1167,9 +1172,10 @@ async fn place_with(
     let me = cluster.node().to_string();
     let _guard = cluster.placing().await;
     let here = relay.local_count().await;
+    let full_here = here >= cap || relay.commands.overloaded();
     // 1. A part here with room (a resuming client always comes back to its node).
     for (part, node) in &parts {
-        if *node == me && (here < cap || resuming) && cluster.take_part(part).await? {
+        if *node == me && (!full_here || resuming) && cluster.take_part(part).await? {
             return Ok((Placement::Local, part.clone()));
         }
     }
@@ -1190,6 +1196,7 @@ async fn place_with(
     for (part, node) in &parts {
         if let Some((load, _)) = loads.iter().find(|(_, n)| n == node)
             && load.participants < cap
+            && !load.overloaded
             && let Some(lease) = cluster.lease_of(node)
         {
             debug!(%part, %node, "joining a part elsewhere");
@@ -1199,7 +1206,7 @@ async fn place_with(
     }
     // 3. A new part on the least-loaded live node.
     loads.push((relay.load(here), me.clone()));
-    loads.sort_by_key(|(l, n)| (l.participants, l.forwarded_pps, n.clone()));
+    loads.sort_by_key(|(l, n)| (l.overloaded, l.participants, l.forwarded_pps, n.clone()));
     let (_, target) = loads
         .first()
         .cloned()

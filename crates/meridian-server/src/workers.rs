@@ -4,8 +4,8 @@
 //! * [`Workers`] is how the rest of the node talks to the media loops: it routes each
 //!   [`Command`] to the worker of its room (joins, restores, lost rooms) or of its
 //!   participant (messages, detaches, admin hooks); a new room goes to the worker with
-//!   the fewest participants (ties: the highest index, as worker 0 also receives for
-//!   all). Relay operations and, when rooms may span nodes
+//!   the fewest participants among those not overloaded (`crate::overload`; ties: the
+//!   highest index, as worker 0 also receives for all). Relay operations and, when rooms may span nodes
 //!   (`[media] max_participants`), every room go to worker 0, which owns the relay
 //!   socket and the relay links.
 //! * [`Handoff`] is the receiving side of the one media port: worker 0 reads the
@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,8 @@ struct Inner {
     routes: Mutex<Routes>,
     /// Participants per worker, as each last reported (plus rooms placed since).
     load: Vec<AtomicUsize>,
+    /// Whether each worker was overloaded when it last reported.
+    overloaded: Vec<AtomicBool>,
     /// Every room on worker 0 (rooms may span nodes: relay links live there).
     pinned: bool,
 }
@@ -89,6 +91,7 @@ impl Workers {
             senders,
             routes: Mutex::default(),
             load: (0..n.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            overloaded: (0..n.max(1)).map(|_| AtomicBool::new(false)).collect(),
             pinned,
         });
         (Workers { inner }, receivers)
@@ -97,6 +100,19 @@ impl Workers {
     /// How many workers there are.
     pub(crate) fn count(&self) -> usize {
         self.inner.senders.len()
+    }
+
+    /// Whether every worker that can take a new room is overloaded (`crate::overload`;
+    /// worker 0 alone when rooms are pinned there): the node takes no fresh joins and
+    /// reports not ready.
+    pub(crate) fn overloaded(&self) -> bool {
+        let flags = &self.inner.overloaded;
+        let open = if self.inner.pinned {
+            &flags[..1]
+        } else {
+            &flags[..]
+        };
+        open.iter().all(|o| o.load(Ordering::Relaxed))
     }
 
     /// The routing handle of worker `index`.
@@ -125,7 +141,12 @@ impl Workers {
             // Ties go to the highest index: worker 0 also reads for everyone.
             (0..self.count())
                 .rev()
-                .min_by_key(|w| self.inner.load[*w].load(Ordering::Relaxed))
+                .min_by_key(|w| {
+                    (
+                        self.inner.overloaded[*w].load(Ordering::Relaxed),
+                        self.inner.load[*w].load(Ordering::Relaxed),
+                    )
+                })
                 .unwrap_or(0)
         };
         self.inner.load[worker].fetch_add(1, Ordering::Relaxed);
@@ -159,6 +180,10 @@ impl Workers {
                 return Ok(());
             }
             Command::Count { reply } => return self.count_sessions(reply).await,
+            Command::Stall { worker, reply, .. } if worker >= self.count() => {
+                let _ = reply.send(false);
+                return Ok(());
+            }
             cmd => cmd,
         };
         let worker = match &cmd {
@@ -171,6 +196,7 @@ impl Workers {
             | Command::Refresh { participant, .. }
             | Command::Detach { participant, .. }
             | Command::CutMedia { participant, .. } => self.of_participant(*participant),
+            Command::Stall { worker, .. } => *worker,
             Command::Relay { .. } | Command::Shutdown | Command::Count { .. } => 0,
         };
         self.inner.senders[worker]
@@ -214,6 +240,11 @@ impl WorkerRoutes {
         if let Some(p) = participant {
             routes.participants.insert(p, self.index);
         }
+    }
+
+    /// Reports whether this worker is overloaded (`crate::overload`).
+    pub(crate) fn set_overloaded(&self, overloaded: bool) {
+        self.inner.overloaded[self.index].store(overloaded, Ordering::Relaxed);
     }
 
     /// Reports this worker's participants and forgets its rooms and participants that

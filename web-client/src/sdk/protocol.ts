@@ -223,7 +223,7 @@ export function describeError(code: string, message: string): string {
     case 'throttled':
       return `Too many changes too quickly; try again in a moment (${message}).`;
     case 'unavailable':
-      return `The node cannot take the session now (it is draining or cannot reach its log); another node is tried (${message}).`;
+      return `The node cannot take the session now (it is draining, overloaded or cannot reach its log); another node is tried (${message}).`;
     default:
       return `${code}: ${message}`;
   }
