@@ -29,6 +29,8 @@
 #                2-worker run on this 2-core machine, then the load generator shares
 #                CPU 1 with worker 1)
 #   LOAD_CPU     CPUs the load generator is pinned to (default 1)
+#   EXTRA_NODE_ARGS, EXTRA_LOADGEN_ARGS  more flags for `meridian serve` / `loadgen`
+#                (e.g. `--config F`, `--until-refused`)
 #   PERF         if set, a path prefix: the node is profiled with `perf record`
 #                (flat, 999 Hz, all its threads) for DURATION seconds, starting
 #                PERF_DELAY seconds (default 15) after it started; written to
@@ -56,6 +58,7 @@ LABEL=${LABEL:-run}
 NODE_CPU=${NODE_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 EXTRA_NODE_ARGS=${EXTRA_NODE_ARGS:-}
+EXTRA_LOADGEN_ARGS=${EXTRA_LOADGEN_ARGS:-}
 WORKERS=${WORKERS-1}
 WORKER_ARGS=
 [ -n "$WORKERS" ] && WORKER_ARGS="--media-workers $WORKERS"
@@ -129,7 +132,8 @@ for subs in $SUBS; do
     --layer-kbps "150,500,$KBPS" --fps "$FPS" --count-only \
     --duration "$DURATION" --warmup "$WARMUP" \
     --ping-interval 1s --ping-timeout 30s \
-    --node-pid "$NODE_PID" --node-metrics "https://$HOST_IP:7893" --json | tee "$DATA/loadgen.out"
+    --node-pid "$NODE_PID" --node-metrics "https://$HOST_IP:7893" --json $EXTRA_LOADGEN_ARGS \
+    | tee "$DATA/loadgen.out"
   read -r h_rcv h_snd <<< "$host_before"
   read -r n_rcv n_snd <<< "$ns_before"
   read -r h_rcv2 h_snd2 <<< "$(udp_drops "")"

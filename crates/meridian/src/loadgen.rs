@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use meridian_auth::{Algorithm, Claims, Grants, KeySet, SigningKey};
-use meridian_client::{Client, ClientConfig, ClientStats, ReconnectPolicy};
+use meridian_client::{Client, ClientConfig, ClientError, ClientStats, ReconnectPolicy};
 use str0m_netem::NetemConfig;
 
 /// Flags of `meridian loadgen`.
@@ -113,6 +113,11 @@ pub struct LoadgenArgs {
     /// Video frames per second of publishers.
     #[arg(long, default_value_t = 30)]
     fps: u32,
+    /// Capacity runs: subscribers join until the node refuses one as `unavailable`
+    /// (an overloaded media worker, after the client's own retries); the rest do not
+    /// try, and the run measures those that joined (`subscribers_joined`).
+    #[arg(long)]
+    until_refused: bool,
     /// Local IP the clients' media sockets bind to (the address the node sees).
     #[arg(long, default_value = "127.0.0.1")]
     bind_ip: std::net::IpAddr,
@@ -503,6 +508,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         );
     }
     let mut subscribers = Vec::new();
+    let mut refused = false;
     for i in 0..args.subscribers {
         let room = format!("{}-{}", args.room_prefix, i % rooms);
         let mut c = transport(
@@ -528,11 +534,18 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("login of subscriber {i}"))?;
         }
-        subscribers.push(
-            Client::join(c)
-                .await
-                .with_context(|| format!("subscriber {i}"))?,
-        );
+        match Client::join(c).await {
+            Ok(s) => subscribers.push(s),
+            Err(ClientError::Refused {
+                code: meridian_protocol::ErrorCode::Unavailable,
+                message,
+            }) if args.until_refused => {
+                eprintln!("loadgen: subscriber {i} refused ({message}); no more subscribers join");
+                refused = true;
+                break;
+            }
+            Err(e) => return Err(e).with_context(|| format!("subscriber {i}")),
+        }
     }
     // Connection set-up and the first keyframes are not steady state: measure after.
     tokio::time::sleep(args.warmup).await;
@@ -569,7 +582,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
 
     // Each subscriber expects every publisher's audio and video in its room.
     let mut tracks_expected = 0;
-    for i in 0..args.subscribers {
+    for i in 0..sub_full.len() {
         let room = i % rooms;
         tracks_expected += 2 * (0..args.publishers).filter(|p| p % rooms == room).count();
     }
@@ -798,15 +811,28 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "node_fec_kbps": (node_after.fec_bytes - node_before.fec_bytes) * 8.0 / secs / 1000.0,
     });
     let mut summary = summary;
-    for more in [bench, regions, playout] {
+    let capacity = serde_json::json!({
+        "subscribers_joined": sub_full.len(),
+        "subscribers_refused": refused,
+        "ice_restarts": sub_full.iter().map(|s| s.ice_restarts).sum::<u64>(),
+    });
+    for more in [bench, regions, playout, capacity] {
         if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), more) {
             all.extend(more);
         }
     }
     println!(
-        "loadgen: {} publishers, {} subscribers in {} room(s) for {:.1}s{}",
+        "loadgen: {} publishers, {} subscribers{} in {} room(s) for {:.1}s{}",
         args.publishers,
         args.subscribers,
+        if refused {
+            format!(
+                " ({} joined, then one was refused)",
+                summary["subscribers_joined"]
+            )
+        } else {
+            String::new()
+        },
         rooms,
         elapsed.as_secs_f64(),
         args.impair
