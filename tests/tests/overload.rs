@@ -20,6 +20,15 @@ fn join_message(t: &TestNode, identity: &str) -> String {
     .encode()
 }
 
+/// A node in dev mode (for the stall hook) with one media worker.
+async fn one_worker_dev_node() -> TestNode {
+    start_node(|c| {
+        c.http.dev = true;
+        c.media.workers = 1;
+    })
+    .await
+}
+
 async fn joined(s: &mut RawSignal) -> bool {
     loop {
         match s.recv().await {
@@ -32,11 +41,7 @@ async fn joined(s: &mut RawSignal) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_worker_refuses_fresh_joins_until_its_load_falls() {
-    let t = start_node(|c| {
-        c.http.dev = true;
-        c.media.workers = 1;
-    })
-    .await;
+    let t = one_worker_dev_node().await;
     let ready = format!("http://{}/readyz", t.node.http_addr);
     let mut a = RawSignal::connect(&t.url).await;
     a.send_text(&join_message(&t, "a")).await;
@@ -112,11 +117,7 @@ async fn an_overloaded_worker_refuses_fresh_joins_until_its_load_falls() {
 /// worker overloaded for a moment does not fail the client's join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_client_retries_a_join_refused_as_unavailable() {
-    let t = start_node(|c| {
-        c.http.dev = true;
-        c.media.workers = 1;
-    })
-    .await;
+    let t = one_worker_dev_node().await;
     let url = t.url.clone();
     let stall = tokio::spawn(async move {
         dev_post(&url, "/dev/stall-worker", r#"{"worker":0,"ms":3000}"#).await

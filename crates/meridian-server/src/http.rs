@@ -282,18 +282,10 @@ async fn dev_cut_media(
     State(state): State<NodeState>,
     body: Result<axum::Json<DevCutRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let axum::Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("{}\n", e.body_text())).into_response(),
+    let req = match dev_request(body, |r| r.ms, meridian_room::MAX_CUT) {
+        Ok(req) => req,
+        Err(refused) => return refused,
     };
-    let max = meridian_room::MAX_CUT;
-    if req.ms == 0 || req.ms > max.as_millis() as u64 {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("ms must be 1..={}\n", max.as_millis()),
-        )
-            .into_response();
-    }
     let Ok(participant) = req.participant_id.parse::<meridian_media::ParticipantId>() else {
         return (StatusCode::NOT_FOUND, "no such participant\n").into_response();
     };
@@ -303,12 +295,43 @@ async fn dev_cut_media(
         duration: Duration::from_millis(req.ms),
         reply,
     };
+    dev_command(&state, command, answer, "no such participant\n").await
+}
+
+/// A dev hook's body, whose `ms` must be 1..=`max`; else the 400 to answer.
+#[allow(clippy::result_large_err)]
+fn dev_request<T>(
+    body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+    ms: impl Fn(&T) -> u64,
+    max: Duration,
+) -> Result<T, Response> {
+    let axum::Json(req) = body
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{}\n", e.body_text())).into_response())?;
+    let ms = ms(&req);
+    if ms == 0 || u128::from(ms) > max.as_millis() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("ms must be 1..={}\n", max.as_millis()),
+        )
+            .into_response());
+    }
+    Ok(req)
+}
+
+/// Sends a dev hook's command and answers 204 once it replied `true`, 404 with
+/// `missing` for `false`, 503 when the node is stopping.
+async fn dev_command(
+    state: &NodeState,
+    command: Command,
+    answer: tokio::sync::oneshot::Receiver<bool>,
+    missing: &'static str,
+) -> Response {
     if state.commands.send(command).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
     }
     match answer.await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => (StatusCode::NOT_FOUND, "no such participant\n").into_response(),
+        Ok(false) => (StatusCode::NOT_FOUND, missing).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response(),
     }
 }
@@ -332,31 +355,17 @@ async fn dev_stall_worker(
     State(state): State<NodeState>,
     body: Result<axum::Json<DevStallRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let axum::Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("{}\n", e.body_text())).into_response(),
+    let req = match dev_request(body, |r| r.ms, MAX_STALL) {
+        Ok(req) => req,
+        Err(refused) => return refused,
     };
-    if req.ms == 0 || req.ms > MAX_STALL.as_millis() as u64 {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("ms must be 1..={}\n", MAX_STALL.as_millis()),
-        )
-            .into_response();
-    }
     let (reply, answer) = tokio::sync::oneshot::channel();
     let command = Command::Stall {
         worker: req.worker,
         duration: Duration::from_millis(req.ms),
         reply,
     };
-    if state.commands.send(command).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
-    }
-    match answer.await {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => (StatusCode::NOT_FOUND, "no such worker\n").into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response(),
-    }
+    dev_command(&state, command, answer, "no such worker\n").await
 }
 
 /// The bearer token of an admin request, verified with the `admin` grant; its room
