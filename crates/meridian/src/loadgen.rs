@@ -560,7 +560,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let elapsed = started.elapsed();
     let node_after = NodeSample::take(args.node_pid, node_metrics, &args.data_dir).await;
     // Over the whole run, up to now: an overloaded node's metrics can take long to read.
-    let ice_restarts: u64 = subscribers.iter().map(|c| c.stats().ice_restarts).sum();
+    let ice_restarts =
+        |clients: &[Client]| -> u64 { clients.iter().map(|c| c.stats().ice_restarts).sum() };
+    let (pub_ice_restarts, sub_ice_restarts) =
+        (ice_restarts(&publishers), ice_restarts(&subscribers));
     let own_cpu_s = cpu_seconds("self")
         .zip(own_cpu_before)
         .map(|(after, before)| after - before);
@@ -816,7 +819,8 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
     let capacity = serde_json::json!({
         "subscribers_joined": sub_full.len(),
         "subscribers_refused": refused,
-        "ice_restarts": ice_restarts,
+        "ice_restarts": sub_ice_restarts,
+        "publisher_ice_restarts": pub_ice_restarts,
     });
     for more in [bench, regions, playout, capacity] {
         if let (Some(all), serde_json::Value::Object(more)) = (summary.as_object_mut(), more) {
