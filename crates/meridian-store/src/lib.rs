@@ -291,6 +291,22 @@ macro_rules! on_pool {
     };
 }
 
+/// `on_pool!` for lease renewals: SQLite's unsynced lease connection (`Lite::lease_pool`).
+macro_rules! on_lease_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.inner.backend {
+            Backend::Postgres(p) => {
+                let $pool = &p.pool;
+                $body
+            }
+            Backend::Sqlite(s) => {
+                let $pool = &s.lease_pool;
+                $body
+            }
+        }
+    };
+}
+
 // After `on_pool!`, which it uses.
 mod verify;
 
@@ -500,7 +516,10 @@ impl Store {
     pub async fn close(&self) {
         match &self.inner.backend {
             Backend::Postgres(p) => p.pool.close().await,
-            Backend::Sqlite(s) => s.pool.close().await,
+            Backend::Sqlite(s) => {
+                s.lease_pool.close().await;
+                s.pool.close().await
+            }
         }
     }
 
@@ -804,7 +823,7 @@ impl Store {
         draining: bool,
     ) -> Result<bool, StoreError> {
         let sql = self.lease_sql(lease::pg_sql::RENEW, lease::lite_sql::RENEW);
-        let rows = on_pool!(self, pool => sqlx::query(sql)
+        let rows = on_lease_pool!(self, pool => sqlx::query(sql)
             .bind(ttl_us(ttl))
             .bind(draining)
             .bind(node)

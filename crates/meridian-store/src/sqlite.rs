@@ -28,6 +28,11 @@ const COLUMNS: &str = "position, stream, sequence, recorded_at, actor, schema_ve
 #[derive(Clone)]
 pub(crate) struct Lite {
     pub pool: SqlitePool,
+    /// One connection with `synchronous=NORMAL` for lease renewals: a renewal every
+    /// `lease_period_ms` need not reach the disk (after a power cut the node restarts
+    /// with a new lease anyway), and a synced commit ten times a second was most of an
+    /// idle node's CPU. The WAL is synced by the next event-log commit or checkpoint.
+    pub lease_pool: SqlitePool,
 }
 
 impl Lite {
@@ -58,10 +63,15 @@ impl Lite {
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.clamp(1, 8))
             .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Lite { pool })
+        let lease_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect.synchronous(SqliteSynchronous::Normal))
+            .await?;
+        Ok(Lite { pool, lease_pool })
     }
 
     pub async fn head(&self) -> Result<LogHead, StoreError> {
