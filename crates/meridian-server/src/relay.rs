@@ -600,6 +600,11 @@ impl Relay {
     /// Compares the links this node has with the ones its parts need, and fixes the
     /// difference (see the module docs).
     async fn reconcile(self: &Arc<Self>, upstreams: &mut HashMap<String, Upstream>) {
+        // Rooms never span nodes here, so there are no links to keep; asking the media
+        // loop for their stats would wake an idle worker twice a second.
+        if self.max_participants == 0 && !self.cross_region() {
+            return;
+        }
         let Ok(RelayReply::Stats(stats)) = self.op(RelayOp::Stats).await else {
             return;
         };

@@ -291,7 +291,7 @@ macro_rules! on_pool {
     };
 }
 
-/// `on_pool!` for lease renewals: SQLite's unsynced lease connection (`Lite::lease_pool`).
+/// `on_pool!` for the lease loop: SQLite's unsynced lease connection (`Lite::lease_pool`).
 macro_rules! on_lease_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.inner.backend {
@@ -840,7 +840,7 @@ impl Store {
         let sql = self.lease_sql(lease::pg_sql::LIST, lease::lite_sql::LIST);
         let read_at = Utc::now();
         let rows: Vec<lease::LeaseRow> =
-            on_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+            on_lease_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await?);
         rows.into_iter().map(|r| lease::lease(r, read_at)).collect()
     }
 
