@@ -495,4 +495,30 @@ mod tests {
             "room again once the worker took a batch"
         );
     }
+
+    #[test]
+    fn new_rooms_avoid_overloaded_workers_and_the_node_is_overloaded_when_all_are() {
+        let (workers, _rx) = Workers::new(3, false);
+        workers.routes(1).set_overloaded(true);
+        workers.routes(2).set_overloaded(true);
+        // Worker 0 is the only one not overloaded, though it also receives for all.
+        assert_eq!(workers.place("a"), 0);
+        assert_eq!(
+            workers.place("b"),
+            0,
+            "fewer participants elsewhere do not count"
+        );
+        assert!(!workers.overloaded());
+        workers.routes(0).set_overloaded(true);
+        assert!(workers.overloaded());
+        workers.routes(2).set_overloaded(false);
+        assert_eq!(workers.place("c"), 2);
+        assert!(!workers.overloaded());
+        // Pinned rooms (rooms across nodes): only worker 0 counts.
+        let (pinned, _rx) = Workers::new(2, true);
+        pinned.routes(1).set_overloaded(true);
+        assert!(!pinned.overloaded());
+        pinned.routes(0).set_overloaded(true);
+        assert!(pinned.overloaded());
+    }
 }
