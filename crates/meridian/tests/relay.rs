@@ -37,7 +37,7 @@ async fn http(
     );
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf))
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_string(&mut buf))
         .await
         .expect("an answer in time")
         .expect("read");
@@ -672,5 +672,68 @@ async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
     assert!(recorded, "node-a recorded the unlink");
     drop(subs);
     drop(publisher);
+    region.cleanup().await;
+}
+
+/// An overloaded node counts as full (`crate::overload`): with rooms that may span
+/// nodes, a join that knocks at it while its media worker is busy gets a part of the
+/// room on another node instead of a refusal, and the overloaded node reports not
+/// ready. Node-a's one worker is kept busy with the dev-mode stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_at_an_overloaded_node_gets_a_part_on_another_node() {
+    let _serial = SERIAL.lock().await;
+    let region = start(
+        "relay_overload",
+        2,
+        &["--max-participants", "10", "--dev", "--media-workers", "1"],
+    )
+    .await;
+    let urls = region.urls();
+    let room = "busy";
+    let config = |identity: &str| {
+        light(ClientConfig::subscriber(
+            &urls[0],
+            region.token(identity, room, false),
+        ))
+        .with_fallback_urls(urls.clone())
+    };
+    let first = Client::join(config("first")).await.expect("joins");
+    assert_eq!(first.stats().url, urls[0], "an idle node-a takes the room");
+    let a = region.nodes[0].http.clone();
+    let stall = |ms: u64| {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let body = format!(r#"{{"worker":0,"ms":{ms}}}"#);
+            http(&a, "POST", "/dev/stall-worker", None, &body).await.0
+        })
+    };
+    // Two stalls back to back: node-a's worker is overloaded after the first and stays
+    // so through the second.
+    let first_stall = stall(3000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second_stall = stall(3000);
+    assert_eq!(first_stall.await.expect("stall"), 204);
+    let (status, body) = http(&a, "GET", "/readyz", None, "").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            "overloaded: the media workers are past [media] overload_busy_share\n"
+        )
+    );
+    let second = Client::join(config("second")).await.expect("joins");
+    assert_eq!(
+        second.stats().url,
+        urls[1],
+        "the join knocking at overloaded node-a is placed on node-b"
+    );
+    assert_eq!(second_stall.await.expect("stall"), 204);
+    let parts = region.store.placements().await.expect("placements");
+    let on_b = parts
+        .iter()
+        .filter(|p| p.stream.starts_with("room:busy") && p.node == region.nodes[1].id)
+        .count();
+    assert_eq!(on_b, 1, "a part of the room on node-b: {parts:?}");
+    drop((first, second));
     region.cleanup().await;
 }
