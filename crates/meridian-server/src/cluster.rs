@@ -529,6 +529,14 @@ impl Cluster {
                 }
                 None => {}
             }
+            // A node whose media workers are all overloaded takes no new room while
+            // another live node can (with none, the worker refuses the join).
+            if !resuming
+                && self.commands.overloaded()
+                && let Some(elsewhere) = self.elsewhere()
+            {
+                return Ok(elsewhere);
+            }
             if self.claim(&stream, state).await? {
                 return Ok(Placement::Local);
             }

@@ -7,7 +7,8 @@
 //! 8 500 ICE restarts in 4 minutes with a room of 500 at 1 Mbit/s). So an overloaded
 //! worker takes no fresh joins (`unavailable`, the client retries or goes to another
 //! node), gets no new rooms, and a node whose workers are all overloaded reports not
-//! ready (`/readyz`) and counts as full for room parts placed across nodes.
+//! ready (`/readyz`), sends new rooms to another live node and counts as full for room
+//! parts placed across nodes.
 
 use std::time::{Duration, Instant};
 

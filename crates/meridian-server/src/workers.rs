@@ -5,9 +5,9 @@
 //!   [`Command`] to the worker of its room (joins, restores, lost rooms) or of its
 //!   participant (messages, detaches, admin hooks); a new room goes to the worker with
 //!   the fewest participants among those not overloaded (`crate::overload`; ties: the
-//!   highest index, as worker 0 also receives for all). Relay operations and, when rooms may span nodes
-//!   (`[media] max_participants`), every room go to worker 0, which owns the relay
-//!   socket and the relay links.
+//!   highest index, as worker 0 also receives for all). Relay operations and, when
+//!   rooms may span nodes (`[media] max_participants`), every room go to worker 0,
+//!   which owns the relay socket and the relay links.
 //! * [`Handoff`] is the receiving side of the one media port: worker 0 reads the
 //!   socket and hands each datagram of another worker over a bounded queue (bounded in
 //!   batches and in bytes; what does not fit is dropped and counted). STUN names its

@@ -675,10 +675,37 @@ async fn a_relay_peer_that_stops_answering_is_torn_down_in_bounded_time() {
     region.cleanup().await;
 }
 
+/// Overloads node-a's one media worker with the dev-mode stall: two stalls of 3 s back
+/// to back, so the worker is overloaded after the first and stays so through the
+/// second; returns once the first is over, with the second's answer to wait for.
+async fn overload_node_a(region: &Region) -> tokio::task::JoinHandle<u16> {
+    let a = region.nodes[0].http.clone();
+    let stall = |ms: u64| {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let body = format!(r#"{{"worker":0,"ms":{ms}}}"#);
+            http(&a, "POST", "/dev/stall-worker", None, &body).await.0
+        })
+    };
+    let first = stall(3000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = stall(3000);
+    assert_eq!(first.await.expect("stall"), 204);
+    let (status, body) = http(&a, "GET", "/readyz", None, "").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            "overloaded: the media workers are past [media] overload_busy_share\n"
+        ),
+        "an overloaded node-a is not ready"
+    );
+    second
+}
+
 /// An overloaded node counts as full (`crate::overload`): with rooms that may span
 /// nodes, a join that knocks at it while its media worker is busy gets a part of the
-/// room on another node instead of a refusal, and the overloaded node reports not
-/// ready. Node-a's one worker is kept busy with the dev-mode stall.
+/// room on another node instead of a refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_at_an_overloaded_node_gets_a_part_on_another_node() {
     let _serial = SERIAL.lock().await;
@@ -699,35 +726,14 @@ async fn a_join_at_an_overloaded_node_gets_a_part_on_another_node() {
     };
     let first = Client::join(config("first")).await.expect("joins");
     assert_eq!(first.stats().url, urls[0], "an idle node-a takes the room");
-    let a = region.nodes[0].http.clone();
-    let stall = |ms: u64| {
-        let a = a.clone();
-        tokio::spawn(async move {
-            let body = format!(r#"{{"worker":0,"ms":{ms}}}"#);
-            http(&a, "POST", "/dev/stall-worker", None, &body).await.0
-        })
-    };
-    // Two stalls back to back: node-a's worker is overloaded after the first and stays
-    // so through the second.
-    let first_stall = stall(3000);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second_stall = stall(3000);
-    assert_eq!(first_stall.await.expect("stall"), 204);
-    let (status, body) = http(&a, "GET", "/readyz", None, "").await;
-    assert_eq!(
-        (status, body.as_str()),
-        (
-            503,
-            "overloaded: the media workers are past [media] overload_busy_share\n"
-        )
-    );
+    let stall = overload_node_a(&region).await;
     let second = Client::join(config("second")).await.expect("joins");
     assert_eq!(
         second.stats().url,
         urls[1],
         "the join knocking at overloaded node-a is placed on node-b"
     );
-    assert_eq!(second_stall.await.expect("stall"), 204);
+    assert_eq!(stall.await.expect("stall"), 204);
     let parts = region.store.placements().await.expect("placements");
     let on_b = parts
         .iter()
@@ -735,5 +741,33 @@ async fn a_join_at_an_overloaded_node_gets_a_part_on_another_node() {
         .count();
     assert_eq!(on_b, 1, "a part of the room on node-b: {parts:?}");
     drop((first, second));
+    region.cleanup().await;
+}
+
+/// Without room parts (no `--max-participants`) a new room is not placed on a node
+/// whose workers are all overloaded: the join knocking there is sent to another node,
+/// which hosts the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_room_knocking_at_an_overloaded_node_is_placed_on_another() {
+    let _serial = SERIAL.lock().await;
+    let region = start("overload_place", 2, &["--dev", "--media-workers", "1"]).await;
+    let urls = region.urls();
+    let stall = overload_node_a(&region).await;
+    let config = light(ClientConfig::subscriber(
+        &urls[0],
+        region.token("newcomer", "fresh", false),
+    ))
+    .with_fallback_urls(urls.clone());
+    let client = Client::join(config).await.expect("joins");
+    assert_eq!(client.stats().url, urls[1], "redirected to node-b");
+    assert_eq!(stall.await.expect("stall"), 204);
+    let placed = region.store.placements().await.expect("placements");
+    assert!(
+        placed
+            .iter()
+            .any(|p| p.stream == "room:fresh" && p.node == region.nodes[1].id),
+        "the room is placed on node-b: {placed:?}"
+    );
+    drop(client);
     region.cleanup().await;
 }
