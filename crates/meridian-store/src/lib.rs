@@ -275,35 +275,23 @@ pub(crate) enum Backend {
 }
 
 /// Runs one sqlx expression, written once, on the store's pool (`$pool` is bound to
-/// the Postgres or the SQLite pool): for SQL both backends share.
+/// the Postgres or the SQLite pool): for SQL both backends share. With a field name
+/// first, SQLite's pool is that field of `Lite` (`lease_pool` for the lease loop).
 macro_rules! on_pool {
-    ($store:expr, $pool:ident => $body:expr) => {
+    ($store:expr, $lite:ident, $pool:ident => $body:expr) => {
         match &$store.inner.backend {
             Backend::Postgres(p) => {
                 let $pool = &p.pool;
                 $body
             }
             Backend::Sqlite(s) => {
-                let $pool = &s.pool;
+                let $pool = &s.$lite;
                 $body
             }
         }
     };
-}
-
-/// `on_pool!` for the lease loop: SQLite's unsynced lease connection (`Lite::lease_pool`).
-macro_rules! on_lease_pool {
     ($store:expr, $pool:ident => $body:expr) => {
-        match &$store.inner.backend {
-            Backend::Postgres(p) => {
-                let $pool = &p.pool;
-                $body
-            }
-            Backend::Sqlite(s) => {
-                let $pool = &s.lease_pool;
-                $body
-            }
-        }
+        on_pool!($store, pool, $pool => $body)
     };
 }
 
@@ -823,7 +811,7 @@ impl Store {
         draining: bool,
     ) -> Result<bool, StoreError> {
         let sql = self.lease_sql(lease::pg_sql::RENEW, lease::lite_sql::RENEW);
-        let rows = on_lease_pool!(self, pool => sqlx::query(sql)
+        let rows = on_pool!(self, lease_pool, pool => sqlx::query(sql)
             .bind(ttl_us(ttl))
             .bind(draining)
             .bind(node)
@@ -840,7 +828,7 @@ impl Store {
         let sql = self.lease_sql(lease::pg_sql::LIST, lease::lite_sql::LIST);
         let read_at = Utc::now();
         let rows: Vec<lease::LeaseRow> =
-            on_lease_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+            on_pool!(self, lease_pool, pool => sqlx::query_as(sql).fetch_all(pool).await?);
         rows.into_iter().map(|r| lease::lease(r, read_at)).collect()
     }
 
