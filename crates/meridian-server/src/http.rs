@@ -515,9 +515,12 @@ async fn healthz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
     }
 }
 
+/// How long readiness stays off after the node was last overloaded.
+const READY_HOLD: Duration = Duration::from_secs(5);
+
 /// Readiness: 200 while the node holds its lease in the region's log, does not drain
-/// and is not overloaded (`crate::overload`); 503 otherwise, so a load balancer stops
-/// sending it new clients.
+/// and was not overloaded (`crate::overload`) within [`READY_HOLD`]; 503 otherwise, so
+/// a load balancer stops sending it new clients.
 async fn readyz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
     if state.cluster.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -526,7 +529,7 @@ async fn readyz(State(state): State<NodeState>) -> (StatusCode, &'static str) {
             StatusCode::SERVICE_UNAVAILABLE,
             "no lease: the event log is unreachable\n",
         )
-    } else if state.commands.overloaded() {
+    } else if state.commands.recently_overloaded(READY_HOLD) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded: the media workers are past [media] overload_busy_share\n",

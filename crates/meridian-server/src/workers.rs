@@ -64,6 +64,8 @@ struct Inner {
     load: Vec<AtomicUsize>,
     /// Whether each worker was overloaded when it last reported.
     overloaded: Vec<AtomicBool>,
+    /// When the node (see [`Workers::overloaded`]) was last seen overloaded.
+    overloaded_at: Mutex<Option<Instant>>,
     /// Every room on worker 0 (rooms may span nodes: relay links live there).
     pinned: bool,
 }
@@ -92,6 +94,7 @@ impl Workers {
             routes: Mutex::default(),
             load: (0..n.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             overloaded: (0..n.max(1)).map(|_| AtomicBool::new(false)).collect(),
+            overloaded_at: Mutex::new(None),
             pinned,
         });
         (Workers { inner }, receivers)
@@ -106,13 +109,20 @@ impl Workers {
     /// worker 0 alone when rooms are pinned there): the node takes no fresh joins and
     /// reports not ready.
     pub(crate) fn overloaded(&self) -> bool {
-        let flags = &self.inner.overloaded;
-        let open = if self.inner.pinned {
-            &flags[..1]
-        } else {
-            &flags[..]
-        };
-        open.iter().all(|o| o.load(Ordering::Relaxed))
+        self.inner.overloaded()
+    }
+
+    /// Whether the node is overloaded or was within `hold`: readiness stays off for a
+    /// while, so a node going in and out of overload is not put back behind its load
+    /// balancer every few seconds.
+    pub(crate) fn recently_overloaded(&self, hold: Duration) -> bool {
+        self.overloaded()
+            || self
+                .inner
+                .overloaded_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() < hold)
     }
 
     /// The routing handle of worker `index`.
@@ -244,7 +254,15 @@ impl WorkerRoutes {
 
     /// Reports whether this worker is overloaded (`crate::overload`).
     pub(crate) fn set_overloaded(&self, overloaded: bool) {
+        let before = self.inner.overloaded();
         self.inner.overloaded[self.index].store(overloaded, Ordering::Relaxed);
+        if before || self.inner.overloaded() {
+            *self
+                .inner
+                .overloaded_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
     }
 
     /// Reports this worker's participants and forgets its rooms and participants that
@@ -263,6 +281,14 @@ impl WorkerRoutes {
             .rooms
             .retain(|room, r| r.worker != me || r.pending > 0 || hosts(room));
         routes.participants.retain(|p, w| *w != me || holds(*p));
+    }
+}
+
+impl Inner {
+    fn overloaded(&self) -> bool {
+        let flags = &self.overloaded;
+        let open = if self.pinned { &flags[..1] } else { &flags[..] };
+        open.iter().all(|o| o.load(Ordering::Relaxed))
     }
 }
 
@@ -514,6 +540,11 @@ mod tests {
         workers.routes(2).set_overloaded(false);
         assert_eq!(workers.place("c"), 2);
         assert!(!workers.overloaded());
+        assert!(
+            workers.recently_overloaded(Duration::from_secs(60)),
+            "readiness holds off a while"
+        );
+        assert!(!workers.recently_overloaded(Duration::ZERO));
         // Pinned rooms (rooms across nodes): only worker 0 counts.
         let (pinned, _rx) = Workers::new(2, true);
         pinned.routes(1).set_overloaded(true);
