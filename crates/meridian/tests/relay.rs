@@ -111,6 +111,17 @@ async fn join_at_node_a(region: &Region, room: &str, n: usize) -> (Client, Vec<C
     (publisher, subscribers)
 }
 
+/// A light subscriber `identity` of `room` knocking at node-a, with every node of the
+/// region to fall back on.
+fn subscriber_at_node_a(region: &Region, identity: &str, room: &str) -> ClientConfig {
+    let urls = region.urls();
+    light(ClientConfig::subscriber(
+        &urls[0],
+        region.token(identity, room, false),
+    ))
+    .with_fallback_urls(urls)
+}
+
 /// A publisher and 30 subscribers of `room`, all joining through node-a; waits until
 /// every subscriber receives audio and video.
 async fn spread(region: &Region, room: &str) -> (Client, Vec<Client>) {
@@ -550,13 +561,7 @@ async fn a_listener_on_another_node_is_listed_and_its_leaving_is_seen() {
     let region = start("relay_roster", 2, &["--max-participants", "1"]).await;
     let urls = region.urls();
     let room = "roster";
-    let config = |identity: &str| {
-        light(ClientConfig::subscriber(
-            &urls[0],
-            region.token(identity, room, false),
-        ))
-        .with_fallback_urls(urls.clone())
-    };
+    let config = |identity: &str| subscriber_at_node_a(&region, identity, room);
     let watcher = Client::join(config("watcher")).await.expect("joins");
     assert_eq!(watcher.stats().url, urls[0], "the watcher is on node-a");
     let joined = Instant::now();
@@ -717,13 +722,7 @@ async fn a_join_at_an_overloaded_node_gets_a_part_on_another_node() {
     .await;
     let urls = region.urls();
     let room = "busy";
-    let config = |identity: &str| {
-        light(ClientConfig::subscriber(
-            &urls[0],
-            region.token(identity, room, false),
-        ))
-        .with_fallback_urls(urls.clone())
-    };
+    let config = |identity: &str| subscriber_at_node_a(&region, identity, room);
     let first = Client::join(config("first")).await.expect("joins");
     assert_eq!(first.stats().url, urls[0], "an idle node-a takes the room");
     let stall = overload_node_a(&region).await;
@@ -753,11 +752,7 @@ async fn a_new_room_knocking_at_an_overloaded_node_is_placed_on_another() {
     let region = start("overload_place", 2, &["--dev", "--media-workers", "1"]).await;
     let urls = region.urls();
     let stall = overload_node_a(&region).await;
-    let config = light(ClientConfig::subscriber(
-        &urls[0],
-        region.token("newcomer", "fresh", false),
-    ))
-    .with_fallback_urls(urls.clone());
+    let config = subscriber_at_node_a(&region, "newcomer", "fresh");
     let client = Client::join(config).await.expect("joins");
     assert_eq!(client.stats().url, urls[1], "redirected to node-b");
     assert_eq!(stall.await.expect("stall"), 204);
