@@ -18,6 +18,8 @@
 #   ROOMS        rooms the publishers and subscribers are spread over (default 1;
 #                a room lives on one media worker, so 2 workers need 2 rooms)
 #   KBPS         VP8 bitrate of each publisher, one stream (default 1000) + Opus
+#   SIMULCAST    1: publishers send three simulcast layers (150, 500, KBPS kbit/s)
+#                instead of one stream at KBPS
 #   FPS          video frames per second (default 30)
 #   DURATION     measured seconds per run (default 10s), after WARMUP (default 4s)
 #   FLOOR        1: run the kernel-floor tool before the first run and after the last
@@ -49,6 +51,8 @@ SUBS=${SUBS:-"50 200 500"}
 PUBS=${PUBS:-1}
 ROOMS=${ROOMS:-1}
 KBPS=${KBPS:-1000}
+LAYERS=--single-layer
+[ "${SIMULCAST:-0}" = 1 ] && LAYERS=
 FPS=${FPS:-30}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-4s}
@@ -128,7 +132,7 @@ for subs in $SUBS; do
   load_before=$(cut -d' ' -f1 /proc/loadavg)
   ip netns exec "$NS" taskset -c "$LOAD_CPU" "$LOADGEN_BIN" loadgen \
     --url "ws://$HTTP/signal" --data-dir "$DATA" --bind-ip "$NS_IP" \
-    --publishers "$PUBS" --subscribers "$subs" --rooms "$ROOMS" --single-layer \
+    --publishers "$PUBS" --subscribers "$subs" --rooms "$ROOMS" $LAYERS \
     --layer-kbps "150,500,$KBPS" --fps "$FPS" --count-only \
     --duration "$DURATION" --warmup "$WARMUP" \
     --ping-interval 1s --ping-timeout 30s \
