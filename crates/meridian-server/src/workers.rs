@@ -254,14 +254,17 @@ impl WorkerRoutes {
 
     /// Reports whether this worker is overloaded (`crate::overload`).
     pub(crate) fn set_overloaded(&self, overloaded: bool) {
+        // Under the lock, so that two workers changing at once both see the node's
+        // state before and after their own change, and the time is not missed.
+        let mut at = self
+            .inner
+            .overloaded_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let before = self.inner.overloaded();
         self.inner.overloaded[self.index].store(overloaded, Ordering::Relaxed);
         if before || self.inner.overloaded() {
-            *self
-                .inner
-                .overloaded_at
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            *at = Some(Instant::now());
         }
     }
 
