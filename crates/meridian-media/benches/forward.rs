@@ -10,6 +10,7 @@
 //! cargo bench -p meridian-media --bench forward            # S=50, T=5
 //! cargo bench -p meridian-media --bench forward -- 100 10  # S=100, T=10
 //! SUBS=20 SECS=2 cargo bench -p meridian-media --bench forward
+//! LAYER_KBPS=100,200,300 cargo bench -p meridian-media --bench forward  # low bitrates
 //! ```
 //!
 //! Heap is counted by a counting global allocator (`cap`): bytes per subscriber are
@@ -73,8 +74,17 @@ fn main() {
     let subs = arg(0, "SUBS", 50) as usize;
     let secs = arg(1, "SECS", 5);
     let estimate = arg(2, "ESTIMATE", 3_000_000);
+    let layers: Vec<u64> = std::env::var("LAYER_KBPS")
+        .unwrap_or_else(|_| "150,500,1500".into())
+        .split(',')
+        .filter_map(|k| k.trim().parse::<u64>().ok())
+        .map(|k| k * 1000)
+        .collect();
+    let layer_bitrates: [u64; 3] = layers
+        .try_into()
+        .expect("LAYER_KBPS takes three numbers, e.g. 150,500,1500");
     let media = MediaConfig {
-        layer_bitrates: [150_000, 500_000, 1_500_000],
+        layer_bitrates,
         keyframe_interval: 300,
         ..MediaConfig::default()
     };
@@ -146,6 +156,11 @@ fn main() {
         "rtp packets forwarded      {forwarded}  ({:.1} per packet in, {:.1} MB payload)",
         forwarded as f64 / rtp_in.max(1) as f64,
         bytes as f64 / 1e6
+    );
+    println!(
+        "datagrams sent             {}  ({:.3} per forwarded packet: media, padding, retransmissions, RTCP)",
+        profile.datagrams_out,
+        profile.datagrams_out as f64 / forwarded.max(1) as f64
     );
     println!(
         "video subscriber tracks    {}",

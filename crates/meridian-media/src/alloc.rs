@@ -30,13 +30,18 @@ impl Demand {
         (layer + 1..=self.max_layer.min(2)).find(|&l| self.rates[l].is_some())
     }
 
-    /// Bitrate of the best layer this subscription may have.
-    pub(crate) fn desired(&self) -> u64 {
+    /// The best layer this subscription may have: the highest being sent up to the
+    /// one it asked for, else the lowest being sent.
+    fn best(&self) -> Option<usize> {
         (0..=self.max_layer.min(2))
             .rev()
-            .find_map(|l| self.rates[l])
-            .or_else(|| self.lowest().and_then(|l| self.rates[l]))
-            .unwrap_or(0)
+            .find(|&l| self.rates[l].is_some())
+            .or_else(|| self.lowest())
+    }
+
+    /// Bitrate of the best layer this subscription may have.
+    pub(crate) fn desired(&self) -> u64 {
+        self.best().and_then(|l| self.rates[l]).unwrap_or(0)
     }
 }
 
@@ -132,11 +137,21 @@ impl Sfu {
         };
         let chosen = allocate(video_budget, &demands);
         let desired: u64 = demands.iter().map(Demand::desired).sum::<u64>() + audio;
-        // Let the estimator probe towards what the subscriptions could use.
-        p.subscriber.rtc.bwe().set_bitrate(
-            Bitrate::bps(desired.min(estimate).max(100_000)),
-            Bitrate::bps(desired.max(300_000)),
-        );
+        // Let the estimator probe towards what the subscriptions could use. str0m pads
+        // up to the minimum whenever media leaves room, so it is sustained only while a
+        // subscription is below the best layer it may have: padding then raises the
+        // estimate towards the next layer. A subscriber that has its best layers gets
+        // no padding (it cost up to 40 % more datagrams at low bitrates, every second,
+        // for nothing: docs/benchmarks.md).
+        let minimum = if chosen.iter().zip(&demands).all(|(c, d)| *c == d.best()) {
+            0
+        } else {
+            desired.min(estimate).max(100_000)
+        };
+        p.subscriber
+            .rtc
+            .bwe()
+            .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired.max(300_000)));
         let mut keyframes = Vec::new();
         for (track, layer) in ids.into_iter().zip(chosen) {
             let Some(sub) = p.subscriptions.get_mut(&track) else {

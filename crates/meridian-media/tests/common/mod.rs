@@ -285,6 +285,8 @@ pub struct Profile {
     pub cpu: bool,
     /// Number of timed `Sfu` calls.
     pub calls: u64,
+    /// Datagrams the core sent to the peers (media, padding, retransmissions, RTCP).
+    pub datagrams_out: u64,
     /// Per RTP datagram: from `handle_datagram` to the end of draining its output.
     pub rtp_latencies: Vec<Duration>,
 }
@@ -406,6 +408,9 @@ impl Harness {
         let t0 = Instant::now();
         let r = f(&mut self.sfu, self.now);
         while let Some(t) = self.sfu.poll_transmit() {
+            if let Some(p) = &mut self.profile {
+                p.datagrams_out += 1;
+            }
             self.to_peer.push_back(t);
         }
         while let Some(t) = self.sfu.poll_relay_transmit() {
