@@ -785,6 +785,13 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         "node_cpu_pct": node_cpu_s * 100.0 / secs,
         "loadgen_cpu_pct": own_cpu_s.map(|c| c * 100.0 / secs),
         "node_forwarded_pps": node_forwarded / secs,
+        // Above 1: the receivers got more RTP than the node forwarded as media (padding,
+        // probes, retransmissions); about 1 at a node that sends only media.
+        "counted_per_forwarded": if node_forwarded > 0.0 {
+            counted.packets as f64 / node_forwarded
+        } else {
+            0.0
+        },
         "node_received_pps": (node_after.received - node_before.received) / secs,
         "node_us_per_forwarded_packet": node_us_per_packet,
         "node_forward_latency_us_p50_bucket": node_after.latency_quantile_us(&node_before, 0.50),
@@ -910,6 +917,12 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             node_cpu_s * 100.0 / secs,
             node_us_per_packet
         );
+        if args.count_only {
+            println!(
+                "  counted/forwarded {:.3} (above 1: padding, probes or retransmissions beside the media)",
+                summary["counted_per_forwarded"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     if failover.losses > 0 || clients_failed > 0 {
         println!(
