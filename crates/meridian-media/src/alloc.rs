@@ -141,7 +141,7 @@ impl Sfu {
         // up to the minimum whenever media leaves room, so it is sustained only while a
         // subscription is below the best layer it may have: padding then raises the
         // estimate towards the next layer. A subscriber that has its best layers gets
-        // no padding (it cost up to 46 % more datagrams at low bitrates, every second,
+        // no padding (it cost up to 41 % more datagrams at low bitrates, every second,
         // for nothing: docs/benchmarks.md).
         let minimum = if chosen.iter().zip(&demands).all(|(c, d)| *c == d.best()) {
             0

@@ -132,7 +132,7 @@ fn max_layer_moves_a_subscriber_down_and_back_up_at_keyframes() {
 
 /// A subscriber that has the best layer it may have gets no padding: str0m pads up to
 /// the minimum rate the core sets whenever media leaves room, which at low bitrates was
-/// up to 46 % more datagrams than the media, every second, for nothing.
+/// up to 41 % more datagrams than the media, every second, for nothing.
 #[test]
 fn subscribers_on_their_best_layer_get_media_and_no_padding() {
     let mut h = Harness::new();
