@@ -74,15 +74,13 @@ fn main() {
     let subs = arg(0, "SUBS", 50) as usize;
     let secs = arg(1, "SECS", 5);
     let estimate = arg(2, "ESTIMATE", 3_000_000);
+    let usage = "LAYER_KBPS takes three numbers, e.g. 150,500,1500";
     let layers: Vec<u64> = std::env::var("LAYER_KBPS")
         .unwrap_or_else(|_| "150,500,1500".into())
         .split(',')
-        .filter_map(|k| k.trim().parse::<u64>().ok())
-        .map(|k| k * 1000)
+        .map(|k| k.trim().parse::<u64>().expect(usage) * 1000)
         .collect();
-    let layer_bitrates: [u64; 3] = layers
-        .try_into()
-        .expect("LAYER_KBPS takes three numbers, e.g. 150,500,1500");
+    let layer_bitrates: [u64; 3] = layers.try_into().expect(usage);
     let media = MediaConfig {
         layer_bitrates,
         keyframe_interval: 300,
