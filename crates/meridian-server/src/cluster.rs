@@ -334,15 +334,16 @@ impl Cluster {
             let s = self.state();
             (s.incarnation.clone(), s.draining)
         };
-        match self
+        let leases = match self
             .store
             .renew_lease(&self.node, &incarnation, self.ttl, draining)
             .await
         {
-            Ok(true) => {
+            Ok((true, leases)) => {
                 self.state().healthy_since.get_or_insert_with(Instant::now);
+                leases
             }
-            Ok(false) => {
+            Ok((false, _)) => {
                 warn!(node = %self.node, "lease lost: another node declared it expired; releasing every room");
                 self.release_all("fenced").await;
                 self.state().healthy_since = None;
@@ -354,13 +355,6 @@ impl Cluster {
             Err(e) => {
                 warn!("lease renewal failed: {e}");
                 self.state().healthy_since = None;
-                return;
-            }
-        }
-        let leases = match self.store.leases().await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!("reading leases failed: {e}");
                 return;
             }
         };

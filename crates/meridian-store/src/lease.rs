@@ -123,10 +123,6 @@ macro_rules! lease_sql {
                  internal_addr = excluded.internal_addr, incarnation = excluded.incarnation, expires_at_us = excluded.expires_at_us, \
                  draining = false RETURNING expires_at_us"
             );
-            pub const RENEW: &str = concat!(
-                "UPDATE node_leases SET expires_at_us = ", $now, " + $1, draining = $2 \
-                 WHERE node = $3 AND incarnation = $4"
-            );
             pub const LIST: &str = concat!(
                 "SELECT node, region, url, incarnation, expires_at_us, draining, ", $now,
                 ", internal_addr FROM node_leases ORDER BY node"
@@ -139,14 +135,59 @@ macro_rules! lease_sql {
     };
 }
 
-lease_sql!(
-    pg_sql,
-    "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
-);
-lease_sql!(
-    lite_sql,
-    "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
-);
+/// The database clock in microseconds since the epoch, Postgres.
+macro_rules! pg_now {
+    () => {
+        "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+    };
+}
+
+/// The database clock in microseconds since the epoch, SQLite.
+macro_rules! lite_now {
+    () => {
+        "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
+    };
+}
+
+lease_sql!(pg_sql, pg_now!());
+lease_sql!(lite_sql, lite_now!());
+
+/// A renewal and the read of every lease in one statement, so the lease loop costs one
+/// round trip per period: `$1` ttl (µs), `$2` draining, `$3` node, `$4` incarnation.
+/// Rows are [`RenewRow`]s ordered by node; the last column says whether this row is the
+/// renewed one.
+pub(crate) mod renew_list_sql {
+    /// Postgres: the renewal in a data-modifying CTE; the outer read takes the renewed
+    /// row's new values from the CTE (it does not see the update itself). Only the
+    /// node's own row is locked.
+    pub const PG: &str = concat!(
+        "WITH renewed AS (UPDATE node_leases SET expires_at_us = ",
+        pg_now!(),
+        " + $1, draining = $2 WHERE node = $3 AND incarnation = $4 \
+         RETURNING node, expires_at_us, draining) \
+         SELECT l.node, l.region, l.url, l.incarnation, \
+         COALESCE(r.expires_at_us, l.expires_at_us), COALESCE(r.draining, l.draining), ",
+        pg_now!(),
+        ", l.internal_addr, r.node IS NOT NULL \
+         FROM node_leases l LEFT JOIN renewed r ON r.node = l.node ORDER BY l.node"
+    );
+    /// SQLite has no data-modifying CTE: one UPDATE that rewrites only the node's own
+    /// row's values and returns every row (SQLite writes under one database lock, so
+    /// the other rows keep exactly the values they had).
+    pub const SQLITE: &str = concat!(
+        "UPDATE node_leases SET \
+         expires_at_us = CASE WHEN node = $3 AND incarnation = $4 THEN ",
+        lite_now!(),
+        " + $1 ELSE expires_at_us END, \
+         draining = CASE WHEN node = $3 AND incarnation = $4 THEN $2 ELSE draining END \
+         RETURNING node, region, url, incarnation, expires_at_us, draining, ",
+        lite_now!(),
+        ", internal_addr, node = $3 AND incarnation = $4"
+    );
+}
+
+/// A [`LeaseRow`] and whether it is the row just renewed.
+pub(crate) type RenewRow = (String, String, String, String, i64, bool, i64, String, bool);
 
 /// SQL shared by both backends (`$n` parameters bind by position in SQLite too).
 pub(crate) mod sql {

@@ -800,26 +800,38 @@ impl Store {
     }
 
     /// Extend `node`'s lease to `ttl` from now on the database's clock (and set its
-    /// draining flag). Returns false when the lease is no longer this incarnation's: it
-    /// was declared expired (and the node's rooms may have been taken over) or another
-    /// process took the node id.
+    /// draining flag), and read every lease on record, in one round trip (the lease
+    /// loop's whole work per period). The flag is false when the lease is no longer
+    /// this incarnation's: it was declared expired (and the node's rooms may have been
+    /// taken over) or another process took the node id; nothing was changed then.
+    /// The leases are as [`Store::leases`] returns them (the renewed one with its new
+    /// expiry).
     pub async fn renew_lease(
         &self,
         node: &str,
         incarnation: &str,
         ttl: Duration,
         draining: bool,
-    ) -> Result<bool, StoreError> {
-        let sql = self.lease_sql(lease::pg_sql::RENEW, lease::lite_sql::RENEW);
-        let rows = on_pool!(self, lease_pool, pool => sqlx::query(sql)
+    ) -> Result<(bool, Vec<NodeLease>), StoreError> {
+        let sql = self.lease_sql(lease::renew_list_sql::PG, lease::renew_list_sql::SQLITE);
+        let read_at = Utc::now();
+        let mut rows: Vec<lease::RenewRow> = on_pool!(self, lease_pool, pool => sqlx::query_as(sql)
             .bind(ttl_us(ttl))
             .bind(draining)
             .bind(node)
             .bind(incarnation)
-            .execute(pool)
-            .await?
-            .rows_affected());
-        Ok(rows == 1)
+            .fetch_all(pool)
+            .await?);
+        // SQLite's RETURNING has no order.
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let renewed = rows.iter().any(|r| r.8);
+        let leases = rows
+            .into_iter()
+            .map(|(node, region, url, inc, exp, draining, now, addr, _)| {
+                lease::lease((node, region, url, inc, exp, draining, now, addr), read_at)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((renewed, leases))
     }
 
     /// Every lease on record, live or not, by node id, with the database's clock at

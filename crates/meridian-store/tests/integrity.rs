@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::{Harness, join};
 use meridian_events::{GENESIS_HASH, HashInput, chain_hash};
-use meridian_store::{BreakKind, ExpectedVersion, SigningKey, Store, StoreError};
+use meridian_store::{BreakKind, ExpectedVersion, NodeLease, SigningKey, Store, StoreError};
 
 both_stores!(
     rechained_history_is_caught_by_signed_checkpoint,
@@ -315,10 +315,25 @@ async fn lease_times_come_from_the_database_clock(h: &Harness) {
         .expect("acquire");
     let n2 = s.leases().await.expect("leases");
     assert_eq!(n2[1].internal_addr, None, "none published");
+    // A renewal reads every lease in the same round trip: its own with the new
+    // expiry and draining flag, the others exactly as they were.
+    let (renewed, after) = s
+        .renew_lease("n2", &b.incarnation, Duration::from_millis(200), true)
+        .await
+        .expect("renew");
+    assert!(renewed);
+    assert_eq!(after.len(), 2);
+    let untouched = NodeLease {
+        read_at: after[0].read_at,
+        db_now: after[0].db_now,
+        ..n2[0].clone()
+    };
+    assert_eq!(after[0], untouched, "the other node's lease is as it was");
+    assert_eq!(after[1].node, "n2");
+    assert!(after[1].draining, "the draining flag is set by the renewal");
     assert!(
-        s.renew_lease("n2", &b.incarnation, Duration::from_millis(200), false)
-            .await
-            .expect("renew")
+        after[1].expires_at >= b.expires_at,
+        "renewed from the database's clock"
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(s.expire_lease("n2", &b.incarnation).await.expect("expire"));
@@ -327,11 +342,22 @@ async fn lease_times_come_from_the_database_clock(h: &Harness) {
             .await
             .expect("only once")
     );
-    assert!(
-        !s.renew_lease("n2", &b.incarnation, Duration::from_secs(1), false)
-            .await
-            .expect("renew")
-    );
+    let (renewed, left) = s
+        .renew_lease("n2", &b.incarnation, Duration::from_secs(1), false)
+        .await
+        .expect("renew");
+    assert!(!renewed, "an expired lease is not renewed");
+    assert_eq!(left.len(), 1, "nor brought back");
+    assert_eq!(left[0].node, "n1");
+    assert!(left[0].is_live(Utc::now()), "the other lease is untouched");
+    // A stale incarnation changes nothing either.
+    let (renewed, after) = s
+        .renew_lease("n1", "not-the-incarnation", Duration::from_millis(1), true)
+        .await
+        .expect("renew");
+    assert!(!renewed);
+    assert_eq!(after[0].expires_at, left[0].expires_at);
+    assert!(!after[0].draining);
 }
 
 async fn snapshot_every_n_events_bounds_replay(h: &Harness) {
