@@ -153,9 +153,10 @@ lease_sql!(pg_sql, pg_now!());
 lease_sql!(lite_sql, lite_now!());
 
 /// A renewal and the read of every lease in one statement, so the lease loop costs one
-/// round trip per period: `$1` ttl (µs), `$2` draining, `$3` node, `$4` incarnation.
-/// Rows are [`RenewRow`]s ordered by node; the last column says whether this row is the
-/// renewed one.
+/// round trip per period: `$1` ttl (µs), `$2` draining, `$3` node, `$4` incarnation
+/// (sqlx binds `$n` by its number in SQLite too, so a parameter may repeat). Rows are
+/// [`RenewRow`]s, the last column saying whether the row is the renewed one; Postgres
+/// orders them by node, SQLite's `RETURNING` does not (the caller sorts).
 pub(crate) mod renew_list_sql {
     /// Postgres: the renewal in a data-modifying CTE; the outer read takes the renewed
     /// row's new values from the CTE (it does not see the update itself). Only the
