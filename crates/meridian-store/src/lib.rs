@@ -311,6 +311,18 @@ struct Inner {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Snapshot policy: a room's state is saved every this many events (0: never).
     snapshot_every: std::sync::atomic::AtomicU64,
+    /// The lease loop's connection (see [`LeaseConn`]); `None` until the first
+    /// renewal and after a failed one.
+    lease_conn: tokio::sync::Mutex<Option<LeaseConn>>,
+}
+
+/// The lease loop's own connection, taken from the pool once and detached: a renewal
+/// is then one round trip. Through the pool it was three, since sqlx pings a pooled
+/// connection when it is checked out and again when it comes back (on SQLite each ping
+/// a hand-over to the connection's worker thread and back, most of an idle node's CPU).
+enum LeaseConn {
+    Postgres(sqlx::PgConnection),
+    Sqlite(sqlx::SqliteConnection),
 }
 
 /// Default snapshot policy: a room's state is saved every this many events (and at
@@ -338,9 +350,9 @@ impl fmt::Debug for Store {
 pub struct ConnectOptions {
     /// Postgres schema to use (created if missing); `None` uses the URL's search path.
     pub schema: Option<String>,
-    /// Most pooled connections. On Postgres each writer lane, the commit notifier and
-    /// the `LISTEN` task keep a connection of their own besides the pool, so a store
-    /// opens up to `max_connections + writer_lanes + 2`.
+    /// Most pooled connections. On Postgres each writer lane, the commit notifier, the
+    /// `LISTEN` task and the lease loop keep a connection of their own besides the
+    /// pool, so a store opens up to `max_connections + writer_lanes + 3`.
     pub max_connections: u32,
     /// How long to wait for a connection before failing with
     /// [`StoreError::Unavailable`].
@@ -487,6 +499,7 @@ impl Store {
                 head_rx,
                 tasks,
                 snapshot_every: std::sync::atomic::AtomicU64::new(DEFAULT_SNAPSHOT_EVERY),
+                lease_conn: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -502,6 +515,7 @@ impl Store {
     /// Close the pool; later calls fail with [`StoreError::Closed`] or
     /// [`StoreError::Unavailable`].
     pub async fn close(&self) {
+        self.inner.lease_conn.lock().await.take();
         match &self.inner.backend {
             Backend::Postgres(p) => p.pool.close().await,
             Backend::Sqlite(s) => {
@@ -815,13 +829,48 @@ impl Store {
     ) -> Result<(bool, Vec<NodeLease>), StoreError> {
         let sql = self.lease_sql(lease::renew_list_sql::PG, lease::renew_list_sql::SQLITE);
         let read_at = Utc::now();
-        let mut rows: Vec<lease::RenewRow> = on_pool!(self, lease_pool, pool => sqlx::query_as(sql)
-            .bind(ttl_us(ttl))
-            .bind(draining)
-            .bind(node)
-            .bind(incarnation)
-            .fetch_all(pool)
-            .await?);
+        macro_rules! renew {
+            ($c:expr) => {
+                sqlx::query_as(sql)
+                    .bind(ttl_us(ttl))
+                    .bind(draining)
+                    .bind(node)
+                    .bind(incarnation)
+                    .fetch_all($c)
+                    .await
+            };
+        }
+        let mut slot = self.inner.lease_conn.lock().await;
+        // A held Postgres connection may have been cut since the last period (a server
+        // restart): then once more on a fresh one, as the pool's checkout ping would
+        // have made it. (A local SQLite connection is not cut; a busy database was
+        // already waited for.)
+        let mut rows: Vec<lease::RenewRow> = loop {
+            let fresh = slot.is_none();
+            let conn = match &mut *slot {
+                Some(c) => c,
+                None => slot.insert(match &self.inner.backend {
+                    Backend::Postgres(p) => LeaseConn::Postgres(p.pool.acquire().await?.detach()),
+                    Backend::Sqlite(s) => LeaseConn::Sqlite(s.lease_pool.acquire().await?.detach()),
+                }),
+            };
+            let (fetched, remote) = match conn {
+                LeaseConn::Postgres(c) => (renew!(c), true),
+                LeaseConn::Sqlite(c) => (renew!(c), false),
+            };
+            match fetched {
+                Ok(rows) => break rows,
+                Err(e) => {
+                    // The connection's state is unknown after a failure.
+                    *slot = None;
+                    let e = StoreError::from(e);
+                    if fresh || !remote || !e.is_retryable() {
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        drop(slot);
         // SQLite's RETURNING has no order.
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         let renewed = rows.iter().any(|r| r.8);

@@ -28,8 +28,9 @@ const COLUMNS: &str = "position, stream, sequence, recorded_at, actor, schema_ve
 #[derive(Clone)]
 pub(crate) struct Lite {
     pub pool: SqlitePool,
-    /// One connection with `synchronous=NORMAL` for the lease loop (renewals and the
-    /// list of leases, off the event log's connections): a renewal every
+    /// One connection with `synchronous=NORMAL` for the lease loop (renewals, on a
+    /// connection taken from here and kept, and the list of leases, off the event log's
+    /// connections): a renewal every
     /// `lease_period_ms` need not reach the disk (after a power cut the node restarts
     /// with a new lease anyway), and a synced commit ten times a second was most of an
     /// idle node's CPU. The WAL is synced by the next event-log commit or checkpoint.

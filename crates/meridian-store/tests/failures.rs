@@ -194,3 +194,46 @@ async fn postgres_lane_connection_lost_while_idle_reconnects() {
     assert!(h.store.verify_chain().await.expect("verify").is_ok());
     h.finish().await;
 }
+
+/// The lease loop keeps its connection between renewals; when the server dropped it
+/// (a restart), the next renewal reconnects and succeeds instead of failing a period,
+/// which would cost the node a lease term of trust in its view of the region.
+#[tokio::test]
+async fn postgres_lease_connection_lost_reconnects() {
+    let h = Harness::new(Kind::Postgres).await;
+    let schema = h.schema().expect("schema").to_owned();
+    let ttl = Duration::from_secs(30);
+    let a = h
+        .store
+        .acquire_lease("n1", "local", "ws://n1/signal", "", ttl)
+        .await
+        .expect("acquire");
+    let (renewed, _) = h
+        .store
+        .renew_lease("n1", &a.incarnation, ttl, false)
+        .await
+        .expect("first renewal: the lease loop takes its connection");
+    assert!(renewed);
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url()).expect("url");
+    let mut admin = sqlx::PgConnection::connect_with(&opts)
+        .await
+        .expect("admin");
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = $1",
+    )
+    .bind(format!("meridian-{schema}"))
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(killed > 0, "the store's connections were killed");
+    let (renewed, leases) = h
+        .store
+        .renew_lease("n1", &a.incarnation, ttl, true)
+        .await
+        .expect("the renewal after the cut reconnects");
+    assert!(renewed);
+    assert_eq!(leases.len(), 1);
+    assert!(leases[0].draining, "the renewal after the cut was applied");
+    h.finish().await;
+}
