@@ -359,7 +359,9 @@ pub fn due_rounds<T>(
 /// The Sans-IO SFU: see the crate documentation.
 pub struct Sfu {
     config: SfuConfig,
-    participants: HashMap<ParticipantId, Participant>,
+    /// Boxed: a participant (two `Rtc`s inline) is about 40 KB, so a table of them
+    /// held that much in every empty bucket (up to half the buckets after a growth).
+    participants: HashMap<ParticipantId, Box<Participant>>,
     tracks: HashMap<TrackId, Track>,
     rooms: HashMap<String, Vec<ParticipantId>>,
     by_ufrag: HashMap<String, (ParticipantId, PcKind)>,

@@ -182,13 +182,13 @@ impl Sfu {
             // The downstream checks this connection's ICE-lite candidate by ufrag.
             self.by_ufrag.insert(subscriber.ufrag.clone(), (id, used));
         }
-        let mut participant = Participant::new(
+        let mut participant = Box::new(Participant::new(
             String::new(),
             format!("relay:{peer}"),
             false,
             publisher,
             subscriber,
-        );
+        ));
         participant.relay = Some(Relay::new(peer, inbound));
         self.participants.insert(id, participant);
         if inbound {

@@ -226,13 +226,13 @@ impl Sfu {
             .insert(subscriber.ufrag.clone(), (id, PcKind::Subscriber));
         self.participants.insert(
             id,
-            Participant::new(
+            Box::new(Participant::new(
                 room.to_string(),
                 identity.to_string(),
                 auto_subscribe,
                 publisher,
                 subscriber,
-            ),
+            )),
         );
         self.rooms.entry(room.to_string()).or_default().push(id);
         debug!(participant = %id, room, "participant added");
