@@ -29,10 +29,10 @@ pub fn run(data: &[u8]) {
         let mut datagram = rest[..len].to_vec();
         rest = &rest[len..];
         if src & 0x80 != 0
-            && let Some((pub_ufrag, _)) = &ufrags
+            && let Some((_, sub_ufrag)) = &ufrags
             && datagram.len() > 20
         {
-            let u = pub_ufrag.as_bytes();
+            let u = sub_ufrag.as_bytes();
             let n = u.len().min(datagram.len() - 20);
             datagram[20..20 + n].copy_from_slice(&u[..n]);
         }

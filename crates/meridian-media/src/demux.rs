@@ -90,12 +90,15 @@ impl Sfu {
         trans_id: TransId,
         source: SocketAddr,
     ) -> bool {
-        let replayed = self.participants.get(&id).is_some_and(|p| {
-            p.pc(kind)
-                .recent_checks
-                .iter()
-                .any(|(t, from)| *t == trans_id && *from != source)
-        });
+        let replayed = self
+            .participants
+            .get(&id)
+            .and_then(|p| p.pc(kind))
+            .is_some_and(|pc| {
+                pc.recent_checks
+                    .iter()
+                    .any(|(t, from)| *t == trans_id && *from != source)
+            });
         replayed || self.held_by_other(now, id, kind, source)
     }
 
@@ -114,13 +117,15 @@ impl Sfu {
         if (holder, holder_kind) == (id, kind) {
             return false;
         }
-        self.participants.get(&holder).is_some_and(|p| {
-            let pc = p.pc(holder_kind);
-            pc.remote == Some(source)
-                && pc
-                    .last_check
-                    .is_some_and(|t| now.saturating_duration_since(t) < ADDRESS_HELD_FOR)
-        })
+        self.participants
+            .get(&holder)
+            .and_then(|p| p.pc(holder_kind))
+            .is_some_and(|pc| {
+                pc.remote == Some(source)
+                    && pc
+                        .last_check
+                        .is_some_and(|t| now.saturating_duration_since(t) < ADDRESS_HELD_FOR)
+            })
     }
 
     /// Points `source` at a connection whose ICE check from there str0m answered,
@@ -134,10 +139,9 @@ impl Sfu {
         trans_id: TransId,
         source: SocketAddr,
     ) {
-        let Some(p) = self.participants.get_mut(&id) else {
+        let Some(pc) = self.participants.get_mut(&id).and_then(|p| p.pc_mut(kind)) else {
             return;
         };
-        let pc = p.pc_mut(kind);
         pc.last_check = Some(now);
         if pc.recent_checks.len() >= RECENT_CHECKS {
             pc.recent_checks.pop_front();
@@ -154,12 +158,13 @@ impl Sfu {
         // A connection whose hold lapsed loses the address.
         if let Some((prev, prev_kind)) = self.by_addr.insert(source, (id, kind))
             && (prev, prev_kind) != (id, kind)
-            && let Some(prev) = self.participants.get_mut(&prev)
+            && let Some(prev_pc) = self
+                .participants
+                .get_mut(&prev)
+                .and_then(|p| p.pc_mut(prev_kind))
+            && prev_pc.remote == Some(source)
         {
-            let prev_pc = prev.pc_mut(prev_kind);
-            if prev_pc.remote == Some(source) {
-                prev_pc.remote = None;
-            }
+            prev_pc.remote = None;
         }
     }
 }

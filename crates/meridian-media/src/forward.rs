@@ -277,7 +277,10 @@ impl Sfu {
         let (track_id, layer) = match p.ssrc_map.get(&ssrc) {
             Some(x) => *x,
             None => {
-                let mut api = p.publisher.rtc.direct_api();
+                let Some(publisher) = p.publisher.as_deref_mut() else {
+                    return;
+                };
+                let mut api = publisher.rtc.direct_api();
                 let Some(rx) = api.stream_rx(&ssrc) else {
                     return;
                 };
@@ -316,13 +319,12 @@ impl Sfu {
             Some((_, params)) => *params,
             None => {
                 // The codec's own payload type, or the RED payload type wrapping it.
-                let Some(params) = p
-                    .publisher
-                    .rtc
-                    .codec_config()
-                    .find(|c| c.pt() == pt || c.red() == Some(pt))
-                    .copied()
-                else {
+                let Some(params) = p.publisher.as_deref().and_then(|pc| {
+                    pc.rtc
+                        .codec_config()
+                        .find(|c| c.pt() == pt || c.red() == Some(pt))
+                        .copied()
+                }) else {
                     return;
                 };
                 t.pt_params.push((pt, params));

@@ -106,18 +106,17 @@ impl Sfu {
             return;
         }
         rate.last_keyframe_request = Some(now);
-        let Some(p) = self.participants.get_mut(&t.owner) else {
+        let Some(pc) = self
+            .participants
+            .get_mut(&t.owner)
+            .and_then(|p| p.publisher.as_deref_mut())
+        else {
             return;
         };
-        if let Some(rx) = p.publisher.rtc.direct_api().stream_rx(&ssrc) {
+        if let Some(rx) = pc.rtc.direct_api().stream_rx(&ssrc) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
             self.stats.keyframe_requests += 1;
-            mark_dirty(
-                &mut self.dirty,
-                t.owner,
-                &mut p.publisher,
-                PcKind::Publisher,
-            );
+            mark_dirty(&mut self.dirty, t.owner, pc, PcKind::Publisher);
         }
     }
 }

@@ -494,10 +494,14 @@ impl Sfu {
         self.participants.get(&participant)?.estimate_bps
     }
 
-    /// The ICE username fragments of a participant's connections (publisher, subscriber).
-    pub fn ice_ufrags(&self, participant: ParticipantId) -> Option<(String, String)> {
+    /// The ICE username fragments of a participant's connections (publisher, made at
+    /// its first offer; subscriber).
+    pub fn ice_ufrags(&self, participant: ParticipantId) -> Option<(Option<String>, String)> {
         let p = self.participants.get(&participant)?;
-        Some((p.publisher.ufrag.clone(), p.subscriber.ufrag.clone()))
+        Some((
+            p.publisher.as_ref().map(|pc| pc.ufrag.clone()),
+            p.subscriber.ufrag.clone(),
+        ))
     }
 
     /// The participant a datagram would be routed to (by STUN ufrag or source
@@ -531,11 +535,10 @@ impl Sfu {
         if kind == PcKind::Subscriber {
             self.arm_rtx_copies(now, id, contents);
         }
-        let Some(p) = self.participants.get_mut(&id) else {
+        let Some(pc) = self.participants.get_mut(&id).and_then(|p| p.pc_mut(kind)) else {
             self.stats.datagrams_unrouted += 1;
             return;
         };
-        let pc = p.pc_mut(kind);
         if pc.rtc.handle_input(Input::Receive(now, receive)).is_err() {
             self.stats.datagrams_rejected += 1;
         }
@@ -563,10 +566,9 @@ impl Sfu {
         self.release_copies(now);
         // Only the connections that are due: O(due · log n), not O(participants).
         while let Some((at, (id, kind))) = self.timers.pop_due(now) {
-            let Some(p) = self.participants.get_mut(&id) else {
+            let Some(pc) = self.participants.get_mut(&id).and_then(|p| p.pc_mut(kind)) else {
                 continue; // left since
             };
-            let pc = p.pc_mut(kind);
             if pc.scheduled != Some(at) {
                 continue; // stale: the deadline moved earlier since
             }

@@ -23,12 +23,13 @@ impl Sfu {
         announced: Vec<TrackAnnouncement>,
     ) -> Result<(String, Vec<TrackInfo>), MediaError> {
         self.last_now = now;
+        let offer =
+            SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
+        self.ensure_publisher(now, id)?;
         let p = self
             .participants
             .get_mut(&id)
             .ok_or(MediaError::UnknownParticipant(id))?;
-        let offer =
-            SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
         let mids: Vec<Mid> = sdp
             .lines()
             .filter_map(|l| l.trim().strip_prefix("a=mid:"))
@@ -43,8 +44,11 @@ impl Sfu {
                 p.announced.insert(a.mid.clone(), a);
             }
         }
-        let answer = p
+        let publisher = p
             .publisher
+            .as_deref_mut()
+            .ok_or(MediaError::UnknownParticipant(id))?;
+        let answer = publisher
             .rtc
             .sdp_api()
             .accept_offer(offer)
@@ -52,25 +56,25 @@ impl Sfu {
         let mut answer_sdp = answer.to_sdp_string();
         // New ICE credentials in the offer were an ICE restart: the answer has new ones,
         // which must keep this worker's ufrag prefix.
-        let local = p.publisher.rtc.direct_api().local_ice_credentials();
-        if local.ufrag != p.publisher.ufrag {
+        let local = publisher.rtc.direct_api().local_ice_credentials();
+        if local.ufrag != publisher.ufrag {
             let (creds, sdp) = crate::pc::prefix_restart_creds(&self.config, &local, &answer_sdp);
-            p.publisher
-                .rtc
-                .direct_api()
-                .set_local_ice_credentials(creds);
+            publisher.rtc.direct_api().set_local_ice_credentials(creds);
             answer_sdp = sdp;
         }
-        mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
+        mark_dirty(&mut self.dirty, id, publisher, PcKind::Publisher);
         self.sync_ufrag(id, PcKind::Publisher);
         // Every receiving media section of the offer is a track of this participant.
         let mut infos = Vec::new();
         for mid in mids {
-            let p = self
+            let publisher = self
                 .participants
                 .get(&id)
+                .ok_or(MediaError::UnknownParticipant(id))?
+                .publisher
+                .as_deref()
                 .ok_or(MediaError::UnknownParticipant(id))?;
-            let Some(media) = p.publisher.rtc.media(mid) else {
+            let Some(media) = publisher.rtc.media(mid) else {
                 continue;
             };
             if !media.direction().is_receiving() {
@@ -81,7 +85,7 @@ impl Sfu {
                 _ => Vec::new(),
             };
             let kind = media.kind();
-            let codec = pc::primary_codec(&p.publisher.rtc, media.remote_pts());
+            let codec = pc::primary_codec(&publisher.rtc, media.remote_pts());
             if let Some(track) = self.add_track(id, mid, kind, &rids, codec) {
                 infos.extend(self.tracks.get(&track).map(|t| t.info(track)));
             }

@@ -208,7 +208,9 @@ impl Sfu {
             } else {
                 &mut self.transmits
             };
-            let pc = p.pc_mut(kind);
+            let Some(pc) = p.pc_mut(kind) else {
+                continue;
+            };
             pc.dirty = false;
             loop {
                 match pc.rtc.poll_output() {
@@ -272,17 +274,17 @@ impl Sfu {
                     .iter()
                     .flat_map(|s| s.recv.iter().map(|l| l.rid.to_string()))
                     .collect();
-                let codec = self.participants.get(&id).map_or_else(
-                    || "unknown".to_string(),
-                    |p| {
-                        let pts = p
-                            .publisher
-                            .rtc
-                            .media(m.mid)
-                            .map(|md| md.remote_pts().to_vec());
-                        primary_codec(&p.publisher.rtc, pts.as_deref().unwrap_or(&[]))
-                    },
-                );
+                let codec = self
+                    .participants
+                    .get(&id)
+                    .and_then(|p| p.publisher.as_deref())
+                    .map_or_else(
+                        || "unknown".to_string(),
+                        |pc| {
+                            let pts = pc.rtc.media(m.mid).map(|md| md.remote_pts().to_vec());
+                            primary_codec(&pc.rtc, pts.as_deref().unwrap_or(&[]))
+                        },
+                    );
                 self.add_track(id, m.mid, m.kind, &rids, codec);
             }
             Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
@@ -310,8 +312,7 @@ impl Sfu {
                 self.reallocate(id, now);
             }
             Event::Connected => {
-                if let Some(p) = self.participants.get_mut(&id) {
-                    let pc = p.pc_mut(kind);
+                if let Some(pc) = self.participants.get_mut(&id).and_then(|p| p.pc_mut(kind)) {
                     pc.connected = true;
                     pc.ever_connected = true;
                 }
@@ -337,10 +338,9 @@ impl Sfu {
                 }
             }
             Event::IceConnectionStateChange(state) => {
-                let Some(p) = self.participants.get_mut(&id) else {
+                let Some(pc) = self.participants.get_mut(&id).and_then(|p| p.pc_mut(kind)) else {
                     return;
                 };
-                let pc = p.pc_mut(kind);
                 match state {
                     IceConnectionState::Disconnected => {
                         pc.resync = true;
@@ -357,13 +357,12 @@ impl Sfu {
                 }
             }
             Event::Closed => {
-                if let Some(p) = self.participants.get_mut(&id) {
-                    let pc = p.pc_mut(kind);
-                    if pc.connected {
-                        pc.connected = false;
-                        let e = self.disconnected_event(id, kind);
-                        self.events.push_back(e);
-                    }
+                if let Some(pc) = self.participants.get_mut(&id).and_then(|p| p.pc_mut(kind))
+                    && pc.connected
+                {
+                    pc.connected = false;
+                    let e = self.disconnected_event(id, kind);
+                    self.events.push_back(e);
                 }
             }
             _ => {}
@@ -379,7 +378,9 @@ impl Sfu {
             return;
         };
         let relay = p.relay.is_some();
-        let pc = p.pc_mut(kind);
+        let Some(pc) = p.pc_mut(kind) else {
+            return;
+        };
         pc.resync = false;
         if !pc.negotiated || !pc.ever_connected {
             return;
@@ -407,10 +408,9 @@ impl Sfu {
     /// The address stays bound until a verified check from elsewhere moves it, under
     /// the usual rules (`demux`).
     pub(crate) fn sync_ufrag(&mut self, id: ParticipantId, kind: PcKind) {
-        let Some(p) = self.participants.get_mut(&id) else {
+        let Some(pc) = self.participants.get_mut(&id).and_then(|p| p.pc_mut(kind)) else {
             return;
         };
-        let pc = p.pc_mut(kind);
         pc.negotiated = true;
         let ufrag = pc.rtc.direct_api().local_ice_credentials().ufrag;
         if ufrag == pc.ufrag {

@@ -165,23 +165,20 @@ impl Sfu {
     fn insert_relay(&mut self, now: Instant, peer: &str, inbound: bool, pc: Pc) -> ParticipantId {
         let id = ParticipantId(self.next_id);
         self.next_id += 1;
-        // The unused connection of the pair is never offered, so nobody can reach it.
-        let (mut publisher, mut subscriber) = if inbound {
-            (pc, Pc::new(&self.config, now, PcKind::Subscriber))
+        // The unused subscriber connection of an inbound link is never offered, so
+        // nobody can reach it; an outbound link has no publisher connection.
+        let (publisher, subscriber) = if inbound {
+            let mut pc = pc;
+            mark_dirty(&mut self.dirty, id, &mut pc, PcKind::Publisher);
+            (Some(pc), Pc::new(&self.config, now, PcKind::Subscriber))
         } else {
-            (Pc::new(&self.config, now, PcKind::Publisher), pc)
-        };
-        let used = if inbound {
-            mark_dirty(&mut self.dirty, id, &mut publisher, PcKind::Publisher);
-            PcKind::Publisher
-        } else {
-            mark_dirty(&mut self.dirty, id, &mut subscriber, PcKind::Subscriber);
-            PcKind::Subscriber
-        };
-        if !inbound {
+            let mut pc = pc;
+            mark_dirty(&mut self.dirty, id, &mut pc, PcKind::Subscriber);
             // The downstream checks this connection's ICE-lite candidate by ufrag.
-            self.by_ufrag.insert(subscriber.ufrag.clone(), (id, used));
-        }
+            self.by_ufrag
+                .insert(pc.ufrag.clone(), (id, PcKind::Subscriber));
+            (None, pc)
+        };
         let mut participant = Box::new(Participant::new(
             String::new(),
             format!("relay:{peer}"),
@@ -399,31 +396,37 @@ impl Sfu {
             .participants
             .get_mut(&id)
             .ok_or(MediaError::UnknownParticipant(id))?;
-        let answer = p
-            .publisher
+        let publisher = p.publisher.as_deref_mut().ok_or(MediaError::NotAllowed(
+            "not the inbound side of a relay link",
+        ))?;
+        let answer = publisher
             .rtc
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
-        mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
+        mark_dirty(&mut self.dirty, id, publisher, PcKind::Publisher);
         let mids: Vec<String> = sections.keys().cloned().collect();
         if let Some(r) = p.relay.as_mut() {
             r.sections = sections;
             r.upstream_ufrag = upstream_ufrag;
         }
         for mid in mids {
-            let Some(p) = self.participants.get(&id) else {
+            let Some(publisher) = self
+                .participants
+                .get(&id)
+                .and_then(|p| p.publisher.as_deref())
+            else {
                 break;
             };
             let mid = Mid::from(mid.as_str());
-            let Some(media) = p.publisher.rtc.media(mid) else {
+            let Some(media) = publisher.rtc.media(mid) else {
                 continue;
             };
             if !media.direction().is_receiving() {
                 continue;
             }
             let kind = media.kind();
-            let codec = pc::primary_codec(&p.publisher.rtc, media.remote_pts());
+            let codec = pc::primary_codec(&publisher.rtc, media.remote_pts());
             self.add_track(id, mid, kind, &[], codec);
         }
         self.process(now);
@@ -447,18 +450,18 @@ impl Sfu {
             self.stats.datagrams_unrouted += 1;
             return;
         };
-        let Some(p) = self.participants.get_mut(&id) else {
+        let Some(pc) = self
+            .participants
+            .get_mut(&id)
+            .and_then(|p| p.publisher.as_deref_mut())
+        else {
             self.stats.datagrams_unrouted += 1;
             return;
         };
-        if p.publisher
-            .rtc
-            .handle_input(Input::Receive(now, receive))
-            .is_err()
-        {
+        if pc.rtc.handle_input(Input::Receive(now, receive)).is_err() {
             self.stats.datagrams_rejected += 1;
         }
-        mark_dirty(&mut self.dirty, id, &mut p.publisher, PcKind::Publisher);
+        mark_dirty(&mut self.dirty, id, pc, PcKind::Publisher);
         self.process(now);
     }
 
@@ -639,7 +642,10 @@ impl Sfu {
                 let p = self.participants.get(id)?;
                 let r = p.relay.as_ref()?;
                 let (tracks, connected) = if r.inbound {
-                    (p.published.len(), p.publisher.connected)
+                    (
+                        p.published.len(),
+                        p.publisher.as_ref().is_some_and(|pc| pc.connected),
+                    )
                 } else {
                     (p.subscriptions.len(), p.subscriber.connected)
                 };

@@ -36,7 +36,9 @@ pub(crate) struct Participant {
     pub(crate) room: String,
     pub(crate) identity: String,
     pub(crate) auto_subscribe: bool,
-    pub(crate) publisher: Pc,
+    /// Made at the first publisher offer (`Sfu::publisher_mut`): most participants of
+    /// a large room only watch, and an unused `Rtc` costs about 26 KiB.
+    pub(crate) publisher: Option<Box<Pc>>,
     pub(crate) subscriber: Pc,
     pub(crate) published: Vec<TrackId>,
     pub(crate) subscriptions: HashMap<TrackId, Subscription>,
@@ -59,20 +61,20 @@ pub(crate) struct Participant {
 }
 
 impl Participant {
-    /// A participant with its two connections and nothing published, subscribed or
-    /// negotiated yet.
+    /// A participant with its connections (the publisher one, if made yet) and nothing
+    /// published, subscribed or negotiated yet.
     pub(crate) fn new(
         room: String,
         identity: String,
         auto_subscribe: bool,
-        publisher: Pc,
+        publisher: Option<Pc>,
         subscriber: Pc,
     ) -> Participant {
         Participant {
             room,
             identity,
             auto_subscribe,
-            publisher,
+            publisher: publisher.map(Box::new),
             subscriber,
             published: Vec::new(),
             subscriptions: HashMap::default(),
@@ -87,17 +89,19 @@ impl Participant {
         }
     }
 
-    pub(crate) fn pc(&self, kind: PcKind) -> &Pc {
+    /// The connection of `kind`; `None` for a publisher connection not made yet.
+    pub(crate) fn pc(&self, kind: PcKind) -> Option<&Pc> {
         match kind {
-            PcKind::Publisher => &self.publisher,
-            PcKind::Subscriber => &self.subscriber,
+            PcKind::Publisher => self.publisher.as_deref(),
+            PcKind::Subscriber => Some(&self.subscriber),
         }
     }
 
-    pub(crate) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
+    /// The connection of `kind`; `None` for a publisher connection not made yet.
+    pub(crate) fn pc_mut(&mut self, kind: PcKind) -> Option<&mut Pc> {
         match kind {
-            PcKind::Publisher => &mut self.publisher,
-            PcKind::Subscriber => &mut self.subscriber,
+            PcKind::Publisher => self.publisher.as_deref_mut(),
+            PcKind::Subscriber => Some(&mut self.subscriber),
         }
     }
 }
@@ -216,12 +220,8 @@ impl Sfu {
         auto_subscribe: bool,
     ) {
         self.last_now = now;
-        let mut publisher = Pc::new(&self.config, now, PcKind::Publisher);
         let mut subscriber = Pc::new(&self.config, now, PcKind::Subscriber);
-        mark_dirty(&mut self.dirty, id, &mut publisher, PcKind::Publisher);
         mark_dirty(&mut self.dirty, id, &mut subscriber, PcKind::Subscriber);
-        self.by_ufrag
-            .insert(publisher.ufrag.clone(), (id, PcKind::Publisher));
         self.by_ufrag
             .insert(subscriber.ufrag.clone(), (id, PcKind::Subscriber));
         self.participants.insert(
@@ -230,7 +230,7 @@ impl Sfu {
                 room.to_string(),
                 identity.to_string(),
                 auto_subscribe,
-                publisher,
+                None,
                 subscriber,
             )),
         );
@@ -252,6 +252,26 @@ impl Sfu {
         self.process(now);
     }
 
+    /// Makes `id`'s publisher connection if it has none yet (at its first offer).
+    pub(crate) fn ensure_publisher(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+    ) -> Result<(), MediaError> {
+        let p = self
+            .participants
+            .get_mut(&id)
+            .ok_or(MediaError::UnknownParticipant(id))?;
+        if p.publisher.is_none() {
+            let mut pc = Pc::new(&self.config, now, PcKind::Publisher);
+            mark_dirty(&mut self.dirty, id, &mut pc, PcKind::Publisher);
+            self.by_ufrag
+                .insert(pc.ufrag.clone(), (id, PcKind::Publisher));
+            p.publisher = Some(Box::new(pc));
+        }
+        Ok(())
+    }
+
     /// Removes a participant: its tracks are unpublished, its subscriptions and
     /// connections freed, and its room dropped when empty.
     pub fn remove_participant(&mut self, now: Instant, id: ParticipantId) {
@@ -262,7 +282,8 @@ impl Sfu {
         if let Some(r) = &p.relay {
             self.forget_relay(id, r);
         }
-        for pc in [&mut p.publisher, &mut p.subscriber] {
+        let publisher = p.publisher.as_deref_mut();
+        for pc in publisher.into_iter().chain([&mut p.subscriber]) {
             self.by_ufrag.remove(&pc.ufrag);
             if let Some(addr) = pc.remote
                 && self

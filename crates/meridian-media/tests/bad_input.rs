@@ -124,7 +124,12 @@ fn bad_datagrams_are_counted_and_forwarding_goes_on() {
 fn unauthenticated_stun_does_not_steal_a_connection() {
     let (mut h, publisher, subs) = setup();
     let attacker: SocketAddr = "10.9.9.9:4000".parse().unwrap();
-    let (pub_ufrag, _) = h.sfu.ice_ufrags(h.clients[publisher].id).unwrap();
+    let pub_ufrag = h
+        .sfu
+        .ice_ufrags(h.clients[publisher].id)
+        .unwrap()
+        .0
+        .expect("alice published");
     let mark = h.clients[subs[0]].video_frames().count();
     h.inject(attacker, &stun_request(&format!("{pub_ufrag}:whatever")));
     h.run_for(Duration::from_millis(500));

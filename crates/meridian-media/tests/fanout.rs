@@ -71,3 +71,45 @@ fn every_subscriber_gets_audio_and_video_starting_at_a_keyframe() {
         "{st:?}"
     );
 }
+
+/// A participant that only watches never gets a publisher connection (an unused
+/// `Rtc` is about 26 KiB, most of a large room only watches); one that publishes gets
+/// it at its first offer, with this worker's ufrag prefix, and an offer that does not
+/// parse makes none.
+#[test]
+fn the_publisher_connection_is_made_at_the_first_offer() {
+    let mut h = Harness::new();
+    let publisher = h.add_publisher("room", "alice", MediaConfig::default());
+    let viewer = h.add_subscriber("room", "bob");
+    h.connect(Duration::from_secs(5));
+    h.run_for(Duration::from_secs(1));
+    let (pub_id, viewer_id) = (h.clients[publisher].id, h.clients[viewer].id);
+    assert!(
+        h.clients[viewer].video_frames().count() > 0,
+        "the viewer gets video"
+    );
+    let (viewer_publisher, _) = h.sfu.ice_ufrags(viewer_id).expect("bob is on the node");
+    assert_eq!(
+        viewer_publisher, None,
+        "a viewer has no publisher connection"
+    );
+    let now = h.now;
+    assert!(
+        h.sfu
+            .handle_publisher_offer(now, viewer_id, "v=0 not an offer", Vec::new())
+            .is_err()
+    );
+    assert_eq!(
+        h.sfu.ice_ufrags(viewer_id).expect("bob is on the node").0,
+        None,
+        "an offer that does not parse makes no connection"
+    );
+    let (alice_publisher, _) = h.sfu.ice_ufrags(pub_id).expect("alice is on the node");
+    let alice_publisher =
+        alice_publisher.expect("alice's first offer made her publisher connection");
+    let prefix = meridian_media::worker_ufrag_prefix(0);
+    assert!(
+        alice_publisher.starts_with(&prefix),
+        "{alice_publisher} has worker 0's prefix {prefix}"
+    );
+}

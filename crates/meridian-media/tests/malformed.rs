@@ -126,10 +126,12 @@ fn random_datagrams_never_panic_and_forwarding_goes_on() {
     );
     h.capture_stun = false;
     let real: Vec<Vec<u8>> = h.captured_stun.iter().map(|(_, d)| d.clone()).collect();
-    let (ufrag, _) = h
+    let ufrag = h
         .sfu
         .ice_ufrags(h.clients[publisher].id)
-        .expect("alice is a participant");
+        .expect("alice is a participant")
+        .0
+        .expect("alice published");
 
     let stranger: SocketAddr = "10.9.9.9:4000".parse().unwrap();
     let sources = [stranger, pub_addr, sub_addr];
