@@ -221,7 +221,7 @@ fn main() {
     }
     while idle.poll_transmit().is_some() || idle.poll_event().is_some() {}
     println!(
-        "core heap per idle participant {:.0} bytes (two Rtcs, before any negotiation)",
+        "core heap per idle participant {:.0} bytes (its subscriber Rtc, before any negotiation)",
         (ALLOCATOR.allocated() as f64 - heap2 as f64) / subs.max(1) as f64
     );
     println!(
