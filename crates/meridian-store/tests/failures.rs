@@ -74,22 +74,11 @@ async fn postgres_connection_dropped_mid_run() {
     let h = Harness::new(Kind::Postgres).await;
     let schema = h.schema().expect("schema").to_owned();
     let killer = tokio::spawn(async move {
-        let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url()).expect("url");
-        let mut admin = sqlx::PgConnection::connect_with(&opts)
-            .await
-            .expect("admin");
+        let mut admin = admin().await;
         let mut killed = 0i64;
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(40)).await;
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE application_name = $1",
-            )
-            .bind(format!("meridian-{schema}"))
-            .fetch_one(&mut admin)
-            .await
-            .expect("terminate");
-            killed += n;
+            killed += kill_store_connections(&mut admin, &schema).await;
         }
         killed
     });
@@ -165,19 +154,7 @@ async fn postgres_lane_connection_lost_while_idle_reconnects() {
         )
         .await
         .expect("first append: the lane takes its connection");
-    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url()).expect("url");
-    let mut admin = sqlx::PgConnection::connect_with(&opts)
-        .await
-        .expect("admin");
-    let app = format!("meridian-{schema}");
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE application_name = $1",
-    )
-    .bind(&app)
-    .fetch_one(&mut admin)
-    .await
-    .expect("terminate");
+    let killed = kill_store_connections(&mut admin().await, &schema).await;
     assert!(killed > 0, "the store's connections were killed");
     // The lane pings a connection idle for more than a second before using it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -214,18 +191,7 @@ async fn postgres_lease_connection_lost_reconnects() {
         .await
         .expect("first renewal: the lease loop takes its connection");
     assert!(renewed);
-    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url()).expect("url");
-    let mut admin = sqlx::PgConnection::connect_with(&opts)
-        .await
-        .expect("admin");
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE application_name = $1",
-    )
-    .bind(format!("meridian-{schema}"))
-    .fetch_one(&mut admin)
-    .await
-    .expect("terminate");
+    let killed = kill_store_connections(&mut admin().await, &schema).await;
     assert!(killed > 0, "the store's connections were killed");
     let (renewed, leases) = h
         .store
@@ -236,4 +202,25 @@ async fn postgres_lease_connection_lost_reconnects() {
     assert_eq!(leases.len(), 1);
     assert!(leases[0].draining, "the renewal after the cut was applied");
     h.finish().await;
+}
+
+/// A connection of our own to the test server, to act on the store's from outside.
+async fn admin() -> sqlx::PgConnection {
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url()).expect("url");
+    sqlx::PgConnection::connect_with(&opts)
+        .await
+        .expect("admin")
+}
+
+/// Terminates every server-side connection of the store using `schema` (they carry
+/// the application name `meridian-<schema>`); returns how many.
+async fn kill_store_connections(admin: &mut sqlx::PgConnection, schema: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = $1",
+    )
+    .bind(format!("meridian-{schema}"))
+    .fetch_one(admin)
+    .await
+    .expect("terminate")
 }
