@@ -359,8 +359,9 @@ pub fn due_rounds<T>(
 /// The Sans-IO SFU: see the crate documentation.
 pub struct Sfu {
     config: SfuConfig,
-    /// Boxed: a participant (two `Rtc`s inline) is about 40 KB, so a table of them
-    /// held that much in every empty bucket (up to half the buckets after a growth).
+    /// Boxed: a participant holds its subscriber `Rtc` inline (tens of KB), and a
+    /// table of them held that much in every empty bucket (up to half the buckets
+    /// after a growth).
     participants: HashMap<ParticipantId, Box<Participant>>,
     tracks: HashMap<TrackId, Track>,
     rooms: HashMap<String, Vec<ParticipantId>>,

@@ -36,7 +36,7 @@ pub(crate) struct Participant {
     pub(crate) room: String,
     pub(crate) identity: String,
     pub(crate) auto_subscribe: bool,
-    /// Made at the first publisher offer (`Sfu::publisher_mut`): most participants of
+    /// Made at the first publisher offer (`Sfu::ensure_publisher`): most participants of
     /// a large room only watch, and an unused `Rtc` costs about 26 KiB.
     pub(crate) publisher: Option<Box<Pc>>,
     pub(crate) subscriber: Pc,
