@@ -41,6 +41,9 @@
 # Each run prints the load generator's summary (the node's log is left in
 # /tmp/bench-forward.<label>.<subs>.node.log); its JSON line (plus the machine's
 # load average and the kernel's UDP drop counters of both sides) goes to $OUT.
+# It also prints the node's memory: its resident set when idle, while streaming (one
+# second before the window ends) and at its peak (/proc VmRSS, VmHWM), and the growth
+# per subscriber.
 # The network namespace, veth pair and node are removed on exit, also after failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -123,6 +126,10 @@ for subs in $SUBS; do
     curl -fs "http://$HTTP/healthz" > /dev/null 2>&1 && break
     sleep 0.1
   done
+  rss_idle=$(awk '/^VmRSS/ {print $2}' "/proc/$NODE_PID/status")
+  # The node's resident set one second before the measured window ends (every
+  # subscriber joined and streaming).
+  (sleep $(( ${WARMUP%s} + ${DURATION%s} - 1 )); awk '/^VmRSS/ {print $2}' "/proc/$NODE_PID/status" > "$DATA/rss") &
   if [ -n "${PERF:-}" ]; then
     (sleep "${PERF_DELAY:-15}"; perf record -F 999 -o "$PERF.$subs.data" -p "$NODE_PID" \
       -- sleep "${DURATION%s}") > "$DATA/perf.log" 2>&1 &
@@ -138,6 +145,11 @@ for subs in $SUBS; do
     --ping-interval 1s --ping-timeout 30s \
     --node-pid "$NODE_PID" --node-metrics "https://$HOST_IP:7893" --json $EXTRA_LOADGEN_ARGS \
     | tee "$DATA/loadgen.out"
+  # The node's resident set while streaming and at its peak (VmHWM: joins included)
+  # against its idle one.
+  rss_peak=$(awk '/^VmHWM/ {print $2}' "/proc/$NODE_PID/status")
+  rss_run=$(cat "$DATA/rss" 2>/dev/null || echo "$rss_idle")
+  echo "   node memory: idle RSS ${rss_idle} KiB, streaming ${rss_run} KiB ($(( (rss_run - rss_idle) / subs )) KiB per subscriber), peak ${rss_peak} KiB ($(( (rss_peak - rss_idle) / subs )) KiB per subscriber)"
   read -r h_rcv h_snd <<< "$host_before"
   read -r n_rcv n_snd <<< "$ns_before"
   read -r h_rcv2 h_snd2 <<< "$(udp_drops "")"

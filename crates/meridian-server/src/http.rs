@@ -589,6 +589,12 @@ async fn webtransport_certificate_hashes(
     )
 }
 
+/// Bytes a signaling WebSocket reads at a time. tungstenite's default (128 KiB) is
+/// zero-filled before every read, so each connection held 128 KiB resident for
+/// messages of a few KiB; a larger message still arrives whole (the buffer grows to
+/// its announced length, up to the message limit).
+const WS_READ_BUFFER: usize = 8 * 1024;
+
 async fn signal(
     State(state): State<NodeState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -624,6 +630,7 @@ async fn signal(
     // anything larger closes the connection at the WebSocket layer.
     ws.max_message_size(2 * max)
         .max_frame_size(2 * max)
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| ws_session(state, peer, socket))
 }
 
