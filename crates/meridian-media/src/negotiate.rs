@@ -7,7 +7,7 @@ use meridian_protocol::{SubscribedTrack, TrackAnnouncement, TrackInfo, TrackKind
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::media::{Direction, MediaKind, Mid, Rids};
 
-use crate::pc::{self, mark_dirty};
+use crate::pc::{self, Pc, mark_dirty};
 use crate::room::IdleSection;
 use crate::rtx;
 use crate::{MediaError, ParticipantId, PcKind, Sfu, SfuEvent};
@@ -25,7 +25,6 @@ impl Sfu {
         self.last_now = now;
         let offer =
             SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::InvalidSdp(e.to_string()))?;
-        self.ensure_publisher(now, id)?;
         let p = self
             .participants
             .get_mut(&id)
@@ -44,10 +43,14 @@ impl Sfu {
                 p.announced.insert(a.mid.clone(), a);
             }
         }
-        let publisher = p
-            .publisher
-            .as_deref_mut()
-            .ok_or(MediaError::UnknownParticipant(id))?;
+        // Made at the first offer: a participant that only watches never has one.
+        let publisher = p.publisher.get_or_insert_with(|| {
+            let mut pc = Pc::new(&self.config, now, PcKind::Publisher);
+            mark_dirty(&mut self.dirty, id, &mut pc, PcKind::Publisher);
+            self.by_ufrag
+                .insert(pc.ufrag.clone(), (id, PcKind::Publisher));
+            Box::new(pc)
+        });
         let answer = publisher
             .rtc
             .sdp_api()

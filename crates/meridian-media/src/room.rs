@@ -36,7 +36,7 @@ pub(crate) struct Participant {
     pub(crate) room: String,
     pub(crate) identity: String,
     pub(crate) auto_subscribe: bool,
-    /// Made at the first publisher offer (`Sfu::ensure_publisher`): most participants of
+    /// Made at the first publisher offer (`Sfu::handle_publisher_offer`): most participants of
     /// a large room only watch, and an unused `Rtc` costs about 26 KiB.
     pub(crate) publisher: Option<Box<Pc>>,
     pub(crate) subscriber: Pc,
@@ -250,26 +250,6 @@ impl Sfu {
             self.negotiate(id);
         }
         self.process(now);
-    }
-
-    /// Makes `id`'s publisher connection if it has none yet (at its first offer).
-    pub(crate) fn ensure_publisher(
-        &mut self,
-        now: Instant,
-        id: ParticipantId,
-    ) -> Result<(), MediaError> {
-        let p = self
-            .participants
-            .get_mut(&id)
-            .ok_or(MediaError::UnknownParticipant(id))?;
-        if p.publisher.is_none() {
-            let mut pc = Pc::new(&self.config, now, PcKind::Publisher);
-            mark_dirty(&mut self.dirty, id, &mut pc, PcKind::Publisher);
-            self.by_ufrag
-                .insert(pc.ufrag.clone(), (id, PcKind::Publisher));
-            p.publisher = Some(Box::new(pc));
-        }
-        Ok(())
     }
 
     /// Removes a participant: its tracks are unpublished, its subscriptions and
