@@ -17,7 +17,12 @@
 //! RTP timestamp of the first packet of each video frame (synthetic sources in the same
 //! process stamp their frames with the time since a shared epoch, see `media::epoch`),
 //! taken when the round reads it (so up to one [`ROUND`] late). STUN, DTLS and RTCP
-//! datagrams go back to the connection's task ([`Counted::recv`]), which stays alive.
+//! datagrams go back to the connection's task ([`Counted::recv`]), which stays alive,
+//! and so does the first RTP packet of each SSRC: with it str0m knows the stream and
+//! sends receiver reports for it, which answer the node's sender reports, so the node
+//! measures its round trip to a counting receiver as it does to a real client (and
+//! sizes what it keeps for retransmission by it). They report no loss (str0m sees one
+//! packet and no gap) and ask for nothing to be resent.
 //!
 //! [`ClientConfig::count_only`]: crate::ClientConfig::count_only
 
@@ -253,7 +258,9 @@ fn read(r: &mut Receiver, bufs: &mut [Vec<u8>], meta: &mut [RecvMeta]) {
             for d in bufs[i][..m.len].chunks(stride) {
                 if is_rtp(d) {
                     counted = true;
-                    count(&mut stats.counted, &mut r.ssrcs, &r.video_pts, d, now);
+                    if count(&mut stats.counted, &mut r.ssrcs, &r.video_pts, d, now) {
+                        let _ = r.others.try_send((m.addr, d.to_vec()));
+                    }
                 } else {
                     let _ = r.others.try_send((m.addr, d.to_vec()));
                 }
@@ -276,13 +283,14 @@ fn epoch_90khz(now: Instant) -> u32 {
         / 100) as u32
 }
 
+/// Counts one RTP packet; returns whether it is the first of its SSRC.
 fn count(
     stats: &mut CountStats,
     ssrcs: &mut HashMap<u32, Ssrc>,
     video_pts: &[u8],
     d: &[u8],
     now_90k: u32,
-) {
+) -> bool {
     stats.packets += 1;
     stats.bytes += d.len() as u64;
     let seq = u16::from_be_bytes([d[2], d[3]]);
@@ -299,6 +307,7 @@ fn count(
                 },
             );
             stats.expected += 1;
+            true
         }
         Some(s) => {
             let delta = seq.wrapping_sub(s.highest as u16) as i16;
@@ -315,6 +324,7 @@ fn count(
                     stats.latency_us.push(ticks as u32 * 100 / 9);
                 }
             }
+            false
         }
     }
 }
@@ -335,9 +345,11 @@ mod tests {
     fn gaps_count_as_expected_and_rtcp_is_not_rtp() {
         let mut stats = CountStats::default();
         let mut ssrcs = HashMap::new();
-        for seq in [65534u16, 65535, 2, 3, 1] {
-            count(&mut stats, &mut ssrcs, &[96], &rtp(seq, 0, 96), 0);
-        }
+        let first: Vec<bool> = [65534u16, 65535, 2, 3, 1]
+            .into_iter()
+            .map(|seq| count(&mut stats, &mut ssrcs, &[96], &rtp(seq, 0, 96), 0))
+            .collect();
+        assert_eq!(first, [true, false, false, false, false], "one SSRC");
         assert_eq!(stats.packets, 5);
         assert_eq!(stats.expected, 6, "65534..=3 across the wrap");
         assert!(!is_rtp(&[0x80, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
@@ -345,8 +357,9 @@ mod tests {
         assert!(is_rtp(&rtp(1, 0, 96)));
     }
 
-    /// Real sockets through the counting thread: RTP is counted, and only counted, with
-    /// its gap; what is not RTP reaches the connection; a receiver let go counts no more.
+    /// Real sockets through the counting thread: RTP is counted with its gap, and only
+    /// the first packet of the SSRC also reaches the connection, as does what is not
+    /// RTP; a receiver let go counts no more.
     #[tokio::test]
     async fn the_counting_thread_counts_rtp_and_hands_back_the_rest() {
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -359,14 +372,17 @@ mod tests {
         }
         let stun = [0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42];
         sender.send_to(&stun, to).unwrap();
-        let (from, data) = tokio::time::timeout(Duration::from_secs(5), counted.recv())
-            .await
-            .expect("the datagram that is not RTP comes back")
-            .expect("the thread holds the sender");
-        assert_eq!(
-            (from, data.as_slice()),
-            (sender.local_addr().unwrap(), &stun[..])
-        );
+        let from = sender.local_addr().unwrap();
+        for (what, expected) in [
+            ("the SSRC's first packet", rtp(1, 0, 96)),
+            ("STUN", stun.to_vec()),
+        ] {
+            let (f, data) = tokio::time::timeout(Duration::from_secs(5), counted.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what} comes back"))
+                .expect("the thread holds the sender");
+            assert_eq!((f, data), (from, expected), "{what}");
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while stats.lock().unwrap().counted.packets < 3 && Instant::now() < deadline {
             tokio::time::sleep(ROUND).await;

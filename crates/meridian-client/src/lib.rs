@@ -200,7 +200,8 @@ pub struct ClientConfig {
     pub join_timeout: Duration,
     /// Benchmark receiver: once the subscriber connection is up, count its SRTP
     /// packets in batches without decrypting them ([`ClientStats::counted`]; no frames,
-    /// latency or loss in [`ClientStats::tracks`]).
+    /// latency or loss in [`ClientStats::tracks`]). It still sends receiver reports
+    /// (the node learns its round trip), but no TWCC feedback.
     pub count_only: bool,
     /// The regions the client may be served by, in fallback order, each with its own
     /// token (from a login: [`with_login`](Self::with_login)). Empty: one region,
