@@ -31,6 +31,10 @@
 #                2-worker run on this 2-core machine, then the load generator shares
 #                CPU 1 with worker 1)
 #   LOAD_CPU     CPUs the load generator is pinned to (default 1)
+#   COUNT        1 (default): subscribers are counting receivers (`--count-only`);
+#                0: full receivers that decrypt and assemble every packet and send
+#                TWCC feedback and receiver reports as browsers do (the load generator
+#                then costs more per packet than the node: small rooms only)
 #   EXTRA_NODE_ARGS, EXTRA_LOADGEN_ARGS  more flags for `meridian serve` / `loadgen`
 #                (e.g. `--config F`, `--until-refused`)
 #   PERF         if set, a path prefix: the node is profiled with `perf record`
@@ -66,6 +70,8 @@ NODE_CPU=${NODE_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 EXTRA_NODE_ARGS=${EXTRA_NODE_ARGS:-}
 EXTRA_LOADGEN_ARGS=${EXTRA_LOADGEN_ARGS:-}
+COUNT_ARGS=--count-only
+[ "${COUNT:-1}" = 0 ] && COUNT_ARGS=
 WORKERS=${WORKERS-1}
 WORKER_ARGS=
 [ -n "$WORKERS" ] && WORKER_ARGS="--media-workers $WORKERS"
@@ -140,7 +146,7 @@ for subs in $SUBS; do
   ip netns exec "$NS" taskset -c "$LOAD_CPU" "$LOADGEN_BIN" loadgen \
     --url "ws://$HTTP/signal" --data-dir "$DATA" --bind-ip "$NS_IP" \
     --publishers "$PUBS" --subscribers "$subs" --rooms "$ROOMS" $LAYERS \
-    --layer-kbps "150,500,$KBPS" --fps "$FPS" --count-only \
+    --layer-kbps "150,500,$KBPS" --fps "$FPS" $COUNT_ARGS \
     --duration "$DURATION" --warmup "$WARMUP" \
     --ping-interval 1s --ping-timeout 30s \
     --node-pid "$NODE_PID" --node-metrics "https://$HOST_IP:7893" --json $EXTRA_LOADGEN_ARGS \
