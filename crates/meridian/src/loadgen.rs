@@ -103,7 +103,8 @@ pub struct LoadgenArgs {
     /// Benchmark receivers: subscribers complete ICE and DTLS, then only count SRTP
     /// packets in batches (no decryption, no frame assembly); loss comes from RTP
     /// sequence gaps and latency from the RTP timestamp of each video frame's first
-    /// packet (`counted_*` in the summary).
+    /// packet (`counted_*` in the summary). They send receiver reports (the node
+    /// learns their round trip) but no TWCC feedback.
     #[arg(long)]
     count_only: bool,
     /// Publishers send one VP8 stream at the top `--layer-kbps` rate instead of three
