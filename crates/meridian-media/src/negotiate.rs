@@ -73,9 +73,7 @@ impl Sfu {
             let publisher = self
                 .participants
                 .get(&id)
-                .ok_or(MediaError::UnknownParticipant(id))?
-                .publisher
-                .as_deref()
+                .and_then(|p| p.publisher.as_deref())
                 .ok_or(MediaError::UnknownParticipant(id))?;
             let Some(media) = publisher.rtc.media(mid) else {
                 continue;

@@ -162,21 +162,28 @@ pub(crate) fn offer_tracks(
 }
 
 impl Sfu {
-    fn insert_relay(&mut self, now: Instant, peer: &str, inbound: bool, pc: Pc) -> ParticipantId {
+    fn insert_relay(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        inbound: bool,
+        mut pc: Pc,
+    ) -> ParticipantId {
         let id = ParticipantId(self.next_id);
         self.next_id += 1;
+        let kind = if inbound {
+            PcKind::Publisher
+        } else {
+            PcKind::Subscriber
+        };
+        mark_dirty(&mut self.dirty, id, &mut pc, kind);
         // The unused subscriber connection of an inbound link is never offered, so
         // nobody can reach it; an outbound link has no publisher connection.
         let (publisher, subscriber) = if inbound {
-            let mut pc = pc;
-            mark_dirty(&mut self.dirty, id, &mut pc, PcKind::Publisher);
             (Some(pc), Pc::new(&self.config, now, PcKind::Subscriber))
         } else {
-            let mut pc = pc;
-            mark_dirty(&mut self.dirty, id, &mut pc, PcKind::Subscriber);
             // The downstream checks this connection's ICE-lite candidate by ufrag.
-            self.by_ufrag
-                .insert(pc.ufrag.clone(), (id, PcKind::Subscriber));
+            self.by_ufrag.insert(pc.ufrag.clone(), (id, kind));
             (None, pc)
         };
         let mut participant = Box::new(Participant::new(
